@@ -1,0 +1,109 @@
+"""Phantom's separated image/text guidance (Phantom, arXiv 2502.11079, Eq. 5).
+
+    v = v_neg + w_img * (v_img - v_neg) + w_text * (v_text_img - v_img)
+
+- ``v_text_img``: prompt + reference latents,
+- ``v_img``:      negative prompt + reference latents,
+- ``v_neg``:      negative prompt + all-zero reference latents
+  (upstream ``subject2video.py``: ``ref_latents_neg = zeros_like(ref_latents)``).
+
+Expanded, ``v = (1 - w_img) v_neg + (w_img - w_text) v_img + w_text v_text_img``: a pass whose coefficient is 0
+cannot change the result and is not run (``w_img == 1``: no ``v_neg``; ``w_img == w_text``: no ``v_img``;
+``w_text == 0``: no ``v_text_img``), so ``w_img = w_text = 1`` costs one model call per step instead of three.
+The combination is computed in this expanded form for every case (fp32, equal to Eq. 5 up to rounding).
+
+The reference tail the model sees is always the clean reference latents (zeros in ``v_neg``); the model itself
+appends them after the video latents and cuts them off its output (see ``wan_dit.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from phantom_core.log import logger
+
+VelocityModel = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+"""``model(x [B,16,F,h,w], t [B] in [0, 1000], context [B,L,D], ref_latents [B,16,N,h,w]) -> v`` like ``x``."""
+
+PASS_NAMES = ("text_img", "img", "neg")
+
+
+def guidance_weights(w_img: float, w_text: float) -> dict[str, float]:
+    """The non-zero coefficients of the expanded Eq. 5, keyed by pass name (in ``PASS_NAMES`` order).
+
+    The coefficients always sum to 1 (a guided velocity of identical passes is that velocity), so at least one
+    pass is always kept. Example: ``(5.0, 7.5) -> {"text_img": 7.5, "img": -2.5, "neg": -4.0}``;
+    ``(1.0, 1.0) -> {"text_img": 1.0}``.
+    """
+    coefficients = {"text_img": float(w_text), "img": float(w_img) - float(w_text), "neg": 1.0 - float(w_img)}
+    return {name: c for name, c in coefficients.items() if c != 0.0}
+
+
+def combine_guidance(velocities: dict[str, Tensor], w_img: float, w_text: float) -> Tensor:
+    """Eq. 5 from the velocities of the passes named by :func:`guidance_weights` (others may be absent).
+
+    Raises:
+        KeyError: a needed pass is missing from ``velocities``.
+    """
+    (first, c0), *rest = guidance_weights(w_img, w_text).items()
+    v = c0 * velocities[first]
+    for name, c in rest:
+        v = v + c * velocities[name]
+    return v
+
+
+def pad_context(context: Tensor, length: int) -> Tensor:
+    """Zero-pad text context ``[B, L, D]`` to ``[B, length, D]`` (what the DiT does itself up to 512 tokens)."""
+    return F.pad(context, (0, 0, 0, length - context.shape[1]))
+
+
+def _pass_inputs(name: str, context: Tensor, context_neg: Tensor, ref_latents: Tensor) -> tuple[Tensor, Tensor]:
+    """(context, reference latents) of one pass."""
+    if name == "text_img":
+        return context, ref_latents
+    if name == "img":
+        return context_neg, ref_latents
+    return context_neg, torch.zeros_like(ref_latents)
+
+
+def phantom_guidance(model: VelocityModel, x: Tensor, t: float, context: Tensor, context_neg: Tensor,
+                     ref_latents: Tensor, *, w_img: float, w_text: float, batch_passes: bool = True,
+                     model_dtype: torch.dtype | None = None) -> Tensor:
+    """The guided velocity at one step: run the needed passes (batched or one by one) and combine them.
+
+    Args:
+        model: velocity model, see :data:`VelocityModel`.
+        x: noisy video latents ``[B, 16, F, h, w]`` (normalized latent space), any float dtype.
+        t: model timestep in [0, 1000] (``1000 * sigma``).
+        context / context_neg: prompt / negative-prompt embeddings ``[B, L1, D]`` / ``[B, L2, D]``; the shorter is
+            zero-padded to the longer when the passes are batched (the model must be invariant to zero padding
+            of the context, as the Wan DiT is: it pads to 512 tokens itself).
+        ref_latents: clean reference latents ``[B, 16, N, h, w]``.
+        w_img, w_text: guidance weights of Eq. 5 (upstream defaults 5.0 and 7.5).
+        batch_passes: concatenate the passes on the batch dim into one model call (faster, P times the
+            activation memory); ``False`` calls the model once per pass.
+        model_dtype: dtype of the model's inputs (x, references, context); ``None`` keeps the inputs' dtypes.
+    Returns:
+        Guided velocity, fp32, shaped like ``x``.
+    """
+    names = list(guidance_weights(w_img, w_text))
+    cast = (lambda a: a.to(model_dtype)) if model_dtype is not None else (lambda a: a)
+    inputs = [_pass_inputs(n, context, context_neg, ref_latents) for n in names]
+    b = x.shape[0]
+    if batch_passes and len(names) > 1:
+        length = max(c.shape[1] for c, _ in inputs)
+        ctx = torch.cat([pad_context(c, length) for c, _ in inputs])  # (P*B, L, D)
+        refs = torch.cat([r for _, r in inputs])  # (P*B, 16, N, h, w)
+        x_in = x.repeat(len(names), *([1] * (x.ndim - 1)))  # (P*B, 16, F, h, w)
+        t_in = torch.full((len(names) * b,), float(t), dtype=torch.float32, device=x.device)  # (P*B,)
+        v_all = model(cast(x_in), t_in, cast(ctx), cast(refs)).float()  # (P*B, 16, F, h, w)
+        velocities = dict(zip(names, v_all.split(b), strict=True))
+    else:
+        t_in = torch.full((b,), float(t), dtype=torch.float32, device=x.device)  # (B,)
+        velocities = {n: model(cast(x), t_in, cast(c), cast(r)).float() for n, (c, r) in zip(names, inputs)}
+    logger.debug("guidance t=%.1f passes=%s batched=%s", float(t), names, batch_passes and len(names) > 1)
+    return combine_guidance(velocities, w_img, w_text)

@@ -1,0 +1,172 @@
+"""The Phantom sampling loop: noise -> guided velocity -> solver step, repeated over the flow schedule.
+
+Mirrors upstream ``Phantom_Wan_S2V.generate`` (svjack/Phantom ``phantom_wan/subject2video.py``) with two
+equivalent simplifications: the solver state holds only the video latents (upstream also carries the
+reference-length tail through the solver and discards it at the end; every solver operation is element-wise,
+so the video part is unaffected), and the model is a callable that appends the clean references itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from phantom_core.guidance import VelocityModel, guidance_weights, phantom_guidance
+from phantom_core.log import logger
+from phantom_core.schedule import flow_sigmas, model_timesteps
+from phantom_core.solvers import UniPCState, euler_step, unipc_step, x0_from_velocity
+
+SOLVERS = ("unipc", "euler")
+
+SAMPLER_PRESETS: dict[str, dict[str, object]] = {
+    # upstream Phantom_Wan_S2V.generate defaults: FlowUniPCMultistepScheduler, 50 steps, shift 5, 5.0 / 7.5
+    "official": dict(solver="unipc", steps=50, shift=5.0, w_img=5.0, w_text=7.5),
+    # the setting described in the paper (arXiv 2502.11079): Euler steps, image guidance 3
+    "paper": dict(solver="euler", steps=50, shift=5.0, w_img=3.0, w_text=7.5),
+}
+
+# Wan2.1's default negative prompt (upstream ``configs/shared_config.py``: ``sample_neg_prompt``), used when the
+# user gives none. Roughly: garish colours, overexposed, static, blurry details, subtitles, style, artwork,
+# painting, still frame, greyish, worst/low quality, JPEG artefacts, ugly, mutilated, extra fingers, badly drawn
+# hands/face, deformed, disfigured, malformed limbs, fused fingers, motionless, cluttered background, three legs,
+# many people in the background, walking backwards.
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，"
+    "最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，"
+    "画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，"
+    "杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+StepCallback = Callable[[int, int, Tensor], None]
+"""``callback(step_index, total_steps, x0_pred)`` after each step; may raise to abort sampling."""
+
+
+def make_noise(seed: int, video_shape: Sequence[int], num_refs: int,
+               generator_device: str | torch.device = "cpu") -> Tensor:
+    """Initial noise for a seed, drawn like upstream and cut to the video frames.
+
+    Upstream draws ``randn(16, F + N, h, w)`` (video plus one frame per reference) from a seeded generator and
+    drops the reference part at the end; we draw the same full length ``[B, 16, F + N, h, w]`` and return the
+    first ``F`` frames, so batch item 0 is upstream's draw for the same generator device. Upstream draws on
+    CUDA; we draw with a CPU ``torch.Generator`` by default so that a seed gives the same video on any device
+    (CPU and CUDA generators give different numbers for the same seed).
+
+    Args:
+        seed: integer in [0, 2**64).
+        video_shape: ``(B, C, F, h, w)`` of the video latents.
+        num_refs: number of reference images N (>= 0).
+        generator_device: device of the generator and of the returned tensor.
+    Returns:
+        float32 noise ``[B, C, F, h, w]`` on ``generator_device``.
+    Raises:
+        ValueError: bad seed, shape or ``num_refs``.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64); got {seed!r}")
+    if len(video_shape) != 5 or any(int(s) < 1 for s in video_shape):
+        raise ValueError(f"video_shape must be 5 positive sizes (B, C, F, h, w); got {tuple(video_shape)}")
+    if isinstance(num_refs, bool) or not isinstance(num_refs, int) or num_refs < 0:
+        raise ValueError(f"num_refs must be an integer >= 0; got {num_refs!r}")
+    b, c, f, h, w = (int(s) for s in video_shape)
+    generator = torch.Generator(device=generator_device).manual_seed(seed)
+    full = torch.randn((b, c, f + num_refs, h, w), generator=generator, device=generator_device,
+                       dtype=torch.float32)  # (B, C, F + N, h, w)
+    return full[:, :, :f].contiguous()  # (B, C, F, h, w)
+
+
+def _check_batch(name: str, tensor: Tensor, batch: int) -> Tensor:
+    """Broadcast a batch of 1 to ``batch``; reject other mismatches."""
+    if tensor.shape[0] not in (1, batch):
+        raise ValueError(f"{name} has batch size {tensor.shape[0]}; it must be 1 or the noise batch {batch}")
+    return tensor.expand(batch, *tensor.shape[1:])
+
+
+def _validate(noise: Tensor, ref_latents: Tensor, context: Tensor, context_neg: Tensor, steps: int,
+              shift: float, solver: str, w_img: float, w_text: float) -> None:
+    """Raise ``ValueError`` naming the first invalid argument of :func:`sample_phantom`."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1 (official: 50); got {steps!r}")
+    if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
+        raise ValueError(f"shift must be a finite number > 0 (official: 5.0); got {shift!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
+    for name, w in (("w_img", w_img), ("w_text", w_text)):
+        if not (isinstance(w, (int, float)) and math.isfinite(w)):
+            raise ValueError(f"{name} must be a finite number; got {w!r}")
+    if noise.ndim != 5:
+        raise ValueError(f"noise must be [B, C, F, h, w] video latents; got shape {tuple(noise.shape)}")
+    if ref_latents.ndim != 5 or ref_latents.shape[2] < 1:
+        raise ValueError(f"ref_latents must be [B, C, N, h, w] with N >= 1; got shape {tuple(ref_latents.shape)}")
+    if ref_latents.shape[1] != noise.shape[1]:
+        raise ValueError(f"ref_latents have {ref_latents.shape[1]} channels but the noise has {noise.shape[1]}")
+    if ref_latents.shape[-2:] != noise.shape[-2:]:
+        rh, rw = ref_latents.shape[-2:]
+        nh, nw = noise.shape[-2:]
+        raise ValueError(f"reference latents are {rh}x{rw} (h x w) but the video latents are {nh}x{nw}; "
+                         "encode the references at the video resolution")
+    for name, ctx in (("context", context), ("context_neg", context_neg)):
+        if ctx.ndim != 3 or ctx.shape[1] < 1:
+            raise ValueError(f"{name} must be [B, L, D] text embeddings with L >= 1; got {tuple(ctx.shape)}")
+    if context.shape[2] != context_neg.shape[2]:
+        raise ValueError(f"context has width {context.shape[2]} but context_neg has {context_neg.shape[2]}")
+
+
+@torch.no_grad()
+def sample_phantom(model: VelocityModel, noise: Tensor, ref_latents: Tensor, context: Tensor,
+                   context_neg: Tensor, *, steps: int = 50, shift: float = 5.0, solver: str = "unipc",
+                   w_img: float = 5.0, w_text: float = 7.5, callback: StepCallback | None = None,
+                   batch_passes: bool = True, model_dtype: torch.dtype | None = None,
+                   integer_timesteps: bool = True) -> Tensor:
+    """Sample Phantom video latents from noise, guided by a prompt and reference latents.
+
+    Args:
+        model: ``model(x, t, context, ref_latents) -> velocity`` (see ``guidance.VelocityModel``).
+        noise: initial noise ``[B, 16, F, h, w]`` (e.g. :func:`make_noise`); defines device and shape.
+        ref_latents: clean normalized reference latents ``[B or 1, 16, N, h, w]``, same h, w as the noise.
+        context / context_neg: prompt / negative prompt embeddings ``[B or 1, L, D]`` (L may differ).
+        steps: sampling steps >= 1 (model calls per pass). shift: flow time shift > 0.
+        solver: ``"unipc"`` (upstream, order 2 bh2 with corrector) or ``"euler"`` (the paper).
+        w_img, w_text: Phantom guidance weights (Eq. 5); passes that cannot matter are skipped.
+        callback: ``callback(i, steps, x0_pred)`` after step i (0-based) with the fp32 data prediction of
+            that step; it may raise (e.g. on user interrupt) to abort.
+        batch_passes: run the guidance passes as one batched model call.
+        model_dtype: dtype of the model's inputs; default ``getattr(model, "dtype", None)`` (None: fp32).
+        integer_timesteps: feed the model upstream's truncated integer timesteps (999, 995, ...), see
+            ``schedule.model_timesteps``; ``False`` feeds ``1000 * sigma``.
+    Returns:
+        Denoised normalized video latents ``[B, 16, F, h, w]``, float32, on the noise's device. The latents
+        stay fp32 throughout; only the model call runs in ``model_dtype`` and its velocity is cast back to fp32.
+    Raises:
+        ValueError: an argument is out of range or shapes are inconsistent (the message names it).
+    """
+    # 1. validate and bring every input to the noise's batch size and device, in fp32
+    _validate(noise, ref_latents, context, context_neg, steps, shift, solver, w_img, w_text)
+    b, device = noise.shape[0], noise.device
+    refs = _check_batch("ref_latents", ref_latents, b).to(device=device, dtype=torch.float32)  # (B,16,N,h,w)
+    ctx = _check_batch("context", context, b).to(device=device, dtype=torch.float32)  # (B, L1, D)
+    ctx_neg = _check_batch("context_neg", context_neg, b).to(device=device, dtype=torch.float32)  # (B, L2, D)
+    model_dtype = model_dtype if model_dtype is not None else getattr(model, "dtype", None)
+
+    # 2. schedule: solver sigmas (float32 values, final 0) and the timesteps the model sees
+    sigmas = flow_sigmas(steps, shift).tolist()  # steps + 1 floats
+    timesteps = model_timesteps(steps, shift, truncate=integer_timesteps).tolist()  # steps floats
+    logger.info("Phantom sampling: %s, %d steps, shift %g, w_img %g, w_text %g, passes %s", solver, steps,
+                shift, w_img, w_text, list(guidance_weights(w_img, w_text)))
+
+    # 3. the loop: guided velocity -> data prediction -> solver step
+    x = noise.to(torch.float32)  # (B, 16, F, h, w)
+    state = UniPCState()
+    for i in range(steps):
+        v = phantom_guidance(model, x, timesteps[i], ctx, ctx_neg, refs, w_img=w_img, w_text=w_text,
+                             batch_passes=batch_passes, model_dtype=model_dtype)  # (B, 16, F, h, w) fp32
+        x0_pred = x0_from_velocity(x, v, sigmas[i])
+        if solver == "euler":
+            x = euler_step(x, v, sigmas[i], sigmas[i + 1])
+        else:
+            x, state = unipc_step(x, x0_pred, sigmas, i, state)
+        if callback is not None:
+            callback(i, steps, x0_pred)
+    return x

@@ -1,0 +1,412 @@
+"""umT5 text encoder (Wan2.1's prompt encoder): transformers ``UMT5EncoderModel`` + a sentencepiece tokenizer.
+
+Produces the text context exactly as upstream Wan's ``T5EncoderModel.__call__`` does: the prompt is cleaned
+(``clean='whitespace'``), tokenized, ``</s>`` (id 1) appended, truncated to 512 tokens, encoded with an attention
+mask, and each output cut back to its real tokens ``[L_i, d_model]``. ``encode_padded`` zero-pads to 512, the layout
+of ComfyUI's own Wan CONDITIONING (pad id 0, masked positions zeroed).
+
+Checkpoints use the transformers / ComfyUI key names (``shared.weight``,
+``encoder.block.N.layer.0.SelfAttention.q.weight``, ..., ``encoder.final_layer_norm.weight``) in a ``.safetensors``
+file, optionally with the sentencepiece model embedded as a uint8 tensor under ``spiece_model`` (ComfyUI's
+convention). The network comes from transformers, so the house ``ops`` namespace does not apply here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import sentencepiece
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from transformers import UMT5Config, UMT5EncoderModel
+
+from phantom_core.log import logger
+
+try:  # upstream's basic_clean runs ftfy.fix_text (fullwidth punctuation -> ASCII, curly quotes -> straight, ...)
+    import ftfy
+except ImportError:  # pragma: no cover - depends on the environment
+    ftfy = None
+
+TEXT_LEN = 512  # upstream wan_shared_cfg.text_len: tokens per prompt, </s> included
+PAD_ID, EOS_ID, UNK_ID = 0, 1, 2  # umT5's special ids (no <s>)
+SPIECE_KEY = "spiece_model"  # ComfyUI's key for an embedded sentencepiece model (uint8 tensor)
+_EMBED_TOKENS_KEY = "encoder.embed_tokens.weight"  # tied to shared.weight; dropped when present
+
+
+@dataclass(frozen=True)
+class UMT5EncoderSpec:
+    """Architecture of a umT5 encoder stack (every block has its own relative-attention bias, unlike T5)."""
+
+    vocab_size: int
+    d_model: int
+    d_ff: int
+    num_heads: int
+    d_kv: int
+    num_layers: int
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    feed_forward_proj: str = "gated-gelu"  # gated GELU (tanh approximation), wi_0 / wi_1 / wo
+    layer_norm_epsilon: float = 1e-6
+
+    def to_hf_config(self) -> UMT5Config:
+        """The equivalent transformers ``UMT5Config`` (encoder only; embeddings never tied to an LM head)."""
+        return UMT5Config(**dataclasses.asdict(self), tie_word_embeddings=False, dropout_rate=0.0,
+                          pad_token_id=PAD_ID, eos_token_id=EOS_ID, decoder_start_token_id=PAD_ID)
+
+
+TEXT_ENCODER_PRESETS: dict[str, UMT5EncoderSpec] = {
+    # google/umt5-xxl as used by Wan2.1 (matches ComfyUI's umt5_config_xxl.json)
+    "umt5-xxl": UMT5EncoderSpec(vocab_size=256384, d_model=4096, d_ff=10240, num_heads=64, d_kv=64, num_layers=24),
+    # random-weight test / demo size, vocabulary of train_tiny_tokenizer()
+    "tiny": UMT5EncoderSpec(vocab_size=512, d_model=64, d_ff=128, num_heads=2, d_kv=32, num_layers=2),
+}
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+
+def clean_prompt(text: str) -> str:
+    """Upstream Wan's ``clean='whitespace'``: ftfy.fix_text, HTML unescape twice, collapse whitespace, strip.
+
+    Without the optional ``ftfy`` package the ftfy step is skipped (only differs for fullwidth punctuation,
+    curly quotes, mojibake and similar), with a one-time warning.
+    """
+    if ftfy is not None:
+        text = ftfy.fix_text(text)
+    else:
+        _warn_no_ftfy()
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+_ftfy_warned = False
+
+
+def _warn_no_ftfy() -> None:
+    global _ftfy_warned
+    if not _ftfy_warned:
+        logger.warning("ftfy is not installed: prompts are cleaned without ftfy.fix_text (upstream Wan uses it)")
+        _ftfy_warned = True
+
+
+def load_tokenizer(source: str | os.PathLike | bytes | Tensor) -> sentencepiece.SentencePieceProcessor:
+    """A sentencepiece processor from serialized bytes, a uint8 tensor, a ``.model`` file or a folder.
+
+    A folder must contain ``spiece.model`` (the file name of google/umt5-xxl). Raises ``FileNotFoundError``
+    naming the path when nothing is found there.
+    """
+    if isinstance(source, Tensor):
+        source = source.cpu().numpy().tobytes()
+    if isinstance(source, (bytes, bytearray)):
+        return sentencepiece.SentencePieceProcessor(model_proto=bytes(source))
+    path = Path(source)
+    if path.is_dir():
+        path = path / "spiece.model"
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer: no sentencepiece model at {path} (give a .model file, a folder "
+                                "holding spiece.model, or a checkpoint with an embedded 'spiece_model')")
+    return sentencepiece.SentencePieceProcessor(model_file=str(path))
+
+
+def tokenize_prompt(sp: sentencepiece.SentencePieceProcessor, prompt: str, max_len: int = TEXT_LEN) -> list[int]:
+    """Token ids of one prompt as upstream: cleaned, ``</s>`` appended, at most ``max_len`` ids (``</s>`` kept)."""
+    ids = sp.encode(clean_prompt(prompt), out_type=int)
+    if len(ids) + 1 > max_len:
+        logger.warning("prompt of %d tokens truncated to %d (umT5 context is %d tokens): %.60r...",
+                       len(ids) + 1, max_len, max_len, prompt)
+        ids = ids[: max_len - 1]  # like HF truncation with add_special_tokens: </s> survives
+    return ids + [EOS_ID]
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+class UMT5TextEncoder(nn.Module):
+    """umT5 encoder + tokenizer. ``encode`` returns upstream Wan's per-prompt context ``[L_i, d_model]``."""
+
+    def __init__(self, model: UMT5EncoderModel, tokenizer: sentencepiece.SentencePieceProcessor,
+                 spec: UMT5EncoderSpec):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.spec = spec
+        if tokenizer.get_piece_size() > spec.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.get_piece_size()} pieces but the text encoder's vocabulary "
+                             f"is {spec.vocab_size}; they must belong together")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.shared.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.shared.weight.device
+
+    def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids per prompt (cleaned, ``</s>`` appended, <= 512 ids)."""
+        return [tokenize_prompt(self.tokenizer, p) for p in _as_prompt_list(prompts)]
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> list[Tensor]:
+        """Encode prompts -> list of float32 ``[L_i, d_model]`` (real tokens incl. ``</s>``, on the model device).
+
+        The batch is padded to its longest prompt with id 0 and masked, so each output is independent of the
+        others (umT5's relative position bias does not see the padding). Runs in the model's dtype.
+        """
+        ids = self.tokenize(prompts)
+        lengths = [len(x) for x in ids]
+        # 1. pad to the batch maximum, mask the padding
+        tokens = torch.full((len(ids), max(lengths)), PAD_ID, dtype=torch.long, device=self.device)  # (B, L)
+        mask = torch.zeros_like(tokens)  # (B, L)
+        for i, x in enumerate(ids):
+            tokens[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+            mask[i, : len(x)] = 1
+        # 2. encoder stack
+        hidden = self.model(input_ids=tokens, attention_mask=mask).last_hidden_state  # (B, L, d_model)
+        # 3. keep the real tokens only
+        return [hidden[i, :n].float() for i, n in enumerate(lengths)]  # B x (L_i, d_model)
+
+    def encode_padded(self, prompts: Sequence[str], length: int = TEXT_LEN) -> Tensor:
+        """Encode and zero-pad to ``length`` -> float32 ``[B, length, d_model]`` (zeros after each prompt's L_i)."""
+        out = torch.zeros(len(_as_prompt_list(prompts)), length, self.spec.d_model, device=self.device)
+        for i, ctx in enumerate(self.encode(prompts)):
+            out[i, : ctx.shape[0]] = ctx  # (L_i, d_model)
+        return out
+
+
+def _as_prompt_list(prompts: Sequence[str] | str) -> list[str]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts: expected a non-empty list of strings, got {prompts!r:.80}")
+    return prompts
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def infer_text_encoder_spec(state_dict: Mapping[str, Tensor]) -> UMT5EncoderSpec:
+    """Architecture from checkpoint shapes (heads from relative_attention_bias, d_kv from q.weight / heads).
+
+    Raises ``ValueError`` naming the missing key when the state dict is not a umT5 encoder.
+    """
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in state_dict:
+            raise ValueError(f"text encoder checkpoint: key {key!r} missing; expected transformers/ComfyUI umT5 "
+                             f"names (shared.weight, encoder.block.N...), got e.g. {list(state_dict)[:4]}")
+        return tuple(state_dict[key].shape)
+
+    att, ff = "encoder.block.0.layer.0.SelfAttention", "encoder.block.0.layer.1.DenseReluDense"
+    vocab, d_model = shape("shared.weight")
+    buckets, heads = shape(f"{att}.relative_attention_bias.weight")
+    gated = f"{ff}.wi_0.weight" in state_dict
+    blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.block\.(\d+)\.", k))}
+    return UMT5EncoderSpec(
+        vocab_size=vocab, d_model=d_model, d_ff=shape(f"{ff}.wi_0.weight" if gated else f"{ff}.wi.weight")[0],
+        num_heads=heads, d_kv=shape(f"{att}.q.weight")[0] // heads, num_layers=max(blocks) + 1,
+        relative_attention_num_buckets=buckets, feed_forward_proj="gated-gelu" if gated else "relu")
+
+
+_WAN_T5_RENAMES = (  # Wan's own umT5 module names -> transformers / ComfyUI names (per block)
+    ("attn.q.", "layer.0.SelfAttention.q."), ("attn.k.", "layer.0.SelfAttention.k."),
+    ("attn.v.", "layer.0.SelfAttention.v."), ("attn.o.", "layer.0.SelfAttention.o."),
+    ("pos_embedding.embedding.", "layer.0.SelfAttention.relative_attention_bias."),
+    ("norm1.", "layer.0.layer_norm."), ("norm2.", "layer.1.layer_norm."),
+    ("ffn.gate.0.", "layer.1.DenseReluDense.wi_0."),  # gelu(gate(x)) * fc1(x) == gelu(wi_0 x) * wi_1 x
+    ("ffn.fc1.", "layer.1.DenseReluDense.wi_1."), ("ffn.fc2.", "layer.1.DenseReluDense.wo."),
+)
+
+
+def convert_wan_t5_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Upstream Wan ``models_t5_umt5-xxl-enc-*.pth`` keys -> transformers/ComfyUI umT5 keys (tensors shared).
+
+    ``token_embedding`` -> ``shared``, ``blocks.N.*`` -> ``encoder.block.N.layer.{0,1}.*``, ``norm`` ->
+    ``encoder.final_layer_norm``. Keys already in transformers layout pass through unchanged.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        if key == "token_embedding.weight":
+            key = "shared.weight"
+        elif key == "norm.weight":
+            key = "encoder.final_layer_norm.weight"
+        elif m := re.match(r"blocks\.(\d+)\.(.+)$", key):
+            rest = m.group(2)
+            for old, new in _WAN_T5_RENAMES:
+                if rest.startswith(old):
+                    rest = new + rest[len(old):]
+                    break
+            key = f"encoder.block.{m.group(1)}.{rest}"
+        out[key] = value
+    return out
+
+
+def _read_checkpoint(source: str | os.PathLike | Mapping[str, Tensor], dtype: torch.dtype | None,
+                     device: torch.device | str) -> tuple[dict[str, Tensor], Tensor | None]:
+    """Weights (each tensor cast/moved on its own, never the whole dict at once) and the embedded tokenizer."""
+    def convert(t: Tensor) -> Tensor:
+        return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+
+    if isinstance(source, Mapping):
+        weights = {k: convert(v) for k, v in source.items() if k != SPIECE_KEY}
+        return weights, source.get(SPIECE_KEY)
+    path = Path(source)
+    if path.suffix in (".pth", ".pt", ".bin"):  # e.g. Wan's models_t5_umt5-xxl-enc-bf16.pth (memory-mapped)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return {k: convert(v) for k, v in state.items()}, None
+    if path.suffix != ".safetensors":
+        raise ValueError(f"text encoder checkpoint {path}: expected .safetensors (or Wan's .pth)")
+    weights, spiece = {}, None
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for key in f.keys():
+            if key == SPIECE_KEY:
+                spiece = f.get_tensor(key)
+            else:
+                weights[key] = convert(f.get_tensor(key))
+    return weights, spiece
+
+
+def load_text_encoder(path_or_state_dict: str | os.PathLike | Mapping[str, Tensor],
+                      tokenizer: str | os.PathLike | bytes | None = None,
+                      dtype: torch.dtype | None = torch.float32,
+                      device: torch.device | str = "cpu") -> UMT5TextEncoder:
+    """Load a umT5 encoder checkpoint (+ tokenizer) -> ``UMT5TextEncoder``.
+
+    Args:
+        path_or_state_dict: ``.safetensors`` file or state dict with transformers/ComfyUI umT5 key names, or
+            upstream Wan's ``models_t5_umt5-xxl-enc-bf16.pth`` (converted by ``convert_wan_t5_state_dict``).
+        tokenizer: None -> the checkpoint's embedded ``spiece_model``; else a ``.model`` file, a folder holding
+            ``spiece.model``, or serialized sentencepiece bytes.
+        dtype: weight dtype; each tensor is cast on its own while reading. None keeps the stored dtype.
+        device: where the weights go.
+    The network is built on the meta device and the weights assigned, so they are never held twice.
+    Raises ``ValueError`` listing missing/unexpected keys, or when no tokenizer is found.
+    """
+    weights, embedded = _read_checkpoint(path_or_state_dict, dtype, device)
+    if "token_embedding.weight" in weights:  # upstream Wan layout
+        weights = convert_wan_t5_state_dict(weights)
+    weights.pop(_EMBED_TOKENS_KEY, None)  # tied to shared.weight in transformers' UMT5
+    spec = infer_text_encoder_spec(weights)
+    if tokenizer is None and embedded is None:
+        raise ValueError("tokenizer: the text encoder checkpoint has no embedded 'spiece_model'; pass tokenizer= "
+                         "a spiece.model file or its folder (e.g. from google/umt5-xxl)")
+    sp = load_tokenizer(tokenizer if tokenizer is not None else embedded)
+    with torch.device("meta"):
+        model = UMT5EncoderModel(spec.to_hf_config())
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    missing = [k for k in missing if k != _EMBED_TOKENS_KEY]
+    if missing or unexpected:
+        raise ValueError(f"text encoder checkpoint does not match umT5 {spec}: missing {missing[:8]}"
+                         f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}")
+    model.set_input_embeddings(model.shared)  # re-tie encoder.embed_tokens to the assigned shared.weight
+    logger.info("loaded umT5 text encoder: %d layers, d_model %d, %s on %s", spec.num_layers, spec.d_model,
+                model.shared.weight.dtype, device)
+    return UMT5TextEncoder(model, sp, spec)
+
+
+def random_text_encoder_state_dict(spec: UMT5EncoderSpec, seed: int = 0) -> dict[str, Tensor]:
+    """Random (transformers' T5 init) float32 weights for ``spec``, deterministic in ``seed``; for tests/demos."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = UMT5EncoderModel(spec.to_hf_config())
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k != _EMBED_TOKENS_KEY}
+
+
+def write_text_encoder_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, Tensor],
+                                  spiece_bytes: bytes | None = None) -> Path:
+    """Write weights (+ the sentencepiece model under ``spiece_model``) to ``path`` atomically (temp + replace)."""
+    path = Path(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items() if k != _EMBED_TOKENS_KEY}
+    if spiece_bytes is not None:
+        tensors[SPIECE_KEY] = torch.frombuffer(bytearray(spiece_bytes), dtype=torch.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- tiny tokenizer
+
+WAN_NEGATIVE_PROMPT_ZH = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+                          "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，"
+                          "形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")  # upstream default
+
+TINY_CORPUS: tuple[str, ...] = (  # our own sentences: people, animals, objects, scenes (+ Chinese)
+    "A young woman in a red raincoat walks her dog along a wet city street at night.",
+    "An old fisherman repairs a torn net on a wooden pier while seagulls circle overhead.",
+    "Two children build a sandcastle on a sunny beach, laughing as the waves roll in.",
+    "A ginger cat naps on a windowsill next to a pot of basil, its tail twitching slowly.",
+    "The camera slowly pans across a misty pine forest at dawn, sunlight breaking through.",
+    "A man in a grey suit checks his watch and hurries across a crowded train platform.",
+    "A golden retriever catches a frisbee in mid air above a green park lawn.",
+    "A chef tosses vegetables in a flaming wok in a busy restaurant kitchen.",
+    "A ceramic teapot pours steaming green tea into a small white cup on a bamboo tray.",
+    "A girl with curly hair plays the violin on a balcony overlooking the harbour.",
+    "A brown horse gallops through a snowy field, breath steaming in the cold air.",
+    "A vintage blue bicycle leans against a brick wall covered in ivy.",
+    "An astronaut floats inside a space station, turning a bright orange pen in her fingers.",
+    "A toddler stacks wooden blocks into a tall tower and claps when it falls down.",
+    "Rain drips from the leaves of a tropical plant in a glass greenhouse.",
+    "A skateboarder performs a kickflip in an empty concrete skate park at sunset.",
+    "An elderly couple dances slowly in their kitchen to music from an old radio.",
+    "A parrot with bright green and yellow feathers cracks a seed on a wooden perch.",
+    "A red sports car drives along a winding coastal road beside tall cliffs.",
+    "A barista draws a leaf pattern in the milk foam of a latte, close-up shot.",
+    "A small robot toy with round eyes rolls across a desk covered in papers.",
+    "Snow falls quietly on a mountain village as lights glow in the cabin windows.",
+    "A woman wearing sunglasses and a straw hat reads a book in a hammock.",
+    "A panda chews bamboo shoots while sitting in a shady grove, looking at the camera.",
+    "A boy in a yellow jacket flies a kite shaped like a dragon on a windy hill.",
+    "Close-up of a leather handbag with brass buckles resting on a marble table.",
+    "A soldier in uniform salutes as the flag is raised over the old fortress.",
+    "Fireworks burst over a river while a crowd cheers from the bridge.",
+    "A doctor in a white coat smiles and hands a teddy bear to a little patient.",
+    "A rabbit hops through tall grass and stops to sniff a wild strawberry.",
+    "A dancer in a flowing blue dress spins on a stage under a single spotlight.",
+    "Sharp focus, high quality, natural lighting, smooth camera motion, 4K, realistic details.",
+    "Vivid colors, overexposed, static, blurry details, subtitles, worst quality, low quality, JPEG artifacts.",
+    "ugly, deformed, extra fingers, poorly drawn hands, poorly drawn face, fused fingers, three legs.",
+    "The 3 friends met at 10:45 on Monday; it cost $12.50 (plus tax) & took 20% longer!",
+    "一位穿着白色连衣裙的女孩在花园里微笑着跳舞，阳光洒在她的头发上。",
+    "一只小狗在草地上追逐红色的皮球，背景是蓝天和白云。",
+    "一个男人坐在咖啡馆里看书，窗外下着小雨，镜头缓慢推进。",
+    "两只猫咪穿着拳击装备在舞台上打斗，灯光明亮，画面清晰。",
+    WAN_NEGATIVE_PROMPT_ZH,
+    WAN_NEGATIVE_PROMPT_ZH.replace("，", ","),  # the same after ftfy's fullwidth -> ASCII punctuation
+)
+
+
+def train_tiny_tokenizer(corpus_lines: Sequence[str] = TINY_CORPUS, vocab_size: int = 512,
+                         model_prefix: str | os.PathLike | None = None) -> bytes:
+    """Train a small sentencepiece unigram model with umT5's special ids -> serialized model bytes.
+
+    pad 0, eos 1, unk 2, no bos (as google/umt5-xxl); byte fallback so no prompt ever maps to ``<unk>``;
+    every corpus character covered. Single-threaded, hence deterministic. With ``model_prefix`` the model is
+    also written to ``<model_prefix>.model``.
+    """
+    import io
+
+    buffer = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(corpus_lines)), model_writer=buffer, vocab_size=vocab_size,
+        model_type="unigram", character_coverage=1.0, byte_fallback=True, hard_vocab_limit=True,
+        pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1, num_threads=1, minloglevel=2)
+    data = buffer.getvalue()
+    if model_prefix is not None:
+        Path(f"{model_prefix}.model").write_bytes(data)
+    return data
