@@ -1,0 +1,262 @@
+"""Reading DiT checkpoints, recognising what they are, and loading them into ``PhantomWanDiT``.
+
+Keys stay exactly those of the upstream Wan2.1 / Phantom-Wan checkpoints; the only conversion is
+``strip_prefixes`` (ComfyUI's ``model.diffusion_model.`` / ``diffusion_model.``). The architecture is inferred
+from tensor shapes alone (``infer_dit_config``); the model is then built on the meta device and the tensors are
+assigned into it, so a checkpoint is never held in memory twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from phantom_core.log import logger
+from phantom_core.wan_dit import DIT_PRESETS, HEAD_DIM, PhantomWanDiT, WanDiTConfig
+
+DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+_INDEX_SUFFIX = ".safetensors.index.json"
+
+
+def _read_safetensors(path: Path, keys: list[str] | None = None) -> dict[str, Tensor]:
+    # safe_open memory-maps the file: tensors are read when first touched, not all up front.
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return {k: f.get_tensor(k) for k in (keys if keys is not None else f.keys())}
+
+
+def _read_torch(path: Path) -> dict[str, Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):  # legacy (pre-zip) files cannot be memory-mapped; read them plainly
+            raise
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"checkpoint {path} holds more than tensors (it needs full unpickling, which runs arbitrary code); "
+            f"only weights_only files are accepted. Convert it to .safetensors first. Details: {err}"
+        ) from err
+    if isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in ("state_dict", "model", "module"):
+        obj = next(iter(obj.values()))  # a state dict wrapped in one container key
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError(f"checkpoint {path} does not hold a flat {{name: tensor}} state dict ({type(obj).__name__})")
+    return obj
+
+
+def _find_index(path: Path) -> Path:
+    found = sorted(path.glob(f"*{_INDEX_SUFFIX}"))
+    if len(found) != 1:
+        raise ValueError(
+            f"directory {path} holds {len(found)} '*{_INDEX_SUFFIX}' files; expected exactly one "
+            f"(or pass a .safetensors / .pth file)"
+        )
+    return found[0]
+
+
+def _read_sharded(index_path: Path) -> dict[str, Tensor]:
+    weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
+    by_shard: dict[str, list[str]] = {}
+    for key, shard in weight_map.items():
+        by_shard.setdefault(shard, []).append(key)
+    sd: dict[str, Tensor] = {}
+    for shard, keys in by_shard.items():
+        shard_path = index_path.parent / shard
+        if not shard_path.is_file():
+            raise ValueError(f"shard {shard} listed in {index_path} is missing ({len(keys)} tensors)")
+        sd.update(_read_safetensors(shard_path, keys))
+    logger.info("read %d tensors from %d shards of %s", len(sd), len(by_shard), index_path.name)
+    return sd
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Read a state dict from ``.safetensors``, ``.pth``/``.pt``/``.bin`` or a sharded safetensors index.
+
+    Args:
+        path: a file, a ``*.safetensors.index.json`` (official ``{"metadata", "weight_map"}`` format), or a
+            directory holding exactly one such index.
+
+    Returns:
+        ``{name: tensor}`` on the CPU; safetensors and zip-format torch files are memory-mapped (lazy).
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: unknown extension, a pickle that needs more than ``weights_only``, a missing shard.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        return _read_sharded(_find_index(path))
+    name = path.name.lower()
+    if name.endswith(_INDEX_SUFFIX):
+        return _read_sharded(path)
+    if name.endswith(".safetensors"):
+        return _read_safetensors(path)
+    if name.endswith((".pth", ".pt", ".bin", ".ckpt")):
+        return _read_torch(path)
+    raise ValueError(f"checkpoint {path} has an unknown extension; expected .safetensors, .pth, .pt, .bin or "
+                     f"a *{_INDEX_SUFFIX} / a directory with one")
+
+
+def strip_prefixes(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Drop ComfyUI's ``model.diffusion_model.`` / ``diffusion_model.`` key prefixes.
+
+    When keys carry one of the prefixes, only those keys are kept (a full ComfyUI checkpoint also holds the
+    VAE and text encoder under other prefixes; how many were dropped is logged). Otherwise ``sd`` is returned.
+    """
+    for prefix in DIT_PREFIXES:
+        kept = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if kept:
+            if len(kept) < len(sd):
+                logger.info("kept %d '%s*' tensors, ignored %d others", len(kept), prefix, len(sd) - len(kept))
+            return kept
+    return sd
+
+
+def _describe_non_dit(sd: dict[str, Tensor]) -> str | None:
+    """What a state dict that is not a Wan T2V DiT looks like, or None when it may be one."""
+    keys = sd.keys()
+
+    def has(pattern: str) -> bool:
+        return any(re.match(pattern, k) for k in keys)
+
+    if "shared.weight" in sd or has(r"encoder\.block\.\d+\."):
+        return "a T5/umT5 text encoder (shared.weight / encoder.block.* keys)"
+    if "token_embedding.weight" in sd and has(r"blocks\.\d+\.attn\."):
+        return "a Wan umT5 text encoder (token_embedding.weight / blocks.*.attn.* keys)"
+    if "encoder.conv1.weight" in sd or has(r"decoder\.") or has(r"encoder\.downsamples\."):
+        return "a VAE (encoder.conv1.weight / decoder.* keys)"
+    if has(r"(visual|textual|log_scale)") and "patch_embedding.weight" not in sd:
+        return "a CLIP image/text encoder (visual.* / textual.* keys)"
+    if has(r"img_emb\."):
+        return "a Wan2.1 image-to-video (I2V/FLF2V) DiT (img_emb.* keys)"
+    if has(r"vace_"):
+        return "a Wan VACE DiT (vace_* keys)"
+    pe = sd.get("patch_embedding.weight")
+    if pe is not None and pe.ndim == 5 and pe.shape[1] == 36:
+        return "a Wan2.1 image-to-video DiT (36 input channels)"
+    if pe is not None and pe.ndim == 5 and pe.shape[1] == 48:
+        return "a Wan2.2 TI2V-5B DiT (48 latent channels)"
+    if pe is None or pe.ndim != 5:
+        return f"not a Wan DiT (no 5-D patch_embedding.weight; first keys: {sorted(keys)[:5]})"
+    return None
+
+
+def _shape(sd: dict[str, Tensor], key: str, ndim: int) -> tuple[int, ...]:
+    if key not in sd or sd[key].ndim != ndim:
+        got = tuple(sd[key].shape) if key in sd else "missing"
+        raise ValueError(f"Wan DiT state dict: {key} is {got}; expected a {ndim}-D tensor")
+    return tuple(sd[key].shape)
+
+
+def infer_dit_config(sd: dict[str, Tensor]) -> WanDiTConfig:
+    """Recover the architecture of a Wan2.1 T2V / Phantom-Wan DiT from tensor shapes alone.
+
+    ``num_heads = dim // 128``: heads are not stored, and every Wan2.1 model uses 128 channels per head.
+    A plain Wan2.1 T2V checkpoint has the same shapes as the Phantom-Wan one of its size (Phantom adds no
+    parameters), so it is recognised as that preset too. Returns the preset object when one matches.
+
+    Raises:
+        ValueError: naming what the state dict looks like (I2V DiT, VAE, text encoder, ...) when it is not a
+            T2V DiT, or which key has an unexpected shape.
+    """
+    what = _describe_non_dit(sd)
+    if what is not None:
+        raise ValueError(f"this checkpoint is {what}; expected a Phantom-Wan (Wan2.1 T2V) DiT")
+    dim, in_dim, *patch = _shape(sd, "patch_embedding.weight", 5)
+    if dim % HEAD_DIM:
+        raise ValueError(f"patch_embedding.weight gives dim {dim}; Wan DiTs have a multiple of {HEAD_DIM}")
+    layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if not layers:
+        raise ValueError("Wan DiT state dict has no blocks.N.* keys")
+    head_out = _shape(sd, "head.head.weight", 2)[0]
+    config = WanDiTConfig(
+        dim=dim,
+        ffn_dim=_shape(sd, "blocks.0.ffn.0.weight", 2)[0],
+        num_heads=dim // HEAD_DIM,
+        num_layers=max(layers) + 1,
+        in_dim=in_dim,
+        out_dim=head_out // math.prod(patch),
+        patch_size=tuple(patch),
+        text_dim=_shape(sd, "text_embedding.0.weight", 2)[1],
+        freq_dim=_shape(sd, "time_embedding.0.weight", 2)[1],
+    )
+    name = preset_name(config)
+    return DIT_PRESETS[name] if name else config
+
+
+def preset_name(config: WanDiTConfig) -> str | None:
+    """The ``DIT_PRESETS`` name equal to ``config``, or None."""
+    return next((name for name, preset in DIT_PRESETS.items() if preset == config), None)
+
+
+def expected_shapes(config: WanDiTConfig) -> dict[str, tuple[int, ...]]:
+    """``{key: shape}`` of a ``PhantomWanDiT(config)`` state dict (built on the meta device, no memory)."""
+    return {k: tuple(v.shape) for k, v in PhantomWanDiT(config, device="meta").state_dict().items()}
+
+
+def _listing(items: list[str], limit: int = 10) -> str:
+    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def validate_dit_state_dict(sd: dict[str, Tensor], config: WanDiTConfig) -> None:
+    """Check that ``sd`` has exactly the keys and shapes of ``PhantomWanDiT(config)``.
+
+    Raises:
+        ValueError: listing (up to 10 of each, with counts) missing keys, unexpected keys and wrong shapes.
+    """
+    want = expected_shapes(config)
+    missing = sorted(set(want) - set(sd))
+    extra = sorted(set(sd) - set(want))
+    wrong = sorted(f"{k} {tuple(sd[k].shape)} (expected {want[k]})"
+                   for k in set(want) & set(sd) if tuple(sd[k].shape) != want[k])
+    problems = [f"{len(v)} {what}: {_listing(v)}"
+                for what, v in (("missing keys", missing), ("unexpected keys", extra), ("wrong shapes", wrong)) if v]
+    if problems:
+        raise ValueError(f"DiT state dict does not match {preset_name(config) or config}: " + "; ".join(problems))
+
+
+def load_dit(
+    path_or_state_dict: str | Path | dict[str, Tensor],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    ops: Any = nn,
+) -> PhantomWanDiT:
+    """Load a Phantom-Wan DiT for inference.
+
+    Args:
+        path_or_state_dict: a checkpoint path (see ``read_state_dict``) or an in-memory state dict.
+        dtype: parameter (and activation) dtype, e.g. ``torch.bfloat16`` on a GPU.
+        device: where the parameters go.
+        ops: layer namespace (``torch.nn`` or e.g. ComfyUI's ``comfy.ops.manual_cast``).
+
+    Returns:
+        ``PhantomWanDiT`` in eval mode with ``requires_grad`` off.
+
+    Raises:
+        ValueError: for a file that is not a T2V Wan DiT, or missing / unexpected / mis-shaped keys.
+    """
+    owned = not isinstance(path_or_state_dict, dict)
+    sd = read_state_dict(path_or_state_dict) if owned else path_or_state_dict
+    sd = strip_prefixes(sd)
+    if sd is path_or_state_dict:
+        sd = dict(sd)  # never mutate the caller's dict
+    config = infer_dit_config(sd)
+    validate_dit_state_dict(sd, config)
+    name = preset_name(config)
+    logger.info("loading DiT %s (%d layers, dim %d) as %s on %s", name or "custom config",
+                config.num_layers, config.dim, dtype, device)
+    model = PhantomWanDiT(config, ops=ops, dtype=dtype, device="meta")
+    for key in list(sd):  # convert one tensor at a time, dropping the source reference as we go
+        sd[key] = sd[key].to(device=device, dtype=dtype)
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
