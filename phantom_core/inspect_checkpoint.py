@@ -1,0 +1,248 @@
+"""Say what a checkpoint is without loading it: architecture, preset, dtypes, size, key and parameter counts.
+
+Only metadata is read: a safetensors file's header (8-byte little-endian length + JSON, per the safetensors
+format spec: ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``), each shard
+header of a sharded index, or a ``.pth`` opened with ``torch.load(mmap=True, weights_only=True)`` (tensors
+stay on disk behind a memory map). The architecture is recognised by running the loaders' own shape inference
+(``infer_dit_config``, ``infer_vae_config``, ``infer_text_encoder_spec``) on shape-only ``meta`` tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pickle
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from phantom_core.checkpoint import infer_dit_config, preset_name, strip_prefixes, validate_dit_state_dict
+from phantom_core.log import logger
+from phantom_core.text_encoder import (
+    SPIECE_KEY,
+    TEXT_ENCODER_PRESETS,
+    convert_wan_t5_state_dict,
+    infer_text_encoder_spec,
+)
+from phantom_core.wan_vae import VAE_PRESETS, infer_vae_config, strip_vae_prefix
+
+_INDEX_SUFFIX = ".safetensors.index.json"
+_MAX_HEADER = 100 << 20  # bytes; the safetensors reference implementation refuses larger headers too
+SAFETENSORS_DTYPES = {  # safetensors dtype tag -> torch dtype name
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
+}
+TensorInfo = tuple[tuple[int, ...], str]  # (shape, dtype name)
+
+
+# ---------------------------------------------------------------------------------------------- readers
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """``({name: (shape, dtype)}, metadata)`` from a safetensors header, checking it against the file size.
+
+    Raises:
+        ValueError: naming the file when it is too short, the header is not JSON, or the tensors' data would
+            run past the end of the file (a truncated download).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path} is {size} bytes: too short to be a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, _MAX_HEADER):
+            raise ValueError(f"{path} is not a safetensors file (its first 8 bytes give a header of {n} bytes; "
+                             f"the file has {size})")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path} is not a safetensors file (header is not JSON: {err})") from err
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file (header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    tensors, data_end = {}, 0
+    for name, info in header.items():
+        try:
+            tensors[name] = (tuple(int(s) for s in info["shape"]), SAFETENSORS_DTYPES.get(info["dtype"], info["dtype"]))
+            data_end = max(data_end, int(info["data_offsets"][1]))
+        except (TypeError, KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"{path}: malformed safetensors header entry {name!r}: {err}") from err
+    if 8 + n + data_end > size:
+        raise ValueError(f"{path} is truncated: its header places tensor data up to byte {8 + n + data_end} "
+                         f"but the file has {size} bytes")
+    return tensors, metadata
+
+
+def read_torch_shapes(path: str | os.PathLike) -> dict[str, TensorInfo]:
+    """``{name: (shape, dtype)}`` of a ``.pth`` via a memory map (legacy non-zip files are read fully, warned).
+
+    Raises ``ValueError`` naming the file when it is not a weights-only flat state dict.
+    """
+    path = Path(path)
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            logger.warning("%s is a legacy (non-zip) torch file: reading it fully to inspect it", path)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as err:
+        raise ValueError(f"{path} cannot be read as a weights-only torch checkpoint: {err}") from err
+    if isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in ("state_dict", "model", "module"):
+        obj = next(iter(obj.values()))
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError(f"{path} does not hold a flat {{name: tensor}} state dict ({type(obj).__name__})")
+    return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in obj.items()}
+
+
+def _read_index(index: Path) -> tuple[dict[str, TensorInfo], dict[str, str], list[Path]]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{index} is not a safetensors index with a weight_map: {err}") from err
+    shards = [index.parent / s for s in sorted(set(weight_map.values()))]
+    tensors: dict[str, TensorInfo] = {}
+    for shard in shards:
+        if not shard.is_file():
+            raise ValueError(f"shard {shard.name} listed in {index} is missing")
+        tensors.update(read_safetensors_header(shard)[0])
+    return tensors, {}, [index, *shards]
+
+
+def read_tensor_infos(path: str | os.PathLike) -> tuple[str, dict[str, TensorInfo], dict[str, str], list[Path]]:
+    """``(format, {name: (shape, dtype)}, metadata, files)`` of any checkpoint ``read_state_dict`` accepts."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        found = sorted(path.glob(f"*{_INDEX_SUFFIX}"))
+        if len(found) != 1:
+            raise ValueError(f"directory {path} holds {len(found)} '*{_INDEX_SUFFIX}' files; expected exactly one")
+        path = found[0]
+    name = path.name.lower()
+    if name.endswith(_INDEX_SUFFIX):
+        return ("sharded safetensors", *_read_index(path))
+    if name.endswith(".safetensors"):
+        return ("safetensors", *read_safetensors_header(path), [path])
+    if name.endswith((".pth", ".pt", ".bin", ".ckpt")):
+        return "pytorch", read_torch_shapes(path), {}, [path]
+    raise ValueError(f"{path} has an unknown extension; expected .safetensors, .pth, .pt, .bin, .ckpt or a "
+                     f"*{_INDEX_SUFFIX} / a directory with one")
+
+
+# ---------------------------------------------------------------------------------------------- classification
+
+
+def _stand_ins(infos: dict[str, TensorInfo]) -> dict[str, Tensor]:
+    """Shape-only tensors (meta device: no memory) for the loaders' shape inference."""
+    return {k: torch.empty(shape, device="meta") for k, (shape, _) in infos.items()}
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def classify(infos: dict[str, TensorInfo]) -> dict[str, Any]:
+    """``{"kind", "architecture", "preset", "config", "problems"}`` for a checkpoint's tensor shapes.
+
+    kind: ``"dit"`` (Phantom-Wan / Wan2.1 T2V DiT), ``"wan_i2v_dit"``, ``"vae"`` (Wan2.1 VAE), ``"umt5"``
+    (umT5 text encoder) or ``"unknown"``.
+    """
+    sd = _stand_ins(infos)
+    dit_sd = strip_prefixes(sd)
+    try:
+        config = infer_dit_config(dit_sd)
+    except ValueError as err:
+        dit_error = str(err)
+    else:
+        problems = []
+        try:
+            validate_dit_state_dict(dit_sd, config)
+        except ValueError as err:
+            problems.append(str(err))
+        return {"kind": "dit", "architecture": "Phantom-Wan / Wan2.1 text-to-video DiT", "preset": preset_name(config),
+                "config": _config_dict(config), "problems": problems}
+    if "image-to-video" in dit_error:
+        return {"kind": "wan_i2v_dit", "architecture": "Wan2.1 image-to-video DiT (not usable by Phantom)",
+                "preset": None, "config": None, "problems": [dit_error]}
+    try:
+        vae_config = infer_vae_config(strip_vae_prefix(sd))
+    except (ValueError, IndexError, ZeroDivisionError):
+        pass
+    else:
+        preset = next((n for n, c in VAE_PRESETS.items() if c == vae_config), None)
+        return {"kind": "vae", "architecture": "Wan2.1 video VAE", "preset": preset,
+                "config": _config_dict(vae_config), "problems": []}
+    t5 = {k: v for k, v in sd.items() if k != SPIECE_KEY}
+    try:
+        spec = infer_text_encoder_spec(convert_wan_t5_state_dict(t5) if "token_embedding.weight" in t5 else t5)
+    except (ValueError, IndexError):
+        pass
+    else:
+        preset = next((n for n, s in TEXT_ENCODER_PRESETS.items() if s == spec), None)
+        arch = "umT5 text encoder" + (" (tokenizer embedded)" if SPIECE_KEY in sd else "")
+        return {"kind": "umt5", "architecture": arch, "preset": preset, "config": _config_dict(spec), "problems": []}
+    return {"kind": "unknown", "architecture": "not a Phantom-Wan DiT, Wan VAE or umT5 encoder", "preset": None,
+            "config": None, "problems": [dit_error]}
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Describe a checkpoint from its metadata only (nothing is loaded into memory).
+
+    Args:
+        path: ``.safetensors``, ``.pth``/``.pt``/``.bin``/``.ckpt``, a ``*.safetensors.index.json`` or a folder
+            holding one.
+    Returns:
+        ``{"path", "format", "files", "file_size" (bytes, all files), "key_count", "parameter_count"
+        (elements of floating-point tensors), "dtypes" ({dtype name: tensor count}), "kind", "architecture",
+        "preset", "config", "problems", "metadata"}``.
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: naming the file when it is not a readable checkpoint (truncated, not safetensors, ...).
+    """
+    fmt, infos, metadata, files = read_tensor_infos(path)
+    dtypes: dict[str, int] = {}
+    for _, dtype in infos.values():
+        dtypes[dtype] = dtypes.get(dtype, 0) + 1
+    floating = ("float", "bfloat")
+    params = sum(math.prod(shape) for shape, dtype in infos.values() if dtype.startswith(floating))
+    return {"path": str(Path(path)), "format": fmt, "files": [str(f) for f in files],
+            "file_size": sum(f.stat().st_size for f in files), "key_count": len(infos), "parameter_count": params,
+            "dtypes": dict(sorted(dtypes.items(), key=lambda kv: -kv[1])), **classify(infos),
+            "metadata": metadata}
+
+
+def _human_size(size: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{size} B"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A few human-readable lines for one :func:`inspect_checkpoint` report."""
+    files = len(report["files"])
+    lines = [
+        report["path"],
+        f"  kind:         {report['kind']} ({report['architecture']})",
+        f"  preset:       {report['preset'] or '-'}",
+        f"  format:       {report['format']}" + (f", {files} files" if files > 1 else ""),
+        f"  size:         {_human_size(report['file_size'])} ({report['file_size']:,} bytes)",
+        f"  keys:         {report['key_count']}",
+        f"  parameters:   {report['parameter_count']:,}",
+        "  dtypes:       " + ", ".join(f"{d} x{n}" for d, n in report["dtypes"].items()),
+    ]
+    lines += [f"  problem:      {p}" for p in report["problems"] if report["kind"] != "unknown"]
+    if report["kind"] == "unknown" and report["problems"]:
+        lines.append(f"  why:          {report['problems'][0]}")
+    return "\n".join(lines)

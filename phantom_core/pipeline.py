@@ -1,0 +1,441 @@
+"""The standalone generation pipeline: references + prompt -> Phantom-Wan video, without ComfyUI.
+
+Two entry points:
+
+- :func:`generate` works on loaded models and returns the decoded video tensor;
+- :func:`generate_to_file` loads every model file first (so a bad file fails before any sampling), generates,
+  writes the MP4 atomically and a JSON sidecar ``<out>.json`` (every setting, the seed, file hashes) from
+  which the same video can be regenerated bit for bit on the same machine.
+
+The steps are those of upstream ``Phantom_Wan_S2V.generate`` (svjack/Phantom ``phantom_wan/subject2video.py``):
+encode prompt and negative prompt with umT5, VAE-encode each reference alone, draw the seeded noise, sample with
+Phantom's three-pass guidance, decode with the VAE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from phantom_core.checkpoint import load_dit
+from phantom_core.log import logger
+from phantom_core.references import MAX_REFERENCES, SIZE_MULTIPLE, encode_references, open_reference
+from phantom_core.sampler import SAMPLER_PRESETS, SOLVERS, WAN_NEGATIVE_PROMPT, StepCallback, make_noise, sample_phantom
+from phantom_core.text_encoder import load_text_encoder
+from phantom_core.video_io import to_uint8_frames, write_mp4
+from phantom_core.wan_vae import load_vae
+
+REF_MODES = ("letterbox", "crop")
+RANDOM_SEED = -1
+MAX_SEED = 2**64 - 1  # ComfyUI's seed widget maximum; make_noise accepts [0, 2**64)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Every setting that determines a generated video (with the model files and the machine).
+
+    Units: ``width``/``height`` in px (multiples of 16), ``frames`` video frames (4k + 1), ``fps`` frames per
+    second, ``quality`` imageio's 0..10 scale (8 -> x264 crf 10). ``seed`` -1 means "draw one at random"
+    (:func:`resolve_seed` records the drawn value). The defaults are the official Phantom-Wan ones.
+
+    Raises:
+        ValueError: naming the field, the value received and what is valid.
+    """
+
+    prompt: str
+    negative_prompt: str = WAN_NEGATIVE_PROMPT
+    width: int = 832
+    height: int = 480
+    frames: int = 81
+    steps: int = 50
+    shift: float = 5.0
+    solver: str = "unipc"
+    w_img: float = 5.0
+    w_text: float = 7.5
+    seed: int = RANDOM_SEED
+    fps: float = 16.0
+    quality: int = 8
+    ref_mode: str = "letterbox"
+
+    def __post_init__(self) -> None:
+        for name in ("prompt", "negative_prompt"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name}: got {getattr(self, name)!r}; expected a string")
+        size = f"a positive multiple of {SIZE_MULTIPLE} px (VAE stride 8 x DiT patch 2)"
+        _check_int("width", self.width, size, SIZE_MULTIPLE, step=SIZE_MULTIPLE)
+        _check_int("height", self.height, size, SIZE_MULTIPLE, step=SIZE_MULTIPLE)
+        _check_int("frames", self.frames, "4k + 1 frames, as the Wan VAE needs (1, 5, 9, ..., 81)", 1, step=4)
+        _check_int("steps", self.steps, "an integer >= 1 (official: 50)", 1)
+        _check_int("seed", self.seed, f"-1 (random) or an integer in [0, {MAX_SEED}]", RANDOM_SEED, MAX_SEED)
+        _check_int("quality", self.quality, "an integer 0..10 (10 best)", 0, 10)
+        _check_number("shift", self.shift, "a number > 0 (official: 5.0)", positive=True)
+        _check_number("w_img", self.w_img, "a finite number (official: 5.0, paper: 3.0)")
+        _check_number("w_text", self.w_text, "a finite number (official: 7.5)")
+        _check_number("fps", self.fps, "a number > 0 (Wan renders at 16)", positive=True)
+        for name, valid in (("solver", SOLVERS), ("ref_mode", REF_MODES)):
+            if getattr(self, name) not in valid:
+                raise ValueError(f"{name}: got {getattr(self, name)!r}; valid values are {', '.join(valid)}")
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int, int]:
+        """``(1, 16, F, h, w)`` of the video latents: F = 1 + (frames - 1) // 4, h = height / 8, w = width / 8."""
+        return 1, 16, 1 + (self.frames - 1) // 4, self.height // 8, self.width // 8
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings as a JSON-ready dict (field name -> value)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> GenerationSettings:
+        """Inverse of :meth:`to_json`. Raises ``ValueError`` naming unknown fields or a missing prompt."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"generation settings: unknown fields {unknown}; known fields are {sorted(known)}")
+        if "prompt" not in data:
+            raise ValueError("generation settings: 'prompt' is missing")
+        return cls(**data)
+
+
+def _check_int(name: str, value: Any, valid: str, minimum: int, maximum: int | None = None, step: int = 1) -> None:
+    """``value`` must be an int in [minimum, maximum] with ``(value - minimum) % step == 0``."""
+    ok = not isinstance(value, bool) and isinstance(value, int) and value >= minimum
+    if not ok or (maximum is not None and value > maximum) or (value - minimum) % step:
+        raise ValueError(f"{name}: got {value!r}; expected {valid}")
+
+
+def _check_number(name: str, value: Any, valid: str, positive: bool = False) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or (positive and value <= 0):
+        raise ValueError(f"{name}: got {value!r}; expected {valid}")
+
+
+def settings_from_preset(name: str, **overrides: Any) -> GenerationSettings:
+    """Settings with a sampler preset (``"official"`` or ``"paper"``, see ``SAMPLER_PRESETS``) applied.
+
+    ``overrides`` (any :class:`GenerationSettings` field; ``prompt`` is required) win over the preset.
+    Raises ``ValueError`` for an unknown preset or field.
+    """
+    if name not in SAMPLER_PRESETS:
+        raise ValueError(f"preset: got {name!r}; valid presets are {', '.join(SAMPLER_PRESETS)}")
+    return GenerationSettings.from_json({**SAMPLER_PRESETS[name], **overrides})
+
+
+def resolve_seed(settings: GenerationSettings) -> GenerationSettings:
+    """Replace a seed of -1 by a random one in [0, 2**53) (exact in any JSON reader); others unchanged."""
+    if settings.seed != RANDOM_SEED:
+        return settings
+    seed = secrets.randbelow(2**53)
+    logger.info("seed -1: drew random seed %d", seed)
+    return dataclasses.replace(settings, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------- generation
+
+
+def _as_images(references: Sequence[Image.Image | str | os.PathLike]) -> list[Image.Image]:
+    """PIL images as they are; paths opened with ``open_reference`` (RGB, EXIF orientation, alpha over white)."""
+    if isinstance(references, (str, os.PathLike, Image.Image)):
+        references = [references]
+    images = []
+    for k, ref in enumerate(references, start=1):
+        if isinstance(ref, Image.Image):
+            images.append(ref)
+            continue
+        try:
+            images.append(open_reference(ref))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"reference {k} ({ref}) cannot be read as an image: {err}") from err
+    if not 1 <= len(images) <= MAX_REFERENCES:
+        raise ValueError(f"references: got {len(images)}; Phantom takes 1 to {MAX_REFERENCES} reference images")
+    return images
+
+
+def check_compatible(dit: Any, vae: Any, text_encoder: Any) -> None:
+    """Raise ``ValueError`` when the three models cannot work together (text width, latent channels)."""
+    text_dim, d_model = dit.config.text_dim, text_encoder.spec.d_model
+    if text_dim != d_model:
+        raise ValueError(f"the DiT expects {text_dim}-wide text features but the text encoder gives {d_model}; "
+                         "use the umT5 encoder that belongs to this DiT")
+    if dit.config.in_dim != vae.config.z_dim:
+        raise ValueError(f"the DiT takes {dit.config.in_dim} latent channels but the VAE has {vae.config.z_dim}")
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+@torch.no_grad()
+def generate(dit: Any, vae: Any, text_encoder: Any, references: Sequence[Image.Image | str | os.PathLike],
+             settings: GenerationSettings, *, callback: StepCallback | None = None) -> Tensor:
+    """Generate one video from loaded models (``load_dit``, ``load_vae``, ``load_text_encoder``).
+
+    Args:
+        dit: ``PhantomWanDiT``; sampling runs on its device, the model call in its compute dtype.
+        vae: ``WanVAE`` (encodes the references, decodes the result) on any device.
+        text_encoder: ``UMT5TextEncoder`` of the DiT's text width.
+        references: 1 to 4 PIL images or image paths, in order.
+        settings: see :class:`GenerationSettings`; a seed of -1 draws a random seed (logged; call
+            :func:`resolve_seed` first to know it).
+        callback: ``callback(step, steps, x0_pred)`` after each sampling step; it may raise to abort.
+    Returns:
+        Video ``[1, 3, frames, height, width]`` float32 in [-1, 1] on the VAE's device.
+    Raises:
+        ValueError: bad references, or models that do not belong together (before any sampling).
+    """
+    # 1. inputs: seed, reference images, model compatibility
+    settings = resolve_seed(settings)
+    images = _as_images(references)
+    check_compatible(dit, vae, text_encoder)
+    device = _device_of(dit)
+    # 2. text context (real tokens; the DiT zero-pads to 512 itself)
+    context, context_neg = text_encoder.encode([settings.prompt, settings.negative_prompt])  # (L1, D), (L2, D)
+    context, context_neg = context[None].to(device), context_neg[None].to(device)  # (1, L, D)
+    # 3. references: each VAE-encoded alone as a 1-frame latent, normalized
+    refs = encode_references(vae, images, settings.width, settings.height, settings.ref_mode)  # (1, 16, N, h, w)
+    refs = refs.to(device)
+    # 4. noise from the seed (CPU generator: the same draw on any device) and sampling
+    noise = make_noise(settings.seed, settings.latent_shape, refs.shape[2]).to(device)  # (1, 16, F, h, w)
+    latents = sample_phantom(dit, noise, refs, context, context_neg, steps=settings.steps, shift=settings.shift,
+                             solver=settings.solver, w_img=settings.w_img, w_text=settings.w_text,
+                             callback=callback, model_dtype=dit.compute_dtype)  # (1, 16, F, h, w) fp32
+    # 5. decode
+    return vae.decode(latents.to(_device_of(vae)))  # (1, 3, frames, H, W) in [-1, 1]
+
+
+def log_progress(step: int, total: int, x0_pred: Tensor) -> None:
+    """A step callback that logs ``step i/n`` at INFO level (the library's progress report)."""
+    logger.info("sampling step %d/%d", step + 1, total)
+
+
+def default_sidecar_path(out_path: str | os.PathLike) -> Path:
+    """``video.mp4`` -> ``video.json`` (the sidecar lies next to the MP4)."""
+    return Path(out_path).with_suffix(".json")
+
+
+def load_models(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
+                text_encoder_path: str | os.PathLike, *, tokenizer_path: str | os.PathLike | None = None,
+                dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> tuple[Any, Any, Any]:
+    """Load DiT, VAE and text encoder, each error re-raised naming the role and file; then check compatibility.
+
+    ``tokenizer_path``: umT5's ``spiece.model`` (or its folder) when the text encoder file has none embedded
+    (upstream Wan's ``.pth``). The DiT and the text encoder take ``dtype``; the VAE always runs in float32 (as
+    upstream Wan), on ``device``.
+    Raises ``ValueError`` / ``FileNotFoundError`` naming the file.
+    """
+    dit = _load_one("DiT", dit_path, lambda p: load_dit(p, dtype=dtype, device=device))
+    vae = _load_one("VAE", vae_path, lambda p: load_vae(p, dtype=torch.float32, device=device))
+    if tokenizer_path is not None and not Path(tokenizer_path).exists():
+        raise FileNotFoundError(f"tokenizer file {tokenizer_path} does not exist")
+    text_encoder = _load_one("text encoder", text_encoder_path,
+                             lambda p: load_text_encoder(p, tokenizer_path, dtype=dtype, device=device))
+    try:
+        check_compatible(dit, vae, text_encoder)
+    except ValueError as err:
+        raise ValueError(f"{err} (DiT {dit_path}, VAE {vae_path}, text encoder {text_encoder_path})") from err
+    return dit, vae, text_encoder
+
+
+def _load_one(role: str, path: str | os.PathLike, load: Any) -> Any:
+    """Run ``load(path)``; any failure becomes an error naming the role, the file and the problem."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{role} file {path} does not exist")
+    started = time.perf_counter()
+    try:
+        model = load(path)
+    except Exception as err:  # safetensors, torch and json raise their own types: name the file whatever it was
+        kind = type(err).__name__
+        raise ValueError(f"{role} file {path} cannot be loaded as a {role} checkpoint ({kind}): {err}") from err
+    logger.info("loaded %s %s in %.1f s", role, path, time.perf_counter() - started)
+    return model
+
+
+def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
+                     text_encoder_path: str | os.PathLike, ref_paths: Sequence[str | os.PathLike],
+                     settings: GenerationSettings, out_path: str | os.PathLike, *,
+                     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                     progress: bool = True, callback: StepCallback | None = None,
+                     sidecar_path: str | os.PathLike | None = None,
+                     tokenizer_path: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """Generate a video from model files and write ``out_path`` (MP4, atomic) plus its JSON sidecar.
+
+    Order: validate the output path and the references, load all three models (every bad file fails here,
+    before sampling); sample and decode; write the MP4; hash the inputs and write the sidecar
+    (``<out>.json`` unless ``sidecar_path``) recording every setting, the seed actually used, dtype and device,
+    sha256 and size of every model file (an index and each of its shards) and reference, and versions.
+
+    Args:
+        dit_path / vae_path / text_encoder_path: checkpoint files (DiT: also a sharded index or its folder).
+        ref_paths: 1 to 4 reference image files. settings: see :class:`GenerationSettings`.
+        tokenizer_path: sentencepiece model for a text encoder file without an embedded one.
+        out_path: the ``.mp4`` to write. dtype / device: where the DiT and text encoder run.
+        progress: log each sampling step (INFO). callback: also called after each step.
+    Returns:
+        ``(mp4_path, sidecar_path)``.
+    Raises:
+        FileNotFoundError / ValueError: naming the file or setting at fault, before sampling starts.
+    """
+    out = Path(out_path)
+    if out.suffix.lower() != ".mp4":
+        raise ValueError(f"output: got {out}; the output file must end in .mp4")
+    settings = resolve_seed(settings)
+    images = _as_images(list(ref_paths))
+    dit, vae, text_encoder = load_models(dit_path, vae_path, text_encoder_path, tokenizer_path=tokenizer_path,
+                                         dtype=dtype, device=device)
+
+    def on_step(step: int, total: int, x0_pred: Tensor) -> None:
+        if progress:
+            log_progress(step, total, x0_pred)
+        if callback is not None:
+            callback(step, total, x0_pred)
+
+    started = time.perf_counter()
+    video = generate(dit, vae, text_encoder, images, settings, callback=on_step)  # (1, 3, T, H, W)
+    seconds = time.perf_counter() - started
+    write_mp4(to_uint8_frames(video), out, fps=settings.fps, quality=settings.quality)
+    side = Path(sidecar_path) if sidecar_path is not None else default_sidecar_path(out)
+    record = build_sidecar(settings, dit_path=dit_path, vae_path=vae_path, text_encoder_path=text_encoder_path,
+                           ref_paths=ref_paths, dtype=dtype, device=device, out_path=out, seconds=seconds,
+                           tokenizer_path=tokenizer_path)
+    write_sidecar(record, side)
+    return out, side
+
+
+# ---------------------------------------------------------------------------------------------- sidecar
+
+SIDECAR_FORMAT = "phantom-generation"
+SIDECAR_VERSION = 1
+_HASH_CHUNK = 8 << 20  # bytes read per hashing step: the file is streamed, never held in memory
+_INDEX_SUFFIX = ".safetensors.index.json"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a file, streamed in 8 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoint_files(path: str | os.PathLike) -> list[Path]:
+    """The files a checkpoint consists of: the file itself, or a sharded index followed by its shards (sorted).
+
+    A directory stands for the one ``*.safetensors.index.json`` inside it. Raises ``ValueError`` when the
+    directory holds no single index or the index is not valid JSON with a ``weight_map``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob(f"*{_INDEX_SUFFIX}"))
+        if len(found) != 1:
+            raise ValueError(f"directory {path} holds {len(found)} '*{_INDEX_SUFFIX}' files; expected exactly one")
+        path = found[0]
+    if not path.name.lower().endswith(_INDEX_SUFFIX):
+        return [path]
+    try:
+        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, AttributeError) as err:
+        raise ValueError(f"checkpoint index {path} is not a safetensors index with a weight_map: {err}") from err
+    return [path, *(path.parent / shard for shard in shards)]
+
+
+def describe_files(paths: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
+    """``[{"path": absolute path, "bytes": size, "sha256": hex}]`` for each file (logged, it can take a while)."""
+    out = []
+    for p in paths:
+        p = Path(p).resolve()
+        logger.info("hashing %s (%.1f MB)", p, p.stat().st_size / 1e6)
+        out.append({"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)})
+    return out
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import phantom_core
+
+    return {"phantom": str(getattr(phantom_core, "__version__", "unknown")), "torch": torch.__version__,
+            "numpy": numpy.__version__, "python": platform.python_version(), "platform": platform.platform()}
+
+
+def build_sidecar(settings: GenerationSettings, *, dit_path: str | os.PathLike, vae_path: str | os.PathLike,
+                  text_encoder_path: str | os.PathLike, ref_paths: Sequence[str | os.PathLike],
+                  dtype: torch.dtype, device: torch.device | str, out_path: str | os.PathLike,
+                  seconds: float | None = None, tokenizer_path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The sidecar record of one generation (JSON-ready). ``settings.seed`` must be resolved (not -1)."""
+    if settings.seed == RANDOM_SEED:
+        raise ValueError("sidecar: the seed is still -1; resolve it (resolve_seed) before generating")
+    models = {role: {"path": str(Path(p).resolve()), "files": describe_files(checkpoint_files(p))}
+              for role, p in (("dit", dit_path), ("vae", vae_path), ("text_encoder", text_encoder_path),
+                              ("tokenizer", tokenizer_path)) if p is not None}
+    return {
+        "format": SIDECAR_FORMAT, "format_version": SIDECAR_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "output": describe_files([out_path])[0],
+        "seed": settings.seed,
+        "settings": settings.to_json(),
+        "runtime": {"dtype": str(dtype).removeprefix("torch."), "device": str(device)},
+        "models": models,
+        "references": describe_files(ref_paths),
+        "versions": _versions(),
+        "generation_seconds": None if seconds is None else round(seconds, 3),
+    }
+
+
+def write_sidecar(record: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write the record as indented UTF-8 JSON, atomically (temporary file + ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part")
+    tmp.write_text(json.dumps(record, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    logger.info("wrote sidecar %s", path)
+    return path
+
+
+def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a sidecar written by :func:`write_sidecar`; ``record["settings"]`` becomes a
+    :class:`GenerationSettings`. Raises ``ValueError`` naming the file when it is not a Phantom sidecar."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"sidecar {path} cannot be read as JSON: {err}") from err
+    if not isinstance(record, dict) or record.get("format") != SIDECAR_FORMAT:
+        raise ValueError(f"sidecar {path} is not a Phantom generation sidecar (no \"format\": \"{SIDECAR_FORMAT}\")")
+    if record.get("format_version") != SIDECAR_VERSION:
+        raise ValueError(f"sidecar {path} has format_version {record.get('format_version')!r}; this version of "
+                         f"phantom_core reads {SIDECAR_VERSION}")
+    try:
+        record["settings"] = GenerationSettings.from_json(record["settings"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"sidecar {path}: invalid settings: {err}") from err
+    return record
+
+
+def changed_files(record: dict[str, Any]) -> list[str]:
+    """Model and reference files of a sidecar whose size or sha256 now differ (or that are gone), described."""
+    entries = [f for m in record["models"].values() for f in m["files"]] + list(record["references"])
+    problems = []
+    for entry in entries:
+        p = Path(entry["path"])
+        if not p.is_file():
+            problems.append(f"{p} is missing")
+        elif p.stat().st_size != entry["bytes"] or file_sha256(p) != entry["sha256"]:
+            problems.append(f"{p} has changed (sha256 differs from the sidecar's {entry['sha256'][:12]}...)")
+    return problems

@@ -1,0 +1,156 @@
+"""The local back-end end to end with a tiny random-weight Qwen2-VL that transformers builds at test time.
+
+The folder is written with `save_pretrained` (config, weights, byte-level tokenizer, image processor, chat
+template) and loaded back through `AutoModelForImageTextToText` / `AutoProcessor`, exactly as a user's
+`models/LLM/<name>` folder. Its text is nonsense, so strict mode must surface the documented "unusable answer
+after 2 attempts" error with the raw text, and lenient mode must return that text.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from phantom_core import rephrase_backends
+from phantom_core.__main__ import main as cli_main
+from phantom_core.rephrase_backends import LocalConfig, LocalVLMBackend, make_backend
+from phantom_core.rephraser import RephraseCache, RephraseError, Rephraser
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+            "<|video_pad|>"]
+STRICT_ERRORS: list[str] = []  # the strict test's error, compared with the lenient test's text (same inputs)
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_tiny_vlm(folder: Path) -> Path:
+    """Write a ~0.1 M-parameter random Qwen2-VL (2 text layers, 1 vision block) with its processor to `folder`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                              Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # every byte is a token: any text round-trips
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIALS)
+    ids = {s: tok.token_to_id(s) for s in SPECIALS}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112),
+                                 tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
+                                 chat_template=CHAT_TEMPLATE)
+    text = dict(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2)
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"])
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Qwen2VLForConditionalGeneration(config)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def build_text_only_model(folder: Path) -> Path:
+    """A tiny random Qwen2 causal LM (text only): a folder that is NOT a vision-language model."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tmp_path_factory) -> Path:
+    return build_tiny_vlm(tmp_path_factory.mktemp("llm") / "tiny-qwen2-vl")
+
+
+@pytest.fixture
+def generate_calls(monkeypatch):
+    """Records the kwargs of every `model.generate` call made by the local back-end."""
+    calls: list[dict] = []
+    original = rephrase_backends.LocalVLMBackend._generate
+
+    def spy(self, model, processor, inputs):
+        calls.append({k: v for k, v in inputs.items()})
+        return original(self, model, processor, inputs)
+
+    monkeypatch.setattr(rephrase_backends.LocalVLMBackend, "_generate", spy)
+    return calls
+
+
+def images(n: int) -> list[Image.Image]:
+    rng = np.random.default_rng(n)
+    return [Image.fromarray(rng.integers(0, 256, (70 + 10 * k, 60, 3), dtype=np.uint8)) for k in range(n)]
+
+
+def test_local_strict_reports_the_nonsense_answer_after_one_retry(tiny_vlm, generate_calls):
+    backend = make_backend("local", local_path=str(tiny_vlm), max_new_tokens=16)
+    with pytest.raises(RephraseError, match=r"local model 'tiny-qwen2-vl': unusable answer after 2 attempts "
+                                            r"\(.*\); raw answer: '.+'") as info:
+        Rephraser(backend, cache=RephraseCache()).rephrase("a man walks a dog", images(2), hints=["", "red"])
+    assert len(generate_calls) == 2  # one retry, with the corrective turn appended
+    first, second = generate_calls
+    assert first["image_grid_thw"].shape == (2, 3)  # both references reached the vision tower
+    assert first["pixel_values"].shape[0] == int(first["image_grid_thw"].prod(-1).sum())
+    assert second["input_ids"].shape[1] > first["input_ids"].shape[1] + 16
+    STRICT_ERRORS.append(str(info.value))
+
+
+def test_local_lenient_path_text_cache_and_single_load(tiny_vlm, generate_calls):
+    backend = LocalVLMBackend(LocalConfig(str(tiny_vlm), max_new_tokens=16))
+    cache = RephraseCache()
+    refs = images(2)
+    first = Rephraser(backend, cache=cache, strict=False).rephrase("a man walks a dog", refs, hints=["", "red"])
+    assert not first.validated and first.prompt.strip() and first.prompt == first.raw.strip()
+    assert first.descriptions == ("", "") and first.language == "en"
+    assert len(generate_calls) == 2 and len(rephrase_backends._LOADED) == 1
+    # greedy decoding is deterministic: the same nonsense as the strict test's error (another backend object)
+    assert all(f"raw answer: {first.raw!r}" in err for err in STRICT_ERRORS)
+    model = next(iter(rephrase_backends._LOADED.values()))[0]
+
+    again = Rephraser(LocalVLMBackend(LocalConfig(str(tiny_vlm), max_new_tokens=16)), cache=cache,
+                      strict=False).rephrase("a man walks a dog", refs, hints=["", "red"])
+    assert again.cached and again.prompt == first.prompt and len(generate_calls) == 2  # no model call
+    assert next(iter(rephrase_backends._LOADED.values()))[0] is model  # loaded once
+
+    sampled = LocalVLMBackend(LocalConfig(str(tiny_vlm), max_new_tokens=8, temperature=1.0, seed=3))
+    messages = [{"role": "user", "content": [{"type": "image", "image": refs[0]}, {"type": "text", "text": "hi"}]}]
+    state = torch.random.get_rng_state()
+    assert sampled.chat(messages) == sampled.chat(messages)  # the seed fixes sampling ...
+    assert torch.equal(torch.random.get_rng_state(), state)  # ... without touching the caller's RNG
+
+
+def test_local_folder_errors(tmp_path):
+    with pytest.raises(ValueError, match="has no config.json"):
+        make_backend("local", local_path=str(tmp_path))
+    backend = make_backend("local", local_path=str(build_text_only_model(tmp_path / "text-only")))
+    with pytest.raises(RephraseError, match=r"local model 'text-only': .* holds a 'qwen2' model, which is not a "
+                                            r"vision-language"):
+        Rephraser(backend, cache=RephraseCache()).rephrase("a dog", images(1))
+
+
+def test_cli_local(tiny_vlm, tmp_path, capsys):
+    ref = tmp_path / "ref.png"
+    images(1)[0].save(ref)
+    args = ["rephrase", "--ref", str(ref), "--prompt", "a dog runs", "--local", str(tiny_vlm), "--max-new-tokens",
+            "16", "--cache-dir", str(tmp_path / "cache"), "--lenient", "--json"]
+    assert cli_main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prompt"] and out["validated"] is False and out["descriptions"] == [""] and not out["cached"]
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1
+    assert cli_main(args[:-1]) == 0  # plain output: just the prompt, from the disk cache
+    assert capsys.readouterr().out.strip() == out["prompt"].strip()
