@@ -26,6 +26,7 @@ from phantom_core.pipeline import GenerationSettings, generate, generate_to_file
 from phantom_core.references import encode_references, open_reference, prepare_reference, validate_references
 from phantom_core.sampler import SAMPLER_PRESETS, WAN_NEGATIVE_PROMPT, make_noise, sample_phantom
 from phantom_core.schedule import flow_sigmas, model_timesteps
+from phantom_core.tiny_default import write_tiny_default
 from phantom_core.text_encoder import TEXT_ENCODER_PRESETS, UMT5EncoderSpec, UMT5TextEncoder, load_text_encoder
 from phantom_core.video_io import probe_mp4, read_mp4_frames, write_mp4
 from phantom_core.wan_dit import DIT_PRESETS, PhantomWanDiT, WanDiTConfig
@@ -39,5 +40,5 @@ __all__ = [
     "infer_dit_config", "infer_vae_config", "load_dit", "load_text_encoder", "load_vae", "make_noise",
     "model_timesteps", "normalize_latents", "open_reference", "prepare_reference", "preset_name", "probe_mp4",
     "read_mp4_frames", "read_state_dict", "sample_phantom", "strip_prefixes", "validate_dit_state_dict",
-    "validate_references", "write_mp4",
+    "validate_references", "write_mp4", "write_tiny_default",
 ]

@@ -1,0 +1,26 @@
+"""ComfyUI V3 adapters for phantom_core (registered through `comfy_entrypoint` in the repository root)."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from .decode import PhantomDecode
+from .loaders import PhantomDiTLoader, PhantomTextEncoderLoader, PhantomVAELoader
+from .references import PhantomEncodeReferences, PhantomReferences
+from .rephrase import REPHRASE_NODES
+from .sampler import PhantomSampler
+from .save_video import PhantomSaveVideo
+from .text_encode import PhantomTextEncode
+
+PHANTOM_NODES: list[type[io.ComfyNode]] = [
+    PhantomDiTLoader,
+    PhantomVAELoader,
+    PhantomTextEncoderLoader,
+    PhantomTextEncode,
+    PhantomReferences,
+    PhantomEncodeReferences,
+    PhantomSampler,
+    PhantomDecode,
+    PhantomSaveVideo,
+    *REPHRASE_NODES,
+]

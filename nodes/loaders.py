@@ -1,0 +1,164 @@
+"""Loader nodes: the Phantom-Wan DiT, the Wan2.1 VAE and the umT5 text encoder, from ComfyUI's model folders.
+
+Each loader reads the checkpoint onto ComfyUI's offload device and returns it wrapped in a
+`comfy.model_patcher.ModelPatcher`; the consuming node calls `comfy.model_management.load_models_gpu` so
+ComfyUI's memory manager moves it to the load device (and evicts other models) when it is needed. The DiT is
+built with ComfyUI's layer namespace `comfy.ops.disable_weight_init` (plain torch layers that ComfyUI can also
+run with weights streamed from the offload device), so a model larger than free VRAM still loads partially.
+"""
+
+from __future__ import annotations
+
+import os
+
+import comfy.model_management as mm
+import comfy.ops
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from phantom_core.checkpoint import load_dit
+from phantom_core.text_encoder import load_text_encoder
+from phantom_core.wan_vae import load_vae
+
+from .types import CATEGORY, PhantomDiT, PhantomTextEncoder, PhantomVAE, manage
+
+WEIGHT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+EMBEDDED = "embedded"
+
+
+def tokenizer_files() -> list[str]:
+    """Sentencepiece models (`*.model`, also one folder deep) in ComfyUI's `models/text_encoders` folders."""
+    found = set()
+    for base in folder_paths.get_folder_paths("text_encoders"):
+        for root, _, files in os.walk(base):
+            if os.path.relpath(root, base).count(os.sep) < 1:
+                found |= {os.path.relpath(os.path.join(root, f), base) for f in files if f.endswith(".model")}
+    return sorted(found)
+
+
+def tokenizer_path(name: str) -> str | None:
+    """None for the checkpoint's embedded tokenizer, else the full path. ValueError naming `tokenizer`."""
+    if name == EMBEDDED:
+        return None
+    for base in folder_paths.get_folder_paths("text_encoders"):
+        if os.path.isfile(path := os.path.join(base, name)) and name in tokenizer_files():
+            return path
+    raise ValueError(f"tokenizer is {name!r}; valid: {EMBEDDED!r} or a .model file in models/text_encoders "
+                     f"(found: {tokenizer_files() or 'none'})")
+
+
+def pick_dtype(choice: str, load_device: torch.device) -> torch.dtype:
+    """Resolve a weight-dtype choice; "default" is bf16 where `load_device` supports it, else fp32.
+
+    Raises ValueError naming `weight_dtype` for an unknown choice.
+    """
+    if choice == "default":
+        return torch.bfloat16 if mm.should_use_bf16(load_device) else torch.float32
+    if choice not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype is {choice!r}; valid: default, {', '.join(WEIGHT_DTYPES)}")
+    return WEIGHT_DTYPES[choice]
+
+
+def missing_file_error(folder: str, input_name: str, name: str | None) -> str | None:
+    """The message for a file name not present in ComfyUI's `models/<folder>`, else None."""
+    if name is None or name in folder_paths.get_filename_list(folder):
+        return None
+    available = ", ".join(folder_paths.get_filename_list(folder)[:10]) or "none"
+    return f"{input_name} is {name!r}, which is not in models/{folder} (available: {available})"
+
+
+def checkpoint_path(folder: str, input_name: str, name: str) -> str:
+    """Full path of `name` in ComfyUI's `models/<folder>`; ValueError naming `input_name` when it is missing."""
+    if (message := missing_file_error(folder, input_name, name)) is not None:
+        raise ValueError(message)
+    return folder_paths.get_full_path_or_raise(folder, name)
+
+
+class PhantomDiTLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PhantomDiTLoader",
+            display_name="Phantom DiT Loader",
+            category=CATEGORY,
+            description="Loads a Phantom-Wan diffusion transformer (official .safetensors/.pth layout or ComfyUI's).",
+            inputs=[
+                io.Combo.Input("dit_name", options=folder_paths.get_filename_list("diffusion_models"),
+                               tooltip="Phantom-Wan DiT checkpoint from models/diffusion_models."),
+                io.Combo.Input("weight_dtype", options=["default", *WEIGHT_DTYPES], default="default",
+                               tooltip="Weight precision. default: bf16 where the device supports it, else fp32."),
+            ],
+            outputs=[PhantomDiT.Output(display_name="model")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, dit_name: str | None = None) -> bool | str:
+        return missing_file_error("diffusion_models", "dit_name", dit_name) or True
+
+    @classmethod
+    def execute(cls, dit_name: str, weight_dtype: str) -> io.NodeOutput:
+        path = checkpoint_path("diffusion_models", "dit_name", dit_name)
+        load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
+        model = load_dit(path, dtype=pick_dtype(weight_dtype, load_device), device=offload_device,
+                         ops=comfy.ops.disable_weight_init)
+        return io.NodeOutput(manage(model, load_device, offload_device))
+
+
+class PhantomVAELoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PhantomVAELoader",
+            display_name="Phantom VAE Loader",
+            category=CATEGORY,
+            description="Loads the Wan2.1 video VAE (Wan2.1_VAE.pth / .safetensors).",
+            inputs=[
+                io.Combo.Input("vae_name", options=folder_paths.get_filename_list("vae"),
+                               tooltip="Wan2.1 VAE checkpoint from models/vae."),
+            ],
+            outputs=[PhantomVAE.Output(display_name="vae")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, vae_name: str | None = None) -> bool | str:
+        return missing_file_error("vae", "vae_name", vae_name) or True
+
+    @classmethod
+    def execute(cls, vae_name: str) -> io.NodeOutput:
+        path = checkpoint_path("vae", "vae_name", vae_name)
+        load_device, offload_device = mm.vae_device(), mm.vae_offload_device()
+        vae = load_vae(path, dtype=pick_dtype("default", load_device), device=offload_device)
+        return io.NodeOutput(manage(vae, load_device, offload_device))
+
+
+class PhantomTextEncoderLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PhantomTextEncoderLoader",
+            display_name="Phantom Text Encoder Loader",
+            category=CATEGORY,
+            description="Loads the umT5 text encoder (with its sentencepiece tokenizer) used by Wan2.1.",
+            inputs=[
+                io.Combo.Input("text_encoder_name", options=folder_paths.get_filename_list("text_encoders"),
+                               tooltip="umT5 encoder checkpoint from models/text_encoders."),
+                io.Combo.Input("tokenizer", options=[EMBEDDED, *tokenizer_files()], default=EMBEDDED,
+                               tooltip="embedded: the sentencepiece model stored in the checkpoint (ComfyUI's umT5 "
+                                       "files, the tiny default); else a spiece.model of google/umt5-xxl placed "
+                                       "in models/text_encoders (needed for Wan's original .pth)."),
+            ],
+            outputs=[PhantomTextEncoder.Output(display_name="text_encoder")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, text_encoder_name: str | None = None) -> bool | str:
+        return missing_file_error("text_encoders", "text_encoder_name", text_encoder_name) or True
+
+    @classmethod
+    def execute(cls, text_encoder_name: str, tokenizer: str = EMBEDDED) -> io.NodeOutput:
+        path = checkpoint_path("text_encoders", "text_encoder_name", text_encoder_name)
+        load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
+        encoder = load_text_encoder(path, tokenizer=tokenizer_path(tokenizer), dtype=pick_dtype("default", load_device),
+                                    device=offload_device)
+        return io.NodeOutput(manage(encoder, load_device, offload_device))

@@ -1,0 +1,82 @@
+"""PhantomReferences (collect 1..4 subject images) and PhantomEncodeReferences (each -> its own 1-frame latent).
+
+Phantom conditions on every reference image as a separate single-frame VAE latent appended after the video
+latents on the time axis; see `phantom_core.references`.
+"""
+
+from __future__ import annotations
+
+import comfy.model_management as mm
+import nodes
+import torch
+from comfy_api.latest import io
+
+from phantom_core.latent_norm import denormalize_latents
+from phantom_core.references import encode_references, tensor_to_pil, validate_references
+
+from .types import CATEGORY, PhantomReferences as PhantomReferencesType, PhantomRefLatents, PhantomVAE, core
+
+MAX_REFERENCES = 4
+MODES = ["letterbox", "crop"]
+
+
+def split_references(batches: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """IMAGE batches `[B, H, W, C]` (None = unconnected) -> one `[H, W, 3]` tensor per image, in input order."""
+    return [img[..., :3].cpu() for batch in batches if batch is not None for img in batch]
+
+
+class PhantomReferences(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        tip = "Subject reference image(s); a batch counts as one reference per image. 1 to 4 in total."
+        return io.Schema(
+            node_id="PhantomReferences",
+            display_name="Phantom References",
+            category=CATEGORY,
+            description="Collects 1 to 4 subject reference images, in order, for Phantom subject-to-video.",
+            inputs=[
+                io.Image.Input("image_1", tooltip=tip),
+                *[io.Image.Input(f"image_{k}", optional=True, tooltip=tip) for k in range(2, MAX_REFERENCES + 1)],
+                io.Combo.Input("mode", options=MODES, default="letterbox",
+                               tooltip="letterbox: fit inside the frame and pad white (official Phantom); "
+                                       "crop: scale to cover the frame and centre-crop."),
+            ],
+            outputs=[PhantomReferencesType.Output(display_name="references")],
+        )
+
+    @classmethod
+    def execute(cls, image_1, mode: str, image_2=None, image_3=None, image_4=None) -> io.NodeOutput:
+        images = split_references([image_1, image_2, image_3, image_4])
+        if not 1 <= len(images) <= MAX_REFERENCES:
+            raise ValueError(f"references: got {len(images)} images in total over image_1..image_4; "
+                             f"Phantom takes 1 to {MAX_REFERENCES} reference images")
+        validate_references([tensor_to_pil(img) for img in images])
+        return io.NodeOutput({"images": images, "mode": mode})
+
+
+class PhantomEncodeReferences(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PhantomEncodeReferences",
+            display_name="Phantom Encode References",
+            category=CATEGORY,
+            description="Resizes each reference to the video size and VAE-encodes it as its own 1-frame latent.",
+            inputs=[
+                PhantomVAE.Input("vae", tooltip="From Phantom VAE Loader."),
+                PhantomReferencesType.Input("references", tooltip="From Phantom References."),
+                io.Int.Input("width", default=832, min=16, max=nodes.MAX_RESOLUTION, step=16,
+                             tooltip="Video width in px (multiple of 16); must equal the sampler's width."),
+                io.Int.Input("height", default=480, min=16, max=nodes.MAX_RESOLUTION, step=16,
+                             tooltip="Video height in px (multiple of 16); must equal the sampler's height."),
+            ],
+            outputs=[PhantomRefLatents.Output(display_name="reference_latents")],
+        )
+
+    @classmethod
+    def execute(cls, vae, references: dict, width: int, height: int) -> io.NodeOutput:
+        mm.load_models_gpu([vae])
+        pils = [tensor_to_pil(img) for img in references["images"]]
+        latents = encode_references(core(vae), pils, width, height, references["mode"])  # (1, 16, N, h, w) normalized
+        raw = denormalize_latents(latents.float()).to(mm.intermediate_device())
+        return io.NodeOutput({"samples": raw, "width": width, "height": height})

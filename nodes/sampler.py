@@ -1,0 +1,124 @@
+"""PhantomSampler: noise -> video latents with Phantom's three-pass guidance (paper Eq. 5).
+
+Boundary conversions only: ComfyUI CONDITIONING -> text context tensors, raw reference latents -> normalized
+ones, the result back to ComfyUI's raw-latent LATENT dict. The loop itself is `phantom_core.sampler`.
+"""
+
+from __future__ import annotations
+
+import comfy.latent_formats
+import comfy.model_management as mm
+import comfy.utils
+import latent_preview
+import nodes
+import torch
+from comfy_api.latest import io
+
+from phantom_core.latent_norm import denormalize_latents, normalize_latents
+from phantom_core.log import logger
+from phantom_core.sampler import make_noise, sample_phantom
+
+from .types import CATEGORY, PhantomDiT, PhantomRefLatents, core
+
+MAX_TEXT_TOKENS = 512
+"""Wan2.1's text length: the DiT takes at most 512 context tokens (umT5 output is cut there upstream)."""
+
+
+def frames_error(frames: int | None) -> str | None:
+    """The message for a frame count that is not 4k+1 (>= 1), else None (None = not known yet)."""
+    if frames is None or (frames >= 1 and (frames - 1) % 4 == 0):
+        return None
+    return f"frames is {frames}; the Wan VAE needs 4k+1 frames (1, 5, 9, ..., 81)"
+
+
+def conditioning_to_context(conditioning: list, name: str, text_dim: int) -> torch.Tensor:
+    """ComfyUI CONDITIONING `[[cond [1, L, D], {...}]]` -> context `[1, min(L, 512), D]` float.
+
+    Raises ValueError naming `name` when there is not exactly one entry or D differs from the DiT's text_dim.
+    """
+    if len(conditioning) != 1:
+        raise ValueError(f"{name} holds {len(conditioning)} conditioning entries; PhantomSampler takes exactly one "
+                         "(from Phantom Text Encode or CLIPTextEncode with a wan CLIPLoader)")
+    cond = conditioning[0][0]  # (1, L, D)
+    if cond.ndim != 3 or cond.shape[0] != 1 or cond.shape[-1] != text_dim:
+        raise ValueError(f"{name} conditioning has shape {tuple(cond.shape)}; this DiT needs [1, L, {text_dim}] "
+                         "(umT5 text features of the matching size)")
+    if cond.shape[1] > MAX_TEXT_TOKENS:
+        logger.warning("%s has %d tokens; using the first %d as Wan does", name, cond.shape[1], MAX_TEXT_TOKENS)
+    return cond[:, :MAX_TEXT_TOKENS].float()
+
+
+def check_size(reference_latents: dict, width: int, height: int) -> None:
+    """Raise ValueError when the sampler's width/height differ from those the references were encoded at."""
+    ref_w, ref_h = reference_latents["width"], reference_latents["height"]
+    if (ref_w, ref_h) != (width, height):
+        raise ValueError(f"width x height is {width}x{height} but reference_latents were encoded at {ref_w}x{ref_h}; "
+                         "set Phantom Encode References to the same size")
+
+
+class PhantomSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PhantomSampler",
+            display_name="Phantom Sampler",
+            category=CATEGORY,
+            description="Generates a video of the reference subjects following the prompt (Phantom-Wan).",
+            inputs=[
+                PhantomDiT.Input("model", tooltip="From Phantom DiT Loader."),
+                io.Conditioning.Input("positive", tooltip="The prompt, [1, L, 4096] umT5 features."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt, [1, L, 4096] umT5 features."),
+                PhantomRefLatents.Input("reference_latents", tooltip="From Phantom Encode References."),
+                io.Int.Input("width", default=832, min=16, max=nodes.MAX_RESOLUTION, step=16,
+                             tooltip="Video width in px (multiple of 16); must equal the references' width."),
+                io.Int.Input("height", default=480, min=16, max=nodes.MAX_RESOLUTION, step=16,
+                             tooltip="Video height in px (multiple of 16); must equal the references' height."),
+                io.Int.Input("frames", default=81, min=1, max=nodes.MAX_RESOLUTION, step=4,
+                             tooltip="Number of video frames, 4k+1 (81 = 5 s at 16 fps)."),
+                io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Sampling steps (official: 50)."),
+                io.Float.Input("shift", default=5.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="Flow time shift of the sigma schedule (official: 5.0)."),
+                io.Combo.Input("solver", options=["unipc", "euler"], default="unipc",
+                               tooltip="unipc: UniPC bh2 as the official code; euler: flow Euler as the paper."),
+                io.Float.Input("w_img", default=5.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="Reference-image guidance scale (official 5.0, paper 3.0)."),
+                io.Float.Input("w_text", default=7.5, min=0.0, max=100.0, step=0.1,
+                               tooltip="Text guidance scale (official 7.5)."),
+                io.Int.Input("seed", default=42, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the initial noise (CPU generator: the same video on any device)."),
+            ],
+            outputs=[io.Latent.Output(display_name="latent")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, frames: int | None = None) -> bool | str:
+        return frames_error(frames) or True
+
+    @classmethod
+    def execute(cls, model, positive, negative, reference_latents: dict, width: int, height: int, frames: int,
+                steps: int, shift: float, solver: str, w_img: float, w_text: float, seed: int) -> io.NodeOutput:
+        if (message := frames_error(frames)) is not None:
+            raise ValueError(message)
+        check_size(reference_latents, width, height)
+        dit = core(model)
+        context = conditioning_to_context(positive, "positive", dit.config.text_dim)  # (1, L1, D)
+        context_neg = conditioning_to_context(negative, "negative", dit.config.text_dim)  # (1, L2, D)
+        mm.load_models_gpu([model])
+        device = model.load_device
+        refs = normalize_latents(reference_latents["samples"].float()).to(device)  # (1, 16, N, h, w)
+        shape = (1, 16, 1 + (frames - 1) // 4, height // 8, width // 8)
+        noise = make_noise(seed, shape, refs.shape[2]).to(device)  # (1, 16, F, h, w)
+        pbar = comfy.utils.ProgressBar(steps)
+        previewer = latent_preview.get_previewer(device, comfy.latent_formats.Wan21())  # None unless enabled
+
+        def on_step(step: int, total: int, x0_pred: torch.Tensor) -> None:
+            mm.throw_exception_if_processing_interrupted()
+            # x0_pred is normalized, i.e. ComfyUI's Wan21 model space: its previewers apply as they are
+            preview = previewer.decode_latent_to_preview_image("JPEG", x0_pred) if previewer else None
+            pbar.update_absolute(step + 1, total, preview)
+
+        latents = sample_phantom(dit, noise, refs, context.to(device), context_neg.to(device), steps=steps,
+                                 shift=shift, solver=solver, w_img=w_img, w_text=w_text, callback=on_step,
+                                 model_dtype=dit.compute_dtype)  # (1, 16, F, h, w) normalized, fp32
+        raw = denormalize_latents(latents.float()).to(mm.intermediate_device())  # (1, 16, F, h, w)
+        return io.NodeOutput({"samples": raw})

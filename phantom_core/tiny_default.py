@@ -1,0 +1,143 @@
+"""The embedded tiny default: random-weight DiT, VAE and umT5 (+ tokenizer) checkpoints in the official layouts.
+
+They let the nodes, the shipped workflows and the tests run end to end without downloading anything; the
+videos they make are noise-like, not meaningful. Everything is drawn from fixed seeds, so the bytes of each
+file are the same on every machine and run; `write_tiny_default` skips a file whose content hash already
+matches and otherwise writes it atomically (temporary file + `os.replace`).
+
+    <models_dir>/diffusion_models/phantom_tiny_dit.safetensors   DIT_PRESETS["tiny"], upstream Wan2.1 keys
+    <models_dir>/vae/phantom_tiny_vae.safetensors                VAE_PRESETS["tiny"], upstream Wan2.1 VAE keys
+    <models_dir>/text_encoders/phantom_tiny_umt5.safetensors      TEXT_ENCODER_PRESETS["tiny"], transformers
+                                                                 umT5 keys + `spiece_model` (our tokenizer)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+from torch import Tensor
+
+from phantom_core.log import logger
+from phantom_core.text_encoder import (
+    TEXT_ENCODER_PRESETS,
+    random_text_encoder_state_dict,
+    train_tiny_tokenizer,
+    write_text_encoder_checkpoint,
+)
+from phantom_core.wan_dit import DIT_PRESETS, PhantomWanDiT
+from phantom_core.wan_vae import VAE_PRESETS, WanVAE
+
+DIT_FILE = "diffusion_models/phantom_tiny_dit.safetensors"
+VAE_FILE = "vae/phantom_tiny_vae.safetensors"
+TEXT_ENCODER_FILE = "text_encoders/phantom_tiny_umt5.safetensors"
+SEED = 11079  # fixed: the default must be byte-identical everywhere (arXiv 2502.11079)
+
+
+def random_like_upstream(shapes: Mapping[str, torch.Size], seed: int) -> dict[str, Tensor]:
+    """Deterministic random float32 tensors for a state dict's shapes, scaled so activations stay O(1).
+
+    One CPU generator walks the keys in sorted order. Matrices and convolutions: N(0, 1/fan_in) (fan_in = all
+    dims but the first), which keeps each layer's output variance near its input's, including the DiT head
+    that upstream initialises to zero (so the tiny model's velocity is O(1), not 0). `*modulation`:
+    N(0, 1/dim) as upstream. Norm scales (`*norm*.weight`, VAE `gamma`): 1 + N(0, 0.1^2). Biases: N(0, 0.02^2).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, Tensor] = {}
+    for key in sorted(shapes):
+        shape = tuple(shapes[key])
+        noise = torch.randn(shape, generator=gen, dtype=torch.float32)
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf == "modulation":
+            out[key] = noise / math.sqrt(shape[-1])
+        elif leaf == "gamma" or ("norm" in key and leaf == "weight"):
+            out[key] = 1.0 + 0.1 * noise
+        elif leaf == "bias" or len(shape) == 1:
+            out[key] = 0.02 * noise
+        else:
+            out[key] = noise / math.sqrt(math.prod(shape[1:]))
+    return out
+
+
+def tiny_dit_state_dict() -> dict[str, Tensor]:
+    """Every parameter of the tiny Phantom-Wan DiT, random (upstream key names), float32."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in PhantomWanDiT(DIT_PRESETS["tiny"]).state_dict().items()}
+    return random_like_upstream(shapes, SEED)
+
+
+def tiny_vae_state_dict() -> dict[str, Tensor]:
+    """Every parameter of the tiny Wan2.1 VAE, random (upstream key names), float32."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in WanVAE(VAE_PRESETS["tiny"]).state_dict().items()}
+    return random_like_upstream(shapes, SEED + 1)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha256(path: Path) -> str | None:
+    return _sha256(path.read_bytes()) if path.is_file() else None
+
+
+def _install(path: Path, data: bytes) -> bool:
+    """Write `data` to `path` atomically unless the file already holds exactly these bytes; True if written."""
+    if _file_sha256(path) == _sha256(data):
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are ordinary readable files
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return True
+
+
+def _text_encoder_bytes() -> bytes:
+    """The tiny umT5 checkpoint's bytes, produced by `write_text_encoder_checkpoint` in a scratch folder."""
+    spec = TEXT_ENCODER_PRESETS["tiny"]
+    with tempfile.TemporaryDirectory(prefix="phantom-tiny-") as scratch:
+        path = Path(scratch) / "umt5.safetensors"
+        write_text_encoder_checkpoint(path, random_text_encoder_state_dict(spec, seed=SEED + 2),
+                                      spiece_bytes=train_tiny_tokenizer(vocab_size=spec.vocab_size))
+        return path.read_bytes()
+
+
+def _safetensors_bytes(make: Callable[[], dict[str, Tensor]]) -> bytes:
+    return save(make(), metadata={"format": "pt"})  # one key: safetensors writes a map in random order
+
+
+def write_tiny_default(models_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write (or keep, when byte-identical) the tiny default checkpoints under a ComfyUI-style models folder.
+
+    Args:
+        models_dir: the `models` folder; `diffusion_models/`, `vae/` and `text_encoders/` are created in it.
+    Returns:
+        ``{"dit": path, "vae": path, "text_encoder": path}``.
+    Raises:
+        OSError: the folder cannot be written.
+    """
+    root = Path(models_dir)
+    builders: dict[str, tuple[str, Callable[[], bytes]]] = {
+        "dit": (DIT_FILE, lambda: _safetensors_bytes(tiny_dit_state_dict)),
+        "vae": (VAE_FILE, lambda: _safetensors_bytes(tiny_vae_state_dict)),
+        "text_encoder": (TEXT_ENCODER_FILE, _text_encoder_bytes),
+    }
+    paths: dict[str, Path] = {}
+    for name, (relative, build) in builders.items():
+        path = root / relative
+        written = _install(path, build())
+        logger.info("tiny default %s: %s %s", name, "wrote" if written else "up to date", path)
+        paths[name] = path
+    return paths

@@ -1,0 +1,308 @@
+"""Run a batch of Phantom subject-to-video jobs on a running ComfyUI server (HTTP API, `requests` only).
+
+    python tools/phantom_batch.py jobs.jsonl --server http://127.0.0.1:8188 --out DIR
+
+jobs.jsonl holds one JSON object per line (blank lines and lines starting with # are skipped):
+
+    {"id": "girl", "refs": ["ref1.jpg"], "prompt": "...", "negative_prompt": "...", "seed": 42,
+     "width": 832, "height": 480, "frames": 81, "steps": 50, "shift": 5.0, "solver": "unipc",
+     "w_img": 5.0, "w_text": 7.5, "fps": 16, "mode": "letterbox"}
+
+Only `refs` (1 to 4 image paths, relative to the JSONL's folder) and `prompt` are required; the rest default to
+the workflow's values. Each job's images are uploaded (/upload/image), the API workflow
+(workflows/phantom_4ref_api.json, unused reference inputs removed) is filled in and queued (/prompt); then every
+job is followed in turn (/history/{id}, /queue) until it finishes or times out, its MP4s are downloaded
+(/view) into DIR, and DIR/manifest.json records each job's status, outputs and error. A failed job (refused by
+/prompt, an execution error, a timeout) is reported and the others go on. Exit status 1 if any job failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import re
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_WORKFLOW = ROOT / "workflows" / "phantom_4ref_api.json"
+SAMPLER_KEYS = ("width", "height", "frames", "steps", "shift", "solver", "w_img", "w_text", "seed")
+JOB_KEYS = {"id", "refs", "prompt", "negative_prompt", "fps", "mode", "quality", *SAMPLER_KEYS}
+UPLOAD_SUBFOLDER = "phantom_batch"
+
+log = logging.getLogger("phantom.batch")
+
+
+class JobError(Exception):
+    """A job failed; the message is what the manifest records."""
+
+
+# ------------------------------------------------------------------------------------------------- jobs
+
+
+def read_jobs(path: Path) -> list[dict[str, Any]]:
+    """Parse the JSONL; reference paths are resolved against its folder. Raises ValueError naming the line."""
+    jobs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            job = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: not valid JSON ({e})") from e
+        if not isinstance(job, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(job).__name__}")
+        job.setdefault("id", f"job{len(jobs) + 1:03d}")
+        job["refs"] = [str((path.parent / r).resolve()) for r in job.get("refs", [])]
+        jobs.append(job)
+    return jobs
+
+
+def check_job(job: dict[str, Any]) -> None:
+    """Local checks the server cannot make for us (unknown keys, missing files); raises JobError."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", str(job["id"])):
+        raise JobError(f"id: got {job['id']!r}; use letters, digits, '_', '.', '-' (it names the output file)")
+    unknown = set(job) - JOB_KEYS
+    if unknown:
+        raise JobError(f"unknown job keys {sorted(unknown)}; valid: {sorted(JOB_KEYS)}")
+    if not isinstance(job.get("prompt"), str) or not job["prompt"].strip():
+        raise JobError("prompt: a non-empty string is required")
+    if not 1 <= len(job["refs"]) <= 4:
+        raise JobError(f"refs: got {len(job['refs'])} reference images; Phantom takes 1 to 4")
+    missing = [r for r in job["refs"] if not Path(r).is_file()]
+    if missing:
+        raise JobError(f"refs: file(s) not found: {missing}")
+
+
+def node_of(prompt: dict, class_type: str) -> str:
+    """The id of the one node of `class_type` in an API workflow."""
+    ids = [k for k, v in prompt.items() if v["class_type"] == class_type]
+    if len(ids) != 1:
+        raise JobError(f"workflow must hold exactly one {class_type} node, found {len(ids)}")
+    return ids[0]
+
+
+def fill_workflow(template: dict, job: dict[str, Any], images: list[str]) -> dict:
+    """The API workflow for one job: uploaded image names, prompt texts and settings filled in."""
+    prompt = copy.deepcopy(template)
+    refs_id = node_of(prompt, "PhantomReferences")
+    sampler_id = node_of(prompt, "PhantomSampler")
+    # 1. references: keep image_1..image_n (their LoadImage nodes), drop the rest
+    for k in range(1, 5):
+        link = prompt[refs_id]["inputs"].get(f"image_{k}")
+        if k <= len(images):
+            if link is None:
+                raise JobError(f"workflow's PhantomReferences has no image_{k} input for reference {k}")
+            prompt[link[0]]["inputs"]["image"] = images[k - 1]
+        elif link is not None:
+            del prompt[refs_id]["inputs"][f"image_{k}"]
+            del prompt[link[0]]
+    # 2. texts: the PhantomTextEncode nodes wired to the sampler's positive / negative
+    for socket, key in (("positive", "prompt"), ("negative", "negative_prompt")):
+        if key in job:
+            prompt[prompt[sampler_id]["inputs"][socket][0]]["inputs"]["text"] = job[key]
+    # 3. settings
+    prompt[sampler_id]["inputs"] |= {k: job[k] for k in SAMPLER_KEYS if k in job}
+    prompt[node_of(prompt, "PhantomEncodeReferences")]["inputs"] |= {k: job[k] for k in ("width", "height") if k in job}
+    if "mode" in job:
+        prompt[refs_id]["inputs"]["mode"] = job["mode"]
+    save = prompt[node_of(prompt, "PhantomSaveVideo")]["inputs"]
+    save |= {k: job[k] for k in ("fps", "quality") if k in job}
+    save["filename_prefix"] = f"phantom_batch/{job['id']}"
+    return prompt
+
+
+# ------------------------------------------------------------------------------------------------- server
+
+
+class Client:
+    """The few ComfyUI HTTP endpoints the batch needs."""
+
+    def __init__(self, server: str, timeout_s: float = 60.0) -> None:
+        self.server = server.rstrip("/")
+        self.timeout_s = timeout_s
+        self.client_id = uuid.uuid4().hex
+
+    def upload(self, path: str) -> str:
+        """Upload an image to input/phantom_batch/ (same content is reused); returns LoadImage's value."""
+        with open(path, "rb") as f:
+            r = requests.post(f"{self.server}/upload/image", files={"image": (Path(path).name, f)},
+                              data={"subfolder": UPLOAD_SUBFOLDER, "type": "input"}, timeout=self.timeout_s)
+        if not r.ok:
+            raise JobError(f"upload of {path} failed: HTTP {r.status_code} {r.text[:300]}")
+        body = r.json()
+        return f"{body['subfolder']}/{body['name']}" if body.get("subfolder") else body["name"]
+
+    def queue(self, prompt: dict) -> str:
+        """POST /prompt; returns the prompt id, or raises JobError with the server's validation errors."""
+        r = requests.post(f"{self.server}/prompt", json={"prompt": prompt, "client_id": self.client_id},
+                          timeout=self.timeout_s)
+        if r.status_code == 200:
+            return r.json()["prompt_id"]
+        raise JobError(f"refused by /prompt (HTTP {r.status_code}): {describe_refusal(r)}")
+
+    def history(self, prompt_id: str) -> dict | None:
+        r = requests.get(f"{self.server}/history/{prompt_id}", timeout=self.timeout_s)
+        r.raise_for_status()
+        return r.json().get(prompt_id)
+
+    def queue_state(self, prompt_id: str) -> str:
+        """'running', 'pending (n ahead)' or 'unknown' for a queued prompt."""
+        q = requests.get(f"{self.server}/queue", timeout=self.timeout_s).json()
+        if any(item[1] == prompt_id for item in q.get("queue_running", [])):
+            return "running"
+        pending = sorted(q.get("queue_pending", []), key=lambda item: item[0])
+        for ahead, item in enumerate(pending):
+            if item[1] == prompt_id:
+                return f"pending ({ahead + len(q.get('queue_running', []))} ahead)"
+        return "unknown"
+
+    def cancel(self, prompt_id: str) -> None:
+        """Drop a prompt from the queue, or interrupt it if it is the one running."""
+        state = self.queue_state(prompt_id)
+        requests.post(f"{self.server}/queue", json={"delete": [prompt_id]}, timeout=self.timeout_s)
+        if state == "running":
+            requests.post(f"{self.server}/interrupt", json={"prompt_id": prompt_id}, timeout=self.timeout_s)
+
+    def download(self, result: dict, target: Path) -> Path:
+        """GET /view for one output file, written atomically to `target`."""
+        params = {k: result.get(k, "") for k in ("filename", "subfolder", "type")}
+        r = requests.get(f"{self.server}/view", params=params, timeout=self.timeout_s)
+        if not r.ok:
+            raise JobError(f"download of {params['filename']} failed: HTTP {r.status_code}")
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_bytes(r.content)
+        os.replace(tmp, target)
+        return target
+
+
+def describe_refusal(r: requests.Response) -> str:
+    """One line from /prompt's 400 body: the error and each node's errors (which name the input)."""
+    try:
+        body = r.json()
+    except ValueError:
+        return r.text[:500]
+    parts = [body.get("error", {}).get("message", "")]
+    for node_id, info in (body.get("node_errors") or {}).items():
+        for err in info.get("errors", []):
+            parts.append(f"node {node_id} ({info.get('class_type')}): {err.get('message')}: {err.get('details')}")
+    return "; ".join(p for p in parts if p)
+
+
+def execution_error(entry: dict) -> str:
+    """The execution_error(s) of a history entry as one line."""
+    errors = [f"{d.get('node_type')} (node {d.get('node_id')}): {d.get('exception_message', '').strip()}"
+              for kind, d in entry.get("status", {}).get("messages", []) if kind == "execution_error"]
+    return "; ".join(errors) or "execution failed (no execution_error message)"
+
+
+def follow(client: Client, prompt_id: str, timeout_s: float, poll_s: float, label: str) -> dict:
+    """Poll until the prompt's history entry is complete; JobError on execution error or timeout."""
+    deadline, last_state = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        entry = client.history(prompt_id)
+        if entry is not None and entry.get("status", {}).get("completed") is not None:
+            if entry["status"].get("status_str") == "error":
+                raise JobError(f"execution error: {execution_error(entry)}")
+            return entry
+        state = client.queue_state(prompt_id)
+        if state != last_state:
+            log.info("%s: %s", label, state)
+            last_state = state
+        time.sleep(poll_s)
+    client.cancel(prompt_id)
+    raise JobError(f"timeout: not finished after {timeout_s:.0f} s (removed from the queue)")
+
+
+def videos_of(entry: dict) -> list[dict]:
+    """Output file records (filename/subfolder/type) of the MP4s a finished prompt produced."""
+    return [item for node in entry.get("outputs", {}).values() for item in node.get("images", [])
+            if isinstance(item, dict) and str(item.get("filename", "")).endswith(".mp4")]
+
+
+# ------------------------------------------------------------------------------------------------- batch
+
+
+def submit(client: Client, template: dict, job: dict) -> str:
+    check_job(job)
+    images = [client.upload(path) for path in job["refs"]]
+    return client.queue(fill_workflow(template, job, images))
+
+
+def run_batch(jobs: list[dict], client: Client, template: dict, out_dir: Path, timeout_s: float,
+              poll_s: float = 1.0) -> list[dict]:
+    """Queue every job, then follow them in order; returns one manifest record per job."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = [{"id": job["id"], "refs": job["refs"], "prompt": job.get("prompt"), "status": "pending",
+                "outputs": [], "error": None} for job in jobs]
+    for job, record in zip(jobs, records):
+        try:
+            record["prompt_id"] = submit(client, template, job)
+            log.info("job %s: queued as %s", job["id"], record["prompt_id"])
+        except (JobError, requests.RequestException) as e:
+            record |= {"status": "failed", "error": str(e)}
+            log.error("job %s: %s", job["id"], e)
+    for job, record in zip(jobs, records):
+        if record["status"] == "failed":
+            continue
+        start = time.monotonic()
+        try:
+            entry = follow(client, record["prompt_id"], timeout_s, poll_s, f"job {job['id']}")
+            videos = videos_of(entry)
+            if not videos:
+                raise JobError("finished without an MP4 output")
+            for k, result in enumerate(videos):
+                suffix = "" if len(videos) == 1 else f"_{k + 1}"
+                record["outputs"].append(str(client.download(result, out_dir / f"{job['id']}{suffix}.mp4")))
+            record["status"] = "ok"
+            log.info("job %s: done in %.1f s -> %s", job["id"], time.monotonic() - start, record["outputs"])
+        except (JobError, requests.RequestException) as e:
+            record |= {"status": "failed", "error": str(e)}
+            log.error("job %s: %s", job["id"], e)
+        record["seconds"] = round(time.monotonic() - start, 2)
+    return records
+
+
+def write_manifest(path: Path, server: str, records: list[dict]) -> None:
+    """manifest.json: the server, counts and one record per job (written atomically)."""
+    body = {"server": server, "ok": sum(r["status"] == "ok" for r in records),
+            "failed": sum(r["status"] != "ok" for r in records), "jobs": records}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(body, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("jobs", type=Path, help="JSONL file, one job per line")
+    parser.add_argument("--server", default="http://127.0.0.1:8188", help="ComfyUI address")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the MP4s and manifest.json")
+    parser.add_argument("--workflow", type=Path, default=DEFAULT_WORKFLOW, help="API-format workflow template")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per job once it is followed")
+    parser.add_argument("--poll", type=float, default=1.0, help="seconds between /history polls")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        jobs = read_jobs(args.jobs)
+        template = json.loads(args.workflow.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        log.error("%s", e)
+        return 2
+    records = run_batch(jobs, Client(args.server), template, args.out, args.timeout, args.poll)
+    write_manifest(args.out / "manifest.json", args.server, records)
+    failed = [r["id"] for r in records if r["status"] != "ok"]
+    log.info("%d of %d jobs ok%s", len(records) - len(failed), len(records),
+             f"; failed: {', '.join(failed)}" if failed else "")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
