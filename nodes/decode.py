@@ -20,17 +20,28 @@ class PhantomDecode(io.ComfyNode):
             inputs=[
                 PhantomVAE.Input("vae", tooltip="From Phantom VAE Loader."),
                 io.Latent.Input("latent", tooltip="Raw Wan2.1 video latents, e.g. from Phantom Sampler."),
+                io.Int.Input("tile_size", default=0, min=0, max=4096, step=32,
+                             tooltip="Decode in square tiles of this many pixels to cap VRAM; 0 decodes the whole "
+                                     "frame at once (exact). 256-512 is typical; smaller tiles use less memory "
+                                     "but more time and can show faint seams."),
+                io.Int.Input("tile_overlap", default=64, min=0, max=1024, step=8,
+                             tooltip="Pixels shared by neighbouring tiles, blended smoothly; more overlap gives "
+                                     "smoother seams for more compute. Must be smaller than tile_size."),
             ],
             outputs=[io.Image.Output(display_name="images")],
         )
 
     @classmethod
-    def execute(cls, vae, latent: dict) -> io.NodeOutput:
+    def execute(cls, vae, latent: dict, tile_size: int = 0, tile_overlap: int = 64) -> io.NodeOutput:
         raw = latent["samples"]  # (B, 16, F, h, w) raw latents
         if raw.ndim != 5 or raw.shape[1] != 16:
             raise ValueError(f"latent has shape {tuple(raw.shape)}; Phantom Decode needs Wan2.1 video latents "
                              "[B, 16, F, h, w]")
+        if tile_size and tile_overlap >= tile_size:
+            raise ValueError(f"tile_overlap is {tile_overlap} px; it must be smaller than tile_size ({tile_size} px)")
         mm.load_models_gpu([vae])
-        video = core(vae).decode_raw(raw.float()).clamp_(-1.0, 1.0)  # (B, 3, T, H, W) float32
+        tile = tile_size // 8 if tile_size else None  # pixels -> latent cells (spatial stride 8)
+        video = core(vae).decode_raw(raw.float(), tile_latent=tile, overlap_latent=tile_overlap // 8)
+        video = video.clamp_(-1.0, 1.0)  # (B, 3, T, H, W) float32
         frames = rearrange((video + 1.0) / 2.0, "b c t h w -> (b t) h w c")  # (B*T, H, W, 3) in [0, 1]
         return io.NodeOutput(frames.to(mm.intermediate_device()))

@@ -102,7 +102,7 @@ def describe(num_refs: int) -> list[Node]:
              ui_after={"seed": ["fixed"]}, pos=(col[2], 0), size=(320, 380)),
         Node(31, "PhantomDecode", "Phantom Decode", [("images", "IMAGE")],
              sockets=[("vae", "PHANTOM_VAE"), ("latent", "LATENT")], links={"vae": (2, 0), "latent": (30, 0)},
-             pos=(col[3], 0), size=(260, 80)),
+             widgets={"tile_size": 0, "tile_overlap": 64}, pos=(col[3], 0), size=(260, 130)),
         Node(32, "PhantomSaveVideo", "Phantom Save Video", [],
              sockets=[("images", "IMAGE")], links={"images": (31, 0)},
              widgets={"fps": 16.0, "quality": 8, "filename_prefix": "Phantom"}, pos=(col[4], 0), size=(400, 480)),
