@@ -90,7 +90,8 @@ class PhantomRephrase(io.ComfyNode):
                              tooltip="Upper bound on the answer's length, in tokens."),
                 io.Float.Input("temperature", default=0.0, min=0.0, max=2.0, step=0.05,
                                tooltip="0 = greedy (deterministic); above 0 samples with `seed`."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Sampling seed (temperature > 0)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Sampling seed (temperature > 0); fixed, so re-queueing hits the cache."),
                 io.Float.Input("timeout_s", default=120.0, min=1.0, max=600.0, step=1.0,
                                tooltip="Endpoint only: seconds to wait per request; 2 retries on transient "
                                        "faults."),

@@ -16,7 +16,7 @@ from comfy_api.latest import io
 
 from phantom_core.latent_norm import denormalize_latents, normalize_latents
 from phantom_core.log import logger
-from phantom_core.sampler import make_noise, sample_phantom
+from phantom_core.sampler import SAMPLER_PRESETS, make_noise, sample_phantom
 
 from .types import CATEGORY, PhantomDiT, PhantomRefLatents, core
 
@@ -46,6 +46,15 @@ def conditioning_to_context(conditioning: list, name: str, text_dim: int) -> tor
     if cond.shape[1] > MAX_TEXT_TOKENS:
         logger.warning("%s has %d tokens; using the first %d as Wan does", name, cond.shape[1], MAX_TEXT_TOKENS)
     return cond[:, :MAX_TEXT_TOKENS].float()
+
+
+def sampler_preset(preset: str) -> dict:
+    """The settings a preset overrides ({} for "custom"); ValueError naming `preset` for an unknown one."""
+    if preset == "custom":
+        return {}
+    if preset not in SAMPLER_PRESETS:
+        raise ValueError(f"preset is {preset!r}; valid: custom, {', '.join(SAMPLER_PRESETS)}")
+    return dict(SAMPLER_PRESETS[preset])
 
 
 def check_size(reference_latents: dict, width: int, height: int) -> None:
@@ -86,6 +95,11 @@ class PhantomSampler(io.ComfyNode):
                                tooltip="Text guidance scale (official 7.5)."),
                 io.Int.Input("seed", default=42, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the initial noise (CPU generator: the same video on any device)."),
+                io.Combo.Input("preset", options=["custom", *SAMPLER_PRESETS], default="custom",
+                               tooltip="custom: use the settings above. official: UniPC, 50 steps, shift 5, w_img 5, "
+                                       "w_text 7.5 (the Phantom-Wan release). paper: Euler, 50 steps, shift 5, "
+                                       "w_img 3, w_text 7.5 (arXiv 2502.11079). A preset overrides steps, shift, "
+                                       "solver, w_img and w_text."),
             ],
             outputs=[io.Latent.Output(display_name="latent")],
         )
@@ -96,9 +110,12 @@ class PhantomSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, reference_latents: dict, width: int, height: int, frames: int,
-                steps: int, shift: float, solver: str, w_img: float, w_text: float, seed: int) -> io.NodeOutput:
+                steps: int, shift: float, solver: str, w_img: float, w_text: float, seed: int,
+                preset: str = "custom") -> io.NodeOutput:
         if (message := frames_error(frames)) is not None:
             raise ValueError(message)
+        settings = dict(steps=steps, shift=shift, solver=solver, w_img=w_img, w_text=w_text)
+        settings |= sampler_preset(preset)
         check_size(reference_latents, width, height)
         dit = core(model)
         context = conditioning_to_context(positive, "positive", dit.config.text_dim)  # (1, L1, D)
@@ -108,7 +125,7 @@ class PhantomSampler(io.ComfyNode):
         refs = normalize_latents(reference_latents["samples"].float()).to(device)  # (1, 16, N, h, w)
         shape = (1, 16, 1 + (frames - 1) // 4, height // 8, width // 8)
         noise = make_noise(seed, shape, refs.shape[2]).to(device)  # (1, 16, F, h, w)
-        pbar = comfy.utils.ProgressBar(steps)
+        pbar = comfy.utils.ProgressBar(settings["steps"])
         previewer = latent_preview.get_previewer(device, comfy.latent_formats.Wan21())  # None unless enabled
 
         def on_step(step: int, total: int, x0_pred: torch.Tensor) -> None:
@@ -117,8 +134,7 @@ class PhantomSampler(io.ComfyNode):
             preview = previewer.decode_latent_to_preview_image("JPEG", x0_pred) if previewer else None
             pbar.update_absolute(step + 1, total, preview)
 
-        latents = sample_phantom(dit, noise, refs, context.to(device), context_neg.to(device), steps=steps,
-                                 shift=shift, solver=solver, w_img=w_img, w_text=w_text, callback=on_step,
-                                 model_dtype=dit.compute_dtype)  # (1, 16, F, h, w) normalized, fp32
+        latents = sample_phantom(dit, noise, refs, context.to(device), context_neg.to(device), **settings,
+                                 callback=on_step, model_dtype=dit.compute_dtype)  # (1, 16, F, h, w) normalized, fp32
         raw = denormalize_latents(latents.float()).to(mm.intermediate_device())  # (1, 16, F, h, w)
         return io.NodeOutput({"samples": raw})

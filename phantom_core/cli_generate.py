@@ -2,25 +2,39 @@
 
     python -m phantom_core generate --dit DIT --vae VAE --text-encoder T5 --ref a.png --ref b.png \\
         --prompt "..." --out video.mp4 [--preset official|paper] [--steps 50 ...]
+    python -m phantom_core generate ... --rephrase --rephrase-endpoint http://127.0.0.1:11434/v1 \\
+        --rephrase-model qwen2.5vl:7b [--rephrase-hint TEXT ...]
     python -m phantom_core generate --from-sidecar video.json --out again.mp4
     python -m phantom_core inspect FILE [FILE ...] [--json]
 
 Value precedence for ``generate``: an option given on the command line > ``--preset`` > the sidecar of
 ``--from-sidecar`` > the official defaults of ``GenerationSettings``. The CLI draws a plain-text progress bar on
 stderr; the library itself only logs.
+
+``--rephrase`` rewrites the prompt with the rephraser (``phantom_core.rephraser``; back-end options of
+``cli_rephrase`` under the ``--rephrase-`` prefix) before it is encoded. The sidecar's ``settings.prompt`` is the
+rewritten prompt (what the video was made from); its ``"rephrase"`` entry records the original prompt, the
+rewritten one, the descriptions and the rephraser's settings (the API key variable's name, never the key).
+``--from-sidecar`` therefore regenerates from the recorded rewritten prompt without asking the model again (the
+entry is carried over to the new sidecar); ``--from-sidecar --rephrase`` asks again, starting from the recorded
+original prompt (or ``--prompt``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import urlsplit, urlunsplit
 
 import torch
 
+from phantom_core.cli_rephrase import add_rephrase_backend_arguments, rephraser_from_args
 from phantom_core.inspect_checkpoint import format_report, inspect_checkpoint
 from phantom_core.pipeline import (
     REF_MODES,
@@ -30,11 +44,15 @@ from phantom_core.pipeline import (
     generate_to_file,
     read_sidecar,
     resolve_seed,
+    write_sidecar,
 )
-from phantom_core.references import MAX_REFERENCES
+from phantom_core.references import MAX_REFERENCES, open_reference
+from phantom_core.rephraser import RephraseError, RephraseResult, Rephraser
 from phantom_core.sampler import SAMPLER_PRESETS, SOLVERS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+REPHRASE_PREFIX = "rephrase-"  # generate's rephraser flags: --rephrase-endpoint, --rephrase-seed, ...
+SIDECAR_REPHRASE_KEY = "rephrase"  # the sidecar entry written by --rephrase
 
 # command-line option -> GenerationSettings field, for the sampler / video options (all default to None so that
 # "not given" can be told apart from a value, see the precedence in the module docstring)
@@ -111,6 +129,11 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     run.add_argument("--ignore-changed-files", action="store_true",
                      help="with --from-sidecar: go on although a model or reference file's hash has changed")
     run.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--rephrase", action="store_true",
+                   help="rewrite --prompt with a vision-language model before encoding, so that every reference "
+                        "subject is named with its appearance (Phantom paper, Sec. 3.3); configure it with the "
+                        f"--{REPHRASE_PREFIX}* options below")
+    add_rephrase_backend_arguments(p, prefix=REPHRASE_PREFIX)
     p.set_defaults(func=run_generate)
     return p
 
@@ -138,14 +161,19 @@ def _default_device() -> str:
 def resolve_generate_args(args: argparse.Namespace) -> dict[str, Any]:
     """Merge defaults < sidecar < preset < explicit options into the arguments of ``generate_to_file``.
 
-    Raises ``ValueError`` naming a missing option, a bad value or (unless ``--ignore-changed-files``) a file
-    that changed since the sidecar was written.
+    Plus ``"rephrased"``: the ``--from-sidecar`` sidecar's ``"rephrase"`` entry or None (not an argument of
+    ``generate_to_file``; ``run_generate`` takes it out). Raises ``ValueError`` naming a missing option, a bad
+    value or (unless ``--ignore-changed-files``) a file that changed since the sidecar was written.
     """
+    if not args.rephrase and (args.rephrase_endpoint or args.rephrase_local):
+        raise ValueError(f"--{REPHRASE_PREFIX}endpoint / --{REPHRASE_PREFIX}local given without --rephrase; add "
+                         "--rephrase to rewrite the prompt before encoding")
     values: dict[str, Any] = {}
     files: dict[str, Any] = {"dit": None, "vae": None, "text_encoder": None, "tokenizer": None, "ref": None}
-    device, dtype = None, None
+    device, dtype, rephrased = None, None, None
     if args.from_sidecar:
         record = read_sidecar(args.from_sidecar)
+        rephrased = record.get(SIDECAR_REPHRASE_KEY)
         values.update(record["settings"].to_json())
         files.update({role: entry["path"] for role, entry in record["models"].items() if role in files})
         files["ref"] = [r["path"] for r in record["references"]]
@@ -170,7 +198,62 @@ def resolve_generate_args(args: argparse.Namespace) -> dict[str, Any]:
     return {"dit_path": files["dit"], "vae_path": files["vae"], "text_encoder_path": files["text_encoder"],
             "ref_paths": list(files["ref"]), "settings": GenerationSettings.from_json(values),
             "out_path": args.out, "dtype": DTYPES[dtype], "device": device,
-            "sidecar_path": args.sidecar or default_sidecar_path(args.out), "tokenizer_path": files["tokenizer"]}
+            "sidecar_path": args.sidecar or default_sidecar_path(args.out), "tokenizer_path": files["tokenizer"],
+            "rephrased": rephrased}
+
+
+def rephrase_settings(args: argparse.Namespace, settings: GenerationSettings, ref_paths: Sequence[str],
+                      previous: dict[str, Any] | None, stream: TextIO) -> tuple[GenerationSettings, dict | None]:
+    """Apply ``--rephrase``: settings with the rewritten prompt, and the sidecar's ``"rephrase"`` entry.
+
+    ``previous``: the entry of the ``--from-sidecar`` sidecar (or None). Without ``--rephrase`` it is kept when
+    the prompt is still its rewritten prompt (no model call), dropped otherwise. With ``--rephrase`` the prompt
+    to rewrite is ``--prompt``, else the original prompt of ``previous`` when the prompt is its rewrite, else the
+    prompt in effect. Raises ValueError (options, unreadable reference) or RephraseError (the back-end failed).
+    """
+    if not args.rephrase:
+        keep = previous is not None and previous.get("prompt") == settings.prompt
+        return settings, ({**previous, "reused_from": str(Path(args.from_sidecar).resolve())} if keep else None)
+    original = settings.prompt
+    if args.prompt is None and previous is not None and previous.get("prompt") == settings.prompt:
+        original = previous["original_prompt"]
+    rephraser = rephraser_from_args(args, REPHRASE_PREFIX)  # bad options fail before the images are read
+    images = []
+    for k, path in enumerate(ref_paths, start=1):
+        try:
+            images.append(open_reference(path))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--ref {k} ({path}) cannot be read as an image: {err}") from err
+    result = rephraser.rephrase(original, images, hints=args.rephrase_hint, language=args.rephrase_language)
+    stream.write(f"rephrased prompt{' (cached)' if result.cached else ''}: {result.prompt}\n")
+    return dataclasses.replace(settings, prompt=result.prompt), rephrase_record(args, original, result, rephraser)
+
+
+def rephrase_record(args: argparse.Namespace, original: str, result: RephraseResult,
+                    rephraser: Rephraser) -> dict[str, Any]:
+    """The sidecar's ``"rephrase"`` entry (JSON-ready): prompts, descriptions, raw answer and settings.
+
+    Never holds a secret: the API key's variable is recorded by name, and an endpoint URL loses any user:password
+    part and query string.
+    """
+    backend = dict(rephraser.backend.settings())
+    if "url" in backend:
+        parts = urlsplit(backend["url"])
+        backend["url"] = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+    return {
+        "original_prompt": original, "prompt": result.prompt, "descriptions": list(result.descriptions),
+        "language": result.language, "validated": result.validated, "raw_answer": result.raw,
+        "settings": {"backend": backend, "api_key_env": args.rephrase_api_key_env if args.rephrase_endpoint else "",
+                     "hints": list(args.rephrase_hint), "language": args.rephrase_language,
+                     "strict": rephraser.strict},
+    }
+
+
+def add_to_sidecar(path: str | Path, key: str, entry: dict[str, Any]) -> None:
+    """Add ``entry`` under ``key`` to the sidecar JSON at ``path`` (rewritten atomically)."""
+    record = json.loads(Path(path).read_text(encoding="utf-8"))
+    record[key] = entry
+    write_sidecar(record, path)
 
 
 def run_generate(args: argparse.Namespace, stream: TextIO | None = None) -> int:
@@ -178,12 +261,17 @@ def run_generate(args: argparse.Namespace, stream: TextIO | None = None) -> int:
     stream = stream or sys.stderr
     try:
         kwargs = resolve_generate_args(args)
-        kwargs["settings"] = settings = resolve_seed(kwargs["settings"])
+        previous = kwargs.pop("rephrased")
+        settings, rephrased = rephrase_settings(args, resolve_seed(kwargs["settings"]), kwargs["ref_paths"],
+                                                previous, stream)
+        kwargs["settings"] = settings
         dtype = str(kwargs["dtype"]).removeprefix("torch.")
         stream.write(f"generating {settings.frames} frames {settings.width}x{settings.height}, {settings.solver} "
                      f"{settings.steps} steps, seed {settings.seed}, on {kwargs['device']} ({dtype})\n")
         bar = None if args.no_progress else TextProgressBar(stream)
         mp4, side = generate_to_file(**kwargs, progress=False, callback=bar)
+        if rephrased is not None:
+            add_to_sidecar(side, SIDECAR_REPHRASE_KEY, rephrased)
     except OSError as err:  # a missing or unreadable file: report it like any other bad input
         raise ValueError(str(err)) from err
     stream.write(f"wrote {mp4} and {side} (seed {settings.seed})\n")
@@ -215,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``generate`` / ``inspect`` from ``argv``; 0 on success, 2 for bad input (message on stderr)."""
+    """Run ``generate`` / ``inspect`` from ``argv``; 0 on success, 1 when the rephraser's back-end failed,
+    2 for bad input (message on stderr)."""
     import logging
 
     args = build_parser().parse_args(argv)
@@ -225,6 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         sys.stderr.write(f"error: {err}\n")
         return 2
+    except RephraseError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 1
 
 
 if __name__ == "__main__":

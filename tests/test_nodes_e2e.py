@@ -196,6 +196,29 @@ def test_node_chain_matches_phantom_core_run_directly(comfy_server: ComfyServer,
     assert err < 1e-4, f"node chain differs from phantom_core: relative max error {err:.2e}"
 
 
+def test_sampler_preset_switches_to_the_paper_settings(comfy_server: ComfyServer, examples_dir: Path) -> None:
+    """preset "paper" with the official widgets gives exactly the latent of custom Euler / w_img 3 / w_text 7.5,
+    and a different one from the official settings: the preset really overrides the widgets."""
+    from safetensors.torch import load_file
+
+    def latent(steps: int, solver: str, w_img: float, preset: str) -> "torch.Tensor":
+        prompt = configure(load_api(1), comfy_server, cases(examples_dir)[1], width=32, height=32, frames=1,
+                           steps=steps, prefix=f"preset_{preset}_{solver}")
+        prompt[SAMPLER_NODE]["inputs"] |= {"solver": solver, "w_img": w_img, "preset": preset}
+        prompt["50"] = {"class_type": "SaveLatent",
+                        "inputs": {"samples": [SAMPLER_NODE, 0], "filename_prefix": f"preset_{preset}_{solver}"}}
+        entry = comfy_server.run(prompt)
+        assert entry["status"]["status_str"] == "success", history_error(entry) + comfy_server.log()
+        [saved] = entry["outputs"]["50"]["latents"]
+        return load_file(comfy_server.output_dir / saved["subfolder"] / saved["filename"])["latent_tensor"]
+
+    paper = latent(50, "unipc", 5.0, "paper")  # the widgets say official; the preset says paper
+    custom_paper = latent(50, "euler", 3.0, "custom")
+    official = latent(50, "unipc", 5.0, "custom")
+    assert (paper - custom_paper).abs().max() == 0
+    assert (paper - official).abs().max() > 1e-3
+
+
 async def watch(server: ComfyServer, prompt: dict, timeout_s: float = 300.0) -> tuple[list[dict], int]:
     """Queue `prompt` with a websocket open; returns (its JSON messages, number of binary preview frames)."""
     client_id, messages, binary = uuid.uuid4().hex, [], 0

@@ -1,21 +1,28 @@
 """The shipped workflows: up to date with tools/make_workflows.py, UI files that the ComfyUI frontend can open
 (every node type registered, sockets / outputs / widget values matching the server's schemas, consistent
-links), and API files that say exactly what the UI files say."""
+links, linked widgets marked as such), and API files that say exactly what the UI files say. The rephrase
+variant is queued end to end, its endpoint pointed at a recording chat-completions server on 127.0.0.1."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
-from comfy_server import ComfyServer, comfy_server  # noqa: F401  (fixture)
+from comfy_server import ComfyServer, comfy_server, history_error  # noqa: F401  (fixture)
+from test_rephraser import chat_server, good_answer  # noqa: F401  (fixture)
+
+from phantom_core.video_io import probe_mp4, read_mp4_frames
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_MODES = {"fixed", "increment", "decrement", "randomize"}
-NAMES = ["phantom_1ref", "phantom_4ref"]
+NAMES = ["phantom_1ref", "phantom_4ref", "phantom_2ref_rephrase"]
+SEED_NAMES = ("seed", "noise_seed")  # INT widgets the frontend gives a control widget even when not asked to
 
 
 def load(name: str) -> dict:
@@ -36,6 +43,15 @@ def is_widget(input_type: object) -> bool:
     return isinstance(input_type, list) or input_type in WIDGET_TYPES
 
 
+def has_control(name: str, input_type: object, options: dict) -> bool:
+    """Whether the frontend adds a control_after_generate widget: as asked, else for INT `seed` / `noise_seed`
+    (ComfyUI frontend useIntWidget: `control_after_generate ?? ['seed', 'noise_seed'].includes(name)`)."""
+    if input_type != "INT":
+        return False
+    asked = options.get("control_after_generate")
+    return bool(asked) if asked is not None else name in SEED_NAMES
+
+
 def split_widgets(spec: dict, values: list) -> dict[str, object]:
     """UI widgets_values -> {input name: value}, checking and dropping the UI-only extras (seed control, upload)."""
     values, out = list(values), {}
@@ -44,7 +60,7 @@ def split_widgets(spec: dict, values: list) -> dict[str, object]:
             continue
         assert values, f"widgets_values too short at {name}"
         out[name] = values.pop(0)
-        if options.get("control_after_generate"):
+        if has_control(name, input_type, options):
             assert values.pop(0) in CONTROL_MODES, name
         if options.get("image_upload"):
             assert values.pop(0) == "image", name
@@ -75,6 +91,7 @@ def test_shipped_workflows_are_generated_from_the_description() -> None:
     spec.loader.exec_module(tool)
     rendered = tool.render_all()
     assert sorted(rendered) == sorted(f"{n}{s}.json" for n in NAMES for s in ("", "_api"))
+    assert sorted(tool.WORKFLOWS) == sorted(NAMES)
     stale = [f for f, text in rendered.items() if (ROOT / "workflows" / f).read_text(encoding="utf-8") != text]
     assert not stale, f"out of date (run python tools/make_workflows.py): {stale}"
     assert tool.main(["--check"]) == 0
@@ -91,7 +108,13 @@ def test_ui_workflow_matches_server_schemas(comfy_server: ComfyServer, name: str
     for node in ui["nodes"]:
         spec = info[node["type"]]
         sockets = [(n, t) for n, t, _ in schema_inputs(spec) if not is_widget(t)]
-        assert [(i["name"], i["type"]) for i in node["inputs"]] == sockets, node["type"]
+        plain = [i for i in node["inputs"] if "widget" not in i]
+        assert [(i["name"], i["type"]) for i in plain] == sockets, node["type"]
+        assert node["inputs"][:len(plain)] == plain, f"{node['type']}: widget inputs come after the sockets"
+        widget_types = {n: ("COMBO" if isinstance(t, list) else t) for n, t, _ in schema_inputs(spec) if is_widget(t)}
+        for i in node["inputs"][len(plain):]:  # a widget turned into an input: named, typed, and linked
+            assert i["widget"] == {"name": i["name"]} and i["link"] is not None, (node["type"], i)
+            assert widget_types.get(i["name"]) == i["type"], (node["type"], i)
         assert [o["type"] for o in node["outputs"]] == spec["output"], node["type"]
         assert [o["name"] for o in node["outputs"]] == spec["output_name"], node["type"]
         widgets = split_widgets(spec, node["widgets_values"])
@@ -99,7 +122,8 @@ def test_ui_workflow_matches_server_schemas(comfy_server: ComfyServer, name: str
             if input_name in widgets:
                 check_value(node["type"], input_name, input_type, options, widgets[input_name])
     for link_id, src, src_slot, dst, dst_slot, link_type in ui["links"]:
-        assert nodes[src]["outputs"][src_slot]["type"] == link_type == nodes[dst]["inputs"][dst_slot]["type"]
+        assert nodes[src]["outputs"][src_slot]["type"] == link_type
+        assert nodes[dst]["inputs"][dst_slot]["type"] in (link_type, "*")  # "*": PreviewAny takes any type
         assert nodes[dst]["inputs"][dst_slot]["link"] == link_id
         assert link_id in nodes[src]["outputs"][src_slot]["links"]
     for node in ui["nodes"]:  # every required socket is connected
@@ -129,3 +153,97 @@ def test_api_workflow_says_what_the_ui_workflow_says(comfy_server: ComfyServer, 
     from phantom_core.sampler import WAN_NEGATIVE_PROMPT
 
     assert negative["inputs"]["text"] == WAN_NEGATIVE_PROMPT
+
+
+# ------------------------------------------------------------------------------------------ rephrase variant
+REPHRASE = "phantom_2ref_rephrase"
+DESCRIPTIONS = ["a little girl with twin pigtails, a green bow and a light green dress",
+                "a brown and white puppy with a fluffy tail"]
+REWRITTEN = ("Warm sunlight over the grass. A little girl with twin pigtails, a green bow and a light green dress "
+             "crouches beside blooming daisies next to a brown and white puppy with a fluffy tail and, smiling, "
+             "raises a toy camera.")
+
+
+def test_rephrase_variant_wiring() -> None:
+    ui, api = load(REPHRASE), load(f"{REPHRASE}_api")
+    by_type = {}
+    for node_id, entry in api.items():
+        by_type.setdefault(entry["class_type"], []).append(node_id)
+    (rephrase,), (refs,), (preview,) = by_type["PhantomRephrase"], by_type["PhantomReferences"], by_type["PreviewAny"]
+    positive = next(k for k, v in api.items() if v["_meta"]["title"] == "Prompt")
+    r = api[rephrase]["inputs"]
+    assert r["references"] == [refs, 0] and not any(k.startswith("image_") for k in r)
+    assert api[positive]["inputs"]["text"] == [rephrase, 0]  # the rewritten prompt is what gets encoded
+    assert api[preview]["inputs"] == {"source": [rephrase, 1]}  # the descriptions are shown
+    assert (r["backend"], r["endpoint_url"], r["api_key_env"]) == ("openai-compatible", "http://127.0.0.1:11434/v1", "")
+    assert r["endpoint_model"] and r["prompt"].strip() and r["strict"] is True
+    assert len(by_type["LoadImage"]) == 2
+    # UI: the text widget keeps its value and is an input carrying the link
+    node = next(n for n in ui["nodes"] if str(n["id"]) == positive)
+    (text_input,) = [i for i in node["inputs"] if i["name"] == "text"]
+    link = next(link for link in ui["links"] if link[0] == text_input["link"])
+    assert text_input["widget"] == {"name": "text"} and link[1:3] == [int(rephrase), 0]
+    assert node["widgets_values"] == [r["prompt"]]
+    # every node comes after the nodes it takes inputs from
+    order = {n["id"]: n["order"] for n in ui["nodes"]}
+    assert all(order[src] < order[dst] for _, src, _, dst, _, _ in ui["links"])
+
+
+def rephrase_prompt(server: ComfyServer, examples_dir: Path, endpoint: str, prefix: str) -> dict:
+    """The shipped API rephrase workflow with the example photos uploaded, a tiny size, and `endpoint`."""
+    prompt = copy.deepcopy(load(f"{REPHRASE}_api"))
+    for node in prompt.values():
+        if node["class_type"] == "LoadImage":
+            node["inputs"]["image"] = server.upload_image(examples_dir / node["inputs"]["image"])
+        elif node["class_type"] in ("PhantomEncodeReferences", "PhantomSampler"):
+            node["inputs"] |= {"width": 64, "height": 64}
+        if node["class_type"] == "PhantomSampler":
+            node["inputs"] |= {"frames": 5, "steps": 2, "solver": "euler"}
+        elif node["class_type"] == "PhantomRephrase":
+            node["inputs"] |= {"endpoint_url": endpoint, "timeout_s": 30.0}
+        elif node["class_type"] == "PhantomSaveVideo":
+            node["inputs"]["filename_prefix"] = prefix
+    return prompt
+
+
+def saved_frames(server: ComfyServer, entry: dict) -> np.ndarray:
+    assert entry["status"]["status_str"] == "success", history_error(entry) + server.log()
+    save = next(out for out in entry["outputs"].values() if "images" in out)
+    (result,) = save["images"]
+    path = server.output_dir / result["subfolder"] / result["filename"]
+    meta = probe_mp4(path)
+    assert (meta["frames"], meta["width"], meta["height"]) == (5, 64, 64), meta
+    return read_mp4_frames(path)
+
+
+def test_rephrase_workflow_end_to_end(comfy_server: ComfyServer, examples_dir: Path, chat_server) -> None:
+    rec = chat_server([{"content": good_answer(DESCRIPTIONS, REWRITTEN)}])
+    prompt = rephrase_prompt(comfy_server, examples_dir, rec.url, "wf_rephrase")
+    rephrase = next(k for k, v in prompt.items() if v["class_type"] == "PhantomRephrase")
+    preview = next(k for k, v in prompt.items() if v["class_type"] == "PreviewAny")
+    entry = comfy_server.run(prompt)
+    frames = saved_frames(comfy_server, entry)
+    # the model was asked once, with both references and the user's short prompt, without a key
+    (request,) = rec.requests
+    content = request["json"]["messages"][1]["content"]
+    assert sum(part["type"] == "image_url" for part in content) == 2
+    assert prompt[rephrase]["inputs"]["prompt"] in json.dumps(request["json"], ensure_ascii=False)
+    assert "Authorization" not in request["headers"]
+    shown = entry["outputs"][rephrase]["text"][0]
+    assert shown.split("\n\n")[0] == REWRITTEN
+    assert entry["outputs"][preview]["text"][0] == "\n".join(f"{k}: {d}" for k, d in enumerate(DESCRIPTIONS, 1))
+    # the rewritten prompt reached the text encoder: typing it in by hand gives the same video, the short
+    # prompt another one
+    for text, same in ((REWRITTEN, True), (prompt[rephrase]["inputs"]["prompt"], False)):
+        direct = copy.deepcopy(prompt)
+        for node_id in (rephrase, preview):
+            del direct[node_id]
+        positive = next(k for k, v in direct.items() if v["_meta"]["title"] == "Prompt")
+        direct[positive]["inputs"]["text"] = text
+        next(v for v in direct.values() if v["class_type"] == "PhantomSaveVideo")["inputs"]["filename_prefix"] = \
+            f"wf_direct_{same}"
+        other = saved_frames(comfy_server, comfy_server.run(direct))
+        assert np.array_equal(other, frames) == same
+        if not same:
+            assert np.abs(other.astype(int) - frames.astype(int)).mean() > 1
+    assert len(rec.requests) == 1

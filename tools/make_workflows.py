@@ -1,11 +1,15 @@
 """Generate the shipped workflows (UI and API format) from one description, so the two always agree.
 
-    python tools/make_workflows.py            # (re)write workflows/phantom_{1,4}ref{,_api}.json
+    python tools/make_workflows.py            # (re)write the files of WORKFLOWS in workflows/ (+ _api.json)
     python tools/make_workflows.py --check    # exit 1 if a shipped file differs from what would be written
 
 Each workflow: LoadImage x N -> PhantomReferences -> PhantomEncodeReferences; the three Phantom loaders (tiny
 default file names), two PhantomTextEncode (prompt, Wan's negative prompt), PhantomSampler, PhantomDecode,
-PhantomSaveVideo. The UI format is LiteGraph's (version 0.4) with `widgets_values` in schema order.
+PhantomSaveVideo. The rephrase variant adds PhantomRephrase (references from PhantomReferences, an Ollama
+endpoint by default) whose `prompt` output feeds the positive PhantomTextEncode's `text` (a widget turned into
+an input) and whose `descriptions` go to a PreviewAny ("Preview as Text"). The UI format is LiteGraph's
+(version 0.4) with `widgets_values` in schema order; a linked widget keeps its value there and gets an input
+entry carrying `"widget": {"name": ...}` and the link, as the frontend writes it.
 """
 
 from __future__ import annotations
@@ -37,7 +41,13 @@ PROMPTS = {  # our English renderings of the published example prompts (../share
        "holding a layered cocktail garnished with an orange slice and a strawberry with a green straw, "
        "sunbathing on a beach with palm trees and a lounge chair, smiling in the sun as waves brush the sand.",
 }
-REFERENCE_IMAGES = {1: ["ref1.jpg"], 4: ["ref8.jpg", "ref9.jpg", "ref10.jpg", "ref11.jpg"]}
+# what a user would type when the rephraser adds the appearance details (the girl_dog_camera example, shortened)
+SHORT_PROMPTS = {2: "Warm sunlight over the grass. A little girl crouches beside blooming daisies next to a puppy "
+                    "and, smiling, raises a toy camera to capture the moment."}
+REFERENCE_IMAGES = {1: ["ref1.jpg"], 2: ["ref1.jpg", "ref2.jpg"], 4: ["ref8.jpg", "ref9.jpg", "ref10.jpg", "ref11.jpg"]}
+REPHRASE_ENDPOINT = {"endpoint_url": "http://127.0.0.1:11434/v1", "endpoint_model": "qwen2.5vl:7b"}  # Ollama
+WORKFLOWS = {"phantom_1ref": (1, False), "phantom_4ref": (4, False), "phantom_2ref_rephrase": (2, True)}
+"""File stem -> (number of references, rephraser wired in); each gives `<stem>.json` and `<stem>_api.json`."""
 
 
 @dataclass
@@ -46,6 +56,8 @@ class Node:
 
     sockets: every non-widget input in schema order (name, type); links: input name -> (node id, slot).
     widgets: widget inputs in schema order with their values (the API format's constants).
+    widget_links: widget name -> (node id, slot) for a widget fed by a link instead: the API format gives the
+        link, the UI format adds an input entry with `"widget": {"name"}` and keeps the value in widgets_values.
     ui_after: extra UI-only widget values that follow a widget (seed's control mode, LoadImage's upload).
     """
 
@@ -56,15 +68,21 @@ class Node:
     sockets: list[tuple[str, str]] = field(default_factory=list)
     links: dict[str, tuple[int, int]] = field(default_factory=dict)
     widgets: dict[str, Any] = field(default_factory=dict)
+    widget_links: dict[str, tuple[int, int]] = field(default_factory=dict)
     ui_after: dict[str, list[Any]] = field(default_factory=dict)
     pos: tuple[float, float] = (0.0, 0.0)
     size: tuple[float, float] = (320.0, 120.0)
 
 
-def describe(num_refs: int) -> list[Node]:
-    """The workflow for `num_refs` (1..4) references, nodes in execution order."""
-    if not 1 <= num_refs <= 4:
-        raise ValueError(f"num_refs is {num_refs}; a workflow holds 1 to 4 references")
+def describe(num_refs: int, rephrase: bool = False) -> list[Node]:
+    """The workflow for `num_refs` (1..4) references, with the rephraser wired in or not; in execution order.
+
+    Raises ValueError when `num_refs` is outside 1..4 or has no example prompt / reference files for the variant.
+    """
+    prompts = SHORT_PROMPTS if rephrase else PROMPTS
+    if not 1 <= num_refs <= 4 or num_refs not in prompts or num_refs not in REFERENCE_IMAGES:
+        raise ValueError(f"num_refs is {num_refs}; the {'rephrase ' if rephrase else ''}workflows exist for "
+                         f"{sorted(prompts)} references")
     width, height = 832, 480
     col = [0.0, 380.0, 760.0, 1140.0, 1520.0]
     nodes = [
@@ -76,7 +94,8 @@ def describe(num_refs: int) -> list[Node]:
              widgets={"text_encoder_name": DEFAULT_FILES["text_encoder"], "tokenizer": "embedded"}, pos=(col[0], 270)),
         Node(4, "PhantomTextEncode", "Prompt", [("conditioning", "CONDITIONING")],
              sockets=[("text_encoder", "PHANTOM_TEXT_ENCODER")], links={"text_encoder": (3, 0)},
-             widgets={"text": PROMPTS[num_refs]}, pos=(col[1], 0), size=(340, 180)),
+             widgets={"text": prompts[num_refs]}, widget_links={"text": (40, 0)} if rephrase else {},
+             pos=(col[1], 0), size=(340, 180)),
         Node(5, "PhantomTextEncode", "Negative prompt", [("conditioning", "CONDITIONING")],
              sockets=[("text_encoder", "PHANTOM_TEXT_ENCODER")], links={"text_encoder": (3, 0)},
              widgets={"text": WAN_NEGATIVE_PROMPT}, pos=(col[1], 220), size=(340, 180)),
@@ -98,7 +117,7 @@ def describe(num_refs: int) -> list[Node]:
                       ("reference_latents", "PHANTOM_REF_LATENTS")],
              links={"model": (1, 0), "positive": (4, 0), "negative": (5, 0), "reference_latents": (21, 0)},
              widgets={"width": width, "height": height, "frames": 81, "steps": 50, "shift": 5.0,
-                      "solver": "unipc", "w_img": 5.0, "w_text": 7.5, "seed": 42},
+                      "solver": "unipc", "w_img": 5.0, "w_text": 7.5, "seed": 42, "preset": "custom"},
              ui_after={"seed": ["fixed"]}, pos=(col[2], 0), size=(320, 380)),
         Node(31, "PhantomDecode", "Phantom Decode", [("images", "IMAGE")],
              sockets=[("vae", "PHANTOM_VAE"), ("latent", "LATENT")], links={"vae": (2, 0), "latent": (30, 0)},
@@ -107,7 +126,42 @@ def describe(num_refs: int) -> list[Node]:
              sockets=[("images", "IMAGE")], links={"images": (31, 0)},
              widgets={"fps": 16.0, "quality": 8, "filename_prefix": "Phantom"}, pos=(col[4], 0), size=(400, 480)),
     ]
-    return nodes
+    if rephrase:
+        nodes += rephrase_nodes(prompts[num_refs], (col[3], 500), (col[4], 520))
+    return execution_order(nodes)
+
+
+def rephrase_nodes(prompt: str, pos: tuple[float, float], preview_pos: tuple[float, float]) -> list[Node]:
+    """PhantomRephrase (id 40; references from node 20; an Ollama endpoint, no API key) and a PreviewAny (41)
+    showing its descriptions. Node 4 (the positive prompt) takes output 0 through `widget_links`."""
+    widgets = {"prompt": prompt, "backend": "openai-compatible", **REPHRASE_ENDPOINT, "api_key_env": "",
+               "local_model": "none", "language": "auto", "max_new_tokens": 512, "temperature": 0.0, "seed": 0,
+               "timeout_s": 120.0, "strict": True, **{f"hint_{k}": "" for k in range(1, 5)}}
+    return [
+        Node(40, "PhantomRephrase", "Phantom Rephrase Prompt", [("prompt", "STRING"), ("descriptions", "STRING")],
+             sockets=[("references", "PHANTOM_REFERENCES"), *[(f"image_{k}", "IMAGE") for k in range(1, 5)]],
+             links={"references": (20, 0)}, widgets=widgets,
+             pos=pos, size=(360, 560)),
+        Node(41, "PreviewAny", "Subject descriptions", [], sockets=[("source", "*")], links={"source": (40, 1)},
+             pos=preview_pos, size=(400, 200)),
+    ]
+
+
+def execution_order(nodes: list[Node]) -> list[Node]:
+    """`nodes` sorted so that every node follows the nodes it takes inputs from (stable otherwise)."""
+    by_id, done, ordered = {n.id: n for n in nodes}, set(), []
+
+    def visit(node: Node) -> None:
+        if node.id in done:
+            return
+        done.add(node.id)
+        for src, _ in [*node.links.values(), *node.widget_links.values()]:
+            visit(by_id[src])
+        ordered.append(node)
+
+    for node in nodes:
+        visit(node)
+    return ordered
 
 
 def to_api(nodes: list[Node]) -> dict[str, dict]:
@@ -115,7 +169,9 @@ def to_api(nodes: list[Node]) -> dict[str, dict]:
     api = {}
     for node in nodes:
         inputs: dict[str, Any] = {name: [str(src), slot] for name, (src, slot) in node.links.items()}
-        inputs |= node.widgets
+        for name, value in node.widgets.items():
+            src, slot = node.widget_links.get(name, (None, None))
+            inputs[name] = value if src is None else [str(src), slot]
         api[str(node.id)] = {"class_type": node.type, "inputs": inputs, "_meta": {"title": node.title}}
     return api
 
@@ -126,16 +182,19 @@ def to_ui(nodes: list[Node], name: str) -> dict[str, Any]:
     out_links: dict[tuple[int, int], list[int]] = {}
     by_id = {n.id: n for n in nodes}
     ui_nodes = []
+    def link(src: int, src_slot: int, dst: int, dst_slot: int) -> int:
+        links.append([len(links) + 1, src, src_slot, dst, dst_slot, by_id[src].outputs[src_slot][1]])
+        out_links.setdefault((src, src_slot), []).append(len(links))
+        return len(links)
+
     for order, node in enumerate(nodes):
         inputs = []
         for slot, (input_name, input_type) in enumerate(node.sockets):
-            link_id = None
-            if input_name in node.links:
-                src, src_slot = node.links[input_name]
-                link_id = len(links) + 1
-                links.append([link_id, src, src_slot, node.id, slot, by_id[src].outputs[src_slot][1]])
-                out_links.setdefault((src, src_slot), []).append(link_id)
+            link_id = link(*node.links[input_name], node.id, slot) if input_name in node.links else None
             inputs.append({"name": input_name, "type": input_type, "link": link_id})
+        for widget, (src, src_slot) in node.widget_links.items():  # after the sockets, as the frontend adds them
+            inputs.append({"name": widget, "type": by_id[src].outputs[src_slot][1], "widget": {"name": widget},
+                           "link": link(src, src_slot, node.id, len(inputs))})
         widgets_values = []
         for widget, value in node.widgets.items():
             widgets_values += [value, *node.ui_after.get(widget, [])]
@@ -159,9 +218,8 @@ def to_ui(nodes: list[Node], name: str) -> dict[str, Any]:
 def render_all() -> dict[str, str]:
     """File name -> JSON text of every shipped workflow."""
     files = {}
-    for num_refs in (1, 4):
-        nodes = describe(num_refs)
-        name = f"phantom_{num_refs}ref"
+    for name, (num_refs, rephrase) in WORKFLOWS.items():
+        nodes = describe(num_refs, rephrase)
         files[f"{name}.json"] = json.dumps(to_ui(nodes, name), indent=2, ensure_ascii=False) + "\n"
         files[f"{name}_api.json"] = json.dumps(to_api(nodes), indent=2, ensure_ascii=False) + "\n"
     return files

@@ -34,7 +34,7 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORKFLOW = ROOT / "workflows" / "phantom_4ref_api.json"
-SAMPLER_KEYS = ("width", "height", "frames", "steps", "shift", "solver", "w_img", "w_text", "seed")
+SAMPLER_KEYS = ("width", "height", "frames", "steps", "shift", "solver", "w_img", "w_text", "seed", "preset")
 JOB_KEYS = {"id", "refs", "prompt", "negative_prompt", "fps", "mode", "quality", *SAMPLER_KEYS}
 UPLOAD_SUBFOLDER = "phantom_batch"
 
