@@ -19,6 +19,17 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from phantom_core.fp8 import (
+    SCALED_FP8_KEY,
+    attach_scales,
+    cast_layer_weights,
+    convert_state_dict,
+    detect_fp8_format,
+    fp8_ops,
+    is_scale_key,
+    plan_load,
+    weight_bytes,
+)
 from phantom_core.log import logger
 from phantom_core.wan_dit import DIT_PRESETS, HEAD_DIM, PhantomWanDiT, WanDiTConfig
 
@@ -208,15 +219,24 @@ def _listing(items: list[str], limit: int = 10) -> str:
     return ", ".join(items[:limit]) + more
 
 
+def _fp8_extras(sd: dict[str, Tensor], want: dict[str, tuple[int, ...]]) -> set[str]:
+    """Keys a scaled-fp8 file adds: the ``scaled_fp8`` marker and ``<layer>.scale_weight`` / ``.scale_input``
+    beside an expected ``<layer>.weight`` (a scale for any other key stays unexpected)."""
+    return {k for k in sd if k == SCALED_FP8_KEY or (is_scale_key(k) and k.rsplit(".", 1)[0] + ".weight" in want)}
+
+
 def validate_dit_state_dict(sd: dict[str, Tensor], config: WanDiTConfig) -> None:
     """Check that ``sd`` has exactly the keys and shapes of ``PhantomWanDiT(config)``.
+
+    The extra keys of a scaled-fp8 file (``scaled_fp8`` marker, per-layer ``scale_weight`` / ``scale_input``)
+    are accepted; whether every fp8 weight has its scale is checked at load (``fp8.split_scales``).
 
     Raises:
         ValueError: listing (up to 10 of each, with counts) missing keys, unexpected keys and wrong shapes.
     """
     want = expected_shapes(config)
     missing = sorted(set(want) - set(sd))
-    extra = sorted(set(sd) - set(want))
+    extra = sorted(set(sd) - set(want) - _fp8_extras(sd, want))
     wrong = sorted(f"{k} {tuple(sd[k].shape)} (expected {want[k]})"
                    for k in set(want) & set(sd) if tuple(sd[k].shape) != want[k])
     problems = [f"{len(v)} {what}: {_listing(v)}"
@@ -227,23 +247,32 @@ def validate_dit_state_dict(sd: dict[str, Tensor], config: WanDiTConfig) -> None
 
 def load_dit(
     path_or_state_dict: str | Path | dict[str, Tensor],
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
     device: torch.device | str = "cpu",
     ops: Any = nn,
+    compute_dtype: torch.dtype | None = None,
 ) -> PhantomWanDiT:
-    """Load a Phantom-Wan DiT for inference.
+    """Load a Phantom-Wan DiT for inference, tensor by tensor (never the whole checkpoint twice).
 
     Args:
-        path_or_state_dict: a checkpoint path (see ``read_state_dict``) or an in-memory state dict.
-        dtype: parameter (and activation) dtype, e.g. ``torch.bfloat16`` on a GPU.
+        path_or_state_dict: a checkpoint path (see ``read_state_dict``) or an in-memory state dict; fp32 / fp16 /
+            bf16, fp8 (``float8_e4m3fn`` / ``float8_e5m2``) or ComfyUI's scaled fp8 (see ``phantom_core.fp8``).
+        dtype: weight dtype. None keeps the stored one (an fp8 file stays fp8). fp32 / fp16 / bf16: every tensor
+            is cast to it (fp8 weights dequantized with their scales). An fp8 dtype: the Linear weights are
+            stored in it (float weights quantized with a per-tensor scale), everything else in ``compute_dtype``.
         device: where the parameters go.
-        ops: layer namespace (``torch.nn`` or e.g. ComfyUI's ``comfy.ops.manual_cast``).
+        ops: layer namespace (``torch.nn`` or e.g. ComfyUI's ``comfy.ops.disable_weight_init``). When the weights
+            must be cast per forward (fp8, or ``compute_dtype`` != weight dtype), ``fp8_ops(compute_dtype)`` is
+            used instead, logged.
+        compute_dtype: activation dtype. None: the weight dtype for float weights; for fp8 weights bf16 on a
+            CUDA device and fp32 elsewhere (``fp8.default_compute_dtype``).
 
     Returns:
-        ``PhantomWanDiT`` in eval mode with ``requires_grad`` off.
+        ``PhantomWanDiT`` in eval mode with ``requires_grad`` off; ``model.compute_dtype`` is the activation dtype.
 
     Raises:
-        ValueError: for a file that is not a T2V Wan DiT, or missing / unexpected / mis-shaped keys.
+        ValueError: for a file that is not a T2V Wan DiT, missing / unexpected / mis-shaped keys, a scaled fp8
+            file missing a ``scale_weight``, or an unusable ``dtype`` / ``compute_dtype``.
     """
     owned = not isinstance(path_or_state_dict, dict)
     sd = read_state_dict(path_or_state_dict) if owned else path_or_state_dict
@@ -252,11 +281,21 @@ def load_dit(
         sd = dict(sd)  # never mutate the caller's dict
     config = infer_dit_config(sd)
     validate_dit_state_dict(sd, config)
-    name = preset_name(config)
-    logger.info("loading DiT %s (%d layers, dim %d) as %s on %s", name or "custom config",
-                config.num_layers, config.dim, dtype, device)
-    model = PhantomWanDiT(config, ops=ops, dtype=dtype, device="meta")
-    for key in list(sd):  # convert one tensor at a time, dropping the source reference as we go
-        sd[key] = sd[key].to(device=device, dtype=dtype)
+    stored = detect_fp8_format(sd)
+    plan = plan_load(stored, dtype, compute_dtype, device)
+    if plan.cast_ops:
+        if ops is not nn:
+            logger.info("%s weights computed in %s need cast-on-forward layers: using phantom fp8_ops, not %s",
+                        plan.weight_dtype, plan.compute_dtype, getattr(ops, "__name__", ops))
+        ops = fp8_ops(plan.compute_dtype)
+    logger.info("loading DiT %s (%d layers, dim %d) stored as %s%s: weights %s, compute %s, on %s",
+                preset_name(config) or "custom config", config.num_layers, config.dim, stored.stored_dtype,
+                " (scaled)" if stored.scaled else "", plan.weight_dtype, plan.compute_dtype, device)
+    model = PhantomWanDiT(config, ops=ops, dtype=plan.compute_dtype if plan.cast_ops else plan.weight_dtype,
+                          device="meta")
+    # one tensor at a time, each source reference dropped as we go; {} kinds with plain layers: all weight dtype
+    scales = convert_state_dict(sd, cast_layer_weights(model), plan, device)
     model.load_state_dict(sd, strict=True, assign=True)
+    attach_scales(model, scales)
+    logger.debug("DiT weights by dtype (bytes): %s", weight_bytes(model))
     return model.eval().requires_grad_(False)

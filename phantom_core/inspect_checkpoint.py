@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from phantom_core.checkpoint import infer_dit_config, preset_name, strip_prefixes, validate_dit_state_dict
+from phantom_core.fp8 import SCALED_FP8_KEY, detect_fp8_format, is_scale_key, split_scales
 from phantom_core.log import logger
 from phantom_core.text_encoder import (
     SPIECE_KEY,
@@ -144,8 +145,21 @@ def read_tensor_infos(path: str | os.PathLike) -> tuple[str, dict[str, TensorInf
 
 
 def _stand_ins(infos: dict[str, TensorInfo]) -> dict[str, Tensor]:
-    """Shape-only tensors (meta device: no memory) for the loaders' shape inference."""
-    return {k: torch.empty(shape, device="meta") for k, (shape, _) in infos.items()}
+    """Shape-and-dtype-only tensors (meta device: no memory) for the loaders' shape inference."""
+    def dtype(name: str) -> torch.dtype:
+        found = getattr(torch, name, None)
+        return found if isinstance(found, torch.dtype) else torch.float32
+
+    return {k: torch.empty(shape, device="meta", dtype=dtype(name)) for k, (shape, name) in infos.items()}
+
+
+def _scale_problems(sd: dict[str, Tensor]) -> list[str]:
+    """The loaders' fp8 check (every fp8 weight of a scaled file has its ``scale_weight``), as a problem list."""
+    try:
+        split_scales(dict(sd), [k for k in sd if k.endswith(".weight")])
+    except ValueError as err:
+        return [str(err)]
+    return []
 
 
 def _config_dict(config: Any) -> dict[str, Any]:
@@ -170,6 +184,7 @@ def classify(infos: dict[str, TensorInfo]) -> dict[str, Any]:
             validate_dit_state_dict(dit_sd, config)
         except ValueError as err:
             problems.append(str(err))
+        problems += _scale_problems(dit_sd)
         return {"kind": "dit", "architecture": "Phantom-Wan / Wan2.1 text-to-video DiT", "preset": preset_name(config),
                 "config": _config_dict(config), "problems": problems}
     if "image-to-video" in dit_error:
@@ -191,7 +206,8 @@ def classify(infos: dict[str, TensorInfo]) -> dict[str, Any]:
     else:
         preset = next((n for n, s in TEXT_ENCODER_PRESETS.items() if s == spec), None)
         arch = "umT5 text encoder" + (" (tokenizer embedded)" if SPIECE_KEY in sd else "")
-        return {"kind": "umt5", "architecture": arch, "preset": preset, "config": _config_dict(spec), "problems": []}
+        return {"kind": "umt5", "architecture": arch, "preset": preset, "config": _config_dict(spec),
+                "problems": _scale_problems(t5)}
     return {"kind": "unknown", "architecture": "not a Phantom-Wan DiT, Wan VAE or umT5 encoder", "preset": None,
             "config": None, "problems": [dit_error]}
 
@@ -205,7 +221,8 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     Returns:
         ``{"path", "format", "files", "file_size" (bytes, all files), "key_count", "parameter_count"
         (elements of floating-point tensors), "dtypes" ({dtype name: tensor count}), "kind", "architecture",
-        "preset", "config", "problems", "metadata"}``.
+        "preset", "config", "problems", "metadata", "weight_format" (``"scaled fp8 (float8_e4m3fn)"``,
+        ``"fp8 (float8_e5m2)"`` or the stored dtype, e.g. ``"bfloat16"``)}``.
     Raises:
         FileNotFoundError: the path does not exist.
         ValueError: naming the file when it is not a readable checkpoint (truncated, not safetensors, ...).
@@ -215,11 +232,13 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     for _, dtype in infos.values():
         dtypes[dtype] = dtypes.get(dtype, 0) + 1
     floating = ("float", "bfloat")
-    params = sum(math.prod(shape) for shape, dtype in infos.values() if dtype.startswith(floating))
+    params = sum(math.prod(shape) for key, (shape, dtype) in infos.items()  # fp8 scales are not parameters
+                 if dtype.startswith(floating) and not is_scale_key(key) and not key.endswith(SCALED_FP8_KEY))
+    weight_format = detect_fp8_format(strip_prefixes(_stand_ins(infos))).label
     return {"path": str(Path(path)), "format": fmt, "files": [str(f) for f in files],
             "file_size": sum(f.stat().st_size for f in files), "key_count": len(infos), "parameter_count": params,
-            "dtypes": dict(sorted(dtypes.items(), key=lambda kv: -kv[1])), **classify(infos),
-            "metadata": metadata}
+            "dtypes": dict(sorted(dtypes.items(), key=lambda kv: -kv[1])), "weight_format": weight_format,
+            **classify(infos), "metadata": metadata}
 
 
 def _human_size(size: int) -> str:
@@ -241,6 +260,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"  keys:         {report['key_count']}",
         f"  parameters:   {report['parameter_count']:,}",
         "  dtypes:       " + ", ".join(f"{d} x{n}" for d, n in report["dtypes"].items()),
+        f"  weights:      {report['weight_format']}",
     ]
     lines += [f"  problem:      {p}" for p in report["problems"] if report["kind"] != "unknown"]
     if report["kind"] == "unknown" and report["problems"]:

@@ -8,7 +8,9 @@ of ComfyUI's own Wan CONDITIONING (pad id 0, masked positions zeroed).
 Checkpoints use the transformers / ComfyUI key names (``shared.weight``,
 ``encoder.block.N.layer.0.SelfAttention.q.weight``, ..., ``encoder.final_layer_norm.weight``) in a ``.safetensors``
 file, optionally with the sentencepiece model embedded as a uint8 tensor under ``spiece_model`` (ComfyUI's
-convention). The network comes from transformers, so the house ``ops`` namespace does not apply here.
+convention). The network comes from transformers, which takes no ``ops`` namespace: for fp8 / scaled-fp8 weights
+(ComfyUI's ``umt5_xxl_fp8_e4m3fn_scaled.safetensors``) ``umt5_fp8.use_cast_layers`` swaps its layers for those of
+``fp8.fp8_ops`` before the weights are assigned, so they stay 8-bit in memory.
 """
 
 from __future__ import annotations
@@ -29,7 +31,16 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import UMT5Config, UMT5EncoderModel
 
+from phantom_core.fp8 import (
+    attach_scales,
+    cast_layer_weights,
+    convert_state_dict,
+    detect_fp8_format,
+    fp8_ops,
+    plan_load,
+)
 from phantom_core.log import logger
+from phantom_core.umt5_fp8 import use_cast_layers
 
 try:  # upstream's basic_clean runs ftfy.fix_text (fullwidth punctuation -> ASCII, curly quotes -> straight, ...)
     import ftfy
@@ -145,7 +156,13 @@ class UMT5TextEncoder(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """Stored dtype of the token embedding (e.g. ``float8_e4m3fn`` for an fp8 encoder)."""
         return self.model.shared.weight.dtype
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Activation dtype (differs from ``dtype`` when the layers cast fp8 weights per forward)."""
+        return getattr(self.model.shared, "compute_dtype", self.dtype)
 
     @property
     def device(self) -> torch.device:
@@ -250,48 +267,44 @@ def convert_wan_t5_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Ten
     return out
 
 
-def _read_checkpoint(source: str | os.PathLike | Mapping[str, Tensor], dtype: torch.dtype | None,
-                     device: torch.device | str) -> tuple[dict[str, Tensor], Tensor | None]:
-    """Weights (each tensor cast/moved on its own, never the whole dict at once) and the embedded tokenizer."""
-    def convert(t: Tensor) -> Tensor:
-        return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
-
+def _read_checkpoint(source: str | os.PathLike | Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Tensor | None]:
+    """Stored weights (memory-mapped where the format allows: nothing is read yet) and the embedded tokenizer."""
     if isinstance(source, Mapping):
-        weights = {k: convert(v) for k, v in source.items() if k != SPIECE_KEY}
-        return weights, source.get(SPIECE_KEY)
+        return {k: v for k, v in source.items() if k != SPIECE_KEY}, source.get(SPIECE_KEY)
     path = Path(source)
     if path.suffix in (".pth", ".pt", ".bin"):  # e.g. Wan's models_t5_umt5-xxl-enc-bf16.pth (memory-mapped)
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return {k: convert(v) for k, v in state.items()}, None
+        return dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True)), None
     if path.suffix != ".safetensors":
         raise ValueError(f"text encoder checkpoint {path}: expected .safetensors (or Wan's .pth)")
-    weights, spiece = {}, None
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        for key in f.keys():
-            if key == SPIECE_KEY:
-                spiece = f.get_tensor(key)
-            else:
-                weights[key] = convert(f.get_tensor(key))
-    return weights, spiece
+    with safe_open(str(path), framework="pt", device="cpu") as f:  # get_tensor maps, it does not copy
+        weights = {key: f.get_tensor(key) for key in f.keys()}
+    return weights, weights.pop(SPIECE_KEY, None)
 
 
 def load_text_encoder(path_or_state_dict: str | os.PathLike | Mapping[str, Tensor],
                       tokenizer: str | os.PathLike | bytes | None = None,
                       dtype: torch.dtype | None = torch.float32,
-                      device: torch.device | str = "cpu") -> UMT5TextEncoder:
+                      device: torch.device | str = "cpu",
+                      compute_dtype: torch.dtype | None = None) -> UMT5TextEncoder:
     """Load a umT5 encoder checkpoint (+ tokenizer) -> ``UMT5TextEncoder``.
 
     Args:
-        path_or_state_dict: ``.safetensors`` file or state dict with transformers/ComfyUI umT5 key names, or
-            upstream Wan's ``models_t5_umt5-xxl-enc-bf16.pth`` (converted by ``convert_wan_t5_state_dict``).
+        path_or_state_dict: ``.safetensors`` file or state dict with transformers/ComfyUI umT5 key names (ComfyUI's
+            ``umt5_xxl_fp16.safetensors`` / ``umt5_xxl_fp8_e4m3fn_scaled.safetensors``: fp8 weights with per-layer
+            ``scale_weight`` and a ``scaled_fp8`` marker), or upstream Wan's ``models_t5_umt5-xxl-enc-bf16.pth``
+            (converted by ``convert_wan_t5_state_dict``).
         tokenizer: None -> the checkpoint's embedded ``spiece_model``; else a ``.model`` file, a folder holding
             ``spiece.model``, or serialized sentencepiece bytes.
-        dtype: weight dtype; each tensor is cast on its own while reading. None keeps the stored dtype.
+        dtype: weight dtype; each tensor is converted on its own while loading. None keeps the stored dtype
+            (bf16 stays bf16, fp8 stays fp8: a 5.7 B encoder in fp8 holds ~5.7 GB). fp32 / fp16 / bf16
+            dequantize fp8 weights; an fp8 dtype quantizes the Linear weights (per-tensor scale).
         device: where the weights go.
+        compute_dtype: activation dtype; None: the weight dtype, or for fp8 weights bf16 on CUDA / fp32 elsewhere.
     The network is built on the meta device and the weights assigned, so they are never held twice.
-    Raises ``ValueError`` listing missing/unexpected keys, or when no tokenizer is found.
+    Raises ``ValueError`` listing missing/unexpected keys, a scaled-fp8 weight without its scale, or when no
+    tokenizer is found.
     """
-    weights, embedded = _read_checkpoint(path_or_state_dict, dtype, device)
+    weights, embedded = _read_checkpoint(path_or_state_dict)
     if "token_embedding.weight" in weights:  # upstream Wan layout
         weights = convert_wan_t5_state_dict(weights)
     weights.pop(_EMBED_TOKENS_KEY, None)  # tied to shared.weight in transformers' UMT5
@@ -300,16 +313,23 @@ def load_text_encoder(path_or_state_dict: str | os.PathLike | Mapping[str, Tenso
         raise ValueError("tokenizer: the text encoder checkpoint has no embedded 'spiece_model'; pass tokenizer= "
                          "a spiece.model file or its folder (e.g. from google/umt5-xxl)")
     sp = load_tokenizer(tokenizer if tokenizer is not None else embedded)
+    stored = detect_fp8_format(weights)
+    plan = plan_load(stored, dtype, compute_dtype, device)
     with torch.device("meta"):
         model = UMT5EncoderModel(spec.to_hf_config())
+    if plan.cast_ops:
+        use_cast_layers(model, fp8_ops(plan.compute_dtype))
+    scales = convert_state_dict(weights, cast_layer_weights(model), plan, device)  # tensor by tensor
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
     missing = [k for k in missing if k != _EMBED_TOKENS_KEY]
     if missing or unexpected:
         raise ValueError(f"text encoder checkpoint does not match umT5 {spec}: missing {missing[:8]}"
                          f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}")
+    attach_scales(model, scales)
     model.set_input_embeddings(model.shared)  # re-tie encoder.embed_tokens to the assigned shared.weight
-    logger.info("loaded umT5 text encoder: %d layers, d_model %d, %s on %s", spec.num_layers, spec.d_model,
-                model.shared.weight.dtype, device)
+    logger.info("loaded umT5 text encoder: %d layers, d_model %d, stored %s%s, weights %s, compute %s on %s",
+                spec.num_layers, spec.d_model, stored.stored_dtype, " (scaled)" if stored.scaled else "",
+                plan.weight_dtype, plan.compute_dtype, device)
     return UMT5TextEncoder(model, sp, spec)
 
 

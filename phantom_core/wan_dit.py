@@ -215,7 +215,8 @@ class PhantomWanDiT(nn.Module):
     Args:
         config: architecture (see ``DIT_PRESETS``).
         ops: namespace providing ``Linear``, ``Conv3d``, ``LayerNorm``, ``RMSNorm`` (default ``torch.nn``;
-            ComfyUI's ``comfy.ops.manual_cast`` etc. fit).
+            ComfyUI's ``comfy.ops.manual_cast`` etc. fit; ``fp8.fp8_ops(compute_dtype)`` for fp8 weights, whose
+            ``compute_dtype`` attribute becomes the activation dtype).
         dtype, device: passed to every layer; build on ``torch.device("meta")`` and load with
             ``load_state_dict(sd, assign=True)`` (``checkpoint.load_dit`` does that).
     """
@@ -223,6 +224,7 @@ class PhantomWanDiT(nn.Module):
     def __init__(self, config: WanDiTConfig, ops: Any = nn, dtype: torch.dtype | None = None, device=None) -> None:
         super().__init__()
         self.config = config
+        self._ops_compute_dtype: torch.dtype | None = getattr(ops, "compute_dtype", None)  # fp8.fp8_ops sets it
         cfg, kw = config, {"dtype": dtype, "device": device}
         self.patch_embedding = ops.Conv3d(cfg.in_dim, cfg.dim, cfg.patch_size, stride=cfg.patch_size, **kw)
         self.text_embedding = nn.Sequential(
@@ -237,7 +239,10 @@ class PhantomWanDiT(nn.Module):
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        """Activation dtype: that of the weights, or bfloat16 for 8-bit weights cast on the fly by ``ops``."""
+        """Activation dtype: ``ops.compute_dtype`` when the layers cast their weights per forward
+        (``fp8.fp8_ops``), else that of the weights, or bfloat16 for 8-bit weights cast on the fly by ``ops``."""
+        if self._ops_compute_dtype is not None:
+            return self._ops_compute_dtype
         dt = self.time_embedding[0].weight.dtype
         return dt if dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64) else torch.bfloat16
 
