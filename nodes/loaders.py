@@ -18,13 +18,28 @@ import torch
 from comfy_api.latest import io
 
 from phantom_core.checkpoint import load_dit
+from phantom_core.fp8 import is_fp8
+from phantom_core.inspect_checkpoint import stored_format
 from phantom_core.text_encoder import load_text_encoder
 from phantom_core.wan_vae import load_vae
 
 from .types import CATEGORY, PhantomDiT, PhantomTextEncoder, PhantomVAE, manage
 
-WEIGHT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+WEIGHT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+                 "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 EMBEDDED = "embedded"
+INDEX_SUFFIX = ".safetensors.index.json"
+TEXT_ENCODER_DEVICES = ["default", "cpu"]
+
+
+def dit_files() -> list[str]:
+    """ComfyUI's `models/diffusion_models` listing plus sharded checkpoints' `*.safetensors.index.json` files
+    (ComfyUI lists no .json; the official 14B release is an index and 6 shards)."""
+    found = set(folder_paths.get_filename_list("diffusion_models"))
+    for base in folder_paths.get_folder_paths("diffusion_models"):
+        for root, _, files in os.walk(base, followlinks=True):
+            found |= {os.path.relpath(os.path.join(root, f), base) for f in files if f.endswith(INDEX_SUFFIX)}
+    return sorted(found)
 
 
 def tokenizer_files() -> list[str]:
@@ -60,11 +75,30 @@ def pick_dtype(choice: str, load_device: torch.device) -> torch.dtype:
     return WEIGHT_DTYPES[choice]
 
 
+def pick_dtypes(choice: str, path: str, load_device: torch.device) -> tuple[torch.dtype | None, torch.dtype]:
+    """(weight dtype for the core loader, compute dtype) for a weight-dtype choice and a checkpoint.
+
+    "default" keeps an fp8 / scaled-fp8 file 8-bit (None: the stored dtype; a 14B DiT stays ~14 GB) and loads
+    any other in bf16 where `load_device` supports it, else fp32. An fp8 choice stores the Linear weights in fp8
+    and computes in bf16 / fp32. Raises ValueError naming `weight_dtype`.
+    """
+    compute = pick_dtype("default", load_device)
+    if choice == "default":
+        return (None if stored_format(path).fp8_dtype is not None else compute), compute
+    dtype = pick_dtype(choice, load_device)
+    return dtype, (compute if is_fp8(dtype) else dtype)
+
+
+def listing(folder: str) -> list[str]:
+    """The files a loader offers from ComfyUI's `models/<folder>`."""
+    return dit_files() if folder == "diffusion_models" else folder_paths.get_filename_list(folder)
+
+
 def missing_file_error(folder: str, input_name: str, name: str | None) -> str | None:
     """The message for a file name not present in ComfyUI's `models/<folder>`, else None."""
-    if name is None or name in folder_paths.get_filename_list(folder):
+    if name is None or name in listing(folder):
         return None
-    available = ", ".join(folder_paths.get_filename_list(folder)[:10]) or "none"
+    available = ", ".join(listing(folder)[:10]) or "none"
     return f"{input_name} is {name!r}, which is not in models/{folder} (available: {available})"
 
 
@@ -84,10 +118,13 @@ class PhantomDiTLoader(io.ComfyNode):
             category=CATEGORY,
             description="Loads a Phantom-Wan diffusion transformer (official .safetensors/.pth layout or ComfyUI's).",
             inputs=[
-                io.Combo.Input("dit_name", options=folder_paths.get_filename_list("diffusion_models"),
-                               tooltip="Phantom-Wan DiT checkpoint from models/diffusion_models."),
+                io.Combo.Input("dit_name", options=dit_files(),
+                               tooltip="Phantom-Wan DiT checkpoint from models/diffusion_models: .safetensors, "
+                                       ".pth, or the *.safetensors.index.json of a sharded one (official 14B)."),
                 io.Combo.Input("weight_dtype", options=["default", *WEIGHT_DTYPES], default="default",
-                               tooltip="Weight precision. default: bf16 where the device supports it, else fp32."),
+                               tooltip="Weight precision. default: an fp8 file stays fp8 (computed in bf16, scales "
+                                       "applied); others bf16 where the device supports it, else fp32. fp8_*: "
+                                       "store the Linear weights in 8 bits (half of bf16's memory)."),
             ],
             outputs=[PhantomDiT.Output(display_name="model")],
         )
@@ -100,8 +137,9 @@ class PhantomDiTLoader(io.ComfyNode):
     def execute(cls, dit_name: str, weight_dtype: str) -> io.NodeOutput:
         path = checkpoint_path("diffusion_models", "dit_name", dit_name)
         load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
-        model = load_dit(path, dtype=pick_dtype(weight_dtype, load_device), device=offload_device,
-                         ops=comfy.ops.disable_weight_init)
+        dtype, compute_dtype = pick_dtypes(weight_dtype, path, load_device)
+        model = load_dit(path, dtype=dtype, device=offload_device, ops=comfy.ops.disable_weight_init,
+                         compute_dtype=compute_dtype)
         return io.NodeOutput(manage(model, load_device, offload_device))
 
 
@@ -147,6 +185,9 @@ class PhantomTextEncoderLoader(io.ComfyNode):
                                tooltip="embedded: the sentencepiece model stored in the checkpoint (ComfyUI's umT5 "
                                        "files, the tiny default); else a spiece.model of google/umt5-xxl placed "
                                        "in models/text_encoders (needed for Wan's original .pth)."),
+                io.Combo.Input("device", options=TEXT_ENCODER_DEVICES, default="default",
+                               tooltip="default: ComfyUI's text-encoder device (the GPU when there is one). cpu: "
+                                       "keep the encoder on the CPU so the GPU stays free for the DiT."),
             ],
             outputs=[PhantomTextEncoder.Output(display_name="text_encoder")],
         )
@@ -156,9 +197,14 @@ class PhantomTextEncoderLoader(io.ComfyNode):
         return missing_file_error("text_encoders", "text_encoder_name", text_encoder_name) or True
 
     @classmethod
-    def execute(cls, text_encoder_name: str, tokenizer: str = EMBEDDED) -> io.NodeOutput:
+    def execute(cls, text_encoder_name: str, tokenizer: str = EMBEDDED, device: str = "default") -> io.NodeOutput:
         path = checkpoint_path("text_encoders", "text_encoder_name", text_encoder_name)
-        load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
-        encoder = load_text_encoder(path, tokenizer=tokenizer_path(tokenizer), dtype=pick_dtype("default", load_device),
-                                    device=offload_device)
+        if device not in TEXT_ENCODER_DEVICES:
+            raise ValueError(f"device is {device!r}; valid: {', '.join(TEXT_ENCODER_DEVICES)}")
+        on_cpu = device == "cpu"
+        load_device = torch.device("cpu") if on_cpu else mm.text_encoder_device()
+        offload_device = torch.device("cpu") if on_cpu else mm.text_encoder_offload_device()
+        # stored dtype kept (a 5.7 B encoder is never upcast wholesale); layers upcast per forward when needed
+        encoder = load_text_encoder(path, tokenizer=tokenizer_path(tokenizer), dtype=None, device=offload_device,
+                                    compute_dtype=pick_dtype("default", load_device))
         return io.NodeOutput(manage(encoder, load_device, offload_device))

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -117,19 +120,36 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
                      f"a *{_INDEX_SUFFIX} / a directory with one")
 
 
-def strip_prefixes(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Drop ComfyUI's ``model.diffusion_model.`` / ``diffusion_model.`` key prefixes.
+def keep_prefixed(sd: dict[str, Tensor], prefixes: tuple[str, ...]) -> dict[str, Tensor]:
+    """The tensors under the first of ``prefixes`` that any key carries, prefix dropped; ``sd`` itself if none.
 
-    When keys carry one of the prefixes, only those keys are kept (a full ComfyUI checkpoint also holds the
-    VAE and text encoder under other prefixes; how many were dropped is logged). Otherwise ``sd`` is returned.
+    A bundle (e.g. a full ComfyUI checkpoint: DiT, VAE and text encoder under their own prefixes) keeps only the
+    part asked for; how many tensors were ignored is logged.
     """
-    for prefix in DIT_PREFIXES:
+    for prefix in prefixes:
         kept = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
         if kept:
             if len(kept) < len(sd):
                 logger.info("kept %d '%s*' tensors, ignored %d others", len(kept), prefix, len(sd) - len(kept))
             return kept
     return sd
+
+
+def strip_prefixes(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Drop ComfyUI's ``model.diffusion_model.`` / ``diffusion_model.`` key prefixes (see ``keep_prefixed``)."""
+    return keep_prefixed(sd, DIT_PREFIXES)
+
+
+def key_problems(expected: dict[str, tuple[int, ...]], sd: dict[str, Tensor], allowed_extra: set[str] = frozenset()
+                 ) -> list[str]:
+    """Missing keys, unexpected keys (less ``allowed_extra``) and wrong shapes of ``sd`` against ``expected``
+    (key -> shape), each as "N what: up to 10 names"; [] when ``sd`` matches."""
+    missing = sorted(set(expected) - set(sd))
+    extra = sorted(set(sd) - set(expected) - allowed_extra)
+    wrong = sorted(f"{k} {tuple(sd[k].shape)} (expected {tuple(expected[k])})"
+                   for k in set(expected) & set(sd) if tuple(sd[k].shape) != tuple(expected[k]))
+    return [f"{len(v)} {what}: {_listing(v)}"
+            for what, v in (("missing keys", missing), ("unexpected keys", extra), ("wrong shapes", wrong)) if v]
 
 
 def _describe_non_dit(sd: dict[str, Tensor]) -> str | None:
@@ -235,14 +255,20 @@ def validate_dit_state_dict(sd: dict[str, Tensor], config: WanDiTConfig) -> None
         ValueError: listing (up to 10 of each, with counts) missing keys, unexpected keys and wrong shapes.
     """
     want = expected_shapes(config)
-    missing = sorted(set(want) - set(sd))
-    extra = sorted(set(sd) - set(want) - _fp8_extras(sd, want))
-    wrong = sorted(f"{k} {tuple(sd[k].shape)} (expected {want[k]})"
-                   for k in set(want) & set(sd) if tuple(sd[k].shape) != want[k])
-    problems = [f"{len(v)} {what}: {_listing(v)}"
-                for what, v in (("missing keys", missing), ("unexpected keys", extra), ("wrong shapes", wrong)) if v]
-    if problems:
+    if problems := key_problems(want, sd, _fp8_extras(sd, want)):
         raise ValueError(f"DiT state dict does not match {preset_name(config) or config}: " + "; ".join(problems))
+
+
+@contextmanager
+def errors_name_file(source: object) -> Iterator[None]:
+    """Put the checkpoint's path in front of a ValueError raised inside (when ``source`` is a path), so a
+    message like "this checkpoint is a VAE ..." says which file it is about."""
+    try:
+        yield
+    except ValueError as err:
+        if isinstance(source, (str, os.PathLike)) and str(source) not in str(err):
+            raise ValueError(f"{source}: {err}") from err
+        raise
 
 
 def load_dit(
@@ -279,8 +305,9 @@ def load_dit(
     sd = strip_prefixes(sd)
     if sd is path_or_state_dict:
         sd = dict(sd)  # never mutate the caller's dict
-    config = infer_dit_config(sd)
-    validate_dit_state_dict(sd, config)
+    with errors_name_file(path_or_state_dict):
+        config = infer_dit_config(sd)
+        validate_dit_state_dict(sd, config)
     stored = detect_fp8_format(sd)
     plan = plan_load(stored, dtype, compute_dtype, device)
     if plan.cast_ops:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from phantom_core.checkpoint import infer_dit_config, preset_name, strip_prefixes, validate_dit_state_dict
-from phantom_core.fp8 import SCALED_FP8_KEY, detect_fp8_format, is_scale_key, split_scales
+from phantom_core.fp8 import SCALED_FP8_KEY, Fp8Format, detect_fp8_format, is_scale_key, split_scales
 from phantom_core.log import logger
 from phantom_core.text_encoder import (
     SPIECE_KEY,
@@ -210,6 +210,15 @@ def classify(infos: dict[str, TensorInfo]) -> dict[str, Any]:
                 "problems": _scale_problems(t5)}
     return {"kind": "unknown", "architecture": "not a Phantom-Wan DiT, Wan VAE or umT5 encoder", "preset": None,
             "config": None, "problems": [dit_error]}
+
+
+def stored_format(path: str | os.PathLike) -> Fp8Format:
+    """How a checkpoint stores its weights (fp8 / scaled fp8 / a float dtype), from its metadata only.
+
+    Raises FileNotFoundError / ValueError as ``inspect_checkpoint``.
+    """
+    _, infos, _, _ = read_tensor_infos(path)
+    return detect_fp8_format(strip_prefixes(_stand_ins(infos)))
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import sentencepiece
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import UMT5Config, UMT5EncoderModel
@@ -39,6 +38,7 @@ from phantom_core.fp8 import (
     fp8_ops,
     plan_load,
 )
+from phantom_core.checkpoint import errors_name_file, read_state_dict
 from phantom_core.log import logger
 from phantom_core.umt5_fp8 import use_cast_layers
 
@@ -271,13 +271,7 @@ def _read_checkpoint(source: str | os.PathLike | Mapping[str, Tensor]) -> tuple[
     """Stored weights (memory-mapped where the format allows: nothing is read yet) and the embedded tokenizer."""
     if isinstance(source, Mapping):
         return {k: v for k, v in source.items() if k != SPIECE_KEY}, source.get(SPIECE_KEY)
-    path = Path(source)
-    if path.suffix in (".pth", ".pt", ".bin"):  # e.g. Wan's models_t5_umt5-xxl-enc-bf16.pth (memory-mapped)
-        return dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True)), None
-    if path.suffix != ".safetensors":
-        raise ValueError(f"text encoder checkpoint {path}: expected .safetensors (or Wan's .pth)")
-    with safe_open(str(path), framework="pt", device="cpu") as f:  # get_tensor maps, it does not copy
-        weights = {key: f.get_tensor(key) for key in f.keys()}
+    weights = read_state_dict(source)  # .safetensors (mapped) or e.g. Wan's .pth (weights_only, memory-mapped)
     return weights, weights.pop(SPIECE_KEY, None)
 
 
@@ -308,7 +302,8 @@ def load_text_encoder(path_or_state_dict: str | os.PathLike | Mapping[str, Tenso
     if "token_embedding.weight" in weights:  # upstream Wan layout
         weights = convert_wan_t5_state_dict(weights)
     weights.pop(_EMBED_TOKENS_KEY, None)  # tied to shared.weight in transformers' UMT5
-    spec = infer_text_encoder_spec(weights)
+    with errors_name_file(path_or_state_dict):
+        spec = infer_text_encoder_spec(weights)
     if tokenizer is None and embedded is None:
         raise ValueError("tokenizer: the text encoder checkpoint has no embedded 'spiece_model'; pass tokenizer= "
                          "a spiece.model file or its folder (e.g. from google/umt5-xxl)")

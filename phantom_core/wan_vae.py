@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from phantom_core.checkpoint import read_state_dict
+from phantom_core.checkpoint import errors_name_file, keep_prefixed, key_problems, read_state_dict
 from phantom_core.latent_norm import LATENT_CHANNELS, denormalize_latents, normalize_latents
 from phantom_core.log import logger
 from phantom_core.vae_tiling import DEFAULT_OVERLAP_LATENT, decode_tiled
@@ -305,26 +305,15 @@ def infer_vae_config(state_dict: Mapping[str, Tensor]) -> WanVAEConfig:
 VAE_PREFIXES = ("first_stage_model.", "vae.")  # containers that bundle the VAE with other models
 
 
-def strip_vae_prefix(state_dict: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+def strip_vae_prefix(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """Keep only the ``first_stage_model.*`` / ``vae.*`` tensors (prefix dropped) when there are any; else as is."""
-    for prefix in VAE_PREFIXES:
-        kept = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        if kept:
-            if len(kept) < len(state_dict):
-                logger.info("kept %d '%s*' tensors, ignored %d others", len(kept), prefix, len(state_dict) - len(kept))
-            return kept
-    return state_dict
+    return keep_prefixed(state_dict, VAE_PREFIXES)
 
 
 def _check_keys(expected: Mapping[str, Tensor], state_dict: Mapping[str, Tensor]) -> None:
     """ValueError listing missing, unexpected and wrongly shaped keys, if any."""
-    missing = sorted(expected.keys() - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - expected.keys())
-    wrong = [f"{k}: {tuple(state_dict[k].shape)} != {tuple(v.shape)}"
-             for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]  # fmt: skip
-    if missing or unexpected or wrong:
-        raise ValueError(f"VAE state dict does not match the Wan2.1 VAE layout: missing {missing}, "
-                         f"unexpected {unexpected}, wrong shape (got != expected) {wrong}")  # fmt: skip
+    if problems := key_problems({k: tuple(v.shape) for k, v in expected.items()}, state_dict):
+        raise ValueError("VAE state dict does not match the Wan2.1 VAE layout: " + "; ".join(problems))
 
 
 def load_vae(
@@ -344,9 +333,10 @@ def load_vae(
     """
     owned = isinstance(path_or_state_dict, (str, Path))  # read here: tensors can be dropped once converted
     state_dict = strip_vae_prefix(read_state_dict(path_or_state_dict) if owned else path_or_state_dict)
-    config = infer_vae_config(state_dict)
-    vae = WanVAE(config, ops=ops, dtype=dtype, device="meta")
-    _check_keys(vae.state_dict(), state_dict)
+    with errors_name_file(path_or_state_dict):
+        config = infer_vae_config(state_dict)
+        vae = WanVAE(config, ops=ops, dtype=dtype, device="meta")
+        _check_keys(vae.state_dict(), state_dict)
     tensors = {}
     for key in list(state_dict):
         tensor = state_dict.pop(key) if owned else state_dict[key]

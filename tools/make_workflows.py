@@ -91,7 +91,7 @@ def describe(num_refs: int, rephrase: bool = False) -> list[Node]:
         Node(2, "PhantomVAELoader", "Phantom VAE Loader", [("vae", "PHANTOM_VAE")],
              widgets={"vae_name": DEFAULT_FILES["vae"]}, pos=(col[0], 150)),
         Node(3, "PhantomTextEncoderLoader", "Phantom Text Encoder Loader", [("text_encoder", "PHANTOM_TEXT_ENCODER")],
-             widgets={"text_encoder_name": DEFAULT_FILES["text_encoder"], "tokenizer": "embedded"}, pos=(col[0], 270)),
+             widgets={"text_encoder_name": DEFAULT_FILES["text_encoder"], "tokenizer": "embedded", "device": "default"}, pos=(col[0], 270)),
         Node(4, "PhantomTextEncode", "Prompt", [("conditioning", "CONDITIONING")],
              sockets=[("text_encoder", "PHANTOM_TEXT_ENCODER")], links={"text_encoder": (3, 0)},
              widgets={"text": prompts[num_refs]}, widget_links={"text": (40, 0)} if rephrase else {},

@@ -1,0 +1,98 @@
+"""The loader nodes on the file formats people have, through a real headless ComfyUI (issue: "the files people
+actually have"): a scaled-fp8 DiT runs and stays 8-bit, a sharded index is listed and loads, and a wrong file
+(a VAE or text encoder picked as the DiT, a truncated file, a non-checkpoint) fails on the node itself with a
+message naming the file and the problem, before any sampling, and writes nothing."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from comfy_server import ComfyServer, comfy_server, history_error  # noqa: F401  (fixture)
+from safetensors.torch import load_file, save_file
+
+from phantom_core.fp8 import quantize_state_dict
+from phantom_core.video_io import probe_mp4
+
+ROOT = Path(__file__).resolve().parents[1]
+DIT_NODE, SAMPLER_NODE, SAVE_NODE, ENCODE_REFS_NODE = "1", "30", "32", "21"
+
+
+def tiny_prompt(server: ComfyServer, examples_dir: Path, dit_name: str, prefix: str) -> dict:
+    """The shipped 1-reference API workflow at 32x32, 1 frame, 2 steps, with `dit_name` as the DiT."""
+    prompt = json.loads((ROOT / "workflows" / "phantom_1ref_api.json").read_text(encoding="utf-8"))
+    prompt = copy.deepcopy(prompt)
+    prompt["10"]["inputs"]["image"] = server.upload_image(examples_dir / "ref1.jpg")
+    prompt[DIT_NODE]["inputs"]["dit_name"] = dit_name
+    prompt[ENCODE_REFS_NODE]["inputs"] |= {"width": 32, "height": 32}
+    prompt[SAMPLER_NODE]["inputs"] |= {"width": 32, "height": 32, "frames": 1, "steps": 2}
+    prompt[SAVE_NODE]["inputs"]["filename_prefix"] = prefix
+    return prompt
+
+
+@pytest.fixture(scope="module")
+def dit_folder(comfy_server: ComfyServer) -> Path:
+    return comfy_server.base / "models" / "diffusion_models"
+
+
+def test_scaled_fp8_dit_runs_through_the_nodes(comfy_server: ComfyServer, examples_dir: Path, dit_folder: Path):
+    sd = load_file(dit_folder / "phantom_tiny_dit.safetensors")
+    linears = [k for k, v in sd.items() if k.startswith("blocks.") and k.endswith(".weight") and v.ndim == 2]
+    save_file(quantize_state_dict(sd, linears), dit_folder / "tiny_fp8_scaled.safetensors")
+    entry = comfy_server.run(tiny_prompt(comfy_server, examples_dir, "tiny_fp8_scaled.safetensors", "fp8"))
+    assert entry["status"]["status_str"] == "success", history_error(entry) + comfy_server.log()
+    [video] = [Path(comfy_server.output_dir, v["subfolder"], v["filename"])
+               for out in entry["outputs"].values() for v in out.get("images", []) + out.get("videos", [])
+               if v["filename"].endswith(".mp4")] or [None]
+    assert video is not None and probe_mp4(video)["frames"] == 1
+    assert "weights torch.float8_e4m3fn" in comfy_server.log(40000), "the DiT loader did not keep fp8 weights"
+
+
+def test_sharded_index_is_listed_and_loads(comfy_server: ComfyServer, examples_dir: Path, dit_folder: Path):
+    sd = load_file(dit_folder / "phantom_tiny_dit.safetensors")
+    shard_dir = dit_folder / "tiny_sharded"
+    shard_dir.mkdir(exist_ok=True)
+    keys = sorted(sd)
+    halves = {"tiny-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "tiny-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    weight_map = {}
+    for name, part in halves.items():
+        save_file({k: sd[k] for k in part}, shard_dir / name)
+        weight_map |= {k: name for k in part}
+    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
+             "weight_map": weight_map}
+    (shard_dir / "tiny.safetensors.index.json").write_text(json.dumps(index), encoding="utf-8")
+    options = comfy_server.object_info()["PhantomDiTLoader"]["input"]["required"]["dit_name"]
+    listed = options[1]["options"] if isinstance(options[0], str) else options[0]
+    assert "tiny_sharded/tiny.safetensors.index.json" in listed
+    entry = comfy_server.run(tiny_prompt(comfy_server, examples_dir, "tiny_sharded/tiny.safetensors.index.json",
+                                         "sharded"))
+    assert entry["status"]["status_str"] == "success", history_error(entry) + comfy_server.log()
+
+
+def write_bad_files(dit_folder: Path, models: Path) -> dict[str, str]:
+    """name in models/diffusion_models -> the problem its error must state (besides naming the file)."""
+    vae = models / "vae" / "phantom_tiny_vae.safetensors"
+    te = models / "text_encoders" / "phantom_tiny_umt5.safetensors"
+    (dit_folder / "a_vae.safetensors").write_bytes(vae.read_bytes())
+    (dit_folder / "a_text_encoder.safetensors").write_bytes(te.read_bytes())
+    dit = (dit_folder / "phantom_tiny_dit.safetensors").read_bytes()
+    (dit_folder / "truncated.safetensors").write_bytes(dit[: len(dit) // 2])
+    (dit_folder / "not_a_checkpoint.safetensors").write_bytes(b"hello, this is not a checkpoint" * 10)
+    return {"a_vae.safetensors": "is a VAE", "a_text_encoder.safetensors": "text encoder",
+            "truncated.safetensors": "is truncated", "not_a_checkpoint.safetensors": "not a safetensors file"}
+
+
+def test_wrong_files_fail_on_the_loader_node(comfy_server: ComfyServer, examples_dir: Path, dit_folder: Path):
+    bad = write_bad_files(dit_folder, comfy_server.base / "models")
+    for name, phrase in bad.items():
+        before = comfy_server.output_files()
+        entry = comfy_server.run(tiny_prompt(comfy_server, examples_dir, name, f"bad_{name}"))
+        error = history_error(entry)
+        assert entry["status"]["status_str"] == "error", f"{name} was accepted"
+        assert error.startswith("PhantomDiTLoader:"), f"{name}: the error is not on the loader node: {error}"
+        assert name in error, f"the error does not name the file {name}: {error!r}"
+        assert phrase in error, f"{name}: {error!r} does not say {phrase!r}"
+        assert comfy_server.output_files() == before, f"{name} left an output file"
