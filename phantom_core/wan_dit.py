@@ -10,7 +10,7 @@ Architecture (source: Wan2.1 ``wan/modules/model.py``; cross-checked against Com
 ``comfy/ldm/wan/model.py`` in ``tests/test_wan_dit.py``):
 
 - Conv3d patchify (patch 1x2x2) to ``dim`` channels; 3-D RoPE on q and k (``rope.py``);
-- sinusoidal timestep embedding (cos half first) -> time MLP -> per-block 6-way modulation (fp32);
+- sinusoidal timestep embedding (cos half first) -> time MLP -> per-block 6-way modulation, all in fp32;
 - each block: LayerNorm + modulation -> self-attention (RMSNorm on q and k over the full width) -> gated
   residual; affine LayerNorm (``norm3``) -> cross-attention to the text -> residual; LayerNorm + modulation
   -> GELU(tanh) FFN -> gated residual;
@@ -108,6 +108,17 @@ def pad_to_patch(x: Tensor, patch_size: tuple[int, int, int]) -> Tensor:
     for size, p in zip(reversed(x.shape[2:]), reversed(patch_size)):
         pad += [0, (p - size % p) % p]
     return F.pad(x, pad, mode="circular") if any(pad) else x
+
+
+def linear_fp32(layer: nn.Module, x: Tensor) -> Tensor:
+    """``layer(x)`` computed in float32 whatever dtype the weights are stored in, with the layer's per-tensor
+    ``scale_weight`` applied when it has one (scaled fp8). Upstream Wan2.1 runs the time MLP and the modulation
+    under ``autocast(dtype=float32)``; this is that, without autocast. ``x (..., in)`` -> ``(..., out)`` fp32."""
+    w = layer.weight.to(device=x.device, dtype=torch.float32)
+    if (scale := getattr(layer, "scale_weight", None)) is not None:
+        w = w * scale.to(device=x.device, dtype=torch.float32)
+    b = None if layer.bias is None else layer.bias.to(device=x.device, dtype=torch.float32)
+    return F.linear(x.float(), w, b)
 
 
 class _Attention(nn.Module):
@@ -312,9 +323,10 @@ class PhantomWanDiT(nn.Module):
         grid = tuple(z.shape[2:])
         tokens = z.flatten(2).transpose(1, 2).contiguous()  # (B, L, D), L = f * h * w
         cos, sin = rope_table(grid, cfg.head_dim, cfg.rope_theta, tokens.device)  # (L, 1, d/2) each
-        # 3. timestep: sinusoid -> time MLP; the modulation vectors are float32 from here on
-        e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim).to(dt)).float()  # (B, D)
-        e0 = self.time_projection(e.to(dt)).float().unflatten(1, (6, cfg.dim))  # (B, 6, D)
+        # 3. timestep: sinusoid -> time MLP -> 6-way projection, all in float32 (as upstream's fp32 autocast)
+        mlp, proj = self.time_embedding, self.time_projection
+        e = linear_fp32(mlp[2], F.silu(linear_fp32(mlp[0], sinusoidal_embedding(t, cfg.freq_dim))))  # (B, D)
+        e0 = linear_fp32(proj[1], F.silu(e)).unflatten(1, (6, cfg.dim))  # (B, 6, D)
         # 4. text context, zero-padded to text_len
         ctx = self._embed_text(context)  # (B, text_len, D)
         # 5. transformer blocks over video + reference tokens
