@@ -187,7 +187,8 @@ class WanBlock(nn.Module):
         would double the memory of the largest activation; ComfyUI makes the same choice as we do).
         """
         D = x.shape[-1]
-        mod = self.modulation.float() + e0  # (B, 6, D) fp32
+        # .to(device): a host that loads the model partially (ComfyUI's low-VRAM mode) leaves it on the offload device
+        mod = self.modulation.to(device=x.device, dtype=torch.float32) + e0  # (B, 6, D) fp32
         shift1, _, gate1, shift2, _, gate2 = mod.to(x.dtype).unsqueeze(2).unbind(1)  # 6 x (B, 1, D)
         one_scale1, one_scale2 = (1.0 + mod[:, [1, 4]]).to(x.dtype).unsqueeze(2).unbind(1)  # 2 x (B, 1, D)
         # 1. self-attention over video + reference tokens, gated residual
@@ -214,7 +215,7 @@ class WanHead(nn.Module):
 
     def forward(self, x: Tensor, e: Tensor) -> Tensor:
         """``x (B, L, D)``, time embedding ``e (B, D)`` float32 -> ``(B, L, out_dim * prod(patch))``."""
-        mod = self.modulation.float() + e.unsqueeze(1)  # (B, 2, D) fp32
+        mod = self.modulation.to(device=x.device, dtype=torch.float32) + e.unsqueeze(1)  # (B, 2, D) fp32
         shift = mod[:, 0:1].to(x.dtype)  # (B, 1, D)
         one_scale = (1.0 + mod[:, 1:2]).to(x.dtype)  # (B, 1, D)
         return self.head(torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=self.eps), one_scale))

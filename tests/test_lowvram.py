@@ -1,0 +1,48 @@
+"""The DiT under ComfyUI's partial (low-VRAM) loading, and the float32 time path.
+
+ComfyUI's ModelPatcher moves only some modules to the load device when a model does not fit; modules that
+own parameters *and* have submodules (our blocks' and head's ``modulation``) stay on the offload device. The
+forward must still run. The "meta" device stands in for the GPU, so the device mismatch shows on a CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from phantom_core.fp8 import quantize_fp8
+from phantom_core.wan_dit import DIT_PRESETS, PhantomWanDiT, linear_fp32
+
+
+def test_dit_runs_when_comfyui_loads_it_partially(comfy_import) -> None:
+    ops = comfy_import("comfy.ops")
+    patcher_mod = comfy_import("comfy.model_patcher")
+    model = PhantomWanDiT(DIT_PRESETS["tiny"], ops=ops.disable_weight_init).eval().requires_grad_(False)
+    patcher = patcher_mod.ModelPatcher(model, load_device=torch.device("meta"), offload_device=torch.device("cpu"))
+    patcher.partially_load(torch.device("meta"), extra_memory=patcher.model_size() // 2)
+    assert patcher.model.model_lowvram, "the model was loaded fully: the test needs a partial load"
+    left = sorted(n for n, p in model.named_parameters() if p.device.type == "cpu" and "modulation" in n)
+    assert left, "no modulation stayed on the offload device: the test no longer exercises the partial load"
+    x = torch.randn(1, 16, 2, 4, 6, device="meta")
+    out = model(x, torch.tensor([500.0], device="meta"), torch.randn(1, 5, 64, device="meta"),
+                torch.randn(1, 16, 2, 4, 6, device="meta"))
+    assert out.shape == x.shape and out.device.type == "meta"
+
+
+def test_linear_fp32_computes_in_float32_with_the_scale() -> None:
+    gen = torch.Generator().manual_seed(0)
+    layer = nn.Linear(64, 32).to(torch.bfloat16)
+    x = torch.randn(3, 64, generator=gen)
+    exact = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
+    ours = linear_fp32(layer, x)
+    assert ours.dtype == torch.float32
+    assert (ours.double() - exact).abs().max() < 1e-4
+    in_bf16 = layer(x.bfloat16()).double()  # what running the time MLP in the weight dtype would give
+    assert (in_bf16 - exact).abs().max() > 10 * (ours.double() - exact).abs().max()
+    q, scale = quantize_fp8(layer.weight.float())
+    fp8 = nn.Linear(64, 32)
+    fp8.weight = nn.Parameter(q, requires_grad=False)
+    fp8.bias = nn.Parameter(layer.bias.float(), requires_grad=False)
+    fp8.register_buffer("scale_weight", scale)
+    dequant = torch.nn.functional.linear(x, q.float() * scale, layer.bias.float())
+    assert torch.allclose(linear_fp32(fp8, x), dequant, atol=1e-6)
