@@ -41,7 +41,7 @@ def test_fill_workflow_keeps_only_the_used_references() -> None:
     assert template["13"]["class_type"] == "LoadImage"  # the template itself is untouched
 
 
-def test_batch_two_good_jobs_and_one_bad(comfy_server: ComfyServer, examples_dir: Path, tmp_path: Path) -> None:
+def test_batch_two_good_jobs_and_three_bad(comfy_server: ComfyServer, examples_dir: Path, tmp_path: Path) -> None:
     jobs = [
         {"id": "one_ref", "refs": [str(examples_dir / "ref1.jpg")], "prompt": "a girl in a garden", "seed": 1,
          "width": 64, "height": 64, "frames": 5, "steps": 2, "fps": 16},
@@ -53,16 +53,22 @@ def test_batch_two_good_jobs_and_one_bad(comfy_server: ComfyServer, examples_dir
     ]
     jobs_file = tmp_path / "jobs.jsonl"
     (tmp_path / "ref4.jpg").write_bytes((examples_dir / "ref4.jpg").read_bytes())  # relative to the JSONL
-    jobs_file.write_text("# two good jobs, one bad\n" + "\n".join(json.dumps(j) for j in jobs) + "\n")
+    jobs.append({"id": "bad_model", "refs": [str(examples_dir / "ref2.jpg")], "prompt": "a dog",
+                 "dit_name": "missing_dit.safetensors", "width": 64, "height": 64, "steps": 2, "frames": 1})
+    lines = [json.dumps(j) for j in jobs] + ['{"id": "broken", "refs": ["ref1.jpg"], "prompt": ']
+    jobs_file.write_text("# two good jobs, three bad\n" + "\n".join(lines) + "\n")
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, str(TOOL), str(jobs_file), "--server", comfy_server.url, "--out", str(out),
-                          "--timeout", "300", "--poll", "0.5"], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 1, run.stderr  # one job failed
+                          "--timeout", "300", "--poll", "0.5", "--dit", "phantom_tiny_dit.safetensors"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1, run.stderr  # some jobs failed
     manifest = json.loads((out / "manifest.json").read_text())
     by_id = {r["id"]: r for r in manifest["jobs"]}
-    assert (manifest["ok"], manifest["failed"]) == (2, 1)
+    assert (manifest["ok"], manifest["failed"]) == (2, 3)
     assert by_id["bad_frames"]["status"] == "failed" and "frames" in by_id["bad_frames"]["error"]
     assert by_id["bad_frames"]["outputs"] == []
+    assert by_id["bad_model"]["status"] == "failed" and "missing_dit.safetensors" in by_id["bad_model"]["error"]
+    assert by_id["line6"]["status"] == "failed" and "jobs.jsonl:6: not valid JSON" in by_id["line6"]["error"]
     expected = {"one_ref": (5, 64, 64, 16.0), "two_refs": (1, 64, 48, 8.0)}
     for job_id, (frames, width, height, fps) in expected.items():
         record = by_id[job_id]

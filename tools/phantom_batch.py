@@ -6,11 +6,14 @@ jobs.jsonl holds one JSON object per line (blank lines and lines starting with #
 
     {"id": "girl", "refs": ["ref1.jpg"], "prompt": "...", "negative_prompt": "...", "seed": 42,
      "width": 832, "height": 480, "frames": 81, "steps": 50, "shift": 5.0, "solver": "unipc",
-     "w_img": 5.0, "w_text": 7.5, "fps": 16, "mode": "letterbox"}
+     "w_img": 5.0, "w_text": 7.5, "fps": 16, "mode": "letterbox", "preset": "custom",
+     "dit_name": "Phantom-Wan-1.3B.pth", "vae_name": "Wan2.1_VAE.pth", "text_encoder_name": "umt5_xxl_fp16.safetensors"}
 
 Only `refs` (1 to 4 image paths, relative to the JSONL's folder) and `prompt` are required; the rest default to
-the workflow's values. Each job's images are uploaded (/upload/image), the API workflow
-(workflows/phantom_4ref_api.json, unused reference inputs removed) is filled in and queued (/prompt); then every
+the workflow's values (its model files are the tiny embedded default: name real ones per job, or for every job
+with --dit / --vae / --text-encoder). A line that is not valid JSON fails as its own job. Each job's images are
+uploaded (/upload/image), the API workflow (workflows/phantom_4ref_api.json, unused reference inputs removed)
+is filled in and queued (/prompt); then every
 job is followed in turn (/history/{id}, /queue) until it finishes or times out, its MP4s are downloaded
 (/view) into DIR, and DIR/manifest.json records each job's status, outputs and error. A failed job (refused by
 /prompt, an execution error, a timeout) is reported and the others go on. Exit status 1 if any job failed.
@@ -35,7 +38,9 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORKFLOW = ROOT / "workflows" / "phantom_4ref_api.json"
 SAMPLER_KEYS = ("width", "height", "frames", "steps", "shift", "solver", "w_img", "w_text", "seed", "preset")
-JOB_KEYS = {"id", "refs", "prompt", "negative_prompt", "fps", "mode", "quality", *SAMPLER_KEYS}
+MODEL_KEYS = {"dit_name": "PhantomDiTLoader", "vae_name": "PhantomVAELoader",
+              "text_encoder_name": "PhantomTextEncoderLoader"}  # job key -> the loader node whose input it sets
+JOB_KEYS = {"id", "refs", "prompt", "negative_prompt", "fps", "mode", "quality", *SAMPLER_KEYS, *MODEL_KEYS}
 UPLOAD_SUBFOLDER = "phantom_batch"
 
 log = logging.getLogger("phantom.batch")
@@ -48,8 +53,11 @@ class JobError(Exception):
 # ------------------------------------------------------------------------------------------------- jobs
 
 
-def read_jobs(path: Path) -> list[dict[str, Any]]:
-    """Parse the JSONL; reference paths are resolved against its folder. Raises ValueError naming the line."""
+def read_jobs(path: Path, defaults: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Parse the JSONL; reference paths are resolved against its folder; `defaults` fill keys a job leaves out.
+
+    A line that is not a JSON object becomes a job that fails with an error naming the line (the others run).
+    """
     jobs = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
@@ -57,9 +65,11 @@ def read_jobs(path: Path) -> list[dict[str, Any]]:
         try:
             job = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: not valid JSON ({e})") from e
+            job = {"id": f"line{number}", "error": f"{path.name}:{number}: not valid JSON ({e})"}
         if not isinstance(job, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(job).__name__}")
+            job = {"id": f"line{number}", "error": f"{path.name}:{number}: expected a JSON object, "
+                                                     f"got {type(job).__name__}"}
+        job = (defaults or {}) | job
         job.setdefault("id", f"job{len(jobs) + 1:03d}")
         job["refs"] = [str((path.parent / r).resolve()) for r in job.get("refs", [])]
         jobs.append(job)
@@ -68,6 +78,8 @@ def read_jobs(path: Path) -> list[dict[str, Any]]:
 
 def check_job(job: dict[str, Any]) -> None:
     """Local checks the server cannot make for us (unknown keys, missing files); raises JobError."""
+    if "error" in job:  # the JSONL line itself was unusable
+        raise JobError(job["error"])
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", str(job["id"])):
         raise JobError(f"id: got {job['id']!r}; use letters, digits, '_', '.', '-' (it names the output file)")
     unknown = set(job) - JOB_KEYS
@@ -114,6 +126,9 @@ def fill_workflow(template: dict, job: dict[str, Any], images: list[str]) -> dic
     prompt[node_of(prompt, "PhantomEncodeReferences")]["inputs"] |= {k: job[k] for k in ("width", "height") if k in job}
     if "mode" in job:
         prompt[refs_id]["inputs"]["mode"] = job["mode"]
+    for key, loader in MODEL_KEYS.items():
+        if key in job:
+            prompt[node_of(prompt, loader)]["inputs"][key] = job[key]
     save = prompt[node_of(prompt, "PhantomSaveVideo")]["inputs"]
     save |= {k: job[k] for k in ("fps", "quality") if k in job}
     save["filename_prefix"] = f"phantom_batch/{job['id']}"
@@ -288,10 +303,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workflow", type=Path, default=DEFAULT_WORKFLOW, help="API-format workflow template")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per job once it is followed")
     parser.add_argument("--poll", type=float, default=1.0, help="seconds between /history polls")
+    parser.add_argument("--dit", metavar="NAME", help="dit_name for jobs that name none (a file in the server's "
+                                                      "models/diffusion_models, e.g. Phantom-Wan-1.3B.pth)")
+    parser.add_argument("--vae", metavar="NAME", help="vae_name for jobs that name none (models/vae)")
+    parser.add_argument("--text-encoder", metavar="NAME",
+                        help="text_encoder_name for jobs that name none (models/text_encoders)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        jobs = read_jobs(args.jobs)
+        defaults = {key: value for key, value in (("dit_name", args.dit), ("vae_name", args.vae),
+                                                  ("text_encoder_name", args.text_encoder)) if value}
+        jobs = read_jobs(args.jobs, defaults)
         template = json.loads(args.workflow.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         log.error("%s", e)
