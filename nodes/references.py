@@ -20,15 +20,39 @@ MAX_REFERENCES = 4
 MODES = ["letterbox", "crop"]
 
 
-def split_references(batches: list[torch.Tensor | None]) -> list[torch.Tensor]:
-    """IMAGE batches `[B, H, W, C]` (None = unconnected) -> one `[H, W, 3]` tensor per image, in input order."""
-    return [img[..., :3].cpu() for batch in batches if batch is not None for img in batch]
+def with_alpha(batch: torch.Tensor, mask: torch.Tensor | None, name: str) -> torch.Tensor:
+    """IMAGE `[B, H, W, C]` + ComfyUI MASK (`[B, H, W]` / `[H, W]`, 1 = transparent, as LoadImage gives it)
+    -> `[B, H, W, 4]` RGBA (alpha = 1 - mask), or `[B, H, W, 3]` without a usable mask.
+
+    LoadImage returns a 64x64 all-zero mask for an image without alpha: a mask of another size that is all
+    zero means "opaque". Raises ValueError naming `name` for a non-zero mask of another size.
+    """
+    rgb = batch[..., :3].cpu()
+    if mask is None:
+        return rgb
+    mask = mask.cpu().float()
+    mask = mask.expand(rgb.shape[0], *mask.shape) if mask.ndim == 2 else mask  # (B, h, w)
+    if mask.shape != rgb.shape[:3]:
+        if not mask.any():
+            return rgb
+        raise ValueError(f"{name} is {tuple(mask.shape)} but its image is {tuple(rgb.shape[:3])} (B, H, W); "
+                         "connect the MASK output of the same Load Image node")
+    return torch.cat([rgb, (1.0 - mask).unsqueeze(-1)], dim=-1)  # (B, H, W, 4)
+
+
+def split_references(batches: list[torch.Tensor | None], masks: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """IMAGE batches `[B, H, W, C]` (None = unconnected) and their optional MASKs -> one `[H, W, 3 or 4]` tensor
+    per image, in input order (4 channels: alpha from the mask, composited over white downstream)."""
+    return [img for k, (batch, mask) in enumerate(zip(batches, masks), start=1) if batch is not None
+            for img in with_alpha(batch, mask, f"mask_{k}")]
 
 
 class PhantomReferences(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         tip = "Subject reference image(s); a batch counts as one reference per image. 1 to 4 in total."
+        mask_tip = ("Optional MASK of the same input (Load Image's MASK output): transparent parts of the reference "
+                    "are composited over white, as the official code does for cut-out subjects.")
         return io.Schema(
             node_id="PhantomReferences",
             display_name="Phantom References",
@@ -40,13 +64,15 @@ class PhantomReferences(io.ComfyNode):
                 io.Combo.Input("mode", options=MODES, default="letterbox",
                                tooltip="letterbox: fit inside the frame and pad white (official Phantom); "
                                        "crop: scale to cover the frame and centre-crop."),
+                *[io.Mask.Input(f"mask_{k}", optional=True, tooltip=mask_tip) for k in range(1, MAX_REFERENCES + 1)],
             ],
             outputs=[PhantomReferencesType.Output(display_name="references")],
         )
 
     @classmethod
-    def execute(cls, image_1, mode: str, image_2=None, image_3=None, image_4=None) -> io.NodeOutput:
-        images = split_references([image_1, image_2, image_3, image_4])
+    def execute(cls, image_1, mode: str, image_2=None, image_3=None, image_4=None, mask_1=None, mask_2=None,
+                mask_3=None, mask_4=None) -> io.NodeOutput:
+        images = split_references([image_1, image_2, image_3, image_4], [mask_1, mask_2, mask_3, mask_4])
         if not 1 <= len(images) <= MAX_REFERENCES:
             raise ValueError(f"references: got {len(images)} images in total over image_1..image_4; "
                              f"Phantom takes 1 to {MAX_REFERENCES} reference images")

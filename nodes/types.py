@@ -42,7 +42,8 @@ PhantomTextEncoder = io.Custom("PHANTOM_TEXT_ENCODER")
 """A ModelPatcher managing `phantom_core.text_encoder.UMT5TextEncoder`."""
 
 PhantomReferences = io.Custom("PHANTOM_REFERENCES")
-"""`{"images": list of [H, W, 3] float 0..1 CPU tensors (1..4), "mode": "letterbox" | "crop"}`."""
+"""`{"images": list of [H, W, 3] (or [H, W, 4] RGBA: alpha from a mask) float 0..1 CPU tensors (1..4), "mode":
+"letterbox" | "crop"}`."""
 
 PhantomRefLatents = io.Custom("PHANTOM_REF_LATENTS")
 """`{"samples": raw VAE latents [1, 16, N, h, w] float, "width": px, "height": px}` (N references)."""

@@ -155,9 +155,27 @@ def test_native_conditioning_is_accepted(comfy_server: ComfyServer, examples_dir
     assert probe_mp4(video)["frames"] == 1
 
 
-def test_node_chain_matches_phantom_core_run_directly(comfy_server: ComfyServer, examples_dir: Path) -> None:
+def cut_out_png(photo: Path, target: Path) -> Path:
+    """An RGBA PNG of `photo` whose outer part is fully transparent with black under it (as cut-outs often
+    have): composited over white it differs strongly from the black RGB that Load Image's IMAGE carries."""
+    import numpy as np
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(photo).convert("RGB")).copy()
+    h, w = rgb.shape[:2]
+    alpha = np.zeros((h, w), np.uint8)
+    alpha[h // 3: 2 * h // 3, w // 3: 2 * w // 3] = 255
+    rgb[alpha == 0] = 0
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(target)
+    return target
+
+
+@pytest.mark.parametrize("reference", ["photo", "cut_out_with_mask"])
+def test_node_chain_matches_phantom_core_run_directly(comfy_server: ComfyServer, examples_dir: Path,
+                                                      tmp_path: Path, reference: str) -> None:
     """The server's LATENT (saved by ComfyUI's own SaveLatent) equals phantom_core driven directly with the same
-    inputs: proves the nodes' boundary conversions (raw <-> normalized latents, text context, noise, sizes)."""
+    inputs: proves the nodes' boundary conversions (raw <-> normalized latents, text context, noise, sizes), and
+    for a transparent cut-out wired with Load Image's MASK, that it is composited over white as in the core."""
     import torch
     from safetensors.torch import load_file
 
@@ -169,9 +187,13 @@ def test_node_chain_matches_phantom_core_run_directly(comfy_server: ComfyServer,
     from phantom_core.wan_vae import load_vae
 
     ref = cases(examples_dir)[1]
+    if reference == "cut_out_with_mask":
+        ref = [cut_out_png(ref[0], tmp_path / "cut_out.png")]
     width, height, frames, steps, seed = 64, 48, 5, 3, 5
     prompt = configure(load_api(1), comfy_server, ref, width=width, height=height, frames=frames, steps=steps,
-                       prefix="e2e_parity")
+                       prefix=f"e2e_parity_{reference}")
+    if reference == "cut_out_with_mask":
+        prompt["20"]["inputs"]["mask_1"] = ["10", 1]  # Load Image's MASK
     prompt[SAMPLER_NODE]["inputs"]["seed"] = seed
     prompt["50"] = {"class_type": "SaveLatent", "inputs": {"samples": [SAMPLER_NODE, 0], "filename_prefix": "parity"}}
     entry = comfy_server.run(prompt)
