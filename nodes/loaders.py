@@ -43,12 +43,12 @@ def dit_files() -> list[str]:
 
 
 def tokenizer_files() -> list[str]:
-    """Sentencepiece models (`*.model`, also one folder deep) in ComfyUI's `models/text_encoders` folders."""
+    """Sentencepiece models (`*.model`) at any depth of ComfyUI's `models/text_encoders` folders, e.g. a
+    downloaded `google/umt5-xxl/spiece.model`."""
     found = set()
     for base in folder_paths.get_folder_paths("text_encoders"):
-        for root, _, files in os.walk(base):
-            if os.path.relpath(root, base).count(os.sep) < 1:
-                found |= {os.path.relpath(os.path.join(root, f), base) for f in files if f.endswith(".model")}
+        for root, _, files in os.walk(base, followlinks=True):
+            found |= {os.path.relpath(os.path.join(root, f), base) for f in files if f.endswith(".model")}
     return sorted(found)
 
 
@@ -183,8 +183,9 @@ class PhantomTextEncoderLoader(io.ComfyNode):
                                tooltip="umT5 encoder checkpoint from models/text_encoders."),
                 io.Combo.Input("tokenizer", options=[EMBEDDED, *tokenizer_files()], default=EMBEDDED,
                                tooltip="embedded: the sentencepiece model stored in the checkpoint (ComfyUI's umT5 "
-                                       "files, the tiny default); else a spiece.model of google/umt5-xxl placed "
-                                       "in models/text_encoders (needed for Wan's original .pth)."),
+                                       "files, the tiny default); else a spiece.model of google/umt5-xxl anywhere "
+                                       "under models/text_encoders, e.g. google/umt5-xxl/spiece.model (needed for "
+                                       "Wan's original .pth)."),
                 io.Combo.Input("device", options=TEXT_ENCODER_DEVICES, default="default",
                                tooltip="default: ComfyUI's text-encoder device (the GPU when there is one). cpu: "
                                        "keep the encoder on the CPU so the GPU stays free for the DiT."),

@@ -11,6 +11,11 @@ Value precedence for ``generate``: an option given on the command line > ``--pre
 ``--from-sidecar`` > the official defaults of ``GenerationSettings``. The CLI draws a plain-text progress bar on
 stderr; the library itself only logs.
 
+Precision and placement: ``--dtype auto`` (default) keeps each DiT / text-encoder file's stored weight dtype (a bf16
+umT5 stays bf16, an fp8 file stays fp8) and computes in bf16 on CUDA, fp32 on the CPU (``--compute-dtype``);
+``--text-encoder-device cpu`` keeps umT5 on the CPU while the DiT holds the GPU. The sidecar records the choices
+(and what they resolved to), so ``--from-sidecar`` decides the same way.
+
 ``--rephrase`` rewrites the prompt with the rephraser (``phantom_core.rephraser``; back-end options of
 ``cli_rephrase`` under the ``--rephrase-`` prefix) before it is encoded. The sidecar's ``settings.prompt`` is the
 rewritten prompt (what the video was made from); its ``"rephrase"`` entry records the original prompt, the
@@ -41,6 +46,7 @@ from phantom_core.pipeline import (
     GenerationSettings,
     changed_files,
     default_sidecar_path,
+    dtype_name,
     generate_to_file,
     read_sidecar,
     resolve_seed,
@@ -50,7 +56,14 @@ from phantom_core.references import MAX_REFERENCES, open_reference
 from phantom_core.rephraser import RephraseError, RephraseResult, Rephraser
 from phantom_core.sampler import SAMPLER_PRESETS, SOLVERS
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# --dtype: weight dtype of the DiT and the text encoder (None: each file's stored dtype); --compute-dtype: activations
+DTYPES: dict[str, torch.dtype | None] = {"auto": None, "fp32": torch.float32, "fp16": torch.float16,
+                                         "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn,
+                                         "fp8_e5m2": torch.float8_e5m2}
+COMPUTE_DTYPES: dict[str, torch.dtype | None] = {"auto": None, "fp32": torch.float32, "fp16": torch.float16,
+                                                 "bf16": torch.bfloat16}
+DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float8_e4m3fn": "fp8_e4m3fn",
+                 "float8_e5m2": "fp8_e5m2"}  # torch's names, as the sidecar records them
 REPHRASE_PREFIX = "rephrase-"  # generate's rephraser flags: --rephrase-endpoint, --rephrase-seed, ...
 SIDECAR_REPHRASE_KEY = "rephrase"  # the sidecar entry written by --rephrase
 
@@ -122,8 +135,17 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
         settings.add_argument(flag, dest=field, type=kind, default=None, choices=choices, help=text)
     run = p.add_argument_group("runtime")
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    run.add_argument("--dtype", default=None, choices=list(DTYPES),
-                     help="DiT / text encoder dtype (default: bfloat16 on CUDA, float32 on the CPU)")
+    run.add_argument("--text-encoder-device", default=None, metavar="DEVICE",
+                     help="where the umT5 text encoder runs (default: --device); cpu keeps its 5.7 B parameters off "
+                          "the GPU (its output is moved to the DiT's device)")
+    run.add_argument("--dtype", default=None, type=dtype_choice, choices=list(DTYPES),
+                     help="DiT and text encoder weight dtype. auto (default): each file's stored dtype, never upcast "
+                          "wholesale (a bf16 umT5 stays bf16, an fp8 file stays fp8); fp32/fp16/bf16: cast every "
+                          "weight; fp8_e4m3fn/fp8_e5m2: store the Linear weights in 8 bits. The VAE always runs "
+                          "in fp32")
+    run.add_argument("--compute-dtype", default=None, type=dtype_choice, choices=list(COMPUTE_DTYPES),
+                     help="activation dtype of the DiT and text encoder. auto (default): the --dtype when it is "
+                          "fp32/fp16/bf16, else bf16 on CUDA and fp32 on the CPU (weights upcast layer by layer)")
     run.add_argument("--from-sidecar", metavar="JSON", help="regenerate from a sidecar: its files and settings "
                                                             "(options given here override it)")
     run.add_argument("--ignore-changed-files", action="store_true",
@@ -158,6 +180,35 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def dtype_choice(text: str) -> str:
+    """A ``--dtype`` / ``--compute-dtype`` value normalised: torch's names (``bfloat16``) become ours (``bf16``)."""
+    text = str(text).strip().lower()
+    return DTYPE_ALIASES.get(text, text)
+
+
+def _check_device(flag: str, value: str) -> str:
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"{flag}: got {value!r}; expected cpu, cuda, cuda:1, mps, ... ({err})") from None
+    return value
+
+
+def _runtime_args(args: argparse.Namespace, recorded: dict[str, Any]) -> dict[str, Any]:
+    """``dtype`` / ``compute_dtype`` / ``device`` / ``text_encoder_device`` of ``generate_to_file``: an option
+    given > the sidecar's ``runtime`` (``recorded``) > the defaults (auto; cuda when available)."""
+    device = _check_device("--device", args.device or recorded.get("device") or _default_device())
+    te_device = args.text_encoder_device or recorded.get("text_encoder_device")
+    out: dict[str, Any] = {"device": device,
+                           "text_encoder_device": te_device and _check_device("--text-encoder-device", te_device)}
+    for key, flag, valid in (("dtype", "--dtype", DTYPES), ("compute_dtype", "--compute-dtype", COMPUTE_DTYPES)):
+        name = dtype_choice(getattr(args, key) or recorded.get(key) or "auto")
+        if name not in valid:
+            raise ValueError(f"{flag}: got {name!r}; valid: {', '.join(valid)}")
+        out[key] = valid[name]
+    return out
+
+
 def resolve_generate_args(args: argparse.Namespace) -> dict[str, Any]:
     """Merge defaults < sidecar < preset < explicit options into the arguments of ``generate_to_file``.
 
@@ -170,14 +221,14 @@ def resolve_generate_args(args: argparse.Namespace) -> dict[str, Any]:
                          "--rephrase to rewrite the prompt before encoding")
     values: dict[str, Any] = {}
     files: dict[str, Any] = {"dit": None, "vae": None, "text_encoder": None, "tokenizer": None, "ref": None}
-    device, dtype, rephrased = None, None, None
+    recorded, rephrased = {}, None
     if args.from_sidecar:
         record = read_sidecar(args.from_sidecar)
         rephrased = record.get(SIDECAR_REPHRASE_KEY)
         values.update(record["settings"].to_json())
         files.update({role: entry["path"] for role, entry in record["models"].items() if role in files})
         files["ref"] = [r["path"] for r in record["references"]]
-        device, dtype = record["runtime"]["device"], record["runtime"]["dtype"]
+        recorded = record.get("runtime") or {}
         problems = [] if args.ignore_changed_files else changed_files(record)
         if problems:
             raise ValueError(f"--from-sidecar {args.from_sidecar}: the video would not be the same: "
@@ -191,13 +242,9 @@ def resolve_generate_args(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"{flag} is required (or --from-sidecar FILE)")
     if "prompt" not in values:
         raise ValueError("--prompt is required (or --from-sidecar FILE)")
-    device = args.device or device or _default_device()
-    dtype = args.dtype or dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype: got {dtype!r}; valid dtypes are {', '.join(DTYPES)}")
     return {"dit_path": files["dit"], "vae_path": files["vae"], "text_encoder_path": files["text_encoder"],
             "ref_paths": list(files["ref"]), "settings": GenerationSettings.from_json(values),
-            "out_path": args.out, "dtype": DTYPES[dtype], "device": device,
+            "out_path": args.out, **_runtime_args(args, recorded),
             "sidecar_path": args.sidecar or default_sidecar_path(args.out), "tokenizer_path": files["tokenizer"],
             "rephrased": rephrased}
 
@@ -265,9 +312,11 @@ def run_generate(args: argparse.Namespace, stream: TextIO | None = None) -> int:
         settings, rephrased = rephrase_settings(args, resolve_seed(kwargs["settings"]), kwargs["ref_paths"],
                                                 previous, stream)
         kwargs["settings"] = settings
-        dtype = str(kwargs["dtype"]).removeprefix("torch.")
+        te_device = kwargs["text_encoder_device"] or kwargs["device"]
         stream.write(f"generating {settings.frames} frames {settings.width}x{settings.height}, {settings.solver} "
-                     f"{settings.steps} steps, seed {settings.seed}, on {kwargs['device']} ({dtype})\n")
+                     f"{settings.steps} steps, seed {settings.seed}, on {kwargs['device']} (text encoder on "
+                     f"{te_device}; weights {dtype_name(kwargs['dtype'])}, compute "
+                     f"{dtype_name(kwargs['compute_dtype'])})\n")
         bar = None if args.no_progress else TextProgressBar(stream)
         mp4, side = generate_to_file(**kwargs, progress=False, callback=bar)
         if rephrased is not None:

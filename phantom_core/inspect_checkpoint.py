@@ -10,20 +10,30 @@ stay on disk behind a memory map). The architecture is recognised by running the
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import pickle
-import struct
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from phantom_core.checkpoint import infer_dit_config, preset_name, strip_prefixes, validate_dit_state_dict
+from phantom_core.checkpoint import (
+    INDEX_SUFFIX,
+    SAFETENSORS_DTYPES,  # noqa: F401  (re-exported: the safetensors dtype tags)
+    TORCH_SUFFIXES,
+    TensorInfo,
+    check_shard_keys,
+    find_index,
+    infer_dit_config,
+    preset_name,
+    read_index,
+    read_safetensors_header,
+    read_torch_checkpoint,
+    strip_prefixes,
+    validate_dit_state_dict,
+)
 from phantom_core.fp8 import SCALED_FP8_KEY, Fp8Format, detect_fp8_format, is_scale_key, split_scales
-from phantom_core.log import logger
 from phantom_core.text_encoder import (
     SPIECE_KEY,
     TEXT_ENCODER_PRESETS,
@@ -32,113 +42,52 @@ from phantom_core.text_encoder import (
 )
 from phantom_core.wan_vae import VAE_PRESETS, infer_vae_config, strip_vae_prefix
 
-_INDEX_SUFFIX = ".safetensors.index.json"
-_MAX_HEADER = 100 << 20  # bytes; the safetensors reference implementation refuses larger headers too
-SAFETENSORS_DTYPES = {  # safetensors dtype tag -> torch dtype name
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-    "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
-}
-TensorInfo = tuple[tuple[int, ...], str]  # (shape, dtype name)
-
-
 # ---------------------------------------------------------------------------------------------- readers
-
-
-def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """``({name: (shape, dtype)}, metadata)`` from a safetensors header, checking it against the file size.
-
-    Raises:
-        ValueError: naming the file when it is too short, the header is not JSON, or the tensors' data would
-            run past the end of the file (a truncated download).
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path} is {size} bytes: too short to be a safetensors file")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, _MAX_HEADER):
-            raise ValueError(f"{path} is not a safetensors file (its first 8 bytes give a header of {n} bytes; "
-                             f"the file has {size})")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as err:
-        raise ValueError(f"{path} is not a safetensors file (header is not JSON: {err})") from err
-    if not isinstance(header, dict):
-        raise ValueError(f"{path} is not a safetensors file (header is not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    tensors, data_end = {}, 0
-    for name, info in header.items():
-        try:
-            tensors[name] = (tuple(int(s) for s in info["shape"]), SAFETENSORS_DTYPES.get(info["dtype"], info["dtype"]))
-            data_end = max(data_end, int(info["data_offsets"][1]))
-        except (TypeError, KeyError, IndexError, ValueError) as err:
-            raise ValueError(f"{path}: malformed safetensors header entry {name!r}: {err}") from err
-    if 8 + n + data_end > size:
-        raise ValueError(f"{path} is truncated: its header places tensor data up to byte {8 + n + data_end} "
-                         f"but the file has {size} bytes")
-    return tensors, metadata
 
 
 def read_torch_shapes(path: str | os.PathLike) -> dict[str, TensorInfo]:
     """``{name: (shape, dtype)}`` of a ``.pth`` via a memory map (legacy non-zip files are read fully, warned).
 
-    Raises ``ValueError`` naming the file when it is not a weights-only flat state dict.
+    Raises ``ValueError`` naming the file and the problem, as ``checkpoint.read_torch_checkpoint``.
     """
-    path = Path(path)
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            logger.warning("%s is a legacy (non-zip) torch file: reading it fully to inspect it", path)
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as err:
-        raise ValueError(f"{path} cannot be read as a weights-only torch checkpoint: {err}") from err
-    if isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in ("state_dict", "model", "module"):
-        obj = next(iter(obj.values()))
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"{path} does not hold a flat {{name: tensor}} state dict ({type(obj).__name__})")
+    obj = read_torch_checkpoint(path)
     return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in obj.items()}
 
 
 def _read_index(index: Path) -> tuple[dict[str, TensorInfo], dict[str, str], list[Path]]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{index} is not a safetensors index with a weight_map: {err}") from err
-    shards = [index.parent / s for s in sorted(set(weight_map.values()))]
+    by_shard: dict[str, list[str]] = {}
+    for key, shard in read_index(index).items():
+        by_shard.setdefault(shard, []).append(key)
+    shards = [index.parent / s for s in sorted(by_shard)]
     tensors: dict[str, TensorInfo] = {}
-    for shard in shards:
+    for shard, keys in zip(shards, [by_shard[s] for s in sorted(by_shard)]):
         if not shard.is_file():
             raise ValueError(f"shard {shard.name} listed in {index} is missing")
-        tensors.update(read_safetensors_header(shard)[0])
+        infos = read_safetensors_header(shard)[0]
+        check_shard_keys(shard, infos, keys)
+        tensors.update(infos)
     return tensors, {}, [index, *shards]
 
 
 def read_tensor_infos(path: str | os.PathLike) -> tuple[str, dict[str, TensorInfo], dict[str, str], list[Path]]:
-    """``(format, {name: (shape, dtype)}, metadata, files)`` of any checkpoint ``read_state_dict`` accepts."""
+    """``(format, {name: (shape, dtype)}, metadata, files)`` of any checkpoint ``read_state_dict`` accepts.
+
+    Raises the same ``FileNotFoundError`` / ``ValueError`` (naming the file and the problem) as ``read_state_dict``.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.is_dir():
-        found = sorted(path.glob(f"*{_INDEX_SUFFIX}"))
-        if len(found) != 1:
-            raise ValueError(f"directory {path} holds {len(found)} '*{_INDEX_SUFFIX}' files; expected exactly one")
-        path = found[0]
+        path = find_index(path)
     name = path.name.lower()
-    if name.endswith(_INDEX_SUFFIX):
+    if name.endswith(INDEX_SUFFIX):
         return ("sharded safetensors", *_read_index(path))
     if name.endswith(".safetensors"):
         return ("safetensors", *read_safetensors_header(path), [path])
-    if name.endswith((".pth", ".pt", ".bin", ".ckpt")):
+    if name.endswith(TORCH_SUFFIXES):
         return "pytorch", read_torch_shapes(path), {}, [path]
     raise ValueError(f"{path} has an unknown extension; expected .safetensors, .pth, .pt, .bin, .ckpt or a "
-                     f"*{_INDEX_SUFFIX} / a directory with one")
+                     f"*{INDEX_SUFFIX} / a directory with one")
 
 
 # ---------------------------------------------------------------------------------------------- classification

@@ -32,7 +32,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from phantom_core.checkpoint import load_dit
+from phantom_core.checkpoint import INDEX_SUFFIX, find_index, load_dit, read_index
+from phantom_core.fp8 import default_compute_dtype, is_fp8, weight_bytes
 from phantom_core.log import logger
 from phantom_core.references import MAX_REFERENCES, SIZE_MULTIPLE, encode_references, open_reference
 from phantom_core.sampler import SAMPLER_PRESETS, SOLVERS, WAN_NEGATIVE_PROMPT, StepCallback, make_noise, sample_phantom
@@ -228,27 +229,64 @@ def default_sidecar_path(out_path: str | os.PathLike) -> Path:
     return Path(out_path).with_suffix(".json")
 
 
+def resolve_compute_dtype(dtype: torch.dtype | None, compute_dtype: torch.dtype | None,
+                          device: torch.device | str) -> torch.dtype:
+    """The activation dtype of a model loaded with weight ``dtype`` on ``device``.
+
+    ``compute_dtype`` when given; else a forced float ``dtype`` itself (fp32 / fp16 / bf16); else (stored dtype
+    kept, or fp8 weights) bf16 on CUDA and fp32 elsewhere (``fp8.default_compute_dtype``): a bf16 or fp8 file is
+    upcast per layer during the forward, never wholesale in memory.
+    """
+    if compute_dtype is not None:
+        return compute_dtype
+    if dtype is not None and not is_fp8(dtype):
+        return dtype
+    return default_compute_dtype(device)
+
+
 def load_models(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
                 text_encoder_path: str | os.PathLike, *, tokenizer_path: str | os.PathLike | None = None,
-                dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> tuple[Any, Any, Any]:
+                dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+                compute_dtype: torch.dtype | None = None,
+                text_encoder_device: torch.device | str | None = None) -> tuple[Any, Any, Any]:
     """Load DiT, VAE and text encoder, each error re-raised naming the role and file; then check compatibility.
 
-    ``tokenizer_path``: umT5's ``spiece.model`` (or its folder) when the text encoder file has none embedded
-    (upstream Wan's ``.pth``). The DiT and the text encoder take ``dtype``; the VAE always runs in float32 (as
-    upstream Wan), on ``device``.
+    Args:
+        tokenizer_path: umT5's ``spiece.model`` (or its folder) when the text encoder file has none embedded
+            (upstream Wan's ``.pth``).
+        dtype: weight dtype of the DiT and the text encoder. None keeps each file's stored dtype (a bf16 umT5 stays
+            bf16, an fp8 file stays fp8: a 5.7 B encoder is never upcast wholesale); fp32 / fp16 / bf16 cast every
+            weight; an fp8 dtype stores the Linear weights in 8 bits. The VAE always runs in float32 (as
+            upstream Wan; it is small).
+        device: where the DiT and the VAE run.
+        compute_dtype: activation dtype of the DiT and the text encoder; None: see :func:`resolve_compute_dtype`
+            (decided per model, from its own device).
+        text_encoder_device: where the text encoder runs; None: ``device``. ``"cpu"`` keeps it off the GPU while
+            the DiT holds it (:func:`generate` moves the context to the DiT's device).
     Raises ``ValueError`` / ``FileNotFoundError`` naming the file.
     """
-    dit = _load_one("DiT", dit_path, lambda p: load_dit(p, dtype=dtype, device=device))
+    te_device = device if text_encoder_device is None else text_encoder_device
+    dit = _load_one("DiT", dit_path, lambda p: load_dit(
+        p, dtype=dtype, device=device, compute_dtype=resolve_compute_dtype(dtype, compute_dtype, device)))
     vae = _load_one("VAE", vae_path, lambda p: load_vae(p, dtype=torch.float32, device=device))
     if tokenizer_path is not None and not Path(tokenizer_path).exists():
         raise FileNotFoundError(f"tokenizer file {tokenizer_path} does not exist")
-    text_encoder = _load_one("text encoder", text_encoder_path,
-                             lambda p: load_text_encoder(p, tokenizer_path, dtype=dtype, device=device))
+    text_encoder = _load_one("text encoder", text_encoder_path, lambda p: load_text_encoder(
+        p, tokenizer_path, dtype=dtype, device=te_device,
+        compute_dtype=resolve_compute_dtype(dtype, compute_dtype, te_device)))
     try:
         check_compatible(dit, vae, text_encoder)
     except ValueError as err:
         raise ValueError(f"{err} (DiT {dit_path}, VAE {vae_path}, text encoder {text_encoder_path})") from err
     return dit, vae, text_encoder
+
+
+def model_precision(model: torch.nn.Module) -> dict[str, str]:
+    """``{"weights": dtype holding most of the bytes, "compute": activation dtype, "device"}`` (sidecar, logs)."""
+    by_bytes = weight_bytes(model)
+    compute = getattr(model, "compute_dtype", None) or next(model.parameters()).dtype
+    return {"weights": max(by_bytes, key=by_bytes.get), "compute": str(compute).removeprefix("torch."),
+            "device": str(_device_of(model))}
 
 
 def _load_one(role: str, path: str | os.PathLike, load: Any) -> Any:
@@ -259,9 +297,11 @@ def _load_one(role: str, path: str | os.PathLike, load: Any) -> Any:
     started = time.perf_counter()
     try:
         model = load(path)
-    except Exception as err:  # safetensors, torch and json raise their own types: name the file whatever it was
-        kind = type(err).__name__
-        raise ValueError(f"{role} file {path} cannot be loaded as a {role} checkpoint ({kind}): {err}") from err
+    except Exception as err:  # the loaders raise ValueError; anything else still names the file and the role
+        reason = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+        if reason.startswith(str(path)):  # the loader named the file already: "<role> file <path> is truncated..."
+            raise ValueError(f"{role} file {reason}") from err
+        raise ValueError(f"{role} file {path} cannot be loaded as a {role} checkpoint: {reason}") from err
     logger.info("loaded %s %s in %.1f s", role, path, time.perf_counter() - started)
     return model
 
@@ -269,7 +309,9 @@ def _load_one(role: str, path: str | os.PathLike, load: Any) -> Any:
 def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
                      text_encoder_path: str | os.PathLike, ref_paths: Sequence[str | os.PathLike],
                      settings: GenerationSettings, out_path: str | os.PathLike, *,
-                     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                     dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+                     compute_dtype: torch.dtype | None = None,
+                     text_encoder_device: torch.device | str | None = None,
                      progress: bool = True, callback: StepCallback | None = None,
                      sidecar_path: str | os.PathLike | None = None,
                      tokenizer_path: str | os.PathLike | None = None) -> tuple[Path, Path]:
@@ -284,7 +326,9 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
         dit_path / vae_path / text_encoder_path: checkpoint files (DiT: also a sharded index or its folder).
         ref_paths: 1 to 4 reference image files. settings: see :class:`GenerationSettings`.
         tokenizer_path: sentencepiece model for a text encoder file without an embedded one.
-        out_path: the ``.mp4`` to write. dtype / device: where the DiT and text encoder run.
+        out_path: the ``.mp4`` to write.
+        dtype / device / compute_dtype / text_encoder_device: see :func:`load_models` (default: stored weight
+            dtypes, compute bf16 on CUDA / fp32 on the CPU, text encoder on ``device``).
         progress: log each sampling step (INFO). callback: also called after each step.
     Returns:
         ``(mp4_path, sidecar_path)``.
@@ -296,8 +340,10 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
         raise ValueError(f"output: got {out}; the output file must end in .mp4")
     settings = resolve_seed(settings)
     images = _as_images(list(ref_paths))
+    runtime = {"dtype": dtype, "compute_dtype": compute_dtype, "device": device,
+               "text_encoder_device": text_encoder_device}
     dit, vae, text_encoder = load_models(dit_path, vae_path, text_encoder_path, tokenizer_path=tokenizer_path,
-                                         dtype=dtype, device=device)
+                                         **runtime)
 
     def on_step(step: int, total: int, x0_pred: Tensor) -> None:
         if progress:
@@ -311,8 +357,8 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
     write_mp4(to_uint8_frames(video), out, fps=settings.fps, quality=settings.quality)
     side = Path(sidecar_path) if sidecar_path is not None else default_sidecar_path(out)
     record = build_sidecar(settings, dit_path=dit_path, vae_path=vae_path, text_encoder_path=text_encoder_path,
-                           ref_paths=ref_paths, dtype=dtype, device=device, out_path=out, seconds=seconds,
-                           tokenizer_path=tokenizer_path)
+                           ref_paths=ref_paths, runtime=runtime_record(**runtime, models=(dit, vae, text_encoder)),
+                           out_path=out, seconds=seconds, tokenizer_path=tokenizer_path)
     write_sidecar(record, side)
     return out, side
 
@@ -322,7 +368,6 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
 SIDECAR_FORMAT = "phantom-generation"
 SIDECAR_VERSION = 1
 _HASH_CHUNK = 8 << 20  # bytes read per hashing step: the file is streamed, never held in memory
-_INDEX_SUFFIX = ".safetensors.index.json"
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -342,16 +387,10 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
     """
     path = Path(path)
     if path.is_dir():
-        found = sorted(path.glob(f"*{_INDEX_SUFFIX}"))
-        if len(found) != 1:
-            raise ValueError(f"directory {path} holds {len(found)} '*{_INDEX_SUFFIX}' files; expected exactly one")
-        path = found[0]
-    if not path.name.lower().endswith(_INDEX_SUFFIX):
+        path = find_index(path)
+    if not path.name.lower().endswith(INDEX_SUFFIX):
         return [path]
-    try:
-        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-    except (OSError, ValueError, KeyError, AttributeError) as err:
-        raise ValueError(f"checkpoint index {path} is not a safetensors index with a weight_map: {err}") from err
+    shards = sorted(set(read_index(path).values()))
     return [path, *(path.parent / shard for shard in shards)]
 
 
@@ -373,11 +412,29 @@ def _versions() -> dict[str, str]:
             "numpy": numpy.__version__, "python": platform.python_version(), "platform": platform.platform()}
 
 
+def dtype_name(dtype: torch.dtype | None) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``; None (stored dtype / automatic) -> ``"auto"``."""
+    return "auto" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def runtime_record(dtype: torch.dtype | None, compute_dtype: torch.dtype | None, device: torch.device | str,
+                   text_encoder_device: torch.device | str | None, models: Sequence[Any] = ()) -> dict[str, Any]:
+    """The sidecar's ``"runtime"``: the choices as given (``"auto"`` / null for the defaults, so a regeneration
+    decides the same way) and, with ``models`` (DiT, VAE, text encoder), what they resolved to."""
+    record = {"dtype": dtype_name(dtype), "compute_dtype": dtype_name(compute_dtype), "device": str(device),
+              "text_encoder_device": None if text_encoder_device is None else str(text_encoder_device)}
+    if models:
+        record["resolved"] = {role: model_precision(m) for role, m in zip(("dit", "vae", "text_encoder"), models)}
+    return record
+
+
 def build_sidecar(settings: GenerationSettings, *, dit_path: str | os.PathLike, vae_path: str | os.PathLike,
                   text_encoder_path: str | os.PathLike, ref_paths: Sequence[str | os.PathLike],
-                  dtype: torch.dtype, device: torch.device | str, out_path: str | os.PathLike,
+                  out_path: str | os.PathLike, runtime: dict[str, Any] | None = None,
+                  dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
                   seconds: float | None = None, tokenizer_path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The sidecar record of one generation (JSON-ready). ``settings.seed`` must be resolved (not -1)."""
+    """The sidecar record of one generation (JSON-ready). ``settings.seed`` must be resolved (not -1);
+    ``runtime``: :func:`runtime_record`; without it, one is made from ``dtype`` and ``device`` alone."""
     if settings.seed == RANDOM_SEED:
         raise ValueError("sidecar: the seed is still -1; resolve it (resolve_seed) before generating")
     models = {role: {"path": str(Path(p).resolve()), "files": describe_files(checkpoint_files(p))}
@@ -389,7 +446,7 @@ def build_sidecar(settings: GenerationSettings, *, dit_path: str | os.PathLike, 
         "output": describe_files([out_path])[0],
         "seed": settings.seed,
         "settings": settings.to_json(),
-        "runtime": {"dtype": str(dtype).removeprefix("torch."), "device": str(device)},
+        "runtime": runtime if runtime is not None else runtime_record(dtype, None, device, None),
         "models": models,
         "references": describe_files(ref_paths),
         "versions": _versions(),

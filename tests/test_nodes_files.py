@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -14,18 +15,25 @@ from comfy_server import ComfyServer, comfy_server, history_error  # noqa: F401 
 from safetensors.torch import load_file, save_file
 
 from phantom_core.fp8 import quantize_state_dict
+from phantom_core.text_encoder import SPIECE_KEY
 from phantom_core.video_io import probe_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
-DIT_NODE, SAMPLER_NODE, SAVE_NODE, ENCODE_REFS_NODE = "1", "30", "32", "21"
+DIT_NODE, VAE_NODE, TEXT_ENCODER_NODE = "1", "2", "3"
+SAMPLER_NODE, SAVE_NODE, ENCODE_REFS_NODE = "30", "32", "21"
+HTML = "<!DOCTYPE html><html><body><h1>Access denied</h1></body></html>\n"
 
 
-def tiny_prompt(server: ComfyServer, examples_dir: Path, dit_name: str, prefix: str) -> dict:
-    """The shipped 1-reference API workflow at 32x32, 1 frame, 2 steps, with `dit_name` as the DiT."""
+def tiny_prompt(server: ComfyServer, examples_dir: Path, dit_name: str, prefix: str,
+                inputs: dict[str, dict] | None = None) -> dict:
+    """The shipped 1-reference API workflow at 32x32, 1 frame, 2 steps, with `dit_name` as the DiT and
+    `inputs` ({node id: {input: value}}) changed."""
     prompt = json.loads((ROOT / "workflows" / "phantom_1ref_api.json").read_text(encoding="utf-8"))
     prompt = copy.deepcopy(prompt)
     prompt["10"]["inputs"]["image"] = server.upload_image(examples_dir / "ref1.jpg")
     prompt[DIT_NODE]["inputs"]["dit_name"] = dit_name
+    for node, values in (inputs or {}).items():
+        prompt[node]["inputs"] |= values
     prompt[ENCODE_REFS_NODE]["inputs"] |= {"width": 32, "height": 32}
     prompt[SAMPLER_NODE]["inputs"] |= {"width": 32, "height": 32, "frames": 1, "steps": 2}
     prompt[SAVE_NODE]["inputs"]["filename_prefix"] = prefix
@@ -85,14 +93,72 @@ def write_bad_files(dit_folder: Path, models: Path) -> dict[str, str]:
             "truncated.safetensors": "is truncated", "not_a_checkpoint.safetensors": "not a safetensors file"}
 
 
+def assert_fails_on(server: ComfyServer, prompt: dict, node_type: str, name: str, phrase: str) -> None:
+    """Running `prompt` fails on `node_type` with an error naming file `name` and saying `phrase`; no output."""
+    before = server.output_files()
+    entry = server.run(prompt)
+    error = history_error(entry)
+    assert entry["status"]["status_str"] == "error", f"{name} was accepted"
+    assert error.startswith(f"{node_type}:"), f"{name}: the error is not on {node_type}: {error}"
+    assert name in error, f"the error does not name the file {name}: {error!r}"
+    assert phrase in error, f"{name}: {error!r} does not say {phrase!r}"
+    assert "weights_only=False" not in error, error
+    assert server.output_files() == before, f"{name} left an output file"
+
+
 def test_wrong_files_fail_on_the_loader_node(comfy_server: ComfyServer, examples_dir: Path, dit_folder: Path):
     bad = write_bad_files(dit_folder, comfy_server.base / "models")
     for name, phrase in bad.items():
-        before = comfy_server.output_files()
-        entry = comfy_server.run(tiny_prompt(comfy_server, examples_dir, name, f"bad_{name}"))
-        error = history_error(entry)
-        assert entry["status"]["status_str"] == "error", f"{name} was accepted"
-        assert error.startswith("PhantomDiTLoader:"), f"{name}: the error is not on the loader node: {error}"
-        assert name in error, f"the error does not name the file {name}: {error!r}"
-        assert phrase in error, f"{name}: {error!r} does not say {phrase!r}"
-        assert comfy_server.output_files() == before, f"{name} left an output file"
+        prompt = tiny_prompt(comfy_server, examples_dir, name, f"bad_{name}")
+        assert_fails_on(comfy_server, prompt, "PhantomDiTLoader", name, phrase)
+    # a forced weight dtype takes another path through the loader (no stored-format probe): same error
+    prompt = tiny_prompt(comfy_server, examples_dir, "truncated.safetensors", "bad_fp16",
+                         {DIT_NODE: {"weight_dtype": "fp16"}})
+    assert_fails_on(comfy_server, prompt, "PhantomDiTLoader", "truncated.safetensors", "is truncated")
+
+
+def test_wrong_vae_and_text_encoder_files_fail_on_their_node(comfy_server: ComfyServer, examples_dir: Path):
+    models = comfy_server.base / "models"
+    vae = (models / "vae" / "phantom_tiny_vae.safetensors").read_bytes()
+    (models / "vae" / "truncated_vae.safetensors").write_bytes(vae[: len(vae) // 3])
+    (models / "vae" / "a_dit_as_vae.safetensors").write_bytes(
+        (models / "diffusion_models" / "phantom_tiny_dit.safetensors").read_bytes())
+    te = (models / "text_encoders" / "phantom_tiny_umt5.safetensors").read_bytes()
+    (models / "text_encoders" / "truncated_umt5.safetensors").write_bytes(te[: len(te) - 100])
+    (models / "text_encoders" / "access_denied.pth").write_text(HTML)
+    cases = [(VAE_NODE, "vae_name", "PhantomVAELoader", "truncated_vae.safetensors", "is truncated"),
+             (VAE_NODE, "vae_name", "PhantomVAELoader", "a_dit_as_vae.safetensors", "not a Wan2.1 VAE"),
+             (TEXT_ENCODER_NODE, "text_encoder_name", "PhantomTextEncoderLoader", "truncated_umt5.safetensors",
+              "is truncated"),
+             (TEXT_ENCODER_NODE, "text_encoder_name", "PhantomTextEncoderLoader", "access_denied.pth",
+              "is not a PyTorch checkpoint: it is an HTML page")]
+    for node, field, node_type, name, phrase in cases:
+        prompt = tiny_prompt(comfy_server, examples_dir, "phantom_tiny_dit.safetensors", f"bad_{name}",
+                             {node: {field: name}})
+        assert_fails_on(comfy_server, prompt, node_type, name, phrase)
+
+
+def test_fp16_vae_cpu_text_encoder_and_nested_tokenizer(comfy_server: ComfyServer, examples_dir: Path):
+    """A VAE stored in fp16, the text encoder on the CPU, and a tokenizer in a downloaded google/umt5-xxl
+    folder (two levels deep) with a text encoder file that has none embedded: listed, and the workflow runs."""
+    models = comfy_server.base / "models"
+    vae = load_file(models / "vae" / "phantom_tiny_vae.safetensors")
+    save_file({k: v.half() for k, v in vae.items()}, models / "vae" / "tiny_vae_fp16.safetensors")
+    te = load_file(models / "text_encoders" / "phantom_tiny_umt5.safetensors")
+    spiece = models / "text_encoders" / "google" / "umt5-xxl" / "spiece.model"
+    spiece.parent.mkdir(parents=True, exist_ok=True)
+    spiece.write_bytes(te.pop(SPIECE_KEY).numpy().tobytes())
+    save_file(te, models / "text_encoders" / "tiny_umt5_no_tokenizer.safetensors")
+    tokenizer = os.path.join("google", "umt5-xxl", "spiece.model")
+    options = comfy_server.object_info()["PhantomTextEncoderLoader"]["input"]["required"]["tokenizer"]
+    listed = options[1]["options"] if isinstance(options[0], str) else options[0]
+    assert tokenizer in listed, listed
+    prompt = tiny_prompt(comfy_server, examples_dir, "phantom_tiny_dit.safetensors", "fp16_vae",
+                         {VAE_NODE: {"vae_name": "tiny_vae_fp16.safetensors"},
+                          TEXT_ENCODER_NODE: {"text_encoder_name": "tiny_umt5_no_tokenizer.safetensors",
+                                              "tokenizer": tokenizer, "device": "cpu"}})
+    entry = comfy_server.run(prompt)
+    assert entry["status"]["status_str"] == "success", history_error(entry) + comfy_server.log()
+    videos = [v for out in entry["outputs"].values() for v in out.get("images", []) + out.get("videos", [])
+              if v["filename"].endswith(".mp4")]
+    assert len(videos) == 1

@@ -118,7 +118,10 @@ def test_cli_sidecar_and_bit_exact_regeneration(files, capsys):
         assert entry["sha256"] == sha256(files[role]) and entry["bytes"] == files[role].stat().st_size
     assert [r["sha256"] for r in record["references"]] == [sha256(files["ref0"]), sha256(files["ref1"])]
     assert record["output"]["sha256"] == sha256(out)
-    assert record["runtime"] == {"dtype": "float32", "device": "cpu"}
+    runtime = record["runtime"]  # the choices (defaults: auto) and what they resolved to
+    assert {k: runtime[k] for k in ("dtype", "compute_dtype", "device", "text_encoder_device")} == {
+        "dtype": "auto", "compute_dtype": "auto", "device": "cpu", "text_encoder_device": None}
+    assert runtime["resolved"]["dit"] == {"weights": "float32", "compute": "float32", "device": "cpu"}
     assert record["versions"]["torch"] == torch.__version__
     assert read_sidecar(sidecar)["settings"].seed == record["seed"]
     # regenerate in a fresh process from the sidecar alone
@@ -173,15 +176,24 @@ def _bad_dit_files(files: dict[str, Path], root: Path) -> dict[str, tuple[Path, 
         {"metadata": {}, "weight_map": {"patch_embedding.weight": "model-00001-of-00002.safetensors"}}))
     (root / "truncated.safetensors").write_bytes(data[: len(data) // 2])
     (root / "notes.safetensors").write_text("these are not weights\n" * 10)
+    (root / "access_denied.pth").write_text("<!DOCTYPE html><html><body>Access denied</body></html>\n")
+    (root / "m.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 1}}))
     sd = dict(read_state_dict(files["dit"]))
+    torch.save(sd, root / "dit.pth")
+    (root / "truncated.pth").write_bytes((root / "dit.pth").read_bytes()[:5000])
+    torch.save({"weights": sd, "step": slice(1)}, root / "full.pth")
     sd["img_emb.proj.0.weight"] = torch.zeros(4, 4)  # what makes a Wan DiT an image-to-video one
     save_file(sd, root / "i2v.safetensors")
     return {
         "missing": (root / "nope.safetensors", "does not exist"),
         "no index": (root / "empty_dir", "index"),
         "missing shard": (sharded, "model-00001-of-00002.safetensors"),
-        "truncated": (root / "truncated.safetensors", "truncated.safetensors"),
-        "not a checkpoint": (root / "notes.safetensors", "notes.safetensors"),
+        "truncated": (root / "truncated.safetensors", "is truncated"),
+        "not a checkpoint": (root / "notes.safetensors", "is not a safetensors file: it is a text file"),
+        "web page as .pth": (root / "access_denied.pth", "is not a PyTorch checkpoint: it is an HTML"),
+        "truncated .pth": (root / "truncated.pth", "is truncated"),
+        "index without weight_map": (root / "m.safetensors.index.json", 'has no "weight_map"'),
+        "full pickle": (root / "full.pth", "holds more than tensors"),
         "other architecture": (root / "i2v.safetensors", "image-to-video"),
         "text encoder as DiT": (files["text_encoder"], "text encoder"),
     }
@@ -200,11 +212,18 @@ def test_bad_model_files_fail_before_sampling(files, capsys, monkeypatch):
         assert main(["generate", *args, "--prompt", "x", *SMALL, "--out", str(out)]) == 2, name
         err = capsys.readouterr().err
         assert "error: DiT file" in err and str(path) in err and words in err, (name, err)
-    # a DiT where the VAE belongs, a VAE where the text encoder belongs
-    for flag, role, words in (("--vae", "VAE", "encoder.conv1.weight"),
-                              ("--text-encoder", "text encoder", "shared.weight")):
+        assert "weights_only=False" not in err and "Traceback" not in err, (name, err)
+    # a DiT where the VAE belongs, a VAE where the text encoder belongs, and bad files in those roles
+    cut_vae, cut_te = files["root"] / "bad" / "cut_vae.safetensors", files["root"] / "bad" / "cut_umt5.safetensors"
+    cut_vae.write_bytes(files["vae"].read_bytes()[:3000])
+    cut_te.write_bytes(files["text_encoder"].read_bytes()[:-10])
+    for flag, role, wrong, words in (
+            ("--vae", "VAE", files["dit"], "encoder.conv1.weight"),
+            ("--text-encoder", "text encoder", files["vae"], "shared.weight"),
+            ("--vae", "VAE", cut_vae, "is truncated"),
+            ("--text-encoder", "text encoder", cut_te, "is truncated"),
+            ("--text-encoder", "text encoder", files["root"] / "bad" / "access_denied.pth", "HTML page")):
         args = model_args(files)
-        wrong = files["dit"] if flag == "--vae" else files["vae"]
         args[args.index(flag) + 1] = str(wrong)
         assert main(["generate", *args, "--prompt", "x", *SMALL, "--out", str(out)]) == 2
         err = capsys.readouterr().err
