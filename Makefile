@@ -1,7 +1,7 @@
 # ComfyUI-Phantom: every set-up step lives here and in scripts/bootstrap.sh.
 PY := .venv/bin/python
 
-.PHONY: env demo test bench workflows
+.PHONY: env demo test bench bench-memory workflows
 env: .venv/.phantom-ready
 
 .venv/.phantom-ready: scripts/bootstrap.sh requirements.txt
@@ -18,6 +18,9 @@ test: env
 # Printed side-by-side ratios (not tests).
 bench: env
 	$(PY) benchmarks/bench_dit.py
+
+bench-memory: env
+	$(PY) benchmarks/bench_load_memory.py
 
 workflows: env
 	$(PY) tools/make_workflows.py
