@@ -41,20 +41,11 @@ import torch
 
 from phantom_core.cli_rephrase import add_rephrase_backend_arguments, rephraser_from_args
 from phantom_core.inspect_checkpoint import format_report, inspect_checkpoint
-from phantom_core.pipeline import (
-    REF_MODES,
-    GenerationSettings,
-    changed_files,
-    default_sidecar_path,
-    dtype_name,
-    generate_to_file,
-    read_sidecar,
-    resolve_seed,
-    write_sidecar,
-)
+from phantom_core.pipeline import REF_MODES, GenerationSettings, generate_to_file, resolve_seed
 from phantom_core.references import MAX_REFERENCES, open_reference
 from phantom_core.rephraser import RephraseError, RephraseResult, Rephraser
 from phantom_core.sampler import SAMPLER_PRESETS, SOLVERS
+from phantom_core.sidecar import changed_files, default_sidecar_path, dtype_name, read_sidecar, write_sidecar
 
 # --dtype: weight dtype of the DiT and the text encoder (None: each file's stored dtype); --compute-dtype: activations
 DTYPES: dict[str, torch.dtype | None] = {"auto": None, "fp32": torch.float32, "fp16": torch.float16,

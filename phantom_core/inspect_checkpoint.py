@@ -18,20 +18,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from phantom_core.checkpoint import (
+from phantom_core.checkpoint import infer_dit_config, preset_name, strip_prefixes, validate_dit_state_dict
+from phantom_core.checkpoint_io import (
     INDEX_SUFFIX,
     SAFETENSORS_DTYPES,  # noqa: F401  (re-exported: the safetensors dtype tags)
     TORCH_SUFFIXES,
     TensorInfo,
     check_shard_keys,
     find_index,
-    infer_dit_config,
-    preset_name,
     read_index,
     read_safetensors_header,
     read_torch_checkpoint,
-    strip_prefixes,
-    validate_dit_state_dict,
 )
 from phantom_core.fp8 import SCALED_FP8_KEY, Fp8Format, detect_fp8_format, is_scale_key, split_scales
 from phantom_core.text_encoder import (
@@ -48,7 +45,7 @@ from phantom_core.wan_vae import VAE_PRESETS, infer_vae_config, strip_vae_prefix
 def read_torch_shapes(path: str | os.PathLike) -> dict[str, TensorInfo]:
     """``{name: (shape, dtype)}`` of a ``.pth`` via a memory map (legacy non-zip files are read fully, warned).
 
-    Raises ``ValueError`` naming the file and the problem, as ``checkpoint.read_torch_checkpoint``.
+    Raises ``ValueError`` naming the file and the problem, as ``checkpoint_io.read_torch_checkpoint``.
     """
     obj = read_torch_checkpoint(path)
     return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in obj.items()}

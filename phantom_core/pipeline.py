@@ -5,7 +5,8 @@ Two entry points:
 - :func:`generate` works on loaded models and returns the decoded video tensor;
 - :func:`generate_to_file` loads every model file first (so a bad file fails before any sampling), generates,
   writes the MP4 atomically and a JSON sidecar ``<out>.json`` (every setting, the seed, file hashes) from
-  which the same video can be regenerated bit for bit on the same machine.
+  which the same video can be regenerated bit for bit on the same machine (format: ``phantom_core.sidecar``,
+  whose functions are re-exported here for existing callers).
 
 The steps are those of upstream ``Phantom_Wan_S2V.generate`` (svjack/Phantom ``phantom_wan/subject2video.py``):
 encode prompt and negative prompt with umT5, VAE-encode each reference alone, draw the seeded noise, sample with
@@ -15,12 +16,8 @@ Phantom's three-pass guidance, decode with the VAE.
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import hashlib
-import json
 import math
 import os
-import platform
 import secrets
 import time
 from collections.abc import Sequence
@@ -32,11 +29,26 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from phantom_core.checkpoint import INDEX_SUFFIX, find_index, load_dit, read_index
-from phantom_core.fp8 import default_compute_dtype, is_fp8, weight_bytes
+from phantom_core.checkpoint import load_dit
+from phantom_core.fp8 import default_compute_dtype, is_fp8
 from phantom_core.log import logger
 from phantom_core.references import MAX_REFERENCES, SIZE_MULTIPLE, encode_references, open_reference
 from phantom_core.sampler import SAMPLER_PRESETS, SOLVERS, WAN_NEGATIVE_PROMPT, StepCallback, make_noise, sample_phantom
+from phantom_core.sidecar import (  # noqa: F401  (re-exported: the sidecar API used to live here)
+    SIDECAR_FORMAT,
+    SIDECAR_VERSION,
+    build_sidecar,
+    changed_files,
+    checkpoint_files,
+    default_sidecar_path,
+    describe_files,
+    dtype_name,
+    file_sha256,
+    model_precision,
+    read_sidecar,
+    runtime_record,
+    write_sidecar,
+)
 from phantom_core.text_encoder import load_text_encoder
 from phantom_core.video_io import to_uint8_frames, write_mp4
 from phantom_core.wan_vae import load_vae
@@ -224,11 +236,6 @@ def log_progress(step: int, total: int, x0_pred: Tensor) -> None:
     logger.info("sampling step %d/%d", step + 1, total)
 
 
-def default_sidecar_path(out_path: str | os.PathLike) -> Path:
-    """``video.mp4`` -> ``video.json`` (the sidecar lies next to the MP4)."""
-    return Path(out_path).with_suffix(".json")
-
-
 def resolve_compute_dtype(dtype: torch.dtype | None, compute_dtype: torch.dtype | None,
                           device: torch.device | str) -> torch.dtype:
     """The activation dtype of a model loaded with weight ``dtype`` on ``device``.
@@ -279,14 +286,6 @@ def load_models(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
     except ValueError as err:
         raise ValueError(f"{err} (DiT {dit_path}, VAE {vae_path}, text encoder {text_encoder_path})") from err
     return dit, vae, text_encoder
-
-
-def model_precision(model: torch.nn.Module) -> dict[str, str]:
-    """``{"weights": dtype holding most of the bytes, "compute": activation dtype, "device"}`` (sidecar, logs)."""
-    by_bytes = weight_bytes(model)
-    compute = getattr(model, "compute_dtype", None) or next(model.parameters()).dtype
-    return {"weights": max(by_bytes, key=by_bytes.get), "compute": str(compute).removeprefix("torch."),
-            "device": str(_device_of(model))}
 
 
 def _load_one(role: str, path: str | os.PathLike, load: Any) -> Any:
@@ -361,138 +360,3 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
                            out_path=out, seconds=seconds, tokenizer_path=tokenizer_path)
     write_sidecar(record, side)
     return out, side
-
-
-# ---------------------------------------------------------------------------------------------- sidecar
-
-SIDECAR_FORMAT = "phantom-generation"
-SIDECAR_VERSION = 1
-_HASH_CHUNK = 8 << 20  # bytes read per hashing step: the file is streamed, never held in memory
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 hex digest of a file, streamed in 8 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def checkpoint_files(path: str | os.PathLike) -> list[Path]:
-    """The files a checkpoint consists of: the file itself, or a sharded index followed by its shards (sorted).
-
-    A directory stands for the one ``*.safetensors.index.json`` inside it. Raises ``ValueError`` when the
-    directory holds no single index or the index is not valid JSON with a ``weight_map``.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = find_index(path)
-    if not path.name.lower().endswith(INDEX_SUFFIX):
-        return [path]
-    shards = sorted(set(read_index(path).values()))
-    return [path, *(path.parent / shard for shard in shards)]
-
-
-def describe_files(paths: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
-    """``[{"path": absolute path, "bytes": size, "sha256": hex}]`` for each file (logged, it can take a while)."""
-    out = []
-    for p in paths:
-        p = Path(p).resolve()
-        logger.info("hashing %s (%.1f MB)", p, p.stat().st_size / 1e6)
-        out.append({"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)})
-    return out
-
-
-def _versions() -> dict[str, str]:
-    import numpy
-    import phantom_core
-
-    return {"phantom": str(getattr(phantom_core, "__version__", "unknown")), "torch": torch.__version__,
-            "numpy": numpy.__version__, "python": platform.python_version(), "platform": platform.platform()}
-
-
-def dtype_name(dtype: torch.dtype | None) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``; None (stored dtype / automatic) -> ``"auto"``."""
-    return "auto" if dtype is None else str(dtype).removeprefix("torch.")
-
-
-def runtime_record(dtype: torch.dtype | None, compute_dtype: torch.dtype | None, device: torch.device | str,
-                   text_encoder_device: torch.device | str | None, models: Sequence[Any] = ()) -> dict[str, Any]:
-    """The sidecar's ``"runtime"``: the choices as given (``"auto"`` / null for the defaults, so a regeneration
-    decides the same way) and, with ``models`` (DiT, VAE, text encoder), what they resolved to."""
-    record = {"dtype": dtype_name(dtype), "compute_dtype": dtype_name(compute_dtype), "device": str(device),
-              "text_encoder_device": None if text_encoder_device is None else str(text_encoder_device)}
-    if models:
-        record["resolved"] = {role: model_precision(m) for role, m in zip(("dit", "vae", "text_encoder"), models)}
-    return record
-
-
-def build_sidecar(settings: GenerationSettings, *, dit_path: str | os.PathLike, vae_path: str | os.PathLike,
-                  text_encoder_path: str | os.PathLike, ref_paths: Sequence[str | os.PathLike],
-                  out_path: str | os.PathLike, runtime: dict[str, Any] | None = None,
-                  dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-                  seconds: float | None = None, tokenizer_path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The sidecar record of one generation (JSON-ready). ``settings.seed`` must be resolved (not -1);
-    ``runtime``: :func:`runtime_record`; without it, one is made from ``dtype`` and ``device`` alone."""
-    if settings.seed == RANDOM_SEED:
-        raise ValueError("sidecar: the seed is still -1; resolve it (resolve_seed) before generating")
-    models = {role: {"path": str(Path(p).resolve()), "files": describe_files(checkpoint_files(p))}
-              for role, p in (("dit", dit_path), ("vae", vae_path), ("text_encoder", text_encoder_path),
-                              ("tokenizer", tokenizer_path)) if p is not None}
-    return {
-        "format": SIDECAR_FORMAT, "format_version": SIDECAR_VERSION,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "output": describe_files([out_path])[0],
-        "seed": settings.seed,
-        "settings": settings.to_json(),
-        "runtime": runtime if runtime is not None else runtime_record(dtype, None, device, None),
-        "models": models,
-        "references": describe_files(ref_paths),
-        "versions": _versions(),
-        "generation_seconds": None if seconds is None else round(seconds, 3),
-    }
-
-
-def write_sidecar(record: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write the record as indented UTF-8 JSON, atomically (temporary file + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_text(json.dumps(record, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    logger.info("wrote sidecar %s", path)
-    return path
-
-
-def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and check a sidecar written by :func:`write_sidecar`; ``record["settings"]`` becomes a
-    :class:`GenerationSettings`. Raises ``ValueError`` naming the file when it is not a Phantom sidecar."""
-    path = Path(path)
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ValueError(f"sidecar {path} cannot be read as JSON: {err}") from err
-    if not isinstance(record, dict) or record.get("format") != SIDECAR_FORMAT:
-        raise ValueError(f"sidecar {path} is not a Phantom generation sidecar (no \"format\": \"{SIDECAR_FORMAT}\")")
-    if record.get("format_version") != SIDECAR_VERSION:
-        raise ValueError(f"sidecar {path} has format_version {record.get('format_version')!r}; this version of "
-                         f"phantom_core reads {SIDECAR_VERSION}")
-    try:
-        record["settings"] = GenerationSettings.from_json(record["settings"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"sidecar {path}: invalid settings: {err}") from err
-    return record
-
-
-def changed_files(record: dict[str, Any]) -> list[str]:
-    """Model and reference files of a sidecar whose size or sha256 now differ (or that are gone), described."""
-    entries = [f for m in record["models"].values() for f in m["files"]] + list(record["references"])
-    problems = []
-    for entry in entries:
-        p = Path(entry["path"])
-        if not p.is_file():
-            problems.append(f"{p} is missing")
-        elif p.stat().st_size != entry["bytes"] or file_sha256(p) != entry["sha256"]:
-            problems.append(f"{p} has changed (sha256 differs from the sidecar's {entry['sha256'][:12]}...)")
-    return problems

@@ -38,7 +38,8 @@ from phantom_core.fp8 import (
     fp8_ops,
     plan_load,
 )
-from phantom_core.checkpoint import errors_name_file, read_state_dict
+from phantom_core.checkpoint import errors_name_file
+from phantom_core.checkpoint_io import read_state_dict
 from phantom_core.log import logger
 from phantom_core.umt5_fp8 import use_cast_layers
 

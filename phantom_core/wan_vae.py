@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from phantom_core.checkpoint import errors_name_file, keep_prefixed, key_problems, read_state_dict
+from phantom_core.checkpoint import errors_name_file, keep_prefixed, key_problems
+from phantom_core.checkpoint_io import read_state_dict
 from phantom_core.latent_norm import LATENT_CHANNELS, denormalize_latents, normalize_latents
 from phantom_core.log import logger
 from phantom_core.vae_tiling import DEFAULT_OVERLAP_LATENT, decode_tiled
@@ -328,7 +329,7 @@ def load_vae(
     ``device``), so weights are never held twice. Keys may carry a ``first_stage_model.`` / ``vae.`` prefix
     (other tensors of such a bundle are ignored). Gradients are switched off.
     Raises:
-        FileNotFoundError: if the path does not exist (see `phantom_core.checkpoint.read_state_dict`).
+        FileNotFoundError: if the path does not exist (see `phantom_core.checkpoint_io.read_state_dict`).
         ValueError: if keys are missing / unexpected / wrongly shaped (all named), or the file is unreadable.
     """
     owned = isinstance(path_or_state_dict, (str, Path))  # read here: tensors can be dropped once converted
