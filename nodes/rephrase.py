@@ -4,16 +4,26 @@ A thin adapter over `phantom_core.rephraser` (see there for the instructions, th
 the cache). Local models are folders under ComfyUI's `models/LLM` (registered here if ComfyUI does not know
 the name). The endpoint's API key is read from the environment variable NAMED by `api_key_env`; the key
 itself never enters the workflow, the outputs or the history.
+
+The rewritten text is shown on the node through `PromptServer.send_progress_text` (the bundled frontend draws
+that text on any node; it renders a `ui` "text" output only on PreviewAny). A local model is put on the GPU
+after asking ComfyUI to free what it needs (`free_memory`, which unloads ComfyUI's loaded models, our Phantom
+models included, only until that much is free, unlike `unload_all_models`, which would evict everything and make
+every later node reload), and is moved back to the CPU after the rephrase unless
+`keep_loaded` is on.
 """
 
 from __future__ import annotations
 
 import os
 
+import comfy.model_management as mm
 import folder_paths
+import torch
 from comfy_api.latest import io, ui
 
-from phantom_core.references import tensor_to_pil
+from phantom_core.log import logger
+from phantom_core.references import tensor_to_pil, to_rgb
 from phantom_core.rephrase_backends import BACKENDS, make_backend
 from phantom_core.rephraser import MAX_REFERENCES, Rephraser
 
@@ -45,22 +55,57 @@ def local_model_path(name: str) -> str:
                      f"(found: {', '.join(local_model_folders()) or 'none'})")
 
 
-def gather_images(references: dict | None, batches: list) -> list:
-    """PIL images from our references output or the IMAGE inputs (a batch gives one reference per image)."""
+def gather_images(references: dict | None, batches: list, hints: list[str]) -> tuple[list, list[str]]:
+    """(PIL images, one hint per image) from our references output or the IMAGE inputs.
+
+    hint_k belongs to input k: with `references`, to reference k; with image_1..image_4, to every image of the
+    batch on image_k (a batch gives one reference per image), so an empty image_1 does not shift hint_2 onto
+    image_2's place. A hint whose input is empty is ignored with a warning. Images with an alpha channel (our
+    references from a masked Load Image) are composited over white, as the video model sees them.
+    """
     if references is not None and any(b is not None for b in batches):
         raise ValueError("connect either `references` or image_1..image_4, not both")
-    tensors = references["images"] if references is not None else [img for b in batches if b is not None
-                                                                    for img in b]
-    if not tensors:
+    if references is not None:
+        groups = [([t], hint) for t, hint in zip(references["images"], hints)]
+        unused = [k for k in range(len(references["images"]) + 1, len(hints) + 1) if hints[k - 1].strip()]
+    else:
+        groups = [(list(b), hint) for b, hint in zip(batches, hints) if b is not None]
+        unused = [k for k, (b, hint) in enumerate(zip(batches, hints), start=1) if b is None and hint.strip()]
+    if unused:
+        logger.warning("PhantomRephrase: hint_%d is set but reference %d is not connected; it is ignored",
+                       unused[0], unused[0])
+    pairs = [(to_rgb(tensor_to_pil(t)), hint) for tensors, hint in groups for t in tensors]  # alpha over white
+    if not pairs:
         raise ValueError("no reference image: connect `references` or at least image_1")
-    return [tensor_to_pil(t[..., :3]) for t in tensors]
+    return [image for image, _ in pairs], [hint for _, hint in pairs]
+
+
+def free_comfy_memory(bytes_needed: int, device: str) -> None:
+    """Before the local model goes to a GPU: let ComfyUI unload loaded models until `bytes_needed` are free on
+    that device (nothing to do on the CPU)."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda" and dev.index is None:  # ComfyUI's loaded models carry an indexed device ("cuda:0")
+        dev = torch.device("cuda", torch.cuda.current_device())
+    logger.info("PhantomRephrase: asking ComfyUI to free %.2f GiB on %s", bytes_needed / 2**30, dev)
+    mm.free_memory(bytes_needed, dev)
+
+
+def show_on_node(text: str, node_id: str | None) -> None:
+    """Draw `text` on the node (the frontend's progress-text preview); a no-op outside a running server."""
+    from server import PromptServer
+
+    if node_id is not None and getattr(PromptServer, "instance", None) is not None:
+        PromptServer.instance.send_progress_text(text, node_id)
 
 
 class PhantomRephrase(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         img_tip = "Reference image (a batch counts as one reference per image); 1 to 4 references in total."
-        hint_tip = "Optional words about reference {k} (e.g. 'the grandmother', 'red scarf'), used by the model."
+        hint_tip = ("Optional words about the subject of image_{k} (every image of a batch there), or of reference "
+                    "{k} with `references` (e.g. 'the grandmother', 'red scarf'); used by the model.")
         return io.Schema(
             node_id="PhantomRephrase",
             display_name="Phantom Rephrase Prompt",
@@ -84,8 +129,8 @@ class PhantomRephrase(io.ComfyNode):
                                tooltip="A transformers vision-language instruct model folder in models/LLM "
                                        "(e.g. Qwen2.5-VL-3B-Instruct); loaded once, on the GPU if any."),
                 io.Combo.Input("language", options=LANGUAGES, default="auto",
-                               tooltip="Language of the descriptions and the rewritten prompt; auto = the "
-                                       "prompt's language."),
+                               tooltip="Language of the descriptions and the rewritten prompt. auto: Chinese "
+                                       "if the prompt is mostly Chinese, else English."),
                 io.Int.Input("max_new_tokens", default=512, min=16, max=4096,
                              tooltip="Upper bound on the answer's length, in tokens."),
                 io.Float.Input("temperature", default=0.0, min=0.0, max=2.0, step=0.05,
@@ -93,8 +138,9 @@ class PhantomRephrase(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Sampling seed (temperature > 0); fixed, so re-queueing hits the cache."),
                 io.Float.Input("timeout_s", default=120.0, min=1.0, max=600.0, step=1.0,
-                               tooltip="Endpoint only: seconds to wait per request; 2 retries on transient "
-                                       "faults."),
+                               tooltip="Endpoint only: the most seconds the whole rephrase may take, every "
+                                       "request and retry included (up to 2 retries of transient faults, 1 of an "
+                                       "unusable answer); then the node fails with a time-limit error."),
                 io.Boolean.Input("strict", default=True,
                                  tooltip="On: an answer that drops a reference subject is retried once, then an "
                                          "error. Off: use it anyway (for small models)."),
@@ -103,7 +149,12 @@ class PhantomRephrase(io.ComfyNode):
                 *[io.Image.Input(f"image_{k}", optional=True, tooltip=img_tip) for k in range(1, 5)],
                 *[io.String.Input(f"hint_{k}", optional=True, default="", tooltip=hint_tip.format(k=k))
                   for k in range(1, MAX_REFERENCES + 1)],
+                io.Boolean.Input("keep_loaded", optional=True, default=False,
+                                 tooltip="Local model only. Off: after the rephrase the model moves to the CPU "
+                                         "(GPU memory goes back to the video model). On: it stays on the GPU, "
+                                         "faster for the next new prompt but holding that memory."),
             ],
+            hidden=[io.Hidden.unique_id],
             outputs=[io.String.Output(display_name="prompt", tooltip="The rewritten prompt (to the text encoder)."),
                      io.String.Output(display_name="descriptions",
                                       tooltip="One line per reference: 'k: description'.")],
@@ -114,15 +165,20 @@ class PhantomRephrase(io.ComfyNode):
                 local_model: str, language: str, max_new_tokens: int, temperature: float, seed: int,
                 timeout_s: float, strict: bool, references: dict | None = None, image_1=None, image_2=None,
                 image_3=None, image_4=None, hint_1: str = "", hint_2: str = "", hint_3: str = "",
-                hint_4: str = "") -> io.NodeOutput:
-        images = gather_images(references, [image_1, image_2, image_3, image_4])
-        hints = [hint_1, hint_2, hint_3, hint_4][:len(images)]
+                hint_4: str = "", keep_loaded: bool = False) -> io.NodeOutput:
+        images, hints = gather_images(references, [image_1, image_2, image_3, image_4],
+                                      [hint_1, hint_2, hint_3, hint_4])
         chat = make_backend(backend, endpoint_url=endpoint_url, endpoint_model=endpoint_model,
                             api_key_env=api_key_env, timeout_s=timeout_s, local_path=local_model_path(local_model),
-                            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-        result = Rephraser(chat, strict=strict).rephrase(prompt, images, hints=hints, language=language)
+                            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                            device=str(mm.get_torch_device()), after_use="keep" if keep_loaded else "offload", free_memory=free_comfy_memory,
+                            after_offload=mm.soft_empty_cache)
+        time_limit = timeout_s if backend == "openai-compatible" else None
+        result = Rephraser(chat, strict=strict, time_limit_s=time_limit).rephrase(prompt, images, hints=hints,
+                                                                                  language=language)
         descriptions = "\n".join(f"{k}: {d}" for k, d in enumerate(result.descriptions, start=1))
         shown = result.prompt + ("\n\n" + descriptions if any(result.descriptions) else "")
+        show_on_node(shown, cls.hidden.unique_id)
         return io.NodeOutput(result.prompt, descriptions, ui=ui.PreviewText(shown))
 
 

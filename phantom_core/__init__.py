@@ -22,7 +22,8 @@ from phantom_core.checkpoint import (
 )
 from phantom_core.inspect_checkpoint import inspect_checkpoint
 from phantom_core.latent_norm import WAN21_LATENT_MEAN, WAN21_LATENT_STD, denormalize_latents, normalize_latents
-from phantom_core.pipeline import GenerationSettings, generate, generate_to_file, load_models, settings_from_preset
+from phantom_core.pipeline import generate, generate_to_file, load_models
+from phantom_core.settings import GenerationSettings, settings_from_preset
 from phantom_core.references import encode_references, open_reference, prepare_reference, validate_references
 from phantom_core.sampler import SAMPLER_PRESETS, WAN_NEGATIVE_PROMPT, make_noise, sample_phantom
 from phantom_core.schedule import flow_sigmas, model_timesteps

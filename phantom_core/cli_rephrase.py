@@ -9,6 +9,11 @@ none (``--endpoint``, ``--model``, ``--seed``, ...); ``generate`` uses ``"rephra
 ``--rephrase-model``, ``--rephrase-seed``, ...) because its own ``--seed`` and friends mean something else. The
 argparse destinations follow the flags (``endpoint`` / ``rephrase_endpoint``); ``rephraser_from_args`` and
 ``rephrase_from_args`` read them back with the same prefix. The API key is only ever named (``--api-key-env``).
+
+``--timeout S`` bounds the whole rephrase on an endpoint (every request, retry and wait: at most S seconds).
+A local model is unloaded after the rephrase, so that ``generate`` has the GPU to itself next. Reference files
+are read like ``generate`` reads them (``references.open_reference``: EXIF orientation applied, transparency
+over white).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 
 from PIL import Image
 
+from .references import open_reference
 from .rephrase_backends import make_backend
 from .rephraser import MAX_REFERENCES, RephraseCache, Rephraser, RephraseResult
 
@@ -32,14 +38,16 @@ BACKEND_OPTIONS: dict[str, dict[str, Any]] = {
     "api-key-env": dict(default="", metavar="VAR",
                         help="NAME of the environment variable holding the endpoint's API key (the key is never "
                              "taken on the command line)"),
-    "timeout": dict(type=float, default=120.0, metavar="S", help="endpoint timeout per request, seconds"),
+    "timeout": dict(type=float, default=120.0, metavar="S",
+                    help="endpoint: the most seconds the whole rephrase may take, all requests and retries included"),
     "retries": dict(type=int, default=2, metavar="N", help="endpoint retries for transient faults"),
     "local": dict(default="", metavar="PATH", help="local vision-language model folder"),
     "max-new-tokens": dict(type=int, default=512, metavar="N", help="upper bound on the answer's length, tokens"),
     "temperature": dict(type=float, default=0.0, metavar="T", help="0 = greedy decoding"),
     "seed": dict(type=int, default=0, metavar="N",
                  help="sampling seed of the rephraser (used when its temperature > 0)"),
-    "language": dict(default="auto", metavar="LANG", help="auto | en | zh (auto: the prompt's language)"),
+    "language": dict(default="auto", metavar="LANG",
+                     help="auto | en | zh (auto: Chinese if the prompt is mostly Chinese, else English)"),
     "hint": dict(action="append", default=[], metavar="TEXT",
                  help="subject hint for the reference of the same position (repeatable; '' to skip one)"),
     "lenient": dict(action="store_true", help="use an answer that fails validation instead of an error"),
@@ -68,7 +76,9 @@ def _get(args: argparse.Namespace, prefix: str, name: str) -> Any:
 def rephraser_from_args(args: argparse.Namespace, prefix: str = "") -> Rephraser:
     """The ``Rephraser`` configured by ``add_rephrase_backend_arguments(parser, prefix)`` options.
 
-    Raises ValueError naming the flags when neither or both back-ends are given, or a setting is invalid.
+    A local model is unloaded after each rephrase (the caller, e.g. ``generate``, needs the GPU next); an
+    endpoint rephrase is capped at ``--timeout`` seconds in total. Raises ValueError naming the flags when
+    neither or both back-ends are given, or a setting is invalid.
     """
     flag = f"--{prefix}"
     endpoint, local = _get(args, prefix, "endpoint"), _get(args, prefix, "local")
@@ -79,10 +89,12 @@ def rephraser_from_args(args: argparse.Namespace, prefix: str = "") -> Rephraser
                            endpoint_model=_get(args, prefix, "model"), api_key_env=_get(args, prefix, "api-key-env"),
                            timeout_s=_get(args, prefix, "timeout"), max_retries=_get(args, prefix, "retries"),
                            local_path=local, max_new_tokens=_get(args, prefix, "max-new-tokens"),
-                           temperature=_get(args, prefix, "temperature"), seed=_get(args, prefix, "seed"))
+                           temperature=_get(args, prefix, "temperature"), seed=_get(args, prefix, "seed"),
+                           after_use="unload")
     cache_dir = _get(args, prefix, "cache-dir")
     cache = RephraseCache(directory=cache_dir) if cache_dir else None
-    return Rephraser(backend, cache=cache, strict=not _get(args, prefix, "lenient"))
+    time_limit = None if local else _get(args, prefix, "timeout")
+    return Rephraser(backend, cache=cache, strict=not _get(args, prefix, "lenient"), time_limit_s=time_limit)
 
 
 def rephrase_from_args(args: argparse.Namespace, prompt: str, images: Sequence[Image.Image],
@@ -96,13 +108,13 @@ def rephrase_from_args(args: argparse.Namespace, prompt: str, images: Sequence[I
 
 
 def load_images(paths: Sequence[str]) -> list[Image.Image]:
-    """Open reference image files (RGB). Raises ValueError naming the file that cannot be read."""
+    """Open reference image files as ``generate`` does (``open_reference``: RGB, EXIF orientation applied,
+    transparency over white). Raises ValueError naming the file that cannot be read."""
     images = []
     for k, path in enumerate(paths, start=1):
         try:
-            with Image.open(Path(path)) as img:
-                images.append(img.convert("RGB"))
-        except OSError as err:
+            images.append(open_reference(Path(path)))
+        except (OSError, ValueError) as err:
             raise ValueError(f"--ref {k} ({path}) cannot be read as an image: {err}") from err
     return images
 

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import time
 import unicodedata
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -32,7 +33,7 @@ from .log import logger
 MAX_REFERENCES = 4
 LANGUAGES = {"en": "English", "zh": "Simplified Chinese (简体中文)"}
 LANGUAGE_ALIASES = {"auto": "auto", "en": "en", "english": "en", "zh": "zh", "chinese": "zh", "中文": "zh"}
-CACHE_FORMAT = 1  # bump when the meaning of a cached entry changes
+CACHE_FORMAT = 2  # bump when the meaning of a cached entry changes (2: whole-word, one-place check)
 
 INSTRUCTIONS = """\
 You rewrite prompts for a subject-to-video model. Besides the prompt, that model receives one to four \
@@ -55,7 +56,8 @@ Answer with one JSON object and nothing else, with one entry per reference, in r
 {{"subjects": [{{"index": 1, "description": "..."}}], "prompt": "..."}}"""
 
 RETRY_MESSAGE = ("That answer cannot be used: {reason}. Answer again with only the JSON object described above, "
-                 "with exactly {n} subjects, each description repeated word for word inside \"prompt\".")
+                 "with exactly {n} subjects, each description repeated word for word, at a place of its own, "
+                 "inside \"prompt\".")
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _REFUSAL = re.compile(r"\b(i can(?:no|')t|i'm sorry|i am sorry|i am unable|i'm unable|i won't)\b|抱歉|无法|不能帮",
@@ -85,8 +87,13 @@ class ChatBackend(Protocol):
         """Everything that changes the answer (model, decoding settings); part of the cache key; no secrets."""
         ...
 
-    def chat(self, messages: list[dict]) -> str:
-        """Answer a chat (`build_messages` format). Raises RephraseError (transport) or UnusableAnswer (refusal)."""
+    def chat(self, messages: list[dict], deadline: float | None = None) -> str:
+        """Answer a chat (`build_messages` format) before `deadline` (a `time.monotonic()` value; None = no
+        overall limit). Raises RephraseError (transport, time limit) or UnusableAnswer (refusal)."""
+        ...
+
+    def release(self) -> None:
+        """Called once after every `Rephraser.rephrase` that used the back-end (e.g. move a model off the GPU)."""
         ...
 
 
@@ -108,7 +115,8 @@ class RephraseResult:
 
 # ----------------------------------------------------------------------------------------------- inputs
 def resolve_language(language: str, prompt: str) -> str:
-    """"auto" -> "zh" when CJK characters make up >= 30% of the prompt's letters, else "en".
+    """"auto" -> "zh" when CJK characters make up >= 30% of the prompt's letters, else "en" (auto picks only
+    between these two: Chinese if the prompt is mostly Chinese, else English).
 
     Raises ValueError naming `language` when it is not auto / en / english / zh / chinese.
     """
@@ -229,8 +237,10 @@ def check_answer(prompt: str, descriptions: Sequence[str], n_refs: int, language
     1. the rewritten prompt is not empty;
     2. there are exactly `n_refs` descriptions (one per reference: fewer drops a subject, more invents one),
        none of them empty;
-    3. every description occurs in the rewritten prompt (after `normalize_text` on both), i.e. every
-       reference subject is named with its description;
+    3. every description is named in the rewritten prompt at a place of its own (`place_descriptions`): as
+       whole words (after `normalize_text` on both, so case and punctuation do not matter; "a cat" is not found
+       in "a catamaran"), and not inside the words already taken by another description ("a man" does not
+       count inside "a man in a red shirt"; two identical descriptions need two occurrences);
     4. the language matches: "zh" needs CJK ideographs in the prompt (>= 30% of its letters), "en" allows at
        most 10% (a quoted name or sign may be Chinese).
     """
@@ -238,16 +248,73 @@ def check_answer(prompt: str, descriptions: Sequence[str], n_refs: int, language
         raise UnusableAnswer("the rewritten \"prompt\" is empty", raw)
     if len(descriptions) != n_refs:
         raise UnusableAnswer(f"it describes {len(descriptions)} subjects for {n_refs} references", raw)
-    empty = [k for k, d in enumerate(descriptions, start=1) if not d]
+    empty = [k for k, d in enumerate(descriptions, start=1) if not normalize_text(d)]
     if empty:
         raise UnusableAnswer(f"the description of reference {empty[0]} is empty", raw)
-    flat = normalize_text(prompt)
-    missing = [k for k, d in enumerate(descriptions, start=1) if normalize_text(d) not in flat]
-    if missing:
-        raise UnusableAnswer(f"the prompt does not contain the description of reference {missing[0]}", raw)
+    spans = place_descriptions(prompt, descriptions)
+    if isinstance(spans, int):
+        k = spans
+        if not _occurrences(normalize_text(prompt), normalize_text(descriptions[k - 1])):
+            raise UnusableAnswer(f"the prompt does not contain the description of reference {k}", raw)
+        raise UnusableAnswer(f"the description of reference {k} occurs in the prompt only inside the words of "
+                             "another reference's description; each subject must be named at a place of its own", raw)
     ratio = cjk_ratio(prompt)
     if (language == "zh" and ratio < 0.3) or (language == "en" and ratio > 0.1):
         raise UnusableAnswer(f"the prompt is not in {LANGUAGES[language]}", raw)
+
+
+def place_descriptions(prompt: str, descriptions: Sequence[str]) -> list[tuple[int, int]] | int:
+    """Give every description its own occurrence in `prompt`: spans (start, end) in `normalize_text(prompt)`,
+    one per description, pairwise disjoint; or the 1-based index of a description that cannot be placed.
+
+    Occurrences are whole-word matches (`_occurrences`). Every combination of occurrences is tried, longer
+    descriptions first (at most 4 descriptions: the search is tiny). On failure the index is that of the first
+    description, longest first, left without a free occurrence when each takes its first free one.
+    """
+    flat = normalize_text(prompt)
+    order = sorted(range(len(descriptions)), key=lambda i: -len(normalize_text(descriptions[i])))
+    found = {i: _occurrences(flat, normalize_text(descriptions[i])) for i in order}
+
+    def free(span: tuple[int, int], taken: list[tuple[int, int]]) -> bool:
+        return all(span[1] <= s or span[0] >= e for s, e in taken)
+
+    def place(pos: int, taken: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
+        if pos == len(order):
+            return taken
+        for span in found[order[pos]]:
+            if free(span, taken) and (done := place(pos + 1, taken + [span])) is not None:
+                return done
+        return None
+
+    chosen = place(0, [])
+    if chosen is not None:
+        return [chosen[order.index(i)] for i in range(len(descriptions))]
+    taken: list[tuple[int, int]] = []
+    for i in order:  # greedy pass, only to name the description that is left out
+        span = next((sp for sp in found[i] if free(sp, taken)), None)
+        if span is None:
+            return i + 1
+        taken.append(span)
+    return order[-1] + 1
+
+
+def _occurrences(flat: str, needle: str) -> list[tuple[int, int]]:
+    """Spans of `needle` in `flat` (both `normalize_text`ed) that start and end on word boundaries.
+
+    A boundary is needed only between two letters/digits that are not CJK ideographs: Chinese has no spaces, so
+    there a plain substring match is the rule, while "a cat" must not match inside "a catamaran".
+    """
+    def joined(a: str, b: str) -> bool:  # True when a|b would split one non-CJK word
+        return a.isalnum() and b.isalnum() and not _CJK.match(a) and not _CJK.match(b)
+
+    spans, start = [], flat.find(needle)
+    while needle and start >= 0:
+        end = start + len(needle)
+        if not (start > 0 and joined(flat[start - 1], flat[start])) and \
+                not (end < len(flat) and joined(flat[end - 1], flat[end])):
+            spans.append((start, end))
+        start = flat.find(needle, start + 1)
+    return spans
 
 
 # ---------------------------------------------------------------------------------------- the cache
@@ -325,12 +392,20 @@ class Rephraser:
     parsed prompt, or the raw text when it holds no JSON; descriptions padded with "" to one per reference);
     only an empty answer still raises. Lenient mode exists for small local models that cannot follow the
     JSON format; results are cached either way.
+
+    time_limit_s: the most seconds one `rephrase` call may spend asking the back-end, over both attempts and
+    every transport retry (None = no overall limit; each endpoint request still has its own timeout). When it
+    runs out, RephraseError says so. After every call that asked the back-end, `backend.release()` runs (the
+    local back-end moves its model off the GPU there unless told to keep it).
     """
 
     def __init__(self, backend: ChatBackend, *, cache: RephraseCache | None = None, strict: bool = True,
-                 max_image_side: int = 768):
+                 max_image_side: int = 768, time_limit_s: float | None = None):
+        if time_limit_s is not None and not time_limit_s > 0:
+            raise ValueError(f"time_limit_s is {time_limit_s}; it must be > 0 seconds (or None for no limit)")
         self.backend, self.strict, self.max_image_side = backend, strict, max_image_side
         self.cache = DEFAULT_CACHE if cache is None else cache
+        self.time_limit_s = time_limit_s
 
     def rephrase(self, prompt: str, images: Sequence[Image.Image], *, hints: Sequence[str] = (),
                  language: str = "auto") -> RephraseResult:
@@ -347,16 +422,25 @@ class Rephraser:
         if hit is not None:
             logger.info("rephraser: cache hit (%s)", key[:12])
             return dataclasses.replace(hit, cached=True)
-        result = self._ask(build_messages(prompt, images, hints, code), len(images), code)
+        deadline = None if self.time_limit_s is None else time.monotonic() + self.time_limit_s
+        try:
+            result = self._ask(build_messages(prompt, images, hints, code), len(images), code, deadline)
+        finally:
+            release = getattr(self.backend, "release", None)
+            if release is not None:
+                release()
         self.cache.put(key, result)
         return result
 
-    def _ask(self, messages: list[dict], n_refs: int, language: str) -> RephraseResult:
+    def _ask(self, messages: list[dict], n_refs: int, language: str, deadline: float | None) -> RephraseResult:
         for attempt in (1, 2):
+            if deadline is not None and time.monotonic() >= deadline:
+                raise RephraseError(f"{self.backend.label}: the time limit of {self.time_limit_s:g} s ran out "
+                                    f"before attempt {attempt} of 2 (the first answer was unusable)")
             logger.info("rephraser: asking %s (attempt %d of 2)", self.backend.label, attempt)
             raw = ""
             try:
-                raw = self.backend.chat(messages)
+                raw = self.backend.chat(messages, deadline=deadline)
                 prompt, descriptions = parse_answer(raw, n_refs)
                 check_answer(prompt, descriptions, n_refs, language, raw)
                 return RephraseResult(prompt, descriptions, language, raw, validated=True)

@@ -15,9 +15,6 @@ the whole file, streamed. Other tools may add their own top-level keys (the CLI 
 
 Errors: :func:`read_sidecar` raises ``ValueError`` naming the file when it is not JSON, not a Phantom sidecar, of
 another format version or with invalid settings; :func:`build_sidecar` refuses an unresolved seed (-1).
-
-``GenerationSettings`` lives in ``phantom_core.pipeline``, which imports this module to write sidecars; the two
-functions that need it import it when called, so that either module can be imported first.
 """
 
 from __future__ import annotations
@@ -29,16 +26,14 @@ import os
 import platform
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from phantom_core.checkpoint_io import INDEX_SUFFIX, find_index, read_index
 from phantom_core.fp8 import weight_bytes
 from phantom_core.log import logger
-
-if TYPE_CHECKING:
-    from phantom_core.pipeline import GenerationSettings
+from phantom_core.settings import RANDOM_SEED, GenerationSettings
 
 SIDECAR_FORMAT = "phantom-generation"
 SIDECAR_VERSION = 1
@@ -123,7 +118,6 @@ def build_sidecar(settings: GenerationSettings, *, dit_path: str | os.PathLike, 
                   seconds: float | None = None, tokenizer_path: str | os.PathLike | None = None) -> dict[str, Any]:
     """The sidecar record of one generation (JSON-ready). ``settings.seed`` must be resolved (not -1);
     ``runtime``: :func:`runtime_record`; without it, one is made from ``dtype`` and ``device`` alone."""
-    from phantom_core.pipeline import RANDOM_SEED  # deferred: pipeline imports this module
 
     if settings.seed == RANDOM_SEED:
         raise ValueError("sidecar: the seed is still -1; resolve it (resolve_seed) before generating")
@@ -158,7 +152,6 @@ def write_sidecar(record: dict[str, Any], path: str | os.PathLike) -> Path:
 def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
     """Read and check a sidecar written by :func:`write_sidecar`; ``record["settings"]`` becomes a
     :class:`GenerationSettings`. Raises ``ValueError`` naming the file when it is not a Phantom sidecar."""
-    from phantom_core.pipeline import GenerationSettings  # deferred: pipeline imports this module
 
     path = Path(path)
     try:

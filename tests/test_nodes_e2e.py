@@ -223,7 +223,7 @@ def test_sampler_preset_switches_to_the_paper_settings(comfy_server: ComfyServer
     and a different one from the official settings: the preset really overrides the widgets."""
     from safetensors.torch import load_file
 
-    def latent(steps: int, solver: str, w_img: float, preset: str) -> "torch.Tensor":
+    def latent(steps: int, solver: str, w_img: float, preset: str):
         prompt = configure(load_api(1), comfy_server, cases(examples_dir)[1], width=32, height=32, frames=1,
                            steps=steps, prefix=f"preset_{preset}_{solver}")
         prompt[SAMPLER_NODE]["inputs"] |= {"solver": solver, "w_img": w_img, "preset": preset}

@@ -15,11 +15,15 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-import phantom_core.pipeline as pipeline
 from phantom_core.checkpoint import expected_shapes, read_state_dict
 from phantom_core.cli_generate import build_parser, main, resolve_generate_args
 from phantom_core.inspect_checkpoint import inspect_checkpoint
-from phantom_core.pipeline import GenerationSettings, generate, load_models, read_sidecar, settings_from_preset
+import phantom_core.pipeline as pipeline
+import phantom_core.sidecar as sidecar
+from phantom_core.pipeline import generate, load_models
+from phantom_core.sampler import WAN_NEGATIVE_PROMPT
+from phantom_core.settings import GenerationSettings, settings_from_preset
+from phantom_core.sidecar import read_sidecar
 from phantom_core.tiny_default import write_tiny_default
 from phantom_core.video_io import read_mp4_frames
 from phantom_core.wan_dit import DIT_PRESETS
@@ -112,7 +116,7 @@ def test_cli_sidecar_and_bit_exact_regeneration(files, capsys):
     assert record["seed"] == record["settings"]["seed"] and 0 <= record["seed"] < 2**53
     s = record["settings"]
     assert (s["solver"], s["w_img"], s["steps"], s["width"], s["frames"]) == ("euler", 3.0, 3, 32, 5)
-    assert s["negative_prompt"] == pipeline.WAN_NEGATIVE_PROMPT
+    assert s["negative_prompt"] == WAN_NEGATIVE_PROMPT
     for role in ("dit", "vae", "text_encoder"):
         (entry,) = record["models"][role]["files"]
         assert entry["sha256"] == sha256(files[role]) and entry["bytes"] == files[role].stat().st_size
@@ -284,10 +288,10 @@ def test_inspect_tiny_files(files, tmp_path):
     sharded = inspect_checkpoint(tmp_path)
     assert (sharded["kind"], sharded["preset"], sharded["key_count"], len(sharded["files"])) == ("dit", "tiny", 69, 3)
     # the sidecar hashes an index and each of its shards
-    files_of = pipeline.checkpoint_files(tmp_path)
+    files_of = sidecar.checkpoint_files(tmp_path)
     assert [f.name for f in files_of] == ["dit.safetensors.index.json", "dit-00001-of-00002.safetensors",
                                           "dit-00002-of-00002.safetensors"]
-    assert [d["sha256"] for d in pipeline.describe_files(files_of)] == [sha256(f) for f in files_of]
+    assert [d["sha256"] for d in sidecar.describe_files(files_of)] == [sha256(f) for f in files_of]
     save_file({"weight": torch.zeros(3, 3)}, tmp_path / "other.safetensors")
     assert inspect_checkpoint(tmp_path / "other.safetensors")["kind"] == "unknown"
 

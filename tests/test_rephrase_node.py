@@ -6,18 +6,29 @@ put in its `<base>/models/LLM`, and a recording chat-completions server on 127.0
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
 from pathlib import Path
+
+import aiohttp
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from comfy_server import ComfyServer, comfy_server, history_error  # noqa: F401 (fixture)
+from comfy_server import COMFY_DIR, ComfyServer, comfy_server, history_error  # noqa: F401 (fixture)
 from test_rephraser import chat_server, good_answer  # noqa: F401 (fixture)
 from test_rephraser_local import build_tiny_vlm
 
+ROOT = Path(__file__).resolve().parents[1]
+TEXT_EVENT = 3  # ComfyUI's BinaryEventTypes.TEXT: what PromptServer.send_progress_text sends
 KEY_ENV = "PHANTOM_REPHRASE_NODE_TEST_KEY"
 KEY = "sk-node-SECRET-9876543210"
 os.environ[KEY_ENV] = KEY  # set at collection, before any server starts, so the server's environment has it
@@ -65,6 +76,96 @@ def test_schema(server):
     assert spec["prompt"][1]["multiline"] is True
     assert MODEL in spec["local_model"][1]["options"]
     assert info["output"] == ["STRING", "STRING"] and info["output_name"] == ["prompt", "descriptions"]
+    assert spec["keep_loaded"][1]["default"] is False and "keep_loaded" in info["input"]["optional"]
+    assert "whole rephrase" in spec["timeout_s"][1]["tooltip"]
+    assert "Chinese if the prompt is mostly Chinese, else English" in spec["language"][1]["tooltip"]
+    assert info["input"]["hidden"] == {"unique_id": ["UNIQUE_ID"]}
+
+
+async def watch(server: ComfyServer, prompt: dict, timeout_s: float = 120.0) -> tuple[list[dict], list[tuple]]:
+    """Queue `prompt` with a websocket open; returns (JSON messages, progress texts as (node id, text))."""
+    client_id, messages, texts = uuid.uuid4().hex, [], []
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"{server.url}/ws?clientId={client_id}") as ws:
+            r = server.queue(prompt, client_id)
+            assert r.status_code == 200, r.text
+            prompt_id, deadline = r.json()["prompt_id"], time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                msg = await ws.receive(timeout=timeout_s)
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    (event,) = struct.unpack(">I", msg.data[:4])
+                    if event == TEXT_EVENT:
+                        (n,) = struct.unpack(">I", msg.data[4:8])
+                        texts.append((msg.data[8:8 + n].decode(), msg.data[8 + n:].decode()))
+                    continue
+                data = json.loads(msg.data)
+                messages.append(data)
+                if data["type"] in ("execution_success", "execution_error") and \
+                        data["data"].get("prompt_id") == prompt_id:
+                    return messages, texts
+    raise TimeoutError("prompt did not finish")
+
+
+def test_rewritten_text_is_drawn_on_the_node(server, tmp_path, chat_server):
+    """The frontend draws progress text on any node (ui "text" only on PreviewAny): the node sends its own."""
+    rewritten = "a man in a green jacket walks a brown dog in the park"
+    rec = chat_server([{"content": good_answer(["a man in a green jacket", "a brown dog"], rewritten)}])
+    wf = workflow(upload_refs(server, tmp_path, 2), backend="openai-compatible", endpoint_url=rec.url,
+                  endpoint_model="vlm-test", local_model="none", strict=True, prompt="a man walks a dog (shown)")
+    messages, texts = asyncio.run(watch(server, wf))
+    assert messages[-1]["type"] == "execution_success", messages[-1]
+    assert texts == [("rephrase", f"{rewritten}\n\n1: a man in a green jacket\n2: a brown dog")]
+
+
+def test_hint_k_belongs_to_image_k(server, tmp_path, chat_server):
+    rec = chat_server([{"content": good_answer(["a red car", "a blue bike"], "a red car passes a blue bike")}])
+    names = upload_refs(server, tmp_path, 2)
+    base = dict(backend="openai-compatible", endpoint_url=rec.url, endpoint_model="vlm-test", local_model="none",
+                strict=False)
+
+    def labels(wf: dict) -> list[str]:
+        entry = server.run(wf)
+        assert entry["status"]["status_str"] == "success", history_error(entry)
+        parts = rec.requests[-1]["json"]["messages"][1]["content"]
+        return [p["text"] for p in parts if p["type"] == "text" and p["text"].startswith("Reference ")]
+
+    gap = workflow(names, prompt="hints: gap", hint_2="the bike", **base)  # image_1 empty, image_2 + hint_2
+    gap["rephrase"]["inputs"]["image_2"] = gap["rephrase"]["inputs"].pop("image_1")
+    assert labels(gap) == ["Reference 1 (user's hint: the bike):"]
+    batch = workflow(names[:1], prompt="hints: batch", hint_1="a car", hint_2="unused", **base)
+    batch["pair"] = {"class_type": "ImageBatch", "inputs": {"image1": ["img1", 0], "image2": ["img1", 0]}}
+    batch["rephrase"]["inputs"]["image_1"] = ["pair", 0]  # a 2-image batch on image_1: hint_1 for both
+    assert labels(batch) == ["Reference 1 (user's hint: a car):", "Reference 2 (user's hint: a car):"]
+
+
+def test_node_helpers_in_process(tmp_path):
+    """Run in a subprocess (ComfyUI's own `nodes` module must not meet ours in the test process): the hint
+    rule of `gather_images` and the request to ComfyUI's memory manager before the VLM goes to a GPU."""
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path[:0] = [{str(ROOT)!r}]
+        sys.path.append({str(COMFY_DIR)!r})
+        import comfy.cli_args
+        comfy.cli_args.args.cpu = True
+        import comfy.model_management as mm
+        from nodes import rephrase as node
+        img = lambda n, v: torch.full((n, 72, 64, 3), v)
+        images, hints = node.gather_images(None, [None, img(2, 0.2), None, img(1, 0.9)], ["h1", "h2", "", "h4"])
+        assert hints == ["h2", "h2", "h4"] and [round(i.getpixel((0, 0))[0]) for i in images] == [51, 51, 230]
+        images, hints = node.gather_images({{"images": [img(1, 0.5)[0], img(1, 0.6)[0]]}}, [None] * 4,
+                                           ["a", "", "x", ""])
+        assert hints == ["a", ""] and len(images) == 2
+        cutout = torch.zeros(72, 64, 4)  # black, fully transparent: composited over white
+        assert node.gather_images({{"images": [cutout]}}, [None] * 4, [""] * 4)[0][0].getpixel((0, 0)) == (255,) * 3
+        calls = []
+        mm.free_memory = lambda n, device: calls.append((n, device))
+        node.free_comfy_memory(3 << 30, "cpu")
+        node.free_comfy_memory(3 << 30, "cuda:0")
+        assert calls == [(3 << 30, torch.device("cuda:0"))], calls
+        print("OK")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr[-3000:]
 
 
 def test_local_model_through_the_server(server, tmp_path):

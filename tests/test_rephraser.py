@@ -22,7 +22,8 @@ from PIL import Image
 from phantom_core.__main__ import main as cli_main
 from phantom_core.rephrase_backends import EndpointBackend, EndpointConfig, make_backend
 from phantom_core.rephraser import (INSTRUCTIONS, RephraseCache, RephraseError, Rephraser, UnusableAnswer,
-                                    build_messages, check_answer, parse_answer, resolve_language)
+                                    build_messages, check_answer, parse_answer, place_descriptions,
+                                    resolve_language)
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-SECRET-0123456789"
@@ -42,8 +43,9 @@ def good_answer(descriptions: list[str], prompt: str | None = None) -> str:
 class ChatServer:
     """A chat-completions server on 127.0.0.1 that records requests and plays scripted replies.
 
-    `script` items: {"status": int, "content": str | None, "body": dict | str, "delay": s, "refusal": str}.
-    When the script runs out, the last item repeats.
+    `script` items: {"status": int, "content": str | None, "body": dict | str, "delay": s, "refusal": str,
+    "trickle": (bytes, seconds)}: with "trickle", the body is written that many bytes at a time with that pause
+    in between (headers first). When the script runs out, the last item repeats.
     """
 
     def __init__(self, script: list[dict]):
@@ -69,7 +71,11 @@ class ChatServer:
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
-                    self.wfile.write(data)
+                    step, pause = item.get("trickle", (len(data), 0.0))
+                    for start in range(0, len(data), max(1, step)):
+                        self.wfile.write(data[start:start + step])
+                        self.wfile.flush()
+                        time.sleep(pause)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
@@ -178,6 +184,32 @@ def test_parse_answer_tolerates_fences_prose_and_think():
         assert info.value.raw == raw
 
 
+@pytest.mark.parametrize("descriptions, prompt, reason", [
+    (("a white cat", "a white cat with a black tail"), "a white cat with a black tail sleeps on the sofa",
+     "reference 1 occurs in the prompt only inside"),  # one subject dropped, its words reused by the other
+    (("a man in a red shirt", "a man"), "a man in a red shirt walks", "reference 2 occurs in the prompt only inside"),
+    (("a cat",), "a catamaran sails past the pier", "does not contain the description of reference 1"),
+    (("a red car", "a red car"), "a red car drives away", "reference 2 occurs"),  # same words need two places
+])
+def test_check_answer_needs_whole_words_at_separate_places(descriptions, prompt, reason):
+    with pytest.raises(UnusableAnswer, match=reason):
+        check_answer(prompt, descriptions, len(descriptions), "en")
+
+
+def test_check_answer_places_each_description_once():
+    check_answer("A white cat, and a white cat with a black tail, sleep on the sofa.",
+                 ("a white cat", "a white cat with a black tail"), 2, "en")
+    check_answer("a man in a red shirt greets a man", ("a man", "a man in a red shirt"), 2, "en")
+    check_answer("a red car follows a red car", ("a red car", "a red car"), 2, "en")
+    check_answer("a cat's toy", ("a cat",), 1, "en")  # punctuation is a word boundary
+    assert place_descriptions("a man in a red shirt greets a man", ["a man", "a man in a red shirt"]) == \
+        [(28, 33), (0, 20)]
+    # Chinese has no spaces: plain substrings, still at separate places
+    check_answer("一只白猫和一只黑猫在玩", ("一只白猫", "一只黑猫"), 2, "zh")
+    with pytest.raises(UnusableAnswer, match="reference 1 occurs"):
+        check_answer("一只白猫戴着红色项圈在睡觉", ("一只白猫", "一只白猫戴着红色项圈"), 2, "zh")
+
+
 def test_check_answer_rule():
     d = ("a woman in a black coat", "an elderly man in a grey suit")
     ok = "A Woman in a black-coat and an elderly man, in a grey suit, eat at the table."
@@ -259,6 +291,61 @@ def test_endpoint_timeout_is_bounded(chat_server):
     assert time.monotonic() - t0 < 1.4 and len(server.requests) == 2
 
 
+def test_endpoint_timeout_is_total_per_request_against_a_trickling_server(chat_server):
+    """20 bytes every 0.2 s: each read succeeds well within 0.5 s, the whole reply would take ~3 s."""
+    body = good_answer(["a red car"]).ljust(300)
+    server = chat_server([{"body": body, "trickle": (20, 0.2)}])
+    t0 = time.monotonic()
+    with pytest.raises(RephraseError, match=r"timed out after 0.5 s \(gave up after 2 attempts\)"):
+        Rephraser(endpoint(server.url, timeout_s=0.5, api_key_env=""), cache=RephraseCache()).rephrase(
+            "a car", make_images(1))
+    assert time.monotonic() - t0 < 1.6 and len(server.requests) == 2
+
+
+def test_rephrase_time_limit_covers_every_retry(chat_server):
+    """503 after 0.3 s, 5 transport retries per attempt, 2 attempts: unbounded this would take ~3.6 s."""
+    server = chat_server([{"status": 503, "body": {"error": "busy"}, "delay": 0.3}])
+    t0 = time.monotonic()
+    with pytest.raises(RephraseError, match="OpenAI-compatible endpoint.*overall time limit ran out"):
+        Rephraser(endpoint(server.url, api_key_env="", max_retries=5), cache=RephraseCache(),
+                  time_limit_s=1.0).rephrase("a car", make_images(1))
+    assert time.monotonic() - t0 < 1.5 and 2 <= len(server.requests) <= 4
+    trickle = chat_server([{"body": good_answer(["a red car"]).ljust(300), "trickle": (20, 0.2)}])
+    t0 = time.monotonic()
+    with pytest.raises(RephraseError, match="overall time limit ran out while waiting"):
+        Rephraser(endpoint(trickle.url, api_key_env="", timeout_s=30.0), cache=RephraseCache(),
+                  time_limit_s=0.7).rephrase("a car", make_images(1))
+    assert time.monotonic() - t0 < 1.2
+    with pytest.raises(ValueError, match="time_limit_s is 0"):
+        Rephraser(endpoint(trickle.url), time_limit_s=0)
+
+
+def test_endpoint_label_hides_credentials_and_key_like_variable_names(chat_server):
+    server = chat_server([{"status": 400, "body": {"error": "bad request"}}])
+    url = server.url.replace("http://", "http://user:tok-SECRET-1@") + "?api_key=q-SECRET-2"
+    backend = endpoint(url, api_key_env="")
+    assert "SECRET" not in backend.label and backend.label.startswith(f"OpenAI-compatible endpoint {server.url}/")
+    with pytest.raises(RephraseError) as info:
+        Rephraser(backend, cache=RephraseCache()).rephrase("a car", make_images(1))
+    assert "HTTP 400" in str(info.value) and "SECRET" not in str(info.value)
+    (request,) = server.requests  # the request itself still carries the query string and the credentials
+    assert request["path"] == "/v1/chat/completions?api_key=q-SECRET-2"
+    assert request["headers"]["Authorization"].startswith("Basic ")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(RephraseError, match="cannot connect") as info:
+        Rephraser(endpoint(f"http://u:p-SECRET@127.0.0.1:{port}/v1?k=SECRET", api_key_env="", max_retries=0),
+                  cache=RephraseCache()).rephrase("a car", make_images(1))
+    assert "SECRET" not in str(info.value)
+    for pasted in (KEY, "sk-proj-abc", "ghp_a1B2c3D4e5F6g7H8i9J0kLmN", "my key"):
+        with pytest.raises(ValueError, match="api_key_env must be the NAME of an environment variable") as info:
+            make_backend("openai-compatible", endpoint_url=server.url, endpoint_model="m", api_key_env=pasted)
+        assert pasted not in str(info.value)
+    for name in ("OPENAI_API_KEY", "HF_TOKEN", "my_service_key_2024"):
+        make_backend("openai-compatible", endpoint_url=server.url, endpoint_model="m", api_key_env=name)
+
+
 def test_unreachable_endpoint_and_missing_key_variable(monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -329,8 +416,29 @@ def test_cli_rephrase_endpoint(chat_server, tmp_path, capsys, monkeypatch):
     assert cli_main(["rephrase", *refs, "--prompt", "x"]) == 2
     assert "either --endpoint" in capsys.readouterr().err
 
+    with pytest.raises(SystemExit):
+        cli_main(["rephrase", "--help"])
+    assert "auto: Chinese if the prompt is mostly Chinese, else English" in " ".join(capsys.readouterr().out.split())
     proc = subprocess.run([sys.executable, "-m", "phantom_core", "rephrase", *refs, "--prompt", "a car passes a bike",
                            "--endpoint", server.url + "/", "--model", "vlm-test"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "a red car passes a blue bike" and len(server.requests) == 2
+
+
+def test_cli_reads_references_like_generate(chat_server, tmp_path, capsys):
+    """Transparent pixels are white (not black) and EXIF orientation is applied, as `generate --rephrase` does."""
+    server = chat_server([{"content": good_answer(["a red square"], "a red square spins")}])
+    rgba = np.zeros((40, 60, 4), np.uint8)
+    rgba[10:30, 20:40] = (255, 0, 0, 255)  # an opaque red square on a fully transparent background
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "cutout.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(np.full((40, 60, 3), 128, np.uint8)).save(tmp_path / "rotated.jpg", exif=exif)
+    assert cli_main(["rephrase", "--ref", str(tmp_path / "cutout.png"), "--ref", str(tmp_path / "rotated.jpg"),
+                     "--prompt", "a square spins", "--endpoint", server.url, "--model", "vlm-test", "--lenient"]) == 0
+    parts = server.requests[0]["json"]["messages"][1]["content"]
+    sent = [np.asarray(Image.open(io.BytesIO(base64.b64decode(p["image_url"]["url"].split(",", 1)[1]))))
+            for p in parts if p["type"] == "image_url"]
+    assert sent[0].shape == (40, 60, 3) and (sent[0][0, 0] == 255).all() and tuple(sent[0][20, 30]) == (255, 0, 0)
+    assert sent[1].shape == (60, 40, 3)  # portrait once the EXIF orientation is applied

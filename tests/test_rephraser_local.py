@@ -84,9 +84,9 @@ def generate_calls(monkeypatch):
     calls: list[dict] = []
     original = rephrase_backends.LocalVLMBackend._generate
 
-    def spy(self, model, processor, inputs):
+    def spy(self, model, processor, inputs, deadline):
         calls.append({k: v for k, v in inputs.items()})
-        return original(self, model, processor, inputs)
+        return original(self, model, processor, inputs, deadline)
 
     monkeypatch.setattr(rephrase_backends.LocalVLMBackend, "_generate", spy)
     return calls
@@ -120,18 +120,76 @@ def test_local_lenient_path_text_cache_and_single_load(tiny_vlm, generate_calls)
     assert len(generate_calls) == 2 and len(rephrase_backends._LOADED) == 1
     # greedy decoding is deterministic: the same nonsense as the strict test's error (another backend object)
     assert all(f"raw answer: {first.raw!r}" in err for err in STRICT_ERRORS)
-    model = next(iter(rephrase_backends._LOADED.values()))[0]
+    model = next(iter(rephrase_backends._LOADED.values())).model
 
     again = Rephraser(LocalVLMBackend(LocalConfig(str(tiny_vlm), max_new_tokens=16)), cache=cache,
                       strict=False).rephrase("a man walks a dog", refs, hints=["", "red"])
     assert again.cached and again.prompt == first.prompt and len(generate_calls) == 2  # no model call
-    assert next(iter(rephrase_backends._LOADED.values()))[0] is model  # loaded once
+    assert next(iter(rephrase_backends._LOADED.values())).model is model  # loaded once
 
     sampled = LocalVLMBackend(LocalConfig(str(tiny_vlm), max_new_tokens=8, temperature=1.0, seed=3))
     messages = [{"role": "user", "content": [{"type": "image", "image": refs[0]}, {"type": "text", "text": "hi"}]}]
     state = torch.random.get_rng_state()
     assert sampled.chat(messages) == sampled.chat(messages)  # the seed fixes sampling ...
     assert torch.equal(torch.random.get_rng_state(), state)  # ... without touching the caller's RNG
+
+
+def test_local_model_leaves_the_device_after_each_rephrase(tiny_vlm, generate_calls):
+    """after_use: offload (default) asks the host to free memory before every placement and hands the memory
+    back after every rephrase (both attempts share one placement); keep stays; unload drops the model."""
+    events: list = []
+
+    def backend(after_use: str, tokens: int) -> LocalVLMBackend:
+        return LocalVLMBackend(LocalConfig(str(tiny_vlm), max_new_tokens=tokens, after_use=after_use),
+                               free_memory=lambda n, device: events.append(("free", n, device)),
+                               after_offload=lambda: events.append(("offloaded",)))
+
+    rephrase_backends.unload_local_models()
+    refs, shared = images(1), RephraseCache()
+    Rephraser(backend("offload", 16), cache=shared, strict=False).rephrase("a dog", refs)
+    weights = sum(p.numel() * p.element_size() for p in next(iter(rephrase_backends._LOADED.values())).model
+                  .parameters())
+    assert [e[0] for e in events] == ["free", "offloaded"] and len(generate_calls) == 2
+    assert events[0][1] >= weights and events[0][2] == "cpu"  # bytes asked for cover the weights
+    assert not next(iter(rephrase_backends._LOADED.values())).placed
+    events.clear()
+    Rephraser(backend("keep", 17), cache=RephraseCache(), strict=False).rephrase("a dog", refs)
+    Rephraser(backend("keep", 18), cache=RephraseCache(), strict=False).rephrase("a dog", refs)
+    assert [e[0] for e in events] == ["free"]  # placed again once, then kept there
+    events.clear()
+    Rephraser(backend("unload", 19), cache=RephraseCache(), strict=False).rephrase("a dog", refs)
+    assert [e[0] for e in events] == ["offloaded"] and not rephrase_backends._LOADED
+    assert Rephraser(backend("keep", 16), cache=shared, strict=False).rephrase("a dog", refs).cached
+    assert len(generate_calls) == 8 and not rephrase_backends._LOADED  # after_use is not part of the cache key
+
+
+def test_local_library_failures_name_the_backend(tiny_vlm, monkeypatch):
+    backend = LocalVLMBackend(LocalConfig(str(tiny_vlm), max_new_tokens=16))
+    messages = [{"role": "user", "content": [{"type": "image", "image": images(1)[0]}, {"type": "text", "text": "x"}]}]
+    processor = backend._load()[1]
+
+    def boom(*args, **kwargs):
+        raise KeyError("template variable missing")
+
+    monkeypatch.setattr(type(processor), "apply_chat_template", boom)
+    with pytest.raises(RephraseError, match=r"local model 'tiny-qwen2-vl': failed while applying the chat template: "
+                                            r"KeyError"):
+        backend.chat(messages)
+    monkeypatch.undo()
+    model = backend._load()[0]
+    monkeypatch.setattr(type(model), "generate", boom)
+    with pytest.raises(RephraseError, match="local model 'tiny-qwen2-vl': failed while generating: KeyError"):
+        backend.chat(messages)
+    monkeypatch.undo()
+    rephrase_backends.unload_local_models()
+
+    def oom(self, *args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    monkeypatch.setattr(type(model), "to", oom)
+    with pytest.raises(RephraseError, match=r"local model 'tiny-qwen2-vl': cannot move the model \(.* GiB\) to cpu: "
+                                            r"OutOfMemoryError: CUDA out of memory"):
+        backend.chat(messages)
 
 
 def test_local_folder_errors(tmp_path):
@@ -152,5 +210,6 @@ def test_cli_local(tiny_vlm, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["prompt"] and out["validated"] is False and out["descriptions"] == [""] and not out["cached"]
     assert len(list((tmp_path / "cache").glob("*.json"))) == 1
+    assert not rephrase_backends._LOADED  # the CLI unloads the model after use (generate needs the GPU next)
     assert cli_main(args[:-1]) == 0  # plain output: just the prompt, from the disk cache
     assert capsys.readouterr().out.strip() == out["prompt"].strip()

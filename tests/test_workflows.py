@@ -169,12 +169,14 @@ def test_rephrase_variant_wiring() -> None:
     by_type = {}
     for node_id, entry in api.items():
         by_type.setdefault(entry["class_type"], []).append(node_id)
-    (rephrase,), (refs,), (preview,) = by_type["PhantomRephrase"], by_type["PhantomReferences"], by_type["PreviewAny"]
+    (rephrase,), (refs,) = by_type["PhantomRephrase"], by_type["PhantomReferences"]
     positive = next(k for k, v in api.items() if v["_meta"]["title"] == "Prompt")
     r = api[rephrase]["inputs"]
     assert r["references"] == [refs, 0] and not any(k.startswith("image_") for k in r)
     assert api[positive]["inputs"]["text"] == [rephrase, 0]  # the rewritten prompt is what gets encoded
-    assert api[preview]["inputs"] == {"source": [rephrase, 1]}  # the descriptions are shown
+    # both outputs are shown as text on the canvas: the rewritten prompt and the descriptions
+    assert sorted(api[p]["inputs"]["source"] for p in by_type["PreviewAny"]) == [[rephrase, 0], [rephrase, 1]]
+    assert r["keep_loaded"] is False  # a local model gives the GPU back to the video model
     assert (r["backend"], r["endpoint_url"], r["api_key_env"]) == ("openai-compatible", "http://127.0.0.1:11434/v1", "")
     assert r["endpoint_model"] and r["prompt"].strip() and r["strict"] is True
     assert len(by_type["LoadImage"]) == 2
@@ -220,7 +222,8 @@ def test_rephrase_workflow_end_to_end(comfy_server: ComfyServer, examples_dir: P
     rec = chat_server([{"content": good_answer(DESCRIPTIONS, REWRITTEN)}])
     prompt = rephrase_prompt(comfy_server, examples_dir, rec.url, "wf_rephrase")
     rephrase = next(k for k, v in prompt.items() if v["class_type"] == "PhantomRephrase")
-    preview = next(k for k, v in prompt.items() if v["class_type"] == "PreviewAny")
+    previews = {v["inputs"]["source"][1]: k for k, v in prompt.items() if v["class_type"] == "PreviewAny"}
+    preview, prompt_preview = previews[1], previews[0]
     entry = comfy_server.run(prompt)
     frames = saved_frames(comfy_server, entry)
     # the model was asked once, with both references and the user's short prompt, without a key
@@ -232,11 +235,12 @@ def test_rephrase_workflow_end_to_end(comfy_server: ComfyServer, examples_dir: P
     shown = entry["outputs"][rephrase]["text"][0]
     assert shown.split("\n\n")[0] == REWRITTEN
     assert entry["outputs"][preview]["text"][0] == "\n".join(f"{k}: {d}" for k, d in enumerate(DESCRIPTIONS, 1))
+    assert entry["outputs"][prompt_preview]["text"][0] == REWRITTEN
     # the rewritten prompt reached the text encoder: typing it in by hand gives the same video, the short
     # prompt another one
     for text, same in ((REWRITTEN, True), (prompt[rephrase]["inputs"]["prompt"], False)):
         direct = copy.deepcopy(prompt)
-        for node_id in (rephrase, preview):
+        for node_id in (rephrase, preview, prompt_preview):
             del direct[node_id]
         positive = next(k for k, v in direct.items() if v["_meta"]["title"] == "Prompt")
         direct[positive]["inputs"]["text"] = text

@@ -7,7 +7,8 @@ Each workflow: LoadImage x N -> PhantomReferences -> PhantomEncodeReferences; th
 default file names), two PhantomTextEncode (prompt, Wan's negative prompt), PhantomSampler, PhantomDecode,
 PhantomSaveVideo. The rephrase variant adds PhantomRephrase (references from PhantomReferences, an Ollama
 endpoint by default) whose `prompt` output feeds the positive PhantomTextEncode's `text` (a widget turned into
-an input) and whose `descriptions` go to a PreviewAny ("Preview as Text"). The UI format is LiteGraph's
+an input); its `prompt` and `descriptions` outputs also go to a PreviewAny each ("Preview as Text"), so the
+rewritten prompt can be read (and copied) on the canvas. The UI format is LiteGraph's
 (version 0.4) with `widgets_values` in schema order; a linked widget keeps its value there and gets an input
 entry carrying `"widget": {"name": ...}` and the link, as the frontend writes it.
 """
@@ -103,7 +104,7 @@ def describe(num_refs: int, rephrase: bool = False) -> list[Node]:
     images = [Node(10 + k, "LoadImage", f"Reference {k + 1}", [("IMAGE", "IMAGE"), ("MASK", "MASK")],
                    widgets={"image": REFERENCE_IMAGES[num_refs][k]}, ui_after={"image": ["image"]},
                    pos=(col[0] + 340.0 * k, 460), size=(320, 330)) for k in range(num_refs)]
-    ref_sockets = [(f"image_{k}", "IMAGE") for k in range(1, 5)]
+    ref_sockets = [(f"image_{k}", "IMAGE") for k in range(1, 5)] + [(f"mask_{k}", "MASK") for k in range(1, 5)]
     nodes += images + [
         Node(20, "PhantomReferences", "Phantom References", [("references", "PHANTOM_REFERENCES")],
              sockets=ref_sockets, links={f"image_{k + 1}": (10 + k, 0) for k in range(num_refs)},
@@ -127,21 +128,25 @@ def describe(num_refs: int, rephrase: bool = False) -> list[Node]:
              widgets={"fps": 16.0, "quality": 8, "filename_prefix": "Phantom"}, pos=(col[4], 0), size=(400, 480)),
     ]
     if rephrase:
-        nodes += rephrase_nodes(prompts[num_refs], (col[3], 500), (col[4], 520))
+        nodes += rephrase_nodes(prompts[num_refs], (col[3], 500), (col[4], 520), (col[4], 760))
     return execution_order(nodes)
 
 
-def rephrase_nodes(prompt: str, pos: tuple[float, float], preview_pos: tuple[float, float]) -> list[Node]:
-    """PhantomRephrase (id 40; references from node 20; an Ollama endpoint, no API key) and a PreviewAny (41)
-    showing its descriptions. Node 4 (the positive prompt) takes output 0 through `widget_links`."""
+def rephrase_nodes(prompt: str, pos: tuple[float, float], prompt_preview_pos: tuple[float, float],
+                   preview_pos: tuple[float, float]) -> list[Node]:
+    """PhantomRephrase (id 40; references from node 20; an Ollama endpoint, no API key), a PreviewAny (42)
+    showing the rewritten prompt and one (41) showing the descriptions. Node 4 (the positive prompt) takes
+    output 0 through `widget_links`."""
     widgets = {"prompt": prompt, "backend": "openai-compatible", **REPHRASE_ENDPOINT, "api_key_env": "",
                "local_model": "none", "language": "auto", "max_new_tokens": 512, "temperature": 0.0, "seed": 0,
-               "timeout_s": 120.0, "strict": True, **{f"hint_{k}": "" for k in range(1, 5)}}
+               "timeout_s": 120.0, "strict": True, **{f"hint_{k}": "" for k in range(1, 5)}, "keep_loaded": False}
     return [
         Node(40, "PhantomRephrase", "Phantom Rephrase Prompt", [("prompt", "STRING"), ("descriptions", "STRING")],
              sockets=[("references", "PHANTOM_REFERENCES"), *[(f"image_{k}", "IMAGE") for k in range(1, 5)]],
              links={"references": (20, 0)}, widgets=widgets,
              pos=pos, size=(360, 560)),
+        Node(42, "PreviewAny", "Rewritten prompt", [], sockets=[("source", "*")], links={"source": (40, 0)},
+             pos=prompt_preview_pos, size=(400, 220)),
         Node(41, "PreviewAny", "Subject descriptions", [], sockets=[("source", "*")], links={"source": (40, 1)},
              pos=preview_pos, size=(400, 200)),
     ]
