@@ -33,7 +33,9 @@ def test_fill_workflow_keeps_only_the_used_references() -> None:
     assert sorted(loads.values()) == ["phantom_batch/x.jpg", "phantom_batch/y.jpg"]
     refs = next(v for v in prompt.values() if v["class_type"] == "PhantomReferences")["inputs"]
     assert [k for k in refs if k.startswith("image_")] == ["image_1", "image_2"]
-    assert all(src in prompt for src, _ in (refs["image_1"], refs["image_2"]))
+    assert [k for k in refs if k.startswith("mask_")] == ["mask_1", "mask_2"]  # each with its Load Image's MASK
+    assert all(src in prompt for src, _ in (refs["image_1"], refs["image_2"], refs["mask_1"], refs["mask_2"]))
+    assert refs["mask_1"] == [refs["image_1"][0], 1]
     sampler = next(v for v in prompt.values() if v["class_type"] == "PhantomSampler")["inputs"]
     assert (sampler["frames"], sampler["width"], sampler["height"], sampler["seed"]) == (9, 48, 32, 7)
     assert prompt[sampler["positive"][0]]["inputs"]["text"] == "a cat"

@@ -107,7 +107,9 @@ def describe(num_refs: int, rephrase: bool = False) -> list[Node]:
     ref_sockets = [(f"image_{k}", "IMAGE") for k in range(1, 5)] + [(f"mask_{k}", "MASK") for k in range(1, 5)]
     nodes += images + [
         Node(20, "PhantomReferences", "Phantom References", [("references", "PHANTOM_REFERENCES")],
-             sockets=ref_sockets, links={f"image_{k + 1}": (10 + k, 0) for k in range(num_refs)},
+             sockets=ref_sockets,
+             links={f"{kind}_{k + 1}": (10 + k, slot) for k in range(num_refs)
+                    for kind, slot in (("image", 0), ("mask", 1))},  # Load Image's IMAGE and MASK
              widgets={"mode": "letterbox"}, pos=(col[1], 850), size=(300, 150)),
         Node(21, "PhantomEncodeReferences", "Phantom Encode References", [("reference_latents", "PHANTOM_REF_LATENTS")],
              sockets=[("vae", "PHANTOM_VAE"), ("references", "PHANTOM_REFERENCES")],

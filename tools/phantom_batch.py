@@ -107,16 +107,19 @@ def fill_workflow(template: dict, job: dict[str, Any], images: list[str]) -> dic
     prompt = copy.deepcopy(template)
     refs_id = node_of(prompt, "PhantomReferences")
     sampler_id = node_of(prompt, "PhantomSampler")
-    # 1. references: keep image_1..image_n (their LoadImage nodes), drop the rest
+    # 1. references: keep image_1..image_n (their LoadImage nodes), drop the rest with their masks
+    inputs = prompt[refs_id]["inputs"]
     for k in range(1, 5):
-        link = prompt[refs_id]["inputs"].get(f"image_{k}")
+        link = inputs.get(f"image_{k}")
         if k <= len(images):
             if link is None:
                 raise JobError(f"workflow's PhantomReferences has no image_{k} input for reference {k}")
             prompt[link[0]]["inputs"]["image"] = images[k - 1]
         elif link is not None:
-            del prompt[refs_id]["inputs"][f"image_{k}"]
-            del prompt[link[0]]
+            del inputs[f"image_{k}"]
+            if inputs.get(f"mask_{k}", [None])[0] == link[0]:
+                del inputs[f"mask_{k}"]
+            prompt.pop(link[0], None)
     # 2. texts: the PhantomTextEncode nodes wired to the sampler's positive / negative
     for socket, key in (("positive", "prompt"), ("negative", "negative_prompt")):
         if key in job:
