@@ -70,7 +70,23 @@ def _cast_bias(layer: nn.Module, device: torch.device, dtype: torch.dtype) -> Te
     return None if layer.bias is None else layer.bias.to(device=device, dtype=dtype)
 
 
-class CastLinear(nn.Linear):
+class _CastLayer:
+    """What every cast-on-forward layer shares: an optional ``scale_weight`` buffer (0-d fp32, registered by
+    ``attach_scales`` for scaled fp8) and no random init when built on the meta device (the loader's build).
+    ``compute_dtype`` (class attribute, set by ``fp8_ops``) is the dtype the layer computes in."""
+
+    compute_dtype: torch.dtype = torch.float32
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer(SCALE_WEIGHT, None)
+
+    def reset_parameters(self) -> None:
+        if self.weight.device.type != "meta":
+            super().reset_parameters()
+
+
+class CastLinear(_CastLayer, nn.Linear):
     """``nn.Linear`` whose weight keeps its stored dtype (e.g. fp8) and is cast per forward.
 
     ``compute_dtype`` (class attribute, set by ``fp8_ops``): input, weight and output dtype of the matmul.
@@ -78,34 +94,14 @@ class CastLinear(nn.Linear):
     The weight may also live on another device than the input (it is moved for the call only).
     """
 
-    compute_dtype: torch.dtype = torch.float32
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.register_buffer(SCALE_WEIGHT, None)  # a 0-d fp32 tensor once attach_scales sets one
-
-    def reset_parameters(self) -> None:
-        if self.weight.device.type != "meta":  # a meta build (the loader's) skips the random init
-            super().reset_parameters()
-
     def forward(self, x: Tensor) -> Tensor:
         """``(..., in_features)`` -> ``(..., out_features)`` in ``compute_dtype``."""
         dt = self.compute_dtype
         return F.linear(x.to(dt), _cast_weight(self, x.device, dt), _cast_bias(self, x.device, dt))
 
 
-class CastConv3d(nn.Conv3d):
+class CastConv3d(_CastLayer, nn.Conv3d):
     """``nn.Conv3d`` with the weight cast per forward (see ``CastLinear``)."""
-
-    compute_dtype: torch.dtype = torch.float32
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.register_buffer(SCALE_WEIGHT, None)  # a 0-d fp32 tensor once attach_scales sets one
-
-    def reset_parameters(self) -> None:
-        if self.weight.device.type != "meta":
-            super().reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C_in, T, H, W)`` -> ``(B, C_out, T', H', W')`` in ``compute_dtype``."""
@@ -113,19 +109,10 @@ class CastConv3d(nn.Conv3d):
         return self._conv_forward(x.to(dt), _cast_weight(self, x.device, dt), _cast_bias(self, x.device, dt))
 
 
-class CastEmbedding(nn.Embedding):
+class CastEmbedding(_CastLayer, nn.Embedding):
     """``nn.Embedding`` whose table keeps its stored dtype; only the looked-up rows are cast."""
 
-    compute_dtype: torch.dtype = torch.float32
     bias = None  # so that _cast_bias and the loader treat it like the other cast layers
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.register_buffer(SCALE_WEIGHT, None)  # a 0-d fp32 tensor once attach_scales sets one
-
-    def reset_parameters(self) -> None:
-        if self.weight.device.type != "meta":
-            super().reset_parameters()
 
     def forward(self, ids: Tensor) -> Tensor:
         """``(...)`` int64 ids -> ``(..., embedding_dim)`` in ``compute_dtype``."""
