@@ -33,7 +33,7 @@ from .cli_rephrase import (  # noqa: F401  (re-exported: the names were defined 
     rephrase_from_args,
     run_rephrase,
 )
-from .rephraser import RephraseError
+from .rephrase_types import RephraseError
 
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], object]] = {
     "generate": add_generate_parser,

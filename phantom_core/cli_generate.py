@@ -43,7 +43,8 @@ from phantom_core.cli_rephrase import add_rephrase_backend_arguments, rephraser_
 from phantom_core.inspect_checkpoint import format_report, inspect_checkpoint
 from phantom_core.pipeline import REF_MODES, GenerationSettings, generate_to_file, resolve_seed
 from phantom_core.references import MAX_REFERENCES, open_reference
-from phantom_core.rephraser import RephraseError, RephraseResult, Rephraser
+from phantom_core.rephrase_types import RephraseError, RephraseResult
+from phantom_core.rephraser import Rephraser
 from phantom_core.sampler import SAMPLER_PRESETS, SOLVERS
 from phantom_core.sidecar import changed_files, default_sidecar_path, dtype_name, read_sidecar, write_sidecar
 

@@ -28,7 +28,9 @@ from PIL import Image
 
 from .references import open_reference
 from .rephrase_backends import make_backend
-from .rephraser import MAX_REFERENCES, RephraseCache, Rephraser, RephraseResult
+from .rephrase_cache import RephraseCache
+from .rephrase_types import RephraseResult
+from .rephraser import MAX_REFERENCES, Rephraser
 
 # option name (flag without "--" and prefix) -> add_argument keywords; the order is the --help order
 BACKEND_OPTIONS: dict[str, dict[str, Any]] = {

@@ -10,6 +10,11 @@ Flow: `Rephraser.rephrase(prompt, images, hints, language)` builds one chat (`bu
 JSON answer (`parse_answer`), checks it (`check_answer`), retries once with a corrective turn when the answer
 is unusable, and caches the result under a hash of every input and setting (`cache_key`), so identical inputs
 never call the model twice.
+
+Around it: `rephrase_types` (the errors, `RephraseResult`, the `ChatBackend` protocol), `rephrase_cache` (where
+results are kept), `rephrase_backends` (`make_backend` over `rephrase_endpoint` and `rephrase_local`). The names
+moved out of this module in the split (`RephraseError`, `UnusableAnswer`, `ChatBackend`, `RephraseResult`,
+`RephraseCache`, `DEFAULT_CACHE`) are re-exported here for existing callers.
 """
 
 from __future__ import annotations
@@ -20,15 +25,21 @@ import json
 import re
 import time
 import unicodedata
-from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from PIL import Image
 
 from .log import logger
+from .rephrase_cache import DEFAULT_CACHE, RephraseCache
+from .rephrase_types import ChatBackend, RephraseError, RephraseResult, UnusableAnswer
+
+__all__ = [  # public names, including those re-exported from rephrase_types / rephrase_cache
+    "CACHE_FORMAT", "DEFAULT_CACHE", "INSTRUCTIONS", "LANGUAGES", "LANGUAGE_ALIASES", "MAX_REFERENCES",
+    "RETRY_MESSAGE", "ChatBackend", "RephraseCache", "RephraseError", "RephraseResult", "Rephraser",
+    "UnusableAnswer", "build_messages", "cache_key", "check_answer", "check_inputs", "cjk_ratio",
+    "normalize_text", "parse_answer", "place_descriptions", "prepare_image", "resolve_language", "retry_messages",
+]
 
 MAX_REFERENCES = 4
 LANGUAGES = {"en": "English", "zh": "Simplified Chinese (简体中文)"}
@@ -63,54 +74,6 @@ _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _REFUSAL = re.compile(r"\b(i can(?:no|')t|i'm sorry|i am sorry|i am unable|i'm unable|i won't)\b|抱歉|无法|不能帮",
                       re.IGNORECASE)
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
-
-
-class RephraseError(RuntimeError):
-    """A back-end failed or answered unusably; the message names the back-end and what happened."""
-
-
-class UnusableAnswer(ValueError):
-    """An answer that cannot be used (`reason` says why); `Rephraser` retries once, then raises RephraseError."""
-
-    def __init__(self, reason: str, raw: str = ""):
-        super().__init__(reason)
-        self.reason, self.raw = reason, raw
-
-
-class ChatBackend(Protocol):
-    """What `Rephraser` needs from a back-end (implementations: `rephrase_backends`)."""
-
-    label: str
-    """Human-readable name for errors and logs, e.g. "local model 'Qwen2.5-VL-3B'"; never holds a secret."""
-
-    def settings(self) -> dict[str, Any]:
-        """Everything that changes the answer (model, decoding settings); part of the cache key; no secrets."""
-        ...
-
-    def chat(self, messages: list[dict], deadline: float | None = None) -> str:
-        """Answer a chat (`build_messages` format) before `deadline` (a `time.monotonic()` value; None = no
-        overall limit). Raises RephraseError (transport, time limit) or UnusableAnswer (refusal)."""
-        ...
-
-    def release(self) -> None:
-        """Called once after every `Rephraser.rephrase` that used the back-end (e.g. move a model off the GPU)."""
-        ...
-
-
-@dataclass(frozen=True)
-class RephraseResult:
-    """A rewritten prompt with one appearance description per reference (in reference order)."""
-
-    prompt: str
-    descriptions: tuple[str, ...]
-    language: str  # "en" | "zh"
-    raw: str  # the model's last raw answer
-    validated: bool  # False only for a lenient (strict=False) result that failed `check_answer`
-    cached: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return {"prompt": self.prompt, "descriptions": list(self.descriptions), "language": self.language,
-                "raw": self.raw, "validated": self.validated}
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -317,10 +280,14 @@ def _occurrences(flat: str, needle: str) -> list[tuple[int, int]]:
     return spans
 
 
-# ---------------------------------------------------------------------------------------- the cache
+# ------------------------------------------------------------------------------------ the cache key
 def cache_key(backend_settings: dict[str, Any], prompt: str, images: Sequence[Image.Image],
               hints: Sequence[str], language: str, strict: bool) -> str:
-    """sha256 hex over the cache format, `INSTRUCTIONS`, back-end settings, inputs and pixels (RGB bytes)."""
+    """sha256 hex over the cache format, `INSTRUCTIONS`, back-end settings, inputs and pixels (RGB bytes).
+
+    Kept here rather than in `rephrase_cache`: the key is defined by this module's instructions and answer rule
+    (`CACHE_FORMAT` is bumped when that rule changes), while the cache only stores what it is given.
+    """
     h = hashlib.sha256()
     head = {"format": CACHE_FORMAT, "instructions": INSTRUCTIONS, "retry": RETRY_MESSAGE, "backend": backend_settings,
             "prompt": prompt, "hints": list(hints), "language": language, "strict": strict}
@@ -329,57 +296,6 @@ def cache_key(backend_settings: dict[str, Any], prompt: str, images: Sequence[Im
         h.update(f"|{image.mode}:{image.width}x{image.height}|".encode())
         h.update(image.tobytes())
     return h.hexdigest()
-
-
-class RephraseCache:
-    """In-memory LRU of `RephraseResult` by `cache_key`, optionally mirrored to JSON files in `directory`."""
-
-    def __init__(self, max_entries: int = 256, directory: str | Path | None = None):
-        self.max_entries = max_entries
-        self.directory = Path(directory) if directory is not None else None
-        self._entries: OrderedDict[str, RephraseResult] = OrderedDict()
-
-    def get(self, key: str) -> RephraseResult | None:
-        if key in self._entries:
-            self._entries.move_to_end(key)
-            return self._entries[key]
-        path = self.directory / f"{key}.json" if self.directory else None
-        if path is None or not path.is_file():
-            return None
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            result = RephraseResult(data["prompt"], tuple(data["descriptions"]), data["language"], data["raw"],
-                                    data["validated"])
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            logger.warning("rephraser: ignoring unreadable cache file %s (%s)", path, err)
-            return None
-        self._remember(key, result)
-        return result
-
-    def put(self, key: str, result: RephraseResult) -> None:
-        self._remember(key, result)
-        if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            tmp = self.directory / f"{key}.json.tmp"
-            tmp.write_text(json.dumps(result.to_json(), ensure_ascii=False, indent=1), encoding="utf-8")
-            tmp.replace(self.directory / f"{key}.json")
-
-    def clear(self) -> None:
-        """Forget the in-memory entries (files in `directory` are kept)."""
-        self._entries.clear()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def _remember(self, key: str, result: RephraseResult) -> None:
-        self._entries[key] = result
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
-
-
-DEFAULT_CACHE = RephraseCache()
-"""The process-wide cache used when `Rephraser` gets none (so re-queued ComfyUI workflows are free)."""
 
 
 # -------------------------------------------------------------------------------------- the rephraser

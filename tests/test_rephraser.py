@@ -20,10 +20,12 @@ import pytest
 from PIL import Image
 
 from phantom_core.__main__ import main as cli_main
-from phantom_core.rephrase_backends import EndpointBackend, EndpointConfig, make_backend
-from phantom_core.rephraser import (INSTRUCTIONS, RephraseCache, RephraseError, Rephraser, UnusableAnswer,
-                                    build_messages, check_answer, parse_answer, place_descriptions,
-                                    resolve_language)
+from phantom_core.rephrase_backends import make_backend
+from phantom_core.rephrase_cache import RephraseCache
+from phantom_core.rephrase_endpoint import EndpointBackend, EndpointConfig
+from phantom_core.rephrase_types import RephraseError, UnusableAnswer
+from phantom_core.rephraser import (INSTRUCTIONS, Rephraser, build_messages, check_answer, parse_answer,
+                                    place_descriptions, resolve_language)
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-SECRET-0123456789"
@@ -442,3 +444,27 @@ def test_cli_reads_references_like_generate(chat_server, tmp_path, capsys):
             for p in parts if p["type"] == "image_url"]
     assert sent[0].shape == (40, 60, 3) and (sent[0][0, 0] == 255).all() and tuple(sent[0][20, 30]) == (255, 0, 0)
     assert sent[1].shape == (60, 40, 3)  # portrait once the EXIF orientation is applied
+
+
+def test_split_modules_keep_the_old_import_paths():
+    """rephraser / rephrase_backends were split; every name they exported before is still importable from them,
+    as the very same object as in its new module."""
+    import phantom_core.rephrase_backends as backends
+    import phantom_core.rephraser as rephraser
+    from phantom_core import rephrase_cache, rephrase_endpoint, rephrase_local, rephrase_types
+
+    moved = {rephraser: {rephrase_types: ["RephraseError", "UnusableAnswer", "ChatBackend", "RephraseResult"],
+                         rephrase_cache: ["RephraseCache", "DEFAULT_CACHE"]},
+             backends: {rephrase_types: ["ChatBackend"],
+                        rephrase_endpoint: ["EndpointConfig", "EndpointBackend", "safe_url", "check_key_variable_name",
+                                            "image_data_url", "MAX_REPLY_BYTES"],
+                        rephrase_local: ["LocalConfig", "LocalVLMBackend", "unload_local_models", "AFTER_USE",
+                                         "ACTIVATION_MARGIN"]}}
+    for old, homes in moved.items():
+        for home, names in homes.items():
+            for name in names:
+                assert getattr(old, name) is getattr(home, name), f"{old.__name__}.{name}"
+                assert name in old.__all__, f"{name} missing from {old.__name__}.__all__"
+        assert all(hasattr(old, name) for name in old.__all__), old.__name__
+    assert rephraser.Rephraser(make_backend("openai-compatible", endpoint_url="http://127.0.0.1:1/v1",
+                                            endpoint_model="m")).cache is rephrase_cache.DEFAULT_CACHE

@@ -16,10 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from phantom_core import rephrase_backends
+from phantom_core import rephrase_local
 from phantom_core.__main__ import main as cli_main
-from phantom_core.rephrase_backends import LocalConfig, LocalVLMBackend, make_backend
-from phantom_core.rephraser import RephraseCache, RephraseError, Rephraser
+from phantom_core.rephrase_backends import make_backend
+from phantom_core.rephrase_cache import RephraseCache
+from phantom_core.rephrase_local import LocalConfig, LocalVLMBackend
+from phantom_core.rephrase_types import RephraseError
+from phantom_core.rephraser import Rephraser
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
             "<|video_pad|>"]
@@ -82,13 +85,13 @@ def tiny_vlm(tmp_path_factory) -> Path:
 def generate_calls(monkeypatch):
     """Records the kwargs of every `model.generate` call made by the local back-end."""
     calls: list[dict] = []
-    original = rephrase_backends.LocalVLMBackend._generate
+    original = rephrase_local.LocalVLMBackend._generate
 
     def spy(self, model, processor, inputs, deadline):
         calls.append({k: v for k, v in inputs.items()})
         return original(self, model, processor, inputs, deadline)
 
-    monkeypatch.setattr(rephrase_backends.LocalVLMBackend, "_generate", spy)
+    monkeypatch.setattr(rephrase_local.LocalVLMBackend, "_generate", spy)
     return calls
 
 
@@ -117,15 +120,15 @@ def test_local_lenient_path_text_cache_and_single_load(tiny_vlm, generate_calls)
     first = Rephraser(backend, cache=cache, strict=False).rephrase("a man walks a dog", refs, hints=["", "red"])
     assert not first.validated and first.prompt.strip() and first.prompt == first.raw.strip()
     assert first.descriptions == ("", "") and first.language == "en"
-    assert len(generate_calls) == 2 and len(rephrase_backends._LOADED) == 1
+    assert len(generate_calls) == 2 and len(rephrase_local._LOADED) == 1
     # greedy decoding is deterministic: the same nonsense as the strict test's error (another backend object)
     assert all(f"raw answer: {first.raw!r}" in err for err in STRICT_ERRORS)
-    model = next(iter(rephrase_backends._LOADED.values())).model
+    model = next(iter(rephrase_local._LOADED.values())).model
 
     again = Rephraser(LocalVLMBackend(LocalConfig(str(tiny_vlm), max_new_tokens=16)), cache=cache,
                       strict=False).rephrase("a man walks a dog", refs, hints=["", "red"])
     assert again.cached and again.prompt == first.prompt and len(generate_calls) == 2  # no model call
-    assert next(iter(rephrase_backends._LOADED.values())).model is model  # loaded once
+    assert next(iter(rephrase_local._LOADED.values())).model is model  # loaded once
 
     sampled = LocalVLMBackend(LocalConfig(str(tiny_vlm), max_new_tokens=8, temperature=1.0, seed=3))
     messages = [{"role": "user", "content": [{"type": "image", "image": refs[0]}, {"type": "text", "text": "hi"}]}]
@@ -144,23 +147,23 @@ def test_local_model_leaves_the_device_after_each_rephrase(tiny_vlm, generate_ca
                                free_memory=lambda n, device: events.append(("free", n, device)),
                                after_offload=lambda: events.append(("offloaded",)))
 
-    rephrase_backends.unload_local_models()
+    rephrase_local.unload_local_models()
     refs, shared = images(1), RephraseCache()
     Rephraser(backend("offload", 16), cache=shared, strict=False).rephrase("a dog", refs)
-    weights = sum(p.numel() * p.element_size() for p in next(iter(rephrase_backends._LOADED.values())).model
+    weights = sum(p.numel() * p.element_size() for p in next(iter(rephrase_local._LOADED.values())).model
                   .parameters())
     assert [e[0] for e in events] == ["free", "offloaded"] and len(generate_calls) == 2
     assert events[0][1] >= weights and events[0][2] == "cpu"  # bytes asked for cover the weights
-    assert not next(iter(rephrase_backends._LOADED.values())).placed
+    assert not next(iter(rephrase_local._LOADED.values())).placed
     events.clear()
     Rephraser(backend("keep", 17), cache=RephraseCache(), strict=False).rephrase("a dog", refs)
     Rephraser(backend("keep", 18), cache=RephraseCache(), strict=False).rephrase("a dog", refs)
     assert [e[0] for e in events] == ["free"]  # placed again once, then kept there
     events.clear()
     Rephraser(backend("unload", 19), cache=RephraseCache(), strict=False).rephrase("a dog", refs)
-    assert [e[0] for e in events] == ["offloaded"] and not rephrase_backends._LOADED
+    assert [e[0] for e in events] == ["offloaded"] and not rephrase_local._LOADED
     assert Rephraser(backend("keep", 16), cache=shared, strict=False).rephrase("a dog", refs).cached
-    assert len(generate_calls) == 8 and not rephrase_backends._LOADED  # after_use is not part of the cache key
+    assert len(generate_calls) == 8 and not rephrase_local._LOADED  # after_use is not part of the cache key
 
 
 def test_local_library_failures_name_the_backend(tiny_vlm, monkeypatch):
@@ -181,7 +184,7 @@ def test_local_library_failures_name_the_backend(tiny_vlm, monkeypatch):
     with pytest.raises(RephraseError, match="local model 'tiny-qwen2-vl': failed while generating: KeyError"):
         backend.chat(messages)
     monkeypatch.undo()
-    rephrase_backends.unload_local_models()
+    rephrase_local.unload_local_models()
 
     def oom(self, *args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
@@ -210,6 +213,6 @@ def test_cli_local(tiny_vlm, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["prompt"] and out["validated"] is False and out["descriptions"] == [""] and not out["cached"]
     assert len(list((tmp_path / "cache").glob("*.json"))) == 1
-    assert not rephrase_backends._LOADED  # the CLI unloads the model after use (generate needs the GPU next)
+    assert not rephrase_local._LOADED  # the CLI unloads the model after use (generate needs the GPU next)
     assert cli_main(args[:-1]) == 0  # plain output: just the prompt, from the disk cache
     assert capsys.readouterr().out.strip() == out["prompt"].strip()
