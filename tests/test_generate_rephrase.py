@@ -14,13 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from conftest import make_tiny_files, model_args
 
 from phantom_core.cli_generate import build_parser, main
 from phantom_core.cli_rephrase import add_rephrase_backend_arguments
 from phantom_core.pipeline import build_sidecar, write_sidecar
 from phantom_core.rephraser import Rephraser
-from phantom_core.tiny_default import write_tiny_default
 from phantom_core.video_io import read_mp4_frames
 from test_rephraser import chat_server, good_answer  # noqa: F401  (fixture)
 
@@ -35,19 +34,7 @@ SMALL = ["--width", "64", "--height", "64", "--frames", "5", "--steps", "2", "--
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("generate_rephrase")
-    paths = dict(write_tiny_default(root / "models"))
-    rng = np.random.default_rng(3)
-    for k, size in enumerate([(48, 64), (64, 40)]):
-        paths[f"ref{k}"] = root / f"ref{k}.png"
-        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(paths[f"ref{k}"])
-    paths["root"] = root
-    return paths
-
-
-def model_args(files: dict[str, Path]) -> list[str]:
-    return ["--dit", str(files["dit"]), "--vae", str(files["vae"]), "--text-encoder", str(files["text_encoder"]),
-            "--ref", str(files["ref0"]), "--ref", str(files["ref1"])]
+    return make_tiny_files(tmp_path_factory.mktemp("generate_rephrase"), seed=3, sizes=[(48, 64), (64, 40)])
 
 
 def test_prefixed_options_do_not_clash_with_generate():

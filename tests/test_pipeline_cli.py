@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_tiny_files, model_args
 import torch
 from PIL import Image
 from safetensors.torch import save_file
@@ -24,7 +25,6 @@ from phantom_core.pipeline import generate, load_models
 from phantom_core.sampler import WAN_NEGATIVE_PROMPT
 from phantom_core.settings import GenerationSettings, settings_from_preset
 from phantom_core.sidecar import read_sidecar
-from phantom_core.tiny_default import write_tiny_default
 from phantom_core.video_io import read_mp4_frames
 from phantom_core.wan_dit import DIT_PRESETS
 
@@ -34,19 +34,7 @@ SMALL = ["--width", "32", "--height", "32", "--frames", "5", "--steps", "3"]
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("pipeline")
-    paths = dict(write_tiny_default(root / "models"))
-    rng = np.random.default_rng(0)
-    for i, size in enumerate([(40, 56), (64, 30)]):
-        paths[f"ref{i}"] = root / f"ref{i}.png"
-        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(paths[f"ref{i}"])
-    paths["root"] = root
-    return paths
-
-
-def model_args(files: dict[str, Path]) -> list[str]:
-    return ["--dit", str(files["dit"]), "--vae", str(files["vae"]), "--text-encoder", str(files["text_encoder"]),
-            "--ref", str(files["ref0"]), "--ref", str(files["ref1"])]
+    return make_tiny_files(tmp_path_factory.mktemp("pipeline"), seed=0, sizes=[(40, 56), (64, 30)])
 
 
 def sha256(path: Path) -> str:
