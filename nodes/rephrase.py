@@ -111,7 +111,7 @@ class PhantomRephrase(io.ComfyNode):
             display_name="Phantom Rephrase Prompt",
             category=CATEGORY,
             description="Rewrites the prompt with a vision-language model so that every reference subject is "
-                        "named with a short appearance description (Phantom paper, Sec. 3.3). Identical "
+                        "named with a short appearance description (Phantom, arXiv 2502.11079). Identical "
                         "inputs reuse the cached answer.",
             inputs=[
                 io.String.Input("prompt", multiline=True, tooltip="The prompt to rewrite."),

@@ -145,7 +145,7 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     run.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--rephrase", action="store_true",
                    help="rewrite --prompt with a vision-language model before encoding, so that every reference "
-                        "subject is named with its appearance (Phantom paper, Sec. 3.3); configure it with the "
+                        "subject is named with its appearance (Phantom paper, arXiv 2502.11079); configure it with the "
                         f"--{REPHRASE_PREFIX}* options below")
     add_rephrase_backend_arguments(p, prefix=REPHRASE_PREFIX)
     p.set_defaults(func=run_generate)

@@ -1,4 +1,4 @@
-"""Subject-aware prompt rephraser (Phantom paper, arXiv 2502.11079, Sec. 3.3 / Table 4).
+"""Subject-aware prompt rephraser (Phantom paper, arXiv 2502.11079).
 
 Phantom is trained on captions that describe every subject's appearance distinctly; at inference the paper
 rewrites the user's prompt into that form with a vision-language model, which raises the multi-subject success
