@@ -18,6 +18,7 @@ import torch
 from comfy_api.latest import io
 
 from phantom_core.checkpoint import load_dit
+from phantom_core.checkpoint_io import INDEX_SUFFIX
 from phantom_core.fp8 import is_fp8
 from phantom_core.inspect_checkpoint import stored_format
 from phantom_core.text_encoder import load_text_encoder
@@ -28,39 +29,42 @@ from .types import CATEGORY, PhantomDiT, PhantomTextEncoder, PhantomVAE, manage
 WEIGHT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
                  "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 EMBEDDED = "embedded"
-INDEX_SUFFIX = ".safetensors.index.json"
 TEXT_ENCODER_DEVICES = ["default", "cpu"]
+
+
+def files_under(folder: str, suffix: str) -> list[str]:
+    """Files ending in `suffix` at any depth of ComfyUI's `models/<folder>` folders, relative to their folder."""
+    found = set()
+    for base in folder_paths.get_folder_paths(folder):
+        for root, _, files in os.walk(base, followlinks=True):
+            found |= {os.path.relpath(os.path.join(root, f), base) for f in files if f.endswith(suffix)}
+    return sorted(found)
 
 
 def dit_files() -> list[str]:
     """ComfyUI's `models/diffusion_models` listing plus sharded checkpoints' `*.safetensors.index.json` files
     (ComfyUI lists no .json; the official 14B release is an index and 6 shards)."""
-    found = set(folder_paths.get_filename_list("diffusion_models"))
-    for base in folder_paths.get_folder_paths("diffusion_models"):
-        for root, _, files in os.walk(base, followlinks=True):
-            found |= {os.path.relpath(os.path.join(root, f), base) for f in files if f.endswith(INDEX_SUFFIX)}
-    return sorted(found)
+    return sorted(set(folder_paths.get_filename_list("diffusion_models")) | set(files_under("diffusion_models",
+                                                                                             INDEX_SUFFIX)))
 
 
 def tokenizer_files() -> list[str]:
     """Sentencepiece models (`*.model`) at any depth of ComfyUI's `models/text_encoders` folders, e.g. a
     downloaded `google/umt5-xxl/spiece.model`."""
-    found = set()
-    for base in folder_paths.get_folder_paths("text_encoders"):
-        for root, _, files in os.walk(base, followlinks=True):
-            found |= {os.path.relpath(os.path.join(root, f), base) for f in files if f.endswith(".model")}
-    return sorted(found)
+    return files_under("text_encoders", ".model")
 
 
 def tokenizer_path(name: str) -> str | None:
     """None for the checkpoint's embedded tokenizer, else the full path. ValueError naming `tokenizer`."""
     if name == EMBEDDED:
         return None
-    for base in folder_paths.get_folder_paths("text_encoders"):
-        if os.path.isfile(path := os.path.join(base, name)) and name in tokenizer_files():
-            return path
+    available = tokenizer_files()
+    if name in available:
+        for base in folder_paths.get_folder_paths("text_encoders"):
+            if os.path.isfile(path := os.path.join(base, name)):
+                return path
     raise ValueError(f"tokenizer is {name!r}; valid: {EMBEDDED!r} or a .model file in models/text_encoders "
-                     f"(found: {tokenizer_files() or 'none'})")
+                     f"(found: {available or 'none'})")
 
 
 def pick_dtype(choice: str, load_device: torch.device) -> torch.dtype:
