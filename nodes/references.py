@@ -12,11 +12,10 @@ import torch
 from comfy_api.latest import io
 
 from phantom_core.latent_norm import denormalize_latents
-from phantom_core.references import encode_references, tensor_to_pil, validate_references
+from phantom_core.references import MAX_REFERENCES, encode_references, tensor_to_pil, validate_references
 
 from .types import CATEGORY, PhantomReferences as PhantomReferencesType, PhantomRefLatents, PhantomVAE, core
 
-MAX_REFERENCES = 4
 MODES = ["letterbox", "crop"]
 
 

@@ -31,6 +31,7 @@ from typing import Any
 from PIL import Image
 
 from .log import logger
+from .references import MAX_REFERENCES
 from .rephrase_cache import DEFAULT_CACHE, RephraseCache
 from .rephrase_types import ChatBackend, RephraseError, RephraseResult, UnusableAnswer
 
@@ -41,7 +42,6 @@ __all__ = [  # public names, including those re-exported from rephrase_types / r
     "normalize_text", "parse_answer", "place_descriptions", "prepare_image", "resolve_language", "retry_messages",
 ]
 
-MAX_REFERENCES = 4
 LANGUAGES = {"en": "English", "zh": "Simplified Chinese (简体中文)"}
 LANGUAGE_ALIASES = {"auto": "auto", "en": "en", "english": "en", "zh": "zh", "chinese": "zh", "中文": "zh"}
 CACHE_FORMAT = 2  # bump when the meaning of a cached entry changes (2: whole-word, one-place check)
