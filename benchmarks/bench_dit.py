@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.append(str(ROOT / ".comfyui"))
 
-from phantom_core.wan_dit import PhantomWanDiT, WanDiTConfig  # noqa: E402
+from phantom_core.wan.dit import PhantomWanDiT, WanDiTConfig  # noqa: E402
 
 
 def import_comfy_wan(device: torch.device):

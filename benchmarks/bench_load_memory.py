@@ -52,8 +52,8 @@ def write_synthetic_checkpoint(path: Path, preset: str = "phantom-wan-1.3b", dty
     """
     import torch
 
-    from phantom_core.checkpoint import expected_shapes
-    from phantom_core.wan_dit import DIT_PRESETS
+    from phantom_core.wan.load import expected_shapes
+    from phantom_core.wan.dit import DIT_PRESETS
 
     dtype = getattr(torch, dtype_name)
     shapes = dict(sorted(expected_shapes(DIT_PRESETS[preset]).items()))
@@ -80,7 +80,7 @@ def write_synthetic_checkpoint(path: Path, preset: str = "phantom-wan-1.3b", dty
 def child_ours(path: str) -> dict:
     import torch
 
-    from phantom_core.checkpoint import load_dit
+    from phantom_core.wan.load import load_dit
 
     base = _status_mb("VmRSS")
     t0 = time.perf_counter()
@@ -98,8 +98,8 @@ def child_official(path: str) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from phantom_core.checkpoint import infer_dit_config
-    from phantom_core.wan_dit import PhantomWanDiT
+    from phantom_core.wan.load import infer_dit_config
+    from phantom_core.wan.dit import PhantomWanDiT
 
     base = _status_mb("VmRSS")
     t0 = time.perf_counter()

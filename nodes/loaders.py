@@ -17,12 +17,12 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from phantom_core.checkpoint import load_dit
-from phantom_core.checkpoint_io import INDEX_SUFFIX
-from phantom_core.fp8 import is_fp8
-from phantom_core.inspect_checkpoint import stored_format
-from phantom_core.text_encoder import load_text_encoder
-from phantom_core.wan_vae import load_vae
+from phantom_core.wan.load import load_dit
+from phantom_core.loading.files import INDEX_SUFFIX
+from phantom_core.loading.fp8 import is_fp8
+from phantom_core.wan.inspect import stored_format
+from phantom_core.wan.umt5 import load_text_encoder
+from phantom_core.wan.vae import load_vae
 
 from .types import CATEGORY, PhantomDiT, PhantomTextEncoder, PhantomVAE, manage
 

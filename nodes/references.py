@@ -11,7 +11,7 @@ import nodes
 import torch
 from comfy_api.latest import io
 
-from phantom_core.latent_norm import denormalize_latents
+from phantom_core.wan.latents import denormalize_latents
 from phantom_core.references import MAX_REFERENCES, encode_references, tensor_to_pil, validate_references
 
 from .types import CATEGORY, PhantomReferences as PhantomReferencesType, PhantomRefLatents, PhantomVAE, core

@@ -1,6 +1,6 @@
 """PhantomRephrase: rewrite the prompt so that every reference subject is named with its appearance.
 
-A thin adapter over `phantom_core.rephraser` (see there for the instructions, the answer rule, the retry and
+A thin adapter over `phantom_core.rephrase.rephraser` (see there for the instructions, the answer rule, the retry and
 the cache). Local models are folders under ComfyUI's `models/LLM` (registered here if ComfyUI does not know
 the name). The endpoint's API key is read from the environment variable NAMED by `api_key_env`; the key
 itself never enters the workflow, the outputs or the history.
@@ -24,8 +24,8 @@ from comfy_api.latest import io, ui
 
 from phantom_core.log import logger
 from phantom_core.references import tensor_to_pil, to_rgb
-from phantom_core.rephrase_backends import BACKENDS, make_backend
-from phantom_core.rephraser import MAX_REFERENCES, Rephraser
+from phantom_core.rephrase.backends import BACKENDS, make_backend
+from phantom_core.rephrase.rephraser import MAX_REFERENCES, Rephraser
 
 from .types import CATEGORY, PhantomReferences
 

@@ -1,7 +1,7 @@
 """PhantomSampler: noise -> video latents with Phantom's three-pass guidance (paper Eq. 5).
 
 Boundary conversions only: ComfyUI CONDITIONING -> text context tensors, raw reference latents -> normalized
-ones, the result back to ComfyUI's raw-latent LATENT dict. The loop itself is `phantom_core.sampler`.
+ones, the result back to ComfyUI's raw-latent LATENT dict. The loop itself is `phantom_core.sampling.loop`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import nodes
 import torch
 from comfy_api.latest import io
 
-from phantom_core.latent_norm import denormalize_latents, normalize_latents
+from phantom_core.wan.latents import denormalize_latents, normalize_latents
 from phantom_core.log import logger
-from phantom_core.sampler import SAMPLER_PRESETS, make_noise, sample_phantom
+from phantom_core.sampling.loop import SAMPLER_PRESETS, make_noise, sample_phantom
 
 from .types import CATEGORY, PhantomDiT, PhantomRefLatents, core
 

@@ -33,13 +33,13 @@ def core(patcher) -> torch.nn.Module:
     return patcher.model.inner
 
 PhantomDiT = io.Custom("PHANTOM_DIT")
-"""A ModelPatcher managing `phantom_core.wan_dit.PhantomWanDiT` (see `core`)."""
+"""A ModelPatcher managing `phantom_core.wan.dit.PhantomWanDiT` (see `core`)."""
 
 PhantomVAE = io.Custom("PHANTOM_VAE")
-"""A ModelPatcher managing `phantom_core.wan_vae.WanVAE`."""
+"""A ModelPatcher managing `phantom_core.wan.vae.WanVAE`."""
 
 PhantomTextEncoder = io.Custom("PHANTOM_TEXT_ENCODER")
-"""A ModelPatcher managing `phantom_core.text_encoder.UMT5TextEncoder`."""
+"""A ModelPatcher managing `phantom_core.wan.umt5.UMT5TextEncoder`."""
 
 PhantomReferences = io.Custom("PHANTOM_REFERENCES")
 """`{"images": list of [H, W, 3] (or [H, W, 4] RGBA: alpha from a mask) float 0..1 CPU tensors (1..4), "mode":

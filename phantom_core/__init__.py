@@ -1,6 +1,6 @@
 """phantom_core: Phantom subject-to-video (arXiv 2502.11079) on the Phantom-Wan DiT, without ComfyUI.
 
-The public API (see docs/DESIGN.md for the tensor conventions):
+The public API (see docs/DESIGN.md for the layout and the tensor conventions):
 
     load_dit(path_or_state_dict, dtype, device) -> PhantomWanDiT   model(x, t, context, ref_latents) -> velocity
     load_vae(path_or_state_dict, dtype, device) -> WanVAE          vae.encode(video) / vae.decode(latents)
@@ -8,38 +8,53 @@ The public API (see docs/DESIGN.md for the tensor conventions):
     encode_references(vae, images, width, height, mode) -> reference latents [1, 16, N, h, w]
     make_noise(seed, video_shape, num_refs); sample_phantom(model, noise, ref_latents, context, context_neg, ...)
     write_mp4(frames, path, fps, quality)
+
+This file is the one facade: each name below lives in exactly one module and is imported from it on first
+access (PEP 562), so ``import phantom_core`` (or any of its submodules) stays cheap: a data-loader worker or a
+distributed rank that needs the DiT does not pay for transformers, sentencepiece or imageio-ffmpeg.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from phantom_core.checkpoint import (
-    infer_dit_config,
-    load_dit,
-    preset_name,
-    read_state_dict,
-    strip_prefixes,
-    validate_dit_state_dict,
-)
-from phantom_core.inspect_checkpoint import inspect_checkpoint
-from phantom_core.latent_norm import WAN21_LATENT_MEAN, WAN21_LATENT_STD, denormalize_latents, normalize_latents
-from phantom_core.pipeline import generate, generate_to_file, load_models
-from phantom_core.settings import GenerationSettings, settings_from_preset
-from phantom_core.references import encode_references, open_reference, prepare_reference, validate_references
-from phantom_core.sampler import SAMPLER_PRESETS, WAN_NEGATIVE_PROMPT, make_noise, sample_phantom
-from phantom_core.schedule import flow_sigmas, model_timesteps
-from phantom_core.tiny_default import write_tiny_default
-from phantom_core.text_encoder import TEXT_ENCODER_PRESETS, UMT5EncoderSpec, UMT5TextEncoder, load_text_encoder
-from phantom_core.video_io import probe_mp4, read_mp4_frames, write_mp4
-from phantom_core.wan_dit import DIT_PRESETS, PhantomWanDiT, WanDiTConfig
-from phantom_core.wan_vae import VAE_PRESETS, WanVAE, WanVAEConfig, infer_vae_config, load_vae
+# public name -> the module that defines it (its one home)
+_HOMES: dict[str, str] = {
+    **dict.fromkeys(["infer_dit_config", "load_dit", "preset_name", "strip_prefixes", "validate_dit_state_dict"],
+                    "phantom_core.wan.load"),
+    "read_state_dict": "phantom_core.loading.files",
+    "inspect_checkpoint": "phantom_core.wan.inspect",
+    **dict.fromkeys(["WAN21_LATENT_MEAN", "WAN21_LATENT_STD", "denormalize_latents", "normalize_latents"],
+                    "phantom_core.wan.latents"),
+    **dict.fromkeys(["generate", "generate_to_file", "load_models"], "phantom_core.pipeline"),
+    **dict.fromkeys(["GenerationSettings", "settings_from_preset", "WAN_NEGATIVE_PROMPT"], "phantom_core.settings"),
+    **dict.fromkeys(["encode_references", "open_reference", "prepare_reference", "validate_references"],
+                    "phantom_core.references"),
+    **dict.fromkeys(["SAMPLER_PRESETS", "make_noise", "sample_phantom"], "phantom_core.sampling.loop"),
+    **dict.fromkeys(["flow_sigmas", "model_timesteps"], "phantom_core.sampling.schedule"),
+    "write_tiny_default": "phantom_core.tiny.default",
+    **dict.fromkeys(["TEXT_ENCODER_PRESETS", "UMT5EncoderSpec", "UMT5TextEncoder", "load_text_encoder"],
+                    "phantom_core.wan.umt5"),
+    **dict.fromkeys(["probe_mp4", "read_mp4_frames", "write_mp4"], "phantom_core.video_io"),
+    **dict.fromkeys(["DIT_PRESETS", "PhantomWanDiT", "WanDiTConfig"], "phantom_core.wan.dit"),
+    **dict.fromkeys(["VAE_PRESETS", "WanVAE", "WanVAEConfig", "infer_vae_config", "load_vae"], "phantom_core.wan.vae"),
+}
 
-__all__ = [
-    "GenerationSettings", "generate", "generate_to_file", "inspect_checkpoint", "load_models", "settings_from_preset",
-    "DIT_PRESETS", "PhantomWanDiT", "SAMPLER_PRESETS", "TEXT_ENCODER_PRESETS", "UMT5EncoderSpec",
-    "UMT5TextEncoder", "VAE_PRESETS", "WAN21_LATENT_MEAN", "WAN21_LATENT_STD", "WAN_NEGATIVE_PROMPT",
-    "WanDiTConfig", "WanVAE", "WanVAEConfig", "denormalize_latents", "encode_references", "flow_sigmas",
-    "infer_dit_config", "infer_vae_config", "load_dit", "load_text_encoder", "load_vae", "make_noise",
-    "model_timesteps", "normalize_latents", "open_reference", "prepare_reference", "preset_name", "probe_mp4",
-    "read_mp4_frames", "read_state_dict", "sample_phantom", "strip_prefixes", "validate_dit_state_dict",
-    "validate_references", "write_mp4", "write_tiny_default",
-]
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    """Import ``name`` from its home module on first access and cache it here (PEP 562)."""
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'phantom_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -25,15 +25,15 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from .cli_generate import add_generate_parser, add_inspect_parser
-from .cli_rephrase import (  # noqa: F401  (re-exported: the names were defined here before)
+from phantom_core.cli import add_generate_parser, add_inspect_parser
+from phantom_core.rephrase.cli import (  # noqa: F401  (re-exported: the names were defined here before)
     add_rephrase_backend_arguments,
     add_rephrase_parser,
     load_images,
     rephrase_from_args,
     run_rephrase,
 )
-from .rephrase_types import RephraseError
+from phantom_core.rephrase.types import RephraseError
 
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], object]] = {
     "generate": add_generate_parser,

@@ -25,11 +25,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from phantom_core.checkpoint import load_dit
-from phantom_core.fp8 import default_compute_dtype, is_fp8
+from phantom_core.wan.load import load_dit
+from phantom_core.loading.fp8 import default_compute_dtype, is_fp8
 from phantom_core.log import logger
 from phantom_core.references import MAX_REFERENCES, encode_references, open_reference
-from phantom_core.sampler import StepCallback, make_noise, sample_phantom
+from phantom_core.sampling.loop import StepCallback, make_noise, sample_phantom
 from phantom_core.settings import (  # noqa: F401  (re-exported: the settings API used to live here)
     MAX_SEED,
     RANDOM_SEED,
@@ -53,9 +53,9 @@ from phantom_core.sidecar import (  # noqa: F401  (re-exported: the sidecar API 
     runtime_record,
     write_sidecar,
 )
-from phantom_core.text_encoder import load_text_encoder
+from phantom_core.wan.umt5 import load_text_encoder
 from phantom_core.video_io import to_uint8_frames, write_mp4
-from phantom_core.wan_vae import load_vae
+from phantom_core.wan.vae import load_vae
 
 # ---------------------------------------------------------------------------------------------- generation
 

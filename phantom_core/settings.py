@@ -14,7 +14,7 @@ from typing import Any
 
 from phantom_core.log import logger
 from phantom_core.references import SIZE_MULTIPLE
-from phantom_core.sampler import SAMPLER_PRESETS, SOLVERS, WAN_NEGATIVE_PROMPT
+from phantom_core.sampling.loop import SAMPLER_PRESETS, SOLVERS, WAN_NEGATIVE_PROMPT
 
 REF_MODES = ("letterbox", "crop")
 RANDOM_SEED = -1

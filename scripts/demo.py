@@ -2,7 +2,7 @@
 
 1. Lays out a ComfyUI base directory in `.demo/` (git-ignored): this extension linked into `custom_nodes/`, the
    embedded default checkpoints in `models/` (tiny random-weight DiT, VAE and umT5 in the official key layouts:
-   `phantom_core.tiny_default`), and two real photos that scikit-image ships (an astronaut and a cat).
+   `phantom_core.tiny.default`), and two real photos that scikit-image ships (an astronaut and a cat).
 2. Starts ComfyUI 0.3.75 (`.comfyui/`) headless on the CPU with that base directory.
 3. Queues the shipped API workflow (workflows/phantom_4ref_api.json, unused reference inputs removed) over
    ComfyUI's HTTP API with the batch client (tools/phantom_batch.py): the photos are uploaded with

@@ -40,7 +40,7 @@ def make_tiny_files(root: Path, seed: int, sizes: list[tuple[int, int]]) -> dict
     import numpy as np
     from PIL import Image
 
-    from phantom_core.tiny_default import write_tiny_default
+    from phantom_core.tiny.default import write_tiny_default
 
     paths = dict(write_tiny_default(root / "models"))
     rng = np.random.default_rng(seed)

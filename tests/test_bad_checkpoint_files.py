@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from phantom_core.checkpoint import describe_content, load_dit, read_state_dict
-from phantom_core.cli_generate import main
-from phantom_core.inspect_checkpoint import inspect_checkpoint, stored_format
-from phantom_core.text_encoder import load_text_encoder
-from phantom_core.tiny_default import write_tiny_default
-from phantom_core.wan_vae import load_vae
+from phantom_core.wan.load import describe_content, load_dit, read_state_dict
+from phantom_core.cli import main
+from phantom_core.wan.inspect import inspect_checkpoint, stored_format
+from phantom_core.wan.umt5 import load_text_encoder
+from phantom_core.tiny.default import write_tiny_default
+from phantom_core.wan.vae import load_vae
 
 HTML = b"<!DOCTYPE html>\n<html><head><title>403</title></head><body>Access denied</body></html>\n"
 LFS = b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 2838000000\n"

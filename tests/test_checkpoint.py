@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from phantom_core.checkpoint import (
+from phantom_core.wan.load import (
     infer_dit_config,
     load_dit,
     preset_name,
@@ -17,7 +17,7 @@ from phantom_core.checkpoint import (
     strip_prefixes,
     validate_dit_state_dict,
 )
-from phantom_core.wan_dit import DIT_PRESETS, PhantomWanDiT
+from phantom_core.wan.dit import DIT_PRESETS, PhantomWanDiT
 
 TINY = DIT_PRESETS["tiny"]
 

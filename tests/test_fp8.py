@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from phantom_core.checkpoint import load_dit, validate_dit_state_dict
-from phantom_core.fp8 import (
+from phantom_core.wan.load import load_dit, validate_dit_state_dict
+from phantom_core.loading.fp8 import (
     SCALED_FP8_KEY,
     CastLinear,
     detect_fp8_format,
@@ -21,8 +21,8 @@ from phantom_core.fp8 import (
     quantize_state_dict,
     weight_bytes,
 )
-from phantom_core.inspect_checkpoint import inspect_checkpoint
-from phantom_core.text_encoder import (
+from phantom_core.wan.inspect import inspect_checkpoint
+from phantom_core.wan.umt5 import (
     PAD_ID,
     TEXT_ENCODER_PRESETS,
     TEXT_LEN,
@@ -31,7 +31,7 @@ from phantom_core.text_encoder import (
     train_tiny_tokenizer,
     write_text_encoder_checkpoint,
 )
-from phantom_core.wan_dit import DIT_PRESETS, PhantomWanDiT
+from phantom_core.wan.dit import DIT_PRESETS, PhantomWanDiT
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = DIT_PRESETS["tiny"]

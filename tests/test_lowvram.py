@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from phantom_core.fp8 import quantize_fp8
-from phantom_core.wan_dit import DIT_PRESETS, PhantomWanDiT, linear_fp32
+from phantom_core.loading.fp8 import quantize_fp8
+from phantom_core.wan.dit import DIT_PRESETS, PhantomWanDiT, linear_fp32
 
 
 def test_dit_runs_when_comfyui_loads_it_partially(comfy_import) -> None:

@@ -89,11 +89,11 @@ def test_tiny_default_is_complete_random_and_stable(comfy_server: ComfyServer, t
     rewrite only when a file's bytes differ."""
     import torch
 
-    from phantom_core.checkpoint import load_dit
-    from phantom_core.text_encoder import TEXT_ENCODER_PRESETS, load_text_encoder
-    from phantom_core.tiny_default import write_tiny_default
-    from phantom_core.wan_dit import DIT_PRESETS
-    from phantom_core.wan_vae import VAE_PRESETS, load_vae
+    from phantom_core.wan.load import load_dit
+    from phantom_core.wan.umt5 import TEXT_ENCODER_PRESETS, load_text_encoder
+    from phantom_core.tiny.default import write_tiny_default
+    from phantom_core.wan.dit import DIT_PRESETS
+    from phantom_core.wan.vae import VAE_PRESETS, load_vae
 
     models = comfy_server.base / "models"
     dit = load_dit(models / "diffusion_models" / "phantom_tiny_dit.safetensors")
@@ -179,12 +179,12 @@ def test_node_chain_matches_phantom_core_run_directly(comfy_server: ComfyServer,
     import torch
     from safetensors.torch import load_file
 
-    from phantom_core.checkpoint import load_dit
-    from phantom_core.latent_norm import denormalize_latents
+    from phantom_core.wan.load import load_dit
+    from phantom_core.wan.latents import denormalize_latents
     from phantom_core.references import encode_references, open_reference
-    from phantom_core.sampler import make_noise, sample_phantom
-    from phantom_core.text_encoder import load_text_encoder
-    from phantom_core.wan_vae import load_vae
+    from phantom_core.sampling.loop import make_noise, sample_phantom
+    from phantom_core.wan.umt5 import load_text_encoder
+    from phantom_core.wan.vae import load_vae
 
     ref = cases(examples_dir)[1]
     if reference == "cut_out_with_mask":

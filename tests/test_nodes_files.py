@@ -14,8 +14,8 @@ import pytest
 from comfy_server import ComfyServer, comfy_server, history_error  # noqa: F401  (fixture)
 from safetensors.torch import load_file, save_file
 
-from phantom_core.fp8 import quantize_state_dict
-from phantom_core.text_encoder import SPIECE_KEY
+from phantom_core.loading.fp8 import quantize_state_dict
+from phantom_core.wan.umt5 import SPIECE_KEY
 from phantom_core.video_io import probe_mp4
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,17 +16,17 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from phantom_core.checkpoint import expected_shapes, read_state_dict
-from phantom_core.cli_generate import build_parser, main, resolve_generate_args
-from phantom_core.inspect_checkpoint import inspect_checkpoint
+from phantom_core.wan.load import expected_shapes, read_state_dict
+from phantom_core.cli import build_parser, main, resolve_generate_args
+from phantom_core.wan.inspect import inspect_checkpoint
 import phantom_core.pipeline as pipeline
 import phantom_core.sidecar as sidecar
 from phantom_core.pipeline import generate, load_models
-from phantom_core.sampler import WAN_NEGATIVE_PROMPT
+from phantom_core.sampling.loop import WAN_NEGATIVE_PROMPT
 from phantom_core.settings import GenerationSettings, settings_from_preset
 from phantom_core.sidecar import read_sidecar
 from phantom_core.video_io import read_mp4_frames
-from phantom_core.wan_dit import DIT_PRESETS
+from phantom_core.wan.dit import DIT_PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--width", "32", "--height", "32", "--frames", "5", "--steps", "3"]
@@ -47,7 +47,7 @@ def cli_command() -> list[str]:
 
     if "generate" in COMMANDS:
         return [sys.executable, "-m", "phantom_core"]
-    return [sys.executable, "-c", "import sys; from phantom_core.cli_generate import main; sys.exit(main())"]
+    return [sys.executable, "-c", "import sys; from phantom_core.cli import main; sys.exit(main())"]
 
 
 # ---------------------------------------------------------------------------------------------- settings

@@ -20,11 +20,11 @@ import pytest
 from PIL import Image
 
 from phantom_core.__main__ import main as cli_main
-from phantom_core.rephrase_backends import make_backend
-from phantom_core.rephrase_cache import RephraseCache
-from phantom_core.rephrase_endpoint import EndpointBackend, EndpointConfig
-from phantom_core.rephrase_types import RephraseError, UnusableAnswer
-from phantom_core.rephraser import (INSTRUCTIONS, Rephraser, build_messages, check_answer, parse_answer,
+from phantom_core.rephrase.backends import make_backend
+from phantom_core.rephrase.cache import RephraseCache
+from phantom_core.rephrase.endpoint import EndpointBackend, EndpointConfig
+from phantom_core.rephrase.types import RephraseError, UnusableAnswer
+from phantom_core.rephrase.rephraser import (INSTRUCTIONS, Rephraser, build_messages, check_answer, parse_answer,
                                     place_descriptions, resolve_language)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -449,8 +449,8 @@ def test_cli_reads_references_like_generate(chat_server, tmp_path, capsys):
 def test_split_modules_keep_the_old_import_paths():
     """rephraser / rephrase_backends were split; every name they exported before is still importable from them,
     as the very same object as in its new module."""
-    import phantom_core.rephrase_backends as backends
-    import phantom_core.rephraser as rephraser
+    import phantom_core.rephrase.backends as backends
+    import phantom_core.rephrase.rephraser as rephraser
     from phantom_core import rephrase_cache, rephrase_endpoint, rephrase_local, rephrase_types
 
     moved = {rephraser: {rephrase_types: ["RephraseError", "UnusableAnswer", "ChatBackend", "RephraseResult"],

@@ -16,13 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from phantom_core import rephrase_local
+from phantom_core.rephrase import local as rephrase_local
 from phantom_core.__main__ import main as cli_main
-from phantom_core.rephrase_backends import make_backend
-from phantom_core.rephrase_cache import RephraseCache
-from phantom_core.rephrase_local import LocalConfig, LocalVLMBackend
-from phantom_core.rephrase_types import RephraseError
-from phantom_core.rephraser import Rephraser
+from phantom_core.rephrase.backends import make_backend
+from phantom_core.rephrase.cache import RephraseCache
+from phantom_core.rephrase.local import LocalConfig, LocalVLMBackend
+from phantom_core.rephrase.types import RephraseError
+from phantom_core.rephrase.rephraser import Rephraser
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
             "<|video_pad|>"]

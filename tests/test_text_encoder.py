@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from phantom_core.text_encoder import (
+from phantom_core.wan.umt5 import (
     EOS_ID,
     PAD_ID,
     SPIECE_KEY,

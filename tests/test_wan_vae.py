@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from phantom_core.latent_norm import (
+from phantom_core.wan.latents import (
     WAN21_LATENT_MEAN,
     WAN21_LATENT_STD,
     denormalize_latents,
     normalize_latents,
 )
-from phantom_core.wan_vae import VAE_PRESETS, WanVAE, WanVAEConfig, infer_vae_config, load_vae
+from phantom_core.wan.vae import VAE_PRESETS, WanVAE, WanVAEConfig, infer_vae_config, load_vae
 
 TINY = VAE_PRESETS["tiny"]
 H, W = 32, 48  # encoded video, pixels (latents 4 x 6)

@@ -57,7 +57,7 @@ class ComfyServer:
     # -- lifecycle -------------------------------------------------------------------------------------------
     def prepare(self) -> None:
         """Lay out custom_nodes/, models/ (tiny default), input/ and output/ under the base directory."""
-        from phantom_core.tiny_default import write_tiny_default
+        from phantom_core.tiny.default import write_tiny_default
 
         link = self.base / "custom_nodes" / "ComfyUI-Phantom"
         link.parent.mkdir(exist_ok=True)

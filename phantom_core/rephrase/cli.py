@@ -26,11 +26,11 @@ from typing import Any
 
 from PIL import Image
 
-from .references import open_reference
-from .rephrase_backends import make_backend
-from .rephrase_cache import RephraseCache
-from .rephrase_types import RephraseResult
-from .rephraser import MAX_REFERENCES, Rephraser
+from phantom_core.references import open_reference
+from phantom_core.rephrase.backends import make_backend
+from phantom_core.rephrase.cache import RephraseCache
+from phantom_core.rephrase.types import RephraseResult
+from phantom_core.rephrase.rephraser import MAX_REFERENCES, Rephraser
 
 # option name (flag without "--" and prefix) -> add_argument keywords; the order is the --help order
 BACKEND_OPTIONS: dict[str, dict[str, Any]] = {

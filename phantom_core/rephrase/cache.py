@@ -12,8 +12,8 @@ import json
 from collections import OrderedDict
 from pathlib import Path
 
-from .log import logger
-from .rephrase_types import RephraseResult
+from phantom_core.log import logger
+from phantom_core.rephrase.types import RephraseResult
 
 
 class RephraseCache:

@@ -16,7 +16,7 @@ umT5 stays bf16, an fp8 file stays fp8) and computes in bf16 on CUDA, fp32 on th
 ``--text-encoder-device cpu`` keeps umT5 on the CPU while the DiT holds the GPU. The sidecar records the choices
 (and what they resolved to), so ``--from-sidecar`` decides the same way.
 
-``--rephrase`` rewrites the prompt with the rephraser (``phantom_core.rephraser``; back-end options of
+``--rephrase`` rewrites the prompt with the rephraser (``phantom_core.rephrase.rephraser``; back-end options of
 ``cli_rephrase`` under the ``--rephrase-`` prefix) before it is encoded. The sidecar's ``settings.prompt`` is the
 rewritten prompt (what the video was made from); its ``"rephrase"`` entry records the original prompt, the
 rewritten one, the descriptions and the rephraser's settings (the API key variable's name, never the key).
@@ -39,13 +39,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import torch
 
-from phantom_core.cli_rephrase import add_rephrase_backend_arguments, rephraser_from_args
-from phantom_core.inspect_checkpoint import format_report, inspect_checkpoint
+from phantom_core.rephrase.cli import add_rephrase_backend_arguments, rephraser_from_args
+from phantom_core.wan.inspect import format_report, inspect_checkpoint
 from phantom_core.pipeline import REF_MODES, GenerationSettings, generate_to_file, resolve_seed
 from phantom_core.references import MAX_REFERENCES, open_reference
-from phantom_core.rephrase_types import RephraseError, RephraseResult
-from phantom_core.rephraser import Rephraser
-from phantom_core.sampler import SAMPLER_PRESETS, SOLVERS
+from phantom_core.rephrase.types import RephraseError, RephraseResult
+from phantom_core.rephrase.rephraser import Rephraser
+from phantom_core.sampling.loop import SAMPLER_PRESETS, SOLVERS
 from phantom_core.sidecar import changed_files, default_sidecar_path, dtype_name, read_sidecar, write_sidecar
 
 # --dtype: weight dtype of the DiT and the text encoder (None: each file's stored dtype); --compute-dtype: activations

@@ -32,7 +32,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from phantom_core.log import logger
-from phantom_core.rope import apply_rope, rope_axis_pairs, rope_table
+from phantom_core.wan.rope import apply_rope, rope_axis_pairs, rope_table
 
 HEAD_DIM = 128  # channels per attention head in every Wan2.1 model (1.3B: 1536 / 12, 14B: 5120 / 40)
 

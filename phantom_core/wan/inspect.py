@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from phantom_core.checkpoint import infer_dit_config, preset_name, strip_prefixes, validate_dit_state_dict
-from phantom_core.checkpoint_io import (
+from phantom_core.wan.load import infer_dit_config, preset_name, strip_prefixes, validate_dit_state_dict
+from phantom_core.loading.files import (
     INDEX_SUFFIX,
     SAFETENSORS_DTYPES,  # noqa: F401  (re-exported: the safetensors dtype tags)
     TORCH_SUFFIXES,
@@ -30,14 +30,14 @@ from phantom_core.checkpoint_io import (
     read_safetensors_header,
     read_torch_checkpoint,
 )
-from phantom_core.fp8 import SCALED_FP8_KEY, Fp8Format, detect_fp8_format, is_scale_key, split_scales
-from phantom_core.text_encoder import (
+from phantom_core.loading.fp8 import SCALED_FP8_KEY, Fp8Format, detect_fp8_format, is_scale_key, split_scales
+from phantom_core.wan.umt5 import (
     SPIECE_KEY,
     TEXT_ENCODER_PRESETS,
     convert_wan_t5_state_dict,
     infer_text_encoder_spec,
 )
-from phantom_core.wan_vae import VAE_PRESETS, infer_vae_config, strip_vae_prefix
+from phantom_core.wan.vae import VAE_PRESETS, infer_vae_config, strip_vae_prefix
 
 # ---------------------------------------------------------------------------------------------- readers
 

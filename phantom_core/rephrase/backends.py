@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .rephrase_endpoint import (MAX_REPLY_BYTES, EndpointBackend, EndpointConfig, check_key_variable_name,
+from phantom_core.rephrase.endpoint import (MAX_REPLY_BYTES, EndpointBackend, EndpointConfig, check_key_variable_name,
                                 image_data_url, safe_url)
-from .rephrase_local import ACTIVATION_MARGIN, AFTER_USE, LocalConfig, LocalVLMBackend, unload_local_models
-from .rephrase_types import ChatBackend
+from phantom_core.rephrase.local import ACTIVATION_MARGIN, AFTER_USE, LocalConfig, LocalVLMBackend, unload_local_models
+from phantom_core.rephrase.types import ChatBackend
 
 __all__ = [  # public names, including those re-exported from rephrase_endpoint / rephrase_local / rephrase_types
     "ACTIVATION_MARGIN", "AFTER_USE", "BACKENDS", "MAX_REPLY_BYTES", "ChatBackend", "EndpointBackend",

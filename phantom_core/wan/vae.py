@@ -2,9 +2,9 @@
 
 Architecture: Wan-Video/Wan2.1 `wan/modules/vae.py` (also used unchanged by Phantom-Wan), re-written here.
 The layers (causal convs, `CausalCache`, residual / attention / resample blocks) live in
-`phantom_core.wan_vae_blocks`; this module assembles the encoder and decoder, runs them chunk by chunk
+`phantom_core.wan.vae_blocks`; this module assembles the encoder and decoder, runs them chunk by chunk
 (encode: the first frame, then 4 frames at a time; decode: one latent frame at a time, each call with its own
-`CausalCache`) and loads checkpoints. Spatially tiled decoding is in `phantom_core.vae_tiling`.
+`CausalCache`) and loads checkpoints. Spatially tiled decoding is in `phantom_core.wan.vae_tiling`.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from phantom_core.checkpoint import errors_name_file, keep_prefixed, key_problems
-from phantom_core.checkpoint_io import read_state_dict
-from phantom_core.latent_norm import LATENT_CHANNELS, denormalize_latents, normalize_latents
+from phantom_core.wan.load import errors_name_file, keep_prefixed, key_problems
+from phantom_core.loading.files import read_state_dict
+from phantom_core.wan.latents import LATENT_CHANNELS, denormalize_latents, normalize_latents
 from phantom_core.log import logger
-from phantom_core.vae_tiling import DEFAULT_OVERLAP_LATENT, decode_tiled
-from phantom_core.wan_vae_blocks import (  # noqa: F401  (re-exported: the public names stay importable from here)
+from phantom_core.wan.vae_tiling import DEFAULT_OVERLAP_LATENT, decode_tiled
+from phantom_core.wan.vae_blocks import (  # noqa: F401  (re-exported: the public names stay importable from here)
     CACHE_T,
     AttentionBlock,
     CausalCache,
@@ -142,7 +142,7 @@ class WanVAE(nn.Module):
     `encode` / `decode` use normalized latents (what the DiT sees); `encode_raw` / `decode_raw` use the raw
     latent space (what ComfyUI's LATENT holds). Compute runs in the parameters' dtype; results are float32.
     Both decoders take optional spatial tiling (``tile_latent``, ``overlap_latent``, ``blend``) that bounds
-    activation memory by one tile (`phantom_core.vae_tiling`).
+    activation memory by one tile (`phantom_core.wan.vae_tiling`).
     Build with ``device="meta"`` and load with `load_vae` to avoid allocating weights twice.
     """
 
@@ -205,7 +205,7 @@ class WanVAE(nn.Module):
             latents: ``[B, 16, F, h, w]`` float raw latents.
             tile_latent: None decodes the whole frame at once; an int or ``(height, width)`` in latent cells
                 (8 px each) decodes tiles of that size with ``overlap_latent`` cells of overlap, blended with a
-                ``blend`` ("linear" / "cosine") ramp, peak memory ~ one tile (see `phantom_core.vae_tiling`).
+                ``blend`` ("linear" / "cosine") ramp, peak memory ~ one tile (see `phantom_core.wan.vae_tiling`).
         Returns:
             ``[B, 3, 1 + 4 * (F - 1), 8h, 8w]`` float32 pixels, nominally in [-1, 1].
         Raises:
@@ -233,7 +233,7 @@ class WanVAE(nn.Module):
         """Pixels ``[B, 3, T, H, W]`` in [-1, 1] -> normalized latents ``[B, 16, 1+(T-1)//4, H/8, W/8]`` float32.
 
         Normalized = (posterior mean - mean) / std with Wan2.1's published per-channel statistics
-        (`phantom_core.latent_norm`), exactly what upstream ``WanVAE.encode`` returns.
+        (`phantom_core.wan.latents`), exactly what upstream ``WanVAE.encode`` returns.
         """
         return normalize_latents(self.encode_raw(video))
 
@@ -329,7 +329,7 @@ def load_vae(
     ``device``), so weights are never held twice. Keys may carry a ``first_stage_model.`` / ``vae.`` prefix
     (other tensors of such a bundle are ignored). Gradients are switched off.
     Raises:
-        FileNotFoundError: if the path does not exist (see `phantom_core.checkpoint_io.read_state_dict`).
+        FileNotFoundError: if the path does not exist (see `phantom_core.loading.files.read_state_dict`).
         ValueError: if keys are missing / unexpected / wrongly shaped (all named), or the file is unreadable.
     """
     owned = isinstance(path_or_state_dict, (str, Path))  # read here: tensors can be dropped once converted

@@ -14,10 +14,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from phantom_core.guidance import VelocityModel, guidance_weights, phantom_guidance
+from phantom_core.sampling.guidance import VelocityModel, guidance_weights, phantom_guidance
 from phantom_core.log import logger
-from phantom_core.schedule import flow_sigmas, model_timesteps
-from phantom_core.solvers import UniPCState, euler_step, unipc_step, x0_from_velocity
+from phantom_core.sampling.schedule import flow_sigmas, model_timesteps
+from phantom_core.sampling.solvers import UniPCState, euler_step, unipc_step, x0_from_velocity
 
 SOLVERS = ("unipc", "euler")
 

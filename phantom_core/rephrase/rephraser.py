@@ -30,10 +30,10 @@ from typing import Any
 
 from PIL import Image
 
-from .log import logger
-from .references import MAX_REFERENCES
-from .rephrase_cache import DEFAULT_CACHE, RephraseCache
-from .rephrase_types import ChatBackend, RephraseError, RephraseResult, UnusableAnswer
+from phantom_core.log import logger
+from phantom_core.references import MAX_REFERENCES
+from phantom_core.rephrase.cache import DEFAULT_CACHE, RephraseCache
+from phantom_core.rephrase.types import ChatBackend, RephraseError, RephraseResult, UnusableAnswer
 
 __all__ = [  # public names, including those re-exported from rephrase_types / rephrase_cache
     "CACHE_FORMAT", "DEFAULT_CACHE", "INSTRUCTIONS", "LANGUAGES", "LANGUAGE_ALIASES", "MAX_REFERENCES",

@@ -1,5 +1,5 @@
 """Building blocks of the Wan2.1 causal 3-D VAE: the per-call causal cache, causal convs, norm, residual,
-attention and resampling layers (upstream layer and key names). `phantom_core.wan_vae` assembles them.
+attention and resampling layers (upstream layer and key names). `phantom_core.wan.vae` assembles them.
 
 Every layer works frame by frame except the causal temporal convolutions, so a video is processed in chunks
 and each causal conv carries the last ``CACHE_T`` input frames of the previous chunk in a `CausalCache`

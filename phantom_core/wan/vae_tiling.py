@@ -24,7 +24,7 @@ from torch import Tensor
 from phantom_core.log import logger
 
 if TYPE_CHECKING:  # wan_vae imports this module; the type is only needed for hints
-    from phantom_core.wan_vae import WanVAE
+    from phantom_core.wan.vae import WanVAE
 
 MIN_TILE_LATENT = 4  # latent cells per tile side (32 px); smaller tiles would be mostly edge
 BLEND_MODES = ("linear", "cosine")

@@ -6,7 +6,7 @@ from tensor shapes alone (``infer_dit_config``); the model is then built on the 
 assigned into it, so a checkpoint is never held in memory twice.
 
 Reading the files themselves (safetensors, torch ``.pth``, sharded indexes, and their checks) is
-``phantom_core.checkpoint_io``; its public names are re-exported here for existing callers.
+``phantom_core.loading.files``; its public names are re-exported here for existing callers.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from phantom_core.checkpoint_io import (  # noqa: F401  (re-exported: the file-reading API used to live here)
+from phantom_core.loading.files import (  # noqa: F401  (re-exported: the file-reading API used to live here)
     INDEX_SUFFIX,
     SAFETENSORS_DTYPES,
     TORCH_SUFFIXES,
@@ -36,7 +36,7 @@ from phantom_core.checkpoint_io import (  # noqa: F401  (re-exported: the file-r
     read_torch_checkpoint,
     short_listing,
 )
-from phantom_core.fp8 import (
+from phantom_core.loading.fp8 import (
     SCALED_FP8_KEY,
     attach_scales,
     cast_layer_weights,
@@ -48,7 +48,7 @@ from phantom_core.fp8 import (
     weight_bytes,
 )
 from phantom_core.log import logger
-from phantom_core.wan_dit import DIT_PRESETS, HEAD_DIM, PhantomWanDiT, WanDiTConfig
+from phantom_core.wan.dit import DIT_PRESETS, HEAD_DIM, PhantomWanDiT, WanDiTConfig
 
 DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
@@ -210,7 +210,7 @@ def load_dit(
 
     Args:
         path_or_state_dict: a checkpoint path (see ``read_state_dict``) or an in-memory state dict; fp32 / fp16 /
-            bf16, fp8 (``float8_e4m3fn`` / ``float8_e5m2``) or ComfyUI's scaled fp8 (see ``phantom_core.fp8``).
+            bf16, fp8 (``float8_e4m3fn`` / ``float8_e5m2``) or ComfyUI's scaled fp8 (see ``phantom_core.loading.fp8``).
         dtype: weight dtype. None keeps the stored one (an fp8 file stays fp8). fp32 / fp16 / bf16: every tensor
             is cast to it (fp8 weights dequantized with their scales). An fp8 dtype: the Linear weights are
             stored in it (float weights quantized with a per-tensor scale), everything else in ``compute_dtype``.

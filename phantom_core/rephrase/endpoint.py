@@ -30,8 +30,8 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 from PIL import Image
 
-from .log import logger
-from .rephrase_types import RephraseError, UnusableAnswer
+from phantom_core.log import logger
+from phantom_core.rephrase.types import RephraseError, UnusableAnswer
 
 MAX_REPLY_BYTES = 16 * 2**20  # a chat answer is a few kB; a larger reply is not a chat-completions reply
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")

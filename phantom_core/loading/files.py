@@ -14,7 +14,7 @@ Errors: every problem is a ``ValueError`` naming the file and what is wrong (tru
 Git LFS pointer file instead of weights, a pickle needing more than ``weights_only``, an index without a
 ``weight_map``, a missing shard or shard key), never a raw safetensors / torch / json exception; a path that does
 not exist is a ``FileNotFoundError``. Nothing here knows what the tensors are: recognising and loading models is
-``phantom_core.checkpoint`` (DiT), ``wan_vae`` and ``text_encoder``.
+``phantom_core.wan.load`` (DiT), ``wan_vae`` and ``text_encoder``.
 """
 
 from __future__ import annotations

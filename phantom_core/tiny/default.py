@@ -25,14 +25,14 @@ from safetensors.torch import save
 from torch import Tensor
 
 from phantom_core.log import logger
-from phantom_core.text_encoder import (
+from phantom_core.wan.umt5 import (
     TEXT_ENCODER_PRESETS,
     random_text_encoder_state_dict,
     train_tiny_tokenizer,
     write_text_encoder_checkpoint,
 )
-from phantom_core.wan_dit import DIT_PRESETS, PhantomWanDiT
-from phantom_core.wan_vae import VAE_PRESETS, WanVAE
+from phantom_core.wan.dit import DIT_PRESETS, PhantomWanDiT
+from phantom_core.wan.vae import VAE_PRESETS, WanVAE
 
 DIT_FILE = "diffusion_models/phantom_tiny_dit.safetensors"
 VAE_FILE = "vae/phantom_tiny_vae.safetensors"

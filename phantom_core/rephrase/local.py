@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from .log import logger
-from .rephrase_types import RephraseError, UnusableAnswer
+from phantom_core.log import logger
+from phantom_core.rephrase.types import RephraseError, UnusableAnswer
 
 AFTER_USE = ("offload", "unload", "keep")
 

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import UMT5Config, UMT5EncoderModel
 
-from phantom_core.fp8 import (
+from phantom_core.loading.fp8 import (
     attach_scales,
     cast_layer_weights,
     convert_state_dict,
@@ -38,10 +38,10 @@ from phantom_core.fp8 import (
     fp8_ops,
     plan_load,
 )
-from phantom_core.checkpoint import errors_name_file
-from phantom_core.checkpoint_io import read_state_dict
+from phantom_core.wan.load import errors_name_file
+from phantom_core.loading.files import read_state_dict
 from phantom_core.log import logger
-from phantom_core.umt5_fp8 import use_cast_layers
+from phantom_core.wan.umt5_fp8 import use_cast_layers
 
 try:  # upstream's basic_clean runs ftfy.fix_text (fullwidth punctuation -> ASCII, curly quotes -> straight, ...)
     import ftfy
