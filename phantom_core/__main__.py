@@ -26,12 +26,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from phantom_core.cli import add_generate_parser, add_inspect_parser
-from phantom_core.rephrase.cli import (  # noqa: F401  (re-exported: the names were defined here before)
-    add_rephrase_backend_arguments,
+from phantom_core.rephrase.cli import (
     add_rephrase_parser,
-    load_images,
-    rephrase_from_args,
-    run_rephrase,
 )
 from phantom_core.rephrase.types import RephraseError
 

@@ -41,9 +41,10 @@ import torch
 
 from phantom_core.rephrase.cli import add_rephrase_backend_arguments, rephraser_from_args
 from phantom_core.wan.inspect import format_report, inspect_checkpoint
-from phantom_core.pipeline import REF_MODES, GenerationSettings, generate_to_file, resolve_seed
+from phantom_core.settings import REF_MODES, GenerationSettings, resolve_seed
+from phantom_core.pipeline import generate_to_file
 from phantom_core.references import MAX_REFERENCES, open_reference
-from phantom_core.rephrase.types import RephraseError, RephraseResult
+from phantom_core.rephrase.types import RephraseResult
 from phantom_core.rephrase.rephraser import Rephraser
 from phantom_core.sampling.loop import SAMPLER_PRESETS, SOLVERS
 from phantom_core.sidecar import changed_files, default_sidecar_path, dtype_name, read_sidecar, write_sidecar
@@ -331,34 +332,3 @@ def run_inspect(args: argparse.Namespace, stream: TextIO | None = None) -> int:
     else:
         stream.write("\n".join(format_report(r) for r in reports) + "\n")
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """A top-level parser with just ``generate`` and ``inspect`` (tests, and ``main`` below)."""
-    parser = argparse.ArgumentParser(prog="python -m phantom_core", description="Phantom subject-to-video tools")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    add_generate_parser(subparsers)
-    add_inspect_parser(subparsers)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``generate`` / ``inspect`` from ``argv``; 0 on success, 1 when the rephraser's back-end failed,
-    2 for bad input (message on stderr)."""
-    import logging
-
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except ValueError as err:
-        sys.stderr.write(f"error: {err}\n")
-        return 2
-    except RephraseError as err:
-        sys.stderr.write(f"error: {err}\n")
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -30,26 +30,13 @@ from phantom_core.loading.fp8 import default_compute_dtype, is_fp8
 from phantom_core.log import logger
 from phantom_core.references import MAX_REFERENCES, encode_references, open_reference
 from phantom_core.sampling.loop import StepCallback, make_noise, sample_phantom
-from phantom_core.settings import (  # noqa: F401  (re-exported: the settings API used to live here)
-    MAX_SEED,
-    RANDOM_SEED,
-    REF_MODES,
+from phantom_core.settings import (
     GenerationSettings,
     resolve_seed,
-    settings_from_preset,
 )
-from phantom_core.sidecar import (  # noqa: F401  (re-exported: the sidecar API used to live here)
-    SIDECAR_FORMAT,
-    SIDECAR_VERSION,
+from phantom_core.sidecar import (
     build_sidecar,
-    changed_files,
-    checkpoint_files,
     default_sidecar_path,
-    describe_files,
-    dtype_name,
-    file_sha256,
-    model_precision,
-    read_sidecar,
     runtime_record,
     write_sidecar,
 )

@@ -14,11 +14,23 @@ from typing import Any
 
 from phantom_core.log import logger
 from phantom_core.references import SIZE_MULTIPLE
-from phantom_core.sampling.loop import SAMPLER_PRESETS, SOLVERS, WAN_NEGATIVE_PROMPT
+from phantom_core.sampling.loop import SAMPLER_PRESETS, SOLVERS
 
 REF_MODES = ("letterbox", "crop")
 RANDOM_SEED = -1
 MAX_SEED = 2**64 - 1  # ComfyUI's seed widget maximum; make_noise accepts [0, 2**64)
+
+# Wan2.1's default negative prompt (upstream ``configs/shared_config.py``: ``sample_neg_prompt``), used when the
+# user gives none. Roughly: garish colours, overexposed, static, blurry details, subtitles, style, artwork,
+# painting, still frame, greyish, worst/low quality, JPEG artefacts, ugly, mutilated, extra fingers, badly drawn
+# hands/face, deformed, disfigured, malformed limbs, fused fingers, motionless, cluttered background, three legs,
+# many people in the background, walking backwards.
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，"
+    "最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，"
+    "画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，"
+    "杂乱的背景，三条腿，背景人很多，倒着走"
+)
 
 
 @dataclass(frozen=True)

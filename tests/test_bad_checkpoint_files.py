@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from phantom_core.wan.load import describe_content, load_dit, read_state_dict
-from phantom_core.cli import main
+from phantom_core.loading.files import describe_content, read_state_dict
+from phantom_core.wan.load import load_dit
+from phantom_core.__main__ import main
 from phantom_core.wan.inspect import inspect_checkpoint, stored_format
 from phantom_core.wan.umt5 import load_text_encoder
 from phantom_core.tiny.default import write_tiny_default

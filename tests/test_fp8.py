@@ -22,15 +22,9 @@ from phantom_core.loading.fp8 import (
     weight_bytes,
 )
 from phantom_core.wan.inspect import inspect_checkpoint
-from phantom_core.wan.umt5 import (
-    PAD_ID,
-    TEXT_ENCODER_PRESETS,
-    TEXT_LEN,
-    load_text_encoder,
-    random_text_encoder_state_dict,
-    train_tiny_tokenizer,
-    write_text_encoder_checkpoint,
-)
+from phantom_core.wan.umt5 import PAD_ID, TEXT_ENCODER_PRESETS, load_text_encoder, write_text_encoder_checkpoint
+from phantom_core.wan.dit import TEXT_LEN
+from phantom_core.tiny.text import random_text_encoder_state_dict, train_tiny_tokenizer
 from phantom_core.wan.dit import DIT_PRESETS, PhantomWanDiT
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from conftest import make_tiny_files, model_args
 
-from phantom_core.cli import build_parser, main
+from phantom_core.__main__ import build_parser, main
 from phantom_core.rephrase.cli import add_rephrase_backend_arguments
-from phantom_core.pipeline import build_sidecar, write_sidecar
+from phantom_core.sidecar import build_sidecar, write_sidecar
 from phantom_core.rephrase.rephraser import Rephraser
 from phantom_core.video_io import read_mp4_frames
 from test_rephraser import chat_server, good_answer  # noqa: F401  (fixture)

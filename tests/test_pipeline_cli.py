@@ -16,13 +16,15 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from phantom_core.wan.load import expected_shapes, read_state_dict
-from phantom_core.cli import build_parser, main, resolve_generate_args
+from phantom_core.wan.load import expected_shapes
+from phantom_core.loading.files import read_state_dict
+from phantom_core.__main__ import build_parser, main
+from phantom_core.cli import resolve_generate_args
 from phantom_core.wan.inspect import inspect_checkpoint
 import phantom_core.pipeline as pipeline
 import phantom_core.sidecar as sidecar
 from phantom_core.pipeline import generate, load_models
-from phantom_core.sampling.loop import WAN_NEGATIVE_PROMPT
+from phantom_core.settings import WAN_NEGATIVE_PROMPT
 from phantom_core.settings import GenerationSettings, settings_from_preset
 from phantom_core.sidecar import read_sidecar
 from phantom_core.video_io import read_mp4_frames
@@ -42,12 +44,8 @@ def sha256(path: Path) -> str:
 
 
 def cli_command() -> list[str]:
-    """`python -m phantom_core` once the lead has wired `generate` into __main__, else our own `main`."""
-    from phantom_core.__main__ import COMMANDS
-
-    if "generate" in COMMANDS:
-        return [sys.executable, "-m", "phantom_core"]
-    return [sys.executable, "-c", "import sys; from phantom_core.cli import main; sys.exit(main())"]
+    """The one CLI, as users run it."""
+    return [sys.executable, "-m", "phantom_core"]
 
 
 # ---------------------------------------------------------------------------------------------- settings

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from phantom_core.wan.load import read_state_dict
+from phantom_core.loading.files import read_state_dict
 from phantom_core.cli import build_parser, main, resolve_generate_args
 from phantom_core.loading.fp8 import quantize_state_dict
 from phantom_core.pipeline import load_models, resolve_compute_dtype

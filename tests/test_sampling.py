@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from phantom_core.sampling.guidance import combine_guidance, guidance_weights, phantom_guidance
-from phantom_core.sampling.loop import SAMPLER_PRESETS, WAN_NEGATIVE_PROMPT, make_noise, sample_phantom
+from phantom_core.sampling.loop import SAMPLER_PRESETS, make_noise, sample_phantom
+from phantom_core.settings import WAN_NEGATIVE_PROMPT
 from phantom_core.sampling.schedule import flow_sigmas, model_timesteps, shift_sigma
 from phantom_core.sampling.solvers import UniPCState, euler_step, unipc_step, x0_from_velocity
 

@@ -15,17 +15,16 @@ from phantom_core.wan.umt5 import (
     PAD_ID,
     SPIECE_KEY,
     TEXT_ENCODER_PRESETS,
-    TEXT_LEN,
     UNK_ID,
-    WAN_NEGATIVE_PROMPT_ZH,
     clean_prompt,
     infer_text_encoder_spec,
     load_text_encoder,
     load_tokenizer,
-    random_text_encoder_state_dict,
-    train_tiny_tokenizer,
     write_text_encoder_checkpoint,
 )
+from phantom_core.wan.dit import TEXT_LEN
+from phantom_core.settings import WAN_NEGATIVE_PROMPT
+from phantom_core.tiny.text import random_text_encoder_state_dict, train_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = TEXT_ENCODER_PRESETS["tiny"]
@@ -60,7 +59,7 @@ def test_tiny_tokenizer_has_umt5_special_ids_and_covers_the_negative_prompt(spie
     assert sp.get_piece_size() == TINY.vocab_size
     assert (sp.pad_id(), sp.eos_id(), sp.unk_id(), sp.bos_id()) == (PAD_ID, EOS_ID, UNK_ID, -1)
     assert sp.id_to_piece(EOS_ID) == "</s>"
-    ids = sp.encode(WAN_NEGATIVE_PROMPT_ZH)
+    ids = sp.encode(WAN_NEGATIVE_PROMPT)
     assert UNK_ID not in ids and len(ids) > 20
     assert train_tiny_tokenizer() == spiece  # deterministic
 
@@ -185,8 +184,8 @@ def test_token_ids_match_comfyui_spiece_tokenizer(comfy_import, encoder, spiece)
     spt = comfy_import("comfy.text_encoders.spiece_tokenizer")
     wan = comfy_import("comfy.text_encoders.wan")
     theirs = spt.SPieceTokenizer(spiece)  # adds </s> itself (add_eos=True)
-    ours = encoder.tokenize(PROMPTS + [WAN_NEGATIVE_PROMPT_ZH])
-    for prompt, ids in zip(PROMPTS + [WAN_NEGATIVE_PROMPT_ZH], ours):
+    ours = encoder.tokenize(PROMPTS + [WAN_NEGATIVE_PROMPT])
+    for prompt, ids in zip(PROMPTS + [WAN_NEGATIVE_PROMPT], ours):
         assert theirs(clean_prompt(prompt))["input_ids"] == ids
     # the full ComfyUI Wan tokenizer (embedded spiece_model, padded to 512 with id 0)
     tok = wan.UMT5XXlTokenizer(tokenizer_data={SPIECE_KEY: torch.frombuffer(bytearray(spiece), dtype=torch.uint8)})

@@ -28,7 +28,7 @@ WORKFLOWS_DIR = ROOT / "workflows"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from phantom_core.sampling.loop import WAN_NEGATIVE_PROMPT  # noqa: E402
+from phantom_core.settings import WAN_NEGATIVE_PROMPT
 
 DEFAULT_FILES = {
     "dit": "phantom_tiny_dit.safetensors",

@@ -31,6 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from phantom_core.loading.keys import short_listing
 from phantom_core.log import logger
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -254,9 +255,3 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         return read_torch_checkpoint(path)
     raise ValueError(f"checkpoint {path} has an unknown extension; expected .safetensors, .pth, .pt, .bin, .ckpt "
                      f"or a *{INDEX_SUFFIX} / a directory with one")
-
-
-def short_listing(items: list[str], limit: int = 10) -> str:
-    """Up to ``limit`` of ``items`` comma-separated, then ``", ... (N more)"`` (for error messages)."""
-    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more

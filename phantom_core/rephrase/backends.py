@@ -14,16 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from phantom_core.rephrase.endpoint import (MAX_REPLY_BYTES, EndpointBackend, EndpointConfig, check_key_variable_name,
-                                image_data_url, safe_url)
-from phantom_core.rephrase.local import ACTIVATION_MARGIN, AFTER_USE, LocalConfig, LocalVLMBackend, unload_local_models
-from phantom_core.rephrase.types import ChatBackend
+from phantom_core.rephrase.endpoint import (EndpointBackend, EndpointConfig)
+from phantom_core.rephrase.local import LocalConfig, LocalVLMBackend
 
-__all__ = [  # public names, including those re-exported from rephrase_endpoint / rephrase_local / rephrase_types
-    "ACTIVATION_MARGIN", "AFTER_USE", "BACKENDS", "MAX_REPLY_BYTES", "ChatBackend", "EndpointBackend",
-    "EndpointConfig", "LocalConfig", "LocalVLMBackend", "check_key_variable_name", "image_data_url",
-    "make_backend", "safe_url", "unload_local_models",
-]
 
 BACKENDS = ("openai-compatible", "local")
 

@@ -30,7 +30,8 @@ from phantom_core.references import open_reference
 from phantom_core.rephrase.backends import make_backend
 from phantom_core.rephrase.cache import RephraseCache
 from phantom_core.rephrase.types import RephraseResult
-from phantom_core.rephrase.rephraser import MAX_REFERENCES, Rephraser
+from phantom_core.references import MAX_REFERENCES
+from phantom_core.rephrase.rephraser import Rephraser
 
 # option name (flag without "--" and prefix) -> add_argument keywords; the order is the --help order
 BACKEND_OPTIONS: dict[str, dict[str, Any]] = {

@@ -35,12 +35,6 @@ from phantom_core.references import MAX_REFERENCES
 from phantom_core.rephrase.cache import DEFAULT_CACHE, RephraseCache
 from phantom_core.rephrase.types import ChatBackend, RephraseError, RephraseResult, UnusableAnswer
 
-__all__ = [  # public names, including those re-exported from rephrase_types / rephrase_cache
-    "CACHE_FORMAT", "DEFAULT_CACHE", "INSTRUCTIONS", "LANGUAGES", "LANGUAGE_ALIASES", "MAX_REFERENCES",
-    "RETRY_MESSAGE", "ChatBackend", "RephraseCache", "RephraseError", "RephraseResult", "Rephraser",
-    "UnusableAnswer", "build_messages", "cache_key", "check_answer", "check_inputs", "cjk_ratio",
-    "normalize_text", "parse_answer", "place_descriptions", "prepare_image", "resolve_language", "retry_messages",
-]
 
 LANGUAGES = {"en": "English", "zh": "Simplified Chinese (简体中文)"}
 LANGUAGE_ALIASES = {"auto": "auto", "en": "en", "english": "en", "zh": "zh", "chinese": "zh", "中文": "zh"}

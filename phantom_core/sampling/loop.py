@@ -28,18 +28,6 @@ SAMPLER_PRESETS: dict[str, dict[str, object]] = {
     "paper": dict(solver="euler", steps=50, shift=5.0, w_img=3.0, w_text=7.5),
 }
 
-# Wan2.1's default negative prompt (upstream ``configs/shared_config.py``: ``sample_neg_prompt``), used when the
-# user gives none. Roughly: garish colours, overexposed, static, blurry details, subtitles, style, artwork,
-# painting, still frame, greyish, worst/low quality, JPEG artefacts, ugly, mutilated, extra fingers, badly drawn
-# hands/face, deformed, disfigured, malformed limbs, fused fingers, motionless, cluttered background, three legs,
-# many people in the background, walking backwards.
-WAN_NEGATIVE_PROMPT = (
-    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，"
-    "最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，"
-    "画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，"
-    "杂乱的背景，三条腿，背景人很多，倒着走"
-)
-
 StepCallback = Callable[[int, int, Tensor], None]
 """``callback(step_index, total_steps, x0_pred)`` after each step; may raise to abort sampling."""
 

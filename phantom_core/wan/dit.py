@@ -35,6 +35,7 @@ from phantom_core.log import logger
 from phantom_core.wan.rope import apply_rope, rope_axis_pairs, rope_table
 
 HEAD_DIM = 128  # channels per attention head in every Wan2.1 model (1.3B: 1536 / 12, 14B: 5120 / 40)
+TEXT_LEN = 512  # upstream wan_shared_cfg.text_len: umT5 tokens per prompt (</s> included), the DiT's context length
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class WanDiTConfig:
     out_dim: int = 16
     patch_size: tuple[int, int, int] = (1, 2, 2)
     text_dim: int = 4096
-    text_len: int = 512  # the text context is zero-padded (or truncated) to exactly this many tokens
+    text_len: int = TEXT_LEN  # the text context is zero-padded (or truncated) to exactly this many tokens
     freq_dim: int = 256  # width of the sinusoidal timestep embedding
     eps: float = 1e-6
     rope_theta: float = 10000.0

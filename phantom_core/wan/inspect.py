@@ -1,9 +1,6 @@
 """Say what a checkpoint is without loading it: architecture, preset, dtypes, size, key and parameter counts.
 
-Only metadata is read: a safetensors file's header (8-byte little-endian length + JSON, per the safetensors
-format spec: ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``), each shard
-header of a sharded index, or a ``.pth`` opened with ``torch.load(mmap=True, weights_only=True)`` (tensors
-stay on disk behind a memory map). The architecture is recognised by running the loaders' own shape inference
+Only metadata is read (``phantom_core.loading.headers``). The architecture is recognised by running the loaders' own shape inference
 (``infer_dit_config``, ``infer_vae_config``, ``infer_text_encoder_spec``) on shape-only ``meta`` tensors.
 """
 
@@ -15,21 +12,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from phantom_core.wan.load import infer_dit_config, preset_name, strip_prefixes, validate_dit_state_dict
-from phantom_core.loading.files import (
-    INDEX_SUFFIX,
-    SAFETENSORS_DTYPES,  # noqa: F401  (re-exported: the safetensors dtype tags)
-    TORCH_SUFFIXES,
-    TensorInfo,
-    check_shard_keys,
-    find_index,
-    read_index,
-    read_safetensors_header,
-    read_torch_checkpoint,
-)
+from phantom_core.loading.files import TensorInfo
+from phantom_core.loading.headers import read_tensor_infos, stand_ins
 from phantom_core.loading.fp8 import SCALED_FP8_KEY, Fp8Format, detect_fp8_format, is_scale_key, split_scales
 from phantom_core.wan.umt5 import (
     SPIECE_KEY,
@@ -39,64 +26,7 @@ from phantom_core.wan.umt5 import (
 )
 from phantom_core.wan.vae import VAE_PRESETS, infer_vae_config, strip_vae_prefix
 
-# ---------------------------------------------------------------------------------------------- readers
-
-
-def read_torch_shapes(path: str | os.PathLike) -> dict[str, TensorInfo]:
-    """``{name: (shape, dtype)}`` of a ``.pth`` via a memory map (legacy non-zip files are read fully, warned).
-
-    Raises ``ValueError`` naming the file and the problem, as ``checkpoint_io.read_torch_checkpoint``.
-    """
-    obj = read_torch_checkpoint(path)
-    return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in obj.items()}
-
-
-def _read_index(index: Path) -> tuple[dict[str, TensorInfo], dict[str, str], list[Path]]:
-    by_shard: dict[str, list[str]] = {}
-    for key, shard in read_index(index).items():
-        by_shard.setdefault(shard, []).append(key)
-    shards = [index.parent / s for s in sorted(by_shard)]
-    tensors: dict[str, TensorInfo] = {}
-    for shard, keys in zip(shards, [by_shard[s] for s in sorted(by_shard)]):
-        if not shard.is_file():
-            raise ValueError(f"shard {shard.name} listed in {index} is missing")
-        infos = read_safetensors_header(shard)[0]
-        check_shard_keys(shard, infos, keys)
-        tensors.update(infos)
-    return tensors, {}, [index, *shards]
-
-
-def read_tensor_infos(path: str | os.PathLike) -> tuple[str, dict[str, TensorInfo], dict[str, str], list[Path]]:
-    """``(format, {name: (shape, dtype)}, metadata, files)`` of any checkpoint ``read_state_dict`` accepts.
-
-    Raises the same ``FileNotFoundError`` / ``ValueError`` (naming the file and the problem) as ``read_state_dict``.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.is_dir():
-        path = find_index(path)
-    name = path.name.lower()
-    if name.endswith(INDEX_SUFFIX):
-        return ("sharded safetensors", *_read_index(path))
-    if name.endswith(".safetensors"):
-        return ("safetensors", *read_safetensors_header(path), [path])
-    if name.endswith(TORCH_SUFFIXES):
-        return "pytorch", read_torch_shapes(path), {}, [path]
-    raise ValueError(f"{path} has an unknown extension; expected .safetensors, .pth, .pt, .bin, .ckpt or a "
-                     f"*{INDEX_SUFFIX} / a directory with one")
-
-
 # ---------------------------------------------------------------------------------------------- classification
-
-
-def _stand_ins(infos: dict[str, TensorInfo]) -> dict[str, Tensor]:
-    """Shape-and-dtype-only tensors (meta device: no memory) for the loaders' shape inference."""
-    def dtype(name: str) -> torch.dtype:
-        found = getattr(torch, name, None)
-        return found if isinstance(found, torch.dtype) else torch.float32
-
-    return {k: torch.empty(shape, device="meta", dtype=dtype(name)) for k, (shape, name) in infos.items()}
 
 
 def _scale_problems(sd: dict[str, Tensor]) -> list[str]:
@@ -118,7 +48,7 @@ def classify(infos: dict[str, TensorInfo]) -> dict[str, Any]:
     kind: ``"dit"`` (Phantom-Wan / Wan2.1 T2V DiT), ``"wan_i2v_dit"``, ``"vae"`` (Wan2.1 VAE), ``"umt5"``
     (umT5 text encoder) or ``"unknown"``.
     """
-    sd = _stand_ins(infos)
+    sd = stand_ins(infos)
     dit_sd = strip_prefixes(sd)
     try:
         config = infer_dit_config(dit_sd)
@@ -164,7 +94,7 @@ def stored_format(path: str | os.PathLike) -> Fp8Format:
     Raises FileNotFoundError / ValueError as ``inspect_checkpoint``.
     """
     _, infos, _, _ = read_tensor_infos(path)
-    return detect_fp8_format(strip_prefixes(_stand_ins(infos)))
+    return detect_fp8_format(strip_prefixes(stand_ins(infos)))
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -189,7 +119,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     floating = ("float", "bfloat")
     params = sum(math.prod(shape) for key, (shape, dtype) in infos.items()  # fp8 scales are not parameters
                  if dtype.startswith(floating) and not is_scale_key(key) and not key.endswith(SCALED_FP8_KEY))
-    weight_format = detect_fp8_format(strip_prefixes(_stand_ins(infos))).label
+    weight_format = detect_fp8_format(strip_prefixes(stand_ins(infos))).label
     return {"path": str(Path(path)), "format": fmt, "files": [str(f) for f in files],
             "file_size": sum(f.stat().st_size for f in files), "key_count": len(infos), "parameter_count": params,
             "dtypes": dict(sorted(dtypes.items(), key=lambda kv: -kv[1])), "weight_format": weight_format,

@@ -6,36 +6,21 @@ from tensor shapes alone (``infer_dit_config``); the model is then built on the 
 assigned into it, so a checkpoint is never held in memory twice.
 
 Reading the files themselves (safetensors, torch ``.pth``, sharded indexes, and their checks) is
-``phantom_core.loading.files``; its public names are re-exported here for existing callers.
+``phantom_core.loading.files``; the generic key checks are ``phantom_core.loading.keys``.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from phantom_core.loading.files import (  # noqa: F401  (re-exported: the file-reading API used to live here)
-    INDEX_SUFFIX,
-    SAFETENSORS_DTYPES,
-    TORCH_SUFFIXES,
-    TensorInfo,
-    check_shard_keys,
-    describe_content,
-    find_index,
-    read_index,
-    read_safetensors_header,
-    read_state_dict,
-    read_torch_checkpoint,
-    short_listing,
-)
+from phantom_core.loading.files import read_state_dict
+from phantom_core.loading.keys import errors_name_file, keep_prefixed, key_problems
 from phantom_core.loading.fp8 import (
     SCALED_FP8_KEY,
     attach_scales,
@@ -53,36 +38,9 @@ from phantom_core.wan.dit import DIT_PRESETS, HEAD_DIM, PhantomWanDiT, WanDiTCon
 DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 
-def keep_prefixed(sd: dict[str, Tensor], prefixes: tuple[str, ...]) -> dict[str, Tensor]:
-    """The tensors under the first of ``prefixes`` that any key carries, prefix dropped; ``sd`` itself if none.
-
-    A bundle (e.g. a full ComfyUI checkpoint: DiT, VAE and text encoder under their own prefixes) keeps only the
-    part asked for; how many tensors were ignored is logged.
-    """
-    for prefix in prefixes:
-        kept = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-        if kept:
-            if len(kept) < len(sd):
-                logger.info("kept %d '%s*' tensors, ignored %d others", len(kept), prefix, len(sd) - len(kept))
-            return kept
-    return sd
-
-
 def strip_prefixes(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Drop ComfyUI's ``model.diffusion_model.`` / ``diffusion_model.`` key prefixes (see ``keep_prefixed``)."""
     return keep_prefixed(sd, DIT_PREFIXES)
-
-
-def key_problems(expected: dict[str, tuple[int, ...]], sd: dict[str, Tensor], allowed_extra: set[str] = frozenset()
-                 ) -> list[str]:
-    """Missing keys, unexpected keys (less ``allowed_extra``) and wrong shapes of ``sd`` against ``expected``
-    (key -> shape), each as "N what: up to 10 names"; [] when ``sd`` matches."""
-    missing = sorted(set(expected) - set(sd))
-    extra = sorted(set(sd) - set(expected) - allowed_extra)
-    wrong = sorted(f"{k} {tuple(sd[k].shape)} (expected {tuple(expected[k])})"
-                   for k in set(expected) & set(sd) if tuple(sd[k].shape) != tuple(expected[k]))
-    return [f"{len(v)} {what}: {short_listing(v)}"
-            for what, v in (("missing keys", missing), ("unexpected keys", extra), ("wrong shapes", wrong)) if v]
 
 
 def _describe_non_dit(sd: dict[str, Tensor]) -> str | None:
@@ -185,18 +143,6 @@ def validate_dit_state_dict(sd: dict[str, Tensor], config: WanDiTConfig) -> None
     want = expected_shapes(config)
     if problems := key_problems(want, sd, _fp8_extras(sd, want)):
         raise ValueError(f"DiT state dict does not match {preset_name(config) or config}: " + "; ".join(problems))
-
-
-@contextmanager
-def errors_name_file(source: object) -> Iterator[None]:
-    """Put the checkpoint's path in front of a ValueError raised inside (when ``source`` is a path), so a
-    message like "this checkpoint is a VAE ..." says which file it is about."""
-    try:
-        yield
-    except ValueError as err:
-        if isinstance(source, (str, os.PathLike)) and str(source) not in str(err):
-            raise ValueError(f"{source}: {err}") from err
-        raise
 
 
 def load_dit(

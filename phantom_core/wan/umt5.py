@@ -24,11 +24,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import sentencepiece
+from typing import TYPE_CHECKING
+
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from transformers import UMT5Config, UMT5EncoderModel
 
 from phantom_core.loading.fp8 import (
     attach_scales,
@@ -38,20 +38,23 @@ from phantom_core.loading.fp8 import (
     fp8_ops,
     plan_load,
 )
-from phantom_core.wan.load import errors_name_file
+from phantom_core.loading.keys import errors_name_file
 from phantom_core.loading.files import read_state_dict
 from phantom_core.log import logger
-from phantom_core.wan.umt5_fp8 import use_cast_layers
+from phantom_core.wan.dit import TEXT_LEN
+
+if TYPE_CHECKING:  # imported where used: importing this module must not load transformers or sentencepiece
+    import sentencepiece
+    from transformers import UMT5Config, UMT5EncoderModel
 
 try:  # upstream's basic_clean runs ftfy.fix_text (fullwidth punctuation -> ASCII, curly quotes -> straight, ...)
     import ftfy
 except ImportError:  # pragma: no cover - depends on the environment
     ftfy = None
 
-TEXT_LEN = 512  # upstream wan_shared_cfg.text_len: tokens per prompt, </s> included
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2  # umT5's special ids (no <s>)
 SPIECE_KEY = "spiece_model"  # ComfyUI's key for an embedded sentencepiece model (uint8 tensor)
-_EMBED_TOKENS_KEY = "encoder.embed_tokens.weight"  # tied to shared.weight; dropped when present
+EMBED_TOKENS_KEY = "encoder.embed_tokens.weight"  # tied to shared.weight; dropped when present
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,8 @@ class UMT5EncoderSpec:
 
     def to_hf_config(self) -> UMT5Config:
         """The equivalent transformers ``UMT5Config`` (encoder only; embeddings never tied to an LM head)."""
+        from transformers import UMT5Config
+
         return UMT5Config(**dataclasses.asdict(self), tie_word_embeddings=False, dropout_rate=0.0,
                           pad_token_id=PAD_ID, eos_token_id=EOS_ID, decoder_start_token_id=PAD_ID)
 
@@ -116,6 +121,8 @@ def load_tokenizer(source: str | os.PathLike | bytes | Tensor) -> sentencepiece.
     A folder must contain ``spiece.model`` (the file name of google/umt5-xxl). Raises ``FileNotFoundError``
     naming the path when nothing is found there.
     """
+    import sentencepiece
+
     if isinstance(source, Tensor):
         source = source.cpu().numpy().tobytes()
     if isinstance(source, (bytes, bytearray)):
@@ -302,7 +309,7 @@ def load_text_encoder(path_or_state_dict: str | os.PathLike | Mapping[str, Tenso
     weights, embedded = _read_checkpoint(path_or_state_dict)
     if "token_embedding.weight" in weights:  # upstream Wan layout
         weights = convert_wan_t5_state_dict(weights)
-    weights.pop(_EMBED_TOKENS_KEY, None)  # tied to shared.weight in transformers' UMT5
+    weights.pop(EMBED_TOKENS_KEY, None)  # tied to shared.weight in transformers' UMT5
     with errors_name_file(path_or_state_dict):
         spec = infer_text_encoder_spec(weights)
     if tokenizer is None and embedded is None:
@@ -311,13 +318,17 @@ def load_text_encoder(path_or_state_dict: str | os.PathLike | Mapping[str, Tenso
     sp = load_tokenizer(tokenizer if tokenizer is not None else embedded)
     stored = detect_fp8_format(weights)
     plan = plan_load(stored, dtype, compute_dtype, device)
+    from transformers import UMT5EncoderModel
+
+    from phantom_core.wan.umt5_fp8 import use_cast_layers
+
     with torch.device("meta"):
         model = UMT5EncoderModel(spec.to_hf_config())
     if plan.cast_ops:
         use_cast_layers(model, fp8_ops(plan.compute_dtype))
     scales = convert_state_dict(weights, cast_layer_weights(model), plan, device)  # tensor by tensor
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
-    missing = [k for k in missing if k != _EMBED_TOKENS_KEY]
+    missing = [k for k in missing if k != EMBED_TOKENS_KEY]
     if missing or unexpected:
         raise ValueError(f"text encoder checkpoint does not match umT5 {spec}: missing {missing[:8]}"
                          f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}")
@@ -329,19 +340,11 @@ def load_text_encoder(path_or_state_dict: str | os.PathLike | Mapping[str, Tenso
     return UMT5TextEncoder(model, sp, spec)
 
 
-def random_text_encoder_state_dict(spec: UMT5EncoderSpec, seed: int = 0) -> dict[str, Tensor]:
-    """Random (transformers' T5 init) float32 weights for ``spec``, deterministic in ``seed``; for tests/demos."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = UMT5EncoderModel(spec.to_hf_config())
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k != _EMBED_TOKENS_KEY}
-
-
 def write_text_encoder_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, Tensor],
                                   spiece_bytes: bytes | None = None) -> Path:
     """Write weights (+ the sentencepiece model under ``spiece_model``) to ``path`` atomically (temp + replace)."""
     path = Path(path)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items() if k != _EMBED_TOKENS_KEY}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items() if k != EMBED_TOKENS_KEY}
     if spiece_bytes is not None:
         tensors[SPIECE_KEY] = torch.frombuffer(bytearray(spiece_bytes), dtype=torch.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -354,75 +357,3 @@ def write_text_encoder_checkpoint(path: str | os.PathLike, state_dict: Mapping[s
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
-
-
-# ---------------------------------------------------------------------------------------------- tiny tokenizer
-
-WAN_NEGATIVE_PROMPT_ZH = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
-                          "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，"
-                          "形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")  # upstream default
-
-TINY_CORPUS: tuple[str, ...] = (  # our own sentences: people, animals, objects, scenes (+ Chinese)
-    "A young woman in a red raincoat walks her dog along a wet city street at night.",
-    "An old fisherman repairs a torn net on a wooden pier while seagulls circle overhead.",
-    "Two children build a sandcastle on a sunny beach, laughing as the waves roll in.",
-    "A ginger cat naps on a windowsill next to a pot of basil, its tail twitching slowly.",
-    "The camera slowly pans across a misty pine forest at dawn, sunlight breaking through.",
-    "A man in a grey suit checks his watch and hurries across a crowded train platform.",
-    "A golden retriever catches a frisbee in mid air above a green park lawn.",
-    "A chef tosses vegetables in a flaming wok in a busy restaurant kitchen.",
-    "A ceramic teapot pours steaming green tea into a small white cup on a bamboo tray.",
-    "A girl with curly hair plays the violin on a balcony overlooking the harbour.",
-    "A brown horse gallops through a snowy field, breath steaming in the cold air.",
-    "A vintage blue bicycle leans against a brick wall covered in ivy.",
-    "An astronaut floats inside a space station, turning a bright orange pen in her fingers.",
-    "A toddler stacks wooden blocks into a tall tower and claps when it falls down.",
-    "Rain drips from the leaves of a tropical plant in a glass greenhouse.",
-    "A skateboarder performs a kickflip in an empty concrete skate park at sunset.",
-    "An elderly couple dances slowly in their kitchen to music from an old radio.",
-    "A parrot with bright green and yellow feathers cracks a seed on a wooden perch.",
-    "A red sports car drives along a winding coastal road beside tall cliffs.",
-    "A barista draws a leaf pattern in the milk foam of a latte, close-up shot.",
-    "A small robot toy with round eyes rolls across a desk covered in papers.",
-    "Snow falls quietly on a mountain village as lights glow in the cabin windows.",
-    "A woman wearing sunglasses and a straw hat reads a book in a hammock.",
-    "A panda chews bamboo shoots while sitting in a shady grove, looking at the camera.",
-    "A boy in a yellow jacket flies a kite shaped like a dragon on a windy hill.",
-    "Close-up of a leather handbag with brass buckles resting on a marble table.",
-    "A soldier in uniform salutes as the flag is raised over the old fortress.",
-    "Fireworks burst over a river while a crowd cheers from the bridge.",
-    "A doctor in a white coat smiles and hands a teddy bear to a little patient.",
-    "A rabbit hops through tall grass and stops to sniff a wild strawberry.",
-    "A dancer in a flowing blue dress spins on a stage under a single spotlight.",
-    "Sharp focus, high quality, natural lighting, smooth camera motion, 4K, realistic details.",
-    "Vivid colors, overexposed, static, blurry details, subtitles, worst quality, low quality, JPEG artifacts.",
-    "ugly, deformed, extra fingers, poorly drawn hands, poorly drawn face, fused fingers, three legs.",
-    "The 3 friends met at 10:45 on Monday; it cost $12.50 (plus tax) & took 20% longer!",
-    "一位穿着白色连衣裙的女孩在花园里微笑着跳舞，阳光洒在她的头发上。",
-    "一只小狗在草地上追逐红色的皮球，背景是蓝天和白云。",
-    "一个男人坐在咖啡馆里看书，窗外下着小雨，镜头缓慢推进。",
-    "两只猫咪穿着拳击装备在舞台上打斗，灯光明亮，画面清晰。",
-    WAN_NEGATIVE_PROMPT_ZH,
-    WAN_NEGATIVE_PROMPT_ZH.replace("，", ","),  # the same after ftfy's fullwidth -> ASCII punctuation
-)
-
-
-def train_tiny_tokenizer(corpus_lines: Sequence[str] = TINY_CORPUS, vocab_size: int = 512,
-                         model_prefix: str | os.PathLike | None = None) -> bytes:
-    """Train a small sentencepiece unigram model with umT5's special ids -> serialized model bytes.
-
-    pad 0, eos 1, unk 2, no bos (as google/umt5-xxl); byte fallback so no prompt ever maps to ``<unk>``;
-    every corpus character covered. Single-threaded, hence deterministic. With ``model_prefix`` the model is
-    also written to ``<model_prefix>.model``.
-    """
-    import io
-
-    buffer = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(corpus_lines)), model_writer=buffer, vocab_size=vocab_size,
-        model_type="unigram", character_coverage=1.0, byte_fallback=True, hard_vocab_limit=True,
-        pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1, num_threads=1, minloglevel=2)
-    data = buffer.getvalue()
-    if model_prefix is not None:
-        Path(f"{model_prefix}.model").write_bytes(data)
-    return data
