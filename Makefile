@@ -1,26 +1,26 @@
-# ComfyUI-Phantom: every set-up step lives here and in scripts/bootstrap.sh.
+# ComfyUI-Phantom: every set-up step lives here and in tools/bootstrap.sh.
 PY := .venv/bin/python
 
 .PHONY: env demo test bench bench-memory workflows
 env: .venv/.phantom-ready
 
-.venv/.phantom-ready: scripts/bootstrap.sh requirements.txt
-	bash scripts/bootstrap.sh
+.venv/.phantom-ready: tools/bootstrap.sh requirements.txt
+	bash tools/bootstrap.sh
 
 # The main job: a Phantom video generated through a headless ComfyUI from real photos.
 demo: env
-	$(PY) scripts/demo.py
+	$(PY) -m tools.demo
 
 # Every test (core parity, nodes through a real ComfyUI server, shipped workflows end to end).
 test: env
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest -q
 
-# Printed side-by-side ratios (not tests).
+# Printed side-by-side ratios (not tests); ComfyUI's code is the baseline, so it goes on the path.
 bench: env
-	$(PY) benchmarks/bench_dit.py
+	PYTHONPATH=.comfyui $(PY) -m benchmarks.bench_dit
 
 bench-memory: env
-	$(PY) benchmarks/bench_load_memory.py
+	$(PY) -m benchmarks.bench_load_memory
 
 workflows: env
-	$(PY) tools/make_workflows.py
+	$(PY) -m tools.make_workflows

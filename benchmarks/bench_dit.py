@@ -10,16 +10,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.append(str(ROOT / ".comfyui"))
 
 from phantom_core.wan.dit import PhantomWanDiT, WanDiTConfig  # noqa: E402
 

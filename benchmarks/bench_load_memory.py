@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SAFETENSORS_TAG = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 
@@ -119,8 +117,8 @@ def child_official(path: str) -> dict:
 
 def run_child(which: str, path: Path) -> dict:
     """Run one loader in a fresh interpreter (its peak is its own) and return its JSON report."""
-    out = subprocess.run([sys.executable, __file__, "--child", which, str(path)], capture_output=True, text=True,
-                         check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_load_memory", "--child", which, str(path)],
+                         capture_output=True, text=True, check=False, cwd=ROOT)
     if out.returncode != 0:
         raise RuntimeError(f"{which} loader failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

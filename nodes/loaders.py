@@ -19,15 +19,13 @@ from comfy_api.latest import io
 
 from phantom_core.wan.load import load_dit
 from phantom_core.loading.files import INDEX_SUFFIX
-from phantom_core.loading.fp8 import is_fp8
+from phantom_core.loading.fp8 import WEIGHT_DTYPES, is_fp8
 from phantom_core.wan.inspect import stored_format
 from phantom_core.wan.umt5 import load_text_encoder
 from phantom_core.wan.vae import load_vae
 
 from .types import CATEGORY, PhantomDiT, PhantomTextEncoder, PhantomVAE, manage
 
-WEIGHT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-                 "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 EMBEDDED = "embedded"
 TEXT_ENCODER_DEVICES = ["default", "cpu"]
 

@@ -12,11 +12,10 @@ import torch
 from comfy_api.latest import io
 
 from phantom_core.wan.latents import denormalize_latents
-from phantom_core.references import MAX_REFERENCES, encode_references, tensor_to_pil, validate_references
+from phantom_core.references import MAX_REFERENCES, REFERENCE_MODES, encode_references, tensor_to_pil, validate_references
 
 from .types import CATEGORY, PhantomReferences as PhantomReferencesType, PhantomRefLatents, PhantomVAE, core
 
-MODES = ["letterbox", "crop"]
 
 
 def with_alpha(batch: torch.Tensor, mask: torch.Tensor | None, name: str) -> torch.Tensor:
@@ -60,7 +59,7 @@ class PhantomReferences(io.ComfyNode):
             inputs=[
                 io.Image.Input("image_1", tooltip=tip),
                 *[io.Image.Input(f"image_{k}", optional=True, tooltip=tip) for k in range(2, MAX_REFERENCES + 1)],
-                io.Combo.Input("mode", options=MODES, default="letterbox",
+                io.Combo.Input("mode", options=list(REFERENCE_MODES), default=REFERENCE_MODES[0],
                                tooltip="letterbox: fit inside the frame and pad white (official Phantom); "
                                        "crop: scale to cover the frame and centre-crop."),
                 *[io.Mask.Input(f"mask_{k}", optional=True, tooltip=mask_tip) for k in range(1, MAX_REFERENCES + 1)],

@@ -14,14 +14,11 @@ import nodes
 import torch
 from comfy_api.latest import io
 
-from phantom_core.wan.latents import denormalize_latents, normalize_latents
-from phantom_core.log import logger
-from phantom_core.sampling.loop import SAMPLER_PRESETS, make_noise, sample_phantom
+from phantom_core.wan.latents import denormalize_latents, latent_shape, normalize_latents
+from phantom_core.sampling.loop import SAMPLER_PRESETS, SOLVERS, sample_from_seed
 
 from .types import CATEGORY, PhantomDiT, PhantomRefLatents, core
 
-MAX_TEXT_TOKENS = 512
-"""Wan2.1's text length: the DiT takes at most 512 context tokens (umT5 output is cut there upstream)."""
 
 
 def frames_error(frames: int | None) -> str | None:
@@ -32,7 +29,8 @@ def frames_error(frames: int | None) -> str | None:
 
 
 def conditioning_to_context(conditioning: list, name: str, text_dim: int) -> torch.Tensor:
-    """ComfyUI CONDITIONING `[[cond [1, L, D], {...}]]` -> context `[1, min(L, 512), D]` float.
+    """ComfyUI CONDITIONING `[[cond [1, L, D], {...}]]` -> context `[1, L, D]` float (the DiT keeps the first
+    512 tokens itself, as Wan does).
 
     Raises ValueError naming `name` when there is not exactly one entry or D differs from the DiT's text_dim.
     """
@@ -43,9 +41,7 @@ def conditioning_to_context(conditioning: list, name: str, text_dim: int) -> tor
     if cond.ndim != 3 or cond.shape[0] != 1 or cond.shape[-1] != text_dim:
         raise ValueError(f"{name} conditioning has shape {tuple(cond.shape)}; this DiT needs [1, L, {text_dim}] "
                          "(umT5 text features of the matching size)")
-    if cond.shape[1] > MAX_TEXT_TOKENS:
-        logger.warning("%s has %d tokens; using the first %d as Wan does", name, cond.shape[1], MAX_TEXT_TOKENS)
-    return cond[:, :MAX_TEXT_TOKENS].float()
+    return cond.float()
 
 
 def sampler_preset(preset: str) -> dict:
@@ -87,7 +83,7 @@ class PhantomSampler(io.ComfyNode):
                 io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Sampling steps (official: 50)."),
                 io.Float.Input("shift", default=5.0, min=0.0, max=100.0, step=0.1,
                                tooltip="Flow time shift of the sigma schedule (official: 5.0)."),
-                io.Combo.Input("solver", options=["unipc", "euler"], default="unipc",
+                io.Combo.Input("solver", options=list(SOLVERS), default=SOLVERS[0],
                                tooltip="unipc: UniPC bh2 as the official code; euler: flow Euler as the paper."),
                 io.Float.Input("w_img", default=5.0, min=0.0, max=100.0, step=0.1,
                                tooltip="Reference-image guidance scale (official 5.0, paper 3.0)."),
@@ -123,8 +119,6 @@ class PhantomSampler(io.ComfyNode):
         mm.load_models_gpu([model])
         device = model.load_device
         refs = normalize_latents(reference_latents["samples"].float()).to(device)  # (1, 16, N, h, w)
-        shape = (1, 16, 1 + (frames - 1) // 4, height // 8, width // 8)
-        noise = make_noise(seed, shape, refs.shape[2]).to(device)  # (1, 16, F, h, w)
         pbar = comfy.utils.ProgressBar(settings["steps"])
         previewer = latent_preview.get_previewer(device, comfy.latent_formats.Wan21())  # None unless enabled
 
@@ -134,7 +128,8 @@ class PhantomSampler(io.ComfyNode):
             preview = previewer.decode_latent_to_preview_image("JPEG", x0_pred) if previewer else None
             pbar.update_absolute(step + 1, total, preview)
 
-        latents = sample_phantom(dit, noise, refs, context.to(device), context_neg.to(device), **settings,
-                                 callback=on_step, model_dtype=dit.compute_dtype)  # (1, 16, F, h, w) normalized, fp32
+        latents = sample_from_seed(dit, seed, latent_shape(frames, height, width), refs, context.to(device),
+                                   context_neg.to(device), **settings, callback=on_step,
+                                   model_dtype=dit.compute_dtype)  # (1, 16, F, h, w) normalized, fp32
         raw = denormalize_latents(latents.float()).to(mm.intermediate_device())  # (1, 16, F, h, w)
         return io.NodeOutput({"samples": raw})

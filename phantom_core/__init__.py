@@ -41,6 +41,9 @@ _HOMES: dict[str, str] = {
     **dict.fromkeys(["probe_mp4", "read_mp4_frames", "write_mp4"], "phantom_core.video_io"),
     **dict.fromkeys(["DIT_PRESETS", "PhantomWanDiT", "WanDiTConfig"], "phantom_core.wan.dit"),
     **dict.fromkeys(["VAE_PRESETS", "WanVAE", "WanVAEConfig", "infer_vae_config", "load_vae"], "phantom_core.wan.vae"),
+    "Rephraser": "phantom_core.rephrase.rephraser",
+    "make_backend": "phantom_core.rephrase.backends",
+    **dict.fromkeys(["RephraseError", "RephraseResult"], "phantom_core.rephrase.types"),
 }
 
 __all__ = sorted(_HOMES)

@@ -41,22 +41,20 @@ import torch
 
 from phantom_core.rephrase.cli import add_rephrase_backend_arguments, rephraser_from_args
 from phantom_core.wan.inspect import format_report, inspect_checkpoint
-from phantom_core.settings import REF_MODES, GenerationSettings, resolve_seed
+from phantom_core.settings import GenerationSettings, resolve_seed
 from phantom_core.pipeline import generate_to_file
-from phantom_core.references import MAX_REFERENCES, open_reference
+from phantom_core.loading.fp8 import COMPUTE_DTYPES, WEIGHT_DTYPES
+from phantom_core.references import MAX_REFERENCES, REFERENCE_MODES, open_reference
 from phantom_core.rephrase.types import RephraseResult
 from phantom_core.rephrase.rephraser import Rephraser
 from phantom_core.sampling.loop import SAMPLER_PRESETS, SOLVERS
 from phantom_core.sidecar import changed_files, default_sidecar_path, dtype_name, read_sidecar, write_sidecar
 
 # --dtype: weight dtype of the DiT and the text encoder (None: each file's stored dtype); --compute-dtype: activations
-DTYPES: dict[str, torch.dtype | None] = {"auto": None, "fp32": torch.float32, "fp16": torch.float16,
-                                         "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn,
-                                         "fp8_e5m2": torch.float8_e5m2}
-COMPUTE_DTYPES: dict[str, torch.dtype | None] = {"auto": None, "fp32": torch.float32, "fp16": torch.float16,
-                                                 "bf16": torch.bfloat16}
-DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float8_e4m3fn": "fp8_e4m3fn",
-                 "float8_e5m2": "fp8_e5m2"}  # torch's names, as the sidecar records them
+DTYPES: dict[str, torch.dtype | None] = {"auto": None, **WEIGHT_DTYPES}
+CLI_COMPUTE_DTYPES: dict[str, torch.dtype | None] = {"auto": None, **COMPUTE_DTYPES}
+# torch's names (as the sidecar records them) -> ours
+DTYPE_ALIASES = {str(dt).removeprefix("torch."): name for name, dt in WEIGHT_DTYPES.items()}
 REPHRASE_PREFIX = "rephrase-"  # generate's rephraser flags: --rephrase-endpoint, --rephrase-seed, ...
 SIDECAR_REPHRASE_KEY = "rephrase"  # the sidecar entry written by --rephrase
 
@@ -76,7 +74,7 @@ SETTING_OPTIONS: dict[str, tuple[str, type, str]] = {
     "seed": ("--seed", int, "noise seed; -1 (default) draws one, recorded in the sidecar"),
     "fps": ("--fps", float, "frames per second of the MP4 (default 16)"),
     "quality": ("--quality", int, "MP4 quality 0..10, 10 best (default 8)"),
-    "ref_mode": ("--ref-mode", str, f"how references fit the frame: {' | '.join(REF_MODES)} (default letterbox)"),
+    "ref_mode": ("--ref-mode", str, f"how references fit the frame: {' | '.join(REFERENCE_MODES)} (default letterbox)"),
 }
 
 
@@ -124,7 +122,7 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
                                                                    "paper (Euler, w_img 3)")
     settings = p.add_argument_group("generation settings (default: the official Phantom-Wan values)")
     for field, (flag, kind, text) in SETTING_OPTIONS.items():
-        choices = {"solver": SOLVERS, "ref_mode": REF_MODES}.get(field)
+        choices = {"solver": SOLVERS, "ref_mode": REFERENCE_MODES}.get(field)
         settings.add_argument(flag, dest=field, type=kind, default=None, choices=choices, help=text)
     run = p.add_argument_group("runtime")
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -136,7 +134,7 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
                           "wholesale (a bf16 umT5 stays bf16, an fp8 file stays fp8); fp32/fp16/bf16: cast every "
                           "weight; fp8_e4m3fn/fp8_e5m2: store the Linear weights in 8 bits. The VAE always runs "
                           "in fp32")
-    run.add_argument("--compute-dtype", default=None, type=dtype_choice, choices=list(COMPUTE_DTYPES),
+    run.add_argument("--compute-dtype", default=None, type=dtype_choice, choices=list(CLI_COMPUTE_DTYPES),
                      help="activation dtype of the DiT and text encoder. auto (default): the --dtype when it is "
                           "fp32/fp16/bf16, else bf16 on CUDA and fp32 on the CPU (weights upcast layer by layer)")
     run.add_argument("--from-sidecar", metavar="JSON", help="regenerate from a sidecar: its files and settings "
@@ -194,7 +192,7 @@ def _runtime_args(args: argparse.Namespace, recorded: dict[str, Any]) -> dict[st
     te_device = args.text_encoder_device or recorded.get("text_encoder_device")
     out: dict[str, Any] = {"device": device,
                            "text_encoder_device": te_device and _check_device("--text-encoder-device", te_device)}
-    for key, flag, valid in (("dtype", "--dtype", DTYPES), ("compute_dtype", "--compute-dtype", COMPUTE_DTYPES)):
+    for key, flag, valid in (("dtype", "--dtype", DTYPES), ("compute_dtype", "--compute-dtype", CLI_COMPUTE_DTYPES)):
         name = dtype_choice(getattr(args, key) or recorded.get(key) or "auto")
         if name not in valid:
             raise ValueError(f"{flag}: got {name!r}; valid: {', '.join(valid)}")

@@ -29,7 +29,7 @@ from phantom_core.wan.load import load_dit
 from phantom_core.loading.fp8 import default_compute_dtype, is_fp8
 from phantom_core.log import logger
 from phantom_core.references import MAX_REFERENCES, encode_references, open_reference
-from phantom_core.sampling.loop import StepCallback, make_noise, sample_phantom
+from phantom_core.sampling.loop import StepCallback, sample_from_seed
 from phantom_core.settings import (
     GenerationSettings,
     resolve_seed,
@@ -109,10 +109,10 @@ def generate(dit: Any, vae: Any, text_encoder: Any, references: Sequence[Image.I
     refs = encode_references(vae, images, settings.width, settings.height, settings.ref_mode)  # (1, 16, N, h, w)
     refs = refs.to(device)
     # 4. noise from the seed (CPU generator: the same draw on any device) and sampling
-    noise = make_noise(settings.seed, settings.latent_shape, refs.shape[2]).to(device)  # (1, 16, F, h, w)
-    latents = sample_phantom(dit, noise, refs, context, context_neg, steps=settings.steps, shift=settings.shift,
-                             solver=settings.solver, w_img=settings.w_img, w_text=settings.w_text,
-                             callback=callback, model_dtype=dit.compute_dtype)  # (1, 16, F, h, w) fp32
+    latents = sample_from_seed(dit, settings.seed, settings.latent_shape, refs, context, context_neg,
+                               steps=settings.steps, shift=settings.shift, solver=settings.solver,
+                               w_img=settings.w_img, w_text=settings.w_text, callback=callback,
+                               model_dtype=dit.compute_dtype)  # (1, 16, F, h, w) fp32
     # 5. decode
     return vae.decode(latents.to(_device_of(vae)))  # (1, 3, frames, H, W) in [-1, 1]
 

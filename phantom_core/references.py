@@ -23,6 +23,7 @@ MIN_REFERENCE_SIDE = 16  # px; smaller images carry no usable subject detail (an
 SIZE_MULTIPLE = 16  # frame width/height: VAE stride 8 x DiT patch 2
 WHITE = (255, 255, 255)
 FitMode = Literal["letterbox", "crop"]
+REFERENCE_MODES: tuple[FitMode, ...] = ("letterbox", "crop")  # official Phantom first (the default)
 
 
 class ReferenceEncoder(Protocol):
@@ -102,7 +103,7 @@ def prepare_reference(image: Image.Image, width: int, height: int, mode: FitMode
         raise ValueError(f"reference frame size: got {width}x{height}; width and height must be positive")
     fit = {"letterbox": letterbox, "crop": center_crop}.get(mode)
     if fit is None:
-        raise ValueError(f"reference mode: got {mode!r}; valid modes are 'letterbox' and 'crop'")
+        raise ValueError(f"reference mode: got {mode!r}; valid modes are {' and '.join(map(repr, REFERENCE_MODES))}")
     return pil_to_tensor(fit(to_rgb(image), width, height))  # (3, H, W)
 
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from phantom_core.log import logger
-from phantom_core.references import SIZE_MULTIPLE
+from phantom_core.references import REFERENCE_MODES, SIZE_MULTIPLE
 from phantom_core.sampling.loop import SAMPLER_PRESETS, SOLVERS
+from phantom_core.wan.latents import latent_shape
 
-REF_MODES = ("letterbox", "crop")
 RANDOM_SEED = -1
 MAX_SEED = 2**64 - 1  # ComfyUI's seed widget maximum; make_noise accepts [0, 2**64)
 
@@ -75,14 +75,14 @@ class GenerationSettings:
         _check_number("w_img", self.w_img, "a finite number (official: 5.0, paper: 3.0)")
         _check_number("w_text", self.w_text, "a finite number (official: 7.5)")
         _check_number("fps", self.fps, "a number > 0 (Wan renders at 16)", positive=True)
-        for name, valid in (("solver", SOLVERS), ("ref_mode", REF_MODES)):
+        for name, valid in (("solver", SOLVERS), ("ref_mode", REFERENCE_MODES)):
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name}: got {getattr(self, name)!r}; valid values are {', '.join(valid)}")
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int, int]:
-        """``(1, 16, F, h, w)`` of the video latents: F = 1 + (frames - 1) // 4, h = height / 8, w = width / 8."""
-        return 1, 16, 1 + (self.frames - 1) // 4, self.height // 8, self.width // 8
+        """``(1, 16, F, h, w)`` of the video latents (``wan.latents.latent_shape``)."""
+        return latent_shape(self.frames, self.height, self.width)
 
     def to_json(self) -> dict[str, Any]:
         """The settings as a JSON-ready dict (field name -> value)."""

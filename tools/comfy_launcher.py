@@ -18,7 +18,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -30,8 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 COMFY_DIR = ROOT / ".comfyui"
 PYTHON = ROOT / ".venv" / "bin" / "python"
 STARTUP_TIMEOUT_S = 240.0
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def free_port() -> int:

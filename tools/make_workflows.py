@@ -1,7 +1,7 @@
 """Generate the shipped workflows (UI and API format) from one description, so the two always agree.
 
-    python tools/make_workflows.py            # (re)write the files of WORKFLOWS in workflows/ (+ _api.json)
-    python tools/make_workflows.py --check    # exit 1 if a shipped file differs from what would be written
+    python -m tools.make_workflows            # (re)write the files of WORKFLOWS in workflows/ (+ _api.json)
+    python -m tools.make_workflows --check    # exit 1 if a shipped file differs from what would be written
 
 Each workflow: LoadImage x N -> PhantomReferences -> PhantomEncodeReferences; the three Phantom loaders (tiny
 default file names), two PhantomTextEncode (prompt, Wan's negative prompt), PhantomSampler, PhantomDecode,
@@ -23,12 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from phantom_core.settings import WAN_NEGATIVE_PROMPT
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS_DIR = ROOT / "workflows"
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from phantom_core.settings import WAN_NEGATIVE_PROMPT
 
 DEFAULT_FILES = {
     "dit": "phantom_tiny_dit.safetensors",
@@ -247,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text, encoding="utf-8")
     if stale:
-        sys.stderr.write(f"out of date: {', '.join(stale)}; run python tools/make_workflows.py\n")
+        sys.stderr.write(f"out of date: {', '.join(stale)}; run python -m tools.make_workflows\n")
         return 1
     return 0
 

@@ -30,9 +30,11 @@ from phantom_core.log import logger
 FP8_DTYPES: tuple[torch.dtype, ...] = (torch.float8_e4m3fn, torch.float8_e5m2)
 SCALED_FP8_KEY = "scaled_fp8"  # ComfyUI's marker: an empty tensor whose dtype is the fp8 format
 SCALE_WEIGHT, SCALE_INPUT = "scale_weight", "scale_input"
-WEIGHT_DTYPE_NAMES: dict[str, torch.dtype] = {  # user-facing weight-dtype choices (loader nodes, CLI)
+COMPUTE_DTYPES: dict[str, torch.dtype] = {  # user-facing activation-dtype names (CLI --compute-dtype)
     "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-    "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
+}
+WEIGHT_DTYPES: dict[str, torch.dtype] = {  # user-facing weight-dtype names (loader nodes, CLI --dtype)
+    **COMPUTE_DTYPES, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
 }
 
 

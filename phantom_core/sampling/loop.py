@@ -65,6 +65,21 @@ def make_noise(seed: int, video_shape: Sequence[int], num_refs: int,
     return full[:, :, :f].contiguous()  # (B, C, F, h, w)
 
 
+def sample_from_seed(model: VelocityModel, seed: int, video_shape: Sequence[int], ref_latents: Tensor,
+                     context: Tensor, context_neg: Tensor, **sampling: object) -> Tensor:
+    """Draw the seed's initial noise (:func:`make_noise`, CPU generator) and sample from it (:func:`sample_phantom`).
+
+    The one noise-then-sample sequence of the pipeline and the sampler node, so that a seed gives the same video
+    through either. ``video_shape``: ``(B, 16, F, h, w)`` (``wan.latents.latent_shape``); the noise is moved to
+    ``ref_latents``' device; ``sampling``: the keyword arguments of :func:`sample_phantom`.
+
+    Returns:
+        Normalized video latents ``[B, 16, F, h, w]``, float32. Raises ``ValueError`` as the two functions do.
+    """
+    noise = make_noise(seed, video_shape, ref_latents.shape[2]).to(ref_latents.device)  # (B, 16, F, h, w)
+    return sample_phantom(model, noise, ref_latents, context, context_neg, **sampling)
+
+
 def _check_batch(name: str, tensor: Tensor, batch: int) -> Tensor:
     """Broadcast a batch of 1 to ``batch``; reject other mismatches."""
     if tensor.shape[0] not in (1, batch):

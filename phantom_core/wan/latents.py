@@ -22,6 +22,19 @@ WAN21_LATENT_STD: tuple[float, ...] = (
     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
 )  # fmt: skip
 LATENT_CHANNELS = len(WAN21_LATENT_MEAN)
+TIME_STRIDE = 4  # Wan2.1 VAE: one latent frame for the first video frame, then one per 4 (so 4k + 1 frames)
+SPACE_STRIDE = 8  # Wan2.1 VAE: one latent cell per 8 x 8 pixels
+
+
+def latent_shape(frames: int, height: int, width: int, batch: int = 1) -> tuple[int, int, int, int, int]:
+    """``(B, 16, F, h, w)`` of the Wan2.1 latents of a video: ``F = 1 + (frames - 1) // 4``, ``h = height // 8``,
+    ``w = width // 8`` (source: Wan2.1 ``wan/modules/vae.py``, causal encoder with 4x temporal, 8x spatial stride).
+
+    Args:
+        frames: video frames (4k + 1); height, width: px (multiples of 8; 16 for the DiT's 2x2 patch).
+        batch: videos in the batch.
+    """
+    return batch, LATENT_CHANNELS, 1 + (frames - 1) // TIME_STRIDE, height // SPACE_STRIDE, width // SPACE_STRIDE
 
 
 def _stats(latents: Tensor, name: str) -> tuple[Tensor, Tensor]:

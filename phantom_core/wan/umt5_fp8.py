@@ -13,11 +13,14 @@ the feed-forward modules are replaced by ``FeedForward`` (same children, same ma
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
-from transformers import UMT5EncoderModel
+
+if TYPE_CHECKING:  # this module must not load transformers: only the loader that builds the model does
+    from transformers import UMT5EncoderModel
 
 
 class FeedForward(nn.Module):

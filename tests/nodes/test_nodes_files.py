@@ -11,14 +11,15 @@ import os
 from pathlib import Path
 
 import pytest
-from comfy_server import ComfyServer, comfy_server, history_error  # noqa: F401  (fixture)
+from tests.support.comfy import history_error
+from tools.comfy_launcher import ComfyServer
 from safetensors.torch import load_file, save_file
 
 from phantom_core.loading.fp8 import quantize_state_dict
 from phantom_core.wan.umt5 import SPIECE_KEY
 from phantom_core.video_io import probe_mp4
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DIT_NODE, VAE_NODE, TEXT_ENCODER_NODE = "1", "2", "3"
 SAMPLER_NODE, SAVE_NODE, ENCODE_REFS_NODE = "30", "32", "21"
 HTML = "<!DOCTYPE html><html><body><h1>Access denied</h1></body></html>\n"

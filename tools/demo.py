@@ -24,11 +24,10 @@ import logging
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+from tools.comfy_launcher import ComfyServer
+from tools.phantom_batch import DEFAULT_WORKFLOW, Client, run_batch, write_manifest
 
-from comfy_launcher import ComfyServer  # noqa: E402
-from phantom_batch import DEFAULT_WORKFLOW, Client, run_batch, write_manifest  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DEMO_DIR = ROOT / ".demo"
 OUT_DIR = ROOT / "output"

@@ -19,11 +19,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 import requests
-from comfy_server import ComfyServer, comfy_server, history_error  # noqa: F401  (fixture)
+from tests.support.comfy import history_error
+from tools.comfy_launcher import ComfyServer
 
 from phantom_core.video_io import probe_mp4
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PHANTOM_NODES = {
     "PhantomDiTLoader", "PhantomVAELoader", "PhantomTextEncoderLoader", "PhantomTextEncode", "PhantomReferences",
     "PhantomEncodeReferences", "PhantomSampler", "PhantomDecode", "PhantomSaveVideo",

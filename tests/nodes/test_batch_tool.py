@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-from comfy_server import ComfyServer, comfy_server  # noqa: F401  (fixture)
+from tools import phantom_batch
+from tools.comfy_launcher import ComfyServer
 
 from phantom_core.video_io import probe_mp4
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "phantom_batch.py"
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("phantom_batch", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return phantom_batch
 
 
 def test_fill_workflow_keeps_only_the_used_references() -> None:

@@ -23,11 +23,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfy_server import COMFY_DIR, ComfyServer, comfy_server, history_error  # noqa: F401 (fixture)
-from test_rephraser import chat_server, good_answer  # noqa: F401 (fixture)
-from test_rephraser_local import build_tiny_vlm
+from tests.support import COMFY_DIR
+from tests.support.comfy import history_error
+from tools.comfy_launcher import ComfyServer
+from tests.support.chat import good_answer
+from tests.support.tiny_vlm import build_tiny_vlm
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TEXT_EVENT = 3  # ComfyUI's BinaryEventTypes.TEXT: what PromptServer.send_progress_text sends
 KEY_ENV = "PHANTOM_REPHRASE_NODE_TEST_KEY"
 KEY = "sk-node-SECRET-9876543210"
@@ -139,16 +141,19 @@ def test_hint_k_belongs_to_image_k(server, tmp_path, chat_server):
 
 
 def test_node_helpers_in_process(tmp_path):
-    """Run in a subprocess (ComfyUI's own `nodes` module must not meet ours in the test process): the hint
+    """Run in a subprocess with ComfyUI importable, the extension loaded as ComfyUI loads it (its folder as a
+    package, so our `nodes/` is `ComfyUI_Phantom.nodes` and never meets ComfyUI's own `nodes` module): the hint
     rule of `gather_images` and the request to ComfyUI's memory manager before the VLM goes to a GPU."""
     script = textwrap.dedent(f"""
-        import sys, torch
-        sys.path[:0] = [{str(ROOT)!r}]
-        sys.path.append({str(COMFY_DIR)!r})
+        import importlib, importlib.util, sys, torch
         import comfy.cli_args
         comfy.cli_args.args.cpu = True
         import comfy.model_management as mm
-        from nodes import rephrase as node
+        spec = importlib.util.spec_from_file_location("ComfyUI_Phantom", {str(ROOT / "__init__.py")!r},
+                                                      submodule_search_locations=[{str(ROOT)!r}])
+        sys.modules[spec.name] = package = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(package)
+        node = importlib.import_module("ComfyUI_Phantom.nodes.rephrase")
         img = lambda n, v: torch.full((n, 72, 64, 3), v)
         images, hints = node.gather_images(None, [None, img(2, 0.2), None, img(1, 0.9)], ["h1", "h2", "", "h4"])
         assert hints == ["h2", "h2", "h4"] and [round(i.getpixel((0, 0))[0]) for i in images] == [51, 51, 230]
@@ -164,7 +169,8 @@ def test_node_helpers_in_process(tmp_path):
         assert calls == [(3 << 30, torch.device("cuda:0"))], calls
         print("OK")
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(COMFY_DIR)})
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr[-3000:]
 
 

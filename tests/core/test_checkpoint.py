@@ -119,11 +119,16 @@ def tiny_model():
 
 
 def _check(model: PhantomWanDiT, tiny, dtype=torch.float32) -> None:
-    _, inputs, expected = tiny
+    """The loaded weights equal the saved ones bitwise; the output equals the original model's to 1e-5 relative
+    (a loaded tensor may be memory-mapped or laid out differently, and CPU kernels promise no bitwise equality
+    across memory layouts: an AMD EPYC gives other last bits than an Intel CPU)."""
+    original, inputs, expected = tiny
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert all(p.dtype == dtype and p.device.type == "cpu" for p in model.parameters())
+    saved = original.state_dict()
+    assert all(torch.equal(v, saved[k].to(dtype)) for k, v in model.state_dict().items())
     with torch.no_grad():
-        assert torch.equal(model(*inputs), expected)
+        torch.testing.assert_close(model(*inputs), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 def test_round_trip_safetensors_pth_and_shards(tiny_model, tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_tiny_files, model_args
+from tests.support.files import make_tiny_files, model_args
 import torch
 from PIL import Image
 from safetensors.torch import save_file
@@ -30,7 +30,7 @@ from phantom_core.sidecar import read_sidecar
 from phantom_core.video_io import read_mp4_frames
 from phantom_core.wan.dit import DIT_PRESETS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--width", "32", "--height", "32", "--frames", "5", "--steps", "3"]
 
 
@@ -193,7 +193,7 @@ def test_bad_model_files_fail_before_sampling(files, capsys, monkeypatch):
     def no_sampling(*args, **kwargs):
         raise AssertionError("sampling started although a model file is bad")
 
-    monkeypatch.setattr(pipeline, "sample_phantom", no_sampling)
+    monkeypatch.setattr(pipeline, "sample_from_seed", no_sampling)
     bad = _bad_dit_files(files, files["root"] / "bad")
     out = files["root"] / "bad_out" / "v.mp4"
     for name, (path, words) in bad.items():

@@ -10,15 +10,14 @@ import logging
 import socket
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.support.chat import good_answer, make_images
 from phantom_core.__main__ import main as cli_main
 from phantom_core.rephrase.backends import make_backend
 from phantom_core.rephrase.cache import RephraseCache
@@ -27,84 +26,8 @@ from phantom_core.rephrase.types import RephraseError, UnusableAnswer
 from phantom_core.rephrase.rephraser import (INSTRUCTIONS, Rephraser, build_messages, check_answer, parse_answer,
                                     place_descriptions, resolve_language)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KEY = "sk-test-SECRET-0123456789"
-
-
-def make_images(n: int, seed: int = 0, size: tuple[int, int] = (48, 40)) -> list[Image.Image]:
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
-
-
-def good_answer(descriptions: list[str], prompt: str | None = None) -> str:
-    subjects = [{"index": k, "description": d} for k, d in enumerate(descriptions, start=1)]
-    prompt = prompt or ", and ".join(descriptions) + " eat together at a table, slow dolly-in."
-    return json.dumps({"subjects": subjects, "prompt": prompt})
-
-
-class ChatServer:
-    """A chat-completions server on 127.0.0.1 that records requests and plays scripted replies.
-
-    `script` items: {"status": int, "content": str | None, "body": dict | str, "delay": s, "refusal": str,
-    "trickle": (bytes, seconds)}: with "trickle", the body is written that many bytes at a time with that pause
-    in between (headers first). When the script runs out, the last item repeats.
-    """
-
-    def __init__(self, script: list[dict]):
-        self.script, self.requests = list(script), []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 (http.server API)
-                length = int(self.headers.get("Content-Length", 0))
-                server.requests.append({"path": self.path, "headers": dict(self.headers),
-                                        "json": json.loads(self.rfile.read(length))})
-                item = server.script.pop(0) if len(server.script) > 1 else server.script[0]
-                time.sleep(item.get("delay", 0))
-                body = item.get("body")
-                if body is None:
-                    message = {"role": "assistant", "content": item.get("content")}
-                    if item.get("refusal"):
-                        message["refusal"] = item["refusal"]
-                    body = {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
-                data = (body if isinstance(body, str) else json.dumps(body)).encode()
-                try:
-                    self.send_response(item.get("status", 200))
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    step, pause = item.get("trickle", (len(data), 0.0))
-                    for start in range(0, len(data), max(1, step)):
-                        self.wfile.write(data[start:start + step])
-                        self.wfile.flush()
-                        time.sleep(pause)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def chat_server():
-    servers = []
-
-    def start(script: list[dict]) -> ChatServer:
-        servers.append(ChatServer(script))
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.close()
 
 
 def endpoint(url: str, **kw) -> EndpointBackend:
@@ -446,25 +369,15 @@ def test_cli_reads_references_like_generate(chat_server, tmp_path, capsys):
     assert sent[1].shape == (60, 40, 3)  # portrait once the EXIF orientation is applied
 
 
-def test_split_modules_keep_the_old_import_paths():
-    """rephraser / rephrase_backends were split; every name they exported before is still importable from them,
-    as the very same object as in its new module."""
-    import phantom_core.rephrase.backends as backends
-    import phantom_core.rephrase.rephraser as rephraser
-    from phantom_core import rephrase_cache, rephrase_endpoint, rephrase_local, rephrase_types
+def test_rephraser_names_have_one_home_and_one_import_point():
+    """The rephraser's public names come from the `phantom_core` facade, each the very object of its one home
+    module (no copies, no re-exports), and a rephraser shares the process-wide cache by default."""
+    import phantom_core
+    from phantom_core.rephrase import backends, cache, rephraser, types
 
-    moved = {rephraser: {rephrase_types: ["RephraseError", "UnusableAnswer", "ChatBackend", "RephraseResult"],
-                         rephrase_cache: ["RephraseCache", "DEFAULT_CACHE"]},
-             backends: {rephrase_types: ["ChatBackend"],
-                        rephrase_endpoint: ["EndpointConfig", "EndpointBackend", "safe_url", "check_key_variable_name",
-                                            "image_data_url", "MAX_REPLY_BYTES"],
-                        rephrase_local: ["LocalConfig", "LocalVLMBackend", "unload_local_models", "AFTER_USE",
-                                         "ACTIVATION_MARGIN"]}}
-    for old, homes in moved.items():
-        for home, names in homes.items():
-            for name in names:
-                assert getattr(old, name) is getattr(home, name), f"{old.__name__}.{name}"
-                assert name in old.__all__, f"{name} missing from {old.__name__}.__all__"
-        assert all(hasattr(old, name) for name in old.__all__), old.__name__
+    homes = {rephraser: ["Rephraser"], backends: ["make_backend"], types: ["RephraseError", "RephraseResult"]}
+    for module, names in homes.items():
+        for name in names:
+            assert getattr(phantom_core, name) is getattr(module, name), name
     assert rephraser.Rephraser(make_backend("openai-compatible", endpoint_url="http://127.0.0.1:1/v1",
-                                            endpoint_model="m")).cache is rephrase_cache.DEFAULT_CACHE
+                                            endpoint_model="m")).cache is cache.DEFAULT_CACHE

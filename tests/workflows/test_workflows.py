@@ -6,19 +6,18 @@ variant is queued end to end, its endpoint pointed at a recording chat-completio
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from comfy_server import ComfyServer, comfy_server, history_error  # noqa: F401  (fixture)
-from test_rephraser import chat_server, good_answer  # noqa: F401  (fixture)
+from tests.support.comfy import history_error
+from tools.comfy_launcher import ComfyServer
+from tests.support.chat import good_answer
 
 from phantom_core.video_io import probe_mp4, read_mp4_frames
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_MODES = {"fixed", "increment", "decrement", "randomize"}
 NAMES = ["phantom_1ref", "phantom_4ref", "phantom_2ref_rephrase"]
@@ -85,15 +84,13 @@ def check_value(node_type: str, name: str, input_type: object, options: dict, va
 
 
 def test_shipped_workflows_are_generated_from_the_description() -> None:
-    spec = importlib.util.spec_from_file_location("make_workflows", ROOT / "tools" / "make_workflows.py")
-    tool = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = tool  # dataclasses look their module up there
-    spec.loader.exec_module(tool)
+    from tools import make_workflows as tool
+
     rendered = tool.render_all()
     assert sorted(rendered) == sorted(f"{n}{s}.json" for n in NAMES for s in ("", "_api"))
     assert sorted(tool.WORKFLOWS) == sorted(NAMES)
     stale = [f for f, text in rendered.items() if (ROOT / "workflows" / f).read_text(encoding="utf-8") != text]
-    assert not stale, f"out of date (run python tools/make_workflows.py): {stale}"
+    assert not stale, f"out of date (run python -m tools.make_workflows): {stale}"
     assert tool.main(["--check"]) == 0
 
 

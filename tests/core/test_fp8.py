@@ -27,7 +27,7 @@ from phantom_core.wan.dit import TEXT_LEN
 from phantom_core.tiny.text import random_text_encoder_state_dict, train_tiny_tokenizer
 from phantom_core.wan.dit import DIT_PRESETS, PhantomWanDiT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CFG = DIT_PRESETS["tiny"]
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 PROMPTS = ["A ginger cat sleeps on a sunny windowsill.", "一只小狗在草地上追逐红色的皮球"]
@@ -111,7 +111,7 @@ def test_fp8_dit_stays_8bit_and_equals_the_dequantized_model(dit, tmp_path, fmt,
     expanded = load_dit(path, dtype=torch.float32)  # our own dequantize-while-loading path
     assert all(p.dtype == torch.float32 for p in expanded.parameters())
     a, b, c = run(ours, inputs), run(reference, inputs), run(expanded, inputs)
-    assert torch.equal(b, c)
+    torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-5 * b.abs().max().item())  # same maths, other memory layout: CPU kernels promise no bitwise equality there
     err = (a - b).abs().max().item()
     print(f"fp8 {fmt} scaled={scaled}: max |ours - dequantized fp32| = {err:.2e}")
     assert err <= 1e-5 * b.abs().max().item()
@@ -142,7 +142,7 @@ def test_bf16_compute_and_fp8_on_request(dit):
     # an fp32 checkpoint quantized while loading == the same weights quantized on disk
     on_load = load_dit(dict(sd), dtype=E4M3)
     assert on_load.blocks[1].ffn[2].weight.dtype == E4M3 and on_load.patch_embedding.weight.dtype == torch.float32
-    assert torch.equal(run(on_load, inputs), exact)
+    torch.testing.assert_close(run(on_load, inputs), exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
     with pytest.raises(ValueError, match="compute_dtype"):
         load_dit(dict(q), dtype=None, compute_dtype=E4M3)
     with pytest.raises(ValueError, match="compute_dtype"):

@@ -1,0 +1,25 @@
+"""Random weights for the core tests' tiny networks (the parity tests load them into ours and ComfyUI's)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from phantom_core.wan.vae import WanVAE, WanVAEConfig
+
+
+def random_vae_state_dict(cfg: WanVAEConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Every tensor random: conv weights ~ N(0, 1/fan_in), biases ~ N(0, 0.05^2), RMS gammas ~ 1 + N(0, 0.1^2)."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = WanVAE(cfg, device="meta").state_dict()
+    sd = {}
+    for key, ref in shapes.items():
+        noise = torch.randn(ref.shape, generator=gen)
+        if key.endswith("gamma"):
+            sd[key] = 1.0 + 0.1 * noise
+        elif key.endswith("bias"):
+            sd[key] = 0.05 * noise
+        else:
+            sd[key] = noise / math.sqrt(math.prod(ref.shape[1:]))
+    return sd
