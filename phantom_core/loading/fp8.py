@@ -72,6 +72,14 @@ def _cast_bias(layer: nn.Module, device: torch.device, dtype: torch.dtype) -> Te
     return None if layer.bias is None else layer.bias.to(device=device, dtype=dtype)
 
 
+def _dtype_for(layer: _CastLayer, x: Tensor) -> torch.dtype:
+    """float32 for a float32 input, else ``layer.compute_dtype``: a caller that needs full precision passes
+    float32 and gets it whatever the weights' dtype (the DiT's time MLP does, see ``wan.dit.run_fp32``). The
+    models cast their activations to the compute dtype, so their other layers never see a float32 input
+    unless compute_dtype is float32."""
+    return torch.float32 if x.dtype == torch.float32 else layer.compute_dtype
+
+
 class _CastLayer:
     """What every cast-on-forward layer shares: an optional ``scale_weight`` buffer (0-d fp32, registered by
     ``attach_scales`` for scaled fp8) and no random init when built on the meta device (the loader's build).
@@ -91,14 +99,15 @@ class _CastLayer:
 class CastLinear(_CastLayer, nn.Linear):
     """``nn.Linear`` whose weight keeps its stored dtype (e.g. fp8) and is cast per forward.
 
-    ``compute_dtype`` (class attribute, set by ``fp8_ops``): input, weight and output dtype of the matmul.
+    ``compute_dtype`` (class attribute, set by ``fp8_ops``): input, weight and output dtype of the matmul;
+    a float32 input is computed in float32 instead (``_dtype_for``).
     ``scale_weight``: None, or a 0-d float32 buffer registered by ``attach_scales`` (scaled fp8).
     The weight may also live on another device than the input (it is moved for the call only).
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(..., in_features)`` -> ``(..., out_features)`` in ``compute_dtype``."""
-        dt = self.compute_dtype
+        """``(..., in_features)`` -> ``(..., out_features)`` in ``compute_dtype`` (float32 for a float32 input)."""
+        dt = _dtype_for(self, x)
         return F.linear(x.to(dt), _cast_weight(self, x.device, dt), _cast_bias(self, x.device, dt))
 
 
@@ -106,8 +115,8 @@ class CastConv3d(_CastLayer, nn.Conv3d):
     """``nn.Conv3d`` with the weight cast per forward (see ``CastLinear``)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(B, C_in, T, H, W)`` -> ``(B, C_out, T', H', W')`` in ``compute_dtype``."""
-        dt = self.compute_dtype
+        """``(B, C_in, T, H, W)`` -> ``(B, C_out, T', H', W')`` in ``compute_dtype`` (float32 for float32 input)."""
+        dt = _dtype_for(self, x)
         return self._conv_forward(x.to(dt), _cast_weight(self, x.device, dt), _cast_bias(self, x.device, dt))
 
 
@@ -131,8 +140,8 @@ CAST_LAYERS = (CastLinear, CastConv3d, CastEmbedding)
 def fp8_ops(compute_dtype: torch.dtype) -> SimpleNamespace:
     """A layer namespace (``Linear``, ``Conv3d``, ``Embedding``, ``LayerNorm``, ``RMSNorm``, ``compute_dtype``)
     for the house ``ops`` argument: the weighted layers keep whatever dtype is loaded into them (fp8 included)
-    and compute in ``compute_dtype``; the norms are plain torch layers (their weights are loaded in
-    ``compute_dtype``). ``PhantomWanDiT`` reads ``ops.compute_dtype`` as its activation dtype.
+    and compute in ``compute_dtype`` (a float32 input in float32); the norms are plain torch layers (their
+    weights are loaded in ``compute_dtype``). ``PhantomWanDiT`` reads ``ops.compute_dtype`` as its activation dtype.
     """
     if is_fp8(compute_dtype) or not compute_dtype.is_floating_point:
         raise ValueError(f"compute_dtype is {compute_dtype}; expected torch.float32, torch.bfloat16 or torch.float16")

@@ -10,11 +10,15 @@ Architecture (source: Wan2.1 ``wan/modules/model.py``; cross-checked against Com
 ``comfy/ldm/wan/model.py`` in ``tests/test_wan_dit.py``):
 
 - Conv3d patchify (patch 1x2x2) to ``dim`` channels; 3-D RoPE on q and k (``rope.py``);
-- sinusoidal timestep embedding (cos half first) -> time MLP -> per-block 6-way modulation, all in fp32;
+- sinusoidal timestep embedding (cos half first) -> time MLP -> per-block 6-way modulation, all in fp32
+  (``run_fp32``: each layer's own call, so hooks and adapters on it apply);
 - each block: LayerNorm + modulation -> self-attention (RMSNorm on q and k over the full width) -> gated
   residual; affine LayerNorm (``norm3``) -> cross-attention to the text -> residual; LayerNorm + modulation
   -> GELU(tanh) FFN -> gated residual;
 - head: LayerNorm + 2-way modulation -> Linear -> unpatchify.
+
+The attention, block and head layers live in ``dit_blocks.py``; this module holds the config, the model and its
+forward, and the seams for training and caching (``run_blocks``, gradient checkpointing, ``init_weights``).
 
 Heads are not stored in a checkpoint; every Wan2.1 model uses 128 channels per head, so
 ``num_heads = dim // 128`` (``HEAD_DIM``), which is how ``checkpoint.infer_dit_config`` recovers them.
@@ -22,17 +26,21 @@ Heads are not stored in a checkpoint; every Wan2.1 model uses 128 channels per h
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
+from phantom_core.loading.fp8 import is_fp8
 from phantom_core.log import logger
-from phantom_core.wan.rope import apply_rope, rope_axis_pairs, rope_table
+from phantom_core.wan.dit_blocks import WanBlock, WanHead
+from phantom_core.wan.rope import rope_axis_pairs, rope_table
 
 HEAD_DIM = 128  # channels per attention head in every Wan2.1 model (1.3B: 1536 / 12, 14B: 5120 / 40)
 TEXT_LEN = 512  # upstream wan_shared_cfg.text_len: umT5 tokens per prompt (</s> included), the DiT's context length
@@ -112,9 +120,9 @@ def pad_to_patch(x: Tensor, patch_size: tuple[int, int, int]) -> Tensor:
 
 
 def linear_fp32(layer: nn.Module, x: Tensor) -> Tensor:
-    """``layer(x)`` computed in float32 whatever dtype the weights are stored in, with the layer's per-tensor
-    ``scale_weight`` applied when it has one (scaled fp8). Upstream Wan2.1 runs the time MLP and the modulation
-    under ``autocast(dtype=float32)``; this is that, without autocast. ``x (..., in)`` -> ``(..., out)`` fp32."""
+    """The maths of a (scaled-fp8) Linear in float32, read straight from ``layer.weight`` / ``.bias`` /
+    ``.scale_weight``: ``x (..., in)`` -> ``(..., out)`` float32. It bypasses the layer's forward, hooks and any
+    wrapper, so the model does not use it (see ``run_fp32``); it is the reference ``run_fp32`` is tested against."""
     w = layer.weight.to(device=x.device, dtype=torch.float32)
     if (scale := getattr(layer, "scale_weight", None)) is not None:
         w = w * scale.to(device=x.device, dtype=torch.float32)
@@ -122,104 +130,27 @@ def linear_fp32(layer: nn.Module, x: Tensor) -> Tensor:
     return F.linear(x.float(), w, b)
 
 
-class _Attention(nn.Module):
-    """q, k, v, o projections plus RMSNorm on q and k over the full width (upstream names)."""
+def run_fp32(layer: nn.Module, x: Tensor) -> Tensor:
+    """``layer(x)`` computed in float32 through the layer's own call, whatever dtype its weights are stored in.
 
-    def __init__(self, dim: int, num_heads: int, eps: float, ops: Any, dtype, device) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        kw = {"dtype": dtype, "device": device}
-        self.q = ops.Linear(dim, dim, **kw)
-        self.k = ops.Linear(dim, dim, **kw)
-        self.v = ops.Linear(dim, dim, **kw)
-        self.o = ops.Linear(dim, dim, **kw)
-        self.norm_q = ops.RMSNorm(dim, eps=eps, elementwise_affine=True, **kw)
-        self.norm_k = ops.RMSNorm(dim, eps=eps, elementwise_affine=True, **kw)
+    Upstream Wan2.1 runs the time MLP and the modulation projection under ``autocast(dtype=float32)``. Here every
+    floating parameter and buffer of ``layer`` (children included) is swapped, for this call only, for a float32
+    copy on ``x``'s device (``torch.func.functional_call``), and the module itself is called on ``x.float()``. So
+    forward hooks, a wrapper that replaced the Linear (e.g. a LoRA adapter adding a low-rank delta) and
+    ComfyUI's weight patches all take effect, and the casts are differentiable: gradients reach the stored
+    weights. A plain ``nn.Linear`` then computes in float32; so does ``fp8.CastLinear`` (fp8 or scaled fp8),
+    which computes in float32 when given float32 input, its ``scale_weight`` applied in float32.
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """``q (B, Lq, H, d)``, ``k, v (B, Lk, H, d)`` -> ``(B, Lq, H * d)`` after the output projection."""
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B,H,Lq,d)
-        return self.o(out.transpose(1, 2).flatten(2))  # (B, Lq, D)
+    Args:
+        layer: any module mapping ``(..., in)`` to ``(..., out)``.
+        x: ``(..., in)``, any float dtype.
 
-
-class SelfAttention(_Attention):
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """``x (B, L, D)``, RoPE tables ``(L, 1, d/2)`` -> ``(B, L, D)``; video and reference tokens together."""
-        heads = (self.num_heads, -1)
-        q = apply_rope(self.norm_q(self.q(x)).unflatten(2, heads), cos, sin)  # (B, L, H, d)
-        k = apply_rope(self.norm_k(self.k(x)).unflatten(2, heads), cos, sin)  # (B, L, H, d)
-        v = self.v(x).unflatten(2, heads)  # (B, L, H, d)
-        return self._attend(q, k, v)
-
-
-class CrossAttention(_Attention):
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        """``x (B, L, D)`` attends, unmasked, to ``context (B, text_len, D)`` -> ``(B, L, D)``."""
-        heads = (self.num_heads, -1)
-        q = self.norm_q(self.q(x)).unflatten(2, heads)  # (B, L, H, d)
-        k = self.norm_k(self.k(context)).unflatten(2, heads)  # (B, Lc, H, d)
-        v = self.v(context).unflatten(2, heads)  # (B, Lc, H, d)
-        return self._attend(q, k, v)
-
-
-class WanBlock(nn.Module):
-    """One DiT block: modulated self-attention, cross-attention, modulated GELU(tanh) FFN."""
-
-    def __init__(self, cfg: WanDiTConfig, ops: Any, dtype, device) -> None:
-        super().__init__()
-        kw = {"dtype": dtype, "device": device}
-        self.eps = cfg.eps
-        # norm1 / norm2 are affine-free LayerNorms (no state-dict keys); they run as F.layer_norm in forward.
-        self.self_attn = SelfAttention(cfg.dim, cfg.num_heads, cfg.eps, ops, dtype, device)
-        self.norm3 = ops.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=True, **kw)
-        self.cross_attn = CrossAttention(cfg.dim, cfg.num_heads, cfg.eps, ops, dtype, device)
-        self.ffn = nn.Sequential(
-            ops.Linear(cfg.dim, cfg.ffn_dim, **kw), nn.GELU(approximate="tanh"), ops.Linear(cfg.ffn_dim, cfg.dim, **kw)
-        )
-        self.modulation = nn.Parameter(torch.empty(1, 6, cfg.dim, **kw))  # shift, scale, gate (attn), same (ffn)
-        if self.modulation.device.type != "meta":
-            nn.init.normal_(self.modulation, std=cfg.dim**-0.5)  # upstream init: randn / sqrt(dim)
-
-    def forward(self, x: Tensor, e0: Tensor, cos: Tensor, sin: Tensor, context: Tensor) -> Tensor:
-        """``x (B, L, D)``, ``e0 (B, 6, D)`` float32, RoPE ``(L, 1, d/2)``, ``context (B, Lc, D)`` -> ``(B, L, D)``.
-
-        The six modulation vectors are summed in float32 and only then cast to the activation dtype; the
-        residual stream itself stays in the activation dtype (upstream keeps it in fp32 under autocast, which
-        would double the memory of the largest activation; ComfyUI makes the same choice as we do).
-        """
-        D = x.shape[-1]
-        # .to(device): a host that loads the model partially (ComfyUI's low-VRAM mode) leaves it on the offload device
-        mod = self.modulation.to(device=x.device, dtype=torch.float32) + e0  # (B, 6, D) fp32
-        shift1, _, gate1, shift2, _, gate2 = mod.to(x.dtype).unsqueeze(2).unbind(1)  # 6 x (B, 1, D)
-        one_scale1, one_scale2 = (1.0 + mod[:, [1, 4]]).to(x.dtype).unsqueeze(2).unbind(1)  # 2 x (B, 1, D)
-        # 1. self-attention over video + reference tokens, gated residual
-        h = torch.addcmul(shift1, F.layer_norm(x, (D,), eps=self.eps), one_scale1)  # (B, L, D)
-        x = torch.addcmul(x, self.self_attn(h, cos, sin), gate1)  # (B, L, D)
-        # 2. cross-attention to the text (no gate)
-        x = x + self.cross_attn(self.norm3(x), context)  # (B, L, D)
-        # 3. feed-forward, gated residual
-        h = torch.addcmul(shift2, F.layer_norm(x, (D,), eps=self.eps), one_scale2)  # (B, L, D)
-        return torch.addcmul(x, self.ffn(h), gate2)  # (B, L, D)
-
-
-class WanHead(nn.Module):
-    """Output head: affine-free LayerNorm, 2-way modulation (shift, scale), Linear to patch pixels."""
-
-    def __init__(self, cfg: WanDiTConfig, ops: Any, dtype, device) -> None:
-        super().__init__()
-        self.eps = cfg.eps
-        kw = {"dtype": dtype, "device": device}
-        self.head = ops.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size), **kw)
-        self.modulation = nn.Parameter(torch.empty(1, 2, cfg.dim, **kw))
-        if self.modulation.device.type != "meta":
-            nn.init.normal_(self.modulation, std=cfg.dim**-0.5)
-
-    def forward(self, x: Tensor, e: Tensor) -> Tensor:
-        """``x (B, L, D)``, time embedding ``e (B, D)`` float32 -> ``(B, L, out_dim * prod(patch))``."""
-        mod = self.modulation.to(device=x.device, dtype=torch.float32) + e.unsqueeze(1)  # (B, 2, D) fp32
-        shift = mod[:, 0:1].to(x.dtype)  # (B, 1, D)
-        one_scale = (1.0 + mod[:, 1:2]).to(x.dtype)  # (B, 1, D)
-        return self.head(torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=self.eps), one_scale))
+    Returns:
+        ``(..., out)`` float32.
+    """
+    tensors = chain(layer.named_parameters(), layer.named_buffers())
+    fp32 = {name: t.to(device=x.device, dtype=torch.float32) for name, t in tensors if t.is_floating_point()}
+    return functional_call(layer, fp32, (x.float(),)).float()
 
 
 class PhantomWanDiT(nn.Module):
@@ -231,7 +162,12 @@ class PhantomWanDiT(nn.Module):
             ComfyUI's ``comfy.ops.manual_cast`` etc. fit; ``fp8.fp8_ops(compute_dtype)`` for fp8 weights, whose
             ``compute_dtype`` attribute becomes the activation dtype).
         dtype, device: passed to every layer; build on ``torch.device("meta")`` and load with
-            ``load_state_dict(sd, assign=True)`` (``checkpoint.load_dit`` does that).
+            ``load_state_dict(sd, assign=True)`` (``checkpoint.load_dit`` does that), or ``to_empty`` then
+            ``init_weights()`` to train from scratch.
+
+    Seams for training and speed-ups: ``enable_gradient_checkpointing``, ``run_blocks`` (the block loop, which a
+    step cache wraps), ``init_weights``; the time path runs each layer's own call (``run_fp32``), so hooks and
+    adapters on ``time_embedding`` / ``time_projection`` apply.
     """
 
     def __init__(self, config: WanDiTConfig, ops: Any = nn, dtype: torch.dtype | None = None, device=None) -> None:
@@ -249,6 +185,7 @@ class PhantomWanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), ops.Linear(cfg.dim, 6 * cfg.dim, **kw))
         self.blocks = nn.ModuleList(WanBlock(cfg, ops, dtype, device) for _ in range(cfg.num_layers))
         self.head = WanHead(cfg, ops, dtype, device)
+        self.gradient_checkpointing = False  # see enable_gradient_checkpointing
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -256,8 +193,98 @@ class PhantomWanDiT(nn.Module):
         (``fp8.fp8_ops``), else that of the weights, or bfloat16 for 8-bit weights cast on the fly by ``ops``."""
         if self._ops_compute_dtype is not None:
             return self._ops_compute_dtype
-        dt = self.time_embedding[0].weight.dtype
+        layer = self.time_embedding[0]  # a wrapper (adapter) put in its place may have no .weight
+        dt = (layer if isinstance(layer, nn.Linear) else self.patch_embedding).weight.dtype
         return dt if dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64) else torch.bfloat16
+
+    def enable_gradient_checkpointing(self, on: bool = True) -> PhantomWanDiT:
+        """Turn gradient checkpointing on (or off): while autograd records (``torch.is_grad_enabled()``), each
+        block's activations are recomputed in the backward pass instead of kept (``torch.utils.checkpoint``,
+        non-reentrant), trading one more block forward for the memory of all of them. Inference is unaffected.
+        Sets ``self.gradient_checkpointing``; returns ``self``."""
+        self.gradient_checkpointing = on
+        return self
+
+    def run_blocks(self, tokens: Tensor, e0: Tensor, cos: Tensor, sin: Tensor, ctx: Tensor) -> Tensor:
+        """Stage 5 of ``forward``: every transformer block, in order, over the video + reference tokens.
+
+        The seam a step cache (TeaCache / FirstBlockCache-like residual reuse) wraps or replaces: override it in
+        a subclass, or assign a plain function with this signature to the instance (``model.run_blocks = f``;
+        ``f`` may call the original bound method; an ``nn.Module`` assigned there would become a submodule and
+        not shadow this method). What a cache keys on are these inputs: ``e0`` is the step's modulation (the
+        Wan2.1 TeaCache compares ``e0`` between steps; block 0 builds its modulated input
+        ``LayerNorm(tokens) * (1 + e0[:, 1]) + e0[:, 0]`` from it), ``tokens`` the input of block 0. A
+        first-block cache runs ``self.blocks[0]`` itself and compares residuals; returning
+        ``tokens + cached_residual`` skips the blocks. Honours ``gradient_checkpointing``.
+
+        Args:
+            tokens: ``(B, L, D)`` in ``compute_dtype``: video tokens, then reference tokens (L = f * h * w).
+            e0: ``(B, 6, D)`` float32 time projection (shift, scale, gate of the attention, then of the FFN).
+            cos, sin: ``(L, 1, head_dim / 2)`` float32 RoPE tables.
+            ctx: ``(B, text_len, D)`` embedded text context.
+
+        Returns:
+            ``(B, L, D)``: the tokens after the last block.
+        """
+        ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
+        for block in self.blocks:
+            if ckpt:
+                tokens = checkpoint(block, tokens, e0, cos, sin, ctx, use_reentrant=False)  # (B, L, D)
+            else:
+                tokens = block(tokens, e0, cos, sin, ctx)  # (B, L, D)
+        return tokens
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Initialise every parameter as upstream Wan2.1 ``WanModel.init_weights`` does (training from scratch).
+
+        Linear weights Xavier-uniform, biases zero; ``patch_embedding`` weight Xavier-uniform on its
+        ``(D, C * pt * ph * pw)`` view, its bias PyTorch's default Conv3d init U(+-1/sqrt(fan_in)) (upstream leaves
+        it); text and time MLP weights N(0, 0.02^2); ``head.head`` weight zero, so the first velocity is 0;
+        modulations N(0, 1/dim); RMSNorm / LayerNorm weights one, biases zero. For a model built with
+        ``device="meta"`` and allocated with ``to_empty(device=...)`` (a meta build allocates nothing).
+
+        Args:
+            generator: RNG on the parameters' device; None uses torch's default one (``torch.manual_seed``).
+
+        Raises:
+            ValueError: when a parameter is still on the meta device or is stored in fp8.
+        """
+        self._check_initialisable()
+        g = {"generator": generator}
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight, **g)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        pe = self.patch_embedding.weight
+        nn.init.xavier_uniform_(pe.view(pe.shape[0], -1), **g)  # (D, C * pt * ph * pw) view of the 5-D weight
+        bound = pe[0].numel() ** -0.5
+        nn.init.uniform_(self.patch_embedding.bias, -bound, bound, **g)
+        for m in (*self.text_embedding.modules(), *self.time_embedding.modules()):
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02, **g)
+        nn.init.zeros_(self.head.head.weight)
+        for mod in (*(b.modulation for b in self.blocks), self.head.modulation):
+            nn.init.normal_(mod, std=self.config.dim**-0.5, **g)
+        for norm in self._norms():
+            nn.init.ones_(norm.weight)
+            if getattr(norm, "bias", None) is not None:
+                nn.init.zeros_(norm.bias)
+
+    def _norms(self) -> list[nn.Module]:
+        """The affine norms: each block's ``norm3`` and the q / k RMSNorms of both attentions."""
+        attns = [a for b in self.blocks for a in (b.self_attn, b.cross_attn)]
+        return [b.norm3 for b in self.blocks] + [n for a in attns for n in (a.norm_q, a.norm_k)]
+
+    def _check_initialisable(self) -> None:
+        for name, p in self.named_parameters():
+            if p.device.type == "meta":
+                raise ValueError(f"parameter {name} is on the meta device; allocate the model first "
+                                 "(model.to_empty(device=...)), then call init_weights()")
+            if is_fp8(p.dtype):
+                raise ValueError(f"parameter {name} is stored as {p.dtype}; init_weights needs float32, bfloat16 "
+                                 "or float16 weights")
 
     def _check_inputs(self, x: Tensor, t: Tensor, context: Tensor, ref_latents: Tensor | None) -> None:
         cfg = self.config
@@ -325,15 +352,15 @@ class PhantomWanDiT(nn.Module):
         grid = tuple(z.shape[2:])
         tokens = z.flatten(2).transpose(1, 2).contiguous()  # (B, L, D), L = f * h * w
         cos, sin = rope_table(grid, cfg.head_dim, cfg.rope_theta, tokens.device)  # (L, 1, d/2) each
-        # 3. timestep: sinusoid -> time MLP -> 6-way projection, all in float32 (as upstream's fp32 autocast)
+        # 3. timestep: sinusoid -> time MLP -> 6-way projection, all in float32 (as upstream's fp32 autocast),
+        #    each Linear through its own call (run_fp32), so hooks and adapters on these layers apply
         mlp, proj = self.time_embedding, self.time_projection
-        e = linear_fp32(mlp[2], F.silu(linear_fp32(mlp[0], sinusoidal_embedding(t, cfg.freq_dim))))  # (B, D)
-        e0 = linear_fp32(proj[1], F.silu(e)).unflatten(1, (6, cfg.dim))  # (B, 6, D)
+        e = run_fp32(mlp[2], F.silu(run_fp32(mlp[0], sinusoidal_embedding(t, cfg.freq_dim))))  # (B, D) fp32
+        e0 = run_fp32(proj[1], F.silu(e)).unflatten(1, (6, cfg.dim))  # (B, 6, D) fp32
         # 4. text context, zero-padded to text_len
         ctx = self._embed_text(context)  # (B, text_len, D)
-        # 5. transformer blocks over video + reference tokens
-        for block in self.blocks:
-            tokens = block(tokens, e0, cos, sin, ctx)  # (B, L, D)
+        # 5. transformer blocks over video + reference tokens (the seam a step cache wraps)
+        tokens = self.run_blocks(tokens, e0, cos, sin, ctx)  # (B, L, D)
         # 6. head on the video tokens only (reference tokens are cut off)
         n_video = f_video * grid[1] * grid[2]
         out = self.head(tokens[:, :n_video], e)  # (B, f_video * h * w, pt * ph * pw * C)

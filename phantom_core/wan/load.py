@@ -28,6 +28,7 @@ from phantom_core.loading.fp8 import (
     convert_state_dict,
     detect_fp8_format,
     fp8_ops,
+    is_fp8,
     is_scale_key,
     plan_load,
     weight_bytes,
@@ -151,8 +152,9 @@ def load_dit(
     device: torch.device | str = "cpu",
     ops: Any = nn,
     compute_dtype: torch.dtype | None = None,
+    trainable: bool = False,
 ) -> PhantomWanDiT:
-    """Load a Phantom-Wan DiT for inference, tensor by tensor (never the whole checkpoint twice).
+    """Load a Phantom-Wan DiT for inference (or training), tensor by tensor (never the whole checkpoint twice).
 
     Args:
         path_or_state_dict: a checkpoint path (see ``read_state_dict``) or an in-memory state dict; fp32 / fp16 /
@@ -166,13 +168,18 @@ def load_dit(
             used instead, logged.
         compute_dtype: activation dtype. None: the weight dtype for float weights; for fp8 weights bf16 on a
             CUDA device and fp32 elsewhere (``fp8.default_compute_dtype``).
+        trainable: False (default): eval mode, ``requires_grad`` off. True: train mode, ``requires_grad`` on
+            every parameter; needs float weights (fp32 / fp16 / bf16), not fp8. Parameters may share storage with
+            an in-memory ``path_or_state_dict`` whose tensors need no conversion: training then updates them.
 
     Returns:
-        ``PhantomWanDiT`` in eval mode with ``requires_grad`` off; ``model.compute_dtype`` is the activation dtype.
+        ``PhantomWanDiT`` in eval mode with ``requires_grad`` off (``trainable=False``) or in train mode with it
+        on (``trainable=True``); ``model.compute_dtype`` is the activation dtype.
 
     Raises:
         ValueError: for a file that is not a T2V Wan DiT, missing / unexpected / mis-shaped keys, a scaled fp8
-            file missing a ``scale_weight``, or an unusable ``dtype`` / ``compute_dtype``.
+            file missing a ``scale_weight``, an unusable ``dtype`` / ``compute_dtype``, or fp8 weights with
+            ``trainable=True``.
     """
     owned = not isinstance(path_or_state_dict, dict)
     sd = read_state_dict(path_or_state_dict) if owned else path_or_state_dict
@@ -184,6 +191,10 @@ def load_dit(
         validate_dit_state_dict(sd, config)
     stored = detect_fp8_format(sd)
     plan = plan_load(stored, dtype, compute_dtype, device)
+    if trainable and is_fp8(plan.weight_dtype):
+        kept = " (dtype=None keeps the checkpoint's own)" if dtype is None else ""
+        raise ValueError(f"trainable=True needs float weights, but the weight dtype is {plan.weight_dtype}{kept}; "
+                         "pass dtype=torch.float32, torch.bfloat16 or torch.float16 (an fp8 file is dequantized)")
     if plan.cast_ops:
         if ops is not nn:
             logger.info("%s weights computed in %s need cast-on-forward layers: using phantom fp8_ops, not %s",
@@ -199,4 +210,4 @@ def load_dit(
     model.load_state_dict(sd, strict=True, assign=True)
     attach_scales(model, scales)
     logger.debug("DiT weights by dtype (bytes): %s", weight_bytes(model))
-    return model.eval().requires_grad_(False)
+    return model.train().requires_grad_(True) if trainable else model.eval().requires_grad_(False)
