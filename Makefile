@@ -1,7 +1,7 @@
 # ComfyUI-Phantom: every set-up step lives here and in tools/bootstrap.sh.
 PY := .venv/bin/python
 
-.PHONY: env demo test bench bench-memory workflows
+.PHONY: env demo test lint bench bench-memory workflows
 env: .venv/.phantom-ready
 
 .venv/.phantom-ready: tools/bootstrap.sh requirements.txt
@@ -14,6 +14,10 @@ demo: env
 # Every test (core parity, nodes through a real ComfyUI server, shipped workflows end to end).
 test: env
 	$(PY) -m pytest -q
+
+# Style and static checks (pyproject.toml [tool.ruff]).
+lint: env
+	$(PY) -m ruff check .
 
 # Printed side-by-side ratios (not tests); ComfyUI's code is the baseline, so it goes on the path.
 bench: env

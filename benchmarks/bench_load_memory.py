@@ -50,8 +50,8 @@ def write_synthetic_checkpoint(path: Path, preset: str = "phantom-wan-1.3b", dty
     """
     import torch
 
-    from phantom_core.wan.load import expected_shapes
     from phantom_core.wan.dit import DIT_PRESETS
+    from phantom_core.wan.load import expected_shapes
 
     dtype = getattr(torch, dtype_name)
     shapes = dict(sorted(expected_shapes(DIT_PRESETS[preset]).items()))
@@ -96,8 +96,8 @@ def child_official(path: str) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from phantom_core.wan.load import infer_dit_config
     from phantom_core.wan.dit import PhantomWanDiT
+    from phantom_core.wan.load import infer_dit_config
 
     base = _status_mb("VmRSS")
     t0 = time.perf_counter()

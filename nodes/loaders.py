@@ -17,10 +17,10 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from phantom_core.wan.load import load_dit
 from phantom_core.loading.files import INDEX_SUFFIX
 from phantom_core.loading.fp8 import WEIGHT_DTYPES, is_fp8
 from phantom_core.wan.inspect import stored_format
+from phantom_core.wan.load import load_dit
 from phantom_core.wan.umt5 import load_text_encoder
 from phantom_core.wan.vae import load_vae
 

@@ -7,15 +7,21 @@ latents on the time axis; see `phantom_core.references`.
 from __future__ import annotations
 
 import comfy.model_management as mm
-import nodes
 import torch
 from comfy_api.latest import io
 
+import nodes
+from phantom_core.references import (
+    MAX_REFERENCES,
+    REFERENCE_MODES,
+    encode_references,
+    tensor_to_pil,
+    validate_references,
+)
 from phantom_core.wan.latents import denormalize_latents
-from phantom_core.references import MAX_REFERENCES, REFERENCE_MODES, encode_references, tensor_to_pil, validate_references
 
-from .types import CATEGORY, PhantomReferences as PhantomReferencesType, PhantomRefLatents, PhantomVAE, core
-
+from .types import CATEGORY, PhantomRefLatents, PhantomVAE, core
+from .types import PhantomReferences as PhantomReferencesType
 
 
 def with_alpha(batch: torch.Tensor, mask: torch.Tensor | None, name: str) -> torch.Tensor:

@@ -23,9 +23,8 @@ import torch
 from comfy_api.latest import io, ui
 
 from phantom_core.log import logger
-from phantom_core.references import tensor_to_pil, to_rgb
+from phantom_core.references import MAX_REFERENCES, tensor_to_pil, to_rgb
 from phantom_core.rephrase.backends import BACKENDS, make_backend
-from phantom_core.references import MAX_REFERENCES
 from phantom_core.rephrase.rephraser import Rephraser
 
 from .types import CATEGORY, PhantomReferences

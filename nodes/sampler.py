@@ -10,15 +10,14 @@ import comfy.latent_formats
 import comfy.model_management as mm
 import comfy.utils
 import latent_preview
-import nodes
 import torch
 from comfy_api.latest import io
 
-from phantom_core.wan.latents import denormalize_latents, latent_shape, normalize_latents
+import nodes
 from phantom_core.sampling.loop import SAMPLER_PRESETS, SOLVERS, sample_from_seed
+from phantom_core.wan.latents import denormalize_latents, latent_shape, normalize_latents
 
 from .types import CATEGORY, PhantomDiT, PhantomRefLatents, core
-
 
 
 def frames_error(frames: int | None) -> str | None:

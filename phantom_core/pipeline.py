@@ -25,7 +25,6 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from phantom_core.wan.load import load_dit
 from phantom_core.loading.fp8 import default_compute_dtype, is_fp8
 from phantom_core.log import logger
 from phantom_core.references import MAX_REFERENCES, encode_references, open_reference
@@ -40,8 +39,9 @@ from phantom_core.sidecar import (
     runtime_record,
     write_sidecar,
 )
-from phantom_core.wan.umt5 import load_text_encoder
 from phantom_core.video_io import to_uint8_frames, write_mp4
+from phantom_core.wan.load import load_dit
+from phantom_core.wan.umt5 import load_text_encoder
 from phantom_core.wan.vae import load_vae
 
 # ---------------------------------------------------------------------------------------------- generation

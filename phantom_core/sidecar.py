@@ -81,6 +81,7 @@ def describe_files(paths: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
 
 def _versions() -> dict[str, str]:
     import numpy
+
     import phantom_core
 
     return {"phantom": str(getattr(phantom_core, "__version__", "unknown")), "torch": torch.__version__,

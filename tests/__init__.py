@@ -1,1 +1,2 @@
-"""ComfyUI-Phantom tests: core/ (phantom_core alone), nodes/ and workflows/ (a real headless ComfyUI), support/ (helpers)."""
+"""ComfyUI-Phantom tests: core/ (phantom_core alone), nodes/ and workflows/ (a real headless ComfyUI),
+support/ (helpers)."""

@@ -64,7 +64,7 @@ class ComfyServer:
         for sub in ("input", "output", "temp", "user"):
             (self.base / sub).mkdir(exist_ok=True)
 
-    def start(self) -> "ComfyServer":
+    def start(self) -> ComfyServer:
         """Prepare the base directory, launch the server and wait until `/object_info` answers."""
         self.prepare()
         cmd = [str(PYTHON), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from phantom_core.log import logger
 
+
 def short_listing(items: list[str], limit: int = 10) -> str:
     """Up to ``limit`` of ``items`` comma-separated, then ``", ... (N more)"`` (for error messages)."""
     more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from phantom_core.rephrase.endpoint import (EndpointBackend, EndpointConfig)
+from phantom_core.rephrase.endpoint import EndpointBackend, EndpointConfig
 from phantom_core.rephrase.local import LocalConfig, LocalVLMBackend
-
 
 BACKENDS = ("openai-compatible", "local")
 

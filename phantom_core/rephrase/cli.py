@@ -26,12 +26,11 @@ from typing import Any
 
 from PIL import Image
 
-from phantom_core.references import open_reference
+from phantom_core.references import MAX_REFERENCES, open_reference
 from phantom_core.rephrase.backends import make_backend
 from phantom_core.rephrase.cache import RephraseCache
-from phantom_core.rephrase.types import RephraseResult
-from phantom_core.references import MAX_REFERENCES
 from phantom_core.rephrase.rephraser import Rephraser
+from phantom_core.rephrase.types import RephraseResult
 
 # option name (flag without "--" and prefix) -> add_argument keywords; the order is the --help order
 BACKEND_OPTIONS: dict[str, dict[str, Any]] = {

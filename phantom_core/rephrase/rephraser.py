@@ -35,7 +35,6 @@ from phantom_core.references import MAX_REFERENCES
 from phantom_core.rephrase.cache import DEFAULT_CACHE, RephraseCache
 from phantom_core.rephrase.types import ChatBackend, RephraseError, RephraseResult, UnusableAnswer
 
-
 LANGUAGES = {"en": "English", "zh": "Simplified Chinese (简体中文)"}
 LANGUAGE_ALIASES = {"auto": "auto", "en": "en", "english": "en", "zh": "zh", "chinese": "zh", "中文": "zh"}
 CACHE_FORMAT = 2  # bump when the meaning of a cached entry changes (2: whole-word, one-place check)

@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from phantom_core.sampling.guidance import VelocityModel, guidance_weights, phantom_guidance
 from phantom_core.log import logger
+from phantom_core.sampling.guidance import VelocityModel, guidance_weights, phantom_guidance
 from phantom_core.sampling.schedule import flow_sigmas, model_timesteps
 from phantom_core.sampling.solvers import UniPCState, euler_step, unipc_step, x0_from_velocity
 

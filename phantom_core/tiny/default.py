@@ -25,9 +25,9 @@ from safetensors.torch import save
 from torch import Tensor
 
 from phantom_core.log import logger
-from phantom_core.wan.umt5 import TEXT_ENCODER_PRESETS, write_text_encoder_checkpoint
 from phantom_core.tiny.text import random_text_encoder_state_dict, train_tiny_tokenizer
 from phantom_core.wan.dit import DIT_PRESETS, PhantomWanDiT
+from phantom_core.wan.umt5 import TEXT_ENCODER_PRESETS, write_text_encoder_checkpoint
 from phantom_core.wan.vae import VAE_PRESETS, WanVAE
 
 DIT_FILE = "diffusion_models/phantom_tiny_dit.safetensors"

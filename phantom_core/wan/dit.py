@@ -119,17 +119,6 @@ def pad_to_patch(x: Tensor, patch_size: tuple[int, int, int]) -> Tensor:
     return F.pad(x, pad, mode="circular") if any(pad) else x
 
 
-def linear_fp32(layer: nn.Module, x: Tensor) -> Tensor:
-    """The maths of a (scaled-fp8) Linear in float32, read straight from ``layer.weight`` / ``.bias`` /
-    ``.scale_weight``: ``x (..., in)`` -> ``(..., out)`` float32. It bypasses the layer's forward, hooks and any
-    wrapper, so the model does not use it (see ``run_fp32``); it is the reference ``run_fp32`` is tested against."""
-    w = layer.weight.to(device=x.device, dtype=torch.float32)
-    if (scale := getattr(layer, "scale_weight", None)) is not None:
-        w = w * scale.to(device=x.device, dtype=torch.float32)
-    b = None if layer.bias is None else layer.bias.to(device=x.device, dtype=torch.float32)
-    return F.linear(x.float(), w, b)
-
-
 def run_fp32(layer: nn.Module, x: Tensor) -> Tensor:
     """``layer(x)`` computed in float32 through the layer's own call, whatever dtype its weights are stored in.
 

@@ -1,7 +1,8 @@
 """Say what a checkpoint is without loading it: architecture, preset, dtypes, size, key and parameter counts.
 
-Only metadata is read (``phantom_core.loading.headers``). The architecture is recognised by running the loaders' own shape inference
-(``infer_dit_config``, ``infer_vae_config``, ``infer_text_encoder_spec``) on shape-only ``meta`` tensors.
+Only metadata is read (``phantom_core.loading.headers``). The architecture is recognised by running the
+loaders' own shape inference (``infer_dit_config``, ``infer_vae_config``, ``infer_text_encoder_spec``) on
+shape-only ``meta`` tensors.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from typing import Any
 
 from torch import Tensor
 
-from phantom_core.wan.load import infer_dit_config, preset_name, strip_prefixes, validate_dit_state_dict
 from phantom_core.loading.files import TensorInfo
-from phantom_core.loading.headers import read_tensor_infos, stand_ins
 from phantom_core.loading.fp8 import SCALED_FP8_KEY, Fp8Format, detect_fp8_format, is_scale_key, split_scales
+from phantom_core.loading.headers import read_tensor_infos, stand_ins
+from phantom_core.wan.load import infer_dit_config, preset_name, strip_prefixes, validate_dit_state_dict
 from phantom_core.wan.umt5 import (
     SPIECE_KEY,
     TEXT_ENCODER_PRESETS,

@@ -20,7 +20,6 @@ import torch
 from torch import Tensor, nn
 
 from phantom_core.loading.files import read_state_dict
-from phantom_core.loading.keys import errors_name_file, keep_prefixed, key_problems
 from phantom_core.loading.fp8 import (
     SCALED_FP8_KEY,
     attach_scales,
@@ -33,6 +32,7 @@ from phantom_core.loading.fp8 import (
     plan_load,
     weight_bytes,
 )
+from phantom_core.loading.keys import errors_name_file, keep_prefixed, key_problems
 from phantom_core.log import logger
 from phantom_core.wan.dit import DIT_PRESETS, HEAD_DIM, PhantomWanDiT, WanDiTConfig
 

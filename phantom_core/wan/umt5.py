@@ -23,13 +23,13 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from phantom_core.loading.files import read_state_dict
 from phantom_core.loading.fp8 import (
     attach_scales,
     cast_layer_weights,
@@ -39,7 +39,6 @@ from phantom_core.loading.fp8 import (
     plan_load,
 )
 from phantom_core.loading.keys import errors_name_file
-from phantom_core.loading.files import read_state_dict
 from phantom_core.log import logger
 from phantom_core.wan.dit import TEXT_LEN
 

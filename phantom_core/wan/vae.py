@@ -18,11 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from phantom_core.loading.keys import errors_name_file, keep_prefixed, key_problems
 from phantom_core.loading.files import read_state_dict
-from phantom_core.wan.latents import LATENT_CHANNELS, denormalize_latents, normalize_latents
+from phantom_core.loading.keys import errors_name_file, keep_prefixed, key_problems
 from phantom_core.log import logger
-from phantom_core.wan.vae_tiling import DEFAULT_OVERLAP_LATENT, decode_tiled
+from phantom_core.wan.latents import LATENT_CHANNELS, denormalize_latents, normalize_latents
 from phantom_core.wan.vae_blocks import (
     AttentionBlock,
     CausalCache,
@@ -33,6 +32,7 @@ from phantom_core.wan.vae_blocks import (
     apply_causal,
     causal_conv,
 )
+from phantom_core.wan.vae_tiling import DEFAULT_OVERLAP_LATENT, decode_tiled
 
 
 @dataclass(frozen=True)

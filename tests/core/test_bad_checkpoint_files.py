@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from phantom_core.loading.files import describe_content, read_state_dict
-from phantom_core.wan.load import load_dit
 from phantom_core.__main__ import main
-from phantom_core.wan.inspect import inspect_checkpoint, stored_format
-from phantom_core.wan.umt5 import load_text_encoder
+from phantom_core.loading.files import describe_content, read_state_dict
 from phantom_core.tiny.default import write_tiny_default
+from phantom_core.wan.inspect import inspect_checkpoint, stored_format
+from phantom_core.wan.load import load_dit
+from phantom_core.wan.umt5 import load_text_encoder
 from phantom_core.wan.vae import load_vae
 
 HTML = b"<!DOCTYPE html>\n<html><head><title>403</title></head><body>Access denied</body></html>\n"

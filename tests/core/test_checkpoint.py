@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from phantom_core.wan.load import infer_dit_config, load_dit, preset_name, strip_prefixes, validate_dit_state_dict
 from phantom_core.loading.files import read_state_dict
 from phantom_core.wan.dit import DIT_PRESETS, PhantomWanDiT
+from phantom_core.wan.load import infer_dit_config, load_dit, preset_name, strip_prefixes, validate_dit_state_dict
 
 TINY = DIT_PRESETS["tiny"]
 

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from phantom_core.wan.load import load_dit, validate_dit_state_dict
 from phantom_core.loading.fp8 import (
     SCALED_FP8_KEY,
     CastLinear,
@@ -21,11 +20,11 @@ from phantom_core.loading.fp8 import (
     quantize_state_dict,
     weight_bytes,
 )
-from phantom_core.wan.inspect import inspect_checkpoint
-from phantom_core.wan.umt5 import PAD_ID, TEXT_ENCODER_PRESETS, load_text_encoder, write_text_encoder_checkpoint
-from phantom_core.wan.dit import TEXT_LEN
 from phantom_core.tiny.text import random_text_encoder_state_dict, train_tiny_tokenizer
-from phantom_core.wan.dit import DIT_PRESETS, PhantomWanDiT
+from phantom_core.wan.dit import DIT_PRESETS, TEXT_LEN, PhantomWanDiT
+from phantom_core.wan.inspect import inspect_checkpoint
+from phantom_core.wan.load import load_dit, validate_dit_state_dict
+from phantom_core.wan.umt5 import PAD_ID, TEXT_ENCODER_PRESETS, load_text_encoder, write_text_encoder_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 CFG = DIT_PRESETS["tiny"]
@@ -111,7 +110,8 @@ def test_fp8_dit_stays_8bit_and_equals_the_dequantized_model(dit, tmp_path, fmt,
     expanded = load_dit(path, dtype=torch.float32)  # our own dequantize-while-loading path
     assert all(p.dtype == torch.float32 for p in expanded.parameters())
     a, b, c = run(ours, inputs), run(reference, inputs), run(expanded, inputs)
-    torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-5 * b.abs().max().item())  # same maths, other memory layout: CPU kernels promise no bitwise equality there
+    # same maths, other memory layout: CPU kernels promise no bitwise equality there
+    torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-5 * b.abs().max().item())
     err = (a - b).abs().max().item()
     print(f"fp8 {fmt} scaled={scaled}: max |ours - dequantized fp32| = {err:.2e}")
     assert err <= 1e-5 * b.abs().max().item()

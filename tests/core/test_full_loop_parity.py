@@ -24,12 +24,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from phantom_core.wan.load import load_dit
-from phantom_core.wan.latents import denormalize_latents, normalize_latents
 from phantom_core.sampling.loop import sample_phantom
 from phantom_core.sampling.schedule import flow_sigmas
 from phantom_core.tiny.default import tiny_dit_state_dict
 from phantom_core.wan.dit import DIT_PRESETS
+from phantom_core.wan.latents import denormalize_latents, normalize_latents
+from phantom_core.wan.load import load_dit
 
 STEPS, SHIFT, W_IMG, W_TEXT = 6, 5.0, 3.0, 7.5
 LATENT = (1, 16, 2, 8, 8)  # 5 frames of 64 x 64 px

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.support.files import make_tiny_files, model_args
 
 from phantom_core.__main__ import build_parser, main
 from phantom_core.rephrase.cli import add_rephrase_backend_arguments
-from phantom_core.sidecar import build_sidecar, write_sidecar
 from phantom_core.rephrase.rephraser import Rephraser
+from phantom_core.sidecar import build_sidecar, write_sidecar
 from phantom_core.video_io import read_mp4_frames
 from tests.support.chat import good_answer
+from tests.support.files import make_tiny_files, model_args
 
 KEY_ENV = "PHANTOM_GENERATE_REPHRASE_TEST_KEY"
 KEY = "sk-generate-SECRET-5566778899"

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from phantom_core.loading.fp8 import quantize_fp8
-from phantom_core.wan.dit import DIT_PRESETS, PhantomWanDiT, linear_fp32
+from phantom_core.loading.fp8 import fp8_ops, quantize_fp8
+from phantom_core.wan.dit import DIT_PRESETS, PhantomWanDiT, run_fp32
 
 
 def test_dit_runs_when_comfyui_loads_it_partially(comfy_import) -> None:
@@ -29,20 +29,21 @@ def test_dit_runs_when_comfyui_loads_it_partially(comfy_import) -> None:
     assert out.shape == x.shape and out.device.type == "meta"
 
 
-def test_linear_fp32_computes_in_float32_with_the_scale() -> None:
+def test_run_fp32_computes_in_float32_with_the_scale() -> None:
+    """The time path's layers compute in float32 whatever their stored dtype (bf16; scaled fp8 with its scale)."""
     gen = torch.Generator().manual_seed(0)
     layer = nn.Linear(64, 32).to(torch.bfloat16)
     x = torch.randn(3, 64, generator=gen)
     exact = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
-    ours = linear_fp32(layer, x)
+    ours = run_fp32(layer, x)
     assert ours.dtype == torch.float32
     assert (ours.double() - exact).abs().max() < 1e-4
     in_bf16 = layer(x.bfloat16()).double()  # what running the time MLP in the weight dtype would give
     assert (in_bf16 - exact).abs().max() > 10 * (ours.double() - exact).abs().max()
     q, scale = quantize_fp8(layer.weight.float())
-    fp8 = nn.Linear(64, 32)
+    fp8 = fp8_ops(torch.bfloat16).Linear(64, 32)  # the cast layer a scaled-fp8 DiT is built from
     fp8.weight = nn.Parameter(q, requires_grad=False)
     fp8.bias = nn.Parameter(layer.bias.float(), requires_grad=False)
     fp8.register_buffer("scale_weight", scale)
     dequant = torch.nn.functional.linear(x, q.float() * scale, layer.bias.float())
-    assert torch.allclose(linear_fp32(fp8, x), dequant, atol=1e-6)
+    assert torch.allclose(run_fp32(fp8, x), dequant, atol=1e-6)

@@ -11,24 +11,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.support.files import make_tiny_files, model_args
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from phantom_core.wan.load import expected_shapes
-from phantom_core.loading.files import read_state_dict
-from phantom_core.__main__ import build_parser, main
-from phantom_core.cli import resolve_generate_args
-from phantom_core.wan.inspect import inspect_checkpoint
 import phantom_core.pipeline as pipeline
 import phantom_core.sidecar as sidecar
+from phantom_core.__main__ import build_parser, main
+from phantom_core.cli import resolve_generate_args
+from phantom_core.loading.files import read_state_dict
 from phantom_core.pipeline import generate, load_models
-from phantom_core.settings import WAN_NEGATIVE_PROMPT
-from phantom_core.settings import GenerationSettings, settings_from_preset
+from phantom_core.settings import WAN_NEGATIVE_PROMPT, GenerationSettings, settings_from_preset
 from phantom_core.sidecar import read_sidecar
 from phantom_core.video_io import read_mp4_frames
 from phantom_core.wan.dit import DIT_PRESETS
+from phantom_core.wan.inspect import inspect_checkpoint
+from phantom_core.wan.load import expected_shapes
+from tests.support.files import make_tiny_files, model_args
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--width", "32", "--height", "32", "--frames", "5", "--steps", "3"]

@@ -17,14 +17,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.support.chat import good_answer, make_images
 from phantom_core.__main__ import main as cli_main
 from phantom_core.rephrase.backends import make_backend
 from phantom_core.rephrase.cache import RephraseCache
 from phantom_core.rephrase.endpoint import EndpointBackend, EndpointConfig
+from phantom_core.rephrase.rephraser import (
+    INSTRUCTIONS,
+    Rephraser,
+    build_messages,
+    check_answer,
+    parse_answer,
+    place_descriptions,
+    resolve_language,
+)
 from phantom_core.rephrase.types import RephraseError, UnusableAnswer
-from phantom_core.rephrase.rephraser import (INSTRUCTIONS, Rephraser, build_messages, check_answer, parse_answer,
-                                    place_descriptions, resolve_language)
+from tests.support.chat import good_answer, make_images
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "sk-test-SECRET-0123456789"

@@ -16,14 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.support.tiny_vlm import build_text_only_model, build_tiny_vlm
-from phantom_core.rephrase import local as rephrase_local
 from phantom_core.__main__ import main as cli_main
+from phantom_core.rephrase import local as rephrase_local
 from phantom_core.rephrase.backends import make_backend
 from phantom_core.rephrase.cache import RephraseCache
 from phantom_core.rephrase.local import LocalConfig, LocalVLMBackend
-from phantom_core.rephrase.types import RephraseError
 from phantom_core.rephrase.rephraser import Rephraser
+from phantom_core.rephrase.types import RephraseError
+from tests.support.tiny_vlm import build_text_only_model, build_tiny_vlm
 
 STRICT_ERRORS: list[str] = []  # the strict test's error, compared with the lenient test's text (same inputs)
 

@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from phantom_core.settings import WAN_NEGATIVE_PROMPT
+from phantom_core.tiny.text import random_text_encoder_state_dict, train_tiny_tokenizer
+from phantom_core.wan.dit import TEXT_LEN
 from phantom_core.wan.umt5 import (
     EOS_ID,
     PAD_ID,
@@ -22,9 +25,6 @@ from phantom_core.wan.umt5 import (
     load_tokenizer,
     write_text_encoder_checkpoint,
 )
-from phantom_core.wan.dit import TEXT_LEN
-from phantom_core.settings import WAN_NEGATIVE_PROMPT
-from phantom_core.tiny.text import random_text_encoder_state_dict, train_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = TEXT_ENCODER_PRESETS["tiny"]
@@ -174,7 +174,8 @@ def test_upstream_wan_pth_layout_loads_to_the_same_encoder(tmp_path, encoder, we
     (tmp_path / "google" / "umt5-xxl" / "spiece.model").write_bytes(spiece)
     wan = load_text_encoder(tmp_path / "models_t5_umt5-xxl-enc-bf16.pth", tokenizer=tmp_path / "google" / "umt5-xxl")
     for x, y in zip(wan.encode(PROMPTS), encoder.encode(PROMPTS)):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)  # same maths, other memory layout: CPU kernels promise no bitwise equality there
+        # same maths, other memory layout: CPU kernels promise no bitwise equality there
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- ComfyUI parity

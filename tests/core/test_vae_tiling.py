@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 from einops import repeat
-from tests.support.weights import random_vae_state_dict
 
 from phantom_core.wan.latents import normalize_latents
-from phantom_core.wan.vae_tiling import MIN_TILE_LATENT, axis_weights, check_tiling, decode_tiled, tile_starts
 from phantom_core.wan.vae import VAE_PRESETS, load_vae
+from phantom_core.wan.vae_tiling import MIN_TILE_LATENT, axis_weights, check_tiling, decode_tiled, tile_starts
+from tests.support.weights import random_vae_state_dict
 
 TINY = VAE_PRESETS["tiny"]
 LAYOUTS = [(24, 16, 8), (32, 16, 8), (13, 5, 2), (9, 4, 3), (40, 32, 8), (7, 6, 0), (17, 8, 0), (10, 4, 1)]

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from phantom_core.wan.rope import apply_rope, rope_axis_pairs, rope_table
 from phantom_core.wan.dit import DIT_PRESETS, PhantomWanDiT, sinusoidal_embedding
+from phantom_core.wan.rope import apply_rope, rope_axis_pairs, rope_table
 
 CFG = DIT_PRESETS["tiny"]
 

@@ -14,8 +14,8 @@ from phantom_core.wan.latents import (
     denormalize_latents,
     normalize_latents,
 )
-from tests.support.weights import random_vae_state_dict
 from phantom_core.wan.vae import VAE_PRESETS, WanVAE, WanVAEConfig, infer_vae_config, load_vae
+from tests.support.weights import random_vae_state_dict
 
 TINY = VAE_PRESETS["tiny"]
 H, W = 32, 48  # encoded video, pixels (latents 4 x 6)
@@ -213,7 +213,8 @@ def test_load_vae_with_comfy_ops_layers(comfy_import, pair):
     vae = load_vae(sd, ops=ops)
     assert isinstance(vae.encoder.conv1, ops.Conv3d) and isinstance(vae.encoder.middle[1].to_qkv, ops.Conv2d)
     x = video(5)
-    torch.testing.assert_close(vae.encode(x), pair[0].encode(x), rtol=1e-5, atol=1e-6)  # same maths, other memory layout: CPU kernels promise no bitwise equality there
+    # same maths, other memory layout: CPU kernels promise no bitwise equality there
+    torch.testing.assert_close(vae.encode(x), pair[0].encode(x), rtol=1e-5, atol=1e-6)
 
 
 # --- latent normalisation ------------------------------------------------------------------------------------

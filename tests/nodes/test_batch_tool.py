@@ -7,10 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from phantom_core.video_io import probe_mp4
 from tools import phantom_batch
 from tools.comfy_launcher import ComfyServer
-
-from phantom_core.video_io import probe_mp4
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "phantom_batch.py"

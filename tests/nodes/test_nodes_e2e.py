@@ -19,10 +19,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 import requests
-from tests.support.comfy import history_error
-from tools.comfy_launcher import ComfyServer
 
 from phantom_core.video_io import probe_mp4
+from tests.support.comfy import history_error
+from tools.comfy_launcher import ComfyServer
 
 ROOT = Path(__file__).resolve().parents[2]
 PHANTOM_NODES = {
@@ -90,10 +90,10 @@ def test_tiny_default_is_complete_random_and_stable(comfy_server: ComfyServer, t
     rewrite only when a file's bytes differ."""
     import torch
 
-    from phantom_core.wan.load import load_dit
-    from phantom_core.wan.umt5 import TEXT_ENCODER_PRESETS, load_text_encoder
     from phantom_core.tiny.default import write_tiny_default
     from phantom_core.wan.dit import DIT_PRESETS
+    from phantom_core.wan.load import load_dit
+    from phantom_core.wan.umt5 import TEXT_ENCODER_PRESETS, load_text_encoder
     from phantom_core.wan.vae import VAE_PRESETS, load_vae
 
     models = comfy_server.base / "models"
@@ -180,10 +180,10 @@ def test_node_chain_matches_phantom_core_run_directly(comfy_server: ComfyServer,
     import torch
     from safetensors.torch import load_file
 
-    from phantom_core.wan.load import load_dit
-    from phantom_core.wan.latents import denormalize_latents
     from phantom_core.references import encode_references, open_reference
     from phantom_core.sampling.loop import make_noise, sample_phantom
+    from phantom_core.wan.latents import denormalize_latents
+    from phantom_core.wan.load import load_dit
     from phantom_core.wan.umt5 import load_text_encoder
     from phantom_core.wan.vae import load_vae
 

@@ -11,13 +11,13 @@ import os
 from pathlib import Path
 
 import pytest
-from tests.support.comfy import history_error
-from tools.comfy_launcher import ComfyServer
 from safetensors.torch import load_file, save_file
 
 from phantom_core.loading.fp8 import quantize_state_dict
-from phantom_core.wan.umt5 import SPIECE_KEY
 from phantom_core.video_io import probe_mp4
+from phantom_core.wan.umt5 import SPIECE_KEY
+from tests.support.comfy import history_error
+from tools.comfy_launcher import ComfyServer
 
 ROOT = Path(__file__).resolve().parents[2]
 DIT_NODE, VAE_NODE, TEXT_ENCODER_NODE = "1", "2", "3"

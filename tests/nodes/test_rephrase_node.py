@@ -18,16 +18,15 @@ import uuid
 from pathlib import Path
 
 import aiohttp
-
 import numpy as np
 import pytest
 from PIL import Image
 
 from tests.support import COMFY_DIR
-from tests.support.comfy import history_error
-from tools.comfy_launcher import ComfyServer
 from tests.support.chat import good_answer
+from tests.support.comfy import history_error
 from tests.support.tiny_vlm import build_tiny_vlm
+from tools.comfy_launcher import ComfyServer
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXT_EVENT = 3  # ComfyUI's BinaryEventTypes.TEXT: what PromptServer.send_progress_text sends

@@ -21,8 +21,14 @@ CHAT_TEMPLATE = (
 def build_tiny_vlm(folder: Path) -> Path:
     """Write a ~0.1 M-parameter random Qwen2-VL (2 text layers, 1 vision block) with its processor to `folder`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import (PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
-                              Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # every byte is a token: any text round-trips
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(alphabet)}, merges=[]))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from phantom_core.wan.vae import WanVAE, WanVAEConfig
 
@@ -23,3 +25,14 @@ def random_vae_state_dict(cfg: WanVAEConfig, seed: int = 0) -> dict[str, torch.T
         else:
             sd[key] = noise / math.sqrt(math.prod(ref.shape[1:]))
     return sd
+
+
+def reference_linear_fp32(layer: nn.Module, x: Tensor) -> Tensor:
+    """The maths of a (scaled-fp8) Linear in float32, read straight from ``layer.weight`` / ``.bias`` /
+    ``.scale_weight``: ``x (..., in)`` -> ``(..., out)`` float32: the independent reference ``run_fp32`` (which
+    goes through the layer's own call, hooks and adapters) is tested against."""
+    w = layer.weight.to(device=x.device, dtype=torch.float32)
+    if (scale := getattr(layer, "scale_weight", None)) is not None:
+        w = w * scale.to(device=x.device, dtype=torch.float32)
+    b = None if layer.bias is None else layer.bias.to(device=x.device, dtype=torch.float32)
+    return F.linear(x.float(), w, b)

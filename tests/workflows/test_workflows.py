@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.support.comfy import history_error
-from tools.comfy_launcher import ComfyServer
-from tests.support.chat import good_answer
 
 from phantom_core.video_io import probe_mp4, read_mp4_frames
+from tests.support.chat import good_answer
+from tests.support.comfy import history_error
+from tools.comfy_launcher import ComfyServer
 
 ROOT = Path(__file__).resolve().parents[2]
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}

@@ -11,8 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from phantom_core.loading.fp8 import CastLinear, fp8_ops, quantize_fp8, quantize_state_dict
-from phantom_core.wan.dit import PhantomWanDiT, WanDiTConfig, linear_fp32, run_fp32
+from phantom_core.wan.dit import PhantomWanDiT, WanDiTConfig, run_fp32
 from phantom_core.wan.load import load_dit
+from tests.support.weights import reference_linear_fp32 as linear_fp32
 
 CFG = WanDiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64)
 E4M3 = torch.float8_e4m3fn
