@@ -163,3 +163,19 @@ def test_fp16_vae_cpu_text_encoder_and_nested_tokenizer(comfy_server: ComfyServe
     videos = [v for out in entry["outputs"].values() for v in out.get("images", []) + out.get("videos", [])
               if v["filename"].endswith(".mp4")]
     assert len(videos) == 1
+
+
+def test_gguf_dit_is_listed_and_runs_packed(comfy_server: ComfyServer, examples_dir: Path, dit_folder: Path):
+    """A ComfyUI-GGUF style file (mixed K-quants) is offered by the DiT loader, stays packed with weight_dtype
+    "default", and samples."""
+    from tests.support.gguf_files import write_gguf
+
+    sd = load_file(dit_folder / "phantom_tiny_dit.safetensors")
+    big = lambda k, v: v.ndim == 2 and v.shape[-1] % 256 == 0 and v.numel() > 4096  # noqa: E731
+    write_gguf(dit_folder / "tiny-Q5_K_M.gguf", sd, lambda k, v: ("Q6_K" if "ffn.2" in k else "Q5_K")
+               if big(k, v) else "F32")
+    options = comfy_server.object_info()["PhantomDiTLoader"]["input"]["required"]["dit_name"]
+    assert "tiny-Q5_K_M.gguf" in json.dumps(options)
+    entry = comfy_server.run(tiny_prompt(comfy_server, examples_dir, "tiny-Q5_K_M.gguf", "gguf"))
+    assert entry["status"]["status_str"] == "success", history_error(entry) + comfy_server.log()
+    assert "loaded GGUF DiT tiny" in comfy_server.log(40000), "the DiT loader did not keep the GGUF blocks packed"
