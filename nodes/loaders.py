@@ -82,8 +82,9 @@ def pick_dtypes(choice: str, path: str, load_device: torch.device) -> tuple[torc
     """(weight dtype for the core loader, compute dtype) for a weight-dtype choice and a checkpoint.
 
     "default" keeps an fp8 / scaled-fp8 file 8-bit and a GGUF file block-quantized (None: the stored format; a 14B
-    DiT stays ~14 GB in fp8, less in Q4_K) and loads any other in bf16 where `load_device` supports it, else fp32. An fp8 choice stores the Linear weights in fp8
-    and computes in bf16 / fp32. Raises ValueError naming `weight_dtype`.
+    DiT stays ~14 GB in fp8, less in Q4_K) and loads any other in bf16 where `load_device` supports it, else fp32.
+    An fp8 choice stores the Linear weights in fp8 and computes in bf16 / fp32. Raises ValueError naming
+    `weight_dtype`.
     """
     compute = pick_dtype("default", load_device)
     if choice == "default":
