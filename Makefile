@@ -1,7 +1,7 @@
 # ComfyUI-Phantom: every set-up step lives here and in tools/bootstrap.sh.
 PY := .venv/bin/python
 
-.PHONY: env demo test lint bench bench-memory workflows
+.PHONY: env demo test lint bench bench-sampling bench-memory workflows
 env: .venv/.phantom-ready
 
 .venv/.phantom-ready: tools/bootstrap.sh requirements.txt
@@ -22,6 +22,9 @@ lint: env
 # Printed side-by-side ratios (not tests); ComfyUI's code is the baseline, so it goes on the path.
 bench: env
 	PYTHONPATH=.comfyui $(PY) -m benchmarks.bench_dit
+
+bench-sampling: env
+	PYTHONPATH=.comfyui $(PY) -m benchmarks.bench_sampling
 
 bench-memory: env
 	$(PY) -m benchmarks.bench_load_memory
