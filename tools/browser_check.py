@@ -19,7 +19,7 @@
 
 Screenshots of each step go to output/browser/. Exit status 0 when every check passed, 1 otherwise.
 
-    .venv/bin/python -m tools.browser_check [--keep-open]
+    .venv/bin/python -m tools.browser_check      # or: make test-browser
 """
 
 from __future__ import annotations
@@ -71,6 +71,9 @@ for (const n of (window.app.graph.nodes ?? window.app.graph._nodes)) {
 }
 return out;
 """
+CARDS_JS = """[...document.querySelectorAll('[data-testid^="template-workflow-"]')].map(c => ({
+  name: c.dataset.testid.slice('template-workflow-'.length),
+  images: [...c.querySelectorAll('img')].map(i => [i.currentSrc, i.complete && i.naturalWidth])}))"""
 DIALOGS_JS = """
 return [...document.querySelectorAll('.p-dialog')].filter(d => d.offsetParent !== null)
   .filter(d => !d.querySelector('[data-testid="template-workflows-content"]')).map(d => d.innerText.slice(0, 400));
@@ -158,14 +161,9 @@ def check_templates(driver, checks: Checks) -> None:
     """This extension's category lists exactly the UI workflows, each thumbnail loaded."""
     open_templates(driver)
     titles = {spec.title for spec in WORKFLOWS.values()}
-    cards = wait_for(driver, """return [...document.querySelectorAll('[data-testid^="template-workflow-"]')]
-        .map(c => ({name: c.dataset.testid.slice('template-workflow-'.length),
-                    images: [...c.querySelectorAll('img')].map(i => [i.currentSrc, i.complete && i.naturalWidth])}))""",
-                     "the template cards")
+    wait_for(driver, f"return {CARDS_JS}.length", "the template cards")
     time.sleep(2.0)  # thumbnails load lazily
-    cards = driver.execute_script("""return [...document.querySelectorAll('[data-testid^="template-workflow-"]')]
-        .map(c => ({name: c.dataset.testid.slice('template-workflow-'.length),
-                    images: [...c.querySelectorAll('img')].map(i => [i.currentSrc, i.complete && i.naturalWidth])}))""")
+    cards = driver.execute_script(f"return {CARDS_JS}")
     names = {c["name"] for c in cards}
     checks.expect(names == titles, f"Templates browser, {MODULE}: lists {sorted(names)}, expected {sorted(titles)}")
     for card in cards:
@@ -205,6 +203,7 @@ def check_workflow(driver, title: str, checks: Checks) -> dict:
 
 def run_from_button(driver, server: ComfyServer, checks: Checks) -> None:
     """The loaded workflow at a tiny size, queued with the Run button; its MP4 probed and its preview played."""
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
     driver.execute_script("""
@@ -216,6 +215,7 @@ def run_from_button(driver, server: ComfyServer, checks: Checks) -> None:
       window.app.graph.setDirtyCanvas(true, true);""", TINY)
     before = set(requests.get(f"{server.url}/history", timeout=30).json())
     driver.find_element(By.CSS_SELECTOR, '[data-testid="queue-button"]').click()
+    ActionChains(driver).move_to_element(driver.find_element(By.TAG_NAME, "canvas")).perform()  # no tooltip
     deadline, entry = time.monotonic() + 300.0, None
     while time.monotonic() < deadline and entry is None:
         time.sleep(1.0)
@@ -246,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     OUT_DIR.mkdir(parents=True, exist_ok=True)
+    for old in OUT_DIR.glob("*.png"):  # only this run's screenshots
+        old.unlink()
     checks, server = Checks(), ComfyServer()
     log.info("starting ComfyUI headless (log: %s)", server.log_path)
     server.start()
