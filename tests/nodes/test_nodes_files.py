@@ -18,6 +18,7 @@ from phantom_core.video_io import probe_mp4
 from phantom_core.wan.umt5 import SPIECE_KEY
 from tests.support.comfy import history_error
 from tools.comfy_launcher import ComfyServer
+from tools.make_workflows import api_path
 
 ROOT = Path(__file__).resolve().parents[2]
 DIT_NODE, VAE_NODE, TEXT_ENCODER_NODE = "1", "2", "3"
@@ -29,7 +30,7 @@ def tiny_prompt(server: ComfyServer, examples_dir: Path, dit_name: str, prefix: 
                 inputs: dict[str, dict] | None = None) -> dict:
     """The shipped 1-reference API workflow at 32x32, 1 frame, 2 steps, with `dit_name` as the DiT and
     `inputs` ({node id: {input: value}}) changed."""
-    prompt = json.loads((ROOT / "workflows" / "phantom_1ref_api.json").read_text(encoding="utf-8"))
+    prompt = json.loads(api_path("phantom_1ref").read_text(encoding="utf-8"))
     prompt = copy.deepcopy(prompt)
     prompt["10"]["inputs"]["image"] = server.upload_image(examples_dir / "ref1.jpg")
     prompt[DIT_NODE]["inputs"]["dit_name"] = dit_name
