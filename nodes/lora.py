@@ -3,7 +3,8 @@
 The LoRA becomes weight patches on a clone of the DiT's ModelPatcher (`ModelPatcher.add_patches`, as ComfyUI's own
 LoraLoaderModelOnly does): ComfyUI's memory manager adds them to the weights when it loads the model and restores
 the base weights when it unloads or switches models, so the loaded DiT is never changed and nodes chain (each adds
-its patches to a new clone). Reading and checking the file (any layout `phantom_core.lora.keys` reads; keys of no
+its patches to a new clone). Full-weight deltas on parameters ComfyUI's patcher skips (`blocks.N.modulation`) become
+object patches of the same patcher. Reading and checking the file (any layout `phantom_core.lora.keys` reads; keys of no
 module and shapes of another model size are refused) is `phantom_core.lora`.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 
 import folder_paths
+import torch
 from comfy.weight_adapter.lora import LoRAAdapter
 from comfy_api.latest import io
 
@@ -73,6 +75,29 @@ def comfy_patches(patches: list[WeightPatch], prefix: str) -> dict[str, object]:
     return out
 
 
+def skipped_by_patcher(patcher, key: str) -> bool:
+    """True when ComfyUI's ModelPatcher would never apply a weight patch on `key`: it patches only the
+    parameters of modules without parameter-holding children, so a parameter of a module that also has
+    submodules (`blocks.N.modulation`, `head.modulation`) is skipped (silently, in its own LoRA loader too)."""
+    owner = patcher.model.get_submodule(key.rpartition(".")[0])
+    return any(True for _ in owner.children())
+
+
+def add_to_patcher(patcher, patches: list[WeightPatch], prefix: str) -> None:
+    """Add `patches` to `patcher` (a clone): weight patches where ComfyUI applies them, and for the parameters it
+    skips an object patch holding the patched parameter (set when the model is loaded, restored when unloaded;
+    built on any earlier object patch of the chain)."""
+    skipped = [skipped_by_patcher(patcher, prefix + p.key) for p in patches]
+    wanted = comfy_patches([p for p, skip in zip(patches, skipped) if not skip], prefix)
+    applied = set(patcher.add_patches(wanted, 1.0))
+    if missing := sorted(set(wanted) - applied):  # an internal invariant: check_lora found these keys
+        raise RuntimeError(f"ModelPatcher did not take the patches for {missing[:5]}")
+    for p in (p for p, skip in zip(patches, skipped) if skip):
+        current = patcher.get_model_object(prefix + p.key)
+        new = current.detach().float() + p.delta(current.device, current.shape)
+        patcher.add_object_patch(prefix + p.key, torch.nn.Parameter(new.to(current.dtype), requires_grad=False))
+
+
 class PhantomLoadLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -105,8 +130,5 @@ class PhantomLoadLoRA(io.ComfyNode):
         except ValueError as err:
             raise ValueError(f"lora_name {lora_name!r}: {err}") from None
         patched = model.clone()
-        wanted = comfy_patches(patches, prefix="inner.")  # the patcher manages types.ManagedModule(.inner = DiT)
-        applied = set(patched.add_patches(wanted, 1.0))
-        if missing := sorted(set(wanted) - applied):  # an internal invariant: check_lora found these keys
-            raise RuntimeError(f"ModelPatcher did not take the patches for {missing[:5]}")
+        add_to_patcher(patched, patches, prefix="inner.")  # the patcher manages types.ManagedModule(.inner = DiT)
         return io.NodeOutput(patched)

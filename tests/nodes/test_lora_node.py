@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from phantom_core.lora.apply import apply_loras
-from phantom_core.lora.files import lora_metadata, save_lora
+from phantom_core.lora.files import diff_state_dict, lora_metadata, save_lora
 from phantom_core.wan.dit import DIT_PRESETS, WanDiTConfig
 from phantom_core.wan.load import load_dit
 from tests.support.comfy import history_error
@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY_DIT = "phantom_tiny_dit.safetensors"
 LORA, BIG_LORA, MERGED_DIT = "phantom_test_style.safetensors", "phantom_test_other_size.safetensors", \
     "phantom_tiny_dit_merged_style.safetensors"
+FULL, TUNED_DIT = "phantom_test_full_fine_tune.safetensors", "phantom_tiny_dit_tuned.safetensors"
 DIT, LORA_NODE, SAMPLER, SAVE = "1", "40", "30", "50"
 
 
@@ -39,6 +40,12 @@ def server(comfy_server: ComfyServer) -> ComfyServer:
     save_lora(models / "loras" / BIG_LORA, random_lora(load_dit(random_dit_state_dict(wider)), rank=2), {})
     merged = apply_loras(load_dit(dit_file), [(lora, 0.7)])
     save_file({k: v.contiguous() for k, v in merged.state_dict().items()}, models / "diffusion_models" / MERGED_DIT)
+    base = load_dit(dit_file).state_dict()  # a "full fine-tune" of block 1 (modulation included) as .diff deltas
+    g = torch.Generator().manual_seed(4)
+    tuned = {k: v + 0.05 * v.std() * torch.randn(v.shape, generator=g) if k.startswith("blocks.1.") else v
+             for k, v in base.items()}
+    save_lora(models / "loras" / FULL, diff_state_dict(base, tuned), {})
+    save_file({k: v.contiguous() for k, v in tuned.items()}, models / "diffusion_models" / TUNED_DIT)
     return comfy_server
 
 
@@ -95,6 +102,13 @@ def test_lora_changes_the_latent_like_a_merged_dit_and_chains(server: ComfyServe
     assert rel(styled, merged_file) <= 1e-4  # ComfyUI's patching == phantom_core's merge (fp32 rounding only)
     assert rel(chained, styled) <= 1e-4  # two nodes at 0.35 add up to one at 0.7
     assert rel(latent(server, examples_dir, []), plain) <= 1e-6  # the loaded DiT was restored after the patches
+
+
+def test_full_weight_deltas_reach_every_parameter(server: ComfyServer, examples_dir: Path) -> None:
+    """.diff on blocks.1.modulation too, which ComfyUI's weight patching skips (the node object-patches it)."""
+    patched = latent(server, examples_dir, [(FULL, 1.0)])
+    assert rel(patched, latent(server, examples_dir, [], dit=TUNED_DIT)) <= 1e-4
+    assert rel(patched, latent(server, examples_dir, [])) > 1e-3
 
 
 @pytest.mark.parametrize("name, fragments", [
