@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from phantom_core.settings import WAN_NEGATIVE_PROMPT
+from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
 from tools.workflow_layout import place, saved_view
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -150,7 +150,7 @@ def test_api_workflow_says_what_the_ui_workflow_says(comfy_server: ComfyServer, 
     refs = next(v for v in api.values() if v["class_type"] == "PhantomReferences")
     assert len([k for k in refs["inputs"] if k.startswith("image_")]) == int(name.split("_")[1][0])
     negative = next(v for v in api.values() if v["_meta"]["title"] == "Negative prompt")
-    from phantom_core.settings import WAN_NEGATIVE_PROMPT
+    from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
 
     assert negative["inputs"]["text"] == WAN_NEGATIVE_PROMPT
 

@@ -44,15 +44,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 import torch
 
+from phantom_core.inference.pipeline import generate_to_file
+from phantom_core.inference.settings import GenerationSettings, resolve_seed
+from phantom_core.inference.sidecar import changed_files, default_sidecar_path, dtype_name, read_sidecar, write_sidecar
 from phantom_core.loading.fp8 import COMPUTE_DTYPES, WEIGHT_DTYPES
-from phantom_core.pipeline import generate_to_file
 from phantom_core.references import MAX_REFERENCES, REFERENCE_MODES, open_reference
 from phantom_core.rephrase.cli import add_rephrase_backend_arguments, rephraser_from_args
 from phantom_core.rephrase.rephraser import Rephraser
 from phantom_core.rephrase.types import RephraseResult
 from phantom_core.sampling.loop import SAMPLER_PRESETS, SOLVERS
-from phantom_core.settings import GenerationSettings, resolve_seed
-from phantom_core.sidecar import changed_files, default_sidecar_path, dtype_name, read_sidecar, write_sidecar
 from phantom_core.wan.inspect import format_report, inspect_checkpoint
 
 # --dtype: weight dtype of the DiT and the text encoder (None: each file's stored dtype); --compute-dtype: activations

@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 
+from phantom_core.inference.settings import RANDOM_SEED, GenerationSettings
 from phantom_core.loading.files import INDEX_SUFFIX, find_index, read_index
 from phantom_core.loading.fp8 import weight_bytes
 from phantom_core.log import logger
-from phantom_core.settings import RANDOM_SEED, GenerationSettings
 
 SIDECAR_FORMAT = "phantom-generation"
 SIDECAR_VERSION = 1

@@ -5,7 +5,7 @@ Two entry points:
 - :func:`generate` works on loaded models and returns the decoded video tensor;
 - :func:`generate_to_file` loads every model file first (so a bad file fails before any sampling), generates,
   writes the MP4 atomically and a JSON sidecar ``<out>.json`` (every setting, the seed, file hashes) from
-  which the same video can be regenerated bit for bit on the same machine (format: ``phantom_core.sidecar``,
+  which the same video can be regenerated bit for bit on the same machine (format: ``phantom_core.inference.sidecar``,
   whose functions are re-exported here for existing callers).
 
 The steps are those of upstream ``Phantom_Wan_S2V.generate`` (svjack/Phantom ``phantom_wan/subject2video.py``):
@@ -25,21 +25,21 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from phantom_core.loading.fp8 import CastLinear, default_compute_dtype, is_fp8
-from phantom_core.log import logger
-from phantom_core.lora.apply import apply_loras
-from phantom_core.references import MAX_REFERENCES, encode_references, open_reference
-from phantom_core.sampling.loop import StepCallback, sample_from_seed
-from phantom_core.settings import (
+from phantom_core.inference.settings import (
     GenerationSettings,
     resolve_seed,
 )
-from phantom_core.sidecar import (
+from phantom_core.inference.sidecar import (
     build_sidecar,
     default_sidecar_path,
     runtime_record,
     write_sidecar,
 )
+from phantom_core.loading.fp8 import CastLinear, default_compute_dtype, is_fp8
+from phantom_core.log import logger
+from phantom_core.lora.apply import apply_loras
+from phantom_core.references import MAX_REFERENCES, encode_references, open_reference
+from phantom_core.sampling.loop import StepCallback, sample_from_seed
 from phantom_core.video_io import to_uint8_frames, write_mp4
 from phantom_core.wan.load import load_dit
 from phantom_core.wan.umt5 import load_text_encoder
