@@ -227,7 +227,7 @@ def score_video(output: np.ndarray, sample: WorldSample,
     templates = subject_templates(sample) if templates is None else templates
     surround = border_colour(output)
     pairs = [(cut.over(surround), ref_t) for cut, ref_t in templates]
-    spectrum = FrameSpectrum(output, tracking_pad([t for pair in pairs for t in pair], output.shape[1:3]), surround)
+    spectrum = FrameSpectrum(output, tracking_pad([t for pair in pairs for t in pair]), surround)
     rows = []
     for k, (truth_t, ref_t) in enumerate(pairs):
         track_ = track(spectrum, truth_t, ref_t)

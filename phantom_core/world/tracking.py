@@ -159,14 +159,10 @@ def _peaks(spectrum: FrameSpectrum, template: Template) -> tuple[np.ndarray, np.
     return centres.astype(np.float64), flat[np.arange(len(flat)), best]
 
 
-def tracking_pad(templates: list[Template], frame_shape: tuple[int, int]) -> int:
-    """Half the largest template that fits a frame of ``frame_shape`` (H, W): the padding ``track`` needs."""
-    sizes = [max(t.pixels.shape[:2]) for t in templates if fits(t, frame_shape)]
-    return max(sizes) // 2 if sizes else 0
-
-
-def fits(template: Template, frame_shape: tuple[int, int]) -> bool:
-    return template.pixels.shape[0] <= frame_shape[0] and template.pixels.shape[1] <= frame_shape[1]
+def tracking_pad(templates: list[Template]) -> int:
+    """Half the largest template's longer side: the padding ``track`` needs so that any template, even one larger
+    than a frame (a reference filling 90% of it, plus its ring), can be centred anywhere in the frame."""
+    return max(max(t.pixels.shape[:2]) for t in templates) // 2 + 1
 
 
 def track(spectrum: FrameSpectrum, truth: Template, reference: Template | None = None) -> Track:
@@ -174,13 +170,11 @@ def track(spectrum: FrameSpectrum, truth: Template, reference: Template | None =
 
     Pad the frames (``FrameSpectrum``) with the output's border colour by ``tracking_pad`` of all templates,
     so a subject touching the frame's edge is still found where its ring lies outside the frame. Without a
-    reference template (or when it is larger than a frame) only the truth template is used and ``reference_peak``
-    is all -1.
+    reference template only the truth template is used and ``reference_peak`` is all -1.
     """
     centres, truth_peak = _peaks(spectrum, truth)
     reference_peak = np.full(len(centres), -1.0)
-    frame = (spectrum.height - 2 * spectrum.pad, spectrum.width - 2 * spectrum.pad)
-    if reference is not None and fits(reference, frame):
+    if reference is not None:
         ref_centres, reference_peak = _peaks(spectrum, reference)
         better = reference_peak > truth_peak
         centres = np.where(better[:, None], ref_centres, centres)

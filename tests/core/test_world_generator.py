@@ -61,8 +61,7 @@ def test_render_track_and_recover_the_prompted_motion(index):
     sample = small_sample(index)
     fmt, truth = sample.config.video, sample.truth
     pairs = [(cut.over(truth.background_rgb), ref_t) for cut, ref_t in subject_templates(sample)]
-    spectrum = FrameSpectrum(sample.video, tracking_pad([t for p in pairs for t in p], (fmt.height, fmt.width)),
-                             truth.background_rgb)
+    spectrum = FrameSpectrum(sample.video, tracking_pad([t for p in pairs for t in p]), truth.background_rgb)
     for k, (truth_t, ref_t) in enumerate(pairs):
         tracked = track(spectrum, truth_t, ref_t)
         np.testing.assert_allclose(tracked.centres, truth.centres[k], atol=1e-9)
