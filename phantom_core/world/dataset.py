@@ -13,7 +13,9 @@ per frame, lossless), ``refs/NNNNNN_K.png`` (the reference images as given to a 
 RGB crops for in-pair) and ``truth/NNNNNN.npz`` (``masks`` bool [S, T, H, W], ``boxes`` int64 [S, T, 4]).
 Manifest fields::
 
-    clip, refs (list), caption                     the trainer's fields (a clip, 1-4 references, a caption)
+    name, video, references (list), caption        the training core's manifest fields (a clip, 1-4 references,
+                                                   a caption: phantom_core/training/dataset.py)
+    clip, refs                                     the same paths as video and references, under the issue's names
     split, seed, index, pair_mode                  where the sample comes from (make_sample(split, seed, index))
     width, height, frames, fps
     subjects, sources, motions, sizes              per subject, in reference order
@@ -95,6 +97,7 @@ class WorldDataset(torch.utils.data.Dataset):
 def _record(sample: WorldSample, name: str, clip: str, refs: list[str]) -> dict:
     fmt, truth = sample.config.video, sample.truth
     return {
+        "name": name, "video": clip, "references": refs,  # the training core's manifest fields
         "clip": clip, "refs": refs, "caption": sample.prompt,
         "split": sample.split, "seed": sample.seed, "index": sample.index, "pair_mode": sample.config.pair_mode,
         "width": fmt.width, "height": fmt.height, "frames": fmt.frames, "fps": fmt.fps,

@@ -45,6 +45,7 @@ def test_dataset_folder_holds_clips_refs_captions_and_truth(tmp_path):
     for record in lines:
         sample = data.sample(record["index"])
         assert record["caption"] == sample.prompt and record["subjects"] == list(sample.truth.names)
+        assert (record["video"], record["references"]) == (record["clip"], record["refs"])
         frames = np.stack([np.asarray(Image.open(p)) for p in sorted((root / record["clip"]).iterdir())])
         np.testing.assert_array_equal(frames, sample.video)  # PNG frames are lossless
         refs = [Image.open(root / p) for p in record["refs"]]
