@@ -103,7 +103,8 @@ def _producer(args: argparse.Namespace, device: str, folder: str) -> tuple[str, 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Run the evaluation; print the table and the paths written. Returns 0."""
-    from phantom_core.inference.cli import TextProgressBar  # (loads the pipeline and ffmpeg: only when the command runs)
+    # imported here: they load the pipeline and ffmpeg, needed only when the command runs
+    from phantom_core.inference.cli import TextProgressBar
     from phantom_core.inference.sidecar import write_sidecar
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
