@@ -27,7 +27,7 @@ from torch import Tensor
 
 from phantom_core.loading.fp8 import default_compute_dtype, is_fp8
 from phantom_core.log import logger
-from phantom_core.references import MAX_REFERENCES, encode_references, open_reference
+from phantom_core.references import MAX_REFERENCES, encode_references, open_reference, uniform_reference_warning
 from phantom_core.sampling.loop import StepCallback, sample_from_seed
 from phantom_core.settings import (
     GenerationSettings,
@@ -62,6 +62,9 @@ def _as_images(references: Sequence[Image.Image | str | os.PathLike]) -> list[Im
             raise ValueError(f"reference {k} ({ref}) cannot be read as an image: {err}") from err
     if not 1 <= len(images) <= MAX_REFERENCES:
         raise ValueError(f"references: got {len(images)}; Phantom takes 1 to {MAX_REFERENCES} reference images")
+    for k, image in enumerate(images, start=1):
+        if (warning := uniform_reference_warning(image, f"reference {k}")) is not None:
+            logger.warning("%s", warning)
     return images
 
 
