@@ -116,7 +116,8 @@ def decode_tiled(
     """Raw latents -> video like ``vae.decode_raw(latents)``, decoded in overlapping spatial tiles.
 
     Args:
-        vae: the Wan VAE (anything with ``config.spatial_stride``, ``config.temporal_stride``, ``decode_raw``).
+        vae: the Wan VAE (anything with ``config.spatial_stride``, ``config.temporal_stride`` and
+            ``decode_raw(latents, progress=None)``).
         latents: ``[B, 16, F, h, w]`` float raw latents.
         tile_latent, overlap_latent, blend: see `check_tiling`. A tile side >= the latent side on that axis
             gives one tile there; if one tile covers the whole grid this is exactly ``vae.decode_raw(latents)``.
