@@ -93,6 +93,8 @@ class PhantomReferences(io.ComfyNode):
     @classmethod
     def execute(cls, image_1, mode: str, image_2=None, image_3=None, image_4=None, mask_1=None, mask_2=None,
                 mask_3=None, mask_4=None) -> io.NodeOutput:
+        if mode not in REFERENCE_MODES:  # ComfyUI checks no V3 combo
+            raise ValueError(f"mode is {mode!r}; valid: {', '.join(REFERENCE_MODES)}")
         batches = [image_1, image_2, image_3, image_4]
         labelled = split_references(batches, [mask_1, mask_2, mask_3, mask_4])
         if not 1 <= len(labelled) <= MAX_REFERENCES:

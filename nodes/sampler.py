@@ -104,6 +104,8 @@ class PhantomSampler(io.ComfyNode):
         SETTING_RANGES["frames"].check("frames", frames)
         settings = dict(steps=steps, shift=shift, solver=solver, w_img=w_img, w_text=w_text)
         settings |= sampler_preset(preset)
+        if settings["solver"] not in SOLVERS:  # ComfyUI checks no V3 combo: refuse before the DiT loads
+            raise ValueError(f"solver is {solver!r}; valid: {', '.join(SOLVERS)}")
         check_size(reference_latents, width, height)
         dit = core(model)
         context = conditioning_to_context(positive, "positive", dit.config.text_dim)  # (1, L1, D)

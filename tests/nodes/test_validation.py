@@ -13,6 +13,7 @@ from PIL import Image
 from phantom_core.rephrase.backends import REPHRASE_RANGES, make_backend
 from phantom_core.settings import RANDOM_SEED, SETTING_RANGES, GenerationSettings, Range
 from phantom_core.wan.vae_tiling import MIN_TILE_LATENT, check_tiling
+from tests.support.comfy import history_error
 from tests.support.prompts import pipeline_prompt
 from tools.comfy_launcher import ComfyServer
 
@@ -118,3 +119,12 @@ def test_every_numeric_input_refuses_a_word_and_a_value_past_its_max(comfy_serve
                 assert name in message, (node["class_type"], name, value, message)
                 checked += 1
     assert checked == 2 * 14  # sampler 8, encode references 2, decode 2, save video 2
+
+
+def test_unlisted_combo_values_fail_on_their_node_naming_the_input(comfy_server: ComfyServer, image: str) -> None:
+    """ComfyUI checks no V3 combo at /prompt: a value outside the list fails on its node (before the sampler loads
+    the DiT), naming the input and the valid values."""
+    for node, name, value, words in [("sampler", "solver", "ddim", "solver is 'ddim'; valid: unipc, euler"),
+                                     ("refs", "mode", "fit", "mode is 'fit'; valid: letterbox, crop")]:
+        entry = comfy_server.run(pipeline_prompt([image], prefix=f"bad_{name}", **{node: {name: value}}))
+        assert entry["status"]["status_str"] == "error" and words in history_error(entry), history_error(entry)
