@@ -34,9 +34,10 @@ def files_under(folder: str, suffix: str) -> list[str]:
 
 def dit_files() -> list[str]:
     """ComfyUI's `models/diffusion_models` listing plus sharded checkpoints' `*.safetensors.index.json` files
-    (ComfyUI lists no .json; the official 14B release is an index and 6 shards)."""
-    return sorted(set(folder_paths.get_filename_list("diffusion_models")) | set(files_under("diffusion_models",
-                                                                                             INDEX_SUFFIX)))
+    (the official 14B release is an index and 6 shards) and GGUF files (ComfyUI lists neither .json nor .gguf)."""
+    listed = set(folder_paths.get_filename_list("diffusion_models"))
+    return sorted(listed | set(files_under("diffusion_models", INDEX_SUFFIX)) | set(files_under("diffusion_models",
+                                                                                                ".gguf")))
 
 
 def tokenizer_files() -> list[str]:

@@ -13,9 +13,9 @@ Only `refs` (a list of 1 to 4 image paths, relative to the JSONL's folder) and `
 default to the workflow's values (its model files are the tiny embedded default: name real ones per job, or for
 every job with --dit / --vae / --text-encoder). Every field is type-checked (`JOB_FIELDS`) and each `id` must be
 unique (it names the MP4); a line that fails (not JSON, a wrong type, a missing image, a repeated id) fails as its
-own job with its line number, and the others run. Each job's images are
-uploaded (/upload/image), the API workflow (workflows/phantom_4ref_api.json, unused reference inputs removed)
-is filled in and queued (/prompt); then every
+own job with its line number, and the others run. Each job's images are uploaded (/upload/image), the API
+workflow (example_workflows/api/phantom_4ref_api.json, unused reference inputs removed) is filled in and queued
+(/prompt); then every
 job is followed in turn (/history/{id}, /queue) until it finishes or times out, its MP4s are downloaded
 (/view) into DIR, and DIR/manifest.json records each job's status, outputs and error. A failed job (refused by
 /prompt, an execution error, a timeout) is reported and the others go on. Exit status 1 if any job failed.
@@ -38,7 +38,7 @@ from typing import Any
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_WORKFLOW = ROOT / "workflows" / "phantom_4ref_api.json"
+DEFAULT_WORKFLOW = ROOT / "example_workflows" / "api" / "phantom_4ref_api.json"
 SAMPLER_KEYS = ("width", "height", "frames", "steps", "shift", "solver", "w_img", "w_text", "seed", "preset")
 MODEL_KEYS = {"dit_name": "PhantomDiTLoader", "vae_name": "PhantomVAELoader",
               "text_encoder_name": "PhantomTextEncoderLoader"}  # job key -> the loader node whose input it sets
