@@ -38,7 +38,7 @@ from phantom_core.inference.sidecar import (
 from phantom_core.loading.fp8 import CastLinear, default_compute_dtype, is_fp8
 from phantom_core.log import logger
 from phantom_core.lora.apply import apply_loras
-from phantom_core.references import MAX_REFERENCES, encode_references, open_reference
+from phantom_core.references import MAX_REFERENCES, encode_references, open_reference, uniform_reference_warning
 from phantom_core.sampling.loop import StepCallback, sample_from_seed
 from phantom_core.video_io import to_uint8_frames, write_mp4
 from phantom_core.wan.load import load_dit
@@ -63,6 +63,9 @@ def _as_images(references: Sequence[Image.Image | str | os.PathLike]) -> list[Im
             raise ValueError(f"reference {k} ({ref}) cannot be read as an image: {err}") from err
     if not 1 <= len(images) <= MAX_REFERENCES:
         raise ValueError(f"references: got {len(images)}; Phantom takes 1 to {MAX_REFERENCES} reference images")
+    for k, image in enumerate(images, start=1):
+        if (warning := uniform_reference_warning(image, f"reference {k}")) is not None:
+            logger.warning("%s", warning)
     return images
 
 
