@@ -1,8 +1,8 @@
 """What a node shows: numeric widgets and text drawn on the node.
 
 The numeric widgets are declared from the core's ranges (`phantom_core.inference.settings.Range`), so that a
-widget's min / max (and an integer's step) are exactly what the core accepts: a value the UI lets through is never refused later,
-after the models have loaded. tests/nodes/test_validation.py compares them through /object_info.
+widget's min / max (and an integer's step) are exactly what the core accepts: a value the UI lets through is
+never refused later, after the models have loaded. tests/nodes/test_validation.py compares them through /object_info.
 """
 
 from __future__ import annotations
