@@ -80,6 +80,12 @@ SETTING_OPTIONS: dict[str, tuple[str, type, str]] = {
     "fps": ("--fps", float, "frames per second of the MP4 (default 16)"),
     "quality": ("--quality", int, "MP4 quality 0..10, 10 best (default 8)"),
     "ref_mode": ("--ref-mode", str, f"how references fit the frame: {' | '.join(REFERENCE_MODES)} (default letterbox)"),
+    "image_guidance_start": ("--image-guidance-start", float, "fraction of the steps where the image-guidance "
+                                                              "(v_neg) pass starts (default 0)"),
+    "image_guidance_end": ("--image-guidance-end", float, "fraction of the steps where it ends; w_img = 1 outside "
+                                                          "(default 1: every step, as official)"),
+    "cache_threshold": ("--cache-threshold", float, "reuse each guidance pass across steps while its predicted "
+                                                    "change stays under this (EasyCache rule; default 0 = off)"),
 }
 
 

@@ -64,6 +64,9 @@ SETTING_RANGES: dict[str, Range] = {
     "w_img": Range(0.0, 100.0, meaning="reference-image guidance, official 5.0, paper 3.0"),
     "w_text": Range(0.0, 100.0, meaning="text guidance, official 7.5"),
     "fps": Range(1.0, 120.0, meaning="frames per second, Wan renders at 16"),
+    "image_guidance_start": Range(0.0, 1.0, meaning="fraction of the steps where the v_neg pass starts, official 0"),
+    "image_guidance_end": Range(0.0, 1.0, meaning="fraction of the steps where the v_neg pass ends, official 1"),
+    "cache_threshold": Range(0.0, 1.0, meaning="step-cache threshold, 0 = off (official)"),
 }
 
 # Wan2.1's default negative prompt (upstream ``configs/shared_config.py``: ``sample_neg_prompt``), used when the
@@ -105,6 +108,9 @@ class GenerationSettings:
     fps: float = 16.0
     quality: int = 8
     ref_mode: str = "letterbox"
+    image_guidance_start: float = 0.0  # the v_neg pass runs for steps i with start <= i / steps < end ...
+    image_guidance_end: float = 1.0  # ... and w_img = 1 outside (sampling.loop.sample_phantom)
+    cache_threshold: float = 0.0  # sampling.cache.StepCache threshold; 0 computes every pass of every step
 
     def __post_init__(self) -> None:
         for name in ("prompt", "negative_prompt"):
@@ -113,6 +119,9 @@ class GenerationSettings:
         for name, limits in SETTING_RANGES.items():
             if not (name == "seed" and self.seed == RANDOM_SEED):
                 limits.check(name, getattr(self, name))
+        if not self.image_guidance_start < self.image_guidance_end:
+            raise ValueError(f"image_guidance_start {self.image_guidance_start} must be below image_guidance_end "
+                             f"{self.image_guidance_end} (fractions of the steps; official 0 and 1)")
         for name, valid in (("solver", SOLVERS), ("ref_mode", REFERENCE_MODES)):
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name}: got {getattr(self, name)!r}; valid values are {', '.join(valid)}")
