@@ -17,10 +17,12 @@ import torch
 from comfy.weight_adapter.lora import LoRAAdapter
 from comfy_api.latest import io
 
+from phantom_core.inference.settings import LORA_STRENGTH
 from phantom_core.lora.apply import WeightPatch, check_lora
 from phantom_core.lora.keys import read_lora
 
 from .types import CATEGORY, PhantomDiT, core
+from .widgets import float_input
 
 FOLDER = "loras"
 
@@ -112,8 +114,8 @@ class PhantomLoadLoRA(io.ComfyNode):
                 io.Combo.Input("lora_name", options=folder_paths.get_filename_list(FOLDER),
                                tooltip="LoRA file in models/loras for Wan2.1 T2V / Phantom-Wan of this size: "
                                        "ComfyUI, kohya / musubi, diffusion-pipe, ai-toolkit or diffusers layout."),
-                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
-                               tooltip="1.0: as trained; 0: off; negative inverts the LoRA's effect."),
+                float_input("strength", LORA_STRENGTH, 1.0, 0.01,
+                            "1.0: as trained; 0: off; negative inverts the LoRA's effect."),
             ],
             outputs=[PhantomDiT.Output(display_name="model")],
         )

@@ -68,6 +68,7 @@ SETTING_RANGES: dict[str, Range] = {
     "image_guidance_end": Range(0.0, 1.0, meaning="fraction of the steps where the v_neg pass ends, official 1"),
     "cache_threshold": Range(0.0, 1.0, meaning="step-cache threshold, 0 = off (official)"),
 }
+LORA_STRENGTH = Range(-10.0, 10.0, meaning="1.0 = as trained, 0 = off, negative inverts")  # CLI, node, apply_loras
 
 # Wan2.1's default negative prompt (upstream ``configs/shared_config.py``: ``sample_neg_prompt``), used when the
 # user gives none. Roughly: garish colours, overexposed, static, blurry details, subtitles, style, artwork,

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from phantom_core.inference.settings import LORA_STRENGTH
 from phantom_core.loading.fp8 import dequantize, is_fp8, quantize_fp8
 from phantom_core.loading.keys import short_listing
 from phantom_core.log import logger
@@ -171,10 +172,13 @@ def _add_adapters(model: nn.Module, pairs: dict[str, list[tuple[Tensor, Tensor]]
         setattr(parent, child, adapter.requires_grad_(False))
 
 
-def _check_strength(strength: object, index: int) -> float:
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
-        raise ValueError(f"LoRA {index} strength is {strength!r}; expected a finite number (1.0 = as trained, "
-                         "0 = off, negative inverts)")
+def check_strength(strength: object, index: int) -> float:
+    """``strength`` as a float; ValueError outside ``LORA_STRENGTH`` (the node's widget too)."""
+    limits = LORA_STRENGTH
+    if (isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength)
+            or not limits.low <= strength <= limits.high):
+        raise ValueError(f"LoRA {index} strength is {strength!r}; expected a number from {limits.low} to "
+                         f"{limits.high} ({limits.meaning})")
     return float(strength)
 
 
@@ -197,7 +201,7 @@ def apply_loras(model: nn.Module, loras: Sequence[tuple[LoraSource, float]], mer
     """
     plans: list[list[WeightPatch]] = []
     for i, (source, strength) in enumerate(loras):
-        strength = _check_strength(strength, i)
+        strength = check_strength(strength, i)
         label = str(source) if isinstance(source, (str, os.PathLike)) else f"LoRA {i} (state dict)"
         try:
             plans.append(check_lora(read_lora(source), model, strength))

@@ -154,7 +154,7 @@ def test_keys_of_no_module_are_listed(sd, loras):
     assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("strength", [float("nan"), "1", None, True])
+@pytest.mark.parametrize("strength", [float("nan"), "1", None, True, 11.0])
 def test_bad_strength_is_named(sd, loras, strength):
     with pytest.raises(ValueError, match="LoRA 0 strength is"):
         phantom_core.apply_loras(model_of(sd), [(loras[0], strength)])

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from phantom_core.inference.settings import RANDOM_SEED, SETTING_RANGES, GenerationSettings, Range
+from phantom_core.inference.settings import LORA_STRENGTH, RANDOM_SEED, SETTING_RANGES, GenerationSettings, Range
+from phantom_core.lora.apply import check_strength
 from phantom_core.rephrase.backends import REPHRASE_RANGES, make_backend
 from phantom_core.wan.vae_tiling import MIN_TILE_LATENT, check_tiling
 from tests.support.comfy import history_error
@@ -23,6 +24,7 @@ CORE_RANGES: dict[tuple[str, str], tuple[str, Range]] = {
        for name in ("width", "height", "frames", "steps", "shift", "w_img", "w_text", "seed")},
     **{("PhantomEncodeReferences", name): ("settings", SETTING_RANGES[name]) for name in ("width", "height")},
     **{("PhantomSaveVideo", name): ("settings", SETTING_RANGES[name]) for name in ("fps", "quality")},
+    ("PhantomLoadLoRA", "strength"): ("lora", LORA_STRENGTH),
     **{("PhantomRephrase", name): ("rephrase", limits) for name, limits in REPHRASE_RANGES.items()},
 }
 NODE_ONLY = {("PhantomDecode", "tile_size"), ("PhantomDecode", "tile_overlap")}  # checked below on their own
@@ -40,10 +42,14 @@ def numeric_inputs(info: dict) -> dict[tuple[str, str], dict]:
 
 
 def core_accepts(where: str, name: str, value) -> bool:
-    """Does the core take `value` for setting `name` (GenerationSettings, or the rephraser's make_backend)?"""
+    """Does the core take `value` for setting `name` (GenerationSettings, apply_loras' strength check, or the
+    rephraser's make_backend)?"""
     try:
         if where == "settings":
             GenerationSettings("p", **{name: value})
+        elif where == "lora":
+            check_strength(value, 0)
+            name = "strength"
         else:
             make_backend("openai-compatible", endpoint_url="http://127.0.0.1:9/v1", endpoint_model="m",
                          **{name: value})
