@@ -6,6 +6,7 @@
     python -m phantom_core generate --from-sidecar v.json --out again.mp4   # reuses the recorded rewritten prompt
     python -m phantom_core inspect FILE [FILE ...] [--json]
     python -m phantom_core rephrase --ref a.png --prompt "..." --endpoint URL --model NAME [--json]
+    python -m phantom_core train --config run.toml [--steps 500 ...]   # LoRA or full fine-tune (training/cli.py)
 
 Commands are registered in `COMMANDS` (name -> function adding its sub-parser). Each sub-parser sets
 `func(args) -> int` (the exit code): `generate` and `inspect` (cli_generate.py), `rephrase` (cli_rephrase.py).
@@ -30,11 +31,13 @@ from phantom_core.rephrase.cli import (
     add_rephrase_parser,
 )
 from phantom_core.rephrase.types import RephraseError
+from phantom_core.training.cli import add_train_parser
 
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], object]] = {
     "generate": add_generate_parser,
     "inspect": add_inspect_parser,
     "rephrase": add_rephrase_parser,
+    "train": add_train_parser,
 }
 
 

@@ -128,7 +128,8 @@ def run_fp32(layer: nn.Module, x: Tensor) -> Tensor:
     forward hooks, a wrapper that replaced the Linear (e.g. a LoRA adapter adding a low-rank delta) and
     ComfyUI's weight patches all take effect, and the casts are differentiable: gradients reach the stored
     weights. A plain ``nn.Linear`` then computes in float32; so does ``fp8.CastLinear`` (fp8 or scaled fp8),
-    which computes in float32 when given float32 input, its ``scale_weight`` applied in float32.
+    which computes in float32 when given float32 input, its ``scale_weight`` applied in float32. Autocast is
+    switched off inside, so a bf16-autocast training step keeps this path in float32 too.
 
     Args:
         layer: any module mapping ``(..., in)`` to ``(..., out)``.
@@ -139,7 +140,8 @@ def run_fp32(layer: nn.Module, x: Tensor) -> Tensor:
     """
     tensors = chain(layer.named_parameters(), layer.named_buffers())
     fp32 = {name: t.to(device=x.device, dtype=torch.float32) for name, t in tensors if t.is_floating_point()}
-    return functional_call(layer, fp32, (x.float(),)).float()
+    with torch.autocast(x.device.type, enabled=False):  # bf16 autocast (training) would compute these in bf16
+        return functional_call(layer, fp32, (x.float(),)).float()
 
 
 class PhantomWanDiT(nn.Module):
