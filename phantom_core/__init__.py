@@ -8,6 +8,8 @@ The public API (see docs/DESIGN.md for the layout and the tensor conventions):
     encode_references(vae, images, width, height, mode) -> reference latents [1, 16, N, h, w]
     make_noise(seed, video_shape, num_refs); sample_phantom(model, noise, ref_latents, context, context_neg, ...)
     write_mp4(frames, path, fps, quality)
+    apply_loras(model, [(path_or_state_dict, strength), ...], merge=True) -> model   (LoRA, see phantom_core.lora)
+    inject_lora(model, rank, alpha) -> adapted names; lora_state_dict(model); save_lora(path, sd, metadata)
     train(TrainConfig(...) or load_config("run.toml")) -> TrainResult   (LoRA / full fine-tune, training/)
 
 This file is the one facade: each name below lives in exactly one module and is imported from it on first
@@ -47,6 +49,10 @@ _HOMES: dict[str, str] = {
     **dict.fromkeys(["TrainResult", "train"], "phantom_core.training.loop"),
     "make_backend": "phantom_core.rephrase.backends",
     **dict.fromkeys(["RephraseError", "RephraseResult"], "phantom_core.rephrase.types"),
+    **dict.fromkeys(["DEFAULT_TARGETS", "LoRALinear", "inject_lora", "lora_state_dict"], "phantom_core.lora.adapter"),
+    **dict.fromkeys(["lora_metadata", "save_lora"], "phantom_core.lora.files"),
+    "read_lora": "phantom_core.lora.keys",
+    "apply_loras": "phantom_core.lora.apply",
 }
 
 __all__ = sorted(_HOMES)

@@ -36,3 +36,16 @@ def reference_linear_fp32(layer: nn.Module, x: Tensor) -> Tensor:
         w = w * scale.to(device=x.device, dtype=torch.float32)
     b = None if layer.bias is None else layer.bias.to(device=x.device, dtype=torch.float32)
     return F.linear(x.float(), w, b)
+
+
+def random_dit_state_dict(config, seed: int = 0) -> dict[str, Tensor]:
+    """Every parameter of a ``PhantomWanDiT(config)`` random (the zero-init head included), float32: norm weights
+    ~ 1 + N(0, 0.2^2), everything else ~ N(0, 0.1^2)."""
+    from phantom_core.wan.dit import PhantomWanDiT
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, v in PhantomWanDiT(config, device="meta").state_dict().items():
+        r = torch.randn(v.shape, generator=g)
+        sd[key] = 1.0 + 0.2 * r if "norm" in key and key.endswith("weight") else 0.1 * r
+    return sd
