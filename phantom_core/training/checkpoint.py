@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shutil
+import stat
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -48,11 +49,16 @@ WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE, CONFIG_FILE = "trainable.safetensors",
 
 
 def normal_permissions(path: str | os.PathLike) -> None:
-    """Give a file the mode a plain ``open`` would: 0666 minus the process umask (some writers, e.g.
-    safetensors' ``save_file`` and ``tempfile.mkstemp``, create files readable by their owner only)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    """Give a file the mode a plain ``open`` gives a new file: 0666 minus the process umask, read from a fresh
+    probe file beside it (the process umask is never touched). Some writers (safetensors' ``save_file``,
+    ``tempfile.mkstemp``) create files readable by their owner only."""
+    path = Path(path)
+    probe = path.with_name(f".{uuid.uuid4().hex[:8]}.probe")
+    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        os.chmod(path, stat.S_IMODE(probe.stat().st_mode))
+    finally:
+        probe.unlink()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:

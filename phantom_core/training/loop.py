@@ -306,8 +306,9 @@ def _finish(config: TrainConfig, ctx: DistContext, model: nn.Module, log: RunLog
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     weights = None
-    if config.mode == "full":
-        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if config.mode == "full" or config.fsdp:  # gathered on rank 0 (FSDP shards; LoRA: the adapters only)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=config.mode == "lora")
+        weights = get_model_state_dict(model, options=options)
     if not ctx.is_main:
         return None
     out = save_output(unwrap(model), weights, config, config.out, config.steps)

@@ -18,18 +18,21 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from torch import nn
+from torch import Tensor, nn
 
 from phantom_core.log import logger
+from phantom_core.lora.adapter import DEFAULT_TARGETS, inject_lora, lora_modules, lora_state_dict
+from phantom_core.lora.files import lora_metadata, save_lora
 from phantom_core.training.cache import Encoders, file_fingerprint
 from phantom_core.training.checkpoint import atomic_write
 from phantom_core.training.config import SCRATCH_PREFIX, TrainConfig
 from phantom_core.wan.dit import DIT_PRESETS, PhantomWanDiT
-from phantom_core.wan.load import load_dit
+from phantom_core.wan.load import load_dit, preset_name
 from phantom_core.wan.umt5 import load_text_encoder
 from phantom_core.wan.vae import load_vae
 
 INIT_STREAM = 0x1417  # keeps the from-scratch init apart from every other use of the run seed
+LORA_STREAM = 0x10A  # and the LoRA down-projections' init
 
 
 def base_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
@@ -76,12 +79,10 @@ def make_trainable(model: nn.Module, config: TrainConfig) -> list[str]:
     if config.mode == "full":
         model.requires_grad_(True)
     else:
-        from phantom_core.lora import DEFAULT_TARGETS, inject_lora
-
-        model.requires_grad_(False)
-        targets = config.lora_targets or DEFAULT_TARGETS
-        wrapped = inject_lora(model, config.lora_rank, config.lora_alpha, targets=targets,
-                              dropout=config.lora_dropout)
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(config.seed * 0x10000 + LORA_STREAM)
+        wrapped = inject_lora(model, config.lora_rank, config.lora_alpha, targets=config.lora_targets or
+                              DEFAULT_TARGETS, dropout=config.lora_dropout, generator=generator)  # freezes the rest
         logger.info("LoRA rank %d alpha %g on %d Linears", config.lora_rank, config.lora_alpha, len(wrapped))
     if hasattr(model, "enable_gradient_checkpointing"):
         model.enable_gradient_checkpointing(config.gradient_checkpointing)
@@ -91,26 +92,42 @@ def make_trainable(model: nn.Module, config: TrainConfig) -> list[str]:
     return names
 
 
-def output_metadata(config: TrainConfig, steps: int) -> dict[str, str]:
-    """The safetensors metadata of the final file: what was trained from what, for how long, with which settings."""
-    base = config.dit or "in-memory model"
-    return {"phantom_training": json.dumps(config.to_json()), "base_model": base, "steps": str(steps),
-            "mode": config.mode, "rank": str(config.lora_rank), "alpha": str(config.lora_alpha)}
+def base_model_name(model: nn.Module, config: TrainConfig) -> str:
+    """What the run started from: the DiT preset's name (e.g. ``phantom-wan-1.3b``) when the model is one, else
+    ``config.dit`` (a path or ``scratch:<preset>``), else ``custom``."""
+    cfg = getattr(model, "config", None)
+    return (preset_name(cfg) if cfg is not None else None) or config.dit or "custom"
 
 
-def save_output(model: nn.Module, weights: dict[str, torch.Tensor] | None, config: TrainConfig, path: str | Path,
+def gathered_lora(model: nn.Module, weights: dict[str, Tensor], prefix: str = "diffusion_model.") -> dict[str, Tensor]:
+    """``lora_state_dict``'s layout built from full adapter tensors gathered by name (``weights``, e.g. from
+    ``get_model_state_dict``): under FSDP the modules hold only shards, so ``lora_state_dict(model)`` cannot read
+    them. ``model``'s adapters give the names and alphas."""
+    sd: dict[str, Tensor] = {}
+    for name, m in lora_modules(model).items():
+        for part in ("lora_up", "lora_down"):
+            sd[f"{prefix}{name}.{part}.weight"] = weights[f"{name}.{part}.weight"].detach().float().cpu().contiguous()
+        sd[f"{prefix}{name}.alpha"] = torch.tensor(m.alpha, dtype=torch.float32)
+    return sd
+
+
+def save_output(model: nn.Module, weights: dict[str, Tensor] | None, config: TrainConfig, path: str | Path,
                 steps: int) -> Path:
-    """Write the run's final file (atomically): the DiT's full state dict (``weights``, upstream keys) for
-    ``mode = "full"``, the LoRA of ``model`` in ComfyUI's format for ``mode = "lora"``. Returns the path."""
-    metadata = output_metadata(config, steps)
+    """Write the run's final file atomically, with metadata (base model, steps, the settings as JSON):
+
+    - ``mode = "full"``: the DiT's state dict (upstream keys), ``weights`` when given (gathered), else the model's;
+    - ``mode = "lora"``: the adapters in ComfyUI's layout (``lora_state_dict``, or ``gathered_lora`` from
+      ``weights`` for an FSDP-sharded model), written by ``save_lora``.
+    Returns the path.
+    """
+    base = base_model_name(model, config)
     if config.mode == "full":
         tensors = {k: v.detach().cpu().contiguous() for k, v in (weights or model.state_dict()).items()}
+        metadata = {"base_model": base, "steps": str(steps), "settings": json.dumps(config.to_json())}
         return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    from phantom_core.lora import lora_state_dict, save_lora
-
-    state = lora_state_dict(model)
-    return atomic_write(path, lambda tmp: save_lora(tmp, state, metadata))
-
+    state = gathered_lora(model, weights) if weights is not None else lora_state_dict(model)
+    return save_lora(path, state, lora_metadata(config.lora_rank, config.lora_alpha, base, steps,
+                                                config.to_json()))
 
 
 def file_encoders(config: TrainConfig, device: torch.device) -> tuple[Encoders | None, dict[str, str] | None]:
