@@ -45,7 +45,7 @@ from phantom_core.training.checkpoint import (
     save_checkpoint,
     set_rng_states,
 )
-from phantom_core.training.config import TrainConfig
+from phantom_core.training.config import SCRATCH_PREFIX, TrainConfig
 from phantom_core.training.dataset import BadSample, read_dataset, report_bad
 from phantom_core.training.distributed import (
     DistContext,
@@ -58,7 +58,7 @@ from phantom_core.training.distributed import (
     unwrap,
     wrap_model,
 )
-from phantom_core.training.model import build_model, file_encoders, make_trainable, save_output
+from phantom_core.training.model import build_model, check_preset, file_encoders, make_trainable, save_output
 from phantom_core.training.objective import TimestepSampling, draw_sample, drop_conditions, flow_matching_loss
 from phantom_core.training.order import BatchOrder, shard
 from phantom_core.training.runlog import RunLog, write_loss_plot
@@ -118,6 +118,12 @@ def _train(config: TrainConfig, ctx: DistContext, dataset: LatentDataset | None,
     run_dir = config.run_path
     if not config.out:
         raise ValueError("out is empty; give the file to write (.safetensors)")
+    if model is None and not config.dit:
+        raise ValueError(f"dit is empty; give a DiT checkpoint or {SCRATCH_PREFIX}<preset> (e.g. scratch:tiny)")
+    if model is None and config.dit.startswith(SCRATCH_PREFIX):
+        check_preset(config.dit.removeprefix(SCRATCH_PREFIX))
+    if dataset is None and not config.dataset:
+        raise ValueError("dataset is empty; give a dataset folder or .jsonl manifest")
     _seed_everything(config.seed + ctx.rank)
     if encoders is None:
         encoders, fingerprints = file_encoders(config, ctx.device)
@@ -226,8 +232,6 @@ def _once(encoders: Encoders | None) -> Encoders | None:
 def _cached_dataset(config: TrainConfig, ctx: DistContext, encoders: Encoders | None,
                     fingerprints: dict[str, str] | None) -> tuple[CachedLatents, list[BadSample]]:
     """Read and cache ``config.dataset``: rank 0 encodes what is missing, the other ranks then read the cache."""
-    if not config.dataset:
-        raise ValueError("dataset is empty; give a dataset folder or .jsonl manifest")
     specs, bad = read_dataset(config.dataset)
     report_bad(bad)
     kw = dict(frames=config.frames, width=config.width, height=config.height, ref_mode=config.ref_mode,

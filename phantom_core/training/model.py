@@ -42,14 +42,19 @@ def base_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def check_preset(preset: str) -> None:
+    """Raise ``ValueError`` (listing the valid names) unless ``preset`` is a ``DIT_PRESETS`` name."""
+    if preset not in DIT_PRESETS:
+        raise ValueError(f"dit is {SCRATCH_PREFIX}{preset}; valid presets: {', '.join(DIT_PRESETS)}")
+
+
 def scratch_model(preset: str, seed: int, device: torch.device, dtype: torch.dtype = torch.float32) -> PhantomWanDiT:
     """``DIT_PRESETS[preset]`` initialised as upstream Wan2.1 from ``seed`` on the CPU, then moved to ``device``.
 
     Raises:
         ValueError: an unknown preset (the valid names listed).
     """
-    if preset not in DIT_PRESETS:
-        raise ValueError(f"dit is {SCRATCH_PREFIX}{preset}; valid presets: {', '.join(DIT_PRESETS)}")
+    check_preset(preset)
     model = PhantomWanDiT(DIT_PRESETS[preset], device="meta").to_empty(device="cpu")
     model.init_weights(torch.Generator().manual_seed(seed * 0x10000 + INIT_STREAM))
     return model.to(device=device, dtype=dtype).train().requires_grad_(True)
@@ -59,10 +64,8 @@ def build_model(config: TrainConfig, device: torch.device) -> PhantomWanDiT:
     """The DiT named by ``config.dit`` on ``device``, trainable (train mode, gradients on), in ``base_dtype``.
 
     Raises:
-        ValueError: no ``dit`` given, or what ``load_dit`` raises for a bad checkpoint.
+        ValueError: an unknown ``scratch:`` preset, or what ``load_dit`` raises for a bad checkpoint.
     """
-    if not config.dit:
-        raise ValueError(f"dit is empty; give a DiT checkpoint or {SCRATCH_PREFIX}<preset> (e.g. scratch:tiny)")
     dtype = base_dtype(config, device)
     if config.dit.startswith(SCRATCH_PREFIX):
         return scratch_model(config.dit.removeprefix(SCRATCH_PREFIX), config.seed, device, dtype)

@@ -72,3 +72,26 @@ def write_manifest(path: Path, entries: list[dict]) -> Path:
     """A JSONL manifest of ``entries``."""
     path.write_text("".join(json.dumps(e) + "\n" for e in entries), encoding="utf-8")
     return path
+
+
+def distributed_worker(rank: int, world_size: int, port: int, root: str, runs: dict[str, dict]) -> None:
+    """One rank of a gloo process group on 127.0.0.1:``port`` training each of ``runs`` (name -> TrainConfig
+    fields; ``run_dir`` = ``root/<name>``) on ``random_latents(6)`` from ``micro_dit(seed=2)``; spawned by the
+    distributed tests with ``torch.multiprocessing``."""
+    import os
+
+    import torch.distributed as dist
+
+    from phantom_core.training.config import TrainConfig
+    from phantom_core.training.loop import train
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        for name, fields in runs.items():
+            config = TrainConfig(**fields, out=f"{root}/{name}.safetensors", run_dir=f"{root}/{name}", device="cpu")
+            train(config, dataset=random_latents(6, seed=1), model=micro_dit(seed=2))
+    finally:
+        dist.destroy_process_group()
