@@ -11,6 +11,7 @@ from .rephrase import REPHRASE_NODES
 from .sampler import PhantomSampler
 from .save_video import PhantomSaveVideo
 from .text_encode import PhantomTextEncode
+from .train import PhantomTrainLoRA
 
 PHANTOM_NODES: list[type[io.ComfyNode]] = [
     PhantomDiTLoader,
@@ -23,4 +24,5 @@ PHANTOM_NODES: list[type[io.ComfyNode]] = [
     PhantomDecode,
     PhantomSaveVideo,
     *REPHRASE_NODES,
+    PhantomTrainLoRA,
 ]

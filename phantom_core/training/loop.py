@@ -131,7 +131,7 @@ def _train(config: TrainConfig, ctx: DistContext, dataset: LatentDataset | None,
     # 1. data
     bad: list[BadSample] = []
     if dataset is None:
-        dataset, bad = _cached_dataset(config, ctx, encoders, fingerprints)
+        dataset, bad = prepare_dataset(config, encoders, fingerprints, ctx)
     global_batch = config.batch_size * ctx.world_size
     order = BatchOrder([dataset.bucket(i) for i in range(len(dataset))], global_batch, config.seed)
     # 2. model
@@ -229,10 +229,16 @@ def _once(encoders: Encoders | None) -> Encoders | None:
     return lambda: kept[0] if kept else (kept.append(encoders()) or kept[0])
 
 
-def _cached_dataset(config: TrainConfig, ctx: DistContext, encoders: Encoders | None,
-                    fingerprints: dict[str, str] | None) -> tuple[CachedLatents, list[BadSample]]:
-    """Read and cache ``config.dataset``: rank 0 encodes what is missing, the other ranks then read the cache."""
-    specs, bad = read_dataset(config.dataset)
+def prepare_dataset(config: TrainConfig, encoders: Encoders | None, fingerprints: dict[str, str] | None,
+                    ctx: DistContext | None = None, contained: bool = False) -> tuple[CachedLatents, list[BadSample]]:
+    """Read ``config.dataset`` and cache its latents and contexts (``cache.build_cache``, into
+    ``config.cache_path``): rank 0 encodes what is missing, the other ranks then read the cache. A cache under
+    ``IN_MEMORY_BYTES`` is loaded into memory. ``contained``: refuse files outside the dataset folder.
+
+    Returns ``(dataset, bad samples)``; raises ``ValueError`` when no sample is usable.
+    """
+    ctx = ctx or DistContext()
+    specs, bad = read_dataset(config.dataset, contained=contained)
     report_bad(bad)
     kw = dict(frames=config.frames, width=config.width, height=config.height, ref_mode=config.ref_mode,
               dropped_prompt=config.dropped_prompt, bad=bad)
