@@ -1,7 +1,7 @@
 # ComfyUI-Phantom: every set-up step lives here and in tools/bootstrap.sh.
 PY := .venv/bin/python
 
-.PHONY: env demo test lint bench bench-memory workflows
+.PHONY: env demo test lint bench bench-memory bench-train workflows
 env: .venv/.phantom-ready
 
 .venv/.phantom-ready: tools/bootstrap.sh requirements.txt
@@ -25,6 +25,9 @@ bench: env
 
 bench-memory: env
 	$(PY) -m benchmarks.bench_load_memory
+
+bench-train: env
+	$(PY) -m benchmarks.bench_train
 
 workflows: env
 	$(PY) -m tools.make_workflows
