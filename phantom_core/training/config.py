@@ -125,7 +125,7 @@ class TrainConfig:
     fsdp: bool = _f(False, "shard the model across ranks with FSDP (for a model that does not fit one GPU)")
 
     def __post_init__(self) -> None:
-        _validate(self)
+        validate_config(self)
 
     @property
     def run_path(self) -> Path:
@@ -161,7 +161,7 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _validate(c: TrainConfig) -> None:
+def validate_config(c: TrainConfig) -> None:
     """Raise ``ValueError`` naming the first invalid field of ``c``."""
     for name, f in FIELDS.items():
         value, kind = getattr(c, name), type(f.default)

@@ -64,7 +64,7 @@ from phantom_core.training.order import BatchOrder, shard
 from phantom_core.training.runlog import RunLog, write_loss_plot
 from phantom_core.training.validation import Validator
 
-StepCallback = Callable[[int, int, float], None]
+TrainCallback = Callable[[int, int, float], None]
 """``callback(step, total_steps, loss)`` after each optimizer step (1-based); it may raise to stop the run (the
 last checkpoint is kept)."""
 
@@ -89,7 +89,7 @@ class TrainResult:
 
 def train(config: TrainConfig, *, dataset: LatentDataset | None = None, model: nn.Module | None = None,
           encoders: Encoders | None = None, fingerprints: dict[str, str] | None = None,
-          callback: StepCallback | None = None) -> TrainResult:
+          callback: TrainCallback | None = None) -> TrainResult:
     """Train as ``config`` says and write ``config.out``.
 
     Args:
@@ -101,7 +101,7 @@ def train(config: TrainConfig, *, dataset: LatentDataset | None = None, model: n
             loads ``config.vae`` / ``config.text_encoder`` when they are given (``model.file_encoders``).
         fingerprints: identities of those models for the cache keys (``cache.module_fingerprint`` /
             ``file_fingerprint``); None with ``encoders``: those the cache recorded.
-        callback: see ``StepCallback``.
+        callback: see ``TrainCallback``.
     Raises:
         ValueError: bad settings, no usable sample, a checkpoint that does not fit the run.
     """
@@ -114,7 +114,7 @@ def train(config: TrainConfig, *, dataset: LatentDataset | None = None, model: n
 
 def _train(config: TrainConfig, ctx: DistContext, dataset: LatentDataset | None, model: nn.Module | None,
            encoders: Encoders | None, fingerprints: dict[str, str] | None,
-           callback: StepCallback | None) -> TrainResult:
+           callback: TrainCallback | None) -> TrainResult:
     run_dir = config.run_path
     if not config.out:
         raise ValueError("out is empty; give the file to write (.safetensors)")
@@ -171,7 +171,7 @@ def _train(config: TrainConfig, ctx: DistContext, dataset: LatentDataset | None,
                 loss = flow_matching_loss(trained, x0, refs, context, sigma, noise)
                 (loss / config.grad_accum).backward()
             loss_sum += float(loss.detach())
-        grad_norm = _clip(params, config.max_grad_norm)
+        grad_norm = _clip_gradients(params, config.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -273,7 +273,7 @@ def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractC
     return contextlib.nullcontext()
 
 
-def _clip(params: list[nn.Parameter], max_norm: float) -> float:
+def _clip_gradients(params: list[nn.Parameter], max_norm: float) -> float:
     """Clip the gradients' total norm to ``max_norm`` (0: no clipping); returns the norm before clipping."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
