@@ -95,18 +95,17 @@ class CachedLatents:
 
     def __init__(self, files: Sequence[Path], dropped_context: Tensor, in_memory: bool = False) -> None:
         self.files, self.dropped_context = list(files), dropped_context
-        self._buckets = []
-        for f in self.files:
+        self._buckets, self.names = [], []
+        for f in self.files:  # headers only: shapes and names
             with safe_open(str(f), framework="pt") as st:
                 shapes = (st.get_slice("latents").get_shape(), st.get_slice("ref_latents").get_shape())
+                self.names.append(st.metadata()["name"])
             self._buckets.append(sample_bucket(*shapes))
         self._loaded = [self._read(i) for i in range(len(self.files))] if in_memory else None
 
     def _read(self, index: int) -> LatentSample:
         t = load_file(str(self.files[index]))
-        with safe_open(str(self.files[index]), framework="pt") as st:
-            name = st.metadata()["name"]
-        return LatentSample(name, t["latents"], t["ref_latents"], t["context"])
+        return LatentSample(self.names[index], t["latents"], t["ref_latents"], t["context"])
 
     def __len__(self) -> int:
         return len(self.files)

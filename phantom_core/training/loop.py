@@ -189,8 +189,9 @@ def _train(config: TrainConfig, ctx: DistContext, dataset: LatentDataset | None,
             validator.run(trained if config.fsdp else unwrap(trained), step, run_dir / "validation", autocast,
                           write=ctx.is_main)
     # 5. the final file
-    out = _finish(config, ctx, trained, log)
-    return TrainResult(out, run_dir, max(start, config.steps), log.losses() if log else [], bad, last_ckpt)
+    done = max(start, config.steps)
+    out = _finish(config, ctx, trained, log, done)
+    return TrainResult(out, run_dir, done, log.losses() if log else [], bad, last_ckpt)
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -311,7 +312,7 @@ def _resume(config: TrainConfig, ctx: DistContext, model: nn.Module, optimizer: 
     return step, path
 
 
-def _finish(config: TrainConfig, ctx: DistContext, model: nn.Module, log: RunLog | None) -> Path | None:
+def _finish(config: TrainConfig, ctx: DistContext, model: nn.Module, log: RunLog | None, steps: int) -> Path | None:
     """Write the final file (rank 0; every rank gathers FSDP shards) and the loss plot."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -321,7 +322,7 @@ def _finish(config: TrainConfig, ctx: DistContext, model: nn.Module, log: RunLog
         weights = get_model_state_dict(model, options=options)
     if not ctx.is_main:
         return None
-    out = save_output(unwrap(model), weights, config, config.out, config.steps)
+    out = save_output(unwrap(model), weights, config, config.out, steps)
     write_loss_plot(log.losses(), config.run_path / "loss.png")
     logger.info("wrote %s", out)
     return out
