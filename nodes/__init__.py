@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from .decode import PhantomDecode
 from .loaders import PhantomDiTLoader, PhantomTextEncoderLoader, PhantomVAELoader
+from .lora import PhantomLoadLoRA
 from .references import PhantomEncodeReferences, PhantomReferences
 from .rephrase import REPHRASE_NODES
 from .sampler import PhantomSampler
@@ -17,6 +18,7 @@ PHANTOM_NODES: list[type[io.ComfyNode]] = [
     PhantomDiTLoader,
     PhantomVAELoader,
     PhantomTextEncoderLoader,
+    PhantomLoadLoRA,
     PhantomTextEncode,
     PhantomReferences,
     PhantomEncodeReferences,

@@ -50,7 +50,7 @@ _HOMES: dict[str, str] = {
     "make_backend": "phantom_core.rephrase.backends",
     **dict.fromkeys(["RephraseError", "RephraseResult"], "phantom_core.rephrase.types"),
     **dict.fromkeys(["DEFAULT_TARGETS", "LoRALinear", "inject_lora", "lora_state_dict"], "phantom_core.lora.adapter"),
-    **dict.fromkeys(["lora_metadata", "save_lora"], "phantom_core.lora.files"),
+    **dict.fromkeys(["diff_state_dict", "lora_metadata", "save_lora"], "phantom_core.lora.files"),
     "read_lora": "phantom_core.lora.keys",
     "apply_loras": "phantom_core.lora.apply",
 }

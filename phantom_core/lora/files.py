@@ -1,4 +1,5 @@
-"""LoRA files on disk: writing ours (safetensors, ComfyUI's key layout, with metadata), atomically.
+"""LoRA files on disk: writing ours (safetensors, ComfyUI's key layout, with metadata), atomically, and full
+fine-tunes as ComfyUI's full-weight deltas (``.diff`` / ``.diff_b``).
 
 The key layout is ``adapter.lora_state_dict``'s; reading the layouts other trainers write is ``keys.read_lora``.
 """
@@ -14,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -38,6 +40,36 @@ def lora_metadata(rank: int, alpha: float, base_model: str, steps: int,
         raise ValueError(f"LoRA metadata: settings cannot be written as JSON ({e})") from None
     return {"format": LORA_FORMAT, "rank": str(int(rank)), "alpha": repr(float(alpha)), "base_model": base_model,
             "steps": str(int(steps)), "settings": settings_json}
+
+
+def diff_state_dict(base: Mapping[str, Tensor], tuned: Mapping[str, Tensor], prefix: str = "diffusion_model.",
+                    dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """A full fine-tune as full-weight deltas in ComfyUI's layout (what ``comfy.lora.load_lora`` reads):
+    ``<prefix><module>.diff`` for ``<module>.weight``, ``<prefix><module>.diff_b`` for ``<module>.bias`` and
+    ``<prefix><parameter>.diff`` for any other parameter (e.g. ``blocks.0.modulation``), each ``tuned - base``
+    computed in float32 and stored as ``dtype``; unchanged tensors are left out.
+
+    base, tuned: state dicts with the same keys and shapes (e.g. before and after training; fp8 scales are not
+    handled: pass float weights). Raises ``ValueError`` naming keys that differ between the two, or when nothing
+    changed.
+    """
+    if base.keys() != tuned.keys():
+        odd = sorted(set(base) ^ set(tuned))
+        raise ValueError(f"diff_state_dict: base and tuned have different keys: {odd[:5]}")
+    out: dict[str, Tensor] = {}
+    for key, after in tuned.items():
+        before = base[key]
+        if before.shape != after.shape:
+            raise ValueError(f"diff_state_dict: {key} is {tuple(before.shape)} in base, {tuple(after.shape)} in tuned")
+        if not after.is_floating_point() or torch.equal(before, after):
+            continue
+        module, _, leaf = key.rpartition(".")
+        name = {"weight": f"{module}.diff", "bias": f"{module}.diff_b"}.get(leaf, f"{key}.diff")
+        delta = after.detach().to("cpu", torch.float32) - before.detach().to("cpu", torch.float32)
+        out[prefix + name] = delta.to(dtype).contiguous()
+    if not out:
+        raise ValueError("diff_state_dict: tuned equals base; there is no delta to write")
+    return out
 
 
 def save_lora(path: str | os.PathLike, state_dict: Mapping[str, Tensor], metadata: Mapping[str, str]) -> Path:

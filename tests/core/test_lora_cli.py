@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from phantom_core.__main__ import main
-from phantom_core.cli import lora_choice
+from phantom_core.__main__ import build_parser, main
+from phantom_core.cli import lora_choice, resolve_generate_args
+from phantom_core.lora.adapter import lora_modules
 from phantom_core.lora.files import lora_metadata, save_lora
+from phantom_core.pipeline import apply_dit_loras
 from phantom_core.sidecar import file_sha256
 from phantom_core.video_io import read_mp4_frames
 from phantom_core.wan.load import load_dit
@@ -70,3 +72,21 @@ def test_bad_loras_fail_before_sampling(files, tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(bad) in err and "match no module" in err and "lora_te1_x.lora_down.weight" in err
     assert not out.exists()
+
+
+def test_from_sidecar_refuses_a_lora_that_changed(files, tmp_path):
+    lora = tmp_path / "changing.safetensors"
+    lora.write_bytes(files["lora"].read_bytes())
+    out = tmp_path / "v.mp4"
+    assert main(["generate", *model_args(files), *SMALL, "--lora", str(lora), "--out", str(out)]) == 0
+    save_lora(lora, random_lora(load_dit(files["dit"]), rank=2, seed=5), {})  # another LoRA under the same name
+    with pytest.raises(ValueError, match="changing.safetensors has changed"):
+        resolve_generate_args(build_parser().parse_args(["generate", "--from-sidecar", str(out.with_suffix(".json")),
+                                                         "--out", str(tmp_path / "w.mp4")]))
+
+
+def test_pipeline_merges_into_float_weights_and_wraps_fp8_ones(files):
+    merged = apply_dit_loras(load_dit(files["dit"]), [(files["lora"], 1.0)])
+    assert not lora_modules(merged)
+    fp8 = apply_dit_loras(load_dit(files["dit"], dtype=torch.float8_e4m3fn), [(files["lora"], 1.0)])
+    assert lora_modules(fp8) and fp8.blocks[0].self_attn.q.base.weight.dtype == torch.float8_e4m3fn

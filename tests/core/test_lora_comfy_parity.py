@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from phantom_core.lora.apply import apply_loras
-from phantom_core.lora.files import lora_metadata, save_lora
+from phantom_core.lora.files import diff_state_dict, lora_metadata, save_lora
 from phantom_core.wan.dit import WanDiTConfig
 from phantom_core.wan.load import load_dit
 from tests.support.lora import random_lora
@@ -98,3 +98,22 @@ def test_a_lora_as_comfyuis_train_node_saves_it_reads_the_same(comfy, sd, caplog
     with torch.no_grad():
         ours = apply_loras(load_dit({k: v.clone() for k, v in sd.items()}), [(lora, 1.0)])(*inputs())
     assert rel(ours, theirs) <= REL
+
+
+def test_a_full_fine_tune_as_diff_file_in_comfyui_gives_the_tuned_output(comfy, sd, tmp_path, caplog):
+    g = torch.Generator().manual_seed(12)
+    # block 1 fine-tuned: Linear weights and biases, norms. Not its modulation: ComfyUI's ModelPatcher never
+    # patches a parameter of a module that has submodules (our node object-patches it; tests/nodes/test_lora_node)
+    tuned = {k: v + 0.02 * torch.randn(v.shape, generator=g) if k.startswith("blocks.1.") and "modulation" not in k
+             else v.clone() for k, v in sd.items()}
+    diff = diff_state_dict(sd, tuned)
+    assert {"diffusion_model.blocks.1.self_attn.q.diff", "diffusion_model.blocks.1.self_attn.q.diff_b",
+            "diffusion_model.blocks.1.norm3.diff", "diffusion_model.blocks.1.ffn.2.diff_b"} <= set(diff)
+    assert not any(".blocks.0." in k for k in diff)
+    path = save_lora(tmp_path / "full.safetensors", diff, {})
+    theirs = comfy_output(comfy, sd, comfy.utils.load_torch_file(str(path)), 1.0, caplog)
+    with torch.no_grad():
+        want = load_dit({k: v.clone() for k, v in tuned.items()})(*inputs())
+        ours = apply_loras(load_dit({k: v.clone() for k, v in sd.items()}), [(path, 1.0)])(*inputs())
+    assert rel(ours, want) <= REL
+    assert rel(theirs, want) <= REL

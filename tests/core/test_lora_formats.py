@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from phantom_core.lora.apply import apply_loras
-from phantom_core.lora.files import save_lora
+from phantom_core.lora.files import diff_state_dict, save_lora
 from phantom_core.lora.keys import read_lora
 from phantom_core.wan.dit import DIT_PRESETS
 from phantom_core.wan.load import load_dit
@@ -162,3 +162,19 @@ def test_our_file_round_trips_through_save_and_read(known, tmp_path):
 def test_bad_files_are_refused_with_the_reason(keys, word):
     with pytest.raises(ValueError, match=word):
         read_lora(keys)
+
+
+def test_diff_state_dict_round_trip_and_refusals(sd):
+    g = torch.Generator().manual_seed(8)
+    tuned = {k: v + 0.01 * torch.randn(v.shape, generator=g) if k.startswith(("blocks.0.", "head.")) else v
+             for k, v in sd.items()}
+    diff = diff_state_dict(sd, tuned, dtype=torch.float32)
+    assert "diffusion_model.head.modulation.diff" in diff and "diffusion_model.head.head.diff_b" in diff
+    assert not any(k.startswith("diffusion_model.blocks.1.") for k in diff)
+    got = apply_loras(load_dit({k: v.clone() for k, v in sd.items()}), [(diff, 1.0)]).state_dict()
+    for key, want in tuned.items():
+        torch.testing.assert_close(got[key], want, rtol=0, atol=1e-6, msg=key)
+    with pytest.raises(ValueError, match="different keys"):
+        diff_state_dict(sd, {**tuned, "extra": torch.zeros(1)})
+    with pytest.raises(ValueError, match="no delta"):
+        diff_state_dict(sd, dict(sd))
