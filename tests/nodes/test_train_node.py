@@ -1,7 +1,7 @@
 """Phantom Train LoRA through a real headless ComfyUI: a tiny dataset (MP4 clips + PNG references written into the
 server's input folder) trained a few steps on the tiny default; the LoRA lands in models/loras in ComfyUI's
 layout, ComfyUI's own Save LoRA and Plot Loss Graph nodes take the LORA_MODEL and LOSS_MAP outputs, the LoRA
-changes the sampler's output, Cancel stops training with the last checkpoint kept, and resume continues it."""
+loaded by Phantom Load LoRA changes Phantom Sampler's output, Cancel stops training with the last checkpoint kept, and resume continues it."""
 
 from __future__ import annotations
 
@@ -12,13 +12,11 @@ import pytest
 import requests
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
-from phantom_core.lora.apply import apply_loras
-from phantom_core.sampling.loop import sample_from_seed
 from phantom_core.training.runlog import read_log
-from phantom_core.wan.load import load_dit
 from tests.support.comfy import history_error
-from tests.support.training import write_dataset
+from tests.support.training import write_dataset, write_reference
 from tools.comfy_launcher import ComfyServer
 
 TRAIN = "10"
@@ -39,6 +37,38 @@ def train_prompt(dataset: str, lora_name: str, **settings) -> dict:
         "11": {"class_type": "SaveLoRA", "inputs": {"lora": [TRAIN, 0], "prefix": f"loras/native_{lora_name}"}},
         "12": {"class_type": "LossGraphNode", "inputs": {"loss": [TRAIN, 1], "filename_prefix": "loss"}},
     }
+
+
+def sampled_latent(server: ComfyServer, lora: str | None, strength: float) -> torch.Tensor:
+    """Phantom Sampler's LATENT (2 steps, 32x32, 5 frames) with the DiT through Phantom Load LoRA (or not)."""
+    ref = write_reference(server.base / "input" / "train_node_ref.png", (40, 32), seed=5)
+    model = ["1", 0]
+    prompt = {
+        "1": {"class_type": "PhantomDiTLoader", "inputs": {"dit_name": "phantom_tiny_dit.safetensors",
+                                                           "weight_dtype": "default"}},
+        "2": {"class_type": "PhantomVAELoader", "inputs": {"vae_name": "phantom_tiny_vae.safetensors"}},
+        "3": {"class_type": "PhantomTextEncoderLoader", "inputs": {"text_encoder_name": "phantom_tiny_umt5.safetensors",
+                                                                  "tokenizer": "embedded", "device": "default"}},
+        "4": {"class_type": "PhantomTextEncode", "inputs": {"text_encoder": ["3", 0], "text": "a subject moves left"}},
+        "5": {"class_type": "PhantomTextEncode", "inputs": {"text_encoder": ["3", 0], "text": ""}},
+        "6": {"class_type": "LoadImage", "inputs": {"image": ref.name}},
+        "7": {"class_type": "PhantomReferences", "inputs": {"image_1": ["6", 0], "mode": "letterbox"}},
+        "8": {"class_type": "PhantomEncodeReferences", "inputs": {"vae": ["2", 0], "references": ["7", 0],
+                                                                  "width": 32, "height": 32}},
+    }
+    if lora is not None:
+        prompt["20"] = {"class_type": "PhantomLoadLoRA", "inputs": {"model": model, "lora_name": lora,
+                                                                    "strength": strength}}
+        model = ["20", 0]
+    prompt["9"] = {"class_type": "PhantomSampler", "inputs": {
+        "model": model, "positive": ["4", 0], "negative": ["5", 0], "reference_latents": ["8", 0], "width": 32,
+        "height": 32, "frames": 5, "steps": 2, "shift": 5.0, "solver": "euler", "w_img": 5.0, "w_text": 7.5,
+        "seed": 11, "preset": "custom"}}
+    prompt["10"] = {"class_type": "SaveLatent", "inputs": {"samples": ["9", 0], "filename_prefix": "train_node"}}
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", history_error(entry) + server.log()
+    [saved] = entry["outputs"]["10"]["latents"]
+    return load_file(server.output_dir / saved["subfolder"] / saved["filename"])["latent_tensor"]
 
 
 @pytest.fixture(scope="module")
@@ -73,14 +103,11 @@ def test_train_lora_node_writes_a_lora_that_changes_the_sampler(comfy_server: Co
     run = comfy_server.output_dir / "phantom_training" / "node_lora"
     assert [r["step"] for r in read_log(run / "log.jsonl")] == [1, 2, 3]
 
-    # the LoRA changes the sampler's output (applied with the core's apply_loras: the Phantom Load LoRA node is
-    # not on this branch yet)
-    dit_file = comfy_server.base / "models" / "diffusion_models" / "phantom_tiny_dit.safetensors"
-    gen = torch.Generator().manual_seed(0)
-    refs, ctx = torch.randn(1, 16, 1, 4, 4, generator=gen), torch.randn(1, 4, 64, generator=gen)
-    def sample(model):
-        return sample_from_seed(model, 3, (1, 16, 2, 4, 4), refs, ctx, ctx[:, :2], steps=2, w_img=1.0, w_text=1.0)
-    assert (sample(apply_loras(load_dit(dit_file), [(lora, 1.0)])) - sample(load_dit(dit_file))).abs().max() > 1e-3
+    # the LoRA, loaded by Phantom Load LoRA, changes what Phantom Sampler makes (strength 0: exactly the base)
+    base, off, on = (sampled_latent(comfy_server, lora, strength) for lora, strength in
+                     ((None, 0.0), ("node_lora.safetensors", 0.0), ("node_lora.safetensors", 1.0)))
+    assert (off - base).abs().max() <= 1e-6 * base.abs().max()
+    assert (on - base).abs().max() > 1e-3 * base.abs().max()
 
 
 def test_cancel_keeps_the_last_checkpoint_and_resume_finishes(comfy_server: ComfyServer, dataset: str) -> None:
