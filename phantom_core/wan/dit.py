@@ -26,6 +26,7 @@ Heads are not stored in a checkpoint; every Wan2.1 model uses 128 channels per h
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -140,7 +141,10 @@ def run_fp32(layer: nn.Module, x: Tensor) -> Tensor:
     """
     tensors = chain(layer.named_parameters(), layer.named_buffers())
     fp32 = {name: t.to(device=x.device, dtype=torch.float32) for name, t in tensors if t.is_floating_point()}
-    with torch.autocast(x.device.type, enabled=False):  # bf16 autocast (training) would compute these in bf16
+    # bf16 autocast (training) would compute these Linears in bf16; "meta" (shape-only runs) has no autocast
+    off = torch.autocast(x.device.type, enabled=False) if torch.amp.is_autocast_available(x.device.type) \
+        else contextlib.nullcontext()
+    with off:
         return functional_call(layer, fp32, (x.float(),)).float()
 
 

@@ -147,3 +147,18 @@ def test_a_training_run_records_every_step(tmp_path):
     result = train(config, dataset=data, model=micro_dit())
     assert len(result.losses) == 3 and all(math.isfinite(v) and v > 0 for v in result.losses)
     assert result.out.is_file() and (result.run_dir / "loss.png").is_file()
+
+
+def test_bf16_autocast_leaves_the_time_path_in_float32():
+    """Training autocasts to bf16 on CUDA; the DiT's time MLP (run_fp32) must stay float32 under it (CPU autocast
+    stands in for CUDA's: a plain Linear under it computes in bf16)."""
+    from phantom_core.wan.dit import run_fp32
+
+    gen = torch.Generator().manual_seed(7)
+    layer = torch.nn.Linear(64, 32)
+    x = torch.randn(3, 64, generator=gen)
+    exact = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, plain = run_fp32(layer, x), layer(x)
+    assert ours.dtype == torch.float32 and plain.dtype == torch.bfloat16
+    assert (ours.double() - exact).abs().max() < 1e-5 < (plain.double() - exact).abs().max()
