@@ -19,7 +19,6 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 from safetensors.torch import load_file
-from server import PromptServer
 
 import nodes
 from phantom_core.loading.fp8 import is_fp8
@@ -98,6 +97,8 @@ def run_training(config: TrainConfig, model, vae, text_encoder, node_id: str | N
     mm.soft_empty_cache()
     dit = trainable_copy(model, config, mm.get_torch_device())
     bar = comfy.utils.ProgressBar(config.steps)
+
+    from server import PromptServer  # here, not at import: the nodes package also loads outside a running server
 
     def on_step(step: int, total: int, loss: float) -> None:
         mm.throw_exception_if_processing_interrupted()

@@ -162,3 +162,17 @@ def test_bf16_autocast_leaves_the_time_path_in_float32():
         ours, plain = run_fp32(layer, x), layer(x)
     assert ours.dtype == torch.float32 and plain.dtype == torch.bfloat16
     assert (ours.double() - exact).abs().max() < 1e-5 < (plain.double() - exact).abs().max()
+
+
+def test_training_works_after_sampling_under_inference_mode():
+    """ComfyUI samples under torch.inference_mode; tables the DiT caches there (RoPE) must not break a later
+    training step of the same shape (inference tensors cannot be saved for backward)."""
+    model = micro_dit(seed=8)
+    gen = torch.Generator().manual_seed(8)
+    x0, refs = torch.randn(1, 16, 2, 6, 6, generator=gen), torch.randn(1, 16, 1, 6, 6, generator=gen)
+    context, noise = torch.randn(1, 3, 32, generator=gen), torch.randn(1, 16, 2, 6, 6, generator=gen)
+    with torch.inference_mode():
+        model(x0, torch.tensor([500.0]), context, refs)
+    model.enable_gradient_checkpointing()
+    flow_matching_loss(model, x0, refs, context, torch.tensor([0.5]), noise).backward()
+    assert model.blocks[0].self_attn.q.weight.grad is not None
