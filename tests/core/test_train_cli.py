@@ -1,6 +1,6 @@
 """`python -m phantom_core train`: a TOML config with flags on top, from a dataset folder and model files (the
 latents cached once), LoRA to the file named by --out (which changes the sampler's output once applied), full
-training from scratch, clear errors; and the Python API through the facade."""
+training from scratch with a validation video, clear errors; and the Python API through the facade."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from phantom_core.__main__ import main
 from phantom_core.lora.apply import apply_loras
 from phantom_core.sampling.loop import sample_from_seed
 from phantom_core.training.runlog import read_log
+from phantom_core.video_io import probe_mp4
 from phantom_core.wan.load import load_dit
 from tests.support.files import make_tiny_files
 from tests.support.training import write_dataset
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("train_cli")
-    paths = make_tiny_files(root, 0, [])
+    paths = make_tiny_files(root, 0, [(40, 32)])
     write_dataset(root / "data", samples=2, frames=5)
     return paths
 
@@ -73,9 +74,13 @@ def test_train_full_from_scratch_writes_a_dit_checkpoint(files, tmp_path, capsys
     args = ["train", "--dataset", str(root / "data"), "--dit", "scratch:tiny", "--vae", str(files["vae"]),
             "--text-encoder", str(files["text_encoder"]), "--width", "32", "--height", "32", "--frames", "5",
             "--mode", "full", "--steps", "2", "--out", str(out), "--cache-dir", str(root / "cache"),
-            "--no-gradient-checkpointing", "--no-progress"]
+            "--no-gradient-checkpointing", "--no-progress", "--validate-every", "2", "--validation-prompt",
+            "a dog runs", "--validation-references", str(files["ref0"]), "--validation-steps", "2"]
     assert main(args) == 0
     assert "training [" not in capsys.readouterr().err
+    video = tmp_path / "scratch.run" / "validation" / "step_000002.mp4"
+    meta = probe_mp4(video)  # sampled by our sampler from the step-2 weights, decoded by the VAE
+    assert (meta["frames"], meta["width"], meta["height"]) == (5, 32, 32)
     model = load_dit(out)  # upstream keys: loads as a Phantom-Wan DiT
     assert model.config == phantom_core.DIT_PRESETS["tiny"]
     assert float(model.head.head.weight.abs().max()) > 0  # zero-initialised (upstream), moved by training
