@@ -1,7 +1,8 @@
 # ComfyUI-Phantom: every set-up step lives here and in tools/bootstrap.sh.
 PY := .venv/bin/python
 
-.PHONY: env demo test lint bench bench-memory bench-train workflows
+.PHONY: env demo test test-browser lint bench bench-sampling bench-memory bench-train workflows thumbnails emoji-font \
+	train-default
 env: .venv/.phantom-ready
 
 .venv/.phantom-ready: tools/bootstrap.sh requirements.txt
@@ -23,11 +24,43 @@ lint: env
 bench: env
 	PYTHONPATH=.comfyui $(PY) -m benchmarks.bench_dit
 
+bench-sampling: env
+	PYTHONPATH=.comfyui $(PY) -m benchmarks.bench_sampling
+
 bench-memory: env
 	$(PY) -m benchmarks.bench_load_memory
 
+# Step time and peak memory of a LoRA against a full fine-tune training step (benchmarks/bench_train.py).
 bench-train: env
 	$(PY) -m benchmarks.bench_train
 
+# The shipped workflows (example_workflows/*.json, api/*.json) from their one description.
 workflows: env
 	$(PY) -m tools.make_workflows
+
+# The Templates browser's thumbnails (example_workflows/*.jpg): a frame of each workflow's own output.
+thumbnails: env
+	$(PY) -m tools.make_thumbnails
+
+# The workflows in ComfyUI's real frontend, in headless Chromium (not part of `make test`: CI has no browser).
+# Installs Debian's chromium + chromium-driver (apt-get, as root or through sudo) and selenium into .venv if missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+test-browser: env
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; fi
+	@$(PY) -c "import selenium" 2>/dev/null || $(PY) -m pip install --disable-pip-version-check -q -r requirements-browser.txt
+	$(PY) -m tools.browser_check
+
+# The miniature world's emoji subjects: Debian's fonts-noto-color-emoji (PHANTOM_EMOJI_FONT overrides the path).
+EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
+emoji-font:
+	@font="$${PHANTOM_EMOJI_FONT:-$(EMOJI_FONT)}"; \
+	if [ -f "$$font" ]; then echo "emoji font: $$font"; \
+	else echo "emoji font missing: installing fonts-noto-color-emoji with apt-get"; \
+	  $(SUDO) apt-get update && $(SUDO) apt-get install -y fonts-noto-color-emoji; fi
+
+# The trained embedded default (docs/WORLD.md). Stub: it installs what the world needs; the training itself lands
+# with the trainer (phantom_core/training/), so for now it stops with a message instead of pretending to train.
+train-default: env emoji-font
+	@echo "train-default: the world is ready (emoji font installed); training the default is not implemented yet"
+	@exit 1

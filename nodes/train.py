@@ -21,6 +21,7 @@ from comfy_api.latest import io
 from safetensors.torch import load_file
 
 import nodes
+from phantom_core.loading.disk import resolve_inside
 from phantom_core.loading.fp8 import is_fp8
 from phantom_core.training.cache import module_fingerprint
 from phantom_core.training.config import TrainConfig
@@ -36,28 +37,26 @@ MODELS_PREFIX = "models/"  # a dataset name starting with this is looked up unde
 RUNS_FOLDER = "phantom_training"  # <output>/phantom_training/<lora name>/: checkpoints, log, loss plot, cache
 
 
-def contained_path(name: str, root: str | os.PathLike, what: str) -> Path:
-    """``root/name`` when ``name`` is a relative path that stays inside ``root`` (symbolic links resolved).
-
-    A minimal containment check; the shared helper of the `polish` branch replaces it when merged.
-    Raises ValueError naming `what` for an empty, absolute or `..` path, or one that resolves outside ``root``.
-    """
-    parts = PurePosixPath(name.replace("\\", "/"))
-    if not name.strip() or parts.is_absolute() or ".." in parts.parts or Path(name).is_absolute():
-        raise ValueError(f"{what} is {name!r}; give a relative path inside {root} (no absolute path, no '..')")
-    path = Path(root, *parts.parts)
-    if not path.resolve().is_relative_to(Path(root).resolve()):
-        raise ValueError(f"{what} {name!r} resolves outside {root}")
-    return path
+def path_inside(root: str | os.PathLike, name: str, input_name: str, where: str) -> Path:
+    """``name`` inside ``root`` by the project's one rule (``loading.disk.resolve_inside``: no absolute path, no
+    ``..``, no symbolic link leading out): the resolved path when it exists, else where it will be created (its
+    nearest existing parent checked by the same rule). Raises ValueError naming ``input_name``."""
+    found = resolve_inside([root], name, input_name, where=where)
+    if found is not None:
+        return found
+    parent = PurePosixPath(name.replace("\\", "/")).parent
+    while str(parent) != "." and resolve_inside([root], str(parent), input_name, where=where) is None:
+        parent = parent.parent
+    return Path(os.path.realpath(root), name)
 
 
 def dataset_folder(name: str) -> Path:
     """The dataset folder: ``name`` under ComfyUI's input folder, or, for ``models/<path>``, under its models
-    folder. Raises ValueError naming `dataset` when it is not an existing folder there."""
+    folder. Raises ValueError naming `dataset` when it is outside them or not an existing folder there."""
     if name.replace("\\", "/").startswith(MODELS_PREFIX):
-        path = contained_path(name[len(MODELS_PREFIX):], folder_paths.models_dir, "dataset")
+        path = path_inside(folder_paths.models_dir, name[len(MODELS_PREFIX):], "dataset", "ComfyUI's models folder")
     else:
-        path = contained_path(name, folder_paths.get_input_directory(), "dataset")
+        path = path_inside(folder_paths.get_input_directory(), name, "dataset", "ComfyUI's input folder")
     if not path.is_dir():
         raise ValueError(f"dataset {name!r}: no folder {path} (a folder of samples under ComfyUI's input folder, "
                          f"or {MODELS_PREFIX}<folder> under its models folder; see the README)")
@@ -67,7 +66,7 @@ def dataset_folder(name: str) -> Path:
 def lora_file(name: str) -> tuple[Path, str]:
     """``(path, name as listed)`` of the LoRA to write under models/loras (``.safetensors`` appended)."""
     name = name if name.endswith(".safetensors") else f"{name}.safetensors"
-    return contained_path(name, folder_paths.get_folder_paths("loras")[0], "lora_name"), name
+    return path_inside(folder_paths.get_folder_paths("loras")[0], name, "lora_name", "models/loras"), name
 
 
 def trainable_copy(patcher, config: TrainConfig, device: torch.device):
@@ -172,8 +171,9 @@ class PhantomTrainLoRA(io.ComfyNode):
                 text_encoder=None) -> io.NodeOutput:
         folder = dataset_folder(dataset)
         out, name = lora_file(lora_name)
-        run_dir = contained_path(name.removesuffix(".safetensors"),
-                                 Path(folder_paths.get_output_directory()) / RUNS_FOLDER, "lora_name")
+        runs = Path(folder_paths.get_output_directory()) / RUNS_FOLDER
+        runs.mkdir(parents=True, exist_ok=True)
+        run_dir = path_inside(runs, name.removesuffix(".safetensors"), "lora_name", f"output/{RUNS_FOLDER}")
         config = TrainConfig(dataset=str(folder), out=str(out), run_dir=str(run_dir), mode="lora", steps=steps,
                              learning_rate=learning_rate, lora_rank=rank, lora_alpha=alpha, batch_size=batch_size,
                              width=width, height=height, frames=frames, seed=seed, text_dropout=text_dropout,

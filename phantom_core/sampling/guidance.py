@@ -73,7 +73,20 @@ def _pass_inputs(name: str, context: Tensor, context_neg: Tensor, ref_latents: T
 def phantom_guidance(model: VelocityModel, x: Tensor, t: float, context: Tensor, context_neg: Tensor,
                      ref_latents: Tensor, *, w_img: float, w_text: float, batch_passes: bool = True,
                      model_dtype: torch.dtype | None = None) -> Tensor:
-    """The guided velocity at one step: run the needed passes (batched or one by one) and combine them.
+    """The guided velocity at one step: run the needed passes (:func:`run_passes`) and combine them (Eq. 5).
+
+    Arguments as :func:`run_passes`; ``w_img``, ``w_text``: guidance weights of Eq. 5 (upstream 5.0 and 7.5).
+    Returns the guided velocity, fp32, shaped like ``x``.
+    """
+    velocities = run_passes(model, x, t, context, context_neg, ref_latents, list(guidance_weights(w_img, w_text)),
+                            batch_passes=batch_passes, model_dtype=model_dtype)
+    return combine_guidance(velocities, w_img, w_text)
+
+
+def run_passes(model: VelocityModel, x: Tensor, t: float, context: Tensor, context_neg: Tensor,
+               ref_latents: Tensor, names: list[str], *, batch_passes: bool = True,
+               model_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """The velocities of the named guidance passes at one step, batched or one by one.
 
     Args:
         model: velocity model, see :data:`VelocityModel`.
@@ -83,14 +96,13 @@ def phantom_guidance(model: VelocityModel, x: Tensor, t: float, context: Tensor,
             zero-padded to the longer when the passes are batched (the model must be invariant to zero padding
             of the context, as the Wan DiT is: it pads to 512 tokens itself).
         ref_latents: clean reference latents ``[B, 16, N, h, w]``.
-        w_img, w_text: guidance weights of Eq. 5 (upstream defaults 5.0 and 7.5).
+        names: passes to run, from ``PASS_NAMES`` (e.g. ``list(guidance_weights(w_img, w_text))``).
         batch_passes: concatenate the passes on the batch dim into one model call (faster, P times the
             activation memory); ``False`` calls the model once per pass.
         model_dtype: dtype of the model's inputs (x, references, context); ``None`` keeps the inputs' dtypes.
     Returns:
-        Guided velocity, fp32, shaped like ``x``.
+        ``{pass name: velocity}``, fp32, each shaped like ``x``.
     """
-    names = list(guidance_weights(w_img, w_text))
     cast = (lambda a: a.to(model_dtype)) if model_dtype is not None else (lambda a: a)
     inputs = [_pass_inputs(n, context, context_neg, ref_latents) for n in names]
     b = x.shape[0]
@@ -106,4 +118,4 @@ def phantom_guidance(model: VelocityModel, x: Tensor, t: float, context: Tensor,
         t_in = torch.full((b,), float(t), dtype=torch.float32, device=x.device)  # (B,)
         velocities = {n: model(cast(x), t_in, cast(c), cast(r)).float() for n, (c, r) in zip(names, inputs)}
     logger.debug("guidance t=%.1f passes=%s batched=%s", float(t), names, batch_passes and len(names) > 1)
-    return combine_guidance(velocities, w_img, w_text)
+    return velocities

@@ -35,9 +35,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
+from phantom_core.loading.disk import atomic_write
 from phantom_core.log import logger
 from phantom_core.references import encode_references
-from phantom_core.training.checkpoint import atomic_write
 from phantom_core.training.dataset import BadSample, RawSample, SampleSpec, load_sample, report_bad
 
 MODELS_FILE = "models.json"
@@ -157,7 +157,8 @@ def _safe_name(name: str) -> str:
 
 def _write_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     data = save({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:
@@ -169,7 +170,8 @@ def _models_record(cache_dir: Path, fingerprints: dict[str, str] | None) -> dict
     """``fingerprints`` (recorded in ``models.json``), or the recorded ones when None."""
     record = cache_dir / MODELS_FILE
     if fingerprints is not None:
-        atomic_write(record, lambda tmp: tmp.write_text(json.dumps(fingerprints, sort_keys=True)))
+        with atomic_write(record) as tmp:
+            tmp.write_text(json.dumps(fingerprints, sort_keys=True))
         return fingerprints
     if not record.is_file():
         raise ValueError(f"no latent cache in {cache_dir} ({MODELS_FILE} missing); give the VAE and the text "

@@ -8,9 +8,10 @@
 
 Written atomically: the files go to a hidden temporary folder which is renamed to ``step_NNNNNN`` only when
 complete, so a crash (or Cancel) mid-write leaves the previous checkpoints intact and no half-written one. Files
-get normal permissions (0666 minus the umask). Model and optimizer states go through
-``torch.distributed.checkpoint.state_dict``'s full-state-dict API, which is the same call for a plain module,
-DDP and FSDP (it gathers the shards; rank 0 writes). Loading uses ``torch.load(weights_only=True)``.
+get normal permissions (0666 minus the umask; the safetensors file through ``loading.disk.atomic_write``). Model
+and optimizer states go through ``torch.distributed.checkpoint.state_dict``'s full-state-dict API, which is the
+same call for a plain module, DDP and FSDP (it gathers the shards; rank 0 writes). Loading uses
+``torch.load(weights_only=True)``.
 
 Nothing here knows the DiT or the flow objective: another model or objective (e.g. the VAE of the miniature
 world) reuses it with its own modules, optimizer and extra values.
@@ -23,9 +24,7 @@ import os
 import random
 import re
 import shutil
-import stat
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,42 +40,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from phantom_core.loading.disk import atomic_write
 from phantom_core.log import logger
 
 CHECKPOINT_PATTERN = re.compile(r"step_(\d{6,})")
 WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE, CONFIG_FILE = "trainable.safetensors", "optimizer.pt", "state.pt", \
     "config.json"
-
-
-def normal_permissions(path: str | os.PathLike) -> None:
-    """Give a file the mode a plain ``open`` gives a new file: 0666 minus the process umask, read from a fresh
-    probe file beside it (the process umask is never touched). Some writers (safetensors' ``save_file``,
-    ``tempfile.mkstemp``) create files readable by their owner only."""
-    path = Path(path)
-    probe = path.with_name(f".{uuid.uuid4().hex[:8]}.probe")
-    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        os.chmod(path, stat.S_IMODE(probe.stat().st_mode))
-    finally:
-        probe.unlink()
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """Create a file through ``write(temporary_path)`` beside ``path``, flush it to disk and rename it over
-    ``path``: readers see the old file or the complete new one, never a partial one, and a failed ``write``
-    leaves nothing behind. The file gets normal permissions (``normal_permissions``). Returns ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        normal_permissions(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def checkpoint_name(step: int) -> str:
@@ -153,9 +122,8 @@ def save_checkpoint(folder: str | os.PathLike, step: int, model: nn.Module, opti
     tmp = folder / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.mkdir(parents=True)
     try:
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS_FILE),
-                  metadata={"step": str(step)})
-        normal_permissions(tmp / WEIGHTS_FILE)
+        with atomic_write(tmp / WEIGHTS_FILE) as part:  # safetensors makes its files 0o600: normal mode back
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(part), metadata={"step": str(step)})
         torch.save(optim, tmp / OPTIMIZER_FILE)
         torch.save({"step": step, "scheduler": scheduler.state_dict(), **state}, tmp / STATE_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1), encoding="utf-8")

@@ -19,7 +19,7 @@ import os
 import sys
 from typing import TextIO
 
-from phantom_core.cli import TextProgressBar
+from phantom_core.inference.cli import TextProgressBar
 from phantom_core.training.config import FIELDS, load_config
 from phantom_core.training.loop import train
 

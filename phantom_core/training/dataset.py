@@ -77,7 +77,7 @@ def _images_in(folder: Path, prefix: str = "") -> list[Path]:
                   and p.name.lower().startswith(prefix))
 
 
-def _inside(path: Path, root: Path) -> bool:
+def _is_under(path: Path, root: Path) -> bool:
     return path.resolve().is_relative_to(root.resolve())
 
 
@@ -88,7 +88,7 @@ def _check_spec(spec: SampleSpec, root: Path | None) -> str | None:
     if not 1 <= len(spec.references) <= MAX_REFERENCES:
         return f"it has {len(spec.references)} references; Phantom takes 1 to {MAX_REFERENCES}"
     for path in (spec.video, *spec.references):
-        if root is not None and not _inside(path, root):
+        if root is not None and not _is_under(path, root):
             return f"{path} is outside the dataset folder {root}"
         if not path.exists():
             return f"{path} does not exist"

@@ -20,11 +20,11 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from phantom_core.loading.disk import atomic_write
 from phantom_core.log import logger
 from phantom_core.lora.adapter import DEFAULT_TARGETS, inject_lora, lora_modules, lora_state_dict
 from phantom_core.lora.files import lora_metadata, save_lora
 from phantom_core.training.cache import Encoders, file_fingerprint
-from phantom_core.training.checkpoint import atomic_write
 from phantom_core.training.config import SCRATCH_PREFIX, TrainConfig
 from phantom_core.wan.dit import DIT_PRESETS, PhantomWanDiT
 from phantom_core.wan.load import load_dit, preset_name
@@ -127,7 +127,9 @@ def save_output(model: nn.Module, weights: dict[str, Tensor] | None, config: Tra
     if config.mode == "full":
         tensors = {k: v.detach().cpu().contiguous() for k, v in (weights or model.state_dict()).items()}
         metadata = {"base_model": base, "steps": str(steps), "settings": json.dumps(config.to_json())}
-        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        with atomic_write(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+        return Path(path)
     state = gathered_lora(model, weights) if weights is not None else lora_state_dict(model)
     return save_lora(path, state, lora_metadata(config.lora_rank, config.lora_alpha, base, steps,
                                                 config.to_json()))

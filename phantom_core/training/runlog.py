@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from phantom_core.training.checkpoint import atomic_write
+from phantom_core.loading.disk import atomic_write
 
 PLOT_SIZE = (800, 400)
 MARGIN = (64, 16, 16, 40)  # left, top, right, bottom (px)
@@ -34,7 +34,8 @@ class RunLog:
         self.path = Path(path)
         kept = [r for r in read_log(self.path) if r["step"] <= resume_step] if resume_step is not None else []
         text = "".join(json.dumps(r) + "\n" for r in kept)
-        atomic_write(self.path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        with atomic_write(self.path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
         self.records: list[dict[str, Any]] = kept
 
     def write(self, record: dict[str, Any]) -> None:
@@ -101,4 +102,6 @@ def draw_loss_plot(losses: Sequence[float], title: str = "training loss") -> Ima
 def write_loss_plot(losses: Sequence[float], path: str | os.PathLike, title: str = "training loss") -> Path:
     """Draw ``draw_loss_plot`` and write it as a PNG, atomically. Returns the path."""
     img = draw_loss_plot(losses, title)
-    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    with atomic_write(path, suffix=".png") as tmp:
+        img.save(tmp, format="PNG")
+    return Path(path)

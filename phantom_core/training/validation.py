@@ -14,11 +14,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from phantom_core.inference.settings import GenerationSettings
 from phantom_core.log import logger
 from phantom_core.references import encode_references, open_reference
 from phantom_core.sampling.loop import sample_from_seed
-from phantom_core.settings import GenerationSettings
-from phantom_core.training.checkpoint import normal_permissions
 from phantom_core.training.config import TrainConfig
 
 
@@ -73,6 +72,5 @@ class Validator:
         param = next(self.vae.parameters())
         video = self.vae.decode(latents.to(param.device))  # (1, 3, T, H, W) in [-1, 1]
         path = write_mp4(to_uint8_frames(video), folder / f"step_{step:06d}.mp4", fps=s.fps, quality=s.quality)
-        normal_permissions(path)  # write_mp4's temporary file is owner-only (mkstemp)
         logger.info("validation video %s", path)
         return path

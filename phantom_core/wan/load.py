@@ -25,6 +25,7 @@ from phantom_core.loading.fp8 import (
     attach_scales,
     cast_layer_weights,
     convert_state_dict,
+    default_compute_dtype,
     detect_fp8_format,
     fp8_ops,
     is_fp8,
@@ -32,6 +33,7 @@ from phantom_core.loading.fp8 import (
     plan_load,
     weight_bytes,
 )
+from phantom_core.loading.gguf import PackedTensor, attach_packed, read_gguf, shape_stand_ins, split_packed
 from phantom_core.loading.keys import errors_name_file, keep_prefixed, key_problems
 from phantom_core.log import logger
 from phantom_core.wan.dit import DIT_PRESETS, HEAD_DIM, PhantomWanDiT, WanDiTConfig
@@ -146,6 +148,21 @@ def validate_dit_state_dict(sd: dict[str, Tensor], config: WanDiTConfig) -> None
         raise ValueError(f"DiT state dict does not match {preset_name(config) or config}: " + "; ".join(problems))
 
 
+def _load_packed(config: WanDiTConfig, sd: dict[str, Tensor], packed: dict[str, PackedTensor],
+                 compute: torch.dtype, device: torch.device | str) -> PhantomWanDiT:
+    """A GGUF DiT with its block-quantized weights kept packed (dequantized per forward, ``loading.gguf``) and
+    every other tensor in ``compute``; eval mode, frozen."""
+    plan = plan_load(detect_fp8_format(sd), compute, compute, device)
+    model = PhantomWanDiT(config, ops=fp8_ops(compute), dtype=compute, device="meta")
+    convert_state_dict(sd, cast_layer_weights(model), plan, device)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    assert set(missing) == set(packed) and not unexpected, (missing, unexpected)  # validated above
+    attach_packed(model, packed, compute, device)
+    logger.info("loaded GGUF DiT %s: %d packed tensors (%s), compute %s on %s", preset_name(config) or "custom",
+                len(packed), ", ".join(sorted({p.type_name for p in packed.values()})), compute, device)
+    return model.eval().requires_grad_(False)
+
+
 def load_dit(
     path_or_state_dict: str | Path | dict[str, Tensor],
     dtype: torch.dtype | None = torch.float32,
@@ -157,9 +174,11 @@ def load_dit(
     """Load a Phantom-Wan DiT for inference (or training), tensor by tensor (never the whole checkpoint twice).
 
     Args:
-        path_or_state_dict: a checkpoint path (see ``read_state_dict``) or an in-memory state dict; fp32 / fp16 /
-            bf16, fp8 (``float8_e4m3fn`` / ``float8_e5m2``) or ComfyUI's scaled fp8 (see ``phantom_core.loading.fp8``).
-        dtype: weight dtype. None keeps the stored one (an fp8 file stays fp8). fp32 / fp16 / bf16: every tensor
+        path_or_state_dict: a checkpoint path (see ``read_state_dict``; ``.gguf`` too, see
+            ``phantom_core.loading.gguf``) or an in-memory state dict; fp32 / fp16 / bf16, fp8 (``float8_e4m3fn`` /
+            ``float8_e5m2``) or ComfyUI's scaled fp8 (see ``phantom_core.loading.fp8``).
+        dtype: weight dtype. None keeps the stored one (an fp8 file stays fp8; a GGUF file stays block-quantized,
+            each layer dequantizing its weight per forward). fp32 / fp16 / bf16: every tensor
             is cast to it (fp8 weights dequantized with their scales). An fp8 dtype: the Linear weights are
             stored in it (float weights quantized with a per-tensor scale), everything else in ``compute_dtype``.
         device: where the parameters go.
@@ -182,13 +201,17 @@ def load_dit(
             ``trainable=True``.
     """
     owned = not isinstance(path_or_state_dict, dict)
-    sd = read_state_dict(path_or_state_dict) if owned else path_or_state_dict
-    sd = strip_prefixes(sd)
-    if sd is path_or_state_dict:
-        sd = dict(sd)  # never mutate the caller's dict
+    gguf = owned and str(path_or_state_dict).lower().endswith(".gguf")
+    sd = (read_gguf if gguf else read_state_dict)(path_or_state_dict) if owned else path_or_state_dict
+    sd, packed = split_packed(strip_prefixes(sd))  # packed: GGUF block-quantized tensors (none elsewhere)
     with errors_name_file(path_or_state_dict):
-        config = infer_dit_config(sd)
-        validate_dit_state_dict(sd, config)
+        config = infer_dit_config({**sd, **shape_stand_ins(packed)})
+        validate_dit_state_dict({**sd, **shape_stand_ins(packed)}, config)
+    if packed and (dtype is not None or trainable):  # a float weight dtype asked for: unpack now, load as usual
+        sd |= {k: p.dequantize(torch.float32) for k, p in packed.items()}
+        packed = {}
+    if packed:
+        return _load_packed(config, sd, packed, compute_dtype or default_compute_dtype(device), device)
     stored = detect_fp8_format(sd)
     plan = plan_load(stored, dtype, compute_dtype, device)
     if trainable and is_fp8(plan.weight_dtype):

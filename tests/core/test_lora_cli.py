@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from phantom_core.__main__ import build_parser, main
-from phantom_core.cli import lora_choice, resolve_generate_args
+from phantom_core.inference.cli import lora_choice, resolve_generate_args
+from phantom_core.inference.pipeline import apply_dit_loras
+from phantom_core.inference.sidecar import file_sha256
 from phantom_core.lora.adapter import lora_modules
 from phantom_core.lora.files import lora_metadata, save_lora
-from phantom_core.pipeline import apply_dit_loras
-from phantom_core.sidecar import file_sha256
 from phantom_core.video_io import read_mp4_frames
 from phantom_core.wan.load import load_dit
 from tests.support.files import make_tiny_files, model_args

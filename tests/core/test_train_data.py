@@ -187,3 +187,16 @@ def test_fingerprints_change_with_the_weights_and_the_file(tmp_path, models):
     first = file_fingerprint(path)
     path.write_bytes(b"abcd")
     assert file_fingerprint(path) != first
+
+
+def test_the_miniature_worlds_dataset_is_read_and_cached_as_it_is_written(tmp_path, models):
+    """phantom_core.world writes its triplets in this trainer's manifest format: they are read with no bad sample
+    and cached (clips cut to 5 frames, scaled to 32x32)."""
+    from phantom_core.world.dataset import write_world_dataset
+
+    root = write_world_dataset(tmp_path / "world", "train", seed=0, count=2)
+    specs, bad = read_dataset(root, contained=True)
+    assert len(specs) == 2 and not bad and all(1 <= len(s.references) <= 3 and s.caption for s in specs)
+    data, bad = build_cache(specs, tmp_path / "cache", encoders=encoders_of(models),
+                            fingerprints=fingerprints_of(models), **SIZE)
+    assert len(data) == 2 and not bad and data[0].latents.shape == (16, 2, 4, 4)

@@ -135,8 +135,8 @@ def test_cancel_keeps_the_last_checkpoint_and_resume_finishes(comfy_server: Comf
 
 
 @pytest.mark.parametrize(("dataset", "message"), [
-    ("../models", "give a relative path inside"),
-    ("/etc", "give a relative path inside"),
+    ("../models", "holds a '..' part"),
+    ("/etc", "it is an absolute path"),
     ("no_such_dataset", "no folder"),
 ])
 def test_dataset_outside_or_missing_is_refused_by_name(comfy_server: ComfyServer, dataset: str, message: str) -> None:
