@@ -1,7 +1,8 @@
 # ComfyUI-Phantom: every set-up step lives here and in tools/bootstrap.sh.
 PY := .venv/bin/python
 
-.PHONY: env demo test test-browser lint bench bench-sampling bench-memory workflows thumbnails emoji-font train-default
+.PHONY: env demo test test-browser lint bench bench-sampling bench-memory bench-train workflows thumbnails emoji-font \
+	train-default
 env: .venv/.phantom-ready
 
 .venv/.phantom-ready: tools/bootstrap.sh requirements.txt
@@ -28,6 +29,10 @@ bench-sampling: env
 
 bench-memory: env
 	$(PY) -m benchmarks.bench_load_memory
+
+# Step time and peak memory of a LoRA against a full fine-tune training step (benchmarks/bench_train.py).
+bench-train: env
+	$(PY) -m benchmarks.bench_train
 
 # The shipped workflows (example_workflows/*.json, api/*.json) from their one description.
 workflows: env

@@ -12,6 +12,7 @@ from .rephrase import REPHRASE_NODES
 from .sampler import PhantomSampler
 from .save_video import PhantomSaveVideo
 from .text_encode import PhantomTextEncode
+from .train import PhantomTrainLoRA
 
 PHANTOM_NODES: list[type[io.ComfyNode]] = [
     PhantomDiTLoader,
@@ -25,4 +26,5 @@ PHANTOM_NODES: list[type[io.ComfyNode]] = [
     PhantomDecode,
     PhantomSaveVideo,
     *REPHRASE_NODES,
+    PhantomTrainLoRA,
 ]

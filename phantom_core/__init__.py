@@ -10,6 +10,7 @@ The public API (see docs/DESIGN.md for the layout and the tensor conventions):
     write_mp4(frames, path, fps, quality)
     apply_loras(model, [(path_or_state_dict, strength), ...], merge=True) -> model   (LoRA, see phantom_core.lora)
     inject_lora(model, rank, alpha) -> adapted names; lora_state_dict(model); save_lora(path, sd, metadata)
+    train(TrainConfig(...) or load_config("run.toml")) -> TrainResult   (LoRA / full fine-tune, training/)
 
 This file is the one facade: each name below lives in exactly one module and is imported from it on first
 access (PEP 562), so ``import phantom_core`` (or any of its submodules) stays cheap: a data-loader worker or a
@@ -45,6 +46,8 @@ _HOMES: dict[str, str] = {
     **dict.fromkeys(["DIT_PRESETS", "PhantomWanDiT", "WanDiTConfig"], "phantom_core.wan.dit"),
     **dict.fromkeys(["VAE_PRESETS", "WanVAE", "WanVAEConfig", "infer_vae_config", "load_vae"], "phantom_core.wan.vae"),
     "Rephraser": "phantom_core.rephrase.rephraser",
+    **dict.fromkeys(["TrainConfig", "load_config"], "phantom_core.training.config"),
+    **dict.fromkeys(["TrainResult", "train"], "phantom_core.training.loop"),
     "make_backend": "phantom_core.rephrase.backends",
     **dict.fromkeys(["RephraseError", "RephraseResult"], "phantom_core.rephrase.types"),
     **dict.fromkeys(["DEFAULT_TARGETS", "LoRALinear", "inject_lora", "lora_state_dict"], "phantom_core.lora.adapter"),

@@ -6,10 +6,11 @@
     python -m phantom_core generate --from-sidecar v.json --out again.mp4   # reuses the recorded rewritten prompt
     python -m phantom_core inspect FILE [FILE ...] [--json]
     python -m phantom_core rephrase --ref a.png --prompt "..." --endpoint URL --model NAME [--json]
+    python -m phantom_core train --config run.toml [--steps 500 ...]   # LoRA or full fine-tune (training/cli.py)
 
 Commands are registered in `COMMANDS` (name -> "module:function" adding its sub-parser). Each sub-parser sets
 `func(args) -> int` (the exit code): `generate` and `inspect` (inference/cli.py), `rephrase` (rephrase/cli.py),
-`evaluate` (world/cli.py: the miniature world's metrics).
+`evaluate` (world/cli.py: the miniature world's metrics), `train` (training/cli.py).
 The rephraser's back-end options are the same for `rephrase` and `generate --rephrase`, spelled without a prefix
 for `rephrase` (`--endpoint`, `--model`, `--seed`, `--timeout`, ...) and with `--rephrase-` for `generate`
 (`--rephrase-endpoint`, `--rephrase-model`, `--rephrase-seed`, ...), whose own `--seed` is the noise seed.
@@ -39,6 +40,7 @@ COMMANDS: dict[str, str] = {
     "inspect": "phantom_core.inference.cli:add_inspect_parser",
     "rephrase": "phantom_core.rephrase.cli:add_rephrase_parser",
     "evaluate": "phantom_core.world.cli:add_evaluate_parser",
+    "train": "phantom_core.training.cli:add_train_parser",
 }
 
 

@@ -125,12 +125,20 @@ def probe_mp4(path: str | os.PathLike) -> dict:
     return {"frames": int(frames), "width": int(width), "height": int(height), "fps": float(meta["fps"])}
 
 
-def read_mp4_frames(path: str | os.PathLike) -> np.ndarray:
-    """Decode a video -> uint8 ``[T, H, W, 3]`` RGB (for tests and the CLI; holds the whole video in memory)."""
+def read_mp4_frames(path: str | os.PathLike, max_frames: int | None = None) -> np.ndarray:
+    """Decode a video -> uint8 ``[T, H, W, 3]`` RGB (holds the decoded frames in memory).
+
+    ``max_frames``: stop decoding after that many frames (a training clip needs only its first ``4k + 1``).
+    Raises whatever imageio-ffmpeg raises for a file ffmpeg cannot read (``OSError`` / ``RuntimeError``).
+    """
     reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
     try:
         width, height = next(reader)["size"]
-        frames = [np.frombuffer(buf, dtype=np.uint8).reshape(height, width, 3) for buf in reader]
+        frames = []
+        for buf in reader:
+            if max_frames is not None and len(frames) >= max_frames:
+                break
+            frames.append(np.frombuffer(buf, dtype=np.uint8).reshape(height, width, 3))
     finally:
         reader.close()
     if not frames:

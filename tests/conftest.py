@@ -44,6 +44,18 @@ def examples_dir() -> Path:
 
 
 @pytest.fixture
+def single_thread() -> Iterator[None]:
+    """torch on one CPU thread for the test: the trainer's micro models take milliseconds per step, and two
+    threads spin-waiting on a shared, loaded machine make each step ten times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def chat_server() -> Iterator[Callable[[list[dict]], ChatServer]]:
     """``chat_server(script)`` starts a recording chat-completions server (see ``ChatServer``); all are closed
     after the test."""

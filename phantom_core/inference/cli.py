@@ -93,7 +93,8 @@ class TextProgressBar:
     """``callback(step, total, x0)`` drawing ``sampling [#####-----] 3/6 1.20 s/step`` on a text stream.
 
     The rate is measured between step callbacks (model loading and encoding before the first step do not count).
-    ``label`` and ``unit`` name what is counted (``evaluate`` draws ``cases [###---] 3/300 2.10 s/case``).
+    ``label`` and ``unit`` name what is counted (``evaluate`` draws ``cases [###---] 3/300 2.10 s/case``); ``note``
+    (e.g. training's ``loss 0.1234``) is appended to the line.
     """
 
     def __init__(self, stream: TextIO | None = None, width: int = 30, label: str = "sampling",
@@ -102,13 +103,14 @@ class TextProgressBar:
         self.first: float | None = None  # time of the first callback
         self.first_done = 0
 
-    def __call__(self, step: int, total: int, x0_pred: Any = None) -> None:
+    def __call__(self, step: int, total: int, x0_pred: Any = None, note: str = "") -> None:
         now, done = time.perf_counter(), step + 1
         if self.first is None:
             self.first, self.first_done = now, done
         filled = round(self.width * done / total)
         rate = f" {(now - self.first) / (done - self.first_done):.2f} s/{self.unit}" if done > self.first_done else ""
-        self.stream.write(f"\r{self.label} [{'#' * filled}{'-' * (self.width - filled)}] {done}/{total}{rate}"
+        note = f" {note}" if note else ""
+        self.stream.write(f"\r{self.label} [{'#' * filled}{'-' * (self.width - filled)}] {done}/{total}{rate}{note}"
                           + ("\n" if done == total else ""))
         self.stream.flush()
 

@@ -26,6 +26,7 @@ Heads are not stored in a checkpoint; every Wan2.1 model uses 128 channels per h
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -128,7 +129,8 @@ def run_fp32(layer: nn.Module, x: Tensor) -> Tensor:
     forward hooks, a wrapper that replaced the Linear (e.g. a LoRA adapter adding a low-rank delta) and
     ComfyUI's weight patches all take effect, and the casts are differentiable: gradients reach the stored
     weights. A plain ``nn.Linear`` then computes in float32; so does ``fp8.CastLinear`` (fp8 or scaled fp8),
-    which computes in float32 when given float32 input, its ``scale_weight`` applied in float32.
+    which computes in float32 when given float32 input, its ``scale_weight`` applied in float32. Autocast is
+    switched off inside, so a bf16-autocast training step keeps this path in float32 too.
 
     Args:
         layer: any module mapping ``(..., in)`` to ``(..., out)``.
@@ -139,7 +141,11 @@ def run_fp32(layer: nn.Module, x: Tensor) -> Tensor:
     """
     tensors = chain(layer.named_parameters(), layer.named_buffers())
     fp32 = {name: t.to(device=x.device, dtype=torch.float32) for name, t in tensors if t.is_floating_point()}
-    return functional_call(layer, fp32, (x.float(),)).float()
+    # bf16 autocast (training) would compute these Linears in bf16; "meta" (shape-only runs) has no autocast
+    off = torch.autocast(x.device.type, enabled=False) if torch.amp.is_autocast_available(x.device.type) \
+        else contextlib.nullcontext()
+    with off:
+        return functional_call(layer, fp32, (x.float(),)).float()
 
 
 class PhantomWanDiT(nn.Module):

@@ -44,6 +44,11 @@ def _axis_angles(n: int, pairs: int, theta: float) -> Tensor:
 
 @lru_cache(maxsize=16)
 def _rope_table_cached(grid: tuple[int, int, int], head_dim: int, theta: float, device: str) -> tuple[Tensor, Tensor]:
+    with torch.inference_mode(False):  # cached: a table first made under inference mode must serve training too
+        return _rope_table(grid, head_dim, theta, device)
+
+
+def _rope_table(grid: tuple[int, int, int], head_dim: int, theta: float, device: str) -> tuple[Tensor, Tensor]:
     f, h, w = grid
     pt, ph, pw = rope_axis_pairs(head_dim)
     # Angles are formed in float64 (exact for any position) and stored as float32 cos/sin; the rotation

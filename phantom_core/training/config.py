@@ -1,0 +1,230 @@
+"""TrainConfig: every setting of a training run, frozen, from a TOML file and/or command-line flags.
+
+A run is fully determined by its config, the model files and the data: the same config on the same machine
+gives the same loss curve (see ``loop.py``). The TOML file is flat (one key per field, the field names below):
+
+    dataset = "data/my_subject"          # a folder or a .jsonl manifest (dataset.py)
+    dit = "models/Phantom-Wan-1.3B.pth"  # or "scratch:tiny" to train from the upstream random init
+    vae = "models/Wan2.1_VAE.pth"
+    text_encoder = "models/umt5_xxl_fp16.safetensors"
+    out = "loras/my_subject.safetensors"
+    mode = "lora"
+    steps = 2000
+    width = 832
+    height = 480
+    frames = 81
+
+Condition-dropout defaults (``text_dropout`` 0.2, ``reference_dropout`` 0.1, nested, see ``objective.py``):
+Phantom's sampler (paper Eq. 5) evaluates the model on (prompt, references), (negative prompt, references) and
+(negative prompt, no references); those are the three conditions training must keep meaningful. With one
+uniform draw per sample, 10% of samples see neither text nor references (the ``v_neg`` pass), a further 10%
+see the references without text (the ``v_img`` pass) and 80% both. The paper drops the VAE reference features
+at 0.7 because its CLIP image features still carry the reference; Phantom-Wan has no CLIP branch, so dropping
+the references that often would leave 70% of the steps without any subject and train mostly text-to-video.
+We drop them at 0.1 and rely on cross-pair data (README) against copy-paste, the failure the paper's high rate
+fights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from phantom_core.references import REFERENCE_MODES
+from phantom_core.sampling.loop import SOLVERS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser from PyPI (requirements.txt)
+    import tomli as tomllib
+
+TRAIN_MODES = ("lora", "full")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal", "shifted")
+LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("auto", "bf16", "fp32")
+SCRATCH_PREFIX = "scratch:"  # dit = "scratch:<DIT_PRESETS name>": build and init_weights(), no checkpoint
+
+
+def _f(default: Any, help: str) -> Any:  # noqa: A002 (the CLI's word)
+    """A dataclass field carrying its command-line help."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run (units: px, frames, optimizer steps). Validated on construction.
+
+    Raises:
+        ValueError: naming the field, the value received and what is valid.
+    """
+
+    # -- data
+    dataset: str = _f("", "dataset folder or .jsonl manifest (see the README's Training section)")
+    width: int = _f(832, "training width in px, a multiple of 16")
+    height: int = _f(480, "training height in px, a multiple of 16")
+    frames: int = _f(81, "frames per clip, 4k+1 (the first ones of each clip are used)")
+    ref_mode: str = _f("letterbox", f"how references fit the frame: {' | '.join(REFERENCE_MODES)} (as sampling)")
+    cache_dir: str = _f("", "where latents and text contexts are cached (default: <run_dir>/cache)")
+    # -- models
+    dit: str = _f("", f"DiT checkpoint to train, or '{SCRATCH_PREFIX}<preset>' (e.g. scratch:tiny) from random init")
+    vae: str = _f("", "Wan2.1 VAE (encodes the clips and references once, decodes validation videos)")
+    text_encoder: str = _f("", "umT5 text encoder (encodes the captions once)")
+    tokenizer: str = _f("", "umT5 spiece.model when the text encoder file has none embedded")
+    # -- what is trained
+    mode: str = _f("lora", f"{' | '.join(TRAIN_MODES)}: a LoRA adapter on the frozen DiT, or every weight")
+    lora_rank: int = _f(16, "LoRA rank r")
+    lora_alpha: float = _f(16.0, "LoRA alpha (the update is scaled by alpha / rank)")
+    lora_targets: tuple[str, ...] = _f((), "LoRA target Linears by name pattern (default: the attention and "
+                                           "FFN Linears of every block)")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA input during training")
+    # -- optimisation
+    steps: int = _f(1000, "optimizer steps")
+    learning_rate: float = _f(1e-4, "AdamW learning rate (after warm-up)")
+    batch_size: int = _f(1, "samples per micro-batch and rank (global batch = batch_size x grad_accum x ranks)")
+    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    warmup_steps: int = _f(0, "linear learning-rate warm-up steps")
+    lr_schedule: str = _f("constant", f"{' | '.join(LR_SCHEDULES)} after warm-up (cosine decays to 0)")
+    max_grad_norm: float = _f(1.0, "clip the gradient norm to this (0: no clipping)")
+    gradient_checkpointing: bool = _f(True, "recompute each block's activations in the backward pass")
+    precision: str = _f("auto", f"{' | '.join(PRECISIONS)}: auto = bf16 autocast on CUDA, fp32 on the CPU")
+    # -- objective
+    timesteps: str = _f("shifted", f"timestep sampling: {' | '.join(TIMESTEP_SAMPLING)}")
+    shift: float = _f(5.0, "time shift of 'shifted' sampling (the sampler's shift; Phantom-Wan samples at 5)")
+    logit_mean: float = _f(0.0, "mean of 'logit_normal' sampling (SD3: 0)")
+    logit_std: float = _f(1.0, "std of 'logit_normal' sampling (SD3: 1)")
+    text_dropout: float = _f(0.2, "probability that a sample's text is replaced by dropped_prompt's")
+    reference_dropout: float = _f(0.1, "probability that a sample's references are all-zero latents (nested "
+                                       "with text_dropout: see the module docs)")
+    dropped_prompt: str = _f("", "the prompt a dropped text becomes ('' = empty, the unconditional context)")
+    seed: int = _f(0, "seed of the data order, noise, timesteps, dropout and a from-scratch init")
+    # -- output
+    out: str = _f("", "the final file: the LoRA (mode lora) or the DiT checkpoint (mode full), .safetensors")
+    run_dir: str = _f("", "checkpoints, log.jsonl, loss.png, validation videos (default: <out>.run next to out)")
+    checkpoint_every: int = _f(500, "write a checkpoint every N steps (and always at the end)")
+    keep_checkpoints: int = _f(2, "how many of the latest checkpoints to keep (0: all)")
+    resume: bool = _f(False, "continue from the latest checkpoint in run_dir, if any")
+    # -- validation
+    validate_every: int = _f(0, "sample validation_prompt + validation_references every N steps (0: never)")
+    validation_prompt: str = _f("", "the validation prompt")
+    validation_references: tuple[str, ...] = _f((), "the validation reference images (1 to 4)")
+    validation_steps: int = _f(20, "sampling steps of the validation video")
+    validation_solver: str = _f("unipc", f"solver of the validation video: {' | '.join(SOLVERS)}")
+    validation_w_img: float = _f(5.0, "w_img of the validation video")
+    validation_w_text: float = _f(7.5, "w_text of the validation video")
+    validation_seed: int = _f(42, "noise seed of the validation video")
+    # -- runtime
+    device: str = _f("auto", "auto (cuda:<local rank> when available, else cpu), cpu, cuda, cuda:1, ...")
+    fsdp: bool = _f(False, "shard the model across ranks with FSDP (for a model that does not fit one GPU)")
+
+    def __post_init__(self) -> None:
+        validate_config(self)
+
+    @property
+    def run_path(self) -> Path:
+        """The run folder: ``run_dir``, else ``<out without suffix>.run`` beside ``out``."""
+        if self.run_dir:
+            return Path(self.run_dir)
+        out = Path(self.out)
+        return out.with_name(out.stem + ".run")
+
+    @property
+    def cache_path(self) -> Path:
+        """The latent / context cache: ``cache_dir``, else ``<run_path>/cache``."""
+        return Path(self.cache_dir) if self.cache_dir else self.run_path / "cache"
+
+    def to_json(self) -> dict[str, Any]:
+        """The config as a JSON-ready dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _check(ok: bool, name: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise ValueError(f"train config: {name} is {value!r}; valid: {valid}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def validate_config(c: TrainConfig) -> None:
+    """Raise ``ValueError`` naming the first invalid field of ``c``."""
+    for name, f in FIELDS.items():
+        value, kind = getattr(c, name), type(f.default)
+        if kind is bool:
+            _check(isinstance(value, bool), name, value, "true or false")
+        elif kind is int:
+            _check(_is_int(value), name, value, "an integer")
+        elif kind is float:
+            _check(_is_number(value), name, value, "a finite number")
+        elif kind is str:
+            _check(isinstance(value, str), name, value, "a string")
+        elif kind is tuple:
+            _check(isinstance(value, tuple) and all(isinstance(v, str) for v in value), name, value,
+                   "a list of strings")
+    for name in ("width", "height"):
+        _check(getattr(c, name) >= 16 and getattr(c, name) % 16 == 0, name, getattr(c, name),
+               "a positive multiple of 16 px (VAE stride 8 x DiT patch 2)")
+    _check(c.frames >= 1 and (c.frames - 1) % 4 == 0, "frames", c.frames, "4k+1 (1, 5, 9, ..., 81)")
+    for name, options in (("ref_mode", REFERENCE_MODES), ("mode", TRAIN_MODES), ("timesteps", TIMESTEP_SAMPLING),
+                          ("lr_schedule", LR_SCHEDULES), ("precision", PRECISIONS), ("validation_solver", SOLVERS)):
+        _check(getattr(c, name) in options, name, getattr(c, name), " | ".join(options))
+    for name in ("steps", "batch_size", "grad_accum", "lora_rank", "checkpoint_every", "validation_steps"):
+        _check(getattr(c, name) >= 1, name, getattr(c, name), "an integer >= 1")
+    for name in ("warmup_steps", "validate_every", "keep_checkpoints"):
+        _check(getattr(c, name) >= 0, name, getattr(c, name), "an integer >= 0")
+    for name in ("text_dropout", "reference_dropout", "lora_dropout"):
+        _check(0.0 <= getattr(c, name) <= 1.0, name, getattr(c, name), "a probability in [0, 1]")
+    for name in ("learning_rate", "lora_alpha", "shift", "logit_std"):
+        _check(getattr(c, name) > 0, name, getattr(c, name), "a number > 0")
+    for name in ("weight_decay", "max_grad_norm"):
+        _check(getattr(c, name) >= 0, name, getattr(c, name), "a number >= 0")
+    for name in ("adam_beta1", "adam_beta2"):
+        _check(0.0 <= getattr(c, name) < 1.0, name, getattr(c, name), "a number in [0, 1)")
+    _check(0 <= c.seed < 2**63, "seed", c.seed, "an integer in [0, 2**63)")
+    _check(0 <= c.validation_seed < 2**64, "validation_seed", c.validation_seed, "an integer in [0, 2**64)")
+    _check(len(c.validation_references) <= 4, "validation_references", c.validation_references, "0 to 4 images")
+    if c.validate_every:
+        _check(bool(c.validation_prompt) and bool(c.validation_references), "validate_every", c.validate_every,
+               "0, unless validation_prompt and 1 to 4 validation_references are given")
+    if c.out:
+        _check(Path(c.out).suffix == ".safetensors", "out", c.out, "a path ending in .safetensors")
+
+
+def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> TrainConfig:
+    """A ``TrainConfig`` from a flat TOML file (optional) with ``overrides`` (e.g. command-line flags) on top.
+
+    Lists become tuples; relative paths in the file are kept as written (relative to the working directory).
+
+    Raises:
+        ValueError: an unreadable TOML file, an unknown key (listing the known ones), or an invalid value.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            values = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise ValueError(f"train config {path}: cannot be read as TOML: {err}") from err
+    values.update(overrides)
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"train config: unknown keys {unknown}; known keys: {', '.join(FIELDS)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    for name, f in FIELDS.items():  # TOML `shift = 5` is an int; ints where floats are expected are fine
+        if type(f.default) is float and _is_int(values.get(name)):
+            values[name] = float(values[name])
+    return TrainConfig(**values)
