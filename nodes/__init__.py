@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .decode import PhantomDecode
-from .loaders import PhantomDiTLoader, PhantomTextEncoderLoader, PhantomVAELoader
+from .loaders import PhantomCLIPVisionLoader, PhantomDiTLoader, PhantomTextEncoderLoader, PhantomVAELoader
 from .references import PhantomEncodeReferences, PhantomReferences
 from .rephrase import REPHRASE_NODES
 from .sampler import PhantomSampler
@@ -16,6 +16,7 @@ PHANTOM_NODES: list[type[io.ComfyNode]] = [
     PhantomDiTLoader,
     PhantomVAELoader,
     PhantomTextEncoderLoader,
+    PhantomCLIPVisionLoader,
     PhantomTextEncode,
     PhantomReferences,
     PhantomEncodeReferences,

@@ -1,7 +1,9 @@
-"""PhantomReferences (collect 1..4 subject images) and PhantomEncodeReferences (each -> its own 1-frame latent).
+"""PhantomReferences (collect 1..4 subject images) and PhantomEncodeReferences (each -> its own 1-frame latent,
+and, with a CLIP vision tower connected, its CLIP features too).
 
 Phantom conditions on every reference image as a separate single-frame VAE latent appended after the video
-latents on the time axis; see `phantom_core.references`.
+latents on the time axis; see `phantom_core.references`. The paper's MMDiT also reads each reference's CLIP
+features (`phantom_core.mmdit.clip`): one node encodes both, so the two stay in the same order by construction.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch
 from comfy_api.latest import io
 
 import nodes
+from phantom_core.mmdit.clip import CLIP_OUTPUTS, encode_clip_references
 from phantom_core.references import (
     MAX_REFERENCES,
     REFERENCE_MODES,
@@ -20,7 +23,7 @@ from phantom_core.references import (
 )
 from phantom_core.wan.latents import denormalize_latents
 
-from .types import CATEGORY, PhantomRefLatents, PhantomVAE, core
+from .types import CATEGORY, PhantomClipVision, PhantomRefLatents, PhantomVAE, core
 from .types import PhantomReferences as PhantomReferencesType
 
 
@@ -91,7 +94,8 @@ class PhantomEncodeReferences(io.ComfyNode):
             node_id="PhantomEncodeReferences",
             display_name="Phantom Encode References",
             category=CATEGORY,
-            description="Resizes each reference to the video size and VAE-encodes it as its own 1-frame latent.",
+            description="Resizes each reference to the video size and VAE-encodes it as its own 1-frame latent; with "
+                        "a CLIP vision tower connected, also encodes its CLIP features (for the Phantom MMDiT).",
             inputs=[
                 PhantomVAE.Input("vae", tooltip="From Phantom VAE Loader."),
                 PhantomReferencesType.Input("references", tooltip="From Phantom References."),
@@ -99,14 +103,27 @@ class PhantomEncodeReferences(io.ComfyNode):
                              tooltip="Video width in px (multiple of 16); must equal the sampler's width."),
                 io.Int.Input("height", default=480, min=16, max=nodes.MAX_RESOLUTION, step=16,
                              tooltip="Video height in px (multiple of 16); must equal the sampler's height."),
+                PhantomClipVision.Input("clip_vision", optional=True,
+                                        tooltip="Optional, from Phantom CLIP Vision Loader: also encode each "
+                                                "reference with CLIP (letterboxed on white) for a Phantom MMDiT. "
+                                                "Phantom-Wan ignores these features."),
+                io.Combo.Input("clip_output", options=list(CLIP_OUTPUTS), default=CLIP_OUTPUTS[0], optional=True,
+                               tooltip="tokens: the penultimate block's tokens (257 x 1280 for ViT-H-14, as Wan "
+                                       "I2V); pooled: the projected image embedding (1 x 1024). Must match what "
+                                       "the MMDiT was trained on."),
             ],
             outputs=[PhantomRefLatents.Output(display_name="reference_latents")],
         )
 
     @classmethod
-    def execute(cls, vae, references: dict, width: int, height: int) -> io.NodeOutput:
-        mm.load_models_gpu([vae])
+    def execute(cls, vae, references: dict, width: int, height: int, clip_vision=None,
+                clip_output: str = CLIP_OUTPUTS[0]) -> io.NodeOutput:
+        mm.load_models_gpu([vae] if clip_vision is None else [vae, clip_vision])
         pils = [tensor_to_pil(img) for img in references["images"]]
         latents = encode_references(core(vae), pils, width, height, references["mode"])  # (1, 16, N, h, w) normalized
-        raw = denormalize_latents(latents.float()).to(mm.intermediate_device())
-        return io.NodeOutput({"samples": raw, "width": width, "height": height})
+        out = {"samples": denormalize_latents(latents.float()).to(mm.intermediate_device()), "width": width,
+               "height": height}
+        if clip_vision is not None:
+            clip = encode_clip_references(core(clip_vision), pils, clip_output)  # (1, N, T, C) float32
+            out |= {"clip": clip.to(mm.intermediate_device()), "clip_output": clip_output}
+        return io.NodeOutput(out)

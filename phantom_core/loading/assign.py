@@ -1,7 +1,8 @@
-"""Building a network on the meta device and assigning a checked state dict into it: what every DiT loader shares.
+"""Reading, checking, building on the meta device and assigning: the sequence every DiT loader shares.
 
-The network's own loader (``wan.load.load_dit``, ``mmdit.load.load_mmdit``) reads the file and checks the keys;
-this module resolves the weight and compute dtypes (``fp8.plan_load``), converts the tensors one at a time (so a
+A network's loader (``wan.load.load_dit``, ``mmdit.load.load_mmdit``) gives :func:`load_network` its own shape
+inference, key check and constructor; this module reads the file (``files.read_state_dict``), drops the host's
+key prefixes, resolves the weight and compute dtypes (``fp8.plan_load``), converts the tensors one at a time (so a
 checkpoint is never held twice), assigns them (``load_state_dict(assign=True)``) and sets train / eval mode.
 """
 
@@ -25,15 +26,31 @@ from phantom_core.loading.fp8 import (
     plan_load,
     weight_bytes,
 )
-from phantom_core.loading.keys import keep_prefixed
+from phantom_core.loading.keys import errors_name_file, keep_prefixed
 from phantom_core.log import logger
 
 
-def own_state_dict(source: str | Path | dict[str, Tensor], prefixes: tuple[str, ...]) -> dict[str, Tensor]:
-    """A state dict the loader may change: a file read (``read_state_dict``) or a shallow copy of an in-memory
-    one, with the first of ``prefixes`` that its keys carry dropped (``keep_prefixed``)."""
+def load_network(source: str | Path | dict[str, Tensor], prefixes: tuple[str, ...], *,
+                 infer: Callable[[dict[str, Tensor]], Any], validate: Callable[[dict[str, Tensor], Any], None],
+                 build: Callable[[Any, Any, torch.dtype], nn.Module], describe: Callable[[Any], str],
+                 **options: Any) -> nn.Module:
+    """Load a network from a checkpoint path or an in-memory state dict (never mutated).
+
+    Args:
+        source: a path ``read_state_dict`` reads, or a state dict.
+        prefixes: host key prefixes to drop (the first one the keys carry, ``keep_prefixed``).
+        infer: ``sd -> config`` from the shapes; validate: ``(sd, config) -> None`` raising on a key mismatch
+            (both raise ValueError, which gets the file's path in front).
+        build: ``(config, ops, dtype) -> module`` built on ``torch.device("meta")``.
+        describe: ``config -> str`` for the log line.
+        options: ``dtype``, ``device``, ``ops``, ``compute_dtype``, ``trainable`` of :func:`build_and_assign`.
+    """
     sd = keep_prefixed(read_state_dict(source) if not isinstance(source, dict) else source, prefixes)
-    return dict(sd) if sd is source else sd
+    sd = dict(sd) if sd is source else sd
+    with errors_name_file(source):
+        config = infer(sd)
+        validate(sd, config)
+    return build_and_assign(lambda ops, dtype: build(config, ops, dtype), sd, describe(config), **options)
 
 
 def build_and_assign(build: Callable[[Any, torch.dtype], nn.Module], sd: dict[str, Tensor], name: str, *,

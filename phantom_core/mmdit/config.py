@@ -66,7 +66,7 @@ class MMDiTConfig:
 
 
 MMDIT_PRESETS: dict[str, MMDiTConfig] = {
-    # ~1.0 B parameters (1,006,013,248 with the CLIP branch): SD3-medium's width (1536), 12 joint blocks, head_dim
+    # ~1.0 B parameters (1,007,388,224 with the CLIP branch): SD3-medium's width (1536), 12 joint blocks, head_dim
     # 128 (Wan's 3-D RoPE split 22/21/21), umT5-XXL text and ViT-H-14 penultimate tokens (as Wan2.1 I2V)
     "phantom-mmdit-1b": MMDiTConfig(dim=1536, num_heads=12, num_layers=12, ffn_dim=6144),
     # tests and the miniature world: the tiny umT5's width (64), the tiny CLIP tower's width (128), windows of

@@ -1,10 +1,14 @@
-"""The checks of ``PhantomMMDiT.forward``'s inputs: one clear ValueError naming the input, its shape and what fits."""
+"""The checks of ``PhantomMMDiT.forward``'s inputs (one clear ValueError naming the input, its shape and what fits),
+and which CLIP reference features a velocity model reads (``clip_features_for``)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from torch import Tensor
+
+from phantom_core.log import logger
+from phantom_core.wan.dit import check_velocity_inputs
 
 if TYPE_CHECKING:
     from phantom_core.mmdit.config import MMDiTConfig
@@ -18,7 +22,7 @@ def _none_if_empty(refs: Tensor | None, axis: int) -> Tensor | None:
 
 
 def check_mmdit_inputs(cfg: MMDiTConfig, x: Tensor, t: Tensor, context: Tensor, ref_latents: Tensor | None,
-                 ref_clip: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+                       ref_clip: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
     """Validate the velocity model's inputs; returns ``(ref_latents, ref_clip)`` with zero references as None.
 
     Raises:
@@ -26,19 +30,9 @@ def check_mmdit_inputs(cfg: MMDiTConfig, x: Tensor, t: Tensor, context: Tensor, 
             ``ref_latents`` not ``(B, in_dim, N, H, W)``; ``ref_clip`` not ``(B, N, T, clip_dim)`` or given to a
             model without a CLIP branch; the two reference inputs with different N.
     """
-    if x.ndim != 5 or x.shape[1] != cfg.in_dim:
-        raise ValueError(f"x has shape {tuple(x.shape)}; expected (B, {cfg.in_dim}, F, H, W) video latents")
-    B = x.shape[0]
-    if t.ndim != 1 or t.shape[0] != B:
-        raise ValueError(f"t has shape {tuple(t.shape)}; expected ({B},): one timestep in [0, 1000] per sample")
-    if context.ndim != 3 or context.shape[0] != B or context.shape[2] != cfg.text_dim:
-        raise ValueError(f"context has shape {tuple(context.shape)}; expected ({B}, L, {cfg.text_dim})")
     ref_latents, ref_clip = _none_if_empty(ref_latents, 2), _none_if_empty(ref_clip, 1)
-    if ref_latents is not None:
-        want = (B, cfg.in_dim, x.shape[3], x.shape[4])
-        if ref_latents.ndim != 5 or (ref_latents.shape[0], ref_latents.shape[1], *ref_latents.shape[3:]) != want:
-            raise ValueError(f"ref_latents has shape {tuple(ref_latents.shape)}; expected ({B}, {cfg.in_dim}, N, "
-                             f"{x.shape[3]}, {x.shape[4]}): one 1-frame latent per reference, same size as the video")
+    check_velocity_inputs(x, t, context, ref_latents, cfg.in_dim, cfg.text_dim)
+    B = x.shape[0]
     if ref_clip is not None:
         if not cfg.clip_dim:
             raise ValueError(f"ref_clip has shape {tuple(ref_clip.shape)}, but this MMDiT has no CLIP branch "
@@ -50,3 +44,27 @@ def check_mmdit_inputs(cfg: MMDiTConfig, x: Tensor, t: Tensor, context: Tensor, 
         raise ValueError(f"ref_latents hold {ref_latents.shape[2]} references but ref_clip holds "
                          f"{ref_clip.shape[1]}; give both for the same references")
     return ref_latents, ref_clip
+
+
+def clip_features_for(model: object, ref_clip: Tensor | None) -> Tensor | None:
+    """The CLIP reference features ``model`` reads: ``ref_clip`` for a network with a CLIP branch (its
+    ``config.clip_dim > 0``), None for one without (the Phantom-Wan DiT, a "VAE only" MMDiT: the features are
+    ignored, with a warning). A CLIP-branch model given none runs without them (warned: the paper's model was
+    trained with both encodings of the references).
+
+    Raises:
+        ValueError: ``ref_clip``'s width differs from the model's ``clip_dim`` (tokens vs pooled features, or
+            another CLIP tower).
+    """
+    clip_dim = getattr(getattr(model, "config", None), "clip_dim", 0)
+    if ref_clip is None:
+        if clip_dim:
+            logger.warning("this MMDiT reads CLIP features of the references, but none were given; running without")
+        return None
+    if not clip_dim:
+        logger.warning("the reference CLIP features are ignored: %s has no CLIP input", type(model).__name__)
+        return None
+    if ref_clip.shape[-1] != clip_dim:
+        raise ValueError(f"the reference CLIP features are {ref_clip.shape[-1]} wide but this MMDiT reads "
+                         f"{clip_dim}: encode them with the CLIP tower and output (tokens / pooled) it was trained on")
+    return ref_clip

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from phantom_core.loading.assign import build_and_assign, own_state_dict
+from phantom_core.loading.assign import load_network
 from phantom_core.loading.fp8 import SCALED_FP8_KEY, is_scale_key
 from phantom_core.loading.headers import read_tensor_infos
-from phantom_core.loading.keys import errors_name_file, key_problems, key_shape
+from phantom_core.loading.keys import key_problems, key_shape
 from phantom_core.mmdit.config import MMDIT_PRESETS, MMDiTConfig
 from phantom_core.mmdit.model import PhantomMMDiT
 from phantom_core.wan.load import DIT_PREFIXES, load_dit
@@ -117,13 +117,12 @@ def load_mmdit(path_or_state_dict: str | Path | dict[str, Tensor], dtype: torch.
         ValueError: naming the file, for a checkpoint that is not a Phantom MMDiT, missing / unexpected /
             mis-shaped keys, or the dtype problems ``load_dit`` raises.
     """
-    sd = own_state_dict(path_or_state_dict, DIT_PREFIXES)
-    with errors_name_file(path_or_state_dict):
-        config = infer_mmdit_config(sd)
-        validate_mmdit_state_dict(sd, config)
-    name = f"MMDiT {mmdit_preset_name(config) or 'custom config'} ({config.num_layers} joint blocks, dim {config.dim})"
-    return build_and_assign(lambda layers, dt: PhantomMMDiT(config, ops=layers, dtype=dt, device="meta"), sd, name,
-                            dtype=dtype, device=device, ops=ops, compute_dtype=compute_dtype, trainable=trainable)
+    return load_network(
+        path_or_state_dict, DIT_PREFIXES, infer=infer_mmdit_config, validate=validate_mmdit_state_dict,
+        build=lambda config, layers, dt: PhantomMMDiT(config, ops=layers, dtype=dt, device="meta"),
+        describe=lambda c: f"MMDiT {mmdit_preset_name(c) or 'custom config'} ({c.num_layers} joint blocks, "
+                           f"dim {c.dim})",
+        dtype=dtype, device=device, ops=ops, compute_dtype=compute_dtype, trainable=trainable)
 
 
 def load_any_dit(path: str | os.PathLike, **options: Any) -> nn.Module:

@@ -37,7 +37,7 @@ from phantom_core.mmdit.blocks import FinalLayer, JointBlock
 from phantom_core.mmdit.config import MMDiTConfig
 from phantom_core.mmdit.inputs import check_mmdit_inputs
 from phantom_core.mmdit.windows import WindowPlan, window_plan
-from phantom_core.wan.dit import pad_to_patch, run_fp32, sinusoidal_embedding
+from phantom_core.wan.dit import pad_to_patch, run_fp32, sinusoidal_embedding, xavier_init_
 from phantom_core.wan.rope import rope_table
 
 
@@ -139,17 +139,10 @@ class PhantomMMDiT(nn.Module):
             if p.device.type == "meta" or p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
                 raise ValueError(f"parameter {name} is {p.dtype} on {p.device}; init_weights needs float weights "
                                  "allocated on a real device (model.to_empty(device=...) after a meta build)")
-        g = {"generator": generator}
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight, **g)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        pe = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(pe.view(pe.shape[0], -1), **g)
+        xavier_init_(self, self.x_embedder.proj, generator)
         nn.init.zeros_(self.x_embedder.proj.bias)
         for m in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
-            nn.init.normal_(m.weight, std=0.02, **g)
+            nn.init.normal_(m.weight, std=0.02, generator=generator)
         zero = [b.adaLN_modulation[1] for jb in self.joint_blocks for b in (jb.x_block, jb.context_block)]
         for m in (*zero, self.final_layer.adaLN_modulation[1], self.final_layer.linear):
             nn.init.zeros_(m.weight)

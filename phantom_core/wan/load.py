@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from phantom_core.loading.assign import build_and_assign, own_state_dict
+from phantom_core.loading.assign import load_network
 from phantom_core.loading.fp8 import SCALED_FP8_KEY, is_scale_key
-from phantom_core.loading.keys import errors_name_file, keep_prefixed, key_problems, key_shape
+from phantom_core.loading.keys import keep_prefixed, key_problems, key_shape
 from phantom_core.wan.dit import DIT_PRESETS, HEAD_DIM, PhantomWanDiT, WanDiTConfig
 
 DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -163,10 +163,8 @@ def load_dit(
             file missing a ``scale_weight``, an unusable ``dtype`` / ``compute_dtype``, or fp8 weights with
             ``trainable=True``.
     """
-    sd = own_state_dict(path_or_state_dict, DIT_PREFIXES)
-    with errors_name_file(path_or_state_dict):
-        config = infer_dit_config(sd)
-        validate_dit_state_dict(sd, config)
-    name = f"DiT {preset_name(config) or 'custom config'} ({config.num_layers} layers, dim {config.dim})"
-    return build_and_assign(lambda layers, dt: PhantomWanDiT(config, ops=layers, dtype=dt, device="meta"), sd, name,
-                            dtype=dtype, device=device, ops=ops, compute_dtype=compute_dtype, trainable=trainable)
+    return load_network(
+        path_or_state_dict, DIT_PREFIXES, infer=infer_dit_config, validate=validate_dit_state_dict,
+        build=lambda config, layers, dt: PhantomWanDiT(config, ops=layers, dtype=dt, device="meta"),
+        describe=lambda c: f"DiT {preset_name(c) or 'custom config'} ({c.num_layers} layers, dim {c.dim})",
+        dtype=dtype, device=device, ops=ops, compute_dtype=compute_dtype, trainable=trainable)

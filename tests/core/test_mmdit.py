@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from phantom_core.mmdit.config import MMDIT_PRESETS, MMDiTConfig
+from phantom_core.mmdit.inputs import clip_features_for
 from phantom_core.mmdit.load import infer_mmdit_config, load_mmdit, validate_mmdit_state_dict
 from phantom_core.mmdit.model import PhantomMMDiT
 from phantom_core.wan.dit import DIT_PRESETS, PhantomWanDiT
@@ -26,9 +27,9 @@ def model() -> PhantomMMDiT:
     return m
 
 
-def inputs(n_refs: int, clip_tokens: int = 3, seed: int = 0) -> tuple[Tensor, ...]:
+def inputs(n_refs: int, clip_tokens: int = 3, seed: int = 0, frames: int = 3) -> tuple[Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 16, 3, 16, 16, generator=g)
+    x = torch.randn(1, 16, frames, 16, 16, generator=g)
     ctx = torch.randn(1, 6, CFG.text_dim, generator=g)
     refs = torch.randn(1, 16, 4, 16, 16, generator=g)[:, :, :n_refs]  # the same references, a prefix of them
     clip = torch.randn(1, 4, clip_tokens, CFG.clip_dim, generator=g)[:, :n_refs]
@@ -77,14 +78,13 @@ def test_zero_to_four_references_keep_every_block_size(model):
     hooks = [b.register_forward_hook(lambda m, i, o: sizes.append(((i[0].shape, i[1].shape), (o[0].shape, o[1].shape))))
              for b in model.joint_blocks]
     try:
-        for n in range(5):
-            for tokens in (3, 1):
-                x, t, ctx, refs, clip = inputs(n, clip_tokens=tokens)
-                assert model(x, t, ctx, refs, clip).shape == x.shape
+        for n, tokens in [(0, 3), (1, 3), (2, 1), (3, 3), (4, 3), (4, 1)]:
+            x, t, ctx, refs, clip = inputs(n, clip_tokens=tokens, frames=1)
+            assert model(x, t, ctx, refs, clip).shape == x.shape
     finally:
         for h in hooks:
             h.remove()
-    assert len(sizes) == 5 * 2 * CFG.num_layers
+    assert len(sizes) == 6 * CFG.num_layers
     assert all(i == o for i, o in sizes)
 
 
@@ -155,3 +155,19 @@ def test_comfyui_prefixes_and_bf16_loading():
         out = model(x.bfloat16(), t, ctx, refs, clip)
         assert out.dtype == torch.bfloat16
         assert rel_err(out.float(), reference(x, t, ctx, refs, clip)) < 0.05  # bf16 weights and activations
+
+
+def test_which_clip_features_a_model_reads(model, caplog):
+    """``clip_features_for`` (the sampler node's choice): the MMDiT reads them, Phantom-Wan and a VAE-only MMDiT
+    ignore them (warned), a CLIP-branch MMDiT given none runs without (warned), a wrong width is refused."""
+    clip = inputs(2)[4]
+    assert clip_features_for(model, clip) is clip
+    with caplog.at_level("WARNING", logger="phantom"):
+        assert clip_features_for(PhantomWanDiT(DIT_PRESETS["tiny"], device="meta"), clip) is None
+        assert clip_features_for(PhantomMMDiT(replace(CFG, clip_dim=0), device="meta"), clip) is None
+        assert clip_features_for(model, None) is None
+    assert [r.message.split(":")[0].split(",")[0] for r in caplog.records] == [
+        "the reference CLIP features are ignored", "the reference CLIP features are ignored",
+        "this MMDiT reads CLIP features of the references"]
+    with pytest.raises(ValueError, match="64 wide but this MMDiT reads 128"):
+        clip_features_for(model, clip[..., :64])

@@ -1,0 +1,162 @@
+"""The paper's MMDiT and its CLIP reference features through the nodes of a real headless ComfyUI (CPU, HTTP API).
+
+A tiny random MMDiT (``MMDIT_PRESETS["tiny"]``) and a tiny random CLIP vision tower in ComfyUI's
+``models/clip_vision`` layout (transformers' key names) are written into the server's model folders by a fixture.
+The same loader, encoder and sampler nodes drive either network: the MMDiT's LATENT must equal phantom_core driven
+directly with the same inputs, the Phantom-Wan DiT runs with CLIP features connected (ignored), and a bad
+``clip_vision_name`` fails with an error naming the input, writing nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from phantom_core.mmdit.clip_keys import CLIP_VISION_PRESETS
+from phantom_core.mmdit.config import MMDIT_PRESETS
+from phantom_core.mmdit.model import PhantomMMDiT
+from tests.support.comfy import history_error, refusal_message
+from tests.support.networks import random_clip_state_dict, random_state_dict, save_safetensors
+from tools.comfy_launcher import ComfyServer
+
+MMDIT_FILE, CLIP_FILE = "phantom_tiny_mmdit.safetensors", "phantom_tiny_clip_vision.safetensors"
+WAN_FILE = "phantom_tiny_dit.safetensors"  # the embedded tiny default the server always has
+PROMPT = "A girl in a green dress and a small dog play in a garden, slow dolly-in."
+NEGATIVE = "blurry, static, low quality"
+
+
+@pytest.fixture(scope="module")
+def models(comfy_server: ComfyServer) -> Path:
+    """The server's models folder with the tiny MMDiT and the tiny CLIP vision tower written into it."""
+    base = comfy_server.base / "models"
+    save_safetensors(random_state_dict(PhantomMMDiT(MMDIT_PRESETS["tiny"], device="meta"), seed=21),
+                     base / "diffusion_models" / MMDIT_FILE)
+    save_safetensors(random_clip_state_dict(CLIP_VISION_PRESETS["tiny"], seed=22) |
+                     {"vision_model.embeddings.position_ids": torch.arange(17)[None]},  # as transformers saves it
+                     base / "clip_vision" / CLIP_FILE)
+    return base
+
+
+def graph(server: ComfyServer, refs: list[Path], *, dit: str, clip_vision: str | None, seed: int = 3,
+          width: int = 32, height: int = 32, frames: int = 5, steps: int = 2, prefix: str = "mmdit") -> dict:
+    """An API prompt: loaders, text encoders, references (+ CLIP), sampler, SaveLatent (node "50")."""
+    g: dict[str, dict] = {
+        "1": {"class_type": "PhantomDiTLoader", "inputs": {"dit_name": dit, "weight_dtype": "fp32"}},
+        "2": {"class_type": "PhantomVAELoader", "inputs": {"vae_name": "phantom_tiny_vae.safetensors"}},
+        "3": {"class_type": "PhantomTextEncoderLoader",
+              "inputs": {"text_encoder_name": "phantom_tiny_umt5.safetensors", "tokenizer": "embedded",
+                         "device": "default"}},
+        "4": {"class_type": "PhantomTextEncode", "inputs": {"text_encoder": ["3", 0], "text": PROMPT}},
+        "5": {"class_type": "PhantomTextEncode", "inputs": {"text_encoder": ["3", 0], "text": NEGATIVE}},
+        "20": {"class_type": "PhantomReferences", "inputs": {"mode": "letterbox"}},
+        "21": {"class_type": "PhantomEncodeReferences",
+               "inputs": {"vae": ["2", 0], "references": ["20", 0], "width": width, "height": height}},
+        "30": {"class_type": "PhantomSampler",
+               "inputs": {"model": ["1", 0], "positive": ["4", 0], "negative": ["5", 0],
+                          "reference_latents": ["21", 0], "width": width, "height": height, "frames": frames,
+                          "steps": steps, "shift": 5.0, "solver": "euler", "w_img": 3.0, "w_text": 7.5,
+                          "seed": seed, "preset": "custom"}},
+        "50": {"class_type": "SaveLatent", "inputs": {"samples": ["30", 0], "filename_prefix": prefix}},
+    }
+    for k, path in enumerate(refs):
+        g[str(10 + k)] = {"class_type": "LoadImage", "inputs": {"image": server.upload_image(path)}}
+        g["20"]["inputs"][f"image_{k + 1}"] = [str(10 + k), 0]
+    if clip_vision is not None:
+        g["6"] = {"class_type": "PhantomCLIPVisionLoader", "inputs": {"clip_vision_name": clip_vision}}
+        g["21"]["inputs"] |= {"clip_vision": ["6", 0], "clip_output": "tokens"}
+    return g
+
+
+def saved_latent(server: ComfyServer, entry: dict) -> torch.Tensor:
+    [saved] = entry["outputs"]["50"]["latents"]
+    return load_file(server.output_dir / saved["subfolder"] / saved["filename"])["latent_tensor"]
+
+
+def two_refs(examples_dir: Path) -> list[Path]:
+    data = json.loads((examples_dir / "cases.json").read_text(encoding="utf-8"))
+    case = next(c for c in data["cases"] if len(c["refs"]) >= 2)
+    return [examples_dir / r for r in case["refs"][:2]]
+
+
+def test_schema_lists_the_clip_vision_loader_and_the_optional_clip_input(comfy_server: ComfyServer, models: Path):
+    info = comfy_server.object_info()
+    loader = info["PhantomCLIPVisionLoader"]
+    assert loader["output"] == ["PHANTOM_CLIP_VISION"] and loader["category"] == "Phantom"
+    listed = loader["input"]["required"]["clip_vision_name"]
+    names = listed[1]["options"] if isinstance(listed[0], str) else listed[0]
+    assert CLIP_FILE in names
+    optional = info["PhantomEncodeReferences"]["input"]["optional"]
+    assert optional["clip_vision"][0] == "PHANTOM_CLIP_VISION" and "clip_output" in optional
+
+
+def test_mmdit_with_clip_references_matches_phantom_core(comfy_server: ComfyServer, examples_dir: Path,
+                                                         models: Path):
+    """Loader (recognising the MMDiT by its keys), CLIP vision loader, reference encoding with CLIP, sampler: the
+    LATENT equals phantom_core run directly (relative max error < 1e-4)."""
+    from phantom_core.mmdit.clip import encode_clip_references, load_clip_vision
+    from phantom_core.mmdit.load import load_mmdit
+    from phantom_core.references import encode_references, open_reference
+    from phantom_core.sampling.loop import make_noise, sample_phantom
+    from phantom_core.wan.latents import denormalize_latents
+    from phantom_core.wan.umt5 import load_text_encoder
+    from phantom_core.wan.vae import load_vae
+
+    refs = two_refs(examples_dir)
+    entry = comfy_server.run(graph(comfy_server, refs, dit=MMDIT_FILE, clip_vision=CLIP_FILE, prefix="mmdit_clip"))
+    assert entry["status"]["status_str"] == "success", history_error(entry) + comfy_server.log()
+    served = saved_latent(comfy_server, entry)
+    assert "loading MMDiT tiny" in comfy_server.log(60000)
+
+    dit = load_mmdit(models / "diffusion_models" / MMDIT_FILE)
+    tower = load_clip_vision(models / "clip_vision" / CLIP_FILE)
+    vae = load_vae(models / "vae" / "phantom_tiny_vae.safetensors")
+    encoder = load_text_encoder(models / "text_encoders" / "phantom_tiny_umt5.safetensors")
+    images = [open_reference(p) for p in refs]
+    with torch.no_grad():
+        context, context_neg = (c[None] for c in encoder.encode([PROMPT, NEGATIVE]))
+        ref_latents = encode_references(vae, images, 32, 32, "letterbox")  # (1, 16, 2, 4, 4)
+        ref_clip = encode_clip_references(tower, images, "tokens")  # (1, 2, 17, 128)
+        noise = make_noise(3, (1, 16, 2, 4, 4), 2)
+        latents = sample_phantom(dit, noise, ref_latents, context, context_neg, steps=2, shift=5.0, solver="euler",
+                                 w_img=3.0, w_text=7.5, ref_clip=ref_clip)
+        without_clip = sample_phantom(dit, noise, ref_latents, context, context_neg, steps=2, shift=5.0,
+                                      solver="euler", w_img=3.0, w_text=7.5)
+    expected = denormalize_latents(latents)
+    assert served.shape == expected.shape == (1, 16, 2, 4, 4)
+    err = float((served - expected).abs().max() / expected.abs().max())
+    assert err < 1e-4, f"node chain differs from phantom_core: relative max error {err:.2e}"
+    assert float((served - denormalize_latents(without_clip)).abs().max()) > 1e-3  # the CLIP features were used
+
+
+@pytest.mark.parametrize(("dit", "clip_vision", "warning"), [
+    (MMDIT_FILE, None, "reads CLIP features of the references, but none were given"),
+    (WAN_FILE, CLIP_FILE, "reference CLIP features are ignored: PhantomWanDiT has no CLIP input"),
+], ids=["mmdit_vae_only", "phantom_wan_with_clip"])
+def test_either_network_with_or_without_clip_features(comfy_server: ComfyServer, examples_dir: Path, models: Path,
+                                                      dit: str, clip_vision: str | None, warning: str):
+    entry = comfy_server.run(graph(comfy_server, two_refs(examples_dir)[:1], dit=dit, clip_vision=clip_vision,
+                                   frames=1, seed=11, prefix=f"either_{dit}"))
+    assert entry["status"]["status_str"] == "success", history_error(entry) + comfy_server.log()
+    assert saved_latent(comfy_server, entry).shape == (1, 16, 1, 4, 4)
+    assert warning in comfy_server.log(60000)
+
+
+@pytest.mark.parametrize(("name", "phrase"), [
+    ("../vae/phantom_tiny_vae.safetensors", "clip_vision_name"),
+    ("/etc/passwd", "clip_vision_name"),
+    ("a_vae_as_clip.safetensors", "not a CLIP ViT image tower"),
+], ids=["dot_dot", "absolute", "wrong_file"])
+def test_bad_clip_vision_files_are_refused_by_name(comfy_server: ComfyServer, examples_dir: Path, models: Path,
+                                                   name: str, phrase: str):
+    vae = models / "vae" / "phantom_tiny_vae.safetensors"
+    (models / "clip_vision" / "a_vae_as_clip.safetensors").write_bytes(vae.read_bytes())
+    prompt = graph(comfy_server, two_refs(examples_dir)[:1], dit=MMDIT_FILE, clip_vision=name, frames=1,
+                   prefix="bad_clip")
+    before = comfy_server.output_files()
+    message = refusal_message(comfy_server, prompt)  # at /prompt (a name not in the folder) or on the loader
+    assert "PhantomCLIPVisionLoader" in message and phrase in message and name.split("/")[-1] in message, message
+    assert comfy_server.output_files() == before
