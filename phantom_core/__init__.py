@@ -44,7 +44,7 @@ _HOMES: dict[str, str] = {
     **dict.fromkeys(["DIT_PRESETS", "PhantomWanDiT", "WanDiTConfig"], "phantom_core.wan.dit"),
     **dict.fromkeys(["VAE_PRESETS", "WanVAE", "WanVAEConfig", "infer_vae_config", "load_vae"], "phantom_core.wan.vae"),
     **dict.fromkeys(["MMDIT_PRESETS", "MMDiTConfig"], "phantom_core.mmdit.config"),
-    "PhantomMMDiT": "phantom_core.mmdit.model",
+    **dict.fromkeys(["MMDIT_LORA_TARGETS", "PhantomMMDiT"], "phantom_core.mmdit.model"),
     **dict.fromkeys(["infer_mmdit_config", "load_any_dit", "load_mmdit"], "phantom_core.mmdit.load"),
     **dict.fromkeys(["CLIP_VISION_PRESETS", "ClipVisionConfig", "convert_transformers_clip_vision"],
                     "phantom_core.mmdit.clip_keys"),

@@ -40,6 +40,13 @@ from phantom_core.mmdit.windows import WindowPlan, window_plan
 from phantom_core.wan.dit import pad_to_patch, run_fp32, sinusoidal_embedding, xavier_init_
 from phantom_core.wan.rope import rope_table
 
+MMDIT_LORA_TARGETS: tuple[str, ...] = (
+    r"joint_blocks\.\d+\.(x_block|context_block)\.attn\.(qkv|proj)",  # both streams' attention projections
+    r"joint_blocks\.\d+\.(x_block|context_block)\.mlp\.fc[12]",  # both streams' MLPs
+)
+"""Module-name patterns (regular expressions matched against whole ``named_modules()`` names) of the Linears a LoRA
+adapts by default, the counterpart of the Phantom-Wan DiT's attention and FFN Linears."""
+
 
 class PhantomMMDiT(nn.Module):
     """Phantom MMDiT (dual-stream joint blocks, window attention, dynamic injection of VAE and CLIP references).

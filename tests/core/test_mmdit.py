@@ -3,6 +3,7 @@ reference branch, the config presets and their inference from checkpoints, the l
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -12,7 +13,7 @@ from torch import Tensor
 from phantom_core.mmdit.config import MMDIT_PRESETS, MMDiTConfig
 from phantom_core.mmdit.inputs import clip_features_for
 from phantom_core.mmdit.load import infer_mmdit_config, load_mmdit, validate_mmdit_state_dict
-from phantom_core.mmdit.model import PhantomMMDiT
+from phantom_core.mmdit.model import MMDIT_LORA_TARGETS, PhantomMMDiT
 from phantom_core.wan.dit import DIT_PRESETS, PhantomWanDiT
 from phantom_core.wan.rope import rope_table
 from tests.support.networks import random_state_dict
@@ -171,3 +172,13 @@ def test_which_clip_features_a_model_reads(model, caplog):
         "this MMDiT reads CLIP features of the references"]
     with pytest.raises(ValueError, match="64 wide but this MMDiT reads 128"):
         clip_features_for(model, clip[..., :64])
+
+
+def test_lora_target_patterns_name_the_blocks_linears():
+    """``MMDIT_LORA_TARGETS`` match attention and MLP Linears of both streams in every block, and nothing else."""
+    names = {n: m for n, m in PhantomMMDiT(CFG, device="meta").named_modules()}
+    matched = {n for n in names if any(re.fullmatch(p, n) for p in MMDIT_LORA_TARGETS)}
+    assert all(isinstance(names[n], torch.nn.Linear) for n in matched)
+    last = 4 + 1  # the last block: x_block's qkv, proj, fc1, fc2; its pre-only text stream's qkv alone
+    assert len(matched) == 8 * (CFG.num_layers - 1) + last
+    assert {n.split(".")[2] for n in matched} == {"x_block", "context_block"}
