@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from .decode import PhantomDecode
 from .loaders import PhantomCLIPVisionLoader, PhantomDiTLoader, PhantomTextEncoderLoader, PhantomVAELoader
-from .references import PhantomEncodeReferences, PhantomReferences
+from .references import PhantomCLIPEncodeReferences, PhantomEncodeReferences, PhantomReferences
 from .rephrase import REPHRASE_NODES
 from .sampler import PhantomSampler
 from .save_video import PhantomSaveVideo
@@ -20,6 +20,7 @@ PHANTOM_NODES: list[type[io.ComfyNode]] = [
     PhantomTextEncode,
     PhantomReferences,
     PhantomEncodeReferences,
+    PhantomCLIPEncodeReferences,
     PhantomSampler,
     PhantomDecode,
     PhantomSaveVideo,

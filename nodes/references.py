@@ -1,9 +1,12 @@
-"""PhantomReferences (collect 1..4 subject images) and PhantomEncodeReferences (each -> its own 1-frame latent,
-and, with a CLIP vision tower connected, its CLIP features too).
+"""PhantomReferences (collect 1..4 subject images), PhantomEncodeReferences (each -> its own 1-frame latent) and
+PhantomCLIPEncodeReferences (each -> its CLIP features too, for the paper's MMDiT).
 
 Phantom conditions on every reference image as a separate single-frame VAE latent appended after the video
 latents on the time axis; see `phantom_core.references`. The paper's MMDiT also reads each reference's CLIP
-features (`phantom_core.mmdit.clip`): one node encodes both, so the two stay in the same order by construction.
+features (`phantom_core.mmdit.clip`). They are added by a node of their own, chained after Phantom Encode
+References on the same references, so that node and the workflows built on it stay as they are; it checks that
+both encode the same number of references, and carries the CLIP features inside the reference latents, so the two
+encodings of each reference travel together to the sampler.
 """
 
 from __future__ import annotations
@@ -94,8 +97,7 @@ class PhantomEncodeReferences(io.ComfyNode):
             node_id="PhantomEncodeReferences",
             display_name="Phantom Encode References",
             category=CATEGORY,
-            description="Resizes each reference to the video size and VAE-encodes it as its own 1-frame latent; with "
-                        "a CLIP vision tower connected, also encodes its CLIP features (for the Phantom MMDiT).",
+            description="Resizes each reference to the video size and VAE-encodes it as its own 1-frame latent.",
             inputs=[
                 PhantomVAE.Input("vae", tooltip="From Phantom VAE Loader."),
                 PhantomReferencesType.Input("references", tooltip="From Phantom References."),
@@ -103,27 +105,50 @@ class PhantomEncodeReferences(io.ComfyNode):
                              tooltip="Video width in px (multiple of 16); must equal the sampler's width."),
                 io.Int.Input("height", default=480, min=16, max=nodes.MAX_RESOLUTION, step=16,
                              tooltip="Video height in px (multiple of 16); must equal the sampler's height."),
-                PhantomClipVision.Input("clip_vision", optional=True,
-                                        tooltip="Optional, from Phantom CLIP Vision Loader: also encode each "
-                                                "reference with CLIP (letterboxed on white) for a Phantom MMDiT. "
-                                                "Phantom-Wan ignores these features."),
-                io.Combo.Input("clip_output", options=list(CLIP_OUTPUTS), default=CLIP_OUTPUTS[0], optional=True,
-                               tooltip="tokens: the penultimate block's tokens (257 x 1280 for ViT-H-14, as Wan "
-                                       "I2V); pooled: the projected image embedding (1 x 1024). Must match what "
-                                       "the MMDiT was trained on."),
             ],
             outputs=[PhantomRefLatents.Output(display_name="reference_latents")],
         )
 
     @classmethod
-    def execute(cls, vae, references: dict, width: int, height: int, clip_vision=None,
-                clip_output: str = CLIP_OUTPUTS[0]) -> io.NodeOutput:
-        mm.load_models_gpu([vae] if clip_vision is None else [vae, clip_vision])
+    def execute(cls, vae, references: dict, width: int, height: int) -> io.NodeOutput:
+        mm.load_models_gpu([vae])
         pils = [tensor_to_pil(img) for img in references["images"]]
         latents = encode_references(core(vae), pils, width, height, references["mode"])  # (1, 16, N, h, w) normalized
-        out = {"samples": denormalize_latents(latents.float()).to(mm.intermediate_device()), "width": width,
-               "height": height}
-        if clip_vision is not None:
-            clip = encode_clip_references(core(clip_vision), pils, clip_output)  # (1, N, T, C) float32
-            out |= {"clip": clip.to(mm.intermediate_device()), "clip_output": clip_output}
-        return io.NodeOutput(out)
+        raw = denormalize_latents(latents.float()).to(mm.intermediate_device())
+        return io.NodeOutput({"samples": raw, "width": width, "height": height})
+
+
+class PhantomCLIPEncodeReferences(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PhantomCLIPEncodeReferences",
+            display_name="Phantom CLIP Encode References",
+            category=CATEGORY,
+            description="Adds each reference's CLIP features to its VAE latents, for a Phantom MMDiT (the paper's "
+                        "network reads both; Phantom-Wan ignores the CLIP features).",
+            inputs=[
+                PhantomClipVision.Input("clip_vision", tooltip="From Phantom CLIP Vision Loader."),
+                PhantomReferencesType.Input("references",
+                                            tooltip="From Phantom References: the same node that feeds Phantom "
+                                                    "Encode References."),
+                PhantomRefLatents.Input("reference_latents", tooltip="From Phantom Encode References."),
+                io.Combo.Input("clip_output", options=list(CLIP_OUTPUTS), default=CLIP_OUTPUTS[0],
+                               tooltip="tokens: the penultimate block's tokens (257 x 1280 for ViT-H-14, as Wan "
+                                       "I2V); pooled: the projected image embedding (1 x 1024). Must match what "
+                                       "the MMDiT was trained on. Each image is letterboxed on white."),
+            ],
+            outputs=[PhantomRefLatents.Output(display_name="reference_latents")],
+        )
+
+    @classmethod
+    def execute(cls, clip_vision, references: dict, reference_latents: dict, clip_output: str) -> io.NodeOutput:
+        n_latents, n_images = reference_latents["samples"].shape[2], len(references["images"])
+        if n_latents != n_images:
+            raise ValueError(f"reference_latents hold {n_latents} references but references has {n_images} images; "
+                             "connect the same Phantom References node to both encoders")
+        mm.load_models_gpu([clip_vision])
+        pils = [tensor_to_pil(img) for img in references["images"]]
+        clip = encode_clip_references(core(clip_vision), pils, clip_output)  # (1, N, T, C) float32
+        clip = clip.to(mm.intermediate_device())
+        return io.NodeOutput(reference_latents | {"clip": clip, "clip_output": clip_output})

@@ -43,7 +43,8 @@ def models(comfy_server: ComfyServer) -> Path:
 
 def graph(server: ComfyServer, refs: list[Path], *, dit: str, clip_vision: str | None, seed: int = 3,
           width: int = 32, height: int = 32, frames: int = 5, steps: int = 2, prefix: str = "mmdit") -> dict:
-    """An API prompt: loaders, text encoders, references (+ CLIP), sampler, SaveLatent (node "50")."""
+    """An API prompt: loaders, text encoders, references (VAE, then CLIP when ``clip_vision`` names a file), sampler,
+    SaveLatent (node "50")."""
     g: dict[str, dict] = {
         "1": {"class_type": "PhantomDiTLoader", "inputs": {"dit_name": dit, "weight_dtype": "fp32"}},
         "2": {"class_type": "PhantomVAELoader", "inputs": {"vae_name": "phantom_tiny_vae.safetensors"}},
@@ -67,7 +68,10 @@ def graph(server: ComfyServer, refs: list[Path], *, dit: str, clip_vision: str |
         g["20"]["inputs"][f"image_{k + 1}"] = [str(10 + k), 0]
     if clip_vision is not None:
         g["6"] = {"class_type": "PhantomCLIPVisionLoader", "inputs": {"clip_vision_name": clip_vision}}
-        g["21"]["inputs"] |= {"clip_vision": ["6", 0], "clip_output": "tokens"}
+        g["22"] = {"class_type": "PhantomCLIPEncodeReferences",
+                   "inputs": {"clip_vision": ["6", 0], "references": ["20", 0], "reference_latents": ["21", 0],
+                              "clip_output": "tokens"}}
+        g["30"]["inputs"]["reference_latents"] = ["22", 0]
     return g
 
 
@@ -82,21 +86,23 @@ def two_refs(examples_dir: Path) -> list[Path]:
     return [examples_dir / r for r in case["refs"][:2]]
 
 
-def test_schema_lists_the_clip_vision_loader_and_the_optional_clip_input(comfy_server: ComfyServer, models: Path):
+def test_schema_lists_the_clip_nodes(comfy_server: ComfyServer, models: Path):
     info = comfy_server.object_info()
     loader = info["PhantomCLIPVisionLoader"]
     assert loader["output"] == ["PHANTOM_CLIP_VISION"] and loader["category"] == "Phantom"
     listed = loader["input"]["required"]["clip_vision_name"]
     names = listed[1]["options"] if isinstance(listed[0], str) else listed[0]
     assert CLIP_FILE in names
-    optional = info["PhantomEncodeReferences"]["input"]["optional"]
-    assert optional["clip_vision"][0] == "PHANTOM_CLIP_VISION" and "clip_output" in optional
+    encode = info["PhantomCLIPEncodeReferences"]
+    assert encode["output"] == ["PHANTOM_REF_LATENTS"]
+    assert [encode["input"]["required"][k][0] for k in ("clip_vision", "references", "reference_latents")] == \
+        ["PHANTOM_CLIP_VISION", "PHANTOM_REFERENCES", "PHANTOM_REF_LATENTS"]
 
 
 def test_mmdit_with_clip_references_matches_phantom_core(comfy_server: ComfyServer, examples_dir: Path,
                                                          models: Path):
-    """Loader (recognising the MMDiT by its keys), CLIP vision loader, reference encoding with CLIP, sampler: the
-    LATENT equals phantom_core run directly (relative max error < 1e-4)."""
+    """DiT loader (recognising the MMDiT by its keys), CLIP vision loader, VAE then CLIP reference encoding,
+    sampler: the LATENT equals phantom_core run directly (relative max error < 1e-4)."""
     from phantom_core.mmdit.clip import encode_clip_references, load_clip_vision
     from phantom_core.mmdit.load import load_mmdit
     from phantom_core.references import encode_references, open_reference
@@ -159,4 +165,16 @@ def test_bad_clip_vision_files_are_refused_by_name(comfy_server: ComfyServer, ex
     before = comfy_server.output_files()
     message = refusal_message(comfy_server, prompt)  # at /prompt (a name not in the folder) or on the loader
     assert "PhantomCLIPVisionLoader" in message and phrase in message and name.split("/")[-1] in message, message
+    assert comfy_server.output_files() == before
+
+
+def test_clip_encoding_of_other_references_is_refused(comfy_server: ComfyServer, examples_dir: Path, models: Path):
+    """CLIP features of 2 references added to the latents of 1: refused on the CLIP encoder, naming both counts."""
+    refs = two_refs(examples_dir)
+    prompt = graph(comfy_server, refs, dit=MMDIT_FILE, clip_vision=CLIP_FILE, frames=1, prefix="mismatch")
+    prompt["23"] = {"class_type": "PhantomReferences", "inputs": {"mode": "letterbox", "image_1": ["10", 0]}}
+    prompt["21"]["inputs"]["references"] = ["23", 0]  # the VAE encodes one reference, CLIP two
+    before = comfy_server.output_files()
+    message = refusal_message(comfy_server, prompt)
+    assert message.startswith("PhantomCLIPEncodeReferences:") and "hold 1 references but references has 2" in message
     assert comfy_server.output_files() == before
