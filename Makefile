@@ -1,7 +1,7 @@
 # ComfyUI-Phantom: every set-up step lives here and in tools/bootstrap.sh.
 PY := .venv/bin/python
 
-.PHONY: env demo test lint bench bench-memory workflows
+.PHONY: env demo test test-browser lint bench bench-sampling bench-memory workflows thumbnails
 env: .venv/.phantom-ready
 
 .venv/.phantom-ready: tools/bootstrap.sh requirements.txt
@@ -23,8 +23,25 @@ lint: env
 bench: env
 	PYTHONPATH=.comfyui $(PY) -m benchmarks.bench_dit
 
+bench-sampling: env
+	PYTHONPATH=.comfyui $(PY) -m benchmarks.bench_sampling
+
 bench-memory: env
 	$(PY) -m benchmarks.bench_load_memory
 
+# The shipped workflows (example_workflows/*.json, api/*.json) from their one description.
 workflows: env
 	$(PY) -m tools.make_workflows
+
+# The Templates browser's thumbnails (example_workflows/*.jpg): a frame of each workflow's own output.
+thumbnails: env
+	$(PY) -m tools.make_thumbnails
+
+# The workflows in ComfyUI's real frontend, in headless Chromium (not part of `make test`: CI has no browser).
+# Installs Debian's chromium + chromium-driver (apt-get, as root or through sudo) and selenium into .venv if missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+test-browser: env
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; fi
+	@$(PY) -c "import selenium" 2>/dev/null || $(PY) -m pip install --disable-pip-version-check -q -r requirements-browser.txt
+	$(PY) -m tools.browser_check

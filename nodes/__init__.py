@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from .decode import PhantomDecode
 from .loaders import PhantomCLIPVisionLoader, PhantomDiTLoader, PhantomTextEncoderLoader, PhantomVAELoader
+from .lora import PhantomLoadLoRA
 from .references import PhantomCLIPEncodeReferences, PhantomEncodeReferences, PhantomReferences
 from .rephrase import REPHRASE_NODES
 from .sampler import PhantomSampler
@@ -16,6 +17,7 @@ PHANTOM_NODES: list[type[io.ComfyNode]] = [
     PhantomDiTLoader,
     PhantomVAELoader,
     PhantomTextEncoderLoader,
+    PhantomLoadLoRA,
     PhantomCLIPVisionLoader,
     PhantomTextEncode,
     PhantomReferences,

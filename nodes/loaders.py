@@ -45,8 +45,9 @@ def files_under(folder: str, suffix: str) -> list[str]:
 def dit_files() -> list[str]:
     """ComfyUI's `models/diffusion_models` listing plus sharded checkpoints' `*.safetensors.index.json` files
     (ComfyUI lists no .json; the official 14B release is an index and 6 shards)."""
-    return sorted(set(folder_paths.get_filename_list("diffusion_models")) | set(files_under("diffusion_models",
-                                                                                             INDEX_SUFFIX)))
+    listed = set(folder_paths.get_filename_list("diffusion_models"))  # ComfyUI lists neither .json nor .gguf
+    return sorted(listed | set(files_under("diffusion_models", INDEX_SUFFIX)) | set(files_under("diffusion_models",
+                                                                                                ".gguf")))
 
 
 def tokenizer_files() -> list[str]:
@@ -83,13 +84,15 @@ def pick_dtype(choice: str, load_device: torch.device) -> torch.dtype:
 def pick_dtypes(choice: str, path: str, load_device: torch.device) -> tuple[torch.dtype | None, torch.dtype]:
     """(weight dtype for the core loader, compute dtype) for a weight-dtype choice and a checkpoint.
 
-    "default" keeps an fp8 / scaled-fp8 file 8-bit (None: the stored dtype; a 14B DiT stays ~14 GB) and loads
-    any other in bf16 where `load_device` supports it, else fp32. An fp8 choice stores the Linear weights in fp8
-    and computes in bf16 / fp32. Raises ValueError naming `weight_dtype`.
+    "default" keeps an fp8 / scaled-fp8 file 8-bit and a GGUF file block-quantized (None: the stored format; a 14B
+    DiT stays ~14 GB in fp8, less in Q4_K) and loads any other in bf16 where `load_device` supports it, else fp32.
+    An fp8 choice stores the Linear weights in fp8 and computes in bf16 / fp32. Raises ValueError naming
+    `weight_dtype`.
     """
     compute = pick_dtype("default", load_device)
     if choice == "default":
-        return (None if stored_format(path).fp8_dtype is not None else compute), compute
+        keep_stored = path.lower().endswith(".gguf") or stored_format(path).fp8_dtype is not None
+        return (None if keep_stored else compute), compute
     dtype = pick_dtype(choice, load_device)
     return dtype, (compute if is_fp8(dtype) else dtype)
 

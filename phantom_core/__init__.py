@@ -10,6 +10,8 @@ The public API (see docs/DESIGN.md for the layout and the tensor conventions):
     encode_references(vae, images, width, height, mode) -> reference latents [1, 16, N, h, w]
     make_noise(seed, video_shape, num_refs); sample_phantom(model, noise, ref_latents, context, context_neg, ...)
     write_mp4(frames, path, fps, quality)
+    apply_loras(model, [(path_or_state_dict, strength), ...], merge=True) -> model   (LoRA, see phantom_core.lora)
+    inject_lora(model, rank, alpha) -> adapted names; lora_state_dict(model); save_lora(path, sd, metadata)
 
 This file is the one facade: each name below lives in exactly one module and is imported from it on first
 access (PEP 562), so ``import phantom_core`` (or any of its submodules) stays cheap: a data-loader worker or a
@@ -31,8 +33,9 @@ _HOMES: dict[str, str] = {
     "inspect_checkpoint": "phantom_core.wan.inspect",
     **dict.fromkeys(["WAN21_LATENT_MEAN", "WAN21_LATENT_STD", "denormalize_latents", "normalize_latents"],
                     "phantom_core.wan.latents"),
-    **dict.fromkeys(["generate", "generate_to_file", "load_models"], "phantom_core.pipeline"),
-    **dict.fromkeys(["GenerationSettings", "settings_from_preset", "WAN_NEGATIVE_PROMPT"], "phantom_core.settings"),
+    **dict.fromkeys(["generate", "generate_to_file", "load_models"], "phantom_core.inference.pipeline"),
+    **dict.fromkeys(["GenerationSettings", "settings_from_preset", "WAN_NEGATIVE_PROMPT"],
+                    "phantom_core.inference.settings"),
     **dict.fromkeys(["encode_references", "open_reference", "prepare_reference", "validate_references"],
                     "phantom_core.references"),
     **dict.fromkeys(["SAMPLER_PRESETS", "make_noise", "sample_phantom"], "phantom_core.sampling.loop"),
@@ -52,6 +55,10 @@ _HOMES: dict[str, str] = {
     "Rephraser": "phantom_core.rephrase.rephraser",
     "make_backend": "phantom_core.rephrase.backends",
     **dict.fromkeys(["RephraseError", "RephraseResult"], "phantom_core.rephrase.types"),
+    **dict.fromkeys(["DEFAULT_TARGETS", "LoRALinear", "inject_lora", "lora_state_dict"], "phantom_core.lora.adapter"),
+    **dict.fromkeys(["diff_state_dict", "lora_metadata", "save_lora"], "phantom_core.lora.files"),
+    "read_lora": "phantom_core.lora.keys",
+    "apply_loras": "phantom_core.lora.apply",
 }
 
 __all__ = sorted(_HOMES)

@@ -25,7 +25,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from phantom_core.cli import add_generate_parser, add_inspect_parser
+from phantom_core.inference.cli import add_generate_parser, add_inspect_parser
 from phantom_core.rephrase.cli import (
     add_rephrase_parser,
 )

@@ -5,7 +5,8 @@ the tests).
 
     <base>/custom_nodes/ComfyUI-Phantom -> symlink to this repository
     <base>/models/{diffusion_models,vae,text_encoders}/phantom_tiny_*.safetensors   (the embedded tiny default)
-    <base>/input/   <base>/output/
+    <base>/input/phantom_*.jpg   (the example reference photos of example_inputs/, which the workflows name)
+    <base>/output/
 
 launches `.comfyui/main.py --cpu --listen 127.0.0.1 --port <free> --base-directory <base> --disable-auto-launch
 --disable-api-nodes`, and waits for `/object_info`.
@@ -53,8 +54,10 @@ class ComfyServer:
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Lay out custom_nodes/, models/ (tiny default), input/ and output/ under the base directory."""
+        """Lay out custom_nodes/, models/ (tiny default), input/ (with the example photos) and output/ under
+        the base directory."""
         from phantom_core.tiny.default import write_tiny_default
+        from tools.make_workflows import INPUTS_DIR
 
         link = self.base / "custom_nodes" / "ComfyUI-Phantom"
         link.parent.mkdir(exist_ok=True)
@@ -63,6 +66,9 @@ class ComfyServer:
         write_tiny_default(self.base / "models")
         for sub in ("input", "output", "temp", "user"):
             (self.base / sub).mkdir(exist_ok=True)
+        for photo in INPUTS_DIR.glob("*.jpg"):
+            if not (self.base / "input" / photo.name).exists():
+                shutil.copyfile(photo, self.base / "input" / photo.name)
 
     def start(self) -> ComfyServer:
         """Prepare the base directory, launch the server and wait until `/object_info` answers."""

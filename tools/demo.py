@@ -2,10 +2,11 @@
 
 1. Lays out a ComfyUI base directory in `.demo/` (git-ignored): this extension linked into `custom_nodes/`, the
    embedded default checkpoints in `models/` (tiny random-weight DiT, VAE and umT5 in the official key layouts:
-   `phantom_core.tiny.default`), and two real photos that scikit-image ships (an astronaut and a cat).
+   `phantom_core.tiny.default`); the job's photos are two of the shipped example photos (example_inputs/: an
+   astronaut and a cat, from scikit-image's public-domain / CC0 data).
 2. Starts ComfyUI 0.3.75 (`.comfyui/`) headless on the CPU with that base directory.
-3. Queues the shipped API workflow (workflows/phantom_4ref_api.json, unused reference inputs removed) over
-   ComfyUI's HTTP API with the batch client (tools/phantom_batch.py): the photos are uploaded with
+3. Queues the shipped API workflow (example_workflows/api/phantom_4ref_api.json, unused reference inputs
+   removed) over ComfyUI's HTTP API with the batch client (tools/phantom_batch.py): the photos are uploaded with
    /upload/image, the job is queued with /prompt, followed through /history, and the MP4 is downloaded with /view.
 4. Prints the path of the MP4 (in `output/`) and stops the server.
 
@@ -13,7 +14,7 @@ Until a trained default exists, the weights are random, so the MP4 is coloured n
 path (nodes, HTTP API, sampling, decoding, MP4 export), not image quality. With real Phantom-Wan weights (see
 the README) the same workflow makes real videos.
 
-    .venv/bin/python scripts/demo.py [--width 320 --height 192 --frames 33 --steps 50 --seed 42]
+    .venv/bin/python -m tools.demo [--width 320 --height 192 --frames 33 --steps 50 --seed 42]
 """
 
 from __future__ import annotations
@@ -25,31 +26,19 @@ import sys
 from pathlib import Path
 
 from tools.comfy_launcher import ComfyServer
+from tools.make_workflows import INPUTS_DIR
 from tools.phantom_batch import DEFAULT_WORKFLOW, Client, run_batch, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 DEMO_DIR = ROOT / ".demo"
 OUT_DIR = ROOT / "output"
-PROMPT = ("An astronaut in a white spacesuit sits on a sofa and gently strokes an orange tabby cat on her lap; "
-          "the cat stretches and looks at the camera, soft window light, slow camera push-in.")
+PHOTOS = [INPUTS_DIR / "phantom_astronaut.jpg", INPUTS_DIR / "phantom_cat.jpg"]
+PROMPT = ("A smiling woman astronaut with short curly brown hair in an orange launch suit sits on a sofa and gently "
+          "strokes a tabby cat with green eyes on her lap; the cat stretches and looks at the camera, soft window "
+          "light, slow camera push-in.")
 
 log = logging.getLogger("phantom.demo")
-
-
-def write_reference_photos(folder: Path) -> list[Path]:
-    """Save two photos shipped with scikit-image (a person and an animal) as PNG; returns their paths."""
-    from PIL import Image
-    from skimage import data
-
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name in ("astronaut", "chelsea"):
-        path = folder / f"{name}.png"
-        if not path.exists():
-            Image.fromarray(getattr(data, name)()).save(path)
-        paths.append(path)
-    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    refs = write_reference_photos(DEMO_DIR / "photos")
-    job = {"id": "demo", "refs": [str(p) for p in refs], "prompt": PROMPT, "seed": args.seed,
+    job = {"id": "demo", "refs": [str(p) for p in PHOTOS], "prompt": PROMPT, "seed": args.seed,
            "width": args.width, "height": args.height, "frames": args.frames, "steps": args.steps}
     server = ComfyServer(base=DEMO_DIR / "comfyui", cleanup=False)
     log.info("starting ComfyUI headless (log: %s)", server.log_path)

@@ -1,16 +1,28 @@
 """Generate the shipped workflows (UI and API format) from one description, so the two always agree.
 
-    python -m tools.make_workflows            # (re)write the files of WORKFLOWS in workflows/ (+ _api.json)
+    python -m tools.make_workflows            # (re)write example_workflows/*.json and example_workflows/api/*.json
     python -m tools.make_workflows --check    # exit 1 if a shipped file differs from what would be written
+
+Where the files go: ComfyUI's Templates browser lists every `*.json` directly in a custom node's
+`example_workflows/` folder (ComfyUI 0.3.75 app/custom_node_manager.py globs `<node>/example_workflows/*.json`,
+not sub-folders) under the file name, and shows `<name>.jpg` beside it as the thumbnail (frontend 1.32:
+`/api/workflow_templates/<node>/<name>.jpg`). So the UI workflows sit there, named by their readable title
+(`Phantom 1 reference.json`), and the API-format files, which the frontend cannot open, in
+`example_workflows/api/` (`phantom_1ref_api.json`, for the batch tool and scripts). The thumbnails are written by
+`python -m tools.make_thumbnails`; the reference photos the workflows name are in `example_inputs/`.
 
 Each workflow: LoadImage x N -> PhantomReferences -> PhantomEncodeReferences; the three Phantom loaders (tiny
 default file names), two PhantomTextEncode (prompt, Wan's negative prompt), PhantomSampler, PhantomDecode,
-PhantomSaveVideo. The rephrase variant adds PhantomRephrase (references from PhantomReferences, an Ollama
-endpoint by default) whose `prompt` output feeds the positive PhantomTextEncode's `text` (a widget turned into
-an input); its `prompt` and `descriptions` outputs also go to a PreviewAny each ("Preview as Text"), so the
-rewritten prompt can be read (and copied) on the canvas. The UI format is LiteGraph's
-(version 0.4) with `widgets_values` in schema order; a linked widget keeps its value there and gets an input
-entry carrying `"widget": {"name": ...}` and the link, as the frontend writes it.
+PhantomSaveVideo. The rephrase variant types the prompt into a String (Multiline) node titled "Prompt", which
+feeds PhantomRephrase (references from PhantomReferences, an Ollama endpoint by default); the rewritten prompt
+feeds the positive PhantomTextEncode's `text` (a widget turned into an input, left empty in the UI so no stale
+text shows), and both rephraser outputs go to a PreviewAny each ("Preview as Text"). The UI format is
+LiteGraph's (version 0.4) with `widgets_values` in schema order; a linked widget keeps its value there and gets
+an input entry carrying `"widget": {"name": ...}` and the link, as the frontend writes it.
+
+Layout (tools/workflow_layout.py): columns left to right in reading order, every link from a column to a later
+one, node sizes above what the frontend computes, and a saved view (`extra.ds`) that puts the first column
+inside the canvas, clear of the frontend's top bar and side bar.
 """
 
 from __future__ import annotations
@@ -23,30 +35,67 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from phantom_core.settings import WAN_NEGATIVE_PROMPT
+from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
+from tools.workflow_layout import place, saved_view
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOWS_DIR = ROOT / "workflows"
+TEMPLATES_DIR = ROOT / "example_workflows"
+API_DIR = TEMPLATES_DIR / "api"
+INPUTS_DIR = ROOT / "example_inputs"
 
 DEFAULT_FILES = {
     "dit": "phantom_tiny_dit.safetensors",
     "vae": "phantom_tiny_vae.safetensors",
     "text_encoder": "phantom_tiny_umt5.safetensors",
 }
-PROMPTS = {  # our English renderings of the published example prompts (../shared/data/phantom_examples)
-    1: "Warm sunlight spills over the grass. A little girl with twin pigtails, a green bow and a light green "
-       "dress crouches beside blooming daisies, smiling and raising a toy camera.",
-    4: "Slow-motion shot of a woman with long golden hair in a brown swimsuit with polka-dot mesh long sleeves, "
-       "holding a layered cocktail garnished with an orange slice and a strawberry with a green straw, "
-       "sunbathing on a beach with palm trees and a lounge chair, smiling in the sun as waves brush the sand.",
+# the shipped photos of example_inputs/ (scikit-image's astronaut, cat, coffee and rocket; licences there)
+REFERENCE_IMAGES = {1: ["phantom_astronaut.jpg"], 2: ["phantom_astronaut.jpg", "phantom_cat.jpg"],
+                    4: ["phantom_astronaut.jpg", "phantom_cat.jpg", "phantom_coffee.jpg", "phantom_rocket.jpg"]}
+PROMPTS = {  # each names the subjects of its reference photos with their appearance, as Phantom's prompts do
+    1: "A smiling woman astronaut with short curly brown hair, in an orange launch suit with mission patches, "
+       "walks along the launch pad at dusk holding her white helmet under one arm and waves at the camera; "
+       "slow tracking shot, warm floodlights.",
+    4: "A smiling woman astronaut with short curly brown hair in an orange launch suit sits at a rustic wooden "
+       "table with a tabby cat with green eyes on her lap, sipping espresso from a red cup on a red saucer, "
+       "while a white rocket stands lit on its launch pad in the blue dusk behind her; slow camera push-in.",
 }
-# what a user would type when the rephraser adds the appearance details (the girl_dog_camera example, shortened)
-SHORT_PROMPTS = {2: "Warm sunlight over the grass. A little girl crouches beside blooming daisies next to a puppy "
-                    "and, smiling, raises a toy camera to capture the moment."}
-REFERENCE_IMAGES = {1: ["ref1.jpg"], 2: ["ref1.jpg", "ref2.jpg"], 4: ["ref8.jpg", "ref9.jpg", "ref10.jpg", "ref11.jpg"]}
+# what a user would type when the rephraser adds the appearance details
+SHORT_PROMPTS = {2: "The astronaut sits on a sofa and gently strokes the cat on her lap; the cat stretches and "
+                    "looks at the camera. Soft window light."}
 REPHRASE_ENDPOINT = {"endpoint_url": "http://127.0.0.1:11434/v1", "endpoint_model": "qwen2.5vl:7b"}  # Ollama
-WORKFLOWS = {"phantom_1ref": (1, False), "phantom_4ref": (4, False), "phantom_2ref_rephrase": (2, True)}
-"""File stem -> (number of references, rephraser wired in); each gives `<stem>.json` and `<stem>_api.json`."""
+
+
+@dataclass(frozen=True)
+class Workflow:
+    """One shipped workflow: its references, whether the rephraser is wired in, and its title (the UI file's
+    name, which the Templates browser shows)."""
+
+    num_refs: int
+    rephrase: bool
+    title: str
+
+
+WORKFLOWS = {
+    "phantom_1ref": Workflow(1, False, "Phantom 1 reference"),
+    "phantom_4ref": Workflow(4, False, "Phantom 4 references"),
+    "phantom_2ref_rephrase": Workflow(2, True, "Phantom 2 references with rephraser"),
+}
+"""Stem -> workflow; each gives `example_workflows/<title>.json` and `example_workflows/api/<stem>_api.json`."""
+
+
+def ui_path(stem: str) -> Path:
+    """The UI workflow of `stem` (a key of WORKFLOWS), as the Templates browser lists it."""
+    return TEMPLATES_DIR / f"{WORKFLOWS[stem].title}.json"
+
+
+def api_path(stem: str) -> Path:
+    """The API-format workflow of `stem` (a key of WORKFLOWS)."""
+    return API_DIR / f"{stem}_api.json"
+
+
+def thumbnail_path(stem: str) -> Path:
+    """The Templates browser's thumbnail of `stem`: `<title>.jpg` beside the UI file."""
+    return TEMPLATES_DIR / f"{WORKFLOWS[stem].title}.jpg"
 
 
 @dataclass
@@ -74,7 +123,8 @@ class Node:
 
 
 def describe(num_refs: int, rephrase: bool = False) -> list[Node]:
-    """The workflow for `num_refs` (1..4) references, with the rephraser wired in or not; in execution order.
+    """The workflow for `num_refs` (1..4) references, with the rephraser wired in or not, laid out; in
+    execution order.
 
     Raises ValueError when `num_refs` is outside 1..4 or has no example prompt / reference files for the variant.
     """
@@ -83,72 +133,90 @@ def describe(num_refs: int, rephrase: bool = False) -> list[Node]:
         raise ValueError(f"num_refs is {num_refs}; the {'rephrase ' if rephrase else ''}workflows exist for "
                          f"{sorted(prompts)} references")
     width, height = 832, 480
-    col = [0.0, 380.0, 760.0, 1140.0, 1520.0]
     nodes = [
         Node(1, "PhantomDiTLoader", "Phantom DiT Loader", [("model", "PHANTOM_DIT")],
-             widgets={"dit_name": DEFAULT_FILES["dit"], "weight_dtype": "default"}, pos=(col[0], 0)),
+             widgets={"dit_name": DEFAULT_FILES["dit"], "weight_dtype": "default"}, size=(400, 100)),
         Node(2, "PhantomVAELoader", "Phantom VAE Loader", [("vae", "PHANTOM_VAE")],
-             widgets={"vae_name": DEFAULT_FILES["vae"]}, pos=(col[0], 150)),
+             widgets={"vae_name": DEFAULT_FILES["vae"]}, size=(400, 80)),
         Node(3, "PhantomTextEncoderLoader", "Phantom Text Encoder Loader", [("text_encoder", "PHANTOM_TEXT_ENCODER")],
-             widgets={"text_encoder_name": DEFAULT_FILES["text_encoder"], "tokenizer": "embedded", "device": "default"}, pos=(col[0], 270)),
-        Node(4, "PhantomTextEncode", "Prompt", [("conditioning", "CONDITIONING")],
+             widgets={"text_encoder_name": DEFAULT_FILES["text_encoder"], "tokenizer": "embedded", "device": "default"},
+             size=(400, 130)),
+        Node(4, "PhantomTextEncode", "Encode rewritten prompt" if rephrase else "Prompt", [("conditioning", "CONDITIONING")],
              sockets=[("text_encoder", "PHANTOM_TEXT_ENCODER")], links={"text_encoder": (3, 0)},
-             widgets={"text": prompts[num_refs]}, widget_links={"text": (40, 0)} if rephrase else {},
-             pos=(col[1], 0), size=(340, 180)),
+             widgets={"text": "" if rephrase else prompts[num_refs]}, widget_links={"text": (40, 0)} if rephrase else {},
+             size=(380, 110) if rephrase else (420, 220)),
         Node(5, "PhantomTextEncode", "Negative prompt", [("conditioning", "CONDITIONING")],
              sockets=[("text_encoder", "PHANTOM_TEXT_ENCODER")], links={"text_encoder": (3, 0)},
-             widgets={"text": WAN_NEGATIVE_PROMPT}, pos=(col[1], 220), size=(340, 180)),
+             widgets={"text": WAN_NEGATIVE_PROMPT}, size=(420, 200)),
     ]
-    images = [Node(10 + k, "LoadImage", f"Reference {k + 1}", [("IMAGE", "IMAGE"), ("MASK", "MASK")],
+    nodes += [Node(10 + k, "LoadImage", f"Reference {k + 1}", [("IMAGE", "IMAGE"), ("MASK", "MASK")],
                    widgets={"image": REFERENCE_IMAGES[num_refs][k]}, ui_after={"image": ["image"]},
-                   pos=(col[0] + 340.0 * k, 460), size=(320, 330)) for k in range(num_refs)]
+                   size=(340, 360)) for k in range(num_refs)]  # the frontend needs 326 high with the photo
     ref_sockets = [(f"image_{k}", "IMAGE") for k in range(1, 5)] + [(f"mask_{k}", "MASK") for k in range(1, 5)]
-    nodes += images + [
+    nodes += [
         Node(20, "PhantomReferences", "Phantom References", [("references", "PHANTOM_REFERENCES")],
              sockets=ref_sockets,
              links={f"{kind}_{k + 1}": (10 + k, slot) for k in range(num_refs)
                     for kind, slot in (("image", 0), ("mask", 1))},  # Load Image's IMAGE and MASK
-             widgets={"mode": "letterbox"}, pos=(col[1], 850), size=(300, 150)),
+             widgets={"mode": "letterbox"}, size=(300, 240)),
         Node(21, "PhantomEncodeReferences", "Phantom Encode References", [("reference_latents", "PHANTOM_REF_LATENTS")],
              sockets=[("vae", "PHANTOM_VAE"), ("references", "PHANTOM_REFERENCES")],
              links={"vae": (2, 0), "references": (20, 0)}, widgets={"width": width, "height": height},
-             pos=(col[2], 850), size=(300, 130)),
+             size=(300, 130)),
         Node(30, "PhantomSampler", "Phantom Sampler", [("latent", "LATENT")],
              sockets=[("model", "PHANTOM_DIT"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                       ("reference_latents", "PHANTOM_REF_LATENTS")],
              links={"model": (1, 0), "positive": (4, 0), "negative": (5, 0), "reference_latents": (21, 0)},
              widgets={"width": width, "height": height, "frames": 81, "steps": 50, "shift": 5.0,
                       "solver": "unipc", "w_img": 5.0, "w_text": 7.5, "seed": 42, "preset": "custom"},
-             ui_after={"seed": ["fixed"]}, pos=(col[2], 0), size=(320, 380)),
+             ui_after={"seed": ["fixed"]}, size=(320, 400)),
         Node(31, "PhantomDecode", "Phantom Decode", [("images", "IMAGE")],
              sockets=[("vae", "PHANTOM_VAE"), ("latent", "LATENT")], links={"vae": (2, 0), "latent": (30, 0)},
-             widgets={"tile_size": 0, "tile_overlap": 64}, pos=(col[3], 0), size=(260, 130)),
+             widgets={"tile_size": 0, "tile_overlap": 64}, size=(280, 130)),
         Node(32, "PhantomSaveVideo", "Phantom Save Video", [],
              sockets=[("images", "IMAGE")], links={"images": (31, 0)},
-             widgets={"fps": 16.0, "quality": 8, "filename_prefix": "Phantom"}, pos=(col[4], 0), size=(400, 480)),
+             widgets={"fps": 16.0, "quality": 8, "filename_prefix": "Phantom"}, size=(400, 460)),
     ]
     if rephrase:
-        nodes += rephrase_nodes(prompts[num_refs], (col[3], 500), (col[4], 520), (col[4], 760))
+        nodes += rephrase_nodes(prompts[num_refs])
+    by_id = {n.id: n for n in nodes}
+    for node_id, (x, y) in place(columns(num_refs, rephrase), {i: n.size for i, n in by_id.items()}).items():
+        by_id[node_id].pos = (x, y)
     return execution_order(nodes)
 
 
-def rephrase_nodes(prompt: str, pos: tuple[float, float], prompt_preview_pos: tuple[float, float],
-                   preview_pos: tuple[float, float]) -> list[Node]:
-    """PhantomRephrase (id 40; references from node 20; an Ollama endpoint, no API key), a PreviewAny (42)
-    showing the rewritten prompt and one (41) showing the descriptions. Node 4 (the positive prompt) takes
-    output 0 through `widget_links`."""
-    widgets = {"prompt": prompt, "backend": "openai-compatible", **REPHRASE_ENDPOINT, "api_key_env": "",
+def columns(num_refs: int, rephrase: bool) -> list[list[list[int]]]:
+    """The layout (see tools.workflow_layout.place): columns left to right, each one or two stacks of node ids.
+
+    Reading order: the model loaders above the reference photos -> the prompts above PhantomReferences (in
+    line with the photos, so their wires run straight right) -> the rephraser / the reference latents -> the
+    sampler -> decode -> save. With the rephraser: the typed prompt and the negative prompt, then the rephraser
+    above the reference latents, then the encoder of the rewritten prompt above the two text previews.
+    """
+    photos = [10 + k for k in range(num_refs)]
+    tail = [[[30]], [[31]], [[32]]]
+    if rephrase:
+        return [[[1, 2, 3], photos], [[43, 5], [20]], [[40, 21]], [[4, 42, 41]], *tail]
+    return [[[1, 2, 3], photos], [[4, 5], [20]], [[], [21]], *tail]
+
+
+def rephrase_nodes(prompt: str) -> list[Node]:
+    """The prompt typed into a String (Multiline) node (43, title "Prompt"), PhantomRephrase (40; references
+    from node 20; an Ollama endpoint, no API key; its `prompt` widget fed by 43), a PreviewAny (42) showing the
+    rewritten prompt and one (41) showing the descriptions. Node 4 (the positive encoder) takes output 0."""
+    widgets = {"prompt": "", "backend": "openai-compatible", **REPHRASE_ENDPOINT, "api_key_env": "",
                "local_model": "none", "language": "auto", "max_new_tokens": 512, "temperature": 0.0, "seed": 0,
                "timeout_s": 120.0, "strict": True, **{f"hint_{k}": "" for k in range(1, 5)}, "keep_loaded": False}
     return [
+        Node(43, "PrimitiveStringMultiline", "Prompt", [("STRING", "STRING")], widgets={"value": prompt},
+             size=(420, 220)),
         Node(40, "PhantomRephrase", "Phantom Rephrase Prompt", [("prompt", "STRING"), ("descriptions", "STRING")],
              sockets=[("references", "PHANTOM_REFERENCES"), *[(f"image_{k}", "IMAGE") for k in range(1, 5)]],
-             links={"references": (20, 0)}, widgets=widgets,
-             pos=pos, size=(360, 560)),
+             links={"references": (20, 0)}, widgets=widgets, widget_links={"prompt": (43, 0)}, size=(400, 620)),
         Node(42, "PreviewAny", "Rewritten prompt", [], sockets=[("source", "*")], links={"source": (40, 0)},
-             pos=prompt_preview_pos, size=(400, 220)),
+             size=(380, 220)),
         Node(41, "PreviewAny", "Subject descriptions", [], sockets=[("source", "*")], links={"source": (40, 1)},
-             pos=preview_pos, size=(400, 200)),
+             size=(380, 180)),
     ]
 
 
@@ -216,24 +284,26 @@ def to_ui(nodes: list[Node], name: str) -> dict[str, Any]:
         "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-phantom/{name}")), "revision": 0,
         "last_node_id": max(n.id for n in nodes), "last_link_id": len(links),
         "nodes": ui_nodes, "links": links, "groups": [], "config": {},
-        "extra": {"ds": {"scale": 0.75, "offset": [40, 40]}}, "version": 0.4,
+        "extra": {"ds": saved_view([(n.pos, n.size) for n in nodes])}, "version": 0.4,
     }
 
 
 def render_all() -> dict[str, str]:
-    """File name -> JSON text of every shipped workflow."""
+    """Path relative to example_workflows/ -> JSON text, for every shipped workflow (UI and API format)."""
     files = {}
-    for name, (num_refs, rephrase) in WORKFLOWS.items():
-        nodes = describe(num_refs, rephrase)
-        files[f"{name}.json"] = json.dumps(to_ui(nodes, name), indent=2, ensure_ascii=False) + "\n"
-        files[f"{name}_api.json"] = json.dumps(to_api(nodes), indent=2, ensure_ascii=False) + "\n"
+    for stem, spec in WORKFLOWS.items():
+        nodes = describe(spec.num_refs, spec.rephrase)
+        files[str(ui_path(stem).relative_to(TEMPLATES_DIR))] = \
+            json.dumps(to_ui(nodes, stem), indent=2, ensure_ascii=False) + "\n"
+        files[str(api_path(stem).relative_to(TEMPLATES_DIR))] = \
+            json.dumps(to_api(nodes), indent=2, ensure_ascii=False) + "\n"
     return files
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="only verify that the shipped files are up to date")
-    parser.add_argument("--out", type=Path, default=WORKFLOWS_DIR, help="output folder (default: workflows/)")
+    parser.add_argument("--out", type=Path, default=TEMPLATES_DIR, help="output folder (default: example_workflows/)")
     args = parser.parse_args(argv)
     stale = []
     for file, text in render_all().items():

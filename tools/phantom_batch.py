@@ -12,8 +12,8 @@ jobs.jsonl holds one JSON object per line (blank lines and lines starting with #
 Only `refs` (1 to 4 image paths, relative to the JSONL's folder) and `prompt` are required; the rest default to
 the workflow's values (its model files are the tiny embedded default: name real ones per job, or for every job
 with --dit / --vae / --text-encoder). A line that is not valid JSON fails as its own job. Each job's images are
-uploaded (/upload/image), the API workflow (workflows/phantom_4ref_api.json, unused reference inputs removed)
-is filled in and queued (/prompt); then every
+uploaded (/upload/image), the API workflow (example_workflows/api/phantom_4ref_api.json, unused reference
+inputs removed) is filled in and queued (/prompt); then every
 job is followed in turn (/history/{id}, /queue) until it finishes or times out, its MP4s are downloaded
 (/view) into DIR, and DIR/manifest.json records each job's status, outputs and error. A failed job (refused by
 /prompt, an execution error, a timeout) is reported and the others go on. Exit status 1 if any job failed.
@@ -36,7 +36,7 @@ from typing import Any
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_WORKFLOW = ROOT / "workflows" / "phantom_4ref_api.json"
+DEFAULT_WORKFLOW = ROOT / "example_workflows" / "api" / "phantom_4ref_api.json"
 SAMPLER_KEYS = ("width", "height", "frames", "steps", "shift", "solver", "w_img", "w_text", "seed", "preset")
 MODEL_KEYS = {"dit_name": "PhantomDiTLoader", "vae_name": "PhantomVAELoader",
               "text_encoder_name": "PhantomTextEncoderLoader"}  # job key -> the loader node whose input it sets

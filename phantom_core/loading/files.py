@@ -253,5 +253,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         return _read_safetensors(path)
     if name.endswith(TORCH_SUFFIXES):
         return read_torch_checkpoint(path)
+    if name.endswith(".gguf"):
+        raise ValueError(f"{path} is a GGUF file: only the DiT loader reads GGUF (load_dit, Phantom DiT Loader)")
     raise ValueError(f"checkpoint {path} has an unknown extension; expected .safetensors, .pth, .pt, .bin, .ckpt "
                      f"or a *{INDEX_SUFFIX} / a directory with one")

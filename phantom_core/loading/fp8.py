@@ -25,7 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from phantom_core.loading.gguf_quants import dequantize_ggml
 from phantom_core.log import logger
+
+GGUF_TYPE_ATTR, GGUF_SHAPE_ATTR = "gguf_type", "gguf_shape"  # set on a cast layer whose weight stays GGUF-packed
 
 FP8_DTYPES: tuple[torch.dtype, ...] = (torch.float8_e4m3fn, torch.float8_e5m2)
 SCALED_FP8_KEY = "scaled_fp8"  # ComfyUI's marker: an empty tensor whose dtype is the fp8 format
@@ -55,11 +58,14 @@ def default_compute_dtype(device: torch.device | str) -> torch.dtype:
 
 
 def _cast_weight(layer: nn.Module, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """``layer.weight`` as ``dtype`` on ``device``, multiplied by ``layer.scale_weight`` when there is one.
+    """``layer.weight`` as ``dtype`` on ``device``, multiplied by ``layer.scale_weight`` when there is one, or
+    dequantized when it holds GGUF blocks (``gguf.attach_packed`` marks such a layer).
 
     The scale is applied in float32 and the product rounded once to ``dtype``: ComfyUI multiplies in the compute
     dtype, which in bf16 rounds the scale itself and so shifts the gain of the whole layer (by up to 0.2 %).
     """
+    if (ggml_type := getattr(layer, GGUF_TYPE_ATTR, None)) is not None:  # GGUF: packed bytes, unpacked here
+        return dequantize_ggml(layer.weight.to(device), ggml_type, getattr(layer, GGUF_SHAPE_ATTR), dtype)
     scale = layer.scale_weight
     if scale is None:
         return layer.weight.to(device=device, dtype=dtype)

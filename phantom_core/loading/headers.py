@@ -25,6 +25,7 @@ from phantom_core.loading.files import (
     read_safetensors_header,
     read_torch_checkpoint,
 )
+from phantom_core.loading.gguf import gguf_tensor_infos
 
 
 def read_torch_shapes(path: str | os.PathLike) -> dict[str, TensorInfo]:
@@ -52,7 +53,8 @@ def _read_index(index: Path) -> tuple[dict[str, TensorInfo], dict[str, str], lis
 
 
 def read_tensor_infos(path: str | os.PathLike) -> tuple[str, dict[str, TensorInfo], dict[str, str], list[Path]]:
-    """``(format, {name: (shape, dtype)}, metadata, files)`` of any checkpoint ``read_state_dict`` accepts.
+    """``(format, {name: (shape, dtype)}, metadata, files)`` of any checkpoint ``read_state_dict`` accepts, and
+    of GGUF files (``loading.gguf``; dtype names are then ggml type names such as ``Q4_K``).
 
     Raises the same ``FileNotFoundError`` / ``ValueError`` (naming the file and the problem) as ``read_state_dict``.
     """
@@ -68,7 +70,9 @@ def read_tensor_infos(path: str | os.PathLike) -> tuple[str, dict[str, TensorInf
         return ("safetensors", *read_safetensors_header(path), [path])
     if name.endswith(TORCH_SUFFIXES):
         return "pytorch", read_torch_shapes(path), {}, [path]
-    raise ValueError(f"{path} has an unknown extension; expected .safetensors, .pth, .pt, .bin, .ckpt or a "
+    if name.endswith(".gguf"):  # dtype names are ggml's: F32, F16, BF16, Q8_0, Q4_K, ...
+        return ("gguf", *gguf_tensor_infos(path), [path])
+    raise ValueError(f"{path} has an unknown extension; expected .safetensors, .pth, .pt, .bin, .ckpt, .gguf or a "
                      f"*{INDEX_SUFFIX} / a directory with one")
 
 

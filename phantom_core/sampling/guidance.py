@@ -87,7 +87,20 @@ def _call(model: VelocityModel, x: Tensor, t: Tensor, context: Tensor, refs: tup
 def phantom_guidance(model: VelocityModel, x: Tensor, t: float, context: Tensor, context_neg: Tensor,
                      ref_latents: Tensor, *, w_img: float, w_text: float, batch_passes: bool = True,
                      model_dtype: torch.dtype | None = None, ref_clip: Tensor | None = None) -> Tensor:
-    """The guided velocity at one step: run the needed passes (batched or one by one) and combine them.
+    """The guided velocity at one step: run the needed passes (:func:`run_passes`) and combine them (Eq. 5).
+
+    Arguments as :func:`run_passes`; ``w_img``, ``w_text``: guidance weights of Eq. 5 (upstream 5.0 and 7.5).
+    Returns the guided velocity, fp32, shaped like ``x``.
+    """
+    velocities = run_passes(model, x, t, context, context_neg, ref_latents, list(guidance_weights(w_img, w_text)),
+                            batch_passes=batch_passes, model_dtype=model_dtype, ref_clip=ref_clip)
+    return combine_guidance(velocities, w_img, w_text)
+
+
+def run_passes(model: VelocityModel, x: Tensor, t: float, context: Tensor, context_neg: Tensor,
+               ref_latents: Tensor, names: list[str], *, batch_passes: bool = True,
+               model_dtype: torch.dtype | None = None, ref_clip: Tensor | None = None) -> dict[str, Tensor]:
+    """The velocities of the named guidance passes at one step, batched or one by one.
 
     Args:
         model: velocity model, see :data:`VelocityModel`.
@@ -97,16 +110,15 @@ def phantom_guidance(model: VelocityModel, x: Tensor, t: float, context: Tensor,
             zero-padded to the longer when the passes are batched (the model must be invariant to zero padding
             of the context, as the Wan DiT is: it pads to 512 tokens itself).
         ref_latents: clean reference latents ``[B, 16, N, h, w]``.
-        w_img, w_text: guidance weights of Eq. 5 (upstream defaults 5.0 and 7.5).
+        names: passes to run, from ``PASS_NAMES`` (e.g. ``list(guidance_weights(w_img, w_text))``).
         batch_passes: concatenate the passes on the batch dim into one model call (faster, P times the
             activation memory); ``False`` calls the model once per pass.
         model_dtype: dtype of the model's inputs (x, references, context); ``None`` keeps the inputs' dtypes.
         ref_clip: CLIP features of the references ``[B, N, T, C]`` for a model that reads them (passed as
             ``ref_clip=``, zeroed in ``v_neg`` with the latents), or None (the model is called without it).
     Returns:
-        Guided velocity, fp32, shaped like ``x``.
+        ``{pass name: velocity}``, fp32, each shaped like ``x``.
     """
-    names = list(guidance_weights(w_img, w_text))
     cast = (lambda a: a.to(model_dtype)) if model_dtype is not None else (lambda a: a)
     refs = (ref_latents,) if ref_clip is None else (ref_latents, ref_clip)
     inputs = [_pass_inputs(n, context, context_neg, refs) for n in names]
@@ -124,4 +136,4 @@ def phantom_guidance(model: VelocityModel, x: Tensor, t: float, context: Tensor,
         velocities = {n: _call(model, cast(x), t_in, cast(c), tuple(cast(a) for a in r))
                       for n, (c, r) in zip(names, inputs)}
     logger.debug("guidance t=%.1f passes=%s batched=%s", float(t), names, batch_passes and len(names) > 1)
-    return combine_guidance(velocities, w_img, w_text)
+    return velocities

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from phantom_core.log import logger
-from phantom_core.sampling.guidance import VelocityModel, guidance_weights, phantom_guidance
+from phantom_core.sampling.cache import StepCache
+from phantom_core.sampling.guidance import VelocityModel, combine_guidance, guidance_weights, run_passes
 from phantom_core.sampling.schedule import flow_sigmas, model_timesteps
 from phantom_core.sampling.solvers import UniPCState, euler_step, unipc_step, x0_from_velocity
 
@@ -80,6 +81,11 @@ def sample_from_seed(model: VelocityModel, seed: int, video_shape: Sequence[int]
     return sample_phantom(model, noise, ref_latents, context, context_neg, **sampling)
 
 
+def _in_window(step: int, steps: int, window: tuple[float, float]) -> bool:
+    """Whether step ``step`` of ``steps`` lies in the image-guidance window ``(start, end)`` (fractions)."""
+    return window[0] <= step / steps < window[1]
+
+
 def _check_batch(name: str, tensor: Tensor, batch: int) -> Tensor:
     """Broadcast a batch of 1 to ``batch``; reject other mismatches."""
     if tensor.shape[0] not in (1, batch):
@@ -88,7 +94,8 @@ def _check_batch(name: str, tensor: Tensor, batch: int) -> Tensor:
 
 
 def _validate(noise: Tensor, ref_latents: Tensor, context: Tensor, context_neg: Tensor, steps: int,
-              shift: float, solver: str, w_img: float, w_text: float, ref_clip: Tensor | None) -> None:
+              shift: float, solver: str, w_img: float, w_text: float,
+              image_guidance_window: tuple[float, float], ref_clip: Tensor | None) -> None:
     """Raise ``ValueError`` naming the first invalid argument of :func:`sample_phantom`."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1 (official: 50); got {steps!r}")
@@ -96,6 +103,10 @@ def _validate(noise: Tensor, ref_latents: Tensor, context: Tensor, context_neg: 
         raise ValueError(f"shift must be a finite number > 0 (official: 5.0); got {shift!r}")
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
+    start, end = image_guidance_window
+    if not 0.0 <= start < end <= 1.0:
+        raise ValueError(f"image_guidance_window is {image_guidance_window}; expected (start, end) fractions of the "
+                         "steps with 0 <= start < end <= 1 (official: (0, 1))")
     for name, w in (("w_img", w_img), ("w_text", w_text)):
         if not (isinstance(w, (int, float)) and math.isfinite(w)):
             raise ValueError(f"{name} must be a finite number; got {w!r}")
@@ -125,7 +136,8 @@ def sample_phantom(model: VelocityModel, noise: Tensor, ref_latents: Tensor, con
                    context_neg: Tensor, *, steps: int = 50, shift: float = 5.0, solver: str = "unipc",
                    w_img: float = 5.0, w_text: float = 7.5, callback: StepCallback | None = None,
                    batch_passes: bool = True, model_dtype: torch.dtype | None = None,
-                   integer_timesteps: bool = True, ref_clip: Tensor | None = None) -> Tensor:
+                   integer_timesteps: bool = True, image_guidance_window: tuple[float, float] = (0.0, 1.0),
+                   cache: StepCache | None = None, ref_clip: Tensor | None = None) -> Tensor:
     """Sample Phantom video latents from noise, guided by a prompt and reference latents.
 
     Args:
@@ -142,6 +154,11 @@ def sample_phantom(model: VelocityModel, noise: Tensor, ref_latents: Tensor, con
         model_dtype: dtype of the model's inputs; default ``getattr(model, "dtype", None)`` (None: fp32).
         integer_timesteps: feed the model upstream's truncated integer timesteps (999, 995, ...), see
             ``schedule.model_timesteps``; ``False`` feeds ``1000 * sigma``.
+        image_guidance_window: ``(start, end)`` fractions of the steps in which the ``v_neg`` pass runs (step
+            ``i`` is inside when ``start <= i / steps < end``); outside it, ``w_img = 1`` (no image guidance, one
+            pass fewer). ``(0, 1)``: every step (official).
+        cache: a fresh :class:`cache.StepCache` to reuse passes across steps (its counters tell what was saved);
+            None: every pass of every step computed (official).
         ref_clip: CLIP features of the references ``[B or 1, N, T, C]`` for a model that reads them (the
             paper's MMDiT); they travel with ``ref_latents`` through the passes (zero in ``v_neg``). None: the
             model is called without them.
@@ -152,7 +169,8 @@ def sample_phantom(model: VelocityModel, noise: Tensor, ref_latents: Tensor, con
         ValueError: an argument is out of range or shapes are inconsistent (the message names it).
     """
     # 1. validate and bring every input to the noise's batch size and device, in fp32
-    _validate(noise, ref_latents, context, context_neg, steps, shift, solver, w_img, w_text, ref_clip)
+    _validate(noise, ref_latents, context, context_neg, steps, shift, solver, w_img, w_text, image_guidance_window,
+              ref_clip)
     b, device = noise.shape[0], noise.device
     refs = _check_batch("ref_latents", ref_latents, b).to(device=device, dtype=torch.float32)  # (B,16,N,h,w)
     ctx = _check_batch("context", context, b).to(device=device, dtype=torch.float32)  # (B, L1, D)
@@ -171,9 +189,16 @@ def sample_phantom(model: VelocityModel, noise: Tensor, ref_latents: Tensor, con
     x = noise.to(torch.float32)  # (B, 16, F, h, w)
     state = UniPCState()
     for i in range(steps):
-        v = phantom_guidance(model, x, timesteps[i], ctx, ctx_neg, refs, w_img=w_img, w_text=w_text,
-                             batch_passes=batch_passes, model_dtype=model_dtype,
-                             ref_clip=ref_clip)  # (B, 16, F, h, w) fp32
+        w_img_i = w_img if _in_window(i, steps, image_guidance_window) else 1.0
+        names = list(guidance_weights(w_img_i, w_text))
+        if cache is None or cache.should_compute(i, steps, x, names):
+            velocities = run_passes(model, x, timesteps[i], ctx, ctx_neg, refs, names, batch_passes=batch_passes,
+                                    model_dtype=model_dtype, ref_clip=ref_clip)  # {pass: (B, 16, F, h, w) fp32}
+            if cache is not None:
+                cache.update(x, velocities)
+        else:
+            velocities = cache.reuse(x, names)
+        v = combine_guidance(velocities, w_img_i, w_text)  # (B, 16, F, h, w) fp32, Eq. 5
         x0_pred = x0_from_velocity(x, v, sigmas[i])
         if solver == "euler":
             x = euler_step(x, v, sigmas[i], sigmas[i + 1])

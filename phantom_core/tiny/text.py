@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from phantom_core.settings import WAN_NEGATIVE_PROMPT
+from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
 from phantom_core.wan.umt5 import EMBED_TOKENS_KEY, EOS_ID, PAD_ID, UNK_ID, UMT5EncoderSpec
 
 TINY_CORPUS: tuple[str, ...] = (  # our own sentences: people, animals, objects, scenes (+ Chinese)

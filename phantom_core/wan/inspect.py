@@ -98,6 +98,13 @@ def stored_format(path: str | os.PathLike) -> Fp8Format:
     return detect_fp8_format(strip_prefixes(stand_ins(infos)))
 
 
+def _gguf_label(dtypes: dict[str, int]) -> str:
+    """``"GGUF Q4_K (+ Q6_K, F32)"``: the most frequent block quantization first, then the others."""
+    quant = sorted((d for d in dtypes if d.startswith("Q")), key=lambda d: -dtypes[d])
+    rest = sorted(set(dtypes) - set(quant[:1]), key=lambda d: -dtypes[d])
+    return f"GGUF {quant[0] if quant else 'unquantized'}" + (f" (+ {', '.join(rest)})" if rest else "")
+
+
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Describe a checkpoint from its metadata only (nothing is loaded into memory).
 
@@ -108,7 +115,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         ``{"path", "format", "files", "file_size" (bytes, all files), "key_count", "parameter_count"
         (elements of floating-point tensors), "dtypes" ({dtype name: tensor count}), "kind", "architecture",
         "preset", "config", "problems", "metadata", "weight_format" (``"scaled fp8 (float8_e4m3fn)"``,
-        ``"fp8 (float8_e5m2)"`` or the stored dtype, e.g. ``"bfloat16"``)}``.
+        ``"fp8 (float8_e5m2)"``, ``"GGUF Q4_K (+ Q6_K, F32)"`` or the stored dtype, e.g. ``"bfloat16"``)}``.
     Raises:
         FileNotFoundError: the path does not exist.
         ValueError: naming the file when it is not a readable checkpoint (truncated, not safetensors, ...).
@@ -117,10 +124,10 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     dtypes: dict[str, int] = {}
     for _, dtype in infos.values():
         dtypes[dtype] = dtypes.get(dtype, 0) + 1
-    floating = ("float", "bfloat")
+    floating = ("float", "bfloat") if fmt != "gguf" else ("F", "BF", "Q")  # GGUF: ggml type names
     params = sum(math.prod(shape) for key, (shape, dtype) in infos.items()  # fp8 scales are not parameters
                  if dtype.startswith(floating) and not is_scale_key(key) and not key.endswith(SCALED_FP8_KEY))
-    weight_format = detect_fp8_format(strip_prefixes(stand_ins(infos))).label
+    weight_format = _gguf_label(dtypes) if fmt == "gguf" else detect_fp8_format(strip_prefixes(stand_ins(infos))).label
     return {"path": str(Path(path)), "format": fmt, "files": [str(f) for f in files],
             "file_size": sum(f.stat().st_size for f in files), "key_count": len(infos), "parameter_count": params,
             "dtypes": dict(sorted(dtypes.items(), key=lambda kv: -kv[1])), "weight_format": weight_format,

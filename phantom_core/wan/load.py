@@ -19,9 +19,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from phantom_core.loading.assign import load_network
-from phantom_core.loading.fp8 import SCALED_FP8_KEY, is_scale_key
-from phantom_core.loading.keys import keep_prefixed, key_problems, key_shape
+from phantom_core.loading.assign import build_and_assign
+from phantom_core.loading.files import read_state_dict
+from phantom_core.loading.fp8 import (
+    SCALED_FP8_KEY,
+    cast_layer_weights,
+    convert_state_dict,
+    default_compute_dtype,
+    detect_fp8_format,
+    fp8_ops,
+    is_scale_key,
+    plan_load,
+)
+from phantom_core.loading.gguf import PackedTensor, attach_packed, read_gguf, shape_stand_ins, split_packed
+from phantom_core.loading.keys import errors_name_file, keep_prefixed, key_problems, key_shape
+from phantom_core.log import logger
 from phantom_core.wan.dit import DIT_PRESETS, HEAD_DIM, PhantomWanDiT, WanDiTConfig
 
 DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -128,6 +140,21 @@ def validate_dit_state_dict(sd: dict[str, Tensor], config: WanDiTConfig) -> None
         raise ValueError(f"DiT state dict does not match {preset_name(config) or config}: " + "; ".join(problems))
 
 
+def _load_packed(config: WanDiTConfig, sd: dict[str, Tensor], packed: dict[str, PackedTensor],
+                 compute: torch.dtype, device: torch.device | str) -> PhantomWanDiT:
+    """A GGUF DiT with its block-quantized weights kept packed (dequantized per forward, ``loading.gguf``) and
+    every other tensor in ``compute``; eval mode, frozen."""
+    plan = plan_load(detect_fp8_format(sd), compute, compute, device)
+    model = PhantomWanDiT(config, ops=fp8_ops(compute), dtype=compute, device="meta")
+    convert_state_dict(sd, cast_layer_weights(model), plan, device)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    assert set(missing) == set(packed) and not unexpected, (missing, unexpected)  # validated above
+    attach_packed(model, packed, compute, device)
+    logger.info("loaded GGUF DiT %s: %d packed tensors (%s), compute %s on %s", preset_name(config) or "custom",
+                len(packed), ", ".join(sorted({p.type_name for p in packed.values()})), compute, device)
+    return model.eval().requires_grad_(False)
+
+
 def load_dit(
     path_or_state_dict: str | Path | dict[str, Tensor],
     dtype: torch.dtype | None = torch.float32,
@@ -139,9 +166,11 @@ def load_dit(
     """Load a Phantom-Wan DiT for inference (or training), tensor by tensor (never the whole checkpoint twice).
 
     Args:
-        path_or_state_dict: a checkpoint path (see ``read_state_dict``) or an in-memory state dict; fp32 / fp16 /
-            bf16, fp8 (``float8_e4m3fn`` / ``float8_e5m2``) or ComfyUI's scaled fp8 (see ``phantom_core.loading.fp8``).
-        dtype: weight dtype. None keeps the stored one (an fp8 file stays fp8). fp32 / fp16 / bf16: every tensor
+        path_or_state_dict: a checkpoint path (see ``read_state_dict``; ``.gguf`` too, see
+            ``phantom_core.loading.gguf``) or an in-memory state dict; fp32 / fp16 / bf16, fp8 (``float8_e4m3fn`` /
+            ``float8_e5m2``) or ComfyUI's scaled fp8 (see ``phantom_core.loading.fp8``).
+        dtype: weight dtype. None keeps the stored one (an fp8 file stays fp8; a GGUF file stays block-quantized,
+            each layer dequantizing its weight per forward). fp32 / fp16 / bf16: every tensor
             is cast to it (fp8 weights dequantized with their scales). An fp8 dtype: the Linear weights are
             stored in it (float weights quantized with a per-tensor scale), everything else in ``compute_dtype``.
         device: where the parameters go.
@@ -163,8 +192,18 @@ def load_dit(
             file missing a ``scale_weight``, an unusable ``dtype`` / ``compute_dtype``, or fp8 weights with
             ``trainable=True``.
     """
-    return load_network(
-        path_or_state_dict, DIT_PREFIXES, infer=infer_dit_config, validate=validate_dit_state_dict,
-        build=lambda config, layers, dt: PhantomWanDiT(config, ops=layers, dtype=dt, device="meta"),
-        describe=lambda c: f"DiT {preset_name(c) or 'custom config'} ({c.num_layers} layers, dim {c.dim})",
-        dtype=dtype, device=device, ops=ops, compute_dtype=compute_dtype, trainable=trainable)
+    owned = not isinstance(path_or_state_dict, dict)
+    gguf = owned and str(path_or_state_dict).lower().endswith(".gguf")
+    sd = (read_gguf if gguf else read_state_dict)(path_or_state_dict) if owned else path_or_state_dict
+    sd, packed = split_packed(strip_prefixes(sd))  # packed: GGUF block-quantized tensors (none elsewhere)
+    with errors_name_file(path_or_state_dict):
+        config = infer_dit_config({**sd, **shape_stand_ins(packed)})
+        validate_dit_state_dict({**sd, **shape_stand_ins(packed)}, config)
+    if packed and (dtype is not None or trainable):  # a float weight dtype asked for: unpack now, load as usual
+        sd |= {k: p.dequantize(torch.float32) for k, p in packed.items()}
+        packed = {}
+    if packed:
+        return _load_packed(config, sd, packed, compute_dtype or default_compute_dtype(device), device)
+    name = f"DiT {preset_name(config) or 'custom config'} ({config.num_layers} layers, dim {config.dim})"
+    return build_and_assign(lambda layers, dt: PhantomWanDiT(config, ops=layers, dtype=dt, device="meta"), sd, name,
+                            dtype=dtype, device=device, ops=ops, compute_dtype=compute_dtype, trainable=trainable)

@@ -13,20 +13,11 @@ from torch import Tensor, nn
 from phantom_core.loading.fp8 import CastLinear, fp8_ops, quantize_fp8, quantize_state_dict
 from phantom_core.wan.dit import PhantomWanDiT, WanDiTConfig, run_fp32
 from phantom_core.wan.load import load_dit
+from tests.support.weights import random_dit_state_dict
 from tests.support.weights import reference_linear_fp32 as linear_fp32
 
 CFG = WanDiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64)
 E4M3 = torch.float8_e4m3fn
-
-
-def random_state_dict(seed: int = 0) -> dict[str, Tensor]:
-    """Every parameter random (the zero-init head included), norm weights near one, float32."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for key, v in PhantomWanDiT(CFG, device="meta").state_dict().items():
-        r = torch.randn(v.shape, generator=g)
-        sd[key] = 1.0 + 0.2 * r if "norm" in key and key.endswith("weight") else 0.1 * r
-    return sd
 
 
 def inputs(batch: int = 1, seed: int = 1, t: float = 700.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -52,7 +43,7 @@ def max_rel_diff(a: Tensor, b: Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def sd() -> dict[str, Tensor]:
-    return random_state_dict()
+    return random_dit_state_dict(CFG)
 
 
 def loaded(sd: dict[str, Tensor], dtype: torch.dtype) -> PhantomWanDiT:

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from phantom_core.__main__ import build_parser, main
+from phantom_core.inference.sidecar import build_sidecar, write_sidecar
 from phantom_core.rephrase.cli import add_rephrase_backend_arguments
 from phantom_core.rephrase.rephraser import Rephraser
-from phantom_core.sidecar import build_sidecar, write_sidecar
 from phantom_core.video_io import read_mp4_frames
 from tests.support.chat import good_answer
 from tests.support.files import make_tiny_files, model_args
@@ -110,7 +110,7 @@ def test_generate_rephrase_sidecar_and_regeneration(files, chat_server, capsys, 
 def test_from_sidecar_rephrase_asks_again_from_the_original(files, chat_server, monkeypatch, capsys, tmp_path):
     """`--from-sidecar --rephrase` rewrites the recorded original prompt (not the rewrite); a new `--prompt`
     without `--rephrase` drops the entry. The sampling is stubbed: only prompts and sidecars matter here."""
-    import phantom_core.cli as cli
+    import phantom_core.inference.cli as cli
 
     def fake_generate_to_file(**kw):
         out = Path(kw["out_path"])

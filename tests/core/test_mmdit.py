@@ -16,7 +16,7 @@ from phantom_core.mmdit.load import infer_mmdit_config, load_mmdit, validate_mmd
 from phantom_core.mmdit.model import MMDIT_LORA_TARGETS, PhantomMMDiT
 from phantom_core.wan.dit import DIT_PRESETS, PhantomWanDiT
 from phantom_core.wan.rope import rope_table
-from tests.support.networks import random_state_dict
+from tests.support.weights import random_state_dict
 
 CFG = MMDIT_PRESETS["tiny"]
 

@@ -18,7 +18,7 @@ from phantom_core.mmdit import blocks
 from phantom_core.mmdit.config import MMDIT_PRESETS
 from phantom_core.mmdit.model import PhantomMMDiT
 from phantom_core.mmdit.windows import axis_segments, window_joint_attention, window_plan
-from tests.support.networks import random_state_dict
+from tests.support.weights import random_state_dict
 
 H, D = 2, 8  # heads, channels per head
 

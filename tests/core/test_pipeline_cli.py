@@ -15,14 +15,14 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-import phantom_core.pipeline as pipeline
-import phantom_core.sidecar as sidecar
+import phantom_core.inference.pipeline as pipeline
+import phantom_core.inference.sidecar as sidecar
 from phantom_core.__main__ import build_parser, main
-from phantom_core.cli import resolve_generate_args
+from phantom_core.inference.cli import resolve_generate_args
+from phantom_core.inference.pipeline import generate, load_models
+from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT, GenerationSettings, settings_from_preset
+from phantom_core.inference.sidecar import read_sidecar
 from phantom_core.loading.files import read_state_dict
-from phantom_core.pipeline import generate, load_models
-from phantom_core.settings import WAN_NEGATIVE_PROMPT, GenerationSettings, settings_from_preset
-from phantom_core.sidecar import read_sidecar
 from phantom_core.video_io import read_mp4_frames
 from phantom_core.wan.dit import DIT_PRESETS
 from phantom_core.wan.inspect import inspect_checkpoint

@@ -15,10 +15,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from phantom_core.__main__ import build_parser, main
-from phantom_core.cli import resolve_generate_args
+from phantom_core.inference.cli import resolve_generate_args
+from phantom_core.inference.pipeline import load_models, resolve_compute_dtype
 from phantom_core.loading.files import read_state_dict
 from phantom_core.loading.fp8 import quantize_state_dict
-from phantom_core.pipeline import load_models, resolve_compute_dtype
 from phantom_core.tiny.default import write_tiny_default
 from phantom_core.video_io import read_mp4_frames
 from phantom_core.wan.umt5 import SPIECE_KEY

@@ -11,11 +11,11 @@ import math
 import pytest
 import torch
 
+from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
 from phantom_core.sampling.guidance import combine_guidance, guidance_weights, phantom_guidance
 from phantom_core.sampling.loop import SAMPLER_PRESETS, make_noise, sample_phantom
 from phantom_core.sampling.schedule import flow_sigmas, model_timesteps, shift_sigma
 from phantom_core.sampling.solvers import UniPCState, euler_step, unipc_step, x0_from_velocity
-from phantom_core.settings import WAN_NEGATIVE_PROMPT
 
 OFFICIAL_TIMESTEPS_50 = [
     999, 995, 991, 987, 982, 978, 973, 968, 963, 957, 952, 946, 940, 934, 927, 920, 913, 906, 898, 890, 882,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from phantom_core.settings import WAN_NEGATIVE_PROMPT
+from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
 from phantom_core.tiny.text import random_text_encoder_state_dict, train_tiny_tokenizer
 from phantom_core.wan.dit import TEXT_LEN
 from phantom_core.wan.umt5 import (

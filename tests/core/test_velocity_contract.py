@@ -23,7 +23,8 @@ from phantom_core.mmdit.model import PhantomMMDiT
 from phantom_core.sampling.loop import make_noise, sample_phantom
 from phantom_core.wan.dit import DIT_PRESETS, PhantomWanDiT
 from phantom_core.wan.load import load_dit
-from tests.support.networks import random_state_dict, save_safetensors
+from tests.support.networks import save_safetensors
+from tests.support.weights import random_state_dict
 
 
 @dataclass(frozen=True)

@@ -11,18 +11,9 @@ import torch.nn.functional as F
 
 from phantom_core.wan.dit import DIT_PRESETS, PhantomWanDiT, sinusoidal_embedding
 from phantom_core.wan.rope import apply_rope, rope_axis_pairs, rope_table
+from tests.support.weights import random_dit_state_dict
 
 CFG = DIT_PRESETS["tiny"]
-
-
-def random_state_dict(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Every parameter random (the zero-initialised head and the norm weights included)."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for key, v in model.state_dict().items():
-        r = torch.randn(v.shape, generator=g)
-        sd[key] = 1.0 + 0.2 * r if "norm" in key and key.endswith("weight") else 0.1 * r
-    return sd
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +23,7 @@ def models(comfy_import):
 
     torch.manual_seed(0)
     ours = PhantomWanDiT(CFG).eval()
-    sd = random_state_dict(ours)
+    sd = random_dit_state_dict(CFG)
     ours.load_state_dict(sd, strict=True)
     theirs = wan.WanModel(
         model_type="t2v", patch_size=CFG.patch_size, text_len=CFG.text_len, in_dim=CFG.in_dim, dim=CFG.dim,

@@ -10,6 +10,7 @@ from pathlib import Path
 from phantom_core.video_io import probe_mp4
 from tools import phantom_batch
 from tools.comfy_launcher import ComfyServer
+from tools.make_workflows import api_path
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "phantom_batch.py"
@@ -21,7 +22,7 @@ def load_tool():
 
 def test_fill_workflow_keeps_only_the_used_references() -> None:
     tool = load_tool()
-    template = json.loads((ROOT / "workflows" / "phantom_4ref_api.json").read_text(encoding="utf-8"))
+    template = json.loads(api_path("phantom_4ref").read_text(encoding="utf-8"))
     job = {"id": "a", "refs": ["x", "y"], "prompt": "a cat", "negative_prompt": "blur", "frames": 9, "width": 48,
            "height": 32, "fps": 8, "seed": 7}
     prompt = tool.fill_workflow(template, job, ["phantom_batch/x.jpg", "phantom_batch/y.jpg"])

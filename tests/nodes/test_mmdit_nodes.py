@@ -20,7 +20,8 @@ from phantom_core.mmdit.clip_keys import CLIP_VISION_PRESETS
 from phantom_core.mmdit.config import MMDIT_PRESETS
 from phantom_core.mmdit.model import PhantomMMDiT
 from tests.support.comfy import history_error, refusal_message
-from tests.support.networks import random_clip_state_dict, random_state_dict, save_safetensors
+from tests.support.networks import random_clip_state_dict, save_safetensors
+from tests.support.weights import random_state_dict
 from tools.comfy_launcher import ComfyServer
 
 MMDIT_FILE, CLIP_FILE = "phantom_tiny_mmdit.safetensors", "phantom_tiny_clip_vision.safetensors"

@@ -23,6 +23,7 @@ import requests
 from phantom_core.video_io import probe_mp4
 from tests.support.comfy import history_error, refusal_message
 from tools.comfy_launcher import ComfyServer
+from tools.make_workflows import api_path
 
 ROOT = Path(__file__).resolve().parents[2]
 PHANTOM_NODES = {
@@ -33,7 +34,7 @@ SAVE_NODE, SAMPLER_NODE, ENCODE_REFS_NODE, REFS_NODE = "32", "30", "21", "20"
 
 
 def load_api(num_refs: int) -> dict:
-    return json.loads((ROOT / "workflows" / f"phantom_{num_refs}ref_api.json").read_text(encoding="utf-8"))
+    return json.loads(api_path(f"phantom_{num_refs}ref").read_text(encoding="utf-8"))
 
 
 def cases(examples_dir: Path) -> dict[int, list[Path]]:

@@ -18,6 +18,7 @@ from phantom_core.video_io import probe_mp4
 from phantom_core.wan.umt5 import SPIECE_KEY
 from tests.support.comfy import history_error
 from tools.comfy_launcher import ComfyServer
+from tools.make_workflows import api_path
 
 ROOT = Path(__file__).resolve().parents[2]
 DIT_NODE, VAE_NODE, TEXT_ENCODER_NODE = "1", "2", "3"
@@ -29,7 +30,7 @@ def tiny_prompt(server: ComfyServer, examples_dir: Path, dit_name: str, prefix: 
                 inputs: dict[str, dict] | None = None) -> dict:
     """The shipped 1-reference API workflow at 32x32, 1 frame, 2 steps, with `dit_name` as the DiT and
     `inputs` ({node id: {input: value}}) changed."""
-    prompt = json.loads((ROOT / "workflows" / "phantom_1ref_api.json").read_text(encoding="utf-8"))
+    prompt = json.loads(api_path("phantom_1ref").read_text(encoding="utf-8"))
     prompt = copy.deepcopy(prompt)
     prompt["10"]["inputs"]["image"] = server.upload_image(examples_dir / "ref1.jpg")
     prompt[DIT_NODE]["inputs"]["dit_name"] = dit_name
@@ -163,3 +164,19 @@ def test_fp16_vae_cpu_text_encoder_and_nested_tokenizer(comfy_server: ComfyServe
     videos = [v for out in entry["outputs"].values() for v in out.get("images", []) + out.get("videos", [])
               if v["filename"].endswith(".mp4")]
     assert len(videos) == 1
+
+
+def test_gguf_dit_is_listed_and_runs_packed(comfy_server: ComfyServer, examples_dir: Path, dit_folder: Path):
+    """A ComfyUI-GGUF style file (mixed K-quants) is offered by the DiT loader, stays packed with weight_dtype
+    "default", and samples."""
+    from tests.support.gguf_files import write_gguf
+
+    sd = load_file(dit_folder / "phantom_tiny_dit.safetensors")
+    big = lambda k, v: v.ndim == 2 and v.shape[-1] % 256 == 0 and v.numel() > 4096  # noqa: E731
+    write_gguf(dit_folder / "tiny-Q5_K_M.gguf", sd, lambda k, v: ("Q6_K" if "ffn.2" in k else "Q5_K")
+               if big(k, v) else "F32")
+    options = comfy_server.object_info()["PhantomDiTLoader"]["input"]["required"]["dit_name"]
+    assert "tiny-Q5_K_M.gguf" in json.dumps(options)
+    entry = comfy_server.run(tiny_prompt(comfy_server, examples_dir, "tiny-Q5_K_M.gguf", "gguf"))
+    assert entry["status"]["status_str"] == "success", history_error(entry) + comfy_server.log()
+    assert "loaded GGUF DiT tiny" in comfy_server.log(40000), "the DiT loader did not keep the GGUF blocks packed"

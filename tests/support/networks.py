@@ -1,7 +1,7 @@
-"""Random weights and files for the velocity networks' shared tests (Phantom-Wan DiT and MMDiT) and the CLIP tower.
+"""The CLIP tower's random weights and its independent oracle (transformers), and safetensors files for the
+networks' tests (random DiT / MMDiT weights: ``tests.support.weights.random_state_dict``).
 
-Every floating tensor random (norm weights near one, everything else N(0, 0.1^2) or 1/sqrt(fan_in)), so that a
-swapped or missing tensor changes the output; integer buffers (the MMDiT's ``window_size`` / ``text_len``) kept.
+Every floating tensor random, so that a swapped or missing tensor changes the output.
 """
 
 from __future__ import annotations
@@ -14,21 +14,6 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from phantom_core.mmdit.clip_keys import ClipVisionConfig
-
-
-def random_state_dict(model: nn.Module, seed: int = 0, scale: float = 0.1) -> dict[str, Tensor]:
-    """``model``'s state dict with every float tensor random (norm weights ``1 + 2 scale N(0, 1)``, others
-    ``scale * N(0, 1)``), float32; integer buffers as they are."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for key, v in model.state_dict().items():
-        if not v.is_floating_point():
-            sd[key] = v.clone()
-            continue
-        r = torch.randn(v.shape, generator=g)
-        is_norm = ("norm" in key or ".ln_" in key or "embedder.0" in key) and key.endswith("weight")
-        sd[key] = 1.0 + 2 * scale * r if is_norm else scale * r
-    return sd
 
 
 def random_clip_state_dict(config: ClipVisionConfig, seed: int = 0, quick_gelu: bool = False) -> dict[str, Tensor]:

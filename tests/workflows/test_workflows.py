@@ -1,13 +1,13 @@
 """The shipped workflows: up to date with tools/make_workflows.py, UI files that the ComfyUI frontend can open
 (every node type registered, sockets / outputs / widget values matching the server's schemas, consistent
 links, linked widgets marked as such), and API files that say exactly what the UI files say. The rephrase
-variant is queued end to end, its endpoint pointed at a recording chat-completions server on 127.0.0.1."""
+variant is queued end to end, its endpoint pointed at a recording chat-completions server on 127.0.0.1.
+Where they sit and how they look is in test_templates.py."""
 
 from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +16,8 @@ from phantom_core.video_io import probe_mp4, read_mp4_frames
 from tests.support.chat import good_answer
 from tests.support.comfy import history_error
 from tools.comfy_launcher import ComfyServer
+from tools.make_workflows import TEMPLATES_DIR, api_path, ui_path
 
-ROOT = Path(__file__).resolve().parents[2]
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_MODES = {"fixed", "increment", "decrement", "randomize"}
 NAMES = ["phantom_1ref", "phantom_4ref", "phantom_2ref_rephrase"]
@@ -25,7 +25,9 @@ SEED_NAMES = ("seed", "noise_seed")  # INT widgets the frontend gives a control 
 
 
 def load(name: str) -> dict:
-    return json.loads((ROOT / "workflows" / f"{name}.json").read_text(encoding="utf-8"))
+    """The UI workflow of stem `name`, or the API one for `<stem>_api`."""
+    path = api_path(name.removesuffix("_api")) if name.endswith("_api") else ui_path(name)
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def schema_inputs(spec: dict) -> list[tuple[str, object, dict]]:
@@ -87,9 +89,10 @@ def test_shipped_workflows_are_generated_from_the_description() -> None:
     from tools import make_workflows as tool
 
     rendered = tool.render_all()
-    assert sorted(rendered) == sorted(f"{n}{s}.json" for n in NAMES for s in ("", "_api"))
     assert sorted(tool.WORKFLOWS) == sorted(NAMES)
-    stale = [f for f, text in rendered.items() if (ROOT / "workflows" / f).read_text(encoding="utf-8") != text]
+    assert sorted(rendered) == sorted([f"{tool.WORKFLOWS[n].title}.json" for n in NAMES]
+                                      + [f"api/{n}_api.json" for n in NAMES])
+    stale = [f for f, text in rendered.items() if (TEMPLATES_DIR / f).read_text(encoding="utf-8") != text]
     assert not stale, f"out of date (run python -m tools.make_workflows): {stale}"
     assert tool.main(["--check"]) == 0
 
@@ -147,54 +150,59 @@ def test_api_workflow_says_what_the_ui_workflow_says(comfy_server: ComfyServer, 
     refs = next(v for v in api.values() if v["class_type"] == "PhantomReferences")
     assert len([k for k in refs["inputs"] if k.startswith("image_")]) == int(name.split("_")[1][0])
     negative = next(v for v in api.values() if v["_meta"]["title"] == "Negative prompt")
-    from phantom_core.settings import WAN_NEGATIVE_PROMPT
+    from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
 
     assert negative["inputs"]["text"] == WAN_NEGATIVE_PROMPT
 
 
 # ------------------------------------------------------------------------------------------ rephrase variant
 REPHRASE = "phantom_2ref_rephrase"
-DESCRIPTIONS = ["a little girl with twin pigtails, a green bow and a light green dress",
-                "a brown and white puppy with a fluffy tail"]
-REWRITTEN = ("Warm sunlight over the grass. A little girl with twin pigtails, a green bow and a light green dress "
-             "crouches beside blooming daisies next to a brown and white puppy with a fluffy tail and, smiling, "
-             "raises a toy camera.")
+DESCRIPTIONS = ["a smiling woman astronaut with short curly brown hair in an orange launch suit",
+                "a tabby cat with green eyes"]
+REWRITTEN = ("A smiling woman astronaut with short curly brown hair in an orange launch suit sits on a sofa and "
+             "gently strokes a tabby cat with green eyes on her lap. Soft window light.")
+
+
+def by_class(api: dict, class_type: str) -> list[str]:
+    return [k for k, v in api.items() if v["class_type"] == class_type]
 
 
 def test_rephrase_variant_wiring() -> None:
     ui, api = load(REPHRASE), load(f"{REPHRASE}_api")
-    by_type = {}
-    for node_id, entry in api.items():
-        by_type.setdefault(entry["class_type"], []).append(node_id)
-    (rephrase,), (refs,) = by_type["PhantomRephrase"], by_type["PhantomReferences"]
-    positive = next(k for k, v in api.items() if v["_meta"]["title"] == "Prompt")
+    (rephrase,), (refs,), (typed,) = (by_class(api, t) for t in ("PhantomRephrase", "PhantomReferences",
+                                                                   "PrimitiveStringMultiline"))
     r = api[rephrase]["inputs"]
+    # typed prompt -> rephraser -> the positive encoder; the negative one keeps Wan's negative prompt
+    assert api[typed]["_meta"]["title"] == "Prompt" and api[typed]["inputs"]["value"].strip()
+    assert r["prompt"] == [typed, 0]
     assert r["references"] == [refs, 0] and not any(k.startswith("image_") for k in r)
-    assert api[positive]["inputs"]["text"] == [rephrase, 0]  # the rewritten prompt is what gets encoded
+    (positive,) = [k for k in by_class(api, "PhantomTextEncode") if api[k]["inputs"]["text"] == [rephrase, 0]]
+    sampler = api[by_class(api, "PhantomSampler")[0]]["inputs"]
+    assert sampler["positive"] == [positive, 0]
     # both outputs are shown as text on the canvas: the rewritten prompt and the descriptions
-    assert sorted(api[p]["inputs"]["source"] for p in by_type["PreviewAny"]) == [[rephrase, 0], [rephrase, 1]]
+    assert sorted(api[p]["inputs"]["source"] for p in by_class(api, "PreviewAny")) == [[rephrase, 0], [rephrase, 1]]
     assert r["keep_loaded"] is False  # a local model gives the GPU back to the video model
     assert (r["backend"], r["endpoint_url"], r["api_key_env"]) == ("openai-compatible", "http://127.0.0.1:11434/v1", "")
-    assert r["endpoint_model"] and r["prompt"].strip() and r["strict"] is True
-    assert len(by_type["LoadImage"]) == 2
-    # UI: the text widget keeps its value and is an input carrying the link
-    node = next(n for n in ui["nodes"] if str(n["id"]) == positive)
-    (text_input,) = [i for i in node["inputs"] if i["name"] == "text"]
-    link = next(link for link in ui["links"] if link[0] == text_input["link"])
-    assert text_input["widget"] == {"name": "text"} and link[1:3] == [int(rephrase), 0]
-    assert node["widgets_values"] == [r["prompt"]]
+    assert r["endpoint_model"] and r["strict"] is True
+    assert len(by_class(api, "LoadImage")) == 2
+    # UI: each linked widget is an input carrying the link and shows no stale text
+    nodes = {str(n["id"]): n for n in ui["nodes"]}
+    for node_id, widget, source in ((positive, "text", rephrase), (rephrase, "prompt", typed)):
+        (entry,) = [i for i in nodes[node_id]["inputs"] if i["name"] == widget]
+        link = next(link for link in ui["links"] if link[0] == entry["link"])
+        assert entry["widget"] == {"name": widget} and link[1:3] == [int(source), 0]
+    assert nodes[positive]["widgets_values"] == [""] and nodes[rephrase]["widgets_values"][0] == ""
     # every node comes after the nodes it takes inputs from
     order = {n["id"]: n["order"] for n in ui["nodes"]}
     assert all(order[src] < order[dst] for _, src, _, dst, _, _ in ui["links"])
 
 
-def rephrase_prompt(server: ComfyServer, examples_dir: Path, endpoint: str, prefix: str) -> dict:
-    """The shipped API rephrase workflow with the example photos uploaded, a tiny size, and `endpoint`."""
+def rephrase_prompt(endpoint: str, prefix: str) -> dict:
+    """The shipped API rephrase workflow (its example photos are in the server's input/) at a tiny size,
+    pointed at `endpoint`."""
     prompt = copy.deepcopy(load(f"{REPHRASE}_api"))
     for node in prompt.values():
-        if node["class_type"] == "LoadImage":
-            node["inputs"]["image"] = server.upload_image(examples_dir / node["inputs"]["image"])
-        elif node["class_type"] in ("PhantomEncodeReferences", "PhantomSampler"):
+        if node["class_type"] in ("PhantomEncodeReferences", "PhantomSampler"):
             node["inputs"] |= {"width": 64, "height": 64}
         if node["class_type"] == "PhantomSampler":
             node["inputs"] |= {"frames": 5, "steps": 2, "solver": "euler"}
@@ -215,10 +223,11 @@ def saved_frames(server: ComfyServer, entry: dict) -> np.ndarray:
     return read_mp4_frames(path)
 
 
-def test_rephrase_workflow_end_to_end(comfy_server: ComfyServer, examples_dir: Path, chat_server) -> None:
+def test_rephrase_workflow_end_to_end(comfy_server: ComfyServer, chat_server) -> None:
     rec = chat_server([{"content": good_answer(DESCRIPTIONS, REWRITTEN)}])
-    prompt = rephrase_prompt(comfy_server, examples_dir, rec.url, "wf_rephrase")
-    rephrase = next(k for k, v in prompt.items() if v["class_type"] == "PhantomRephrase")
+    prompt = rephrase_prompt(rec.url, "wf_rephrase")
+    (rephrase,), (typed,) = by_class(prompt, "PhantomRephrase"), by_class(prompt, "PrimitiveStringMultiline")
+    short = prompt[typed]["inputs"]["value"]
     previews = {v["inputs"]["source"][1]: k for k, v in prompt.items() if v["class_type"] == "PreviewAny"}
     preview, prompt_preview = previews[1], previews[0]
     entry = comfy_server.run(prompt)
@@ -227,7 +236,7 @@ def test_rephrase_workflow_end_to_end(comfy_server: ComfyServer, examples_dir: P
     (request,) = rec.requests
     content = request["json"]["messages"][1]["content"]
     assert sum(part["type"] == "image_url" for part in content) == 2
-    assert prompt[rephrase]["inputs"]["prompt"] in json.dumps(request["json"], ensure_ascii=False)
+    assert short in json.dumps(request["json"], ensure_ascii=False)
     assert "Authorization" not in request["headers"]
     shown = entry["outputs"][rephrase]["text"][0]
     assert shown.split("\n\n")[0] == REWRITTEN
@@ -235,11 +244,11 @@ def test_rephrase_workflow_end_to_end(comfy_server: ComfyServer, examples_dir: P
     assert entry["outputs"][prompt_preview]["text"][0] == REWRITTEN
     # the rewritten prompt reached the text encoder: typing it in by hand gives the same video, the short
     # prompt another one
-    for text, same in ((REWRITTEN, True), (prompt[rephrase]["inputs"]["prompt"], False)):
+    for text, same in ((REWRITTEN, True), (short, False)):
         direct = copy.deepcopy(prompt)
-        for node_id in (rephrase, preview, prompt_preview):
+        (positive,) = [k for k, v in direct.items() if v["inputs"].get("text") == [rephrase, 0]]
+        for node_id in (rephrase, preview, prompt_preview, typed):
             del direct[node_id]
-        positive = next(k for k, v in direct.items() if v["_meta"]["title"] == "Prompt")
         direct[positive]["inputs"]["text"] = text
         next(v for v in direct.values() if v["class_type"] == "PhantomSaveVideo")["inputs"]["filename_prefix"] = \
             f"wf_direct_{same}"

@@ -4,6 +4,7 @@
         --prompt "..." --out video.mp4 [--preset official|paper] [--steps 50 ...]
     python -m phantom_core generate ... --rephrase --rephrase-endpoint http://127.0.0.1:11434/v1 \\
         --rephrase-model qwen2.5vl:7b [--rephrase-hint TEXT ...]
+    python -m phantom_core generate ... --lora style.safetensors:0.8 --lora lightx2v.safetensors
     python -m phantom_core generate --from-sidecar video.json --out again.mp4
     python -m phantom_core inspect FILE [FILE ...] [--json]
 
@@ -15,6 +16,10 @@ Precision and placement: ``--dtype auto`` (default) keeps each DiT / text-encode
 umT5 stays bf16, an fp8 file stays fp8) and computes in bf16 on CUDA, fp32 on the CPU (``--compute-dtype``);
 ``--text-encoder-device cpu`` keeps umT5 on the CPU while the DiT holds the GPU. The sidecar records the choices
 (and what they resolved to), so ``--from-sidecar`` decides the same way.
+
+``--lora FILE[:STRENGTH]`` (repeatable, strength 1.0 by default) applies LoRAs to the DiT after loading, in any
+layout ``phantom_core.lora.keys`` reads; the sidecar records each file (path, sha256) and strength, and
+``--from-sidecar`` applies them again (``--lora`` given on the command line replaces the recorded list).
 
 ``--rephrase`` rewrites the prompt with the rephraser (``phantom_core.rephrase.rephraser``; back-end options of
 ``cli_rephrase`` under the ``--rephrase-`` prefix) before it is encoded. The sidecar's ``settings.prompt`` is the
@@ -39,15 +44,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 import torch
 
+from phantom_core.inference.pipeline import generate_to_file
+from phantom_core.inference.settings import GenerationSettings, resolve_seed
+from phantom_core.inference.sidecar import changed_files, default_sidecar_path, dtype_name, read_sidecar, write_sidecar
 from phantom_core.loading.fp8 import COMPUTE_DTYPES, WEIGHT_DTYPES
-from phantom_core.pipeline import generate_to_file
 from phantom_core.references import MAX_REFERENCES, REFERENCE_MODES, open_reference
 from phantom_core.rephrase.cli import add_rephrase_backend_arguments, rephraser_from_args
 from phantom_core.rephrase.rephraser import Rephraser
 from phantom_core.rephrase.types import RephraseResult
 from phantom_core.sampling.loop import SAMPLER_PRESETS, SOLVERS
-from phantom_core.settings import GenerationSettings, resolve_seed
-from phantom_core.sidecar import changed_files, default_sidecar_path, dtype_name, read_sidecar, write_sidecar
 from phantom_core.wan.inspect import format_report, inspect_checkpoint
 
 # --dtype: weight dtype of the DiT and the text encoder (None: each file's stored dtype); --compute-dtype: activations
@@ -116,6 +121,9 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     files.add_argument("--tokenizer", metavar="PATH", help="umT5 spiece.model (or its folder) when the text encoder "
                                                           "file has none embedded (e.g. Wan's .pth)")
     p.add_argument("--ref", action="append", metavar="IMAGE", help=f"reference image, in order (1 to {MAX_REFERENCES})")
+    p.add_argument("--lora", action="append", type=lora_choice, metavar="FILE[:STRENGTH]",
+                   help="apply a LoRA to the DiT (repeatable; strength default 1.0, negative inverts): ComfyUI, "
+                        "kohya / musubi, diffusion-pipe, ai-toolkit or diffusers files for Wan2.1 T2V")
     p.add_argument("--out", required=True, metavar="MP4", help="output video (.mp4); written atomically")
     p.add_argument("--sidecar", metavar="JSON", help="where to write the sidecar (default: the MP4's name, .json)")
     p.add_argument("--preset", choices=list(SAMPLER_PRESETS), help="sampler preset: official (UniPC, w_img 5) or "
@@ -177,6 +185,18 @@ def dtype_choice(text: str) -> str:
     return DTYPE_ALIASES.get(text, text)
 
 
+def lora_choice(text: str) -> tuple[str, float]:
+    """A ``--lora`` value: ``FILE`` or ``FILE:STRENGTH`` -> ``(FILE, strength)`` (strength 1.0 when absent; a tail
+    after the last ``:`` that is not a number belongs to the path, e.g. ``C:\\loras\\x.safetensors``)."""
+    path, sep, tail = str(text).rpartition(":")
+    if sep and path:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return str(text), 1.0
+
+
 def _check_device(flag: str, value: str) -> str:
     try:
         torch.device(value)
@@ -211,7 +231,8 @@ def resolve_generate_args(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--{REPHRASE_PREFIX}endpoint / --{REPHRASE_PREFIX}local given without --rephrase; add "
                          "--rephrase to rewrite the prompt before encoding")
     values: dict[str, Any] = {}
-    files: dict[str, Any] = {"dit": None, "vae": None, "text_encoder": None, "tokenizer": None, "ref": None}
+    files: dict[str, Any] = {"dit": None, "vae": None, "text_encoder": None, "tokenizer": None, "ref": None,
+                             "lora": None}
     recorded, rephrased = {}, None
     if args.from_sidecar:
         record = read_sidecar(args.from_sidecar)
@@ -219,6 +240,7 @@ def resolve_generate_args(args: argparse.Namespace) -> dict[str, Any]:
         values.update(record["settings"].to_json())
         files.update({role: entry["path"] for role, entry in record["models"].items() if role in files})
         files["ref"] = [r["path"] for r in record["references"]]
+        files["lora"] = [(entry["path"], entry["strength"]) for entry in record.get("loras", [])]
         recorded = record.get("runtime") or {}
         problems = [] if args.ignore_changed_files else changed_files(record)
         if problems:
@@ -237,7 +259,7 @@ def resolve_generate_args(args: argparse.Namespace) -> dict[str, Any]:
             "ref_paths": list(files["ref"]), "settings": GenerationSettings.from_json(values),
             "out_path": args.out, **_runtime_args(args, recorded),
             "sidecar_path": args.sidecar or default_sidecar_path(args.out), "tokenizer_path": files["tokenizer"],
-            "rephrased": rephrased}
+            "loras": list(files["lora"] or []), "rephrased": rephrased}
 
 
 def rephrase_settings(args: argparse.Namespace, settings: GenerationSettings, ref_paths: Sequence[str],
@@ -307,7 +329,8 @@ def run_generate(args: argparse.Namespace, stream: TextIO | None = None) -> int:
         stream.write(f"generating {settings.frames} frames {settings.width}x{settings.height}, {settings.solver} "
                      f"{settings.steps} steps, seed {settings.seed}, on {kwargs['device']} (text encoder on "
                      f"{te_device}; weights {dtype_name(kwargs['dtype'])}, compute "
-                     f"{dtype_name(kwargs['compute_dtype'])})\n")
+                     f"{dtype_name(kwargs['compute_dtype'])})"
+                     + "".join(f"\n  LoRA {path} x {strength:g}" for path, strength in kwargs["loras"]) + "\n")
         bar = None if args.no_progress else TextProgressBar(stream)
         mp4, side = generate_to_file(**kwargs, progress=False, callback=bar)
         if rephrased is not None:

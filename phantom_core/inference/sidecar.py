@@ -7,7 +7,8 @@ Format (``"format": "phantom-generation"``, ``"format_version": 1``), UTF-8 JSON
      "seed": the seed actually used (never -1), "settings": GenerationSettings.to_json(),
      "runtime": {"dtype", "compute_dtype", "device", "text_encoder_device", "resolved": {role: precision}},
      "models": {"dit" | "vae" | "text_encoder" | "tokenizer": {"path", "files": [{"path", "bytes", "sha256"}]}},
-     "references": [{"path", "bytes", "sha256"}], "versions": {"phantom", "torch", ...},
+     "references": [{"path", "bytes", "sha256"}], "loras": [{"path", "bytes", "sha256", "strength"}],
+     "versions": {"phantom", "torch", ...},
      "generation_seconds"}
 
 A sharded checkpoint is recorded as its index followed by every shard. Paths are absolute; sha256 digests are of
@@ -30,10 +31,10 @@ from typing import Any
 
 import torch
 
+from phantom_core.inference.settings import RANDOM_SEED, GenerationSettings
 from phantom_core.loading.files import INDEX_SUFFIX, find_index, read_index
 from phantom_core.loading.fp8 import weight_bytes
 from phantom_core.log import logger
-from phantom_core.settings import RANDOM_SEED, GenerationSettings
 
 SIDECAR_FORMAT = "phantom-generation"
 SIDECAR_VERSION = 1
@@ -116,9 +117,11 @@ def build_sidecar(settings: GenerationSettings, *, dit_path: str | os.PathLike, 
                   text_encoder_path: str | os.PathLike, ref_paths: Sequence[str | os.PathLike],
                   out_path: str | os.PathLike, runtime: dict[str, Any] | None = None,
                   dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-                  seconds: float | None = None, tokenizer_path: str | os.PathLike | None = None) -> dict[str, Any]:
+                  seconds: float | None = None, tokenizer_path: str | os.PathLike | None = None,
+                  loras: Sequence[tuple[str | os.PathLike, float]] = ()) -> dict[str, Any]:
     """The sidecar record of one generation (JSON-ready). ``settings.seed`` must be resolved (not -1);
-    ``runtime``: :func:`runtime_record`; without it, one is made from ``dtype`` and ``device`` alone."""
+    ``runtime``: :func:`runtime_record`; without it, one is made from ``dtype`` and ``device`` alone; ``loras``:
+    ``[(LoRA file, strength)]`` applied to the DiT, in order."""
 
     if settings.seed == RANDOM_SEED:
         raise ValueError("sidecar: the seed is still -1; resolve it (resolve_seed) before generating")
@@ -134,6 +137,8 @@ def build_sidecar(settings: GenerationSettings, *, dit_path: str | os.PathLike, 
         "runtime": runtime if runtime is not None else runtime_record(dtype, None, device, None),
         "models": models,
         "references": describe_files(ref_paths),
+        "loras": [entry | {"strength": float(strength)}
+                  for entry, (_, strength) in zip(describe_files([p for p, _ in loras]), loras)],
         "versions": _versions(),
         "generation_seconds": None if seconds is None else round(seconds, 3),
     }
@@ -174,6 +179,7 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
 def changed_files(record: dict[str, Any]) -> list[str]:
     """Model and reference files of a sidecar whose size or sha256 now differ (or that are gone), described."""
     entries = [f for m in record["models"].values() for f in m["files"]] + list(record["references"])
+    entries += list(record.get("loras", []))  # sidecars written before LoRAs existed have none
     problems = []
     for entry in entries:
         p = Path(entry["path"])

@@ -5,7 +5,7 @@ Two entry points:
 - :func:`generate` works on loaded models and returns the decoded video tensor;
 - :func:`generate_to_file` loads every model file first (so a bad file fails before any sampling), generates,
   writes the MP4 atomically and a JSON sidecar ``<out>.json`` (every setting, the seed, file hashes) from
-  which the same video can be regenerated bit for bit on the same machine (format: ``phantom_core.sidecar``,
+  which the same video can be regenerated bit for bit on the same machine (format: ``phantom_core.inference.sidecar``,
   whose functions are re-exported here for existing callers).
 
 The steps are those of upstream ``Phantom_Wan_S2V.generate`` (svjack/Phantom ``phantom_wan/subject2video.py``):
@@ -25,20 +25,21 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from phantom_core.loading.fp8 import default_compute_dtype, is_fp8
-from phantom_core.log import logger
-from phantom_core.references import MAX_REFERENCES, encode_references, open_reference
-from phantom_core.sampling.loop import StepCallback, sample_from_seed
-from phantom_core.settings import (
+from phantom_core.inference.settings import (
     GenerationSettings,
     resolve_seed,
 )
-from phantom_core.sidecar import (
+from phantom_core.inference.sidecar import (
     build_sidecar,
     default_sidecar_path,
     runtime_record,
     write_sidecar,
 )
+from phantom_core.loading.fp8 import CastLinear, default_compute_dtype, is_fp8
+from phantom_core.log import logger
+from phantom_core.lora.apply import apply_loras
+from phantom_core.references import MAX_REFERENCES, encode_references, open_reference
+from phantom_core.sampling.loop import StepCallback, sample_from_seed
 from phantom_core.video_io import to_uint8_frames, write_mp4
 from phantom_core.wan.load import load_dit
 from phantom_core.wan.umt5 import load_text_encoder
@@ -137,11 +138,22 @@ def resolve_compute_dtype(dtype: torch.dtype | None, compute_dtype: torch.dtype 
     return default_compute_dtype(device)
 
 
+def apply_dit_loras(dit: Any, loras: Sequence[tuple[str | os.PathLike, float]]) -> Any:
+    """Apply ``loras`` (``[(file, strength)]``) to a loaded DiT: merged into float weights (no cost per step);
+    as adapters when the Linear weights are fp8, so the stored fp8 weights are not rounded a second time
+    (``phantom_core.lora.apply``). Raises ``ValueError`` naming the LoRA file."""
+    if not loras:
+        return dit
+    fp8 = any(isinstance(m, CastLinear) and is_fp8(m.weight.dtype) for m in dit.modules())
+    return apply_loras(dit, list(loras), merge=not fp8)
+
+
 def load_models(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
                 text_encoder_path: str | os.PathLike, *, tokenizer_path: str | os.PathLike | None = None,
                 dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
                 compute_dtype: torch.dtype | None = None,
-                text_encoder_device: torch.device | str | None = None) -> tuple[Any, Any, Any]:
+                text_encoder_device: torch.device | str | None = None,
+                loras: Sequence[tuple[str | os.PathLike, float]] = ()) -> tuple[Any, Any, Any]:
     """Load DiT, VAE and text encoder, each error re-raised naming the role and file; then check compatibility.
 
     Args:
@@ -156,11 +168,16 @@ def load_models(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
             (decided per model, from its own device).
         text_encoder_device: where the text encoder runs; None: ``device``. ``"cpu"`` keeps it off the GPU while
             the DiT holds it (:func:`generate` moves the context to the DiT's device).
+        loras: ``[(LoRA file, strength)]`` applied to the DiT (:func:`apply_dit_loras`).
     Raises ``ValueError`` / ``FileNotFoundError`` naming the file.
     """
     te_device = device if text_encoder_device is None else text_encoder_device
     dit = _load_one("DiT", dit_path, lambda p: load_dit(
         p, dtype=dtype, device=device, compute_dtype=resolve_compute_dtype(dtype, compute_dtype, device)))
+    for path, _ in loras:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"LoRA file {path} does not exist")
+    dit = apply_dit_loras(dit, loras)
     vae = _load_one("VAE", vae_path, lambda p: load_vae(p, dtype=torch.float32, device=device))
     if tokenizer_path is not None and not Path(tokenizer_path).exists():
         raise FileNotFoundError(f"tokenizer file {tokenizer_path} does not exist")
@@ -199,7 +216,8 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
                      text_encoder_device: torch.device | str | None = None,
                      progress: bool = True, callback: StepCallback | None = None,
                      sidecar_path: str | os.PathLike | None = None,
-                     tokenizer_path: str | os.PathLike | None = None) -> tuple[Path, Path]:
+                     tokenizer_path: str | os.PathLike | None = None,
+                     loras: Sequence[tuple[str | os.PathLike, float]] = ()) -> tuple[Path, Path]:
     """Generate a video from model files and write ``out_path`` (MP4, atomic) plus its JSON sidecar.
 
     Order: validate the output path and the references, load all three models (every bad file fails here,
@@ -215,6 +233,7 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
         dtype / device / compute_dtype / text_encoder_device: see :func:`load_models` (default: stored weight
             dtypes, compute bf16 on CUDA / fp32 on the CPU, text encoder on ``device``).
         progress: log each sampling step (INFO). callback: also called after each step.
+        loras: ``[(LoRA file, strength)]`` applied to the DiT (:func:`apply_dit_loras`), recorded in the sidecar.
     Returns:
         ``(mp4_path, sidecar_path)``.
     Raises:
@@ -228,7 +247,7 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
     runtime = {"dtype": dtype, "compute_dtype": compute_dtype, "device": device,
                "text_encoder_device": text_encoder_device}
     dit, vae, text_encoder = load_models(dit_path, vae_path, text_encoder_path, tokenizer_path=tokenizer_path,
-                                         **runtime)
+                                         loras=loras, **runtime)
 
     def on_step(step: int, total: int, x0_pred: Tensor) -> None:
         if progress:
@@ -243,6 +262,6 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
     side = Path(sidecar_path) if sidecar_path is not None else default_sidecar_path(out)
     record = build_sidecar(settings, dit_path=dit_path, vae_path=vae_path, text_encoder_path=text_encoder_path,
                            ref_paths=ref_paths, runtime=runtime_record(**runtime, models=(dit, vae, text_encoder)),
-                           out_path=out, seconds=seconds, tokenizer_path=tokenizer_path)
+                           out_path=out, seconds=seconds, tokenizer_path=tokenizer_path, loras=loras)
     write_sidecar(record, side)
     return out, side

@@ -1,0 +1,72 @@
+"""How much memory a Phantom-Wan forward needs, references included: a memory model for the host's load planning
+(ComfyUI's native Wan estimate counts only the video tokens, which is why 4 references run out of memory) and for
+checking a configuration against a memory budget without the GPU.
+
+Token count: the references are appended to the video on the time axis, so the DiT attends over
+``L = (F + N) * (h / 2) * (w / 2)`` tokens (latent frames ``F``, references ``N``, patch 1 x 2 x 2).
+Peak activations of one block (no autograd, memory-efficient attention: no ``L x L`` matrix), in values per
+token: self-attention keeps the residual stream, the modulated input, q, k and v before and after their norms and
+RoPE, the attention output and its projection alive together, ~9 x ``D``; the FFN keeps the residual, its input,
+the gated output and the hidden layer with its GELU, ~6 x ``D`` + 2 x ``ffn``. The larger of the two, times the
+batch (one row per guidance pass when the passes are batched), plus the text context (the padded umT5 features
+and ~4 copies of their ``512 x D`` embedding: text MLP, cross-attention k and v) and the RoPE tables. The
+coefficients were fitted to the live-tensor peaks of real forwards and rounded up;
+``tests/core/test_memory_model.py`` checks that the model bounds the measured peak from above, within 1.6 x.
+"""
+
+from __future__ import annotations
+
+import math
+
+from phantom_core.wan.dit import WanDiTConfig
+from phantom_core.wan.latents import latent_shape
+
+
+def dit_tokens(config: WanDiTConfig, frames: int, height: int, width: int, num_refs: int) -> int:
+    """Tokens the DiT attends over: video latent frames plus one frame per reference, each (h/pt) x (w/pw)."""
+    _, _, f, h, w = latent_shape(frames, height, width)
+    pt, ph, pw = config.patch_size
+    return math.ceil((f + num_refs) / pt) * math.ceil(h / ph) * math.ceil(w / pw)
+
+
+def activation_bytes(config: WanDiTConfig, frames: int, height: int, width: int, num_refs: int, batch: int = 3,
+                     bytes_per_value: int = 2) -> int:
+    """Peak activation bytes of one DiT forward without autograd (see the module docstring).
+
+    Args:
+        config: the DiT's architecture.
+        frames, height, width: the video (4k + 1 frames, px).
+        num_refs: references appended (0 to 4).
+        batch: rows per forward: 3 for Phantom's three guidance passes batched, 1 when run one by one.
+        bytes_per_value: 2 for bf16 / fp16 activations, 4 for fp32.
+    Returns:
+        bytes (int).
+    """
+    tokens = dit_tokens(config, frames, height, width, num_refs)
+    per_row = max(9 * config.dim, 6 * config.dim + 2 * config.ffn_dim) * tokens  # values inside one block
+    context = config.text_len * (4 * config.dim + config.text_dim)  # raw and embedded text context, k, v
+    rope = tokens * config.head_dim  # cos and sin tables, (L, 1, d/2) each, float32
+    return batch * (per_row + context) * bytes_per_value + rope * 4
+
+
+def weight_bytes_estimate(config: WanDiTConfig, bytes_per_weight: float = 2.0) -> int:
+    """Bytes of the DiT's weights at ``bytes_per_weight`` (2 bf16, 1 fp8, ~0.56 Q4_K); norms and biases too."""
+    d, f, t = config.dim, config.ffn_dim, config.text_dim
+    per_block = 4 * d * d + 4 * d * d + 2 * d * f + 6 * d  # self-attn, cross-attn, FFN, modulation
+    rest = t * d + d * d + config.freq_dim * d + d * d + 6 * d * d  # text MLP, time MLP, time projection
+    rest += d * config.in_dim * math.prod(config.patch_size) + d * config.out_dim * math.prod(config.patch_size)
+    return int((config.num_layers * per_block + rest) * bytes_per_weight)
+
+
+def peak_bytes(config: WanDiTConfig, frames: int, height: int, width: int, num_refs: int, *, batch: int = 3,
+               bytes_per_value: int = 2, bytes_per_weight: float = 2.0, blocks_on_device: int | None = None) -> int:
+    """Device bytes for sampling: the weights kept on the device plus the peak activations.
+
+    ``blocks_on_device``: with block swap, only that many blocks' weights (plus one being prefetched) live on the
+    device; None keeps every block there.
+    """
+    weights = weight_bytes_estimate(config, bytes_per_weight)
+    if blocks_on_device is not None:
+        per_block = weights / config.num_layers  # the blocks dominate; the small rest is counted within
+        weights = int(per_block * min(config.num_layers, blocks_on_device + 1))
+    return weights + activation_bytes(config, frames, height, width, num_refs, batch, bytes_per_value)

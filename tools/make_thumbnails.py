@@ -1,0 +1,112 @@
+"""Write the Templates browser's thumbnail of every shipped workflow: `example_workflows/<title>.jpg`.
+
+    python -m tools.make_thumbnails      # (make thumbnails) about a minute on 2 CPU cores
+
+Each thumbnail is the middle frame of that workflow's own output, generated through a headless ComfyUI (the
+embedded default checkpoints, the shipped photos of example_inputs/) at 320x192, 9 frames, 20 UniPC steps,
+cut to a square (the browser's cards are square), with the workflow's reference photos in a strip along its
+bottom so the templates can be told apart. The rephrase workflow runs with its typed prompt in place of the
+rewritten one (no vision-language model here). The embedded default's weights are random, so today the frame
+is coloured noise; once the trained default exists, rerunning this puts a real frame there.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from phantom_core.video_io import read_mp4_frames
+from tools.comfy_launcher import ComfyServer
+from tools.make_workflows import INPUTS_DIR, WORKFLOWS, api_path, thumbnail_path
+
+SIDE = 384  # px, square
+INSET = 88  # px, each reference photo in the strip
+BORDER = 3  # px of white around each inset
+SETTINGS = {"width": 320, "height": 192, "frames": 9, "steps": 20}
+
+log = logging.getLogger("phantom.thumbnails")
+
+
+def without_rephraser(prompt: dict) -> dict:
+    """The API workflow with PhantomRephrase and its previews removed and the typed prompt encoded directly."""
+    prompt = copy.deepcopy(prompt)
+    rephrase = [k for k, v in prompt.items() if v["class_type"] == "PhantomRephrase"]
+    if not rephrase:
+        return prompt
+    (node_id,) = rephrase
+    typed = prompt[node_id]["inputs"]["prompt"]
+    for k, v in list(prompt.items()):
+        inputs = v["inputs"]
+        if v["class_type"] == "PreviewAny" and inputs["source"][0] == node_id:
+            del prompt[k]
+        elif inputs.get("text") == [node_id, 0]:
+            inputs["text"] = typed
+    del prompt[node_id]
+    return prompt
+
+
+def tiny_run(prompt: dict, prefix: str) -> dict:
+    """`prompt` at SETTINGS' size, length and steps, saving under `prefix`."""
+    prompt = copy.deepcopy(prompt)
+    for node in prompt.values():
+        if node["class_type"] in ("PhantomEncodeReferences", "PhantomSampler"):
+            node["inputs"] |= {k: SETTINGS[k] for k in ("width", "height")}
+        if node["class_type"] == "PhantomSampler":
+            node["inputs"] |= {k: SETTINGS[k] for k in ("frames", "steps")}
+        elif node["class_type"] == "PhantomSaveVideo":
+            node["inputs"]["filename_prefix"] = prefix
+    return prompt
+
+
+def compose(frame: Image.Image, photos: list[Path]) -> Image.Image:
+    """A SIDE x SIDE thumbnail: `frame` cut to a square, the reference photos as insets along the bottom."""
+    thumb = ImageOps.fit(frame.convert("RGB"), (SIDE, SIDE), Image.Resampling.LANCZOS)
+    x = 10
+    for path in photos:
+        with Image.open(path) as photo:
+            inset = ImageOps.fit(photo.convert("RGB"), (INSET, INSET), Image.Resampling.LANCZOS)
+        framed = ImageOps.expand(inset, border=BORDER, fill="white")
+        thumb.paste(framed, (x, SIDE - framed.height - 10))
+        x += framed.width + 8
+    return thumb
+
+
+def save_jpeg(image: Image.Image, path: Path) -> None:
+    """Write `image` as a JPEG through a temporary file and a rename (never half-written; opened as any file,
+    so the umask sets its permissions)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        image.save(tmp, "JPEG", quality=85, optimize=True)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    server = ComfyServer().start()
+    try:
+        for stem in WORKFLOWS:
+            api = json.loads(api_path(stem).read_text(encoding="utf-8"))
+            entry = server.run(tiny_run(without_rephraser(api), f"thumb_{stem}"), timeout_s=900.0)
+            if entry["status"]["status_str"] != "success":
+                log.error("%s failed:\n%s", stem, server.log())
+                return 1
+            (result,) = next(out["images"] for out in entry["outputs"].values() if "images" in out)
+            frames = read_mp4_frames(server.output_dir / result["subfolder"] / result["filename"])
+            photos = [INPUTS_DIR / v["inputs"]["image"] for v in api.values() if v["class_type"] == "LoadImage"]
+            save_jpeg(compose(Image.fromarray(frames[len(frames) // 2]), photos), thumbnail_path(stem))
+            log.info("wrote %s", thumbnail_path(stem))
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
