@@ -19,6 +19,7 @@ from tests.support.comfy import history_error
 from tests.support.lora import random_lora
 from tests.support.weights import random_dit_state_dict
 from tools.comfy_launcher import ComfyServer
+from tools.make_workflows import api_path
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_DIT = "phantom_tiny_dit.safetensors"
@@ -53,7 +54,7 @@ def prompt_for(server: ComfyServer, examples_dir: Path, loras: list[tuple[str, f
                prefix: str = "lora", weight_dtype: str = "default") -> dict:
     """The shipped 1-reference API workflow, tiny and fast, LoRA nodes chained between the DiT loader and the
     sampler, the sampler's LATENT saved by ComfyUI's SaveLatent (decode and video nodes dropped)."""
-    prompt = json.loads((ROOT / "workflows" / "phantom_1ref_api.json").read_text(encoding="utf-8"))
+    prompt = json.loads(api_path("phantom_1ref").read_text(encoding="utf-8"))
     for node in [k for k, v in prompt.items() if v["class_type"] in ("PhantomDecode", "PhantomSaveVideo")]:
         del prompt[node]
     cases = json.loads((examples_dir / "cases.json").read_text(encoding="utf-8"))
