@@ -1,7 +1,7 @@
 # ComfyUI-Phantom: every set-up step lives here and in tools/bootstrap.sh.
 PY := .venv/bin/python
 
-.PHONY: env demo test test-browser lint bench bench-sampling bench-memory workflows thumbnails
+.PHONY: env demo test test-browser lint bench bench-sampling bench-memory workflows thumbnails emoji-font train-default
 env: .venv/.phantom-ready
 
 .venv/.phantom-ready: tools/bootstrap.sh requirements.txt
@@ -45,3 +45,17 @@ test-browser: env
 	  $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; fi
 	@$(PY) -c "import selenium" 2>/dev/null || $(PY) -m pip install --disable-pip-version-check -q -r requirements-browser.txt
 	$(PY) -m tools.browser_check
+
+# The miniature world's emoji subjects: Debian's fonts-noto-color-emoji (PHANTOM_EMOJI_FONT overrides the path).
+EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
+emoji-font:
+	@font="$${PHANTOM_EMOJI_FONT:-$(EMOJI_FONT)}"; \
+	if [ -f "$$font" ]; then echo "emoji font: $$font"; \
+	else echo "emoji font missing: installing fonts-noto-color-emoji with apt-get"; \
+	  $(SUDO) apt-get update && $(SUDO) apt-get install -y fonts-noto-color-emoji; fi
+
+# The trained embedded default (docs/WORLD.md). Stub: it installs what the world needs; the training itself lands
+# with the trainer (phantom_core/training/), so for now it stops with a message instead of pretending to train.
+train-default: env emoji-font
+	@echo "train-default: the world is ready (emoji font installed); training the default is not implemented yet"
+	@exit 1

@@ -6,9 +6,11 @@
     python -m phantom_core generate --from-sidecar v.json --out again.mp4   # reuses the recorded rewritten prompt
     python -m phantom_core inspect FILE [FILE ...] [--json]
     python -m phantom_core rephrase --ref a.png --prompt "..." --endpoint URL --model NAME [--json]
+    python -m phantom_core evaluate --baseline paste | --model default | --dit D --vae V --text-encoder T [--quick N]
 
 Commands are registered in `COMMANDS` (name -> function adding its sub-parser). Each sub-parser sets
-`func(args) -> int` (the exit code): `generate` and `inspect` (cli_generate.py), `rephrase` (cli_rephrase.py).
+`func(args) -> int` (the exit code): `generate` and `inspect` (cli.py), `rephrase` (rephrase/cli.py), `evaluate`
+(world/cli.py: the miniature world's metrics).
 The rephraser's back-end options are the same for `rephrase` and `generate --rephrase`, spelled without a prefix
 for `rephrase` (`--endpoint`, `--model`, `--seed`, `--timeout`, ...) and with `--rephrase-` for `generate`
 (`--rephrase-endpoint`, `--rephrase-model`, `--rephrase-seed`, ...), whose own `--seed` is the noise seed.
@@ -30,11 +32,13 @@ from phantom_core.rephrase.cli import (
     add_rephrase_parser,
 )
 from phantom_core.rephrase.types import RephraseError
+from phantom_core.world.cli import add_evaluate_parser
 
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], object]] = {
     "generate": add_generate_parser,
     "inspect": add_inspect_parser,
     "rephrase": add_rephrase_parser,
+    "evaluate": add_evaluate_parser,
 }
 
 

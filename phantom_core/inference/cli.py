@@ -87,10 +87,12 @@ class TextProgressBar:
     """``callback(step, total, x0)`` drawing ``sampling [#####-----] 3/6 1.20 s/step`` on a text stream.
 
     The rate is measured between step callbacks (model loading and encoding before the first step do not count).
+    ``label`` and ``unit`` name what is counted (``evaluate`` draws ``cases [###---] 3/300 2.10 s/case``).
     """
 
-    def __init__(self, stream: TextIO | None = None, width: int = 30) -> None:
-        self.stream, self.width = stream or sys.stderr, width
+    def __init__(self, stream: TextIO | None = None, width: int = 30, label: str = "sampling",
+                 unit: str = "step") -> None:
+        self.stream, self.width, self.label, self.unit = stream or sys.stderr, width, label, unit
         self.first: float | None = None  # time of the first callback
         self.first_done = 0
 
@@ -99,8 +101,8 @@ class TextProgressBar:
         if self.first is None:
             self.first, self.first_done = now, done
         filled = round(self.width * done / total)
-        rate = f" {(now - self.first) / (done - self.first_done):.2f} s/step" if done > self.first_done else ""
-        self.stream.write(f"\rsampling [{'#' * filled}{'-' * (self.width - filled)}] {done}/{total}{rate}"
+        rate = f" {(now - self.first) / (done - self.first_done):.2f} s/{self.unit}" if done > self.first_done else ""
+        self.stream.write(f"\r{self.label} [{'#' * filled}{'-' * (self.width - filled)}] {done}/{total}{rate}"
                           + ("\n" if done == total else ""))
         self.stream.flush()
 

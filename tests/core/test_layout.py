@@ -48,8 +48,8 @@ def test_importing_the_package_loads_nothing_heavy():
     assert heavy_after_import(["phantom_core"]) == []
 
 
-@pytest.mark.parametrize("folder", ["wan", "sampling", "loading", "mmdit"])
-def test_network_sampling_and_loading_modules_load_no_text_or_video_library(folder):
+@pytest.mark.parametrize("folder", ["wan", "sampling", "loading", "world", "mmdit"])
+def test_network_sampling_loading_and_world_modules_load_no_text_or_video_library(folder):
     assert heavy_after_import(modules(CORE / folder)) == []
 
 

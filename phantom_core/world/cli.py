@@ -1,0 +1,132 @@
+"""The ``evaluate`` subcommand: the world's metrics for a model or a baseline, on the held-out case set.
+
+    python -m phantom_core evaluate --baseline paste            # "paste the reference, static, in the centre"
+    python -m phantom_core evaluate --baseline untrained        # the embedded random-weight default
+    python -m phantom_core evaluate --model default             # the embedded default (today: random weights)
+    python -m phantom_core evaluate --dit D --vae V --text-encoder T [--steps 50 --w-img 5 --w-text 7.5 ...]
+    python -m phantom_core evaluate --baseline truth --quick 4  # sanity: the ground truth scores perfectly
+
+Prints the table, writes ``<out>/metrics.json`` and ``<out>/contact_sheet.png`` (default ``output/evaluate/<name>``).
+``--baseline truth`` and ``noise`` check the metrics themselves (perfect and bad scores). The VAE ceiling column is
+the model's VAE (or ``--vae`` with a baseline) reconstructing the ground truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from phantom_core.world.baselines import (
+    VideoProducer,
+    model_producer,
+    noise_video,
+    paste_video,
+    truth_video,
+    vae_reconstruction,
+)
+from phantom_core.world.cases import CASES_MULTI, CASES_SINGLE, EVAL_SEED, CaseSet
+from phantom_core.world.evaluate import evaluate, format_table, report_dict
+from phantom_core.world.render import VideoFormat
+from phantom_core.world.sample import WorldConfig
+from phantom_core.world.sheet import contact_sheet, save_png
+from phantom_core.world.subjects import available_sources, pool_signature, split_subjects
+
+BASELINES = ("paste", "untrained", "truth", "noise")
+SAMPLING_OPTIONS = (("steps", "--steps", int), ("shift", "--shift", float), ("solver", "--solver", str),
+                    ("w_img", "--w-img", float), ("w_text", "--w-text", float),
+                    ("negative_prompt", "--negative-prompt", str))
+
+
+def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``evaluate`` (``func=run_evaluate``) on ``subparsers``; returns the sub-parser."""
+    p = subparsers.add_parser("evaluate", help="measure a model or a baseline in the miniature world",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_argument_group("what to evaluate (one of)")
+    what.add_argument("--baseline", choices=BASELINES, help="paste | untrained | truth | noise")
+    what.add_argument("--model", choices=["default"], help="the embedded default model")
+    what.add_argument("--dit", metavar="PATH", help="Phantom-Wan DiT file (with --vae and --text-encoder)")
+    what.add_argument("--vae", metavar="PATH", help="Wan2.1 VAE file (with a baseline: only the ceiling)")
+    what.add_argument("--text-encoder", metavar="PATH", help="umT5 text encoder file")
+    what.add_argument("--tokenizer", metavar="PATH", help="spiece.model when the text encoder has none embedded")
+    cases = p.add_argument_group("cases")
+    cases.add_argument("--quick", type=int, metavar="N", help="only the first N single- and N/2 two-subject cases")
+    cases.add_argument("--cases-single", type=int, default=CASES_SINGLE, metavar="N", help="default %(default)s")
+    cases.add_argument("--cases-multi", type=int, default=CASES_MULTI, metavar="N", help="default %(default)s")
+    cases.add_argument("--case-seed", type=int, default=EVAL_SEED, metavar="SEED", help="default %(default)s")
+    cases.add_argument("--size", type=int, default=128, metavar="PX", help="frame width = height (default 128)")
+    cases.add_argument("--frames", type=int, default=17, help="frames, 4k+1 (default 17)")
+    sampling = p.add_argument_group("sampling (a model; default: the official Phantom-Wan values)")
+    for _, flag, kind in SAMPLING_OPTIONS:
+        sampling.add_argument(flag, type=kind, default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--out", metavar="DIR", help="where metrics.json and contact_sheet.png go "
+                                               "(default output/evaluate/<name>)")
+    p.add_argument("--sheet-cases", type=int, default=6, metavar="N", help="cases on the contact sheet (default 6)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=run_evaluate)
+    return p
+
+
+def _load(args: argparse.Namespace, device: str, folder: str) -> tuple[Any, Any, Any]:
+    from phantom_core.inference.pipeline import load_models
+    from phantom_core.tiny.default import write_tiny_default
+
+    if args.model == "default" or args.baseline == "untrained":
+        files = write_tiny_default(folder)
+        return load_models(files["dit"], files["vae"], files["text_encoder"], device=device)
+    return load_models(args.dit, args.vae, args.text_encoder, tokenizer_path=args.tokenizer, device=device)
+
+
+def _producer(args: argparse.Namespace, device: str, folder: str) -> tuple[str, VideoProducer, Any]:
+    """(report name, producer, VAE for the ceiling or None) for the options given."""
+    chosen = [bool(args.baseline), bool(args.model), bool(args.dit or args.text_encoder)]
+    if sum(chosen) != 1:
+        raise ValueError("evaluate: give exactly one of --baseline, --model default, or --dit/--vae/--text-encoder")
+    if args.baseline in ("paste", "truth", "noise"):
+        vae = None
+        if args.vae:
+            from phantom_core.wan.vae import load_vae
+            vae = load_vae(args.vae, dtype=torch.float32, device=device)
+        return args.baseline, {"paste": paste_video, "truth": truth_video, "noise": noise_video}[args.baseline], vae
+    if args.dit and not (args.vae and args.text_encoder):
+        raise ValueError("evaluate: --dit needs --vae and --text-encoder")
+    dit, vae, text_encoder = _load(args, device, folder)
+    settings = {key: getattr(args, key) for key, _, _ in SAMPLING_OPTIONS if getattr(args, key) is not None}
+    name = args.baseline or (args.model if args.model else Path(args.dit).stem)
+    return name, model_producer(dit, vae, text_encoder, **settings), vae
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Run the evaluation; print the table and the paths written. Returns 0."""
+    # imported here: they load the pipeline and ffmpeg, needed only when the command runs
+    from phantom_core.inference.cli import TextProgressBar
+    from phantom_core.inference.sidecar import write_sidecar
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = WorldConfig(video=VideoFormat(width=args.size, height=args.size, frames=args.frames))
+    cases = CaseSet(single=args.cases_single, multi=args.cases_multi, seed=args.case_seed, config=config)
+    cases = cases.quick(args.quick) if args.quick is not None else cases
+    held_out = split_subjects("test", config.sources)
+    with tempfile.TemporaryDirectory(prefix="phantom-evaluate-") as folder:
+        name, producer, vae = _producer(args, device, folder)
+    bar = None if args.no_progress else TextProgressBar(sys.stderr, label="cases", unit="case")
+    result = evaluate(producer, cases, name=name, ceiling=vae_reconstruction(vae) if vae is not None else None,
+                      keep=args.sheet_cases, progress=(lambda done, total: bar(done - 1, total)) if bar else None)
+    out = Path(args.out) if args.out else Path("output") / "evaluate" / name
+    options = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    info = {"options": options, "device": device,
+            "world": {"width": args.size, "height": args.size, "frames": args.frames, "fps": config.video.fps},
+            "case_set": {"single": cases.single, "multi": cases.multi, "seed": cases.seed},
+            "pool": {"sources": list(available_sources()), "held_out_subjects": len(held_out),
+                     "signature": pool_signature(held_out)},
+            "sampling": {key: getattr(args, key) for key, _, _ in SAMPLING_OPTIONS}}
+    json_path = write_sidecar(report_dict(result, info), out / "metrics.json")
+    sheet_path = save_png(contact_sheet(result.kept), out / "contact_sheet.png") if result.kept else None
+    print(format_table(result))
+    print(f"wrote {json_path}" + (f" and {sheet_path}" if sheet_path else ""))
+    return 0

@@ -1,0 +1,158 @@
+"""Run the metrics over a case set: score every case, summarise, print a table, write JSON.
+
+``evaluate(producer, cases, ceiling=None)`` calls ``producer(sample) -> uint8 [T, H, W, 3]`` for each case (a model
+through ``baselines.model_producer``, or a baseline) and scores it (``metrics.score_video``); ``ceiling`` (usually
+``baselines.vae_reconstruction(vae)``) is scored on the same cases: the same numbers for the VAE's reconstruction of
+the ground truth, the best a latent model with this VAE can reach. Summaries (``summarize``), over all cases and
+over the single- and two-subject cases apart:
+
+    psnr, ssim          mean subject fidelity over subjects (dB; SSIM in [-1, 1])
+    motion_accuracy     % of subjects whose measured motion is the prompted one
+    trajectory_error    mean trajectory error over subjects, % of the frame
+    background_accuracy % of cases whose border colour is the prompted background
+    swap_rate           % of cases of several subjects with a swap (two-subject cases)
+    copy_paste_rate     % of cases with a subject that copies its reference's context
+    static_rate         % of subjects prompted to move that stay still
+    stability           mean appearance stability over subjects (SSIM of consecutive frames)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from phantom_core.log import logger
+from phantom_core.world.baselines import VideoProducer
+from phantom_core.world.metrics import CaseScore, score_video, subject_templates
+from phantom_core.world.sample import WorldSample
+
+SUMMARY_ROWS: tuple[tuple[str, str, str], ...] = (  # key, label, format
+    ("psnr", "subject PSNR (dB)", "{:.2f}"),
+    ("ssim", "subject SSIM", "{:.3f}"),
+    ("motion_accuracy", "motion direction accuracy (%)", "{:.1f}"),
+    ("trajectory_error", "trajectory error (% of frame)", "{:.2f}"),
+    ("background_accuracy", "background accuracy (%)", "{:.1f}"),
+    ("swap_rate", "two-subject swap rate (%)", "{:.1f}"),
+    ("copy_paste_rate", "copy-paste rate (%)", "{:.1f}"),
+    ("static_rate", "static rate (%)", "{:.1f}"),
+    ("stability", "appearance stability (SSIM)", "{:.3f}"),
+)
+
+
+@dataclass
+class Evaluation:
+    """Scores of every case (and of the ceiling), the first few outputs kept for the contact sheet."""
+
+    name: str
+    scores: list[CaseScore] = field(default_factory=list)
+    ceiling: list[CaseScore] | None = None
+    kept: list[tuple[WorldSample, np.ndarray, CaseScore]] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, dict[str, float | None]]:
+        return summarize(self.scores)
+
+    def ceiling_summary(self) -> dict[str, dict[str, float | None]] | None:
+        return summarize(self.ceiling) if self.ceiling is not None else None
+
+
+def evaluate(producer: VideoProducer, cases: Iterable[WorldSample], *, name: str = "model",
+             ceiling: VideoProducer | None = None, keep: int = 6,
+             progress: Callable[[int, int], None] | None = None) -> Evaluation:
+    """Score ``producer`` on every case (module docstring); keep the first ``keep`` outputs (half of them from
+    two-subject cases when there are any). ``progress(done, total)`` after each case; ``cases`` may be a
+    ``CaseSet`` (made one at a time) or any iterable of samples."""
+    cases = cases if hasattr(cases, "__len__") else list(cases)
+    total = len(cases)  # type: ignore[arg-type]
+    result = Evaluation(name, ceiling=[] if ceiling is not None else None)
+    started = time.perf_counter()
+    kept_single = kept_multi = 0
+    for done, sample in enumerate(cases, start=1):
+        templates = subject_templates(sample)
+        output = producer(sample)
+        result.scores.append(score_video(output, sample, templates))
+        result.records.append(_case_record(sample, result.scores[-1]))
+        if ceiling is not None:
+            result.ceiling.append(score_video(ceiling(sample), sample, templates))
+        multi = len(sample.subjects) > 1
+        if (multi and kept_multi < keep // 2) or (not multi and kept_single < keep - keep // 2):
+            result.kept.append((sample, output, result.scores[-1]))
+            kept_multi, kept_single = kept_multi + multi, kept_single + (not multi)
+        if progress is not None:
+            progress(done, total)
+    result.seconds = time.perf_counter() - started
+    logger.info("evaluated %s on %d cases in %.1f s", name, total, result.seconds)
+    return result
+
+
+def _mean(values: list[float]) -> float | None:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else None
+
+
+def _percent(flags: list[bool]) -> float | None:
+    return 100.0 * float(np.mean(flags)) if flags else None
+
+
+def _group(scores: list[CaseScore]) -> dict[str, float | None]:
+    subjects = [s for c in scores for s in c.subjects]
+    moving = [s for s in subjects if s.prompted != "still"]
+    return {
+        "cases": float(len(scores)),
+        "psnr": _mean([s.psnr for s in subjects]),
+        "ssim": _mean([s.ssim for s in subjects]),
+        "motion_accuracy": _percent([s.measured == s.prompted for s in subjects]),
+        "trajectory_error": _mean([s.trajectory_error for s in subjects]),
+        "background_accuracy": _percent([c.background_correct for c in scores]),
+        "swap_rate": _percent([c.swapped for c in scores if len(c.subjects) > 1]),
+        "copy_paste_rate": _percent([c.copy_paste for c in scores]),
+        "static_rate": _percent([s.static for s in moving]),
+        "stability": _mean([s.stability for s in subjects]),
+    }
+
+
+def summarize(scores: list[CaseScore]) -> dict[str, dict[str, float | None]]:
+    """``{"all" | "single" | "multi": {metric: value or None when there is nothing to measure}}``."""
+    return {"all": _group(scores), "single": _group([c for c in scores if len(c.subjects) == 1]),
+            "multi": _group([c for c in scores if len(c.subjects) > 1])}
+
+
+def format_table(result: Evaluation) -> str:
+    """A plain-text table: one row per metric; columns all cases, single, two-subject, VAE ceiling (all cases)."""
+    summary, ceiling = result.summary(), result.ceiling_summary()
+    head = (f"{result.name}: {int(summary['all']['cases'])} cases "
+            f"({int(summary['single']['cases'])} single-subject, {int(summary['multi']['cases'])} two-subject), "
+            f"{result.seconds:.0f} s")
+    columns = ["all", "1 subject", "2 subjects", "VAE ceiling"]
+    lines = [head, f"{'metric':32s}" + "".join(f"{c:>13s}" for c in columns)]
+    for key, label, fmt in SUMMARY_ROWS:
+        values = [summary["all"][key], summary["single"][key], summary["multi"][key],
+                  ceiling["all"][key] if ceiling else None]
+        lines.append(f"{label:32s}" + "".join(f"{(fmt.format(v) if v is not None else '-'):>13s}" for v in values))
+    return "\n".join(lines)
+
+
+def _case_record(sample: WorldSample, score: CaseScore) -> dict[str, Any]:
+    return {"index": sample.index, "prompt": sample.prompt, "background": score.background,
+            "measured_background": score.measured_background, "swapped": score.swapped,
+            "copy_paste": score.copy_paste, "subjects": [
+                {"name": name, "prompted": s.prompted, "measured": s.measured, "psnr": _finite(s.psnr),
+                 "ssim": _finite(s.ssim), "trajectory_error": _finite(s.trajectory_error),
+                 "stability": _finite(s.stability), "copy_paste": s.copy_paste, "swapped": s.swapped}
+                for name, s in zip(sample.truth.names, score.subjects)]}
+
+
+def _finite(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else round(float(value), 4)
+
+
+def report_dict(result: Evaluation, info: dict[str, Any]) -> dict[str, Any]:
+    """The JSON report: ``info`` (settings, pool, command), summaries, ceiling and per-case records."""
+    return {**info, "name": result.name, "seconds": round(result.seconds, 2), "summary": result.summary(),
+            "ceiling": result.ceiling_summary(), "cases": result.records}

@@ -1,0 +1,243 @@
+"""The metrics of one video against its world sample's ground truth (``score_video``). Definitions:
+
+- **tracking**: each subject is located per frame by ``tracking.track`` (its truth and reference templates).
+- **subject fidelity** (PSNR dB, SSIM): the output around the *tracked* centre against the ground truth around the
+  true box (the box plus 3 px, the box's size), over the subject's pixels (the ground-truth mask), averaged over
+  frames. Placement is free in the world (the prompt does not say where a subject starts), so fidelity is measured
+  where the subject is, not where the ground truth put it. Identical pixels give ``PSNR_CAP`` (100 dB).
+  skimage.metrics' ``structural_similarity`` (Wang et al. 2004, 7x7 windows) gives the SSIM map.
+- **motion direction**: the displacement from the mean centre of the first ``k = max(1, T // 8)`` frames to that
+  of the last ``k``; ``still`` when it is below ``STILL_FRACTION`` (0.1) of the frame on both axes (in units of
+  width and height), else the axis with the larger relative displacement and its sign. Correct when it equals the
+  prompt's motion.
+- **trajectory error** (% of the frame): the mean distance between the tracked and the true centres after removing
+  their mean offset (start positions are free), x in units of width and y of height, times 100.
+- **background**: the per-channel median of a border band (``BORDER_FRACTION`` of the shorter side, all frames),
+  classified as the nearest background colour within ``BACKGROUND_TOLERANCE`` (RGB distance) or ``other``.
+- **swap** (scenes of several subjects): some subject k performs another subject j's prompted motion instead of
+  its own while j does not perform it (the motion went to the wrong subject; a subject that merely stays still
+  beside a still one is static, not swapped).
+- **copy-paste**: the reference template matches the output better than the truth template (mean peak NCC over
+  the frames) and at least ``COPY_MIN_NCC``: the output shows the reference's context (white surround, its scale,
+  pose or lighting) rather than the prompt's. **static**: a subject prompted to move measures ``still``.
+- **appearance stability**: SSIM between the tracked subject regions of consecutive frames (ground-truth mask of
+  frame 0), averaged; 1 = unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from phantom_core.references import WHITE, prepare_reference
+from phantom_core.world.grammar import BACKGROUND_COLOURS
+from phantom_core.world.sample import WorldSample
+from phantom_core.world.tracking import (
+    FrameSpectrum,
+    SubjectCut,
+    Template,
+    Track,
+    crop_template,
+    cut_subject,
+    ring_px,
+    track,
+    tracking_pad,
+)
+
+PSNR_CAP = 100.0
+STILL_FRACTION = 0.1
+BORDER_FRACTION = 0.08
+BACKGROUND_TOLERANCE = 60.0
+COPY_MIN_NCC = 0.6
+FIDELITY_PAD = 3
+
+
+@dataclass(frozen=True)
+class SubjectScore:
+    """One subject's measurements in one video (see the module docstring)."""
+
+    prompted: str
+    measured: str
+    psnr: float
+    ssim: float
+    trajectory_error: float
+    stability: float
+    copy_paste: bool
+    swapped: bool = False
+
+    @property
+    def static(self) -> bool:
+        return self.prompted != "still" and self.measured == "still"
+
+
+@dataclass(frozen=True)
+class CaseScore:
+    """One video's measurements: per subject, plus the background classification."""
+
+    subjects: tuple[SubjectScore, ...]
+    background: str
+    measured_background: str
+
+    @property
+    def background_correct(self) -> bool:
+        return self.background == self.measured_background
+
+    @property
+    def swapped(self) -> bool:
+        return any(s.swapped for s in self.subjects)
+
+    @property
+    def copy_paste(self) -> bool:
+        return any(s.copy_paste for s in self.subjects)
+
+
+def prepared_references(sample: WorldSample) -> list[np.ndarray]:
+    """Each reference as the pipeline sees it (letterboxed on white at the video size): uint8 ``[H, W, 3]``."""
+    fmt = sample.config.video
+    out = []
+    for image in sample.references:
+        pixels = prepare_reference(image, fmt.width, fmt.height, "letterbox")  # (3, H, W) in [-1, 1]
+        out.append(((pixels.permute(1, 2, 0).numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8))
+    return out
+
+
+def subject_templates(sample: WorldSample) -> list[tuple[SubjectCut, Template]]:
+    """Per subject: its cut from the ground truth (the truth template over any colour) and its reference template
+    (``tracking`` module docstring)."""
+    truth, out = sample.truth, []
+    references = prepared_references(sample)
+    frame = sample.video[0]
+    differs = np.any(frame != np.array(truth.background_rgb, dtype=np.uint8), axis=2)  # (H, W)
+    for k in range(len(truth.names)):
+        box = truth.boxes[k, 0]
+        keep = differs & ~np.any(np.delete(truth.masks[:, 0], k, axis=0), axis=0)  # its pixels, not another's
+        ref_box = sample.ref_boxes[k]
+        out.append((cut_subject(frame, box, ring_px(box), keep),
+                    crop_template(references[k], ref_box, ring_px(ref_box), WHITE)))
+    return out
+
+
+def classify_motion(centres: np.ndarray, width: int, height: int) -> str:
+    """``left|right|up|down|still`` from centres ``[T, 2]`` (module docstring)."""
+    k = max(1, len(centres) // 8)
+    dx, dy = (centres[-k:].mean(axis=0) - centres[:k].mean(axis=0)) / np.array([width, height])
+    if max(abs(dx), abs(dy)) < STILL_FRACTION:
+        return "still"
+    if abs(dx) >= abs(dy):
+        return "right" if dx > 0 else "left"
+    return "down" if dy > 0 else "up"
+
+
+def border_colour(video: np.ndarray) -> np.ndarray:
+    """float64 ``[3]``: the per-channel median of the border band of ``video`` (uint8 ``[T, H, W, 3]``)."""
+    band = max(2, round(BORDER_FRACTION * min(video.shape[1:3])))
+    border = np.concatenate([video[:, :band].reshape(-1, 3), video[:, -band:].reshape(-1, 3),
+                             video[:, band:-band, :band].reshape(-1, 3), video[:, band:-band, -band:].reshape(-1, 3)])
+    return np.median(border.astype(np.float64), axis=0)
+
+
+def classify_background(video: np.ndarray) -> str:
+    """The named background colour of the border band of ``video`` (uint8 ``[T, H, W, 3]``), or ``other``."""
+    return _named_background(border_colour(video))
+
+
+def _named_background(median: np.ndarray) -> str:
+    names = list(BACKGROUND_COLOURS)
+    distances = [np.linalg.norm(median - np.array(BACKGROUND_COLOURS[n], dtype=np.float64)) for n in names]
+    best = int(np.argmin(distances))
+    return names[best] if distances[best] <= BACKGROUND_TOLERANCE else "other"
+
+
+def _region(centre: np.ndarray, size: tuple[int, int], shape: tuple[int, int]) -> tuple[int, int]:
+    """Top-left (x, y) of a ``size`` (w, h) region centred at ``centre``, shifted to lie inside ``shape`` (H, W)."""
+    x = int(round(centre[0] - size[0] / 2.0))
+    y = int(round(centre[1] - size[1] / 2.0))
+    return int(np.clip(x, 0, shape[1] - size[0])), int(np.clip(y, 0, shape[0] - size[1]))
+
+
+def masked_psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """PSNR (dB, peak 255) of ``a`` vs ``b`` (``[h, w, 3]``) over ``mask`` ``[h, w]``; ``PSNR_CAP`` if identical."""
+    error = ((a.astype(np.float64) - b.astype(np.float64)) ** 2)[mask].mean()
+    return PSNR_CAP if error <= 255.0**2 * 10 ** (-PSNR_CAP / 10) else float(10 * np.log10(255.0**2 / error))
+
+
+def masked_ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """Mean of skimage's SSIM map of ``a`` vs ``b`` (``[h, w, 3]``, data range 255) over ``mask`` ``[h, w]``."""
+    from skimage.metrics import structural_similarity
+
+    side = min(a.shape[:2])
+    win = min(7, side if side % 2 else side - 1)
+    if win < 3:
+        return float("nan")
+    _, full = structural_similarity(a.astype(np.float64), b.astype(np.float64), win_size=win, channel_axis=2,
+                                    data_range=255.0, full=True)
+    return float(full.mean(axis=2)[mask].mean())
+
+
+def _fidelity(output: np.ndarray, sample: WorldSample, k: int, centres: np.ndarray) -> tuple[float, float, float]:
+    """(PSNR, SSIM, stability) of subject ``k`` at its tracked ``centres`` (module docstring)."""
+    truth, video = sample.truth, sample.video
+    shape = video.shape[1:3]
+    psnrs, ssims, crops = [], [], []
+    for t in range(len(video)):
+        x0, y0, x1, y1 = (int(v) for v in truth.boxes[k, t])
+        gx0, gy0 = max(0, x0 - FIDELITY_PAD), max(0, y0 - FIDELITY_PAD)
+        gx1, gy1 = min(shape[1], x1 + FIDELITY_PAD), min(shape[0], y1 + FIDELITY_PAD)
+        size = (gx1 - gx0, gy1 - gy0)
+        mask = truth.masks[k, t, gy0:gy1, gx0:gx1]
+        ox, oy = _region(centres[t] + np.array([(gx0 + gx1) / 2 - (x0 + x1) / 2, (gy0 + gy1) / 2 - (y0 + y1) / 2]),
+                         size, shape)
+        crop = output[t, oy:oy + size[1], ox:ox + size[0]]
+        psnrs.append(masked_psnr(crop, video[t, gy0:gy1, gx0:gx1], mask))
+        ssims.append(masked_ssim(crop, video[t, gy0:gy1, gx0:gx1], mask))
+        crops.append((crop, mask))
+    first_mask = crops[0][1]
+    stability = [masked_ssim(crops[t][0], crops[t + 1][0], first_mask) for t in range(len(crops) - 1)
+                 if crops[t][0].shape == crops[t + 1][0].shape == first_mask.shape + (3,)]
+    return float(np.mean(psnrs)), float(np.nanmean(ssims)), float(np.mean(stability)) if stability else float("nan")
+
+
+def is_swapped(prompted: tuple[str, ...] | list[str], measured: list[str], k: int) -> bool:
+    """Subject ``k`` performs the prompted motion of another subject ``j`` instead of its own, and ``j`` does not
+    perform it (the motion went from ``j`` to ``k``)."""
+    if measured[k] == prompted[k]:
+        return False
+    return any(measured[k] == prompted[j] and measured[j] != prompted[j] for j in range(len(prompted)) if j != k)
+
+
+def _copy_paste(track_: Track) -> bool:
+    reference, truth = float(track_.reference_peak.mean()), float(track_.truth_peak.mean())
+    return reference > truth and reference >= COPY_MIN_NCC
+
+
+def score_video(output: np.ndarray, sample: WorldSample,
+                templates: list[tuple[SubjectCut, Template]] | None = None) -> CaseScore:
+    """Every metric of ``output`` (uint8 ``[T, H, W, 3]``, the sample's format) against ``sample``'s ground truth.
+
+    ``templates``: ``subject_templates(sample)`` when already made (they depend on the sample only).
+
+    Raises:
+        ValueError: ``output`` does not have the sample's shape.
+    """
+    if output.shape != sample.video.shape or output.dtype != np.uint8:
+        raise ValueError(f"output video: got {output.dtype} {tuple(output.shape)}; expected uint8 "
+                         f"{tuple(sample.video.shape)} (T, H, W, 3) like the sample")
+    fmt, truth = sample.config.video, sample.truth
+    templates = subject_templates(sample) if templates is None else templates
+    surround = border_colour(output)
+    pairs = [(cut.over(surround), ref_t) for cut, ref_t in templates]
+    spectrum = FrameSpectrum(output, tracking_pad([t for pair in pairs for t in pair]), surround)
+    rows = []
+    for k, (truth_t, ref_t) in enumerate(pairs):
+        track_ = track(spectrum, truth_t, ref_t)
+        motion = classify_motion(track_.centres, fmt.width, fmt.height)
+        error = (track_.centres - truth.centres[k]) / np.array([fmt.width, fmt.height])  # (T, 2)
+        error = 100.0 * float(np.linalg.norm(error - error.mean(axis=0), axis=1).mean())
+        psnr, ssim, stability = _fidelity(output, sample, k, track_.centres)
+        rows.append((motion, psnr, ssim, error, stability, _copy_paste(track_)))
+    measured = [row[0] for row in rows]
+    subjects = [SubjectScore(truth.motions[k], motion, psnr, ssim, error, stability, copied,
+                             is_swapped(truth.motions, measured, k))
+                for k, (motion, psnr, ssim, error, stability, copied) in enumerate(rows)]
+    return CaseScore(tuple(subjects), truth.background, _named_background(surround))

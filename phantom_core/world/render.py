@@ -1,0 +1,154 @@
+"""From a scene to a video with its ground truth: subject sizes, trajectories (the world's physics) and compositing.
+
+The world's physics (what a model must learn, and what ``evaluate`` checks):
+
+- a subject's longer side is ``SIZE_FRACTIONS[size]`` of the frame's shorter side (small 0.22, normal 0.3,
+  large 0.42), its aspect kept;
+- a moving subject travels ``TRAVEL_FRACTION`` (0.3) of the frame's width (left / right) or height (up / down) at
+  constant speed from the first frame to the last; a still one stays put; where it starts is free (drawn from
+  the sample's generator) as long as it stays whole inside the frame throughout;
+- subjects never overlap (boxes at least ``GAP_PX`` apart in every frame); later subjects are drawn on top;
+- the background is one flat colour (``grammar.BACKGROUND_COLOURS``).
+
+Positions are rounded to whole pixels per frame, so the ground truth is exact: per frame and subject the box
+``(x0, y0, x1, y1)`` (x1, y1 exclusive), its centre and the mask of the subject's pixels (alpha >= 0.5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from phantom_core.world.grammar import BACKGROUND_COLOURS, Scene
+
+SIZE_FRACTIONS = {"small": 0.22, "normal": 0.3, "large": 0.42}
+TRAVEL_FRACTION = 0.3
+GAP_PX = 2
+LAYOUT_TRIES = 200
+_DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}
+
+
+@dataclass(frozen=True)
+class VideoFormat:
+    """Frame size in px (multiples of 16, at least 64), frames (4k + 1, at least 5), frames per second."""
+
+    width: int = 128
+    height: int = 128
+    frames: int = 17
+    fps: float = 16.0
+
+    def __post_init__(self) -> None:
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 64 or value % 16:
+                raise ValueError(f"{name}: got {value!r}; the world's frames are multiples of 16 px, at least 64")
+        if not isinstance(self.frames, int) or self.frames < 5 or (self.frames - 1) % 4:
+            raise ValueError(f"frames: got {self.frames!r}; the world's videos have 4k + 1 frames, at least 5")
+        if not self.fps > 0:
+            raise ValueError(f"fps: got {self.fps!r}; must be > 0")
+
+
+@dataclass(frozen=True)
+class WorldTruth:
+    """Ground truth of a rendered video (S subjects in reference order, T frames).
+
+    ``boxes``: int64 ``[S, T, 4]`` (x0, y0, x1, y1) px, exclusive ends; ``centres``: float64 ``[S, T, 2]`` (x, y)
+    px; ``masks``: bool ``[S, T, H, W]``; ``background``: colour name; ``names``/``motions``/``sizes``: per subject.
+    """
+
+    background: str
+    names: tuple[str, ...]
+    motions: tuple[str, ...]
+    sizes: tuple[str, ...]
+    boxes: np.ndarray
+    centres: np.ndarray
+    masks: np.ndarray
+
+    @property
+    def background_rgb(self) -> tuple[int, int, int]:
+        return BACKGROUND_COLOURS[self.background]
+
+
+def subject_box_size(cutout: Image.Image, size: str, fmt: VideoFormat) -> tuple[int, int]:
+    """(w, h) px of a cut-out drawn at ``size``: longer side = SIZE_FRACTIONS[size] x the frame's shorter side."""
+    side = SIZE_FRACTIONS[size] * min(fmt.width, fmt.height)
+    scale = side / max(cutout.size)
+    return max(4, round(cutout.width * scale)), max(4, round(cutout.height * scale))
+
+
+def travel_px(motion: str, fmt: VideoFormat) -> tuple[float, float]:
+    """(dx, dy) px from the first frame to the last for ``motion``."""
+    ux, uy = _DIRECTIONS[motion]
+    return ux * TRAVEL_FRACTION * fmt.width, uy * TRAVEL_FRACTION * fmt.height
+
+
+def trajectory(start: tuple[float, float], motion: str, fmt: VideoFormat) -> np.ndarray:
+    """int64 ``[T, 2]``: the box's top-left corner (x, y) in each frame, rounded to whole px."""
+    dx, dy = travel_px(motion, fmt)
+    s = np.linspace(0.0, 1.0, fmt.frames)[:, None]  # (T, 1)
+    return np.round(np.array(start) + s * np.array([dx, dy])).astype(np.int64)  # (T, 2)
+
+
+def layout(scene: Scene, cutouts: list[Image.Image], fmt: VideoFormat, rng: np.random.Generator) -> np.ndarray | None:
+    """Start corners for each subject so that all stay inside and apart: int64 ``[S, T, 4]`` boxes, or None.
+
+    Draws up to ``LAYOUT_TRIES`` uniform placements from ``rng`` and returns the first that fits.
+    """
+    sizes = [subject_box_size(c, s.size, fmt) for c, s in zip(cutouts, scene.subjects)]
+    for _ in range(LAYOUT_TRIES):
+        boxes = []
+        for (w, h), clause in zip(sizes, scene.subjects):
+            dx, dy = travel_px(clause.motion, fmt)
+            x_lo, x_hi = max(0.0, -dx), fmt.width - w - max(0.0, dx)
+            y_lo, y_hi = max(0.0, -dy), fmt.height - h - max(0.0, dy)
+            if x_hi < x_lo or y_hi < y_lo:
+                return None  # the subject cannot travel that far inside the frame at this size
+            corner = trajectory((rng.uniform(x_lo, x_hi), rng.uniform(y_lo, y_hi)), clause.motion, fmt)  # (T, 2)
+            boxes.append(np.concatenate([corner, corner + np.array([w, h])], axis=1))  # (T, 4)
+        stacked = np.stack(boxes)  # (S, T, 4)
+        if not _any_overlap(stacked):
+            return stacked
+    return None
+
+
+def _any_overlap(boxes: np.ndarray) -> bool:
+    """True when two subjects' boxes come closer than GAP_PX in any frame. boxes: ``[S, T, 4]``."""
+    for i in range(len(boxes)):
+        for j in range(i + 1, len(boxes)):
+            a, b = boxes[i], boxes[j]  # (T, 4)
+            apart = ((a[:, 2] + GAP_PX <= b[:, 0]) | (b[:, 2] + GAP_PX <= a[:, 0])
+                     | (a[:, 3] + GAP_PX <= b[:, 1]) | (b[:, 3] + GAP_PX <= a[:, 1]))
+            if not apart.all():
+                return True
+    return False
+
+
+def render_video(scene: Scene, cutouts: list[Image.Image], boxes: np.ndarray,
+                 fmt: VideoFormat) -> tuple[np.ndarray, WorldTruth]:
+    """Composite the subjects over the background -> (uint8 video ``[T, H, W, 3]``, ground truth).
+
+    Args:
+        scene: background and the subjects' clauses (reference order). cutouts: RGBA images, one per subject.
+        boxes: int64 ``[S, T, 4]`` from :func:`layout` (each box's size is the subject's drawn size).
+    """
+    t_count, h, w = fmt.frames, fmt.height, fmt.width
+    video = np.empty((t_count, h, w, 3), dtype=np.float64)
+    video[:] = np.array(BACKGROUND_COLOURS[scene.background], dtype=np.float64)
+    masks = np.zeros((len(cutouts), t_count, h, w), dtype=bool)
+    for k, cutout in enumerate(cutouts):
+        bw, bh = (int(v) for v in boxes[k, 0, 2:] - boxes[k, 0, :2])
+        rgba = np.asarray(cutout.resize((bw, bh), Image.Resampling.LANCZOS), dtype=np.float64) / 255.0  # (bh, bw, 4)
+        alpha = rgba[..., 3:]
+        for t in range(t_count):
+            x0, y0, x1, y1 = (int(v) for v in boxes[k, t])
+            region = video[t, y0:y1, x0:x1]
+            video[t, y0:y1, x0:x1] = region * (1 - alpha) + rgba[..., :3] * 255.0 * alpha
+            masks[:, t, y0:y1, x0:x1] &= ~(alpha[..., 0] >= 0.5)  # later subjects hide earlier ones
+            masks[k, t, y0:y1, x0:x1] = alpha[..., 0] >= 0.5
+    centres = (boxes[..., :2] + boxes[..., 2:]) / 2.0  # (S, T, 2)
+    truth = WorldTruth(background=scene.background, names=tuple(s.words for s in scene.subjects),
+                       motions=tuple(s.motion for s in scene.subjects), sizes=tuple(s.size for s in scene.subjects),
+                       boxes=boxes.astype(np.int64), centres=centres, masks=masks)
+    return np.round(video).clip(0, 255).astype(np.uint8), truth

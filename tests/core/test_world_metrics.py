@@ -1,0 +1,109 @@
+"""The world's metrics can fail: ground truth scores perfectly, noise and wrong answers score badly."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from phantom_core.world.baselines import noise_video, paste_video, truth_video
+from phantom_core.world.evaluate import evaluate, summarize
+from phantom_core.world.metrics import (
+    PSNR_CAP,
+    classify_background,
+    classify_motion,
+    is_swapped,
+    masked_psnr,
+    score_video,
+)
+from phantom_core.world.tracking import FrameSpectrum
+from tests.support.world import rerender, small_sample, swapped_motions
+
+CASES = [small_sample(i, count=1) for i in range(4)] + [small_sample(100 + i, count=2) for i in range(4)]
+
+
+def test_ground_truth_scores_perfectly():
+    summary = summarize([score_video(truth_video(s), s) for s in CASES])["all"]
+    assert summary["motion_accuracy"] == 100.0 and summary["background_accuracy"] == 100.0
+    assert summary["swap_rate"] == 0.0 and summary["copy_paste_rate"] == 0.0 and summary["static_rate"] == 0.0
+    assert summary["psnr"] == PSNR_CAP
+    assert summary["ssim"] == pytest.approx(1.0, abs=1e-9) and summary["stability"] == pytest.approx(1.0, abs=1e-9)
+    assert summary["trajectory_error"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_noise_scores_badly():
+    summary = summarize([score_video(noise_video(s), s) for s in CASES])["all"]
+    assert summary["background_accuracy"] == 0.0  # a noise border is no named colour
+    assert summary["psnr"] < 12.0 and summary["ssim"] < 0.2 and summary["stability"] < 0.2
+    assert summary["motion_accuracy"] < 70.0 and summary["trajectory_error"] > 10.0
+
+
+@pytest.mark.parametrize("case", [s for s in CASES if len(s.subjects) == 2], ids=lambda s: str(s.index))
+def test_swapped_motions_show_as_a_swap(case):
+    video = rerender(case, swapped_motions(case))
+    score = score_video(video, case)
+    assert score.swapped
+    assert [s.measured for s in score.subjects] == [case.truth.motions[1], case.truth.motions[0]]
+    assert score.background_correct and not score.copy_paste
+
+
+def test_wrong_background_is_measured_as_wrong():
+    case = CASES[0]
+    other = next(c for c in ("red", "blue", "black") if c != case.scene.background)
+    score = score_video(rerender(case, replace(case.scene, background=other)), case)
+    assert not score.background_correct and score.measured_background == other
+    assert score.subjects[0].measured == case.truth.motions[0]
+
+
+def test_pasted_static_reference_shows_as_copy_paste():
+    scores = [score_video(paste_video(s), s) for s in CASES]
+    assert all(c.subjects[0].copy_paste for c in scores if len(c.subjects) == 1)
+    assert all(s.measured == "still" for c in scores for s in c.subjects)
+    assert summarize(scores)["all"]["copy_paste_rate"] >= 75.0
+
+
+def test_paste_baseline_is_measured_by_evaluate():
+    result = evaluate(paste_video, CASES, name="paste", keep=2)
+    summary = result.summary()
+    assert summary["all"]["cases"] == len(CASES) and summary["multi"]["cases"] == 4
+    assert summary["all"]["static_rate"] == 100.0 and summary["all"]["psnr"] < 30.0
+    assert len(result.kept) == 2 and {len(s.subjects) for s, _, _ in result.kept} == {1, 2}
+    assert len(result.records) == len(CASES) and result.records[0]["prompt"] == CASES[0].prompt
+
+
+def test_motion_classification():
+    t = np.linspace(0, 1, 9)[:, None]
+    start = np.array([[32.0, 32.0]])
+    assert classify_motion(start + t * [[-20, 0]], 64, 64) == "left"
+    assert classify_motion(start + t * [[0, 20]], 64, 64) == "down"
+    assert classify_motion(start + t * [[3, -2]], 64, 64) == "still"  # under 10% of the frame
+
+
+def test_swap_rule():
+    assert is_swapped(("left", "up"), ["up", "left"], 0)
+    assert is_swapped(("left", "up"), ["up", "right"], 0)  # took the other's motion; the other lost it
+    assert not is_swapped(("left", "still"), ["still", "still"], 0)  # static, not swapped
+    assert not is_swapped(("left", "up"), ["left", "left"], 1)  # 1 copies 0's motion, but 0 keeps it
+
+
+def test_masked_psnr_and_background_classes():
+    a = np.zeros((8, 8, 3), dtype=np.uint8)
+    mask = np.ones((8, 8), dtype=bool)
+    assert masked_psnr(a, a, mask) == PSNR_CAP
+    assert masked_psnr(a, a + 51, mask) == pytest.approx(20 * np.log10(255 / 51), abs=1e-9)
+    video = np.zeros((3, 32, 32, 3), dtype=np.uint8) + np.array([40, 80, 200], dtype=np.uint8)
+    assert classify_background(video) == "blue"
+    assert classify_background(np.full((3, 32, 32, 3), 128, dtype=np.uint8)) == "other"
+
+
+def test_ncc_agrees_with_skimage():
+    from skimage.feature import match_template
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (1, 40, 36, 3)).astype(np.float64)
+    template = image[0, 10:22, 5:19] + rng.normal(0, 20, (12, 14, 3))
+    ours = FrameSpectrum(image, 0, (0, 0, 0)).ncc(template)[0]  # (29, 23)
+    theirs = match_template(image[0], template)[..., 0]
+    np.testing.assert_allclose(ours, theirs, atol=1e-6)
+    assert np.unravel_index(ours.argmax(), ours.shape) == (10, 5)
