@@ -10,16 +10,12 @@ run with weights streamed from the offload device), so a model larger than free 
 
 from __future__ import annotations
 
-import os
-import re
-
 import comfy.model_management as mm
 import comfy.ops
 import folder_paths
 import torch
 from comfy_api.latest import io
 
-from phantom_core.loading.files import INDEX_SUFFIX
 from phantom_core.loading.fp8 import WEIGHT_DTYPES, is_fp8
 from phantom_core.mmdit.clip import load_clip_vision
 from phantom_core.mmdit.load import load_any_dit
@@ -27,46 +23,16 @@ from phantom_core.wan.inspect import stored_format
 from phantom_core.wan.umt5 import load_text_encoder
 from phantom_core.wan.vae import load_vae
 
+from .files import dit_files, model_error, model_path, tokenizer_files
 from .types import CATEGORY, PhantomClipVision, PhantomDiT, PhantomTextEncoder, PhantomVAE, manage
 
 EMBEDDED = "embedded"
 TEXT_ENCODER_DEVICES = ["default", "cpu"]
 
 
-def files_under(folder: str, suffix: str) -> list[str]:
-    """Files ending in `suffix` at any depth of ComfyUI's `models/<folder>` folders, relative to their folder."""
-    found = set()
-    for base in folder_paths.get_folder_paths(folder):
-        for root, _, files in os.walk(base, followlinks=True):
-            found |= {os.path.relpath(os.path.join(root, f), base) for f in files if f.endswith(suffix)}
-    return sorted(found)
-
-
-def dit_files() -> list[str]:
-    """ComfyUI's `models/diffusion_models` listing plus sharded checkpoints' `*.safetensors.index.json` files
-    (ComfyUI lists no .json; the official 14B release is an index and 6 shards)."""
-    listed = set(folder_paths.get_filename_list("diffusion_models"))  # ComfyUI lists neither .json nor .gguf
-    return sorted(listed | set(files_under("diffusion_models", INDEX_SUFFIX)) | set(files_under("diffusion_models",
-                                                                                                ".gguf")))
-
-
-def tokenizer_files() -> list[str]:
-    """Sentencepiece models (`*.model`) at any depth of ComfyUI's `models/text_encoders` folders, e.g. a
-    downloaded `google/umt5-xxl/spiece.model`."""
-    return files_under("text_encoders", ".model")
-
-
 def tokenizer_path(name: str) -> str | None:
     """None for the checkpoint's embedded tokenizer, else the full path. ValueError naming `tokenizer`."""
-    if name == EMBEDDED:
-        return None
-    available = tokenizer_files()
-    if name in available:
-        for base in folder_paths.get_folder_paths("text_encoders"):
-            if os.path.isfile(path := os.path.join(base, name)):
-                return path
-    raise ValueError(f"tokenizer is {name!r}; valid: {EMBEDDED!r} or a .model file in models/text_encoders "
-                     f"(found: {available or 'none'})")
+    return None if name == EMBEDDED else model_path("tokenizers", "tokenizer", name)
 
 
 def pick_dtype(choice: str, load_device: torch.device) -> torch.dtype:
@@ -97,43 +63,6 @@ def pick_dtypes(choice: str, path: str, load_device: torch.device) -> tuple[torc
     return dtype, (compute if is_fp8(dtype) else dtype)
 
 
-def listing(folder: str) -> list[str]:
-    """The files a loader offers from ComfyUI's `models/<folder>`."""
-    return dit_files() if folder == "diffusion_models" else folder_paths.get_filename_list(folder)
-
-
-def missing_file_error(folder: str, input_name: str, name: str | None) -> str | None:
-    """The message for a file name not present in ComfyUI's `models/<folder>`, else None."""
-    if name is None or name in listing(folder):
-        return None
-    available = ", ".join(listing(folder)[:10]) or "none"
-    return f"{input_name} is {name!r}, which is not in models/{folder} (available: {available})"
-
-
-def checkpoint_path(folder: str, input_name: str, name: str) -> str:
-    """Full path of `name` in ComfyUI's `models/<folder>`; ValueError naming `input_name` when it is missing."""
-    if (message := missing_file_error(folder, input_name, name)) is not None:
-        raise ValueError(message)
-    return folder_paths.get_full_path_or_raise(folder, name)
-
-
-def contained_path(folder: str, input_name: str, name: str) -> str:
-    """Full path of file `name` strictly inside one of ComfyUI's `models/<folder>` folders.
-
-    A minimal containment check (the shared helper of branch `polish` is to replace it): an absolute name, a `..`
-    component, or a name that normalises to a path outside the folder is refused before any file is opened.
-    Raises ValueError naming `input_name`.
-    """
-    if not name or os.path.isabs(name) or ".." in re.split(r"[\\/]", name):
-        raise ValueError(f"{input_name} is {name!r}; give a file name inside models/{folder} (no absolute path, "
-                         "no '..')")
-    for base in map(os.path.abspath, folder_paths.get_folder_paths(folder)):
-        path = os.path.normpath(os.path.join(base, name))
-        if os.path.commonpath([base, path]) == base and os.path.isfile(path):
-            return path
-    raise ValueError(missing_file_error(folder, input_name, name) or f"{input_name} {name!r} is not a file")
-
-
 class PhantomDiTLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -158,11 +87,11 @@ class PhantomDiTLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, dit_name: str | None = None) -> bool | str:
-        return missing_file_error("diffusion_models", "dit_name", dit_name) or True
+        return model_error("diffusion_models", "dit_name", dit_name) or True
 
     @classmethod
     def execute(cls, dit_name: str, weight_dtype: str) -> io.NodeOutput:
-        path = checkpoint_path("diffusion_models", "dit_name", dit_name)
+        path = model_path("diffusion_models", "dit_name", dit_name)
         load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
         dtype, compute_dtype = pick_dtypes(weight_dtype, path, load_device)
         model = load_any_dit(path, dtype=dtype, device=offload_device, ops=comfy.ops.disable_weight_init,
@@ -187,11 +116,11 @@ class PhantomVAELoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, vae_name: str | None = None) -> bool | str:
-        return missing_file_error("vae", "vae_name", vae_name) or True
+        return model_error("vae", "vae_name", vae_name) or True
 
     @classmethod
     def execute(cls, vae_name: str) -> io.NodeOutput:
-        path = checkpoint_path("vae", "vae_name", vae_name)
+        path = model_path("vae", "vae_name", vae_name)
         load_device, offload_device = mm.vae_device(), mm.vae_offload_device()
         vae = load_vae(path, dtype=pick_dtype("default", load_device), device=offload_device)
         return io.NodeOutput(manage(vae, load_device, offload_device))
@@ -221,12 +150,14 @@ class PhantomTextEncoderLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, text_encoder_name: str | None = None) -> bool | str:
-        return missing_file_error("text_encoders", "text_encoder_name", text_encoder_name) or True
+    def validate_inputs(cls, text_encoder_name: str | None = None, tokenizer: str | None = None) -> bool | str:
+        return (model_error("text_encoders", "text_encoder_name", text_encoder_name)
+                or (None if tokenizer in (None, EMBEDDED) else model_error("tokenizers", "tokenizer", tokenizer))
+                or True)
 
     @classmethod
     def execute(cls, text_encoder_name: str, tokenizer: str = EMBEDDED, device: str = "default") -> io.NodeOutput:
-        path = checkpoint_path("text_encoders", "text_encoder_name", text_encoder_name)
+        path = model_path("text_encoders", "text_encoder_name", text_encoder_name)
         if device not in TEXT_ENCODER_DEVICES:
             raise ValueError(f"device is {device!r}; valid: {', '.join(TEXT_ENCODER_DEVICES)}")
         on_cpu = device == "cpu"
@@ -257,11 +188,11 @@ class PhantomCLIPVisionLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, clip_vision_name: str | None = None) -> bool | str:
-        return missing_file_error("clip_vision", "clip_vision_name", clip_vision_name) or True
+        return model_error("clip_vision", "clip_vision_name", clip_vision_name) or True
 
     @classmethod
     def execute(cls, clip_vision_name: str) -> io.NodeOutput:
-        path = contained_path("clip_vision", "clip_vision_name", clip_vision_name)
+        path = model_path("clip_vision", "clip_vision_name", clip_vision_name)
         load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
         tower = load_clip_vision(path, dtype=pick_dtype("default", load_device), device=offload_device)
         return io.NodeOutput(manage(tower, load_device, offload_device))

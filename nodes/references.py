@@ -13,21 +13,24 @@ from __future__ import annotations
 
 import comfy.model_management as mm
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
-import nodes
+from phantom_core.inference.settings import SETTING_RANGES
+from phantom_core.log import logger
 from phantom_core.mmdit.clip import CLIP_OUTPUTS, encode_clip_references
 from phantom_core.references import (
     MAX_REFERENCES,
     REFERENCE_MODES,
     encode_references,
     tensor_to_pil,
+    uniform_reference_warning,
     validate_references,
 )
 from phantom_core.wan.latents import denormalize_latents
 
 from .types import CATEGORY, PhantomClipVision, PhantomRefLatents, PhantomVAE, core
 from .types import PhantomReferences as PhantomReferencesType
+from .widgets import int_input, show_on_node
 
 
 def with_alpha(batch: torch.Tensor, mask: torch.Tensor | None, name: str) -> torch.Tensor:
@@ -50,11 +53,23 @@ def with_alpha(batch: torch.Tensor, mask: torch.Tensor | None, name: str) -> tor
     return torch.cat([rgb, (1.0 - mask).unsqueeze(-1)], dim=-1)  # (B, H, W, 4)
 
 
-def split_references(batches: list[torch.Tensor | None], masks: list[torch.Tensor | None]) -> list[torch.Tensor]:
-    """IMAGE batches `[B, H, W, C]` (None = unconnected) and their optional MASKs -> one `[H, W, 3 or 4]` tensor
-    per image, in input order (4 channels: alpha from the mask, composited over white downstream)."""
-    return [img for k, (batch, mask) in enumerate(zip(batches, masks), start=1) if batch is not None
-            for img in with_alpha(batch, mask, f"mask_{k}")]
+def split_references(batches: list[torch.Tensor | None],
+                     masks: list[torch.Tensor | None]) -> list[tuple[str, torch.Tensor]]:
+    """IMAGE batches `[B, H, W, C]` (None = unconnected) and their optional MASKs -> `(label, [H, W, 3 or 4])` per
+    image, in input order (4 channels: alpha from the mask, composited over white downstream). The label names
+    the input: "image_2", or "image_1 frame 3" for an image of a batch."""
+    return [(f"image_{k}" if len(batch) == 1 else f"image_{k} frame {i}", img)
+            for k, (batch, mask) in enumerate(zip(batches, masks), start=1) if batch is not None
+            for i, img in enumerate(with_alpha(batch, mask, f"mask_{k}"), start=1)]
+
+
+def reference_notes(batches: list[torch.Tensor | None], labelled: list[tuple[str, torch.Tensor]]) -> list[str]:
+    """What the user should know about the references: an input holding several frames (an animated GIF through
+    Load Image, or a batch), and each blank or nearly uniform image (`uniform_reference_warning`)."""
+    notes = [f"image_{k} holds {len(batch)} frames: each becomes a reference"
+             for k, batch in enumerate(batches, start=1) if batch is not None and len(batch) > 1]
+    warnings = (uniform_reference_warning(tensor_to_pil(img), label) for label, img in labelled)
+    return notes + [w for w in warnings if w is not None]
 
 
 class PhantomReferences(io.ComfyNode):
@@ -67,7 +82,8 @@ class PhantomReferences(io.ComfyNode):
             node_id="PhantomReferences",
             display_name="Phantom References",
             category=CATEGORY,
-            description="Collects 1 to 4 subject reference images, in order, for Phantom subject-to-video.",
+            description="Collects 1 to 4 subject reference images, in order, for Phantom subject-to-video. Says "
+                        "on the node when an input holds several frames or an image is blank or nearly uniform.",
             inputs=[
                 io.Image.Input("image_1", tooltip=tip),
                 *[io.Image.Input(f"image_{k}", optional=True, tooltip=tip) for k in range(2, MAX_REFERENCES + 1)],
@@ -76,18 +92,28 @@ class PhantomReferences(io.ComfyNode):
                                        "crop: scale to cover the frame and centre-crop."),
                 *[io.Mask.Input(f"mask_{k}", optional=True, tooltip=mask_tip) for k in range(1, MAX_REFERENCES + 1)],
             ],
+            hidden=[io.Hidden.unique_id],
             outputs=[PhantomReferencesType.Output(display_name="references")],
         )
 
     @classmethod
     def execute(cls, image_1, mode: str, image_2=None, image_3=None, image_4=None, mask_1=None, mask_2=None,
                 mask_3=None, mask_4=None) -> io.NodeOutput:
-        images = split_references([image_1, image_2, image_3, image_4], [mask_1, mask_2, mask_3, mask_4])
-        if not 1 <= len(images) <= MAX_REFERENCES:
-            raise ValueError(f"references: got {len(images)} images in total over image_1..image_4; "
+        if mode not in REFERENCE_MODES:  # ComfyUI checks no V3 combo
+            raise ValueError(f"mode is {mode!r}; valid: {', '.join(REFERENCE_MODES)}")
+        batches = [image_1, image_2, image_3, image_4]
+        labelled = split_references(batches, [mask_1, mask_2, mask_3, mask_4])
+        if not 1 <= len(labelled) <= MAX_REFERENCES:
+            raise ValueError(f"references: got {len(labelled)} images in total over image_1..image_4; "
                              f"Phantom takes 1 to {MAX_REFERENCES} reference images")
+        images = [img for _, img in labelled]
         validate_references([tensor_to_pil(img) for img in images])
-        return io.NodeOutput({"images": images, "mode": mode})
+        notes = reference_notes(batches, labelled)
+        for note in notes:
+            logger.warning("PhantomReferences: %s", note)
+        if notes:
+            show_on_node("\n".join(notes), cls.hidden.unique_id)
+        return io.NodeOutput({"images": images, "mode": mode}, ui=ui.PreviewText("\n".join(notes)) if notes else None)
 
 
 class PhantomEncodeReferences(io.ComfyNode):
@@ -101,10 +127,10 @@ class PhantomEncodeReferences(io.ComfyNode):
             inputs=[
                 PhantomVAE.Input("vae", tooltip="From Phantom VAE Loader."),
                 PhantomReferencesType.Input("references", tooltip="From Phantom References."),
-                io.Int.Input("width", default=832, min=16, max=nodes.MAX_RESOLUTION, step=16,
-                             tooltip="Video width in px (multiple of 16); must equal the sampler's width."),
-                io.Int.Input("height", default=480, min=16, max=nodes.MAX_RESOLUTION, step=16,
-                             tooltip="Video height in px (multiple of 16); must equal the sampler's height."),
+                int_input("width", SETTING_RANGES["width"], 832,
+                          "Video width in px (multiple of 16); must equal the sampler's width."),
+                int_input("height", SETTING_RANGES["height"], 480,
+                          "Video height in px (multiple of 16); must equal the sampler's height."),
             ],
             outputs=[PhantomRefLatents.Output(display_name="reference_latents")],
         )
@@ -143,6 +169,8 @@ class PhantomCLIPEncodeReferences(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip_vision, references: dict, reference_latents: dict, clip_output: str) -> io.NodeOutput:
+        if clip_output not in CLIP_OUTPUTS:  # ComfyUI checks no V3 combo
+            raise ValueError(f"clip_output is {clip_output!r}; valid: {', '.join(CLIP_OUTPUTS)}")
         n_latents, n_images = reference_latents["samples"].shape[2], len(references["images"])
         if n_latents != n_images:
             raise ValueError(f"reference_latents hold {n_latents} references but references has {n_images} images; "

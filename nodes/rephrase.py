@@ -1,8 +1,8 @@
 """PhantomRephrase: rewrite the prompt so that every reference subject is named with its appearance.
 
 A thin adapter over `phantom_core.rephrase.rephraser` (see there for the instructions, the answer rule, the retry and
-the cache). Local models are folders under ComfyUI's `models/LLM` (registered here if ComfyUI does not know
-the name). The endpoint's API key is read from the environment variable NAMED by `api_key_env`; the key
+the cache). Local models are folders under ComfyUI's `models/LLM` (`nodes.files`: listed, and resolved strictly
+inside it). The endpoint's API key is read from the environment variable NAMED by `api_key_env`; the key
 itself never enters the workflow, the outputs or the history.
 
 The rewritten text is shown on the node through `PromptServer.send_progress_text` (the bundled frontend draws
@@ -15,44 +15,26 @@ every later node reload), and is moved back to the CPU after the rephrase unless
 
 from __future__ import annotations
 
-import os
-
 import comfy.model_management as mm
-import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
 from phantom_core.log import logger
 from phantom_core.references import MAX_REFERENCES, tensor_to_pil, to_rgb
-from phantom_core.rephrase.backends import BACKENDS, make_backend
+from phantom_core.rephrase.backends import BACKENDS, REPHRASE_RANGES, make_backend
 from phantom_core.rephrase.rephraser import Rephraser
 
+from .files import LLM_FOLDER, local_model_folders, model_error, model_path
 from .types import CATEGORY, PhantomReferences
+from .widgets import float_input, int_input, show_on_node
 
-LLM_FOLDER = "LLM"
 NO_MODEL = "none"
 LANGUAGES = ["auto", "english", "chinese"]
-
-if LLM_FOLDER not in folder_paths.folder_names_and_paths:
-    folder_paths.add_model_folder_path(LLM_FOLDER, os.path.join(folder_paths.models_dir, LLM_FOLDER))
-
-
-def local_model_folders() -> list[str]:
-    """Names of the sub-folders of every `models/LLM` path that hold a config.json (sorted, unique)."""
-    names = {name for base in folder_paths.get_folder_paths(LLM_FOLDER) if os.path.isdir(base)
-             for name in os.listdir(base) if os.path.isfile(os.path.join(base, name, "config.json"))}
-    return sorted(names)
 
 
 def local_model_path(name: str) -> str:
     """`models/LLM/<name>` as a full path ("" for "none"). Raises ValueError naming `local_model`."""
-    if name == NO_MODEL:
-        return ""
-    for base in folder_paths.get_folder_paths(LLM_FOLDER):
-        if os.path.isfile(os.path.join(base, name, "config.json")):
-            return os.path.join(base, name)
-    raise ValueError(f"local_model {name!r} is not a model folder under models/{LLM_FOLDER} "
-                     f"(found: {', '.join(local_model_folders()) or 'none'})")
+    return "" if name == NO_MODEL else model_path(LLM_FOLDER, "local_model", name)
 
 
 def gather_images(references: dict | None, batches: list, hints: list[str]) -> tuple[list, list[str]]:
@@ -92,14 +74,6 @@ def free_comfy_memory(bytes_needed: int, device: str) -> None:
     mm.free_memory(bytes_needed, dev)
 
 
-def show_on_node(text: str, node_id: str | None) -> None:
-    """Draw `text` on the node (the frontend's progress-text preview); a no-op outside a running server."""
-    from server import PromptServer
-
-    if node_id is not None and getattr(PromptServer, "instance", None) is not None:
-        PromptServer.instance.send_progress_text(text, node_id)
-
-
 class PhantomRephrase(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -114,33 +88,38 @@ class PhantomRephrase(io.ComfyNode):
                         "named with a short appearance description (Phantom, arXiv 2502.11079). Identical "
                         "inputs reuse the cached answer.",
             inputs=[
-                io.String.Input("prompt", multiline=True, tooltip="The prompt to rewrite."),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="The prompt to rewrite, e.g. 'a man walks his dog in the park'."),
                 io.Combo.Input("backend", options=list(BACKENDS), default="openai-compatible",
                                tooltip="openai-compatible: a chat-completions server (Ollama, vLLM, llama.cpp, "
                                        "hosted). local: a model folder under models/LLM."),
                 io.String.Input("endpoint_url", default="", placeholder="http://127.0.0.1:11434/v1",
-                                tooltip="Base URL of the OpenAI-compatible server (…/v1)."),
+                                tooltip="Base URL of the OpenAI-compatible server, ending in /v1, e.g. "
+                                        "http://127.0.0.1:11434/v1 (Ollama) or http://127.0.0.1:8000/v1 (vLLM). "
+                                        "Empty with backend 'local'."),
                 io.String.Input("endpoint_model", default="", placeholder="qwen2.5vl:7b",
-                                tooltip="Model name on that server (a vision-language model)."),
+                                tooltip="Model name on that server, a vision-language model, e.g. qwen2.5vl:7b "
+                                        "(Ollama) or Qwen/Qwen2.5-VL-7B-Instruct (vLLM)."),
                 io.String.Input("api_key_env", default="", placeholder="OPENAI_API_KEY",
-                                tooltip="NAME of the environment variable holding the API key (never the key "
-                                        "itself); empty for local servers without a key."),
+                                tooltip="NAME of the environment variable holding the API key, e.g. OPENAI_API_KEY "
+                                        "(never the key itself); empty for local servers without a key."),
                 io.Combo.Input("local_model", options=[NO_MODEL, *local_model_folders()], default=NO_MODEL,
                                tooltip="A transformers vision-language instruct model folder in models/LLM "
                                        "(e.g. Qwen2.5-VL-3B-Instruct); loaded once, on the GPU if any."),
                 io.Combo.Input("language", options=LANGUAGES, default="auto",
                                tooltip="Language of the descriptions and the rewritten prompt. auto: Chinese "
                                        "if the prompt is mostly Chinese, else English."),
-                io.Int.Input("max_new_tokens", default=512, min=16, max=4096,
-                             tooltip="Upper bound on the answer's length, in tokens."),
-                io.Float.Input("temperature", default=0.0, min=0.0, max=2.0, step=0.05,
-                               tooltip="0 = greedy (deterministic); above 0 samples with `seed`."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
-                             tooltip="Sampling seed (temperature > 0); fixed, so re-queueing hits the cache."),
-                io.Float.Input("timeout_s", default=120.0, min=1.0, max=600.0, step=1.0,
-                               tooltip="Endpoint only: the most seconds the whole rephrase may take, every "
-                                       "request and retry included (up to 2 retries of transient faults, 1 of an "
-                                       "unusable answer); then the node fails with a time-limit error."),
+                int_input("max_new_tokens", REPHRASE_RANGES["max_new_tokens"], 512,
+                          "Upper bound on the answer's length, in tokens."),
+                float_input("temperature", REPHRASE_RANGES["temperature"], 0.0, 0.05,
+                            "0 = greedy (deterministic); above 0 samples with `seed`."),
+                int_input("seed", REPHRASE_RANGES["seed"], 0,
+                          "Sampling seed (temperature > 0); fixed, so re-queueing hits the cache.",
+                          control_after_generate=False),
+                float_input("timeout_s", REPHRASE_RANGES["timeout_s"], 120.0, 1.0,
+                            "Endpoint only: the most seconds the whole rephrase may take, every request and retry "
+                            "included (up to 2 retries of transient faults, 1 of an unusable answer); then the node "
+                            "fails with a time-limit error."),
                 io.Boolean.Input("strict", default=True,
                                  tooltip="On: an answer that drops a reference subject is retried once, then an "
                                          "error. Off: use it anyway (for small models)."),
@@ -161,6 +140,13 @@ class PhantomRephrase(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, backend: str | None = None, local_model: str | None = None) -> bool | str:
+        # ComfyUI checks no V3 combo: a local model must be a listed folder, resolved inside models/LLM
+        if backend not in (None, "local") or local_model == NO_MODEL:
+            return True
+        return model_error(LLM_FOLDER, "local_model", local_model) or True
+
+    @classmethod
     def execute(cls, prompt: str, backend: str, endpoint_url: str, endpoint_model: str, api_key_env: str,
                 local_model: str, language: str, max_new_tokens: int, temperature: float, seed: int,
                 timeout_s: float, strict: bool, references: dict | None = None, image_1=None, image_2=None,
@@ -168,11 +154,12 @@ class PhantomRephrase(io.ComfyNode):
                 hint_4: str = "", keep_loaded: bool = False) -> io.NodeOutput:
         images, hints = gather_images(references, [image_1, image_2, image_3, image_4],
                                       [hint_1, hint_2, hint_3, hint_4])
+        local_path = local_model_path(local_model) if backend == "local" else ""
         chat = make_backend(backend, endpoint_url=endpoint_url, endpoint_model=endpoint_model,
-                            api_key_env=api_key_env, timeout_s=timeout_s, local_path=local_model_path(local_model),
+                            api_key_env=api_key_env, timeout_s=timeout_s, local_path=local_path,
                             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                            device=str(mm.get_torch_device()), after_use="keep" if keep_loaded else "offload", free_memory=free_comfy_memory,
-                            after_offload=mm.soft_empty_cache)
+                            device=str(mm.get_torch_device()), after_use="keep" if keep_loaded else "offload",
+                            free_memory=free_comfy_memory, after_offload=mm.soft_empty_cache)
         time_limit = timeout_s if backend == "openai-compatible" else None
         result = Rephraser(chat, strict=strict, time_limit_s=time_limit).rephrase(prompt, images, hints=hints,
                                                                                   language=language)

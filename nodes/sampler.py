@@ -14,19 +14,13 @@ import latent_preview
 import torch
 from comfy_api.latest import io
 
-import nodes
+from phantom_core.inference.settings import SETTING_RANGES
 from phantom_core.mmdit.inputs import clip_features_for
 from phantom_core.sampling.loop import SAMPLER_PRESETS, SOLVERS, sample_from_seed
 from phantom_core.wan.latents import denormalize_latents, latent_shape, normalize_latents
 
 from .types import CATEGORY, PhantomDiT, PhantomRefLatents, core
-
-
-def frames_error(frames: int | None) -> str | None:
-    """The message for a frame count that is not 4k+1 (>= 1), else None (None = not known yet)."""
-    if frames is None or (frames >= 1 and (frames - 1) % 4 == 0):
-        return None
-    return f"frames is {frames}; the Wan VAE needs 4k+1 frames (1, 5, 9, ..., 81)"
+from .widgets import float_input, int_input
 
 
 def conditioning_to_context(conditioning: list, name: str, text_dim: int) -> torch.Tensor:
@@ -76,24 +70,24 @@ class PhantomSampler(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="The prompt, [1, L, 4096] umT5 features."),
                 io.Conditioning.Input("negative", tooltip="The negative prompt, [1, L, 4096] umT5 features."),
                 PhantomRefLatents.Input("reference_latents",
-                                        tooltip="From Phantom Encode References (with CLIP features for an MMDiT)."),
-                io.Int.Input("width", default=832, min=16, max=nodes.MAX_RESOLUTION, step=16,
-                             tooltip="Video width in px (multiple of 16); must equal the references' width."),
-                io.Int.Input("height", default=480, min=16, max=nodes.MAX_RESOLUTION, step=16,
-                             tooltip="Video height in px (multiple of 16); must equal the references' height."),
-                io.Int.Input("frames", default=81, min=1, max=nodes.MAX_RESOLUTION, step=4,
-                             tooltip="Number of video frames, 4k+1 (81 = 5 s at 16 fps)."),
-                io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Sampling steps (official: 50)."),
-                io.Float.Input("shift", default=5.0, min=0.0, max=100.0, step=0.1,
-                               tooltip="Flow time shift of the sigma schedule (official: 5.0)."),
+                                        tooltip="From Phantom Encode References (or Phantom CLIP Encode References, "
+                                                "for an MMDiT)."),
+                int_input("width", SETTING_RANGES["width"], 832,
+                          "Video width in px (multiple of 16); must equal the references' width."),
+                int_input("height", SETTING_RANGES["height"], 480,
+                          "Video height in px (multiple of 16); must equal the references' height."),
+                int_input("frames", SETTING_RANGES["frames"], 81, "Number of video frames, 4k+1 (81 = 5 s at 16 fps)."),
+                int_input("steps", SETTING_RANGES["steps"], 50, "Sampling steps (official: 50)."),
+                float_input("shift", SETTING_RANGES["shift"], 5.0, 0.1,
+                            "Flow time shift of the sigma schedule (official: 5.0)."),
                 io.Combo.Input("solver", options=list(SOLVERS), default=SOLVERS[0],
                                tooltip="unipc: UniPC bh2 as the official code; euler: flow Euler as the paper."),
-                io.Float.Input("w_img", default=5.0, min=0.0, max=100.0, step=0.1,
-                               tooltip="Reference-image guidance scale (official 5.0, paper 3.0)."),
-                io.Float.Input("w_text", default=7.5, min=0.0, max=100.0, step=0.1,
-                               tooltip="Text guidance scale (official 7.5)."),
-                io.Int.Input("seed", default=42, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Seed of the initial noise (CPU generator: the same video on any device)."),
+                float_input("w_img", SETTING_RANGES["w_img"], 5.0, 0.1,
+                            "Reference-image guidance scale (official 5.0, paper 3.0)."),
+                float_input("w_text", SETTING_RANGES["w_text"], 7.5, 0.1, "Text guidance scale (official 7.5)."),
+                int_input("seed", SETTING_RANGES["seed"], 42,
+                          "Seed of the initial noise (CPU generator: the same video on any device).",
+                          control_after_generate=True),
                 io.Combo.Input("preset", options=["custom", *SAMPLER_PRESETS], default="custom",
                                tooltip="custom: use the settings above. official: UniPC, 50 steps, shift 5, w_img 5, "
                                        "w_text 7.5 (the Phantom-Wan release). paper: Euler, 50 steps, shift 5, "
@@ -105,16 +99,18 @@ class PhantomSampler(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, frames: int | None = None) -> bool | str:
-        return frames_error(frames) or True
+        # declaring `frames` here makes ComfyUI skip its own type and range check: the Range does all three
+        return (frames is not None and SETTING_RANGES["frames"].error("frames", frames)) or True
 
     @classmethod
     def execute(cls, model, positive, negative, reference_latents: dict, width: int, height: int, frames: int,
                 steps: int, shift: float, solver: str, w_img: float, w_text: float, seed: int,
                 preset: str = "custom") -> io.NodeOutput:
-        if (message := frames_error(frames)) is not None:
-            raise ValueError(message)
+        SETTING_RANGES["frames"].check("frames", frames)
         settings = dict(steps=steps, shift=shift, solver=solver, w_img=w_img, w_text=w_text)
         settings |= sampler_preset(preset)
+        if settings["solver"] not in SOLVERS:  # ComfyUI checks no V3 combo: refuse before the DiT loads
+            raise ValueError(f"solver is {solver!r}; valid: {', '.join(SOLVERS)}")
         check_size(reference_latents, width, height)
         dit = core(model)
         context = conditioning_to_context(positive, "positive", dit.config.text_dim)  # (1, L1, D)

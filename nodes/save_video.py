@@ -7,9 +7,11 @@ import os
 import folder_paths
 from comfy_api.latest import io, ui
 
+from phantom_core.inference.settings import SETTING_RANGES
 from phantom_core.video_io import write_mp4
 
 from .types import CATEGORY
+from .widgets import float_input, int_input
 
 
 class PhantomSaveVideo(io.ComfyNode):
@@ -22,10 +24,10 @@ class PhantomSaveVideo(io.ComfyNode):
             description="Writes the frames as an MP4 (H.264, yuv420p) into ComfyUI's output folder.",
             inputs=[
                 io.Image.Input("images", tooltip="Video frames [T, H, W, 3], e.g. from Phantom Decode."),
-                io.Float.Input("fps", default=16.0, min=1.0, max=120.0, step=1.0,
-                               tooltip="Frames per second (Phantom-Wan 1.3B: 16, 14B: 24)."),
-                io.Int.Input("quality", default=8, min=1, max=10,
-                             tooltip="Encoder quality, 10 best (imageio-ffmpeg scale)."),
+                float_input("fps", SETTING_RANGES["fps"], 16.0, 1.0,
+                            "Frames per second (Phantom-Wan 1.3B: 16, 14B: 24)."),
+                int_input("quality", SETTING_RANGES["quality"], 8,
+                          "Encoder quality 0..10, 10 best (imageio-ffmpeg scale; 8 = x264 crf 10)."),
                 io.String.Input("filename_prefix", default="Phantom",
                                 tooltip="Output name prefix, may hold a subfolder (video/Phantom); numbered as usual."),
             ],

@@ -6,39 +6,39 @@
     python -m phantom_core generate --from-sidecar v.json --out again.mp4   # reuses the recorded rewritten prompt
     python -m phantom_core inspect FILE [FILE ...] [--json]
     python -m phantom_core rephrase --ref a.png --prompt "..." --endpoint URL --model NAME [--json]
-    python -m phantom_core evaluate --baseline paste | --model default | --dit D --vae V --text-encoder T [--quick N]
 
-Commands are registered in `COMMANDS` (name -> function adding its sub-parser). Each sub-parser sets
-`func(args) -> int` (the exit code): `generate` and `inspect` (cli.py), `rephrase` (rephrase/cli.py), `evaluate`
-(world/cli.py: the miniature world's metrics).
+Commands are registered in `COMMANDS` (name -> "module:function" adding its sub-parser). Each sub-parser sets
+`func(args) -> int` (the exit code): `generate` and `inspect` (inference/cli.py), `rephrase` (rephrase/cli.py),
+`evaluate` (world/cli.py: the miniature world's metrics).
 The rephraser's back-end options are the same for `rephrase` and `generate --rephrase`, spelled without a prefix
 for `rephrase` (`--endpoint`, `--model`, `--seed`, `--timeout`, ...) and with `--rephrase-` for `generate`
 (`--rephrase-endpoint`, `--rephrase-model`, `--rephrase-seed`, ...), whose own `--seed` is the noise seed.
 With `generate --rephrase` the sidecar records the original prompt, the rewritten prompt (the one encoded), the
 descriptions and the rephraser's settings (the API key variable's name, never the key).
 
-Exit codes: 0 success, 1 the rephraser's back-end failed or answered unusably, 2 invalid input.
+Exit codes: 0 success, 1 the rephraser's back-end failed or answered unusably, 2 invalid input, 130 interrupted
+(Ctrl-C: one line on stderr, no traceback; an MP4 being written is not left half-written).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from phantom_core.inference.cli import add_generate_parser, add_inspect_parser
-from phantom_core.rephrase.cli import (
-    add_rephrase_parser,
-)
 from phantom_core.rephrase.types import RephraseError
-from phantom_core.world.cli import add_evaluate_parser
 
-COMMANDS: dict[str, Callable[[argparse._SubParsersAction], object]] = {
-    "generate": add_generate_parser,
-    "inspect": add_inspect_parser,
-    "rephrase": add_rephrase_parser,
-    "evaluate": add_evaluate_parser,
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C'd program
+
+# command -> "module:function" adding its sub-parser; imported inside `main`, so that a Ctrl-C while torch is
+# still importing is reported like any other interrupt
+COMMANDS: dict[str, str] = {
+    "generate": "phantom_core.inference.cli:add_generate_parser",
+    "inspect": "phantom_core.inference.cli:add_inspect_parser",
+    "rephrase": "phantom_core.rephrase.cli:add_rephrase_parser",
+    "evaluate": "phantom_core.world.cli:add_evaluate_parser",
 }
 
 
@@ -46,16 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m phantom_core", description="Phantom subject-to-video tools")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for add in COMMANDS.values():
-        add(subparsers)
+    for target in COMMANDS.values():
+        module, function = target.split(":")
+        getattr(importlib.import_module(module), function)(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns 0 on success, 1 when the rephraser's back-end fails, 2 for invalid input."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    """Entry point; returns 0 on success, 1 when the rephraser's back-end fails, 2 for invalid input, 130 when
+    interrupted (Ctrl-C, SIGINT: one line on stderr, no traceback)."""
     try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
         return args.func(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -63,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RephraseError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl-C)", file=sys.stderr)  # the newline ends a progress bar line
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

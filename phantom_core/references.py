@@ -22,6 +22,11 @@ MAX_REFERENCES = 4  # the Phantom-Wan checkpoints were trained with 1 to 4 refer
 MIN_REFERENCE_SIDE = 16  # px; smaller images carry no usable subject detail (and cannot be resized sensibly)
 SIZE_MULTIPLE = 16  # frame width/height: VAE stride 8 x DiT patch 2
 WHITE = (255, 255, 255)
+# A reference whose pixels vary less than this (standard deviation over all pixels and RGB channels, on the 0..1
+# scale: ~5 of 255 levels) is blank or nearly uniform: no subject for the model to keep. Photos, even of one
+# subject on a studio backdrop, lie far above (> 0.1); an all-white 16-bit PNG as ComfyUI's Load Image reads it,
+# a black or a fully transparent image lie at 0.
+UNIFORM_STD = 0.02
 FitMode = Literal["letterbox", "crop"]
 REFERENCE_MODES: tuple[FitMode, ...] = ("letterbox", "crop")  # official Phantom first (the default)
 
@@ -126,6 +131,20 @@ def validate_references(images: Sequence[Image.Image]) -> None:
         if min(image.size) < MIN_REFERENCE_SIDE:
             raise ValueError(f"reference image {i} is {image.width}x{image.height} px; references must be at "
                              f"least {MIN_REFERENCE_SIDE} px on each side")
+
+
+def uniform_reference_warning(image: Image.Image, name: str) -> str | None:
+    """A warning naming ``name`` when ``image`` (alpha composited over white) is blank or nearly uniform (pixel
+    standard deviation below `UNIFORM_STD`), else None. The model would see no subject in such a reference."""
+    pixels = np.asarray(to_rgb(image), dtype=np.float32) / 255.0  # (H, W, 3) in [0, 1]
+    std = float(pixels.std())
+    if std >= UNIFORM_STD:
+        return None
+    mean = float(pixels.mean())
+    looks = "white" if mean > 0.9 else "black" if mean < 0.1 else "one flat colour"
+    return (f"{name} is blank or nearly uniform ({looks}: pixel std {std:.3f} < {UNIFORM_STD} on the 0..1 scale), "
+            "so the video model sees no subject in it; check the file (ComfyUI's Load Image reads a 16-bit "
+            "greyscale PNG as all white and fills a truncated file with black: save it as an 8-bit PNG or JPEG)")
 
 
 def _check_frame_size(width: int, height: int) -> None:

@@ -1,14 +1,14 @@
 """MP4 export (H.264, yuv420p) through imageio-ffmpeg's bundled ffmpeg, written atomically; probing and reading back.
 
 A failed write never leaves a half-written MP4: frames go to a temporary file in the destination folder, which
-replaces the destination (``os.replace``) only after ffmpeg has finished successfully.
+replaces the destination only after ffmpeg has finished successfully (`phantom_core.loading.disk.atomic_write`:
+the MP4 gets the permissions a plain file write gives, 0o644 under umask 022).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from phantom_core.loading.disk import atomic_write
 from phantom_core.log import logger
 
 Frames = np.ndarray | Tensor | Iterable[np.ndarray | Tensor]
@@ -76,15 +77,8 @@ def write_mp4(frames: Frames, path: str | os.PathLike, fps: float = 16, quality:
     """
     _check_settings(fps, quality)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".part.mp4", dir=path.parent)
-    os.close(fd)
-    try:
-        count, size = _encode(_iter_frames(frames), tmp, fps, quality)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path, suffix=".part.mp4") as tmp:  # ffmpeg picks the container from the extension
+        count, size = _encode(_iter_frames(frames), str(tmp), fps, quality)
     logger.info("wrote %s: %d frames %dx%d at %g fps", path, count, size[0], size[1], fps)
     return path
 

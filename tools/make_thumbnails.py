@@ -15,12 +15,12 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from phantom_core.loading.disk import atomic_write
 from phantom_core.video_io import read_mp4_frames
 from tools.comfy_launcher import ComfyServer
 from tools.make_workflows import INPUTS_DIR, WORKFLOWS, api_path, thumbnail_path
@@ -78,14 +78,10 @@ def compose(frame: Image.Image, photos: list[Path]) -> Image.Image:
 
 
 def save_jpeg(image: Image.Image, path: Path) -> None:
-    """Write `image` as a JPEG through a temporary file and a rename (never half-written; opened as any file,
-    so the umask sets its permissions)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    """Write `image` as a JPEG through a temporary file and a rename (`atomic_write`: never half-written, the
+    permissions a plain file write gives)."""
+    with atomic_write(path) as tmp:
         image.save(tmp, "JPEG", quality=85, optimize=True)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def main() -> int:

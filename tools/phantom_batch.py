@@ -9,11 +9,13 @@ jobs.jsonl holds one JSON object per line (blank lines and lines starting with #
      "w_img": 5.0, "w_text": 7.5, "fps": 16, "mode": "letterbox", "preset": "custom",
      "dit_name": "Phantom-Wan-1.3B.pth", "vae_name": "Wan2.1_VAE.pth", "text_encoder_name": "umt5_xxl_fp16.safetensors"}
 
-Only `refs` (1 to 4 image paths, relative to the JSONL's folder) and `prompt` are required; the rest default to
-the workflow's values (its model files are the tiny embedded default: name real ones per job, or for every job
-with --dit / --vae / --text-encoder). A line that is not valid JSON fails as its own job. Each job's images are
-uploaded (/upload/image), the API workflow (example_workflows/api/phantom_4ref_api.json, unused reference
-inputs removed) is filled in and queued (/prompt); then every
+Only `refs` (a list of 1 to 4 image paths, relative to the JSONL's folder) and `prompt` are required; the rest
+default to the workflow's values (its model files are the tiny embedded default: name real ones per job, or for
+every job with --dit / --vae / --text-encoder). Every field is type-checked (`JOB_FIELDS`) and each `id` must be
+unique (it names the MP4); a line that fails (not JSON, a wrong type, a missing image, a repeated id) fails as its
+own job with its line number, and the others run. Each job's images are uploaded (/upload/image), the API
+workflow (example_workflows/api/phantom_4ref_api.json, unused reference inputs removed) is filled in and queued
+(/prompt); then every
 job is followed in turn (/history/{id}, /queue) until it finishes or times out, its MP4s are downloaded
 (/view) into DIR, and DIR/manifest.json records each job's status, outputs and error. A failed job (refused by
 /prompt, an execution error, a timeout) is reported and the others go on. Exit status 1 if any job failed.
@@ -40,7 +42,6 @@ DEFAULT_WORKFLOW = ROOT / "example_workflows" / "api" / "phantom_4ref_api.json"
 SAMPLER_KEYS = ("width", "height", "frames", "steps", "shift", "solver", "w_img", "w_text", "seed", "preset")
 MODEL_KEYS = {"dit_name": "PhantomDiTLoader", "vae_name": "PhantomVAELoader",
               "text_encoder_name": "PhantomTextEncoderLoader"}  # job key -> the loader node whose input it sets
-JOB_KEYS = {"id", "refs", "prompt", "negative_prompt", "fps", "mode", "quality", *SAMPLER_KEYS, *MODEL_KEYS}
 UPLOAD_SUBFOLDER = "phantom_batch"
 
 log = logging.getLogger("phantom.batch")
@@ -53,45 +54,76 @@ class JobError(Exception):
 # ------------------------------------------------------------------------------------------------- jobs
 
 
-def read_jobs(path: Path, defaults: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Parse the JSONL; reference paths are resolved against its folder; `defaults` fill keys a job leaves out.
+# job key -> (accepted types, what is valid): every field of a line is checked before anything is sent
+TEXT, INTEGER, NUMBER = (str,), (int,), (int, float)
+JOB_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "id": (TEXT, "a name of letters, digits, '_', '.', '-' (it names the output file)"),
+    "refs": ((list,), 'a list of 1 to 4 image paths, e.g. ["a.png"] (relative to the JSONL\'s folder)'),
+    "prompt": (TEXT, "a non-empty string"),
+    "negative_prompt": (TEXT, "a string"),
+    **dict.fromkeys(("width", "height", "frames", "steps", "seed", "quality"), (INTEGER, "an integer")),
+    **dict.fromkeys(("shift", "w_img", "w_text", "fps"), (NUMBER, "a number")),
+    **dict.fromkeys(("solver", "mode", "preset", *MODEL_KEYS), (TEXT, "a string")),
+}
+JOB_KEYS = set(JOB_FIELDS)
 
-    A line that is not a JSON object becomes a job that fails with an error naming the line (the others run).
+
+def read_jobs(path: Path, defaults: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Parse and check the JSONL; reference paths are resolved against its folder; `defaults` fill keys a job
+    leaves out. Each job gets `line`, its line number.
+
+    A line that fails (not a JSON object, a field of the wrong type, a missing reference file, an `id` already
+    used by an earlier line) becomes a job with an `error` naming the file, the line and the field; the others
+    run.
     """
-    jobs = []
+    jobs: list[dict[str, Any]] = []
+    used: dict[str, int] = {}  # id -> the line that has it
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
+        job: Any = None
         try:
-            job = json.loads(line)
-        except json.JSONDecodeError as e:
-            job = {"id": f"line{number}", "error": f"{path.name}:{number}: not valid JSON ({e})"}
-        if not isinstance(job, dict):
-            job = {"id": f"line{number}", "error": f"{path.name}:{number}: expected a JSON object, "
-                                                     f"got {type(job).__name__}"}
-        job = (defaults or {}) | job
-        job.setdefault("id", f"job{len(jobs) + 1:03d}")
-        job["refs"] = [str((path.parent / r).resolve()) for r in job.get("refs", [])]
-        jobs.append(job)
+            try:
+                job = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise JobError(f"not valid JSON ({e})") from None
+            if not isinstance(job, dict):
+                raise JobError(f"expected a JSON object, got {type(job).__name__}")
+            job = (defaults or {}) | job
+            job.setdefault("id", f"job{len(jobs) + 1:03d}")
+            check_job(job)
+            if job["id"] in used:
+                raise JobError(f"id {job['id']!r} is already used by line {used[job['id']]}; each job needs its "
+                               "own id (it names the output file)")
+            used[job["id"]] = number
+            job["refs"] = [str((path.parent / r).resolve()) for r in job["refs"]]
+            missing = [r for r in job["refs"] if not Path(r).is_file()]
+            if missing:
+                raise JobError(f"refs: file(s) not found: {missing}")
+        except JobError as e:
+            name = job.get("id") if isinstance(job, dict) and isinstance(job.get("id"), str) else f"line{number}"
+            job = {"id": name, "refs": [], "error": f"{path.name}:{number}: {e}"}
+        jobs.append(job | {"line": number})
     return jobs
 
 
 def check_job(job: dict[str, Any]) -> None:
-    """Local checks the server cannot make for us (unknown keys, missing files); raises JobError."""
-    if "error" in job:  # the JSONL line itself was unusable
-        raise JobError(job["error"])
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", str(job["id"])):
-        raise JobError(f"id: got {job['id']!r}; use letters, digits, '_', '.', '-' (it names the output file)")
+    """Check every field of one job line (types, the id's spelling, 1 to 4 references); raises JobError naming
+    the field. Value ranges (frames 4k+1, sizes, ...) are the server's to check: /prompt refuses them by name."""
     unknown = set(job) - JOB_KEYS
     if unknown:
         raise JobError(f"unknown job keys {sorted(unknown)}; valid: {sorted(JOB_KEYS)}")
-    if not isinstance(job.get("prompt"), str) or not job["prompt"].strip():
+    for key, value in job.items():
+        types, valid = JOB_FIELDS[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise JobError(f"{key}: got {type(value).__name__} {value!r}; expected {valid}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", job["id"]):
+        raise JobError(f"id: got {job['id']!r}; use letters, digits, '_', '.', '-' (it names the output file)")
+    if not job.get("prompt", "").strip():
         raise JobError("prompt: a non-empty string is required")
-    if not 1 <= len(job["refs"]) <= 4:
-        raise JobError(f"refs: got {len(job['refs'])} reference images; Phantom takes 1 to 4")
-    missing = [r for r in job["refs"] if not Path(r).is_file()]
-    if missing:
-        raise JobError(f"refs: file(s) not found: {missing}")
+    refs = job.get("refs", [])
+    if not 1 <= len(refs) <= 4 or not all(isinstance(r, str) and r.strip() for r in refs):
+        raise JobError(f"refs: got {refs!r}; expected {JOB_FIELDS['refs'][1]}")
 
 
 def node_of(prompt: dict, class_type: str) -> str:
@@ -250,7 +282,8 @@ def videos_of(entry: dict) -> list[dict]:
 
 
 def submit(client: Client, template: dict, job: dict) -> str:
-    check_job(job)
+    if "error" in job:  # the line itself was refused by read_jobs
+        raise JobError(job["error"])
     images = [client.upload(path) for path in job["refs"]]
     return client.queue(fill_workflow(template, job, images))
 
@@ -259,8 +292,8 @@ def run_batch(jobs: list[dict], client: Client, template: dict, out_dir: Path, t
               poll_s: float = 1.0) -> list[dict]:
     """Queue every job, then follow them in order; returns one manifest record per job."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = [{"id": job["id"], "refs": job["refs"], "prompt": job.get("prompt"), "status": "pending",
-                "outputs": [], "error": None} for job in jobs]
+    records = [{"id": job["id"], "line": job.get("line"), "refs": job["refs"], "prompt": job.get("prompt"),
+                "status": "pending", "outputs": [], "error": None} for job in jobs]
     for job, record in zip(jobs, records):
         try:
             record["prompt_id"] = submit(client, template, job)

@@ -80,6 +80,12 @@ SETTING_OPTIONS: dict[str, tuple[str, type, str]] = {
     "fps": ("--fps", float, "frames per second of the MP4 (default 16)"),
     "quality": ("--quality", int, "MP4 quality 0..10, 10 best (default 8)"),
     "ref_mode": ("--ref-mode", str, f"how references fit the frame: {' | '.join(REFERENCE_MODES)} (default letterbox)"),
+    "image_guidance_start": ("--image-guidance-start", float, "fraction of the steps where the image-guidance "
+                                                              "(v_neg) pass starts (default 0)"),
+    "image_guidance_end": ("--image-guidance-end", float, "fraction of the steps where it ends; w_img = 1 outside "
+                                                          "(default 1: every step, as official)"),
+    "cache_threshold": ("--cache-threshold", float, "reuse each guidance pass across steps while its predicted "
+                                                    "change stays under this (EasyCache rule; default 0 = off)"),
 }
 
 
@@ -126,7 +132,9 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--lora", action="append", type=lora_choice, metavar="FILE[:STRENGTH]",
                    help="apply a LoRA to the DiT (repeatable; strength default 1.0, negative inverts): ComfyUI, "
                         "kohya / musubi, diffusion-pipe, ai-toolkit or diffusers files for Wan2.1 T2V")
-    p.add_argument("--out", required=True, metavar="MP4", help="output video (.mp4); written atomically")
+    p.add_argument("--out", required=True, metavar="MP4", help="output video (.mp4), written atomically; an existing "
+                                                               "file is refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out MP4 and its sidecar")
     p.add_argument("--sidecar", metavar="JSON", help="where to write the sidecar (default: the MP4's name, .json)")
     p.add_argument("--preset", choices=list(SAMPLER_PRESETS), help="sampler preset: official (UniPC, w_img 5) or "
                                                                    "paper (Euler, w_img 3)")
@@ -264,6 +272,23 @@ def resolve_generate_args(args: argparse.Namespace) -> dict[str, Any]:
             "loras": list(files["lora"] or []), "rephrased": rephrased}
 
 
+def check_outputs(out: str | Path, sidecar: str | Path, overwrite: bool) -> None:
+    """Refuse outputs that cannot or must not be written, before any model is loaded.
+
+    Raises ValueError naming ``--out`` / ``--sidecar`` for a directory, a path under a file, or an existing file
+    (unless ``overwrite``).
+    """
+    for flag, path in (("--out", Path(out)), ("--sidecar", Path(sidecar))):
+        if path.is_dir():
+            raise ValueError(f"{flag}: {path} is a directory; give a file name in it, e.g. {path / 'video.mp4'}"
+                             if flag == "--out" else f"{flag}: {path} is a directory; give the JSON file's name")
+        parent = next((p for p in path.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise ValueError(f"{flag}: {path} cannot be created: {parent} is a file, not a folder")
+        if path.exists() and not overwrite:
+            raise ValueError(f"{flag}: {path} already exists; pass --overwrite to replace it, or choose another name")
+
+
 def rephrase_settings(args: argparse.Namespace, settings: GenerationSettings, ref_paths: Sequence[str],
                       previous: dict[str, Any] | None, stream: TextIO) -> tuple[GenerationSettings, dict | None]:
     """Apply ``--rephrase``: settings with the rewritten prompt, and the sidecar's ``"rephrase"`` entry.
@@ -323,6 +348,7 @@ def run_generate(args: argparse.Namespace, stream: TextIO | None = None) -> int:
     stream = stream or sys.stderr
     try:
         kwargs = resolve_generate_args(args)
+        check_outputs(kwargs["out_path"], kwargs["sidecar_path"], args.overwrite)  # before any model loads
         previous = kwargs.pop("rephrased")
         settings, rephrased = rephrase_settings(args, resolve_seed(kwargs["settings"]), kwargs["ref_paths"],
                                                 previous, stream)

@@ -38,7 +38,8 @@ from phantom_core.inference.sidecar import (
 from phantom_core.loading.fp8 import CastLinear, default_compute_dtype, is_fp8
 from phantom_core.log import logger
 from phantom_core.lora.apply import apply_loras
-from phantom_core.references import MAX_REFERENCES, encode_references, open_reference
+from phantom_core.references import MAX_REFERENCES, encode_references, open_reference, uniform_reference_warning
+from phantom_core.sampling.cache import StepCache
 from phantom_core.sampling.loop import StepCallback, sample_from_seed
 from phantom_core.video_io import to_uint8_frames, write_mp4
 from phantom_core.wan.load import load_dit
@@ -63,6 +64,9 @@ def _as_images(references: Sequence[Image.Image | str | os.PathLike]) -> list[Im
             raise ValueError(f"reference {k} ({ref}) cannot be read as an image: {err}") from err
     if not 1 <= len(images) <= MAX_REFERENCES:
         raise ValueError(f"references: got {len(images)}; Phantom takes 1 to {MAX_REFERENCES} reference images")
+    for k, image in enumerate(images, start=1):
+        if (warning := uniform_reference_warning(image, f"reference {k}")) is not None:
+            logger.warning("%s", warning)
     return images
 
 
@@ -110,10 +114,16 @@ def generate(dit: Any, vae: Any, text_encoder: Any, references: Sequence[Image.I
     refs = encode_references(vae, images, settings.width, settings.height, settings.ref_mode)  # (1, 16, N, h, w)
     refs = refs.to(device)
     # 4. noise from the seed (CPU generator: the same draw on any device) and sampling
+    cache = StepCache(settings.cache_threshold) if settings.cache_threshold > 0 else None
+    window = (settings.image_guidance_start, settings.image_guidance_end)
     latents = sample_from_seed(dit, settings.seed, settings.latent_shape, refs, context, context_neg,
+                               image_guidance_window=window, cache=cache,
                                steps=settings.steps, shift=settings.shift, solver=settings.solver,
                                w_img=settings.w_img, w_text=settings.w_text, callback=callback,
                                model_dtype=dit.compute_dtype)  # (1, 16, F, h, w) fp32
+    if cache is not None:
+        logger.info("step cache: %d of %d pass evaluations reused (%.0f%%)", cache.reused,
+                    cache.computed + cache.reused, 100 * cache.saved_fraction)
     # 5. decode
     return vae.decode(latents.to(_device_of(vae)))  # (1, 3, frames, H, W) in [-1, 1]
 

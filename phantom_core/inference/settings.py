@@ -10,7 +10,7 @@ import dataclasses
 import math
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from phantom_core.log import logger
 from phantom_core.references import REFERENCE_MODES, SIZE_MULTIPLE
@@ -19,6 +19,55 @@ from phantom_core.wan.latents import latent_shape
 
 RANDOM_SEED = -1
 MAX_SEED = 2**64 - 1  # ComfyUI's seed widget maximum; make_noise accepts [0, 2**64)
+MAX_SIZE = 16384  # px per side, ComfyUI's MAX_RESOLUTION
+MAX_FRAMES = 1 + 4 * 1024  # 4097 frames, 256 s at 16 fps: far beyond what fits in memory today
+
+
+class Range(NamedTuple):
+    """The values a numeric setting accepts: ``low`` to ``high`` inclusive; an integer setting (int ``low``) also
+    only ``low + k * step``. ``meaning`` says what the value is, for messages."""
+
+    low: int | float
+    high: int | float
+    step: int = 1
+    meaning: str = ""
+
+    def error(self, name: str, value: Any) -> str | None:
+        """The message for a ``value`` outside the range (or of the wrong type), naming ``name``; else None."""
+        integer = isinstance(self.low, int)
+        numeric = isinstance(value, int) if integer else isinstance(value, (int, float)) and math.isfinite(value)
+        if numeric and not isinstance(value, bool) and self.low <= value <= self.high \
+                and (not integer or (value - self.low) % self.step == 0):
+            return None
+        grid = f", {self.low} + a multiple of {self.step}" if integer and self.step > 1 else ""
+        kind = "an integer" if integer else "a number"
+        note = f" ({self.meaning})" if self.meaning else ""
+        return f"{name}: got {value!r}; expected {kind} from {self.low} to {self.high}{grid}{note}"
+
+    def check(self, name: str, value: Any) -> None:
+        """Raise ValueError with `error`'s message unless ``value`` is in the range."""
+        if (message := self.error(name, value)) is not None:
+            raise ValueError(message)
+
+
+# what GenerationSettings accepts; the nodes' widgets declare exactly these min / max (/ step for integers), which
+# tests/nodes/test_validation.py compares through ComfyUI's /object_info
+SETTING_RANGES: dict[str, Range] = {
+    "width": Range(SIZE_MULTIPLE, MAX_SIZE, SIZE_MULTIPLE, f"px, a multiple of {SIZE_MULTIPLE}: VAE stride 8 x DiT "
+                                                           "patch 2"),
+    "height": Range(SIZE_MULTIPLE, MAX_SIZE, SIZE_MULTIPLE, f"px, a multiple of {SIZE_MULTIPLE}"),
+    "frames": Range(1, MAX_FRAMES, 4, "4k+1 frames, as the Wan VAE needs: 1, 5, 9, ..., 81"),
+    "steps": Range(1, 1000, 1, "sampling steps, official 50"),
+    "seed": Range(0, MAX_SEED, 1, "or -1 for a random seed"),
+    "quality": Range(0, 10, 1, "imageio scale, 10 best"),
+    "shift": Range(0.1, 100.0, meaning="flow time shift, official 5.0"),
+    "w_img": Range(0.0, 100.0, meaning="reference-image guidance, official 5.0, paper 3.0"),
+    "w_text": Range(0.0, 100.0, meaning="text guidance, official 7.5"),
+    "fps": Range(1.0, 120.0, meaning="frames per second, Wan renders at 16"),
+    "image_guidance_start": Range(0.0, 1.0, meaning="fraction of the steps where the v_neg pass starts, official 0"),
+    "image_guidance_end": Range(0.0, 1.0, meaning="fraction of the steps where the v_neg pass ends, official 1"),
+    "cache_threshold": Range(0.0, 1.0, meaning="step-cache threshold, 0 = off (official)"),
+}
 
 # Wan2.1's default negative prompt (upstream ``configs/shared_config.py``: ``sample_neg_prompt``), used when the
 # user gives none. Roughly: garish colours, overexposed, static, blurry details, subtitles, style, artwork,
@@ -59,22 +108,20 @@ class GenerationSettings:
     fps: float = 16.0
     quality: int = 8
     ref_mode: str = "letterbox"
+    image_guidance_start: float = 0.0  # the v_neg pass runs for steps i with start <= i / steps < end ...
+    image_guidance_end: float = 1.0  # ... and w_img = 1 outside (sampling.loop.sample_phantom)
+    cache_threshold: float = 0.0  # sampling.cache.StepCache threshold; 0 computes every pass of every step
 
     def __post_init__(self) -> None:
         for name in ("prompt", "negative_prompt"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name}: got {getattr(self, name)!r}; expected a string")
-        size = f"a positive multiple of {SIZE_MULTIPLE} px (VAE stride 8 x DiT patch 2)"
-        _check_int("width", self.width, size, SIZE_MULTIPLE, step=SIZE_MULTIPLE)
-        _check_int("height", self.height, size, SIZE_MULTIPLE, step=SIZE_MULTIPLE)
-        _check_int("frames", self.frames, "4k + 1 frames, as the Wan VAE needs (1, 5, 9, ..., 81)", 1, step=4)
-        _check_int("steps", self.steps, "an integer >= 1 (official: 50)", 1)
-        _check_int("seed", self.seed, f"-1 (random) or an integer in [0, {MAX_SEED}]", RANDOM_SEED, MAX_SEED)
-        _check_int("quality", self.quality, "an integer 0..10 (10 best)", 0, 10)
-        _check_number("shift", self.shift, "a number > 0 (official: 5.0)", positive=True)
-        _check_number("w_img", self.w_img, "a finite number (official: 5.0, paper: 3.0)")
-        _check_number("w_text", self.w_text, "a finite number (official: 7.5)")
-        _check_number("fps", self.fps, "a number > 0 (Wan renders at 16)", positive=True)
+        for name, limits in SETTING_RANGES.items():
+            if not (name == "seed" and self.seed == RANDOM_SEED):
+                limits.check(name, getattr(self, name))
+        if not self.image_guidance_start < self.image_guidance_end:
+            raise ValueError(f"image_guidance_start {self.image_guidance_start} must be below image_guidance_end "
+                             f"{self.image_guidance_end} (fractions of the steps; official 0 and 1)")
         for name, valid in (("solver", SOLVERS), ("ref_mode", REFERENCE_MODES)):
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name}: got {getattr(self, name)!r}; valid values are {', '.join(valid)}")
@@ -98,19 +145,6 @@ class GenerationSettings:
         if "prompt" not in data:
             raise ValueError("generation settings: 'prompt' is missing")
         return cls(**data)
-
-
-def _check_int(name: str, value: Any, valid: str, minimum: int, maximum: int | None = None, step: int = 1) -> None:
-    """``value`` must be an int in [minimum, maximum] with ``(value - minimum) % step == 0``."""
-    ok = not isinstance(value, bool) and isinstance(value, int) and value >= minimum
-    if not ok or (maximum is not None and value > maximum) or (value - minimum) % step:
-        raise ValueError(f"{name}: got {value!r}; expected {valid}")
-
-
-def _check_number(name: str, value: Any, valid: str, positive: bool = False) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if not ok or (positive and value <= 0):
-        raise ValueError(f"{name}: got {value!r}; expected {valid}")
 
 
 def settings_from_preset(name: str, **overrides: Any) -> GenerationSettings:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from phantom_core.inference.settings import RANDOM_SEED, GenerationSettings
+from phantom_core.loading.disk import atomic_write
 from phantom_core.loading.files import INDEX_SUFFIX, find_index, read_index
 from phantom_core.loading.fp8 import weight_bytes
 from phantom_core.log import logger
@@ -145,12 +146,10 @@ def build_sidecar(settings: GenerationSettings, *, dit_path: str | os.PathLike, 
 
 
 def write_sidecar(record: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write the record as indented UTF-8 JSON, atomically (temporary file + ``os.replace``)."""
+    """Write the record as indented UTF-8 JSON, atomically with ordinary permissions (`atomic_write`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_text(json.dumps(record, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(record, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     logger.info("wrote sidecar %s", path)
     return path
 

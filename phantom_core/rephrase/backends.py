@@ -14,10 +14,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from phantom_core.inference.settings import Range
 from phantom_core.rephrase.endpoint import EndpointBackend, EndpointConfig
 from phantom_core.rephrase.local import LocalConfig, LocalVLMBackend
 
 BACKENDS = ("openai-compatible", "local")
+# what make_backend accepts; the rephrase node's widgets declare exactly these min / max
+REPHRASE_RANGES: dict[str, Range] = {
+    "max_new_tokens": Range(16, 4096, 1, "upper bound on the answer's length, tokens"),
+    "temperature": Range(0.0, 2.0, meaning="0 = greedy"),
+    "seed": Range(0, 2**31 - 1, 1, "sampling seed of the rephraser"),
+    "timeout_s": Range(1.0, 600.0, meaning="seconds for the whole rephrase on an endpoint"),
+}
 
 
 def make_backend(backend: str, *, endpoint_url: str = "", endpoint_model: str = "", api_key_env: str = "",
@@ -33,8 +41,9 @@ def make_backend(backend: str, *, endpoint_url: str = "", endpoint_model: str = 
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend is {backend!r}; valid: {', '.join(BACKENDS)}")
-    if max_new_tokens < 16 or temperature < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens}, temperature={temperature}; need >= 16 and >= 0")
+    for name, value in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("seed", seed),
+                        ("timeout_s", timeout_s)):
+        REPHRASE_RANGES[name].check(name, value)
     if backend == "local":
         if not local_path.strip():
             raise ValueError("no rephraser back-end configured: backend is 'local' but no model folder is given "

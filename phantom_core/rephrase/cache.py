@@ -3,7 +3,8 @@
 `RephraseCache` stores `RephraseResult`s under an opaque key; what goes into the key (every input and setting
 that changes the answer) is the rephraser's business (`rephraser.cache_key`). `DEFAULT_CACHE` is the
 process-wide instance `Rephraser` uses when given none, so a re-queued ComfyUI workflow never asks the model
-again. Files are written atomically (`<key>.json.tmp`, then renamed); an unreadable file is logged and ignored.
+again. Files are written atomically (`phantom_core.loading.disk.atomic_write`); an unreadable file is logged and
+ignored.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 from collections import OrderedDict
 from pathlib import Path
 
+from phantom_core.loading.disk import atomic_write
 from phantom_core.log import logger
 from phantom_core.rephrase.types import RephraseResult
 
@@ -44,10 +46,8 @@ class RephraseCache:
     def put(self, key: str, result: RephraseResult) -> None:
         self._remember(key, result)
         if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            tmp = self.directory / f"{key}.json.tmp"
-            tmp.write_text(json.dumps(result.to_json(), ensure_ascii=False, indent=1), encoding="utf-8")
-            tmp.replace(self.directory / f"{key}.json")
+            with atomic_write(self.directory / f"{key}.json") as tmp:
+                tmp.write_text(json.dumps(result.to_json(), ensure_ascii=False, indent=1), encoding="utf-8")
 
     def clear(self) -> None:
         """Forget the in-memory entries (files in `directory` are kept)."""

@@ -3,7 +3,7 @@
 They let the nodes, the shipped workflows and the tests run end to end without downloading anything; the
 videos they make are noise-like, not meaningful. Everything is drawn from fixed seeds, so the bytes of each
 file are the same on every machine and run; `write_tiny_default` skips a file whose content hash already
-matches and otherwise writes it atomically (temporary file + `os.replace`).
+matches and otherwise writes it atomically (`phantom_core.loading.disk.atomic_write`).
 
     <models_dir>/diffusion_models/phantom_tiny_dit.safetensors   DIT_PRESETS["tiny"], upstream Wan2.1 keys
     <models_dir>/vae/phantom_tiny_vae.safetensors                VAE_PRESETS["tiny"], upstream Wan2.1 VAE keys
@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save
 from torch import Tensor
 
+from phantom_core.loading.disk import atomic_write
 from phantom_core.log import logger
 from phantom_core.tiny.text import random_text_encoder_state_dict, train_tiny_tokenizer
 from phantom_core.wan.dit import DIT_PRESETS, PhantomWanDiT
@@ -87,16 +88,8 @@ def _install(path: Path, data: bytes) -> bool:
     """Write `data` to `path` atomically unless the file already holds exactly these bytes; True if written."""
     if _file_sha256(path) == _sha256(data):
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are ordinary readable files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data)
     return True
 
 

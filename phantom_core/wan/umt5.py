@@ -19,7 +19,6 @@ import dataclasses
 import html
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from phantom_core.loading.disk import atomic_write
 from phantom_core.loading.files import read_state_dict
 from phantom_core.loading.fp8 import (
     attach_scales,
@@ -341,18 +341,11 @@ def load_text_encoder(path_or_state_dict: str | os.PathLike | Mapping[str, Tenso
 
 def write_text_encoder_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, Tensor],
                                   spiece_bytes: bytes | None = None) -> Path:
-    """Write weights (+ the sentencepiece model under ``spiece_model``) to ``path`` atomically (temp + replace)."""
+    """Write weights (+ the sentencepiece model under ``spiece_model``) to ``path`` atomically (`atomic_write`)."""
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items() if k != EMBED_TOKENS_KEY}
     if spiece_bytes is not None:
         tensors[SPIECE_KEY] = torch.frombuffer(bytearray(spiece_bytes), dtype=torch.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_write(path) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

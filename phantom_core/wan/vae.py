@@ -32,7 +32,7 @@ from phantom_core.wan.vae_blocks import (
     apply_causal,
     causal_conv,
 )
-from phantom_core.wan.vae_tiling import DEFAULT_OVERLAP_LATENT, decode_tiled
+from phantom_core.wan.vae_tiling import DEFAULT_OVERLAP_LATENT, Progress, decode_tiled
 
 
 @dataclass(frozen=True)
@@ -197,6 +197,7 @@ class WanVAE(nn.Module):
         tile_latent: int | tuple[int, int] | None = None,
         overlap_latent: int = DEFAULT_OVERLAP_LATENT,
         blend: str = "linear",
+        progress: Progress | None = None,
     ) -> Tensor:
         """Raw latents -> video (not clamped), whole or in overlapping spatial tiles.
 
@@ -205,6 +206,8 @@ class WanVAE(nn.Module):
             tile_latent: None decodes the whole frame at once; an int or ``(height, width)`` in latent cells
                 (8 px each) decodes tiles of that size with ``overlap_latent`` cells of overlap, blended with a
                 ``blend`` ("linear" / "cosine") ramp, peak memory ~ one tile (see `phantom_core.wan.vae_tiling`).
+            progress: called as ``progress(done, total)`` after each latent frame is decoded (of each tile when
+                tiled: ``total`` = tiles x F), e.g. to drive a progress bar; it may raise to stop the decode.
         Returns:
             ``[B, 3, 1 + 4 * (F - 1), 8h, 8w]`` float32 pixels, nominally in [-1, 1].
         Raises:
@@ -214,7 +217,7 @@ class WanVAE(nn.Module):
         if latents.ndim != 5 or latents.shape[1] != cfg.z_dim or min(latents.shape) < 1:
             raise ValueError(f"latents has shape {tuple(latents.shape)}; expected [B, {cfg.z_dim}, F, h, w]")
         if tile_latent is not None:
-            return decode_tiled(self, latents, tile_latent, overlap_latent, blend)
+            return decode_tiled(self, latents, tile_latent, overlap_latent, blend, progress=progress)
         dtype, device = self._compute_params()
         b, _, n_latent, h, w = latents.shape
         s, ts = cfg.spatial_stride, cfg.temporal_stride
@@ -226,6 +229,8 @@ class WanVAE(nn.Module):
             start = 0 if i == 0 else 1 + ts * (i - 1)
             frames = self.decoder(z, cache)  # (B, 3, 1 or 4, 8h, 8w)
             video[:, :, start : start + frames.shape[2]] = frames
+            if progress is not None:
+                progress(i + 1, n_latent)
         return video
 
     def encode(self, video: Tensor) -> Tensor:
@@ -242,15 +247,16 @@ class WanVAE(nn.Module):
         tile_latent: int | tuple[int, int] | None = None,
         overlap_latent: int = DEFAULT_OVERLAP_LATENT,
         blend: str = "linear",
+        progress: Progress | None = None,
     ) -> Tensor:
         """Normalized latents ``[B, 16, F, h, w]`` -> pixels ``[B, 3, 1+4(F-1), 8h, 8w]`` float32 in [-1, 1].
 
-        ``tile_latent`` / ``overlap_latent`` / ``blend``: optional spatial tiling, as in `decode_raw`.
+        ``tile_latent`` / ``overlap_latent`` / ``blend``: optional spatial tiling; ``progress``: as in `decode_raw`.
         """
         if latents.ndim != 5 or latents.shape[1] != LATENT_CHANNELS:
             raise ValueError(f"latents has shape {tuple(latents.shape)}; expected [B, {LATENT_CHANNELS}, F, h, w]")
         raw = denormalize_latents(latents.float())
-        return self.decode_raw(raw, tile_latent, overlap_latent, blend).clamp_(-1.0, 1.0)
+        return self.decode_raw(raw, tile_latent, overlap_latent, blend, progress).clamp_(-1.0, 1.0)
 
 
 def _check_video(video: Tensor, cfg: WanVAEConfig) -> None:

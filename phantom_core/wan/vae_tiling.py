@@ -16,6 +16,7 @@ written here from the description; the even spreading of tiles is our choice.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,6 +27,7 @@ from phantom_core.log import logger
 if TYPE_CHECKING:  # wan_vae imports this module; the type is only needed for hints
     from phantom_core.wan.vae import WanVAE
 
+Progress = Callable[[int, int], None]  # progress(done, total), in latent frames (x tiles)
 MIN_TILE_LATENT = 4  # latent cells per tile side (32 px); smaller tiles would be mostly edge
 BLEND_MODES = ("linear", "cosine")
 DEFAULT_TILE_LATENT = (32, 32)  # 256 x 256 px
@@ -109,14 +111,17 @@ def decode_tiled(
     tile_latent: int | tuple[int, int] = DEFAULT_TILE_LATENT,
     overlap_latent: int = DEFAULT_OVERLAP_LATENT,
     blend: str = "linear",
+    progress: Progress | None = None,
 ) -> Tensor:
     """Raw latents -> video like ``vae.decode_raw(latents)``, decoded in overlapping spatial tiles.
 
     Args:
-        vae: the Wan VAE (anything with ``config.spatial_stride``, ``config.temporal_stride``, ``decode_raw``).
+        vae: the Wan VAE (anything with ``config.spatial_stride``, ``config.temporal_stride`` and
+            ``decode_raw(latents, progress=None)``).
         latents: ``[B, 16, F, h, w]`` float raw latents.
         tile_latent, overlap_latent, blend: see `check_tiling`. A tile side >= the latent side on that axis
             gives one tile there; if one tile covers the whole grid this is exactly ``vae.decode_raw(latents)``.
+        progress: ``progress(done, total)`` after each latent frame of each tile (``total`` = tiles x F).
     Returns:
         ``[B, 3, 1 + 4 * (F - 1), 8h, 8w]`` float32 pixels (not clamped), on the device ``decode_raw`` uses.
     Raises:
@@ -127,17 +132,20 @@ def decode_tiled(
         raise ValueError(f"latents has shape {tuple(latents.shape)}; expected [B, 16, F, h, w]")
     b, _, n_latent, h, w = latents.shape
     if th >= h and tw >= w:
-        return vae.decode_raw(latents)
+        return vae.decode_raw(latents, progress=progress)
     th, tw = min(th, h), min(tw, w)
     s, ts = vae.config.spatial_stride, vae.config.temporal_stride
     ys, xs = tile_starts(h, th, overlap_latent), tile_starts(w, tw, overlap_latent)
     wy, wx = axis_weights(ys, th, h, s, blend), axis_weights(xs, tw, w, s, blend)
     logger.info("tiled VAE decode: %d x %d tiles of %d x %d latent cells", len(ys), len(xs), th, tw)
+    total = len(ys) * len(xs) * n_latent
     video: Tensor | None = None
     for i, y0 in enumerate(ys):
         for j, x0 in enumerate(xs):
             # 1. one tile through the full causal temporal pass (a fresh cache inside decode_raw)
-            tile = vae.decode_raw(latents[:, :, :, y0 : y0 + th, x0 : x0 + tw])  # (B, 3, T, th*s, tw*s)
+            done = (i * len(xs) + j) * n_latent  # latent frames decoded by the tiles before this one
+            report = None if progress is None else lambda k, _, done=done: progress(done + k, total)
+            tile = vae.decode_raw(latents[:, :, :, y0 : y0 + th, x0 : x0 + tw], progress=report)  # (B,3,T,th*s,tw*s)
             if video is None:  # preallocate on the device and in the dtype decode_raw returns
                 shape = (b, 3, 1 + ts * (n_latent - 1), h * s, w * s)
                 video = tile.new_zeros(shape)  # (B, 3, T, H, W)

@@ -109,3 +109,25 @@ def test_bad_settings_are_named():
         StepCache(threshold=-1.0)
     with pytest.raises(ValueError, match="warmup_steps"):
         StepCache(threshold=0.1, warmup_steps=1)
+
+
+def test_cli_settings_reach_the_sampler_and_the_sidecar(tmp_path):
+    """--cache-threshold / --image-guidance-start / -end are GenerationSettings fields: validated, sampled with,
+    recorded in the sidecar (so --from-sidecar reproduces them)."""
+    from phantom_core.__main__ import main
+    from phantom_core.inference.settings import GenerationSettings
+    from phantom_core.inference.sidecar import read_sidecar
+    from tests.support.files import make_tiny_files, model_args
+
+    with pytest.raises(ValueError, match="image_guidance_start 0.5 must be below image_guidance_end 0.2"):
+        GenerationSettings("x", image_guidance_start=0.5, image_guidance_end=0.2)
+    with pytest.raises(ValueError, match="cache_threshold"):
+        GenerationSettings("x", cache_threshold=-0.1)
+    files = make_tiny_files(tmp_path, 0, [(40, 48), (48, 40)])
+    out = tmp_path / "v.mp4"
+    args = ["generate", *model_args(files), "--prompt", "a cat", "--width", "32", "--height", "32", "--frames", "1",
+            "--steps", "6", "--solver", "euler", "--seed", "3", "--cache-threshold", "0.2",
+            "--image-guidance-end", "0.5", "--out", str(out)]
+    assert main(args) == 0
+    recorded = read_sidecar(out.with_suffix(".json"))["settings"]  # a GenerationSettings
+    assert recorded.cache_threshold == 0.2 and recorded.image_guidance_end == 0.5

@@ -46,8 +46,11 @@ class PointwiseDecoder:
         self.mix = torch.randn(3, 16, generator=torch.Generator().manual_seed(9))
         self.calls: list[tuple[int, ...]] = []
 
-    def decode_raw(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode_raw(self, latents: torch.Tensor, progress=None) -> torch.Tensor:
         self.calls.append(tuple(latents.shape))
+        for k in range(latents.shape[2]):  # the decode_raw contract: one report per latent frame
+            if progress is not None:
+                progress(k + 1, latents.shape[2])
         pix = torch.einsum("dc,bcfhw->bdfhw", self.mix, latents)  # (B, 3, F, h, w)
         gains = torch.tensor([1.0, 2.0, 3.0, 4.0]).repeat(pix.shape[2] - 1).view(1, 1, -1, 1, 1)  # 4 frames differ
         later = repeat(pix[:, :, 1:], "b d f h w -> b d (f k) h w", k=4) * gains  # (B, 3, 4(F-1), h, w)
@@ -195,3 +198,28 @@ def test_bad_latents_are_named_when_tiled(vae):
         vae.decode_raw(torch.zeros(1, 8, 2, 4, 6), tile_latent=4, overlap_latent=1)
     with pytest.raises(ValueError, match="latents has shape"):
         decode_tiled(vae, torch.zeros(16, 2, 4, 6), 4, 1)
+
+
+# --- progress -----------------------------------------------------------------------------------------------------
+
+
+def test_progress_is_reported_per_latent_frame_and_tile(vae):
+    """decode_raw reports (done, total) after each latent frame; tiled, after each frame of each tile, counting
+    on across tiles up to tiles x F; an exception raised by the callback stops the decode (an interrupt)."""
+    z = raw_latents(3, 6, 9, seed=6)  # 3 latent frames
+    seen: list[tuple[int, int]] = []
+    vae.decode_raw(z, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    seen.clear()
+    vae.decode(normalize_latents(z), tile_latent=(4, 5), overlap_latent=1, progress=lambda *a: seen.append(a))
+    assert seen == [(k, 12) for k in range(1, 13)]  # 2 x 2 tiles x 3 frames
+    seen.clear()
+    decode_tiled(PointwiseDecoder(), z, (4, 5), 1, progress=lambda *a: seen.append(a))
+    assert seen == [(k, 12) for k in range(1, 13)]
+
+    def stop(done: int, total: int) -> None:
+        if done == 2:
+            raise InterruptedError("stop")
+
+    with pytest.raises(InterruptedError):
+        vae.decode_raw(z, progress=stop)

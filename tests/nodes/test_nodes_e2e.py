@@ -9,19 +9,16 @@ input, and leave no output file behind.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 import time
-import uuid
 from pathlib import Path
 
-import aiohttp
 import pytest
 import requests
 
 from phantom_core.video_io import probe_mp4
-from tests.support.comfy import history_error, refusal_message
+from tests.support.comfy import history_error, refusal_message, watch
 from tools.comfy_launcher import ComfyServer
 from tools.make_workflows import api_path
 
@@ -243,38 +240,15 @@ def test_sampler_preset_switches_to_the_paper_settings(comfy_server: ComfyServer
     assert (paper - official).abs().max() > 1e-3
 
 
-async def watch(server: ComfyServer, prompt: dict, timeout_s: float = 300.0) -> tuple[list[dict], int]:
-    """Queue `prompt` with a websocket open; returns (its JSON messages, number of binary preview frames)."""
-    client_id, messages, binary = uuid.uuid4().hex, [], 0
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(f"{server.url}/ws?clientId={client_id}") as ws:
-            r = server.queue(prompt, client_id)
-            assert r.status_code == 200, r.text
-            prompt_id = r.json()["prompt_id"]
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline:
-                msg = await ws.receive(timeout=timeout_s)
-                if msg.type == aiohttp.WSMsgType.BINARY:
-                    binary += 1
-                    continue
-                data = json.loads(msg.data)
-                messages.append(data)
-                if data["type"] in ("execution_success", "execution_error") and \
-                        data["data"].get("prompt_id") == prompt_id:
-                    return messages, binary
-    raise TimeoutError("prompt did not finish")
-
-
 def test_sampler_reports_progress_and_previews_every_step(comfy_server: ComfyServer, examples_dir: Path) -> None:
     prompt = configure(load_api(1), comfy_server, cases(examples_dir)[1], width=48, height=32, frames=5,
                        steps=4, prefix="e2e_progress")
     prompt[SAMPLER_NODE]["inputs"]["seed"] = 7
-    messages, binary = asyncio.run(watch(comfy_server, prompt))
-    assert messages[-1]["type"] == "execution_success", messages[-1]
-    progress = [(m["data"]["value"], m["data"]["max"]) for m in messages
-                if m["type"] == "progress" and m["data"].get("node") == SAMPLER_NODE]
+    seen = watch(comfy_server, prompt)
+    assert seen.messages[-1]["type"] == "execution_success", seen.messages[-1]
+    progress = seen.progress(SAMPLER_NODE)
     assert progress == [(k, 4) for k in range(1, 5)], progress
-    assert binary >= 4, "no latent preview frames were sent (server runs with --preview-method latent2rgb)"
+    assert seen.previews >= 4, "no latent preview frames were sent (server runs with --preview-method latent2rgb)"
 
 
 # ------------------------------------------------------------------------------------------------- errors

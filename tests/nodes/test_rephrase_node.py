@@ -6,30 +6,24 @@ put in its `<base>/models/LLM`, and a recording chat-completions server on 127.0
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import struct
 import subprocess
 import sys
 import textwrap
-import time
-import uuid
 from pathlib import Path
 
-import aiohttp
 import numpy as np
 import pytest
 from PIL import Image
 
 from tests.support import COMFY_DIR
 from tests.support.chat import good_answer
-from tests.support.comfy import history_error
+from tests.support.comfy import history_error, watch
 from tests.support.tiny_vlm import build_tiny_vlm
 from tools.comfy_launcher import ComfyServer
 
 ROOT = Path(__file__).resolve().parents[2]
-TEXT_EVENT = 3  # ComfyUI's BinaryEventTypes.TEXT: what PromptServer.send_progress_text sends
 KEY_ENV = "PHANTOM_REPHRASE_NODE_TEST_KEY"
 KEY = "sk-node-SECRET-9876543210"
 os.environ[KEY_ENV] = KEY  # set at collection, before any server starts, so the server's environment has it
@@ -83,39 +77,15 @@ def test_schema(server):
     assert info["input"]["hidden"] == {"unique_id": ["UNIQUE_ID"]}
 
 
-async def watch(server: ComfyServer, prompt: dict, timeout_s: float = 120.0) -> tuple[list[dict], list[tuple]]:
-    """Queue `prompt` with a websocket open; returns (JSON messages, progress texts as (node id, text))."""
-    client_id, messages, texts = uuid.uuid4().hex, [], []
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(f"{server.url}/ws?clientId={client_id}") as ws:
-            r = server.queue(prompt, client_id)
-            assert r.status_code == 200, r.text
-            prompt_id, deadline = r.json()["prompt_id"], time.monotonic() + timeout_s
-            while time.monotonic() < deadline:
-                msg = await ws.receive(timeout=timeout_s)
-                if msg.type == aiohttp.WSMsgType.BINARY:
-                    (event,) = struct.unpack(">I", msg.data[:4])
-                    if event == TEXT_EVENT:
-                        (n,) = struct.unpack(">I", msg.data[4:8])
-                        texts.append((msg.data[8:8 + n].decode(), msg.data[8 + n:].decode()))
-                    continue
-                data = json.loads(msg.data)
-                messages.append(data)
-                if data["type"] in ("execution_success", "execution_error") and \
-                        data["data"].get("prompt_id") == prompt_id:
-                    return messages, texts
-    raise TimeoutError("prompt did not finish")
-
-
 def test_rewritten_text_is_drawn_on_the_node(server, tmp_path, chat_server):
     """The frontend draws progress text on any node (ui "text" only on PreviewAny): the node sends its own."""
     rewritten = "a man in a green jacket walks a brown dog in the park"
     rec = chat_server([{"content": good_answer(["a man in a green jacket", "a brown dog"], rewritten)}])
     wf = workflow(upload_refs(server, tmp_path, 2), backend="openai-compatible", endpoint_url=rec.url,
                   endpoint_model="vlm-test", local_model="none", strict=True, prompt="a man walks a dog (shown)")
-    messages, texts = asyncio.run(watch(server, wf))
-    assert messages[-1]["type"] == "execution_success", messages[-1]
-    assert texts == [("rephrase", f"{rewritten}\n\n1: a man in a green jacket\n2: a brown dog")]
+    seen = watch(server, wf)
+    assert seen.messages[-1]["type"] == "execution_success", seen.messages[-1]
+    assert seen.texts == [("rephrase", f"{rewritten}\n\n1: a man in a green jacket\n2: a brown dog")]
 
 
 def test_hint_k_belongs_to_image_k(server, tmp_path, chat_server):
