@@ -21,6 +21,7 @@ from phantom_core.mmdit.config import MMDIT_PRESETS
 from phantom_core.mmdit.model import PhantomMMDiT
 from tests.support.comfy import history_error, refusal_message
 from tests.support.networks import random_clip_state_dict, save_safetensors
+from tests.support.prompts import pipeline_prompt
 from tests.support.weights import random_state_dict
 from tools.comfy_launcher import ComfyServer
 
@@ -43,41 +44,25 @@ def models(comfy_server: ComfyServer) -> Path:
 
 
 def graph(server: ComfyServer, refs: list[Path], *, dit: str, clip_vision: str | None, seed: int = 3,
-          width: int = 32, height: int = 32, frames: int = 5, steps: int = 2, prefix: str = "mmdit") -> dict:
-    """An API prompt: loaders, text encoders, references (VAE, then CLIP when ``clip_vision`` names a file), sampler,
-    SaveLatent (node "50")."""
-    g: dict[str, dict] = {
-        "1": {"class_type": "PhantomDiTLoader", "inputs": {"dit_name": dit, "weight_dtype": "fp32"}},
-        "2": {"class_type": "PhantomVAELoader", "inputs": {"vae_name": "phantom_tiny_vae.safetensors"}},
-        "3": {"class_type": "PhantomTextEncoderLoader",
-              "inputs": {"text_encoder_name": "phantom_tiny_umt5.safetensors", "tokenizer": "embedded",
-                         "device": "default"}},
-        "4": {"class_type": "PhantomTextEncode", "inputs": {"text_encoder": ["3", 0], "text": PROMPT}},
-        "5": {"class_type": "PhantomTextEncode", "inputs": {"text_encoder": ["3", 0], "text": NEGATIVE}},
-        "20": {"class_type": "PhantomReferences", "inputs": {"mode": "letterbox"}},
-        "21": {"class_type": "PhantomEncodeReferences",
-               "inputs": {"vae": ["2", 0], "references": ["20", 0], "width": width, "height": height}},
-        "30": {"class_type": "PhantomSampler",
-               "inputs": {"model": ["1", 0], "positive": ["4", 0], "negative": ["5", 0],
-                          "reference_latents": ["21", 0], "width": width, "height": height, "frames": frames,
-                          "steps": steps, "shift": 5.0, "solver": "euler", "w_img": 3.0, "w_text": 7.5,
-                          "seed": seed, "preset": "custom"}},
-        "50": {"class_type": "SaveLatent", "inputs": {"samples": ["30", 0], "filename_prefix": prefix}},
-    }
-    for k, path in enumerate(refs):
-        g[str(10 + k)] = {"class_type": "LoadImage", "inputs": {"image": server.upload_image(path)}}
-        g["20"]["inputs"][f"image_{k + 1}"] = [str(10 + k), 0]
+          frames: int = 5, prefix: str = "mmdit") -> dict:
+    """``pipeline_prompt`` at 32 x 32 px, 2 Euler steps, with ``dit``, the references uploaded, the CLIP encoder
+    chained after the VAE encoder when ``clip_vision`` names a file, and SaveLatent ("latent") instead of the video."""
+    prompt = pipeline_prompt([server.upload_image(p) for p in refs], size=32, frames=frames, steps=2, seed=seed,
+                             prefix=prefix, dit={"dit_name": dit, "weight_dtype": "fp32"}, pos={"text": PROMPT},
+                             neg={"text": NEGATIVE}, sampler={"w_img": 3.0})
+    del prompt["decode"], prompt["save"]
+    prompt["latent"] = {"class_type": "SaveLatent", "inputs": {"samples": ["sampler", 0], "filename_prefix": prefix}}
     if clip_vision is not None:
-        g["6"] = {"class_type": "PhantomCLIPVisionLoader", "inputs": {"clip_vision_name": clip_vision}}
-        g["22"] = {"class_type": "PhantomCLIPEncodeReferences",
-                   "inputs": {"clip_vision": ["6", 0], "references": ["20", 0], "reference_latents": ["21", 0],
-                              "clip_output": "tokens"}}
-        g["30"]["inputs"]["reference_latents"] = ["22", 0]
-    return g
+        prompt["clip"] = {"class_type": "PhantomCLIPVisionLoader", "inputs": {"clip_vision_name": clip_vision}}
+        prompt["clipenc"] = {"class_type": "PhantomCLIPEncodeReferences",
+                             "inputs": {"clip_vision": ["clip", 0], "references": ["refs", 0],
+                                        "reference_latents": ["enc", 0], "clip_output": "tokens"}}
+        prompt["sampler"]["inputs"]["reference_latents"] = ["clipenc", 0]
+    return prompt
 
 
 def saved_latent(server: ComfyServer, entry: dict) -> torch.Tensor:
-    [saved] = entry["outputs"]["50"]["latents"]
+    [saved] = entry["outputs"]["latent"]["latents"]
     return load_file(server.output_dir / saved["subfolder"] / saved["filename"])["latent_tensor"]
 
 
@@ -173,8 +158,8 @@ def test_clip_encoding_of_other_references_is_refused(comfy_server: ComfyServer,
     """CLIP features of 2 references added to the latents of 1: refused on the CLIP encoder, naming both counts."""
     refs = two_refs(examples_dir)
     prompt = graph(comfy_server, refs, dit=MMDIT_FILE, clip_vision=CLIP_FILE, frames=1, prefix="mismatch")
-    prompt["23"] = {"class_type": "PhantomReferences", "inputs": {"mode": "letterbox", "image_1": ["10", 0]}}
-    prompt["21"]["inputs"]["references"] = ["23", 0]  # the VAE encodes one reference, CLIP two
+    prompt["refs1"] = {"class_type": "PhantomReferences", "inputs": {"mode": "letterbox", "image_1": ["img1", 0]}}
+    prompt["enc"]["inputs"]["references"] = ["refs1", 0]  # the VAE encodes one reference, CLIP two
     before = comfy_server.output_files()
     message = refusal_message(comfy_server, prompt)
     assert message.startswith("PhantomCLIPEncodeReferences:") and "hold 1 references but references has 2" in message
