@@ -5,9 +5,9 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .decode import PhantomDecode
-from .loaders import PhantomDiTLoader, PhantomTextEncoderLoader, PhantomVAELoader
+from .loaders import PhantomCLIPVisionLoader, PhantomDiTLoader, PhantomTextEncoderLoader, PhantomVAELoader
 from .lora import PhantomLoadLoRA
-from .references import PhantomEncodeReferences, PhantomReferences
+from .references import PhantomCLIPEncodeReferences, PhantomEncodeReferences, PhantomReferences
 from .rephrase import REPHRASE_NODES
 from .sampler import PhantomSampler
 from .save_video import PhantomSaveVideo
@@ -19,9 +19,11 @@ PHANTOM_NODES: list[type[io.ComfyNode]] = [
     PhantomVAELoader,
     PhantomTextEncoderLoader,
     PhantomLoadLoRA,
+    PhantomCLIPVisionLoader,
     PhantomTextEncode,
     PhantomReferences,
     PhantomEncodeReferences,
+    PhantomCLIPEncodeReferences,
     PhantomSampler,
     PhantomDecode,
     PhantomSaveVideo,

@@ -57,6 +57,7 @@ LISTINGS = {  # ComfyUI model folder -> the names its inputs offer
     "diffusion_models": dit_files,
     "vae": lambda: folder_paths.get_filename_list("vae"),
     "text_encoders": lambda: folder_paths.get_filename_list("text_encoders"),
+    "clip_vision": lambda: folder_paths.get_filename_list("clip_vision"),  # the MMDiT's CLIP towers
     "tokenizers": tokenizer_files,  # spiece.model files, which live in models/text_encoders
     LLM_FOLDER: local_model_folders,
 }

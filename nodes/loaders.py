@@ -1,4 +1,5 @@
-"""Loader nodes: the Phantom-Wan DiT, the Wan2.1 VAE and the umT5 text encoder, from ComfyUI's model folders.
+"""Loader nodes: the DiT (Phantom-Wan or the paper's MMDiT), the Wan2.1 VAE, the umT5 text encoder and a CLIP
+vision tower (for the MMDiT's CLIP reference features), from ComfyUI's model folders.
 
 Each loader reads the checkpoint onto ComfyUI's offload device and returns it wrapped in a
 `comfy.model_patcher.ModelPatcher`; the consuming node calls `comfy.model_management.load_models_gpu` so
@@ -16,13 +17,14 @@ import torch
 from comfy_api.latest import io
 
 from phantom_core.loading.fp8 import WEIGHT_DTYPES, is_fp8
+from phantom_core.mmdit.clip import load_clip_vision
+from phantom_core.mmdit.load import load_any_dit
 from phantom_core.wan.inspect import stored_format
-from phantom_core.wan.load import load_dit
 from phantom_core.wan.umt5 import load_text_encoder
 from phantom_core.wan.vae import load_vae
 
 from .files import dit_files, model_error, model_path, tokenizer_files
-from .types import CATEGORY, PhantomDiT, PhantomTextEncoder, PhantomVAE, manage
+from .types import CATEGORY, PhantomClipVision, PhantomDiT, PhantomTextEncoder, PhantomVAE, manage
 
 EMBEDDED = "embedded"
 TEXT_ENCODER_DEVICES = ["default", "cpu"]
@@ -68,11 +70,13 @@ class PhantomDiTLoader(io.ComfyNode):
             node_id="PhantomDiTLoader",
             display_name="Phantom DiT Loader",
             category=CATEGORY,
-            description="Loads a Phantom-Wan diffusion transformer (official .safetensors/.pth layout or ComfyUI's).",
+            description="Loads a Phantom-Wan diffusion transformer (official .safetensors/.pth layout or ComfyUI's), "
+                        "or a Phantom MMDiT (the paper's network), recognised by its keys.",
             inputs=[
                 io.Combo.Input("dit_name", options=dit_files(),
                                tooltip="Phantom-Wan DiT checkpoint from models/diffusion_models: .safetensors, "
-                                       ".pth, or the *.safetensors.index.json of a sharded one (official 14B)."),
+                                       ".pth, or the *.safetensors.index.json of a sharded one (official 14B); or "
+                                       "a Phantom MMDiT checkpoint (joint_blocks.* keys)."),
                 io.Combo.Input("weight_dtype", options=["default", *WEIGHT_DTYPES], default="default",
                                tooltip="Weight precision. default: an fp8 file stays fp8 (computed in bf16, scales "
                                        "applied); others bf16 where the device supports it, else fp32. fp8_*: "
@@ -90,8 +94,8 @@ class PhantomDiTLoader(io.ComfyNode):
         path = model_path("diffusion_models", "dit_name", dit_name)
         load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
         dtype, compute_dtype = pick_dtypes(weight_dtype, path, load_device)
-        model = load_dit(path, dtype=dtype, device=offload_device, ops=comfy.ops.disable_weight_init,
-                         compute_dtype=compute_dtype)
+        model = load_any_dit(path, dtype=dtype, device=offload_device, ops=comfy.ops.disable_weight_init,
+                             compute_dtype=compute_dtype)
         return io.NodeOutput(manage(model, load_device, offload_device))
 
 
@@ -163,3 +167,32 @@ class PhantomTextEncoderLoader(io.ComfyNode):
         encoder = load_text_encoder(path, tokenizer=tokenizer_path(tokenizer), dtype=None, device=offload_device,
                                     compute_dtype=pick_dtype("default", load_device))
         return io.NodeOutput(manage(encoder, load_device, offload_device))
+
+
+class PhantomCLIPVisionLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PhantomCLIPVisionLoader",
+            display_name="Phantom CLIP Vision Loader",
+            category=CATEGORY,
+            description="Loads a CLIP image tower (open_clip ViT) for the MMDiT's CLIP reference features.",
+            inputs=[
+                io.Combo.Input("clip_vision_name", options=folder_paths.get_filename_list("clip_vision"),
+                               tooltip="CLIP vision checkpoint from models/clip_vision: ComfyUI's "
+                                       "clip_vision_h.safetensors (ViT-H-14, as Wan2.1 I2V uses) or an open_clip "
+                                       "ViT checkpoint (open_clip_model.safetensors)."),
+            ],
+            outputs=[PhantomClipVision.Output(display_name="clip_vision")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, clip_vision_name: str | None = None) -> bool | str:
+        return model_error("clip_vision", "clip_vision_name", clip_vision_name) or True
+
+    @classmethod
+    def execute(cls, clip_vision_name: str) -> io.NodeOutput:
+        path = model_path("clip_vision", "clip_vision_name", clip_vision_name)
+        load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
+        tower = load_clip_vision(path, dtype=pick_dtype("default", load_device), device=offload_device)
+        return io.NodeOutput(manage(tower, load_device, offload_device))

@@ -1,7 +1,12 @@
-"""PhantomReferences (collect 1..4 subject images) and PhantomEncodeReferences (each -> its own 1-frame latent).
+"""PhantomReferences (collect 1..4 subject images), PhantomEncodeReferences (each -> its own 1-frame latent) and
+PhantomCLIPEncodeReferences (each -> its CLIP features too, for the paper's MMDiT).
 
 Phantom conditions on every reference image as a separate single-frame VAE latent appended after the video
-latents on the time axis; see `phantom_core.references`.
+latents on the time axis; see `phantom_core.references`. The paper's MMDiT also reads each reference's CLIP
+features (`phantom_core.mmdit.clip`). They are added by a node of their own, chained after Phantom Encode
+References on the same references, so that node and the workflows built on it stay as they are; it checks that
+both encode the same number of references, and carries the CLIP features inside the reference latents, so the two
+encodings of each reference travel together to the sampler.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from comfy_api.latest import io, ui
 
 from phantom_core.inference.settings import SETTING_RANGES
 from phantom_core.log import logger
+from phantom_core.mmdit.clip import CLIP_OUTPUTS, encode_clip_references
 from phantom_core.references import (
     MAX_REFERENCES,
     REFERENCE_MODES,
@@ -22,7 +28,7 @@ from phantom_core.references import (
 )
 from phantom_core.wan.latents import denormalize_latents
 
-from .types import CATEGORY, PhantomRefLatents, PhantomVAE, core
+from .types import CATEGORY, PhantomClipVision, PhantomRefLatents, PhantomVAE, core
 from .types import PhantomReferences as PhantomReferencesType
 from .widgets import int_input, show_on_node
 
@@ -136,3 +142,41 @@ class PhantomEncodeReferences(io.ComfyNode):
         latents = encode_references(core(vae), pils, width, height, references["mode"])  # (1, 16, N, h, w) normalized
         raw = denormalize_latents(latents.float()).to(mm.intermediate_device())
         return io.NodeOutput({"samples": raw, "width": width, "height": height})
+
+
+class PhantomCLIPEncodeReferences(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PhantomCLIPEncodeReferences",
+            display_name="Phantom CLIP Encode References",
+            category=CATEGORY,
+            description="Adds each reference's CLIP features to its VAE latents, for a Phantom MMDiT (the paper's "
+                        "network reads both; Phantom-Wan ignores the CLIP features).",
+            inputs=[
+                PhantomClipVision.Input("clip_vision", tooltip="From Phantom CLIP Vision Loader."),
+                PhantomReferencesType.Input("references",
+                                            tooltip="From Phantom References: the same node that feeds Phantom "
+                                                    "Encode References."),
+                PhantomRefLatents.Input("reference_latents", tooltip="From Phantom Encode References."),
+                io.Combo.Input("clip_output", options=list(CLIP_OUTPUTS), default=CLIP_OUTPUTS[0],
+                               tooltip="tokens: the penultimate block's tokens (257 x 1280 for ViT-H-14, as Wan "
+                                       "I2V); pooled: the projected image embedding (1 x 1024). Must match what "
+                                       "the MMDiT was trained on. Each image is letterboxed on white."),
+            ],
+            outputs=[PhantomRefLatents.Output(display_name="reference_latents")],
+        )
+
+    @classmethod
+    def execute(cls, clip_vision, references: dict, reference_latents: dict, clip_output: str) -> io.NodeOutput:
+        if clip_output not in CLIP_OUTPUTS:  # ComfyUI checks no V3 combo
+            raise ValueError(f"clip_output is {clip_output!r}; valid: {', '.join(CLIP_OUTPUTS)}")
+        n_latents, n_images = reference_latents["samples"].shape[2], len(references["images"])
+        if n_latents != n_images:
+            raise ValueError(f"reference_latents hold {n_latents} references but references has {n_images} images; "
+                             "connect the same Phantom References node to both encoders")
+        mm.load_models_gpu([clip_vision])
+        pils = [tensor_to_pil(img) for img in references["images"]]
+        clip = encode_clip_references(core(clip_vision), pils, clip_output)  # (1, N, T, C) float32
+        clip = clip.to(mm.intermediate_device())
+        return io.NodeOutput(reference_latents | {"clip": clip, "clip_output": clip_output})

@@ -1,7 +1,8 @@
-"""PhantomSampler: noise -> video latents with Phantom's three-pass guidance (paper Eq. 5).
+"""PhantomSampler: noise -> video latents with Phantom's three-pass guidance (paper Eq. 5), on either DiT.
 
 Boundary conversions only: ComfyUI CONDITIONING -> text context tensors, raw reference latents -> normalized
-ones, the result back to ComfyUI's raw-latent LATENT dict. The loop itself is `phantom_core.sampling.loop`.
+ones (and the references' CLIP features to a Phantom MMDiT that reads them, `mmdit.inputs.clip_features_for`), the
+result back to ComfyUI's raw-latent LATENT dict. The loop itself is `phantom_core.sampling.loop`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from comfy_api.latest import io
 
 from phantom_core.inference.settings import SETTING_RANGES
+from phantom_core.mmdit.inputs import clip_features_for
 from phantom_core.sampling.loop import SAMPLER_PRESETS, SOLVERS, sample_from_seed
 from phantom_core.wan.latents import denormalize_latents, latent_shape, normalize_latents
 
@@ -61,12 +63,15 @@ class PhantomSampler(io.ComfyNode):
             node_id="PhantomSampler",
             display_name="Phantom Sampler",
             category=CATEGORY,
-            description="Generates a video of the reference subjects following the prompt (Phantom-Wan).",
+            description="Generates a video of the reference subjects following the prompt (Phantom-Wan or the "
+                        "Phantom MMDiT).",
             inputs=[
-                PhantomDiT.Input("model", tooltip="From Phantom DiT Loader."),
+                PhantomDiT.Input("model", tooltip="From Phantom DiT Loader (a Phantom-Wan DiT or a Phantom MMDiT)."),
                 io.Conditioning.Input("positive", tooltip="The prompt, [1, L, 4096] umT5 features."),
                 io.Conditioning.Input("negative", tooltip="The negative prompt, [1, L, 4096] umT5 features."),
-                PhantomRefLatents.Input("reference_latents", tooltip="From Phantom Encode References."),
+                PhantomRefLatents.Input("reference_latents",
+                                        tooltip="From Phantom Encode References (or Phantom CLIP Encode References, "
+                                                "for an MMDiT)."),
                 int_input("width", SETTING_RANGES["width"], 832,
                           "Video width in px (multiple of 16); must equal the references' width."),
                 int_input("height", SETTING_RANGES["height"], 480,
@@ -113,6 +118,7 @@ class PhantomSampler(io.ComfyNode):
         mm.load_models_gpu([model])
         device = model.load_device
         refs = normalize_latents(reference_latents["samples"].float()).to(device)  # (1, 16, N, h, w)
+        ref_clip = clip_features_for(dit, reference_latents.get("clip"))  # (1, N, T, C) or None
         pbar = comfy.utils.ProgressBar(settings["steps"])
         previewer = latent_preview.get_previewer(device, comfy.latent_formats.Wan21())  # None unless enabled
 
@@ -123,7 +129,7 @@ class PhantomSampler(io.ComfyNode):
             pbar.update_absolute(step + 1, total, preview)
 
         latents = sample_from_seed(dit, seed, latent_shape(frames, height, width), refs, context.to(device),
-                                   context_neg.to(device), **settings, callback=on_step,
-                                   model_dtype=dit.compute_dtype)  # (1, 16, F, h, w) normalized, fp32
+                                   context_neg.to(device), **settings, callback=on_step, model_dtype=dit.compute_dtype,
+                                   ref_clip=None if ref_clip is None else ref_clip.to(device))  # (1,16,F,h,w) fp32
         raw = denormalize_latents(latents.float()).to(mm.intermediate_device())  # (1, 16, F, h, w)
         return io.NodeOutput({"samples": raw})

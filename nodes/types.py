@@ -29,11 +29,13 @@ def manage(module: torch.nn.Module, load_device: torch.device, offload_device: t
 
 
 def core(patcher) -> torch.nn.Module:
-    """The phantom_core module inside a PHANTOM_DIT / PHANTOM_VAE / PHANTOM_TEXT_ENCODER patcher."""
+    """The phantom_core module inside a PHANTOM_DIT / PHANTOM_VAE / PHANTOM_TEXT_ENCODER / PHANTOM_CLIP_VISION
+    patcher."""
     return patcher.model.inner
 
 PhantomDiT = io.Custom("PHANTOM_DIT")
-"""A ModelPatcher managing `phantom_core.wan.dit.PhantomWanDiT` (see `core`)."""
+"""A ModelPatcher managing `phantom_core.wan.dit.PhantomWanDiT` or `phantom_core.mmdit.model.PhantomMMDiT` (see
+`core`): either velocity model."""
 
 PhantomVAE = io.Custom("PHANTOM_VAE")
 """A ModelPatcher managing `phantom_core.wan.vae.WanVAE`."""
@@ -46,7 +48,11 @@ PhantomReferences = io.Custom("PHANTOM_REFERENCES")
 "letterbox" | "crop"}`."""
 
 PhantomRefLatents = io.Custom("PHANTOM_REF_LATENTS")
-"""`{"samples": raw VAE latents [1, 16, N, h, w] float, "width": px, "height": px}` (N references)."""
+"""`{"samples": raw VAE latents [1, 16, N, h, w] float, "width": px, "height": px}` (N references), plus, when a
+CLIP vision tower was given, `"clip": [1, N, T, C] float CLIP features` and `"clip_output": "tokens" | "pooled"`."""
+
+PhantomClipVision = io.Custom("PHANTOM_CLIP_VISION")
+"""A ModelPatcher managing `phantom_core.mmdit.clip.ClipVision` (an open_clip image tower)."""
 
 CATEGORY = "Phantom"
 """The "Add Node" menu category of every Phantom node."""

@@ -3,6 +3,8 @@
 The public API (see docs/DESIGN.md for the layout and the tensor conventions):
 
     load_dit(path_or_state_dict, dtype, device) -> PhantomWanDiT   model(x, t, context, ref_latents) -> velocity
+    load_mmdit(...) -> PhantomMMDiT (the paper's network)            model(x, t, context, ref_latents, ref_clip)
+    load_clip_vision(path) -> ClipVision; encode_clip_references(tower, images) -> CLIP features [1, N, T, C]
     load_vae(path_or_state_dict, dtype, device) -> WanVAE          vae.encode(video) / vae.decode(latents)
     load_text_encoder(path, tokenizer, dtype, device) -> UMT5TextEncoder   enc.encode_padded(prompts)
     encode_references(vae, images, width, height, mode) -> reference latents [1, 16, N, h, w]
@@ -45,6 +47,12 @@ _HOMES: dict[str, str] = {
     **dict.fromkeys(["probe_mp4", "read_mp4_frames", "write_mp4"], "phantom_core.video_io"),
     **dict.fromkeys(["DIT_PRESETS", "PhantomWanDiT", "WanDiTConfig"], "phantom_core.wan.dit"),
     **dict.fromkeys(["VAE_PRESETS", "WanVAE", "WanVAEConfig", "infer_vae_config", "load_vae"], "phantom_core.wan.vae"),
+    **dict.fromkeys(["MMDIT_PRESETS", "MMDiTConfig"], "phantom_core.mmdit.config"),
+    **dict.fromkeys(["MMDIT_LORA_TARGETS", "PhantomMMDiT"], "phantom_core.mmdit.model"),
+    **dict.fromkeys(["infer_mmdit_config", "load_any_dit", "load_mmdit"], "phantom_core.mmdit.load"),
+    **dict.fromkeys(["CLIP_VISION_PRESETS", "ClipVisionConfig", "convert_transformers_clip_vision"],
+                    "phantom_core.mmdit.clip_keys"),
+    **dict.fromkeys(["ClipVision", "encode_clip_references", "load_clip_vision"], "phantom_core.mmdit.clip"),
     "Rephraser": "phantom_core.rephrase.rephraser",
     **dict.fromkeys(["TrainConfig", "load_config"], "phantom_core.training.config"),
     **dict.fromkeys(["TrainResult", "train"], "phantom_core.training.loop"),

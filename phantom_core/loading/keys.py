@@ -45,6 +45,14 @@ def key_problems(expected: dict[str, tuple[int, ...]], sd: dict[str, Tensor], al
     return [f"{len(v)} {what}: {short_listing(v)}"
             for what, v in (("missing keys", missing), ("unexpected keys", extra), ("wrong shapes", wrong)) if v]
 
+def key_shape(sd: dict[str, Tensor], key: str, ndim: int, what: str) -> tuple[int, ...]:
+    """The shape of ``sd[key]``, which must be an ``ndim``-D tensor; else ``ValueError("<what> state dict: <key> is
+    <shape or missing>; expected a <ndim>-D tensor")`` (for the loaders' shape inference)."""
+    if key not in sd or sd[key].ndim != ndim:
+        got = tuple(sd[key].shape) if key in sd else "missing"
+        raise ValueError(f"{what} state dict: {key} is {got}; expected a {ndim}-D tensor")
+    return tuple(sd[key].shape)
+
 @contextmanager
 def errors_name_file(source: object) -> Iterator[None]:
     """Put the checkpoint's path in front of a ValueError raised inside (when ``source`` is a path), so a

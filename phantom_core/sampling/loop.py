@@ -95,7 +95,7 @@ def _check_batch(name: str, tensor: Tensor, batch: int) -> Tensor:
 
 def _validate(noise: Tensor, ref_latents: Tensor, context: Tensor, context_neg: Tensor, steps: int,
               shift: float, solver: str, w_img: float, w_text: float,
-              image_guidance_window: tuple[float, float]) -> None:
+              image_guidance_window: tuple[float, float], ref_clip: Tensor | None) -> None:
     """Raise ``ValueError`` naming the first invalid argument of :func:`sample_phantom`."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1 (official: 50); got {steps!r}")
@@ -126,6 +126,9 @@ def _validate(noise: Tensor, ref_latents: Tensor, context: Tensor, context_neg: 
             raise ValueError(f"{name} must be [B, L, D] text embeddings with L >= 1; got {tuple(ctx.shape)}")
     if context.shape[2] != context_neg.shape[2]:
         raise ValueError(f"context has width {context.shape[2]} but context_neg has {context_neg.shape[2]}")
+    if ref_clip is not None and (ref_clip.ndim != 4 or ref_clip.shape[1] != ref_latents.shape[2]):
+        raise ValueError(f"ref_clip must be [B, N, T, C] CLIP features of the N = {ref_latents.shape[2]} references; "
+                         f"got shape {tuple(ref_clip.shape)}")
 
 
 @torch.no_grad()
@@ -134,11 +137,11 @@ def sample_phantom(model: VelocityModel, noise: Tensor, ref_latents: Tensor, con
                    w_img: float = 5.0, w_text: float = 7.5, callback: StepCallback | None = None,
                    batch_passes: bool = True, model_dtype: torch.dtype | None = None,
                    integer_timesteps: bool = True, image_guidance_window: tuple[float, float] = (0.0, 1.0),
-                   cache: StepCache | None = None) -> Tensor:
+                   cache: StepCache | None = None, ref_clip: Tensor | None = None) -> Tensor:
     """Sample Phantom video latents from noise, guided by a prompt and reference latents.
 
     Args:
-        model: ``model(x, t, context, ref_latents) -> velocity`` (see ``guidance.VelocityModel``).
+        model: ``model(x, t, context, ref_latents[, ref_clip=]) -> velocity`` (see ``guidance.VelocityModel``).
         noise: initial noise ``[B, 16, F, h, w]`` (e.g. :func:`make_noise`); defines device and shape.
         ref_latents: clean normalized reference latents ``[B or 1, 16, N, h, w]``, same h, w as the noise.
         context / context_neg: prompt / negative prompt embeddings ``[B or 1, L, D]`` (L may differ).
@@ -156,6 +159,9 @@ def sample_phantom(model: VelocityModel, noise: Tensor, ref_latents: Tensor, con
             pass fewer). ``(0, 1)``: every step (official).
         cache: a fresh :class:`cache.StepCache` to reuse passes across steps (its counters tell what was saved);
             None: every pass of every step computed (official).
+        ref_clip: CLIP features of the references ``[B or 1, N, T, C]`` for a model that reads them (the
+            paper's MMDiT); they travel with ``ref_latents`` through the passes (zero in ``v_neg``). None: the
+            model is called without them.
     Returns:
         Denoised normalized video latents ``[B, 16, F, h, w]``, float32, on the noise's device. The latents
         stay fp32 throughout; only the model call runs in ``model_dtype`` and its velocity is cast back to fp32.
@@ -163,11 +169,14 @@ def sample_phantom(model: VelocityModel, noise: Tensor, ref_latents: Tensor, con
         ValueError: an argument is out of range or shapes are inconsistent (the message names it).
     """
     # 1. validate and bring every input to the noise's batch size and device, in fp32
-    _validate(noise, ref_latents, context, context_neg, steps, shift, solver, w_img, w_text, image_guidance_window)
+    _validate(noise, ref_latents, context, context_neg, steps, shift, solver, w_img, w_text, image_guidance_window,
+              ref_clip)
     b, device = noise.shape[0], noise.device
     refs = _check_batch("ref_latents", ref_latents, b).to(device=device, dtype=torch.float32)  # (B,16,N,h,w)
     ctx = _check_batch("context", context, b).to(device=device, dtype=torch.float32)  # (B, L1, D)
     ctx_neg = _check_batch("context_neg", context_neg, b).to(device=device, dtype=torch.float32)  # (B, L2, D)
+    if ref_clip is not None:
+        ref_clip = _check_batch("ref_clip", ref_clip, b).to(device=device, dtype=torch.float32)  # (B, N, T, C)
     model_dtype = model_dtype if model_dtype is not None else getattr(model, "dtype", None)
 
     # 2. schedule: solver sigmas (float32 values, final 0) and the timesteps the model sees
@@ -184,7 +193,7 @@ def sample_phantom(model: VelocityModel, noise: Tensor, ref_latents: Tensor, con
         names = list(guidance_weights(w_img_i, w_text))
         if cache is None or cache.should_compute(i, steps, x, names):
             velocities = run_passes(model, x, timesteps[i], ctx, ctx_neg, refs, names, batch_passes=batch_passes,
-                                    model_dtype=model_dtype)  # {pass: (B, 16, F, h, w) fp32}
+                                    model_dtype=model_dtype, ref_clip=ref_clip)  # {pass: (B, 16, F, h, w) fp32}
             if cache is not None:
                 cache.update(x, velocities)
         else:

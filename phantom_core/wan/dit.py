@@ -148,6 +148,43 @@ def run_fp32(layer: nn.Module, x: Tensor) -> Tensor:
         return functional_call(layer, fp32, (x.float(),)).float()
 
 
+def check_velocity_inputs(x: Tensor, t: Tensor, context: Tensor, ref_latents: Tensor | None, in_dim: int,
+                          text_dim: int) -> None:
+    """The velocity contract's input checks, shared by the Phantom-Wan DiT and the MMDiT.
+
+    Raises:
+        ValueError: ``x`` not ``(B, in_dim, F, H, W)``, ``t`` not ``(B,)``, ``context`` not ``(B, L, text_dim)``, or
+            ``ref_latents`` (when given) not ``(B, in_dim, N, H, W)`` with the video's H, W.
+    """
+    if x.ndim != 5 or x.shape[1] != in_dim:
+        raise ValueError(f"x has shape {tuple(x.shape)}; expected (B, {in_dim}, F, H, W) video latents")
+    B = x.shape[0]
+    if t.ndim != 1 or t.shape[0] != B:
+        raise ValueError(f"t has shape {tuple(t.shape)}; expected ({B},): one timestep in [0, 1000] per sample")
+    if context.ndim != 3 or context.shape[0] != B or context.shape[2] != text_dim:
+        raise ValueError(f"context has shape {tuple(context.shape)}; expected ({B}, L, {text_dim})")
+    if ref_latents is not None:
+        want = (B, in_dim, x.shape[3], x.shape[4])
+        got = (ref_latents.shape[0], ref_latents.shape[1], *ref_latents.shape[3:])
+        if ref_latents.ndim != 5 or got != want:
+            raise ValueError(
+                f"ref_latents has shape {tuple(ref_latents.shape)}; expected ({B}, {in_dim}, N, "
+                f"{x.shape[3]}, {x.shape[4]}): one 1-frame latent per reference, same size as the video"
+            )
+
+
+def xavier_init_(model: nn.Module, patch_embedding: nn.Module, generator: torch.Generator | None) -> None:
+    """Xavier-uniform every Linear weight of ``model`` (biases zero) and the Conv3d ``patch_embedding`` weight on its
+    ``(D, C * pt * ph * pw)`` view: the DiT / SD3 / Wan2.1 init of the projections, in place."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight, generator=generator)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    pe = patch_embedding.weight
+    nn.init.xavier_uniform_(pe.view(pe.shape[0], -1), generator=generator)  # (D, C * pt * ph * pw) view
+
+
 class PhantomWanDiT(nn.Module):
     """Phantom-Wan DiT (Wan2.1 T2V architecture, upstream parameter names).
 
@@ -247,13 +284,8 @@ class PhantomWanDiT(nn.Module):
         """
         self._check_initialisable()
         g = {"generator": generator}
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight, **g)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        xavier_init_(self, self.patch_embedding, generator)
         pe = self.patch_embedding.weight
-        nn.init.xavier_uniform_(pe.view(pe.shape[0], -1), **g)  # (D, C * pt * ph * pw) view of the 5-D weight
         bound = pe[0].numel() ** -0.5
         nn.init.uniform_(self.patch_embedding.bias, -bound, bound, **g)
         for m in (*self.text_embedding.modules(), *self.time_embedding.modules()):
@@ -280,24 +312,6 @@ class PhantomWanDiT(nn.Module):
             if is_fp8(p.dtype):
                 raise ValueError(f"parameter {name} is stored as {p.dtype}; init_weights needs float32, bfloat16 "
                                  "or float16 weights")
-
-    def _check_inputs(self, x: Tensor, t: Tensor, context: Tensor, ref_latents: Tensor | None) -> None:
-        cfg = self.config
-        if x.ndim != 5 or x.shape[1] != cfg.in_dim:
-            raise ValueError(f"x has shape {tuple(x.shape)}; expected (B, {cfg.in_dim}, F, H, W) video latents")
-        B = x.shape[0]
-        if t.ndim != 1 or t.shape[0] != B:
-            raise ValueError(f"t has shape {tuple(t.shape)}; expected ({B},): one timestep in [0, 1000] per sample")
-        if context.ndim != 3 or context.shape[0] != B or context.shape[2] != cfg.text_dim:
-            raise ValueError(f"context has shape {tuple(context.shape)}; expected ({B}, L, {cfg.text_dim})")
-        if ref_latents is not None:
-            want = (B, cfg.in_dim, x.shape[3], x.shape[4])
-            got = (ref_latents.shape[0], ref_latents.shape[1], *ref_latents.shape[3:])
-            if ref_latents.ndim != 5 or got != want:
-                raise ValueError(
-                    f"ref_latents has shape {tuple(ref_latents.shape)}; expected ({B}, {cfg.in_dim}, N, "
-                    f"{x.shape[3]}, {x.shape[4]}): one 1-frame latent per reference, same size as the video"
-                )
 
     def _embed_text(self, context: Tensor) -> Tensor:
         """``(B, L, text_dim)`` -> zero-pad / truncate to ``text_len`` -> ``(B, text_len, D)``.
@@ -332,7 +346,7 @@ class PhantomWanDiT(nn.Module):
             t = t.expand(x.shape[0])  # one timestep for the whole batch
         if ref_latents is not None and ref_latents.ndim == 5 and ref_latents.shape[2] == 0:
             ref_latents = None  # zero references
-        self._check_inputs(x, t, context, ref_latents)
+        check_velocity_inputs(x, t, context, ref_latents, self.config.in_dim, self.config.text_dim)
         cfg, dt = self.config, self.compute_dtype
         F_, H, W = x.shape[2:]
         pt, ph, pw = cfg.patch_size

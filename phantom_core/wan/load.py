@@ -19,22 +19,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from phantom_core.loading.assign import build_and_assign
 from phantom_core.loading.files import read_state_dict
 from phantom_core.loading.fp8 import (
     SCALED_FP8_KEY,
-    attach_scales,
     cast_layer_weights,
     convert_state_dict,
     default_compute_dtype,
     detect_fp8_format,
     fp8_ops,
-    is_fp8,
     is_scale_key,
     plan_load,
-    weight_bytes,
 )
 from phantom_core.loading.gguf import PackedTensor, attach_packed, read_gguf, shape_stand_ins, split_packed
-from phantom_core.loading.keys import errors_name_file, keep_prefixed, key_problems
+from phantom_core.loading.keys import errors_name_file, keep_prefixed, key_problems, key_shape
 from phantom_core.log import logger
 from phantom_core.wan.dit import DIT_PRESETS, HEAD_DIM, PhantomWanDiT, WanDiTConfig
 
@@ -75,12 +73,6 @@ def _describe_non_dit(sd: dict[str, Tensor]) -> str | None:
     return None
 
 
-def _shape(sd: dict[str, Tensor], key: str, ndim: int) -> tuple[int, ...]:
-    if key not in sd or sd[key].ndim != ndim:
-        got = tuple(sd[key].shape) if key in sd else "missing"
-        raise ValueError(f"Wan DiT state dict: {key} is {got}; expected a {ndim}-D tensor")
-    return tuple(sd[key].shape)
-
 
 def infer_dit_config(sd: dict[str, Tensor]) -> WanDiTConfig:
     """Recover the architecture of a Wan2.1 T2V / Phantom-Wan DiT from tensor shapes alone.
@@ -96,23 +88,23 @@ def infer_dit_config(sd: dict[str, Tensor]) -> WanDiTConfig:
     what = _describe_non_dit(sd)
     if what is not None:
         raise ValueError(f"this checkpoint is {what}; expected a Phantom-Wan (Wan2.1 T2V) DiT")
-    dim, in_dim, *patch = _shape(sd, "patch_embedding.weight", 5)
+    dim, in_dim, *patch = key_shape(sd, "patch_embedding.weight", 5, "Wan DiT")
     if dim % HEAD_DIM:
         raise ValueError(f"patch_embedding.weight gives dim {dim}; Wan DiTs have a multiple of {HEAD_DIM}")
     layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
     if not layers:
         raise ValueError("Wan DiT state dict has no blocks.N.* keys")
-    head_out = _shape(sd, "head.head.weight", 2)[0]
+    head_out = key_shape(sd, "head.head.weight", 2, "Wan DiT")[0]
     config = WanDiTConfig(
         dim=dim,
-        ffn_dim=_shape(sd, "blocks.0.ffn.0.weight", 2)[0],
+        ffn_dim=key_shape(sd, "blocks.0.ffn.0.weight", 2, "Wan DiT")[0],
         num_heads=dim // HEAD_DIM,
         num_layers=max(layers) + 1,
         in_dim=in_dim,
         out_dim=head_out // math.prod(patch),
         patch_size=tuple(patch),
-        text_dim=_shape(sd, "text_embedding.0.weight", 2)[1],
-        freq_dim=_shape(sd, "time_embedding.0.weight", 2)[1],
+        text_dim=key_shape(sd, "text_embedding.0.weight", 2, "Wan DiT")[1],
+        freq_dim=key_shape(sd, "time_embedding.0.weight", 2, "Wan DiT")[1],
     )
     name = preset_name(config)
     return DIT_PRESETS[name] if name else config
@@ -212,25 +204,6 @@ def load_dit(
         packed = {}
     if packed:
         return _load_packed(config, sd, packed, compute_dtype or default_compute_dtype(device), device)
-    stored = detect_fp8_format(sd)
-    plan = plan_load(stored, dtype, compute_dtype, device)
-    if trainable and is_fp8(plan.weight_dtype):
-        kept = " (dtype=None keeps the checkpoint's own)" if dtype is None else ""
-        raise ValueError(f"trainable=True needs float weights, but the weight dtype is {plan.weight_dtype}{kept}; "
-                         "pass dtype=torch.float32, torch.bfloat16 or torch.float16 (an fp8 file is dequantized)")
-    if plan.cast_ops:
-        if ops is not nn:
-            logger.info("%s weights computed in %s need cast-on-forward layers: using phantom fp8_ops, not %s",
-                        plan.weight_dtype, plan.compute_dtype, getattr(ops, "__name__", ops))
-        ops = fp8_ops(plan.compute_dtype)
-    logger.info("loading DiT %s (%d layers, dim %d) stored as %s%s: weights %s, compute %s, on %s",
-                preset_name(config) or "custom config", config.num_layers, config.dim, stored.stored_dtype,
-                " (scaled)" if stored.scaled else "", plan.weight_dtype, plan.compute_dtype, device)
-    model = PhantomWanDiT(config, ops=ops, dtype=plan.compute_dtype if plan.cast_ops else plan.weight_dtype,
-                          device="meta")
-    # one tensor at a time, each source reference dropped as we go; {} kinds with plain layers: all weight dtype
-    scales = convert_state_dict(sd, cast_layer_weights(model), plan, device)
-    model.load_state_dict(sd, strict=True, assign=True)
-    attach_scales(model, scales)
-    logger.debug("DiT weights by dtype (bytes): %s", weight_bytes(model))
-    return model.train().requires_grad_(True) if trainable else model.eval().requires_grad_(False)
+    name = f"DiT {preset_name(config) or 'custom config'} ({config.num_layers} layers, dim {config.dim})"
+    return build_and_assign(lambda layers, dt: PhantomWanDiT(config, ops=layers, dtype=dt, device="meta"), sd, name,
+                            dtype=dtype, device=device, ops=ops, compute_dtype=compute_dtype, trainable=trainable)

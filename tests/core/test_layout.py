@@ -20,7 +20,7 @@ import phantom_core
 
 ROOT = Path(__file__).resolve().parents[2]
 CORE = ROOT / "phantom_core"
-HEAVY = ("transformers", "sentencepiece", "imageio_ffmpeg", "requests")
+HEAVY = ("transformers", "sentencepiece", "imageio_ffmpeg", "requests", "open_clip")
 MAX_LINES = 400  # one sitting (CONVENTIONS.md)
 MAX_TOP_LEVEL = 15
 SYS_PATH_ALLOWED = {"__init__.py"}  # the ComfyUI entry point, which makes `phantom_core` importable for nodes/
@@ -48,7 +48,7 @@ def test_importing_the_package_loads_nothing_heavy():
     assert heavy_after_import(["phantom_core"]) == []
 
 
-@pytest.mark.parametrize("folder", ["wan", "sampling", "loading", "world"])
+@pytest.mark.parametrize("folder", ["wan", "sampling", "loading", "world", "mmdit"])
 def test_network_sampling_loading_and_world_modules_load_no_text_or_video_library(folder):
     assert heavy_after_import(modules(CORE / folder)) == []
 

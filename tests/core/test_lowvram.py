@@ -47,3 +47,22 @@ def test_run_fp32_computes_in_float32_with_the_scale() -> None:
     fp8.register_buffer("scale_weight", scale)
     dequant = torch.nn.functional.linear(x, q.float() * scale, layer.bias.float())
     assert torch.allclose(run_fp32(fp8, x), dequant, atol=1e-6)
+
+
+def test_mmdit_runs_when_comfyui_loads_it_partially(comfy_import) -> None:
+    """The MMDiT built from ComfyUI's layers, half loaded on the "meta" stand-in GPU: every weight is in a ComfyUI
+    layer that casts it to the input's device, so the forward (windows, references, CLIP tokens) runs."""
+    from phantom_core.mmdit.config import MMDIT_PRESETS
+    from phantom_core.mmdit.model import PhantomMMDiT
+
+    ops = comfy_import("comfy.ops")
+    patcher_mod = comfy_import("comfy.model_patcher")
+    model = PhantomMMDiT(MMDIT_PRESETS["tiny"], ops=ops.disable_weight_init).eval().requires_grad_(False)
+    patcher = patcher_mod.ModelPatcher(model, load_device=torch.device("meta"), offload_device=torch.device("cpu"))
+    patcher.partially_load(torch.device("meta"), extra_memory=patcher.model_size() // 2)
+    assert patcher.model.model_lowvram, "the model was loaded fully: the test needs a partial load"
+    assert any(p.device.type == "cpu" for p in model.parameters()), "nothing stayed on the offload device"
+    x = torch.randn(1, 16, 3, 16, 16, device="meta")
+    out = model(x, torch.tensor([500.0], device="meta"), torch.randn(1, 5, 64, device="meta"),
+                torch.randn(1, 16, 2, 16, 16, device="meta"), torch.randn(1, 2, 17, 128, device="meta"))
+    assert out.shape == x.shape and out.device.type == "meta"

@@ -148,6 +148,38 @@ def test_reference_tail_is_clean_at_every_call(batch_passes):
     assert seen.count((False, False, True)) == 4  # v_neg: negative prompt + zero references
 
 
+class ClipRecordingModel(RecordingModel):
+    """A model that also reads CLIP reference features (as the MMDiT): records them, and they move the output."""
+
+    def __call__(self, x, t, context, ref_latents, ref_clip):
+        v = super().__call__(x, t, context, ref_latents)
+        self.calls[-1]["clip"] = ref_clip.clone()
+        return v + 0.2 * ref_clip.float().mean(dim=(1, 2, 3)).view(-1, 1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("batch_passes", [True, False])
+def test_clip_features_travel_with_the_references_and_are_zero_in_v_neg(batch_passes):
+    noise, refs, ctx, ctx_neg = _inputs(b=1, l1=4, l2=4)
+    clip = torch.randn(1, refs.shape[2], 3, 5, generator=torch.Generator().manual_seed(3))
+    model = ClipRecordingModel()
+    sample_phantom(model, noise, refs, ctx, ctx_neg, steps=3, solver="euler", batch_passes=batch_passes,
+                   ref_clip=clip)
+    seen = []  # (refs clean, clip given, refs zero, clip zero) per pass
+    for call in model.calls:
+        for k in range(call["x"].shape[0]):
+            seen.append((torch.equal(call["refs"][k], refs[0]), torch.equal(call["clip"][k], clip[0]),
+                         bool((call["refs"][k] == 0).all()), bool((call["clip"][k] == 0).all())))
+    assert seen.count((True, True, False, False)) == 2 * 3  # v_text_img and v_img, every step
+    assert seen.count((False, False, True, True)) == 3  # v_neg: both encodings of the references zeroed
+    plain = sample_phantom(ClipRecordingModel(), noise, refs, ctx, ctx_neg, steps=3, solver="euler",
+                           ref_clip=torch.zeros_like(clip))
+    with_clip = sample_phantom(ClipRecordingModel(), noise, refs, ctx, ctx_neg, steps=3, solver="euler",
+                               ref_clip=clip)
+    assert (with_clip - plain).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="ref_clip must be"):
+        sample_phantom(model, noise, refs, ctx, ctx_neg, steps=1, ref_clip=clip[:, :1])
+
+
 def test_batched_and_unbatched_sampling_agree():
     noise, refs, ctx, ctx_neg = _inputs(b=2)
     outs = [sample_phantom(RecordingModel(), noise, refs, ctx, ctx_neg, steps=6, batch_passes=bp)

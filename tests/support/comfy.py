@@ -57,6 +57,18 @@ def history_error(entry: dict) -> str:
                      for kind, data in messages if kind == "execution_error")
 
 
+def refusal_message(server: ComfyServer, prompt: dict) -> str:
+    """Queue a prompt that must fail: the /prompt validation error (HTTP 400, as JSON text) or, once it ran, the
+    execution error (``history_error``); asserts that it did not succeed."""
+    r = server.queue(prompt)
+    if r.status_code == 400:  # refused by /prompt validation
+        return json.dumps(r.json())
+    assert r.status_code == 200, r.text
+    entry = server.wait(r.json()["prompt_id"])
+    assert entry["status"]["status_str"] == "error", "the prompt unexpectedly succeeded"
+    return history_error(entry)
+
+
 TEXT_EVENT = 3  # ComfyUI's BinaryEventTypes.TEXT: what PromptServer.send_progress_text sends
 
 

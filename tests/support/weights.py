@@ -38,14 +38,26 @@ def reference_linear_fp32(layer: nn.Module, x: Tensor) -> Tensor:
     return F.linear(x.float(), w, b)
 
 
-def random_dit_state_dict(config, seed: int = 0) -> dict[str, Tensor]:
-    """Every parameter of a ``PhantomWanDiT(config)`` random (the zero-init head included), float32: norm weights
-    ~ 1 + N(0, 0.2^2), everything else ~ N(0, 0.1^2)."""
-    from phantom_core.wan.dit import PhantomWanDiT
-
+def random_state_dict(model: nn.Module, seed: int = 0, scale: float = 0.1) -> dict[str, Tensor]:
+    """``model``'s state dict (a meta-device build will do) with every float tensor random, float32: norm weights
+    (``*norm*`` / ``.ln_*`` / the MMDiT's ``clip_embedder.0`` LayerNorm) ~ ``1 + N(0, (2 scale)^2)``, everything
+    else, zero-initialised heads included, ~ ``N(0, scale^2)``; integer buffers (the MMDiT's ``window_size`` /
+    ``text_len``) kept as they are."""
     g = torch.Generator().manual_seed(seed)
     sd = {}
-    for key, v in PhantomWanDiT(config, device="meta").state_dict().items():
+    for key, v in model.state_dict().items():
+        if not v.is_floating_point():
+            sd[key] = v.clone()
+            continue
         r = torch.randn(v.shape, generator=g)
-        sd[key] = 1.0 + 0.2 * r if "norm" in key and key.endswith("weight") else 0.1 * r
+        is_norm = ("norm" in key or ".ln_" in key or "embedder.0" in key) and key.endswith("weight")
+        sd[key] = 1.0 + 2 * scale * r if is_norm else scale * r
     return sd
+
+
+def random_dit_state_dict(config, seed: int = 0) -> dict[str, Tensor]:
+    """Every parameter of a ``PhantomWanDiT(config)`` random (:func:`random_state_dict`: norm weights
+    ~ 1 + N(0, 0.2^2), everything else ~ N(0, 0.1^2)), float32."""
+    from phantom_core.wan.dit import PhantomWanDiT
+
+    return random_state_dict(PhantomWanDiT(config, device="meta"), seed)

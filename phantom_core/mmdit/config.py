@@ -1,0 +1,76 @@
+"""The architecture of the paper's MMDiT (``PhantomMMDiT``): one frozen dataclass and its named presets.
+
+Everything a checkpoint's tensor shapes determine is a field here, plus three fields no weight shape holds
+(``window``, ``text_len``: stored in the checkpoint as two small integer buffers, ``window_size`` and ``text_len``;
+``rope_theta``, ``eps``: fixed). ``num_heads`` is read back from the per-head qk-norm weights (``head_dim`` long).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from phantom_core.wan.rope import rope_axis_pairs
+
+
+@dataclass(frozen=True)
+class MMDiTConfig:
+    """Architecture of a Phantom MMDiT (SD3-style dual-stream DiT over video latents, arXiv 2403.03206).
+
+    Attributes:
+        dim: token width of both streams. num_heads: attention heads (``dim // num_heads`` channels each).
+        num_layers: joint blocks. ffn_dim: hidden width of each stream's MLP.
+        in_dim / out_dim: latent channels in / out (16 for the Wan2.1 VAE).
+        patch_size: ``(t, h, w)`` latent patch of one token.
+        text_dim: width of the text features (umT5-XXL: 4096). text_len: the text context is zero-padded (or
+            truncated, with a warning) to exactly this many tokens, as the Phantom-Wan DiT does.
+        clip_dim: width of the CLIP reference features (ViT-H-14 penultimate tokens: 1280, its pooled embedding:
+            1024); 0 builds no CLIP branch (the paper's "VAE only" variant).
+        window: video window size in tokens ``(t, h, w)`` (``windows.py``); alternate blocks are shifted by half.
+        freq_dim: width of the sinusoidal timestep embedding.
+    """
+
+    dim: int
+    num_heads: int
+    num_layers: int
+    ffn_dim: int
+    in_dim: int = 16
+    out_dim: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_dim: int = 4096
+    text_len: int = 512
+    clip_dim: int = 1280
+    window: tuple[int, int, int] = (9, 9, 9)
+    freq_dim: int = 256
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "num_heads", "num_layers", "ffn_dim", "in_dim", "out_dim", "text_dim", "text_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"MMDiTConfig.{name} is {getattr(self, name)}; it must be a positive integer")
+        if self.clip_dim < 0:
+            raise ValueError(f"MMDiTConfig.clip_dim is {self.clip_dim}; it must be >= 0 (0: no CLIP branch)")
+        if self.dim % self.num_heads:
+            raise ValueError(f"MMDiTConfig.dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        rope_axis_pairs(self.dim // self.num_heads)  # raises for a head_dim 3-D RoPE cannot split
+        if self.freq_dim % 2:
+            raise ValueError(f"MMDiTConfig.freq_dim is {self.freq_dim}; it must be even")
+        for name in ("patch_size", "window"):
+            value = getattr(self, name)
+            if len(value) != 3 or min(value) < 1:
+                raise ValueError(f"MMDiTConfig.{name} is {value}; expected 3 positive ints (t, h, w)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+
+MMDIT_PRESETS: dict[str, MMDiTConfig] = {
+    # ~1.0 B parameters (1,007,388,224 with the CLIP branch): SD3-medium's width (1536), 12 joint blocks, head_dim
+    # 128 (Wan's 3-D RoPE split 22/21/21), umT5-XXL text and ViT-H-14 penultimate tokens (as Wan2.1 I2V)
+    "phantom-mmdit-1b": MMDiTConfig(dim=1536, num_heads=12, num_layers=12, ffn_dim=6144),
+    # tests and the miniature world: the tiny umT5's width (64), the tiny CLIP tower's width (128), windows of
+    # (2, 4, 4) tokens so a 16x16 latent (8x8 tokens) has several windows
+    "tiny": MMDiTConfig(dim=64, num_heads=2, num_layers=2, ffn_dim=128, text_dim=64, clip_dim=128,
+                        window=(2, 4, 4)),
+}
