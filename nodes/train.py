@@ -20,16 +20,17 @@ import torch
 from comfy_api.latest import io
 from safetensors.torch import load_file
 
-import nodes
 from phantom_core.loading.disk import resolve_inside
 from phantom_core.loading.fp8 import is_fp8
 from phantom_core.training.cache import module_fingerprint
+from phantom_core.training.config import TRAIN_RANGES as R
 from phantom_core.training.config import TrainConfig
 from phantom_core.training.loop import TrainResult, prepare_dataset, train
 from phantom_core.training.model import base_dtype
 from phantom_core.wan.load import load_dit
 
 from .types import CATEGORY, PhantomDiT, PhantomTextEncoder, PhantomVAE, core
+from .widgets import float_input, int_input, show_on_node
 
 LoraModel = io.Custom("LORA_MODEL")  # ComfyUI's type (comfy_extras/nodes_train.py): {key: tensor}
 LossMap = io.Custom("LOSS_MAP")  # ComfyUI's type: {"loss": [float, ...]}
@@ -97,13 +98,10 @@ def run_training(config: TrainConfig, model, vae, text_encoder, node_id: str | N
     dit = trainable_copy(model, config, mm.get_torch_device())
     bar = comfy.utils.ProgressBar(config.steps)
 
-    from server import PromptServer  # here, not at import: the nodes package also loads outside a running server
-
     def on_step(step: int, total: int, loss: float) -> None:
         mm.throw_exception_if_processing_interrupted()
         bar.update_absolute(step, total)
-        if node_id is not None and PromptServer.instance is not None:
-            PromptServer.instance.send_progress_text(f"step {step}/{total}  loss {loss:.4f}", node_id)
+        show_on_node(f"step {step}/{total}  loss {loss:.4f}", node_id)
 
     return train(config, dataset=data, model=dit, callback=on_step)
 
@@ -129,28 +127,22 @@ class PhantomTrainLoRA(io.ComfyNode):
                                 tooltip="File written under models/loras (.safetensors added); its run folder "
                                         "(checkpoints, log, loss plot, latent cache) is output/phantom_training/"
                                         "<lora_name>/. The same name with resume continues a run."),
-                io.Int.Input("steps", default=500, min=1, max=1_000_000, tooltip="Optimizer steps."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5,
-                               tooltip="AdamW learning rate."),
-                io.Int.Input("rank", default=16, min=1, max=512, tooltip="LoRA rank."),
-                io.Float.Input("alpha", default=16.0, min=0.01, max=1024.0, step=0.5,
-                               tooltip="LoRA alpha: the update is scaled by alpha / rank."),
-                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Samples per optimizer step."),
-                io.Int.Input("width", default=832, min=16, max=nodes.MAX_RESOLUTION, step=16,
-                             tooltip="Training width in px (clips are scaled and centre-cropped to it)."),
-                io.Int.Input("height", default=480, min=16, max=nodes.MAX_RESOLUTION, step=16,
-                             tooltip="Training height in px."),
-                io.Int.Input("frames", default=81, min=1, max=1024, step=4,
-                             tooltip="Frames per clip, 4k+1 (each clip's first frames)."),
-                io.Int.Input("seed", default=0, min=0, max=2**63 - 1,
-                             tooltip="Seed of the data order, timesteps, noise and dropout."),
-                io.Float.Input("text_dropout", default=0.2, min=0.0, max=1.0, step=0.01,
-                               tooltip="Probability that a sample trains without its text (empty prompt)."),
-                io.Float.Input("reference_dropout", default=0.1, min=0.0, max=1.0, step=0.01,
-                               tooltip="Probability that a sample trains with all-zero references (and, when "
-                                       "below text_dropout, without text too: the guidance's v_neg pass)."),
-                io.Int.Input("checkpoint_every", default=100, min=1, max=1_000_000,
-                             tooltip="Write a checkpoint every N steps (and at the end)."),
+                int_input("steps", R["steps"], 500, "Optimizer steps."),
+                float_input("learning_rate", R["learning_rate"], 1e-4, 1e-5, "AdamW learning rate."),
+                int_input("rank", R["lora_rank"], 16, "LoRA rank."),
+                float_input("alpha", R["lora_alpha"], 16.0, 0.5, "LoRA alpha: the update is scaled by alpha / rank."),
+                int_input("batch_size", R["batch_size"], 1, "Samples per optimizer step."),
+                int_input("width", R["width"], 832, "Training width in px (clips are scaled and centre-cropped)."),
+                int_input("height", R["height"], 480, "Training height in px."),
+                int_input("frames", R["frames"], 81, "Frames per clip, 4k+1 (each clip's first frames)."),
+                int_input("seed", R["seed"], 0, "Seed of the data order, timesteps, noise and dropout."),
+                float_input("text_dropout", R["text_dropout"], 0.2, 0.01,
+                            "Probability that a sample trains without its text (empty prompt)."),
+                float_input("reference_dropout", R["reference_dropout"], 0.1, 0.01,
+                            "Probability that a sample trains with all-zero references (and, when below "
+                            "text_dropout, without text too: the guidance's v_neg pass)."),
+                int_input("checkpoint_every", R["checkpoint_every"], 100,
+                          "Write a checkpoint every N steps (and at the end)."),
                 io.Boolean.Input("resume", default=False,
                                  tooltip="Continue from the latest checkpoint of this lora_name's run."),
                 PhantomVAE.Input("vae", optional=True,

@@ -28,13 +28,13 @@ fights.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from phantom_core.inference.settings import SETTING_RANGES, Range
 from phantom_core.references import REFERENCE_MODES
 from phantom_core.sampling.loop import SOLVERS
 
@@ -147,6 +147,37 @@ class TrainConfig:
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
+# what TrainConfig accepts for each number; the Train LoRA node's widgets declare exactly these (compared through
+# /object_info by tests/nodes/test_validation.py). Sizes, frames and the validation sampler's are sampling's own.
+TRAIN_RANGES: dict[str, Range] = {
+    **{name: SETTING_RANGES[name] for name in ("width", "height", "frames", "shift")},
+    "lora_rank": Range(1, 1024, 1, "LoRA rank"),
+    "lora_alpha": Range(0.001, 4096.0, meaning="LoRA alpha: the update is scaled by alpha / rank"),
+    "lora_dropout": Range(0.0, 0.95, meaning="dropout probability on the LoRA input"),
+    "steps": Range(1, 10**8, 1, "optimizer steps"),
+    "learning_rate": Range(1e-9, 1.0, meaning="AdamW learning rate"),
+    "batch_size": Range(1, 4096, 1, "samples per micro-batch and rank"),
+    "grad_accum": Range(1, 4096, 1, "micro-batches per optimizer step"),
+    "weight_decay": Range(0.0, 10.0, meaning="AdamW weight decay"),
+    "adam_beta1": Range(0.0, 0.9999, meaning="AdamW beta1"),
+    "adam_beta2": Range(0.0, 0.99999, meaning="AdamW beta2"),
+    "warmup_steps": Range(0, 10**8, 1, "warm-up steps"),
+    "max_grad_norm": Range(0.0, 1e6, meaning="gradient clipping norm, 0 = none"),
+    "logit_mean": Range(-10.0, 10.0, meaning="logit-normal mean"),
+    "logit_std": Range(0.01, 10.0, meaning="logit-normal standard deviation"),
+    "text_dropout": Range(0.0, 1.0, meaning="a probability"),
+    "reference_dropout": Range(0.0, 1.0, meaning="a probability"),
+    "seed": Range(0, 2**63 - 1, 1, "the run seed"),
+    "checkpoint_every": Range(1, 10**8, 1, "steps between checkpoints"),
+    "keep_checkpoints": Range(0, 10**6, 1, "0 keeps all"),
+    "validate_every": Range(0, 10**8, 1, "0 = no validation"),
+    "validation_steps": SETTING_RANGES["steps"],
+    "validation_w_img": SETTING_RANGES["w_img"],
+    "validation_w_text": SETTING_RANGES["w_text"],
+    "validation_seed": SETTING_RANGES["seed"],
+}
+assert set(TRAIN_RANGES) == {n for n, f in FIELDS.items() if type(f.default) in (int, float)}, "unranged number"
+
 
 def _check(ok: bool, name: str, value: Any, valid: str) -> None:
     if not ok:
@@ -157,46 +188,22 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def validate_config(c: TrainConfig) -> None:
-    """Raise ``ValueError`` naming the first invalid field of ``c``."""
+    """Raise ``ValueError`` naming the first invalid field of ``c`` (numbers: ``TRAIN_RANGES``)."""
     for name, f in FIELDS.items():
         value, kind = getattr(c, name), type(f.default)
         if kind is bool:
             _check(isinstance(value, bool), name, value, "true or false")
-        elif kind is int:
-            _check(_is_int(value), name, value, "an integer")
-        elif kind is float:
-            _check(_is_number(value), name, value, "a finite number")
         elif kind is str:
             _check(isinstance(value, str), name, value, "a string")
         elif kind is tuple:
             _check(isinstance(value, tuple) and all(isinstance(v, str) for v in value), name, value,
                    "a list of strings")
-    for name in ("width", "height"):
-        _check(getattr(c, name) >= 16 and getattr(c, name) % 16 == 0, name, getattr(c, name),
-               "a positive multiple of 16 px (VAE stride 8 x DiT patch 2)")
-    _check(c.frames >= 1 and (c.frames - 1) % 4 == 0, "frames", c.frames, "4k+1 (1, 5, 9, ..., 81)")
+        elif (message := TRAIN_RANGES[name].error(name, value)) is not None:
+            raise ValueError(f"train config: {message}")
     for name, options in (("ref_mode", REFERENCE_MODES), ("mode", TRAIN_MODES), ("timesteps", TIMESTEP_SAMPLING),
                           ("lr_schedule", LR_SCHEDULES), ("precision", PRECISIONS), ("validation_solver", SOLVERS)):
         _check(getattr(c, name) in options, name, getattr(c, name), " | ".join(options))
-    for name in ("steps", "batch_size", "grad_accum", "lora_rank", "checkpoint_every", "validation_steps"):
-        _check(getattr(c, name) >= 1, name, getattr(c, name), "an integer >= 1")
-    for name in ("warmup_steps", "validate_every", "keep_checkpoints"):
-        _check(getattr(c, name) >= 0, name, getattr(c, name), "an integer >= 0")
-    for name in ("text_dropout", "reference_dropout", "lora_dropout"):
-        _check(0.0 <= getattr(c, name) <= 1.0, name, getattr(c, name), "a probability in [0, 1]")
-    for name in ("learning_rate", "lora_alpha", "shift", "logit_std"):
-        _check(getattr(c, name) > 0, name, getattr(c, name), "a number > 0")
-    for name in ("weight_decay", "max_grad_norm"):
-        _check(getattr(c, name) >= 0, name, getattr(c, name), "a number >= 0")
-    for name in ("adam_beta1", "adam_beta2"):
-        _check(0.0 <= getattr(c, name) < 1.0, name, getattr(c, name), "a number in [0, 1)")
-    _check(0 <= c.seed < 2**63, "seed", c.seed, "an integer in [0, 2**63)")
-    _check(0 <= c.validation_seed < 2**64, "validation_seed", c.validation_seed, "an integer in [0, 2**64)")
     _check(len(c.validation_references) <= 4, "validation_references", c.validation_references, "0 to 4 images")
     if c.validate_every:
         _check(bool(c.validation_prompt) and bool(c.validation_references), "validate_every", c.validate_every,

@@ -87,8 +87,8 @@ def test_train_full_from_scratch_writes_a_dit_checkpoint(files, tmp_path, capsys
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--steps", "0"], "steps is 0; valid: an integer >= 1"),
-    (["--frames", "6"], "frames is 6; valid: 4k+1"),
+    (["--steps", "0"], "steps: got 0; expected an integer from 1 to"),
+    (["--frames", "6"], "frames: got 6; expected an integer from 1 to 4097, 1 + a multiple of 4"),
     (["--out", "x.pt"], "out is 'x.pt'; valid: a path ending in .safetensors"),
     (["--mode", "dora"], "mode is 'dora'; valid: lora | full"),
 ])

@@ -13,11 +13,13 @@ from PIL import Image
 from phantom_core.inference.settings import LORA_STRENGTH, RANDOM_SEED, SETTING_RANGES, GenerationSettings, Range
 from phantom_core.lora.apply import check_strength
 from phantom_core.rephrase.backends import REPHRASE_RANGES, make_backend
+from phantom_core.training.config import TRAIN_RANGES, TrainConfig
 from phantom_core.wan.vae_tiling import MIN_TILE_LATENT, check_tiling
 from tests.support.comfy import history_error
 from tests.support.prompts import pipeline_prompt
 from tools.comfy_launcher import ComfyServer
 
+TRAIN_FIELDS = {"rank": "lora_rank", "alpha": "lora_alpha"}  # Train LoRA widget -> TrainConfig field
 # (node, input) -> the core range it must equal
 CORE_RANGES: dict[tuple[str, str], tuple[str, Range]] = {
     **{("PhantomSampler", name): ("settings", SETTING_RANGES[name])
@@ -26,6 +28,9 @@ CORE_RANGES: dict[tuple[str, str], tuple[str, Range]] = {
     **{("PhantomSaveVideo", name): ("settings", SETTING_RANGES[name]) for name in ("fps", "quality")},
     ("PhantomLoadLoRA", "strength"): ("lora", LORA_STRENGTH),
     **{("PhantomRephrase", name): ("rephrase", limits) for name, limits in REPHRASE_RANGES.items()},
+    **{("PhantomTrainLoRA", name): ("training", TRAIN_RANGES[TRAIN_FIELDS.get(name, name)])
+       for name in ("steps", "learning_rate", "rank", "alpha", "batch_size", "width", "height", "frames", "seed",
+                    "text_dropout", "reference_dropout", "checkpoint_every")},
 }
 NODE_ONLY = {("PhantomDecode", "tile_size"), ("PhantomDecode", "tile_overlap")}  # checked below on their own
 
@@ -42,14 +47,17 @@ def numeric_inputs(info: dict) -> dict[tuple[str, str], dict]:
 
 
 def core_accepts(where: str, name: str, value) -> bool:
-    """Does the core take `value` for setting `name` (GenerationSettings, apply_loras' strength check, or the
-    rephraser's make_backend)?"""
+    """Does the core take `value` for setting `name` (GenerationSettings, apply_loras' strength check, TrainConfig,
+    or the rephraser's make_backend)?"""
     try:
         if where == "settings":
             GenerationSettings("p", **{name: value})
         elif where == "lora":
             check_strength(value, 0)
             name = "strength"
+        elif where == "training":
+            name = TRAIN_FIELDS.get(name, name)
+            TrainConfig(**{name: value})
         else:
             make_backend("openai-compatible", endpoint_url="http://127.0.0.1:9/v1", endpoint_model="m",
                          **{name: value})
