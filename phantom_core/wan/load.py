@@ -196,9 +196,10 @@ def load_dit(
     gguf = owned and str(path_or_state_dict).lower().endswith(".gguf")
     sd = (read_gguf if gguf else read_state_dict)(path_or_state_dict) if owned else path_or_state_dict
     sd, packed = split_packed(strip_prefixes(sd))  # packed: GGUF block-quantized tensors (none elsewhere)
+    shapes = {**sd, **shape_stand_ins(packed)}  # what the checks see: packed tensors by their logical shapes
     with errors_name_file(path_or_state_dict):
-        config = infer_dit_config({**sd, **shape_stand_ins(packed)})
-        validate_dit_state_dict({**sd, **shape_stand_ins(packed)}, config)
+        config = infer_dit_config(shapes)
+        validate_dit_state_dict(shapes, config)
     if packed and (dtype is not None or trainable):  # a float weight dtype asked for: unpack now, load as usual
         sd |= {k: p.dequantize(torch.float32) for k, p in packed.items()}
         packed = {}

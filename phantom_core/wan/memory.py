@@ -20,6 +20,7 @@ import math
 
 from phantom_core.wan.dit import WanDiTConfig
 from phantom_core.wan.latents import latent_shape
+from phantom_core.wan.load import expected_shapes
 
 
 def dit_tokens(config: WanDiTConfig, frames: int, height: int, width: int, num_refs: int) -> int:
@@ -50,12 +51,9 @@ def activation_bytes(config: WanDiTConfig, frames: int, height: int, width: int,
 
 
 def weight_bytes_estimate(config: WanDiTConfig, bytes_per_weight: float = 2.0) -> int:
-    """Bytes of the DiT's weights at ``bytes_per_weight`` (2 bf16, 1 fp8, ~0.56 Q4_K); norms and biases too."""
-    d, f, t = config.dim, config.ffn_dim, config.text_dim
-    per_block = 4 * d * d + 4 * d * d + 2 * d * f + 6 * d  # self-attn, cross-attn, FFN, modulation
-    rest = t * d + d * d + config.freq_dim * d + d * d + 6 * d * d  # text MLP, time MLP, time projection
-    rest += d * config.in_dim * math.prod(config.patch_size) + d * config.out_dim * math.prod(config.patch_size)
-    return int((config.num_layers * per_block + rest) * bytes_per_weight)
+    """Bytes of the DiT's weights at ``bytes_per_weight`` (2 bf16, 1 fp8, ~0.56 Q4_K): every tensor of the
+    state dict (``wan.load.expected_shapes``, a meta-device build), norms and biases included."""
+    return int(sum(math.prod(shape) for shape in expected_shapes(config).values()) * bytes_per_weight)
 
 
 def peak_bytes(config: WanDiTConfig, frames: int, height: int, width: int, num_refs: int, *, batch: int = 3,
@@ -66,7 +64,7 @@ def peak_bytes(config: WanDiTConfig, frames: int, height: int, width: int, num_r
     device; None keeps every block there.
     """
     weights = weight_bytes_estimate(config, bytes_per_weight)
-    if blocks_on_device is not None:
-        per_block = weights / config.num_layers  # the blocks dominate; the small rest is counted within
-        weights = int(per_block * min(config.num_layers, blocks_on_device + 1))
+    if blocks_on_device is not None:  # the blocks swapped out leave the device; one more is being prefetched
+        block = sum(math.prod(v) for k, v in expected_shapes(config).items() if k.startswith("blocks.0."))
+        weights -= int(block * bytes_per_weight) * max(0, config.num_layers - blocks_on_device - 1)
     return weights + activation_bytes(config, frames, height, width, num_refs, batch, bytes_per_value)
