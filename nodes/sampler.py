@@ -16,6 +16,7 @@ from comfy_api.latest import io
 
 from phantom_core.inference.settings import SETTING_RANGES
 from phantom_core.mmdit.inputs import clip_features_for
+from phantom_core.sampling.cache import StepCache
 from phantom_core.sampling.loop import SAMPLER_PRESETS, SOLVERS, sample_from_seed
 from phantom_core.wan.latents import denormalize_latents, latent_shape, normalize_latents
 
@@ -93,6 +94,16 @@ class PhantomSampler(io.ComfyNode):
                                        "w_text 7.5 (the Phantom-Wan release). paper: Euler, 50 steps, shift 5, "
                                        "w_img 3, w_text 7.5 (arXiv 2502.11079). A preset overrides steps, shift, "
                                        "solver, w_img and w_text."),
+                float_input("image_guidance_start", SETTING_RANGES["image_guidance_start"], 0.0, 0.01,
+                            "Fraction of the steps where the reference-image guidance pass (v_neg) starts; "
+                            "outside [start, end) w_img acts as 1 and the step runs one DiT pass fewer. Official: "
+                            "0.", optional=True),
+                float_input("image_guidance_end", SETTING_RANGES["image_guidance_end"], 1.0, 0.01,
+                            "Fraction of the steps where the v_neg pass ends (official: 1).", optional=True),
+                float_input("cache_threshold", SETTING_RANGES["cache_threshold"], 0.0, 0.01,
+                            "Step cache (EasyCache rule, one state per guidance pass): reuse a pass's output while "
+                            "its predicted change stays under this; 0 = off (official). Larger is faster and "
+                            "further from the uncached video (README, Speed).", optional=True),
             ],
             outputs=[io.Latent.Output(display_name="latent")],
         )
@@ -105,8 +116,15 @@ class PhantomSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, reference_latents: dict, width: int, height: int, frames: int,
                 steps: int, shift: float, solver: str, w_img: float, w_text: float, seed: int,
-                preset: str = "custom") -> io.NodeOutput:
+                preset: str = "custom", image_guidance_start: float = 0.0, image_guidance_end: float = 1.0,
+                cache_threshold: float = 0.0) -> io.NodeOutput:
         SETTING_RANGES["frames"].check("frames", frames)
+        for name, value in (("image_guidance_start", image_guidance_start), ("image_guidance_end", image_guidance_end),
+                            ("cache_threshold", cache_threshold)):
+            SETTING_RANGES[name].check(name, value)
+        if not image_guidance_start < image_guidance_end:
+            raise ValueError(f"image_guidance_start {image_guidance_start} must be below image_guidance_end "
+                             f"{image_guidance_end} (fractions of the steps; official 0 and 1)")
         settings = dict(steps=steps, shift=shift, solver=solver, w_img=w_img, w_text=w_text)
         settings |= sampler_preset(preset)
         if settings["solver"] not in SOLVERS:  # ComfyUI checks no V3 combo: refuse before the DiT loads
@@ -128,8 +146,10 @@ class PhantomSampler(io.ComfyNode):
             preview = previewer.decode_latent_to_preview_image("JPEG", x0_pred) if previewer else None
             pbar.update_absolute(step + 1, total, preview)
 
+        cache = StepCache(cache_threshold) if cache_threshold > 0 else None
         latents = sample_from_seed(dit, seed, latent_shape(frames, height, width), refs, context.to(device),
                                    context_neg.to(device), **settings, callback=on_step, model_dtype=dit.compute_dtype,
+                                   image_guidance_window=(image_guidance_start, image_guidance_end), cache=cache,
                                    ref_clip=None if ref_clip is None else ref_clip.to(device))  # (1,16,F,h,w) fp32
         raw = denormalize_latents(latents.float()).to(mm.intermediate_device())  # (1, 16, F, h, w)
         return io.NodeOutput({"samples": raw})

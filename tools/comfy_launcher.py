@@ -4,7 +4,7 @@ the tests).
 `ComfyServer(base).start()` lays out a ComfyUI base directory
 
     <base>/custom_nodes/ComfyUI-Phantom -> symlink to this repository
-    <base>/models/{diffusion_models,vae,text_encoders}/phantom_tiny_*.safetensors   (the embedded tiny default)
+    <base>/models/{diffusion_models,vae,text_encoders}/phantom_{tiny,world}_*.safetensors (random tiny, trained)
     <base>/input/phantom_*.jpg   (the example reference photos of example_inputs/, which the workflows name)
     <base>/output/
 
@@ -54,9 +54,9 @@ class ComfyServer:
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Lay out custom_nodes/, models/ (tiny default), input/ (with the example photos) and output/ under
+        """Lay out custom_nodes/, models/ (tiny + trained defaults), input/ (with the example photos) and output/ under
         the base directory."""
-        from phantom_core.tiny.default import write_tiny_default
+        from phantom_core.tiny.default import install_trained_default, write_tiny_default
         from tools.make_workflows import INPUTS_DIR
 
         link = self.base / "custom_nodes" / "ComfyUI-Phantom"
@@ -64,6 +64,7 @@ class ComfyServer:
         if not link.is_symlink():
             link.symlink_to(ROOT, target_is_directory=True)
         write_tiny_default(self.base / "models")
+        install_trained_default(self.base / "models")
         for sub in ("input", "output", "temp", "user"):
             (self.base / sub).mkdir(exist_ok=True)
         for photo in INPUTS_DIR.glob("*.jpg"):

@@ -34,18 +34,16 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = ROOT / ".demo"
 OUT_DIR = ROOT / "output"
 PHOTOS = [INPUTS_DIR / "phantom_astronaut.jpg", INPUTS_DIR / "phantom_cat.jpg"]
-PROMPT = ("A smiling woman astronaut with short curly brown hair in an orange launch suit sits on a sofa and gently "
-          "strokes a tabby cat with green eyes on her lap; the cat stretches and looks at the camera, soft window "
-          "light, slow camera push-in.")
+PROMPT = "an astronaut moves right and a cat moves up on a blue background"  # the world grammar (docs/WORLD.md)
 
 log = logging.getLogger("phantom.demo")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--width", type=int, default=320, help="video width in px (multiple of 16)")
-    parser.add_argument("--height", type=int, default=192, help="video height in px (multiple of 16)")
-    parser.add_argument("--frames", type=int, default=33, help="frames, 4k+1")
+    parser.add_argument("--width", type=int, default=128, help="video width in px (multiple of 16)")
+    parser.add_argument("--height", type=int, default=128, help="video height in px (multiple of 16)")
+    parser.add_argument("--frames", type=int, default=17, help="frames, 4k+1")
     parser.add_argument("--steps", type=int, default=50, help="sampling steps (official: 50)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the job")

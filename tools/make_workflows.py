@@ -43,25 +43,24 @@ TEMPLATES_DIR = ROOT / "example_workflows"
 API_DIR = TEMPLATES_DIR / "api"
 INPUTS_DIR = ROOT / "example_inputs"
 
-DEFAULT_FILES = {
-    "dit": "phantom_tiny_dit.safetensors",
-    "vae": "phantom_tiny_vae.safetensors",
-    "text_encoder": "phantom_tiny_umt5.safetensors",
+DEFAULT_FILES = {  # the trained embedded default (phantom_core/tiny/trained/, MODEL_CARD.md there)
+    "dit": "phantom_world_dit.safetensors",
+    "vae": "phantom_world_vae.safetensors",
+    "text_encoder": "phantom_world_umt5.safetensors",
 }
+# the default's world: 128 x 128 px, 17 frames at 16 fps (phantom_core.world); real Phantom-Wan: 832 x 480 x 81
+SIZE = {"width": 128, "height": 128, "frames": 17}
 # the shipped photos of example_inputs/ (scikit-image's astronaut, cat, coffee and rocket; licences there)
 REFERENCE_IMAGES = {1: ["phantom_astronaut.jpg"], 2: ["phantom_astronaut.jpg", "phantom_cat.jpg"],
                     4: ["phantom_astronaut.jpg", "phantom_cat.jpg", "phantom_coffee.jpg", "phantom_rocket.jpg"]}
-PROMPTS = {  # each names the subjects of its reference photos with their appearance, as Phantom's prompts do
-    1: "A smiling woman astronaut with short curly brown hair, in an orange launch suit with mission patches, "
-       "walks along the launch pad at dusk holding her white helmet under one arm and waves at the camera; "
-       "slow tracking shot, warm floodlights.",
-    4: "A smiling woman astronaut with short curly brown hair in an orange launch suit sits at a rustic wooden "
-       "table with a tabby cat with green eyes on her lap, sipping espresso from a red cup on a red saucer, "
-       "while a white rocket stands lit on its launch pad in the blue dusk behind her; slow camera push-in.",
+PROMPTS = {  # in the miniature world's grammar (docs/WORLD.md), which the default was trained on: the k-th clause
+    # is the k-th reference; with real Phantom-Wan weights, describe each subject's appearance instead
+    1: "an astronaut moves right on a blue background",
+    4: "an astronaut moves left and a cat moves right and an espresso cup moves up and a rocket moves down on a "
+       "black background",
 }
 # what a user would type when the rephraser adds the appearance details
-SHORT_PROMPTS = {2: "The astronaut sits on a sofa and gently strokes the cat on her lap; the cat stretches and "
-                    "looks at the camera. Soft window light."}
+SHORT_PROMPTS = {2: "the astronaut moves right and the cat moves up on a green background"}
 REPHRASE_ENDPOINT = {"endpoint_url": "http://127.0.0.1:11434/v1", "endpoint_model": "qwen2.5vl:7b"}  # Ollama
 
 
@@ -132,7 +131,7 @@ def describe(num_refs: int, rephrase: bool = False) -> list[Node]:
     if not 1 <= num_refs <= 4 or num_refs not in prompts or num_refs not in REFERENCE_IMAGES:
         raise ValueError(f"num_refs is {num_refs}; the {'rephrase ' if rephrase else ''}workflows exist for "
                          f"{sorted(prompts)} references")
-    width, height = 832, 480
+    width, height = SIZE["width"], SIZE["height"]
     nodes = [
         Node(1, "PhantomDiTLoader", "Phantom DiT Loader", [("model", "PHANTOM_DIT")],
              widgets={"dit_name": DEFAULT_FILES["dit"], "weight_dtype": "default"}, size=(400, 100)),
@@ -167,8 +166,9 @@ def describe(num_refs: int, rephrase: bool = False) -> list[Node]:
              sockets=[("model", "PHANTOM_DIT"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                       ("reference_latents", "PHANTOM_REF_LATENTS")],
              links={"model": (1, 0), "positive": (4, 0), "negative": (5, 0), "reference_latents": (21, 0)},
-             widgets={"width": width, "height": height, "frames": 81, "steps": 50, "shift": 5.0,
-                      "solver": "unipc", "w_img": 5.0, "w_text": 7.5, "seed": 42, "preset": "custom"},
+             widgets={"width": width, "height": height, "frames": SIZE["frames"], "steps": 50, "shift": 5.0,
+                      "solver": "unipc", "w_img": 5.0, "w_text": 7.5, "seed": 42, "preset": "custom",
+                      "image_guidance_start": 0.0, "image_guidance_end": 1.0, "cache_threshold": 0.0},
              ui_after={"seed": ["fixed"]}, size=(320, 400)),
         Node(31, "PhantomDecode", "Phantom Decode", [("images", "IMAGE")],
              sockets=[("vae", "PHANTOM_VAE"), ("latent", "LATENT")], links={"vae": (2, 0), "latent": (30, 0)},

@@ -1,4 +1,14 @@
-"""The embedded tiny default: random-weight DiT, VAE and umT5 (+ tokenizer) checkpoints in the official layouts.
+"""The embedded defaults: the trained world default (committed files) and the random-weight tiny checkpoints.
+
+``install_trained_default`` copies the trained default (``phantom_core/tiny/trained/``, made by
+``make train-default``: a Phantom-Wan DiT, VAE and umT5 learned in the miniature world, see its MODEL_CARD.md)
+into a ComfyUI-style models folder; the demo, the shipped workflows and ``evaluate --model default`` run it:
+
+    <models_dir>/diffusion_models/phantom_world_dit.safetensors   DIT_PRESETS["world"], upstream Wan2.1 keys
+    <models_dir>/vae/phantom_world_vae.safetensors                VAE_PRESETS["tiny"], upstream Wan2.1 VAE keys
+    <models_dir>/text_encoders/phantom_world_umt5.safetensors      TEXT_ENCODER_PRESETS["tiny"] + world tokenizer
+
+The random-weight tiny default below is what the tests use (and ``evaluate --baseline untrained``):
 
 They let the nodes, the shipped workflows and the tests run end to end without downloading anything; the
 videos they make are noise-like, not meaningful. Everything is drawn from fixed seeds, so the bytes of each
@@ -34,6 +44,9 @@ from phantom_core.wan.vae import VAE_PRESETS, WanVAE
 DIT_FILE = "diffusion_models/phantom_tiny_dit.safetensors"
 VAE_FILE = "vae/phantom_tiny_vae.safetensors"
 TEXT_ENCODER_FILE = "text_encoders/phantom_tiny_umt5.safetensors"
+TRAINED_DIR = Path(__file__).resolve().parent / "trained"
+TRAINED_FILES = {"dit": "diffusion_models/phantom_world_dit.safetensors", "vae": "vae/phantom_world_vae.safetensors",
+                 "text_encoder": "text_encoders/phantom_world_umt5.safetensors"}
 SEED = 11079  # fixed: the default must be byte-identical everywhere (arXiv 2502.11079)
 
 
@@ -128,5 +141,27 @@ def write_tiny_default(models_dir: str | os.PathLike) -> dict[str, Path]:
         path = root / relative
         written = _install(path, build())
         logger.info("tiny default %s: %s %s", name, "wrote" if written else "up to date", path)
+        paths[name] = path
+    return paths
+
+
+def install_trained_default(models_dir: str | os.PathLike) -> dict[str, Path]:
+    """Copy the trained world default into a ComfyUI-style models folder (skipping byte-identical files).
+
+    Returns:
+        ``{"dit": path, "vae": path, "text_encoder": path}``.
+    Raises:
+        FileNotFoundError: a committed file is missing from ``phantom_core/tiny/trained/`` (``make train-default``
+            makes them).
+    """
+    root, paths = Path(models_dir), {}
+    for name, relative in TRAINED_FILES.items():
+        source = TRAINED_DIR / Path(relative).name
+        if not source.is_file():
+            raise FileNotFoundError(f"the trained default's {name} file {source} is missing; `make train-default` "
+                                    "trains it (or restore it from git)")
+        path = root / relative
+        written = _install(path, source.read_bytes())
+        logger.info("trained default %s: %s %s", name, "wrote" if written else "up to date", path)
         paths[name] = path
     return paths

@@ -91,6 +91,9 @@ DIT_PRESETS: dict[str, WanDiTConfig] = {
     "phantom-wan-14b": WanDiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
     # tests and the embedded demo default; head_dim 128 like the real models, text_dim of the tiny umT5
     "tiny": WanDiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64),
+    # the trained embedded default of the miniature world (phantom_core.world.default_model), 4.9 M parameters;
+    # head_dim 128 as every Wan2.1 file, because loaders (ours, ComfyUI's) infer num_heads = dim // 128
+    "world": WanDiTConfig(dim=256, ffn_dim=1024, num_heads=2, num_layers=4, text_dim=64),
 }
 
 

@@ -1,8 +1,8 @@
 """The ``evaluate`` subcommand: the world's metrics for a model or a baseline, on the held-out case set.
 
     python -m phantom_core evaluate --baseline paste            # "paste the reference, static, in the centre"
-    python -m phantom_core evaluate --baseline untrained        # the embedded random-weight default
-    python -m phantom_core evaluate --model default             # the embedded default (today: random weights)
+    python -m phantom_core evaluate --baseline untrained        # the random-weight tiny default
+    python -m phantom_core evaluate --model default             # the trained embedded default (MODEL_CARD.md)
     python -m phantom_core evaluate --dit D --vae V --text-encoder T [--steps 50 --w-img 5 --w-text 7.5 ...]
     python -m phantom_core evaluate --baseline truth --quick 4  # sanity: the ground truth scores perfectly
 
@@ -48,7 +48,7 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what to evaluate (one of)")
     what.add_argument("--baseline", choices=BASELINES, help="paste | untrained | truth | noise")
-    what.add_argument("--model", choices=["default"], help="the embedded default model")
+    what.add_argument("--model", choices=["default"], help="the trained embedded default (phantom_core/tiny/trained)")
     what.add_argument("--dit", metavar="PATH", help="Phantom-Wan DiT file (with --vae and --text-encoder)")
     what.add_argument("--vae", metavar="PATH", help="Wan2.1 VAE file (with a baseline: only the ceiling)")
     what.add_argument("--text-encoder", metavar="PATH", help="umT5 text encoder file")
@@ -74,10 +74,10 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
 
 def _load(args: argparse.Namespace, device: str, folder: str) -> tuple[Any, Any, Any]:
     from phantom_core.inference.pipeline import load_models
-    from phantom_core.tiny.default import write_tiny_default
+    from phantom_core.tiny.default import install_trained_default, write_tiny_default
 
     if args.model == "default" or args.baseline == "untrained":
-        files = write_tiny_default(folder)
+        files = install_trained_default(folder) if args.model == "default" else write_tiny_default(folder)
         return load_models(files["dit"], files["vae"], files["text_encoder"], device=device)
     return load_models(args.dit, args.vae, args.text_encoder, tokenizer_path=args.tokenizer, device=device)
 

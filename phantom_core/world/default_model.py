@@ -1,0 +1,279 @@
+"""The recipe of the trained embedded default: a tiny VAE, a frozen tiny umT5 and a Phantom-Wan DiT, learned in
+the miniature world on two CPU cores, deterministically from ``SEED``.
+
+Stages (each resumable; ``tools/train_default.py`` runs them in order, ``make train-default``):
+
+1. ``text``: a umT5-style sentencepiece tokenizer trained on the world's grammar (``world.corpus``) and a
+   random, frozen tiny umT5 (``TEXT_ENCODER_PRESETS["tiny"]``): the DiT learns to read its features.
+2. ``vae``: the tiny Wan2.1 VAE (``VAE_PRESETS["tiny"]``) on 64 x 64 crops of world clips (5 frames: the first
+   frame alone and one 4-frame chunk, as the causal encoder sees them) and single frames (references, video
+   frames), ``training.vae``; then ``calibrate_latents`` on held-in clips.
+3. ``latents``: ``LATENT_SAMPLES`` training triplets encoded once with that VAE and umT5 (shards on disk).
+4. ``dit``: ``DIT_PRESETS["world"]`` from the upstream init, full training with the general trainer
+   (``training.loop.train``), on the cached latents.
+
+The world's training data never contains a held-out subject (``world.subjects``): every figure of
+``python -m phantom_core evaluate --model default`` is on subjects the model never saw.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from phantom_core.world.dataset import sample_tensors
+from phantom_core.world.render import VideoFormat
+from phantom_core.world.sample import WorldConfig, make_sample
+from phantom_core.world.subjects import split_subjects
+
+SEED = 11079
+SOURCES = ("emoji", "photo", "shape")  # the default needs the emoji font: `make emoji-font`
+WORLD = WorldConfig(video=VideoFormat(), pair_mode="cross", sources=SOURCES)
+
+
+@dataclass(frozen=True)
+class VAEData:
+    """How the VAE's batches are drawn from the world: ``clips`` crops of ``clip_frames`` frames and ``frames``
+    single-frame crops (references and video frames), ``crop`` px square, from training samples of ``seed``."""
+
+    clips: int = 4
+    clip_frames: int = 5
+    frames: int = 4
+    crop: int = 64
+    seed: int = SEED + 1
+
+
+def _crop(x: Tensor, size: int, rng: np.random.Generator) -> Tensor:
+    """A random ``size`` x ``size`` crop of ``x [..., H, W]``."""
+    h, w = x.shape[-2:]
+    top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    return x[..., top : top + size, left : left + size]
+
+
+def vae_batches(data: VAEData = VAEData(), config: WorldConfig = WORLD):
+    """``batch_fn(step) -> [clips [clips, 3, clip_frames, crop, crop], frames [frames, 3, 1, crop, crop]]`` in
+    [-1, 1], a pure function of ``step`` (``training.vae.train_vae``)."""
+    pool = split_subjects("train", config.sources)
+
+    def batch(step: int) -> list[Tensor]:
+        rng = np.random.default_rng([data.seed, step])
+        clips, frames = [], []
+        for i in range(max(data.clips, data.frames)):
+            item = sample_tensors(make_sample("train", data.seed, step * max(data.clips, data.frames) + i,
+                                              config, pool=pool))
+            video = item.video  # (3, T, H, W)
+            if i < data.clips:
+                start = int(rng.integers(0, video.shape[1] - data.clip_frames + 1))
+                clips.append(_crop(video[:, start : start + data.clip_frames], data.crop, rng))
+            if i < data.frames:
+                if rng.random() < 0.5:  # a prepared reference (letterboxed on white)
+                    frame = item.references[int(rng.integers(0, item.references.shape[0]))][:, None]
+                else:
+                    frame = video[:, int(rng.integers(0, video.shape[1])) : None][:, :1]
+                frames.append(_crop(frame, data.crop, rng))
+        return [torch.stack(clips), torch.stack(frames)]
+
+    return batch
+
+
+# ---------------------------------------------------------------- stages (tools/train_default.py runs them)
+TEXT_FILE = "umt5.safetensors"
+VAE_RUN, VAE_FILE = "vae_run", "vae.safetensors"
+# PHANTOM_VAE_STEPS / PHANTOM_LATENT_SAMPLES / PHANTOM_DIT_STEPS shrink a run for a quick check of the recipe
+VAE_TRAIN = dict(steps=int(os.environ.get("PHANTOM_VAE_STEPS", 1800)), learning_rate=1e-3, warmup_steps=50,
+                 kl_weight=1e-4, seed=SEED, checkpoint_every=100)
+CALIBRATION_CLIPS = 32
+
+
+def stage_text(work: str | Path) -> Path:
+    """The world tokenizer (grammar corpus + the negative prompts, 512 pieces) and a frozen random tiny umT5."""
+    from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
+    from phantom_core.tiny.text import random_text_encoder_state_dict, train_tiny_tokenizer
+    from phantom_core.wan.umt5 import TEXT_ENCODER_PRESETS, write_text_encoder_checkpoint
+    from phantom_core.world.corpus import world_corpus
+
+    path = Path(work) / TEXT_FILE
+    if path.is_file():
+        return path
+    spec = TEXT_ENCODER_PRESETS["tiny"]
+    corpus = [*world_corpus(split_subjects("train", SOURCES) + split_subjects("test", SOURCES)),
+              WAN_NEGATIVE_PROMPT, WAN_NEGATIVE_PROMPT.replace("，", ",")]
+    spiece = train_tiny_tokenizer(corpus, vocab_size=spec.vocab_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_text_encoder_checkpoint(path, random_text_encoder_state_dict(spec, seed=SEED + 2), spiece)
+
+
+def _calibration_clips() -> list[Tensor]:
+    """Full-size training clips and their references, for ``calibrate_latents`` (seed distinct from training)."""
+    pool = split_subjects("train", SOURCES)
+    out = []
+    for i in range(CALIBRATION_CLIPS):
+        item = sample_tensors(make_sample("train", SEED + 3, i, WORLD, pool=pool))
+        out += [item.video[None], item.references[:, :, None]]
+    return out
+
+
+def stage_vae(work: str | Path) -> Path:
+    """Train, calibrate and write the tiny VAE (upstream Wan2.1 keys) to ``<work>/vae.safetensors``."""
+    from safetensors.torch import save_file
+
+    from phantom_core.loading.disk import atomic_write
+    from phantom_core.training.vae import VAETrainConfig, calibrate_latents, init_for_training, train_vae
+    from phantom_core.wan.vae import VAE_PRESETS, WanVAE
+
+    work = Path(work)
+    path = work / VAE_FILE
+    if path.is_file():
+        return path
+    torch.manual_seed(SEED)
+    vae = WanVAE(VAE_PRESETS["tiny"])  # PyTorch's default init, from the seed
+    init_for_training(vae, SEED)
+
+    def report(step: int, total: int, parts: dict) -> None:
+        if step % 10 == 0 or step == total:
+            print(f"vae step {step}/{total} loss {parts['loss']:.4f} psnr clips {parts['psnr_0']:.2f} dB "
+                  f"frames {parts['psnr_1']:.2f} dB kl {parts['kl_0']:.3f}", flush=True)
+
+    train_vae(vae, vae_batches(), VAETrainConfig(**VAE_TRAIN), work / VAE_RUN, report)
+    mean, std = calibrate_latents(vae, _calibration_clips())
+    print(f"vae calibration: normalized latent mean {mean.abs().mean():.3f}, std {std.mean():.3f} (before)")
+    with atomic_write(path) as tmp:
+        save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(tmp), metadata={"format": "pt"})
+    return path
+
+
+LATENT_DIR, LATENT_INDEX = "latents", "latents/index.json"
+LATENT_SAMPLES = int(os.environ.get("PHANTOM_LATENT_SAMPLES", 1600))
+DIT_RUN, DIT_FILE = "dit_run", "dit.safetensors"
+DIT_TRAIN = dict(dit="scratch:world", mode="full", steps=int(os.environ.get("PHANTOM_DIT_STEPS", 2200)),
+                 batch_size=8, learning_rate=4e-4, warmup_steps=100, lr_schedule="cosine", weight_decay=0.01,
+                 gradient_checkpointing=False, timesteps="shifted", shift=5.0, text_dropout=0.2,
+                 reference_dropout=0.1, seed=SEED, checkpoint_every=100, keep_checkpoints=2, width=128,
+                 height=128, frames=17, device="cpu", precision="fp32")
+
+
+def _encoders(work: Path):
+    """``(encoders, fingerprints)`` of the stage files, for ``training.cache.build_cache``."""
+    from phantom_core.training.cache import file_fingerprint
+    from phantom_core.wan.umt5 import load_text_encoder
+    from phantom_core.wan.vae import load_vae
+
+    vae_path, text_path = work / VAE_FILE, work / TEXT_FILE
+    fingerprints = {"vae": file_fingerprint(vae_path), "text_encoder": file_fingerprint(text_path)}
+
+    def load():
+        return (load_vae(str(vae_path), dtype=torch.float32, device="cpu"),
+                load_text_encoder(str(text_path), None, dtype=None, device="cpu", compute_dtype=torch.float32))
+
+    return load, fingerprints
+
+
+def _raw_samples(indices):
+    from phantom_core.training.dataset import RawSample
+
+    pool = split_subjects("train", SOURCES)
+    for i in indices:
+        sample = make_sample("train", SEED + 4, i, WORLD, pool=pool)
+        item = sample_tensors(sample)
+        yield RawSample(f"world_{i:05d}", item.video, sample.references, sample.prompt)
+
+
+def _encode_part(work: str, part: int, parts: int) -> int:
+    """Worker: encode samples ``part, part + parts, ...`` into the cache with one thread; returns how many."""
+    from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
+    from phantom_core.training.cache import build_cache
+
+    torch.set_num_threads(1)
+    encoders, fingerprints = _encoders(Path(work))
+    fmt = WORLD.video
+    data, _ = build_cache(_raw_samples(range(part, LATENT_SAMPLES, parts)), Path(work) / LATENT_DIR,
+                          encoders=encoders, fingerprints=fingerprints, frames=fmt.frames, width=fmt.width,
+                          height=fmt.height, dropped_prompt=WAN_NEGATIVE_PROMPT)
+    return len(data)
+
+
+def stage_latents(work: str | Path, workers: int = 2) -> Path:
+    """Encode ``LATENT_SAMPLES`` training triplets once (``training.cache``; resumable: what is cached stays), in
+    ``workers`` single-threaded processes, and write ``latents/index.json`` (the cache files in order, the dropped
+    prompt's context file)."""
+    import json
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
+    from phantom_core.loading.disk import atomic_write
+    from phantom_core.training.cache import build_cache
+
+    work = Path(work)
+    index = work / LATENT_INDEX
+    if index.is_file():
+        return index
+    (work / LATENT_DIR).mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        done = list(pool.map(_encode_part, [str(work)] * workers, range(workers), [workers] * workers))
+    print(f"latents: {sum(done)} samples cached", flush=True)
+    encoders, fingerprints = _encoders(work)
+    fmt = WORLD.video
+    data, bad = build_cache(_raw_samples(range(LATENT_SAMPLES)), work / LATENT_DIR, encoders=encoders,
+                            fingerprints=fingerprints, frames=fmt.frames, width=fmt.width, height=fmt.height,
+                            dropped_prompt=WAN_NEGATIVE_PROMPT)
+    if bad:
+        raise ValueError(f"{len(bad)} world samples could not be encoded: {bad[:3]}")
+    dropped = sorted((work / LATENT_DIR).glob("dropped-*.safetensors"))
+    with atomic_write(index) as tmp:
+        tmp.write_text(json.dumps({"files": [p.name for p in data.files], "dropped": dropped[-1].name}),
+                       encoding="utf-8")
+    return index
+
+
+def stage_dit(work: str | Path) -> Path:
+    """Train the world DiT with the general trainer (full fine-tune from the upstream init); resumable."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
+    from phantom_core.training.cache import CachedLatents
+    from phantom_core.training.config import load_config
+    from phantom_core.training.loop import train
+
+    work = Path(work)
+    path = work / DIT_FILE
+    if path.is_file():
+        return path
+    index = json.loads((work / LATENT_INDEX).read_text(encoding="utf-8"))
+    folder = work / LATENT_DIR
+    dropped = load_file(str(folder / index["dropped"]))["context"]
+    data = CachedLatents([folder / f for f in index["files"]], dropped, in_memory=True)
+    config = load_config(None, **DIT_TRAIN, out=str(path), run_dir=str(work / DIT_RUN), resume=True,
+                         dropped_prompt=WAN_NEGATIVE_PROMPT)
+
+    def report(step: int, total: int, loss: float) -> None:
+        if step % 10 == 0 or step == total:
+            print(f"dit step {step}/{total} loss {loss:.4f}", flush=True)
+
+    train(config, dataset=data, callback=report)
+    return path
+
+
+def stage_export(work: str | Path) -> dict[str, Path]:
+    """Copy the finished files into ``phantom_core/tiny/trained/`` (atomically; what ``install_trained_default``
+    installs) and print their sizes."""
+    from phantom_core.loading.disk import atomic_write
+    from phantom_core.tiny.default import TRAINED_DIR, TRAINED_FILES
+
+    work, out = Path(work), {}
+    sources = {"dit": work / DIT_FILE, "vae": work / VAE_FILE, "text_encoder": work / TEXT_FILE}
+    for name, relative in TRAINED_FILES.items():
+        target = TRAINED_DIR / Path(relative).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(target) as tmp:
+            tmp.write_bytes(sources[name].read_bytes())
+        print(f"export {name}: {target} ({target.stat().st_size / 2**20:.1f} MiB)", flush=True)
+        out[name] = target
+    return out
