@@ -1,7 +1,7 @@
 # ComfyUI-Phantom: every set-up step lives here and in tools/bootstrap.sh.
 PY := .venv/bin/python
 
-.PHONY: env demo test test-browser lint bench bench-sampling bench-memory bench-train workflows thumbnails emoji-font \
+.PHONY: env demo test test-browser lint bench bench-sampling bench-cache bench-memory bench-train workflows thumbnails emoji-font \
 	train-default
 env: .venv/.phantom-ready
 
@@ -26,6 +26,10 @@ bench: env
 
 bench-sampling: env
 	PYTHONPATH=.comfyui $(PY) -m benchmarks.bench_sampling
+
+# The step cache and image-guidance window: DiT evaluations saved against quality, on the trained default.
+bench-cache: env
+	$(PY) -m benchmarks.bench_cache_quality --out docs/speed_quality.png --json docs/speed_quality.json
 
 bench-memory: env
 	$(PY) -m benchmarks.bench_load_memory

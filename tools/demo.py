@@ -1,20 +1,21 @@
 """`make demo`: a Phantom subject-to-video run through a real, headless ComfyUI, end to end.
 
 1. Lays out a ComfyUI base directory in `.demo/` (git-ignored): this extension linked into `custom_nodes/`, the
-   embedded default checkpoints in `models/` (tiny random-weight DiT, VAE and umT5 in the official key layouts:
-   `phantom_core.tiny.default`); the job's photos are two of the shipped example photos (example_inputs/: an
-   astronaut and a cat, from scikit-image's public-domain / CC0 data).
+   embedded defaults in `models/` (the trained world default of `phantom_core/tiny/trained/`, see its
+   MODEL_CARD.md, and the random tiny test checkpoints); the job's photos are two of the shipped example photos
+   (example_inputs/: an astronaut and a cat, from scikit-image's public-domain / CC0 data).
 2. Starts ComfyUI 0.3.75 (`.comfyui/`) headless on the CPU with that base directory.
 3. Queues the shipped API workflow (example_workflows/api/phantom_4ref_api.json, unused reference inputs
    removed) over ComfyUI's HTTP API with the batch client (tools/phantom_batch.py): the photos are uploaded with
    /upload/image, the job is queued with /prompt, followed through /history, and the MP4 is downloaded with /view.
-4. Prints the path of the MP4 (in `output/`) and stops the server.
+4. Prints the path of the MP4 (in `output/`) and of a frame strip PNG (the references as the model sees them,
+   then frames of the video), and stops the server.
 
-Until a trained default exists, the weights are random, so the MP4 is coloured noise: the demo proves the whole
-path (nodes, HTTP API, sampling, decoding, MP4 export), not image quality. With real Phantom-Wan weights (see
-the README) the same workflow makes real videos.
+The prompt is in the world's grammar, which the default was trained on: the astronaut (first reference) moves
+right and the cat (second) moves up, on a blue background, 128x128 px, 17 frames, 50 UniPC steps (the official
+recipe). Both photos are outside the default's training data (every photo subject is held out).
 
-    .venv/bin/python -m tools.demo [--width 320 --height 192 --frames 33 --steps 50 --seed 42]
+    .venv/bin/python -m tools.demo [--width 128 --height 128 --frames 17 --steps 50 --seed 42]
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import json
 import logging
 import sys
 from pathlib import Path
+
+from PIL import Image
 
 from tools.comfy_launcher import ComfyServer
 from tools.make_workflows import INPUTS_DIR
@@ -47,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50, help="sampling steps (official: 50)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the job")
+    parser.add_argument("--strip", default=str(OUT_DIR / "demo_frames.png"),
+                        help="where the frame strip PNG goes (references, then frames of the video)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -67,7 +72,31 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for path in record["outputs"]:
         print(Path(path).resolve())
+    strip = frame_strip(PHOTOS, Path(record["outputs"][0]), args.width, args.height)
+    strip.save(args.strip)
+    print(Path(args.strip).resolve())
     return 0
+
+
+def frame_strip(photos: list[Path], video: Path, width: int, height: int, shown: int = 6) -> Image.Image:
+    """One row for a person to look at: the reference photos letterboxed on white as the model sees them, a gap,
+    then ``shown`` evenly spaced frames of the video, each at the video's size."""
+    from phantom_core.references import prepare_reference
+    from phantom_core.video_io import read_mp4_frames
+
+    frames = read_mp4_frames(video)  # (T, H, W, 3) uint8
+    picks = sorted({round(i * (len(frames) - 1) / (shown - 1)) for i in range(shown)})
+    refs = [Image.fromarray(((prepare_reference(Image.open(p), width, height, "letterbox").permute(1, 2, 0) + 1)
+                             * 127.5).round().clamp(0, 255).byte().numpy()) for p in photos]
+    tiles = refs + [None] + [Image.fromarray(frames[i]) for i in picks]
+    gap = 4
+    strip = Image.new("RGB", (sum(width + gap for _ in tiles) + gap, height + 2 * gap), (96, 96, 96))
+    x = gap
+    for tile in tiles:
+        if tile is not None:
+            strip.paste(tile, (x, gap))
+        x += width + gap
+    return strip
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
     python -m phantom_core generate --dit DIT --vae VAE --text-encoder T5 --ref a.png --ref b.png \\
         --prompt "..." --out video.mp4 [--preset official|paper] [--steps 50 ...]
+    python -m phantom_core generate --ref a.png --prompt "a cat moves left on a blue background" --out v.mp4
+                                                     # no model files: the trained default (--model default)
     python -m phantom_core generate ... --rephrase --rephrase-endpoint http://127.0.0.1:11434/v1 \\
         --rephrase-model qwen2.5vl:7b [--rephrase-hint TEXT ...]
     python -m phantom_core generate ... --lora style.safetensors:0.8 --lora lightx2v.safetensors
@@ -53,6 +55,7 @@ from phantom_core.rephrase.cli import add_rephrase_backend_arguments, rephraser_
 from phantom_core.rephrase.rephraser import Rephraser
 from phantom_core.rephrase.types import RephraseResult
 from phantom_core.sampling.loop import SAMPLER_PRESETS, SOLVERS
+from phantom_core.tiny.default import TRAINED_DIR, TRAINED_FILES, TRAINED_FORMAT
 from phantom_core.wan.inspect import format_report, inspect_checkpoint
 
 # --dtype: weight dtype of the DiT and the text encoder (None: each file's stored dtype); --compute-dtype: activations
@@ -118,13 +121,19 @@ class TextProgressBar:
 # ---------------------------------------------------------------------------------------------- parsers
 
 
+MODEL_FLAGS = (("dit", "--dit"), ("vae", "--vae"), ("text_encoder", "--text-encoder"))
+
+
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``generate`` (``func=run_generate``) on ``subparsers``; returns the sub-parser."""
     p = subparsers.add_parser(
         "generate", help="generate a video of reference subjects (Phantom-Wan), write MP4 + JSON sidecar",
         description="Generate a subject-consistent video from 1 to 4 reference images and a prompt. Writes the "
                     "MP4 and, next to it, a JSON sidecar recording every setting, the seed and file hashes.")
-    files = p.add_argument_group("model files (not needed with --from-sidecar)")
+    files = p.add_argument_group("model files (none given: the trained embedded default, as --model default)")
+    files.add_argument("--model", choices=["default"],
+                       help="the trained embedded default (phantom_core/tiny/trained/, MODEL_CARD.md): 128x128, "
+                            "17 frames unless --width/--height/--frames say otherwise; prompts in the world's grammar")
     files.add_argument("--dit", metavar="PATH", help="Phantom-Wan DiT: .safetensors, .pth, sharded index or its folder")
     files.add_argument("--vae", metavar="PATH", help="Wan2.1 VAE (.pth or .safetensors)")
     files.add_argument("--text-encoder", metavar="PATH", help="umT5-xxl encoder (.safetensors with tokenizer, or .pth)")
@@ -262,7 +271,13 @@ def resolve_generate_args(args: argparse.Namespace) -> dict[str, Any]:
         values.update(SAMPLER_PRESETS[args.preset])
     values.update({f: getattr(args, f) for f in SETTING_OPTIONS if getattr(args, f) is not None})
     files.update({k: getattr(args, k) for k in files if getattr(args, k)})
-    for role, flag in (("dit", "--dit"), ("vae", "--vae"), ("text_encoder", "--text-encoder"), ("ref", "--ref")):
+    given = [flag for role, flag in MODEL_FLAGS if getattr(args, role)]
+    if args.model == "default" and given:
+        raise ValueError(f"--model default names the embedded default's files; drop {', '.join(given)} (or --model)")
+    if args.model == "default" or not (args.from_sidecar or given):
+        files.update({role: str(TRAINED_DIR / Path(relative).name) for role, relative in TRAINED_FILES.items()})
+        values = {**TRAINED_FORMAT, **values}  # the default's world format unless given
+    for role, flag in (*MODEL_FLAGS, ("ref", "--ref")):
         if not files[role]:
             raise ValueError(f"{flag} is required (or --from-sidecar FILE)")
     if "prompt" not in values:

@@ -47,6 +47,7 @@ TEXT_ENCODER_FILE = "text_encoders/phantom_tiny_umt5.safetensors"
 TRAINED_DIR = Path(__file__).resolve().parent / "trained"
 TRAINED_FILES = {"dit": "diffusion_models/phantom_world_dit.safetensors", "vae": "vae/phantom_world_vae.safetensors",
                  "text_encoder": "text_encoders/phantom_world_umt5.safetensors"}
+TRAINED_FORMAT = {"width": 128, "height": 128, "frames": 17}  # the world the default was trained in (fps 16)
 SEED = 11079  # fixed: the default must be byte-identical everywhere (arXiv 2502.11079)
 
 

@@ -1,5 +1,5 @@
 """The recipe of the trained embedded default: a tiny VAE, a frozen tiny umT5 and a Phantom-Wan DiT, learned in
-the miniature world on two CPU cores, deterministically from ``SEED``.
+the miniature world on two CPU cores, deterministically from ``RECIPE_SEED``.
 
 Stages (each resumable; ``tools/train_default.py`` runs them in order, ``make train-default``):
 
@@ -19,6 +19,7 @@ The world's training data never contains a held-out subject (``world.subjects``)
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,14 +27,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from phantom_core.log import logger
 from phantom_core.world.dataset import sample_tensors
 from phantom_core.world.render import VideoFormat
 from phantom_core.world.sample import WorldConfig, make_sample
 from phantom_core.world.subjects import split_subjects
 
-SEED = 11079
-SOURCES = ("emoji", "photo", "shape")  # the default needs the emoji font: `make emoji-font`
-WORLD = WorldConfig(video=VideoFormat(), pair_mode="cross", sources=SOURCES)
+RECIPE_SEED = 11079
+RECIPE_SOURCES = ("emoji", "photo", "shape")  # the default needs the emoji font: `make emoji-font`
+WORLD = WorldConfig(video=VideoFormat(), pair_mode="cross", sources=RECIPE_SOURCES)
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class VAEData:
     clip_frames: int = 5
     frames: int = 4
     crop: int = 64
-    seed: int = SEED + 1
+    seed: int = RECIPE_SEED + 1
 
 
 def _crop(x: Tensor, size: int, rng: np.random.Generator) -> Tensor:
@@ -82,11 +84,11 @@ def vae_batches(data: VAEData = VAEData(), config: WorldConfig = WORLD):
 
 
 # ---------------------------------------------------------------- stages (tools/train_default.py runs them)
-TEXT_FILE = "umt5.safetensors"
-VAE_RUN, VAE_FILE = "vae_run", "vae.safetensors"
+TEXT_STAGE_FILE = "umt5.safetensors"
+VAE_RUN, VAE_STAGE_FILE = "vae_run", "vae.safetensors"
 # PHANTOM_VAE_STEPS / PHANTOM_LATENT_SAMPLES / PHANTOM_DIT_STEPS shrink a run for a quick check of the recipe
 VAE_TRAIN = dict(steps=int(os.environ.get("PHANTOM_VAE_STEPS", 1800)), learning_rate=1e-3, warmup_steps=50,
-                 kl_weight=1e-4, seed=SEED, checkpoint_every=100)
+                 kl_weight=1e-4, seed=RECIPE_SEED, checkpoint_every=100)
 CALIBRATION_CLIPS = 32
 
 
@@ -97,28 +99,41 @@ def stage_text(work: str | Path) -> Path:
     from phantom_core.wan.umt5 import TEXT_ENCODER_PRESETS, write_text_encoder_checkpoint
     from phantom_core.world.corpus import world_corpus
 
-    path = Path(work) / TEXT_FILE
+    path = Path(work) / TEXT_STAGE_FILE
     if path.is_file():
         return path
     spec = TEXT_ENCODER_PRESETS["tiny"]
-    corpus = [*world_corpus(split_subjects("train", SOURCES) + split_subjects("test", SOURCES)),
+    corpus = [*world_corpus(split_subjects("train", RECIPE_SOURCES) + split_subjects("test", RECIPE_SOURCES)),
               WAN_NEGATIVE_PROMPT, WAN_NEGATIVE_PROMPT.replace("，", ",")]
     spiece = train_tiny_tokenizer(corpus, vocab_size=spec.vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_text_encoder_checkpoint(path, random_text_encoder_state_dict(spec, seed=SEED + 2), spiece)
+    return write_text_encoder_checkpoint(path, random_text_encoder_state_dict(spec, seed=RECIPE_SEED + 2), spiece)
 
 
 def _calibration_clips() -> list[Tensor]:
     """Full-size training clips and their references, for ``calibrate_latents`` (seed distinct from training)."""
-    pool = split_subjects("train", SOURCES)
+    pool = split_subjects("train", RECIPE_SOURCES)
     out = []
     for i in range(CALIBRATION_CLIPS):
-        item = sample_tensors(make_sample("train", SEED + 3, i, WORLD, pool=pool))
+        item = sample_tensors(make_sample("train", RECIPE_SEED + 3, i, WORLD, pool=pool))
         out += [item.video[None], item.references[:, :, None]]
     return out
 
 
-def stage_vae(work: str | Path) -> Path:
+StageProgress = Callable[[int, int, str], None]
+"""``progress(step, total, note)`` after each optimizer step (1-based), e.g. a progress bar; None logs every 10."""
+
+
+def _reporter(name: str, progress: StageProgress | None) -> StageProgress:
+    def report(step: int, total: int, note: str) -> None:
+        if progress is not None:
+            progress(step, total, note)
+        elif step % 10 == 0 or step == total:
+            logger.info("%s step %d/%d %s", name, step, total, note)
+    return report
+
+
+def stage_vae(work: str | Path, progress: StageProgress | None = None) -> Path:
     """Train, calibrate and write the tiny VAE (upstream Wan2.1 keys) to ``<work>/vae.safetensors``."""
     from safetensors.torch import save_file
 
@@ -127,33 +142,34 @@ def stage_vae(work: str | Path) -> Path:
     from phantom_core.wan.vae import VAE_PRESETS, WanVAE
 
     work = Path(work)
-    path = work / VAE_FILE
+    path = work / VAE_STAGE_FILE
     if path.is_file():
         return path
-    torch.manual_seed(SEED)
+    torch.manual_seed(RECIPE_SEED)
     vae = WanVAE(VAE_PRESETS["tiny"])  # PyTorch's default init, from the seed
-    init_for_training(vae, SEED)
+    init_for_training(vae, RECIPE_SEED)
 
-    def report(step: int, total: int, parts: dict) -> None:
-        if step % 10 == 0 or step == total:
-            print(f"vae step {step}/{total} loss {parts['loss']:.4f} psnr clips {parts['psnr_0']:.2f} dB "
-                  f"frames {parts['psnr_1']:.2f} dB kl {parts['kl_0']:.3f}", flush=True)
+    report = _reporter("vae", progress)
 
-    train_vae(vae, vae_batches(), VAETrainConfig(**VAE_TRAIN), work / VAE_RUN, report)
+    def on_step(step: int, total: int, parts: dict) -> None:
+        report(step, total, f"loss {parts['loss']:.4f} psnr clips {parts['psnr_0']:.2f} dB frames "
+                            f"{parts['psnr_1']:.2f} dB")
+
+    train_vae(vae, vae_batches(), VAETrainConfig(**VAE_TRAIN), work / VAE_RUN, on_step)
     mean, std = calibrate_latents(vae, _calibration_clips())
-    print(f"vae calibration: normalized latent mean {mean.abs().mean():.3f}, std {std.mean():.3f} (before)")
+    logger.info("vae calibration: normalized latents had |mean| %.3f, std %.3f", mean.abs().mean(), std.mean())
     with atomic_write(path) as tmp:
         save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(tmp), metadata={"format": "pt"})
     return path
 
 
 LATENT_DIR, LATENT_INDEX = "latents", "latents/index.json"
-LATENT_SAMPLES = int(os.environ.get("PHANTOM_LATENT_SAMPLES", 1600))
-DIT_RUN, DIT_FILE = "dit_run", "dit.safetensors"
-DIT_TRAIN = dict(dit="scratch:world", mode="full", steps=int(os.environ.get("PHANTOM_DIT_STEPS", 2200)),
+LATENT_SAMPLES = int(os.environ.get("PHANTOM_LATENT_SAMPLES", 1000))
+DIT_RUN, DIT_STAGE_FILE = "dit_run", "dit.safetensors"
+DIT_TRAIN = dict(dit="scratch:world", mode="full", steps=int(os.environ.get("PHANTOM_DIT_STEPS", 1500)),
                  batch_size=8, learning_rate=4e-4, warmup_steps=100, lr_schedule="cosine", weight_decay=0.01,
                  gradient_checkpointing=False, timesteps="shifted", shift=5.0, text_dropout=0.2,
-                 reference_dropout=0.1, seed=SEED, checkpoint_every=100, keep_checkpoints=2, width=128,
+                 reference_dropout=0.1, seed=RECIPE_SEED, checkpoint_every=100, keep_checkpoints=2, width=128,
                  height=128, frames=17, device="cpu", precision="fp32")
 
 
@@ -163,7 +179,7 @@ def _encoders(work: Path):
     from phantom_core.wan.umt5 import load_text_encoder
     from phantom_core.wan.vae import load_vae
 
-    vae_path, text_path = work / VAE_FILE, work / TEXT_FILE
+    vae_path, text_path = work / VAE_STAGE_FILE, work / TEXT_STAGE_FILE
     fingerprints = {"vae": file_fingerprint(vae_path), "text_encoder": file_fingerprint(text_path)}
 
     def load():
@@ -176,9 +192,9 @@ def _encoders(work: Path):
 def _raw_samples(indices):
     from phantom_core.training.dataset import RawSample
 
-    pool = split_subjects("train", SOURCES)
+    pool = split_subjects("train", RECIPE_SOURCES)
     for i in indices:
-        sample = make_sample("train", SEED + 4, i, WORLD, pool=pool)
+        sample = make_sample("train", RECIPE_SEED + 4, i, WORLD, pool=pool)
         item = sample_tensors(sample)
         yield RawSample(f"world_{i:05d}", item.video, sample.references, sample.prompt)
 
@@ -216,7 +232,7 @@ def stage_latents(work: str | Path, workers: int = 2) -> Path:
     (work / LATENT_DIR).mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         done = list(pool.map(_encode_part, [str(work)] * workers, range(workers), [workers] * workers))
-    print(f"latents: {sum(done)} samples cached", flush=True)
+    logger.info("latents: %d samples cached", sum(done))
     encoders, fingerprints = _encoders(work)
     fmt = WORLD.video
     data, bad = build_cache(_raw_samples(range(LATENT_SAMPLES)), work / LATENT_DIR, encoders=encoders,
@@ -231,7 +247,7 @@ def stage_latents(work: str | Path, workers: int = 2) -> Path:
     return index
 
 
-def stage_dit(work: str | Path) -> Path:
+def stage_dit(work: str | Path, progress: StageProgress | None = None) -> Path:
     """Train the world DiT with the general trainer (full fine-tune from the upstream init); resumable."""
     import json
 
@@ -243,7 +259,7 @@ def stage_dit(work: str | Path) -> Path:
     from phantom_core.training.loop import train
 
     work = Path(work)
-    path = work / DIT_FILE
+    path = work / DIT_STAGE_FILE
     if path.is_file():
         return path
     index = json.loads((work / LATENT_INDEX).read_text(encoding="utf-8"))
@@ -253,11 +269,8 @@ def stage_dit(work: str | Path) -> Path:
     config = load_config(None, **DIT_TRAIN, out=str(path), run_dir=str(work / DIT_RUN), resume=True,
                          dropped_prompt=WAN_NEGATIVE_PROMPT)
 
-    def report(step: int, total: int, loss: float) -> None:
-        if step % 10 == 0 or step == total:
-            print(f"dit step {step}/{total} loss {loss:.4f}", flush=True)
-
-    train(config, dataset=data, callback=report)
+    report = _reporter("dit", progress)
+    train(config, dataset=data, callback=lambda step, total, loss: report(step, total, f"loss {loss:.4f}"))
     return path
 
 
@@ -268,12 +281,12 @@ def stage_export(work: str | Path) -> dict[str, Path]:
     from phantom_core.tiny.default import TRAINED_DIR, TRAINED_FILES
 
     work, out = Path(work), {}
-    sources = {"dit": work / DIT_FILE, "vae": work / VAE_FILE, "text_encoder": work / TEXT_FILE}
+    sources = {"dit": work / DIT_STAGE_FILE, "vae": work / VAE_STAGE_FILE, "text_encoder": work / TEXT_STAGE_FILE}
     for name, relative in TRAINED_FILES.items():
         target = TRAINED_DIR / Path(relative).name
         target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(target) as tmp:
             tmp.write_bytes(sources[name].read_bytes())
-        print(f"export {name}: {target} ({target.stat().st_size / 2**20:.1f} MiB)", flush=True)
+        logger.info("export %s: %s (%.1f MiB)", name, target, target.stat().st_size / 2**20)
         out[name] = target
     return out

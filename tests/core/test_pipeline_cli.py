@@ -241,8 +241,28 @@ def test_bad_options_are_named(files, capsys):
         args = ["generate", *model_args(files), "--prompt", "x", *SMALL, *extra, "--out", "v.mp4"]
         assert main(args) == 2
         assert word in capsys.readouterr().err
+    # no model file at all is the trained default; a partial set names what is missing
     assert main(["generate", "--prompt", "x", "--out", "v.mp4"]) == 2
-    assert "--dit is required" in capsys.readouterr().err
+    assert "--ref is required" in capsys.readouterr().err
+    assert main(["generate", "--dit", str(files["dit"]), "--prompt", "x", "--out", "v.mp4"]) == 2
+    assert "--vae is required" in capsys.readouterr().err
+    assert main(["generate", "--model", "default", "--dit", str(files["dit"]), "--prompt", "x", "--out", "v.mp4"]) == 2
+    err = capsys.readouterr().err
+    assert "--model default" in err and "drop --dit" in err, err
+
+
+def test_generate_without_model_files_runs_the_trained_default(tmp_path, capsys):
+    """The trained default at its world format (128x128, 17 frames), here with 4 steps; the sidecar names its files."""
+    from phantom_core.tiny.default import TRAINED_DIR
+
+    ref = tmp_path / "ref.png"
+    Image.fromarray(np.full((40, 30, 3), (200, 30, 30), dtype=np.uint8)).save(ref)
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "--ref", str(ref), "--prompt", "a red square moves left on a blue background",
+                 "--steps", "4", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0, capsys.readouterr().err
+    record = read_sidecar(tmp_path / "v.json")
+    assert (record["settings"].width, record["settings"].height, record["settings"].frames) == (128, 128, 17)
+    assert Path(record["models"]["dit"]["path"]).resolve() == (TRAINED_DIR / "phantom_world_dit.safetensors").resolve()
 
 
 # ---------------------------------------------------------------------------------------------- inspect

@@ -201,9 +201,9 @@ def test_node_chain_matches_phantom_core_run_directly(comfy_server: ComfyServer,
     served = load_file(comfy_server.output_dir / saved["subfolder"] / saved["filename"])["latent_tensor"]
 
     models = comfy_server.base / "models"
-    dit = load_dit(models / "diffusion_models" / "phantom_tiny_dit.safetensors")
-    vae = load_vae(models / "vae" / "phantom_tiny_vae.safetensors")
-    encoder = load_text_encoder(models / "text_encoders" / "phantom_tiny_umt5.safetensors")
+    dit = load_dit(models / "diffusion_models" / prompt["1"]["inputs"]["dit_name"])  # the workflow's own files
+    vae = load_vae(models / "vae" / prompt["2"]["inputs"]["vae_name"])
+    encoder = load_text_encoder(models / "text_encoders" / prompt["3"]["inputs"]["text_encoder_name"])
     texts = [prompt["4"]["inputs"]["text"], prompt["5"]["inputs"]["text"]]
     with torch.no_grad():
         context, context_neg = (c[None] for c in encoder.encode(texts))  # (1, L, D) unpadded

@@ -32,7 +32,8 @@ CORE_RANGES: dict[tuple[str, str], tuple[str, Range]] = {
        for name in ("steps", "learning_rate", "rank", "alpha", "batch_size", "width", "height", "frames", "seed",
                     "text_dropout", "reference_dropout", "checkpoint_every")},
 }
-NODE_ONLY = {("PhantomDecode", "tile_size"), ("PhantomDecode", "tile_overlap")}  # checked below on their own
+NODE_ONLY = {("PhantomDecode", "tile_size"), ("PhantomDecode", "tile_overlap"),  # checked below on their own
+             *(("PhantomSampler", name) for name in ("image_guidance_start", "image_guidance_end", "cache_threshold"))}
 
 
 def numeric_inputs(info: dict) -> dict[tuple[str, str], dict]:
@@ -86,6 +87,14 @@ def test_every_widget_range_equals_what_the_core_accepts(comfy_server: ComfyServ
     assert tile["min"] == 0 and tile["step"] == 8 * MIN_TILE_LATENT  # 0 = untiled, then multiples of 32 px
     assert check_tiling(tile["max"] // 8, overlap["max"] // 8) == (tile["max"] // 8,) * 2
     assert check_tiling(MIN_TILE_LATENT, overlap["min"]) == (MIN_TILE_LATENT,) * 2
+    # the image-guidance window and the step cache: the settings' ranges (start < end is checked jointly)
+    for name in ("image_guidance_start", "image_guidance_end", "cache_threshold"):
+        options, limits = widgets[("PhantomSampler", name)], SETTING_RANGES[name]
+        assert (options["min"], options["max"]) == (limits.low, limits.high), (name, options)
+    assert core_accepts("settings", "cache_threshold", 1.0) and not core_accepts("settings", "cache_threshold", -0.1)
+    GenerationSettings("p", image_guidance_start=0.0, image_guidance_end=1.0)  # the widget defaults
+    with pytest.raises(ValueError, match="image_guidance_start"):
+        GenerationSettings("p", image_guidance_start=0.6, image_guidance_end=0.5)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,154 @@
+"""Fewer DiT evaluations at measured quality: the step cache and the image-guidance window on the trained default.
+
+For each held-out world case (``world.cases``, cross-pair references) the trained embedded default samples the
+video once uncached (the official recipe: 50 UniPC steps, shift 5, w_img 5, w_text 7.5, 3 passes a step) and once
+per setting; each setting is scored against that uncached video (PSNR over the whole clip, dB; SSIM per frame) and
+with the world's metrics (motion accuracy, background accuracy, subject PSNR against the ground truth). DiT pass
+evaluations are counted exactly (the cache's counters; the window's passes per step), so the speed-up is
+``150 / evaluations`` whatever else the machine is doing. Everything is measured side by side in one run.
+
+    .venv/bin/python -m benchmarks.bench_cache_quality [--quick 6] [--out docs/speed_quality.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from phantom_core.inference.pipeline import load_models
+from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
+from phantom_core.references import encode_references
+from phantom_core.sampling.cache import StepCache
+from phantom_core.sampling.loop import sample_from_seed
+from phantom_core.tiny.default import install_trained_default
+from phantom_core.video_io import to_uint8_frames
+from phantom_core.wan.latents import latent_shape
+from phantom_core.world.cases import CaseSet
+from phantom_core.world.evaluate import evaluate
+from phantom_core.world.render import VideoFormat
+from phantom_core.world.sample import WorldConfig
+
+OFFICIAL = dict(steps=50, shift=5.0, solver="unipc", w_img=5.0, w_text=7.5)
+SETTINGS: dict[str, dict] = {  # name -> (cache threshold, image-guidance window)
+    "uncached": {"cache": 0.0, "window": (0.0, 1.0)},
+    "cache 0.05": {"cache": 0.05, "window": (0.0, 1.0)},
+    "cache 0.1": {"cache": 0.1, "window": (0.0, 1.0)},
+    "cache 0.2": {"cache": 0.2, "window": (0.0, 1.0)},
+    "cache 0.3": {"cache": 0.3, "window": (0.0, 1.0)},
+    "window 0-0.5": {"cache": 0.0, "window": (0.0, 0.5)},
+    "window 0-0.5 + cache 0.1": {"cache": 0.1, "window": (0.0, 0.5)},
+    "window 0-0.5 + cache 0.2": {"cache": 0.2, "window": (0.0, 0.5)},
+}
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 100.0 if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def window_passes(steps: int, window: tuple[float, float]) -> int:
+    return sum(3 if window[0] <= i / steps < window[1] else 2 for i in range(steps))
+
+
+def run(cases: CaseSet, device: str) -> dict[str, dict]:
+    with tempfile.TemporaryDirectory(prefix="phantom-bench-") as folder:
+        files = install_trained_default(folder)
+        dit, vae, text_encoder = load_models(files["dit"], files["vae"], files["text_encoder"], device=device)
+    samples = list(cases)
+    fmt = samples[0].config.video
+    videos: dict[str, list[np.ndarray]] = {name: [] for name in SETTINGS}
+    evals: dict[str, int] = {name: 0 for name in SETTINGS}
+    seconds: dict[str, float] = {name: 0.0 for name in SETTINGS}
+    for k, sample in enumerate(samples):
+        with torch.no_grad():
+            context, context_neg = text_encoder.encode([sample.prompt, WAN_NEGATIVE_PROMPT])
+            refs = encode_references(vae, list(sample.references), fmt.width, fmt.height, "letterbox").to(device)
+            for name, s in SETTINGS.items():
+                cache = StepCache(s["cache"]) if s["cache"] > 0 else None
+                started = time.perf_counter()
+                latents = sample_from_seed(dit, sample.index, latent_shape(fmt.frames, fmt.height, fmt.width), refs,
+                                           context[None].to(device), context_neg[None].to(device), **OFFICIAL,
+                                           image_guidance_window=s["window"], cache=cache,
+                                           model_dtype=dit.compute_dtype)
+                seconds[name] += time.perf_counter() - started
+                evals[name] += cache.computed if cache is not None else window_passes(50, s["window"])
+                videos[name].append(to_uint8_frames(vae.decode(latents)))
+        print(f"case {k + 1}/{len(samples)} done", flush=True)
+    out = {}
+    for name in SETTINGS:
+        by_index = {s.index: v for s, v in zip(samples, videos[name])}
+        result = evaluate(lambda sample, table=by_index: table[sample.index], samples, name=name, keep=0)
+        summary = result.summary()["all"]
+        out[name] = {"evaluations_per_video": evals[name] / len(samples),
+                     "speedup": evals["uncached"] / evals[name],
+                     "seconds_per_video": seconds[name] / len(samples),
+                     "psnr_vs_uncached": float(np.mean([psnr(v, u) for v, u in zip(videos[name],
+                                                                                    videos["uncached"])])),
+                     "motion_accuracy": summary["motion_accuracy"], "background_accuracy":
+                         summary["background_accuracy"], "subject_psnr": summary["psnr"]}
+    return out
+
+
+def plot(rows: dict[str, dict], path: Path) -> None:
+    """PSNR against the uncached video (y) over the speed-up in DiT evaluations (x), one labelled dot per setting."""
+    w, h, m = 720, 420, 60
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    finite = [r for r in rows.values() if r["psnr_vs_uncached"] < 100]
+    y_lo = min([r["psnr_vs_uncached"] for r in finite] + [25.0]) - 2
+    y_hi = max([r["psnr_vs_uncached"] for r in finite] + [35.0]) + 2
+    x_hi = max(r["speedup"] for r in rows.values()) + 0.5
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return m + (x - 1) / (x_hi - 1) * (w - 2 * m), h - m - (min(y, y_hi) - y_lo) / (y_hi - y_lo) * (h - 2 * m)
+
+    d.line([at(1, y_lo), at(x_hi, y_lo)], fill="black")
+    d.line([at(1, y_lo), at(1, y_hi)], fill="black")
+    d.line([at(1, 30), at(x_hi, 30)], fill=(200, 0, 0))
+    d.text((at(x_hi, 30)[0] - 90, at(x_hi, 30)[1] - 14), "target 30 dB", fill=(200, 0, 0))
+    d.line([at(2.5, y_lo), at(2.5, y_hi)], fill=(200, 0, 0))
+    d.text(at(2.5, y_hi), " target 2.5x", fill=(200, 0, 0))
+    for name, r in rows.items():
+        x, y = at(r["speedup"], r["psnr_vs_uncached"])
+        d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(30, 80, 200))
+        d.text((x + 6, y - 6), name, fill="black")
+    d.text((w // 2 - 120, h - m + 20), "speed-up in DiT evaluations (x)", fill="black")
+    d.text((8, m - 30), "PSNR vs uncached (dB), trained world default", fill="black")
+    for v in range(int(y_lo) + 1, int(y_hi) + 1, 5):
+        d.text((m - 30, at(1, v)[1] - 6), f"{v}", fill="black")
+    for v in range(1, int(x_hi) + 1):
+        d.text((at(v, y_lo)[0] - 4, h - m + 4), f"{v}", fill="black")
+    img.save(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", type=int, default=6, help="N single- and N/2 two-subject held-out cases")
+    parser.add_argument("--out", type=Path, default=Path("output/bench_cache_quality.png"))
+    parser.add_argument("--json", type=Path, default=Path("output/bench_cache_quality.json"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    config = WorldConfig(video=VideoFormat())
+    rows = run(CaseSet(config=config).quick(args.quick), "cpu")
+    print(f"{'setting':28s} {'evals':>6s} {'speed-up':>8s} {'PSNR vs uncached':>16s} {'motion %':>8s} "
+          f"{'background %':>12s} {'subject PSNR':>12s} {'s/video':>8s}")
+    for name, r in rows.items():
+        print(f"{name:28s} {r['evaluations_per_video']:6.1f} {r['speedup']:8.2f} {r['psnr_vs_uncached']:16.2f} "
+              f"{r['motion_accuracy']:8.1f} {r['background_accuracy']:12.1f} {r['subject_psnr']:12.2f} "
+              f"{r['seconds_per_video']:8.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    plot(rows, args.out)
+    args.json.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    print(f"wrote {args.out} and {args.json}")
+
+
+if __name__ == "__main__":
+    main()
