@@ -6,6 +6,12 @@ GPU, train a trainable copy of the connected DiT, report progress and the loss, 
 checkpoint is kept, so `resume` continues from it), free the GPU again. Outputs ComfyUI's own LORA_MODEL (the
 LoRA state dict, in the layout its Save LoRA node writes) and LOSS_MAP (`{"loss": [per-step losses]}`, for its
 Plot Loss Graph node), and the saved file's name under models/loras (for Phantom Load LoRA).
+
+The name's type is ``STRING,COMBO`` (a union, as ComfyUI writes several types): a string for any STRING input, and
+linkable to a combo widget such as Phantom Load LoRA's ``lora_name``, which a plain STRING is not (ComfyUI 0.3.75's
+/prompt check and the frontend's LiteGraph.isValidConnection both compare types, and a V3 combo input's is COMBO).
+That link is what lets one workflow train and then sample with the new file: the loader runs after the trainer,
+and its validator, which checks only values typed in (not linked ones), does not refuse a file not yet written.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from .widgets import float_input, int_input, show_on_node
 
 LoraModel = io.Custom("LORA_MODEL")  # ComfyUI's type (comfy_extras/nodes_train.py): {key: tensor}
 LossMap = io.Custom("LOSS_MAP")  # ComfyUI's type: {"loss": [float, ...]}
+LoraFileName = io.Custom("STRING,COMBO")  # a str: into STRING inputs and combo widgets alike (module docstring)
 MODELS_PREFIX = "models/"  # a dataset name starting with this is looked up under ComfyUI's models folder
 RUNS_FOLDER = "phantom_training"  # <output>/phantom_training/<lora name>/: checkpoints, log, loss plot, cache
 
@@ -152,7 +159,9 @@ class PhantomTrainLoRA(io.ComfyNode):
             ],
             outputs=[LoraModel.Output(display_name="lora", tooltip="The LoRA weights (ComfyUI's Save LoRA)."),
                      LossMap.Output(display_name="loss_map", tooltip="Per-step losses (ComfyUI's Plot Loss Graph)."),
-                     io.String.Output(display_name="lora_name", tooltip="The saved file under models/loras.")],
+                     LoraFileName.Output(display_name="lora_name",
+                                         tooltip="The saved file under models/loras: into Phantom Load LoRA's "
+                                                 "lora_name (or any text input).")],
             hidden=[io.Hidden.unique_id],
         )
 

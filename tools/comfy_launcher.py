@@ -6,6 +6,8 @@ the tests).
     <base>/custom_nodes/ComfyUI-Phantom -> symlink to this repository
     <base>/models/{diffusion_models,vae,text_encoders}/phantom_{tiny,world}_*.safetensors (random tiny, trained)
     <base>/input/phantom_*.jpg   (the example reference photos of example_inputs/, which the workflows name)
+    <base>/input/phantom_world_lora/   (the example training dataset of example_inputs/, which the training
+                                       workflow names)
     <base>/output/
 
 launches `.comfyui/main.py --cpu --listen 127.0.0.1 --port <free> --base-directory <base> --disable-auto-launch
@@ -54,8 +56,8 @@ class ComfyServer:
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Lay out custom_nodes/, models/ (tiny + trained defaults), input/ (with the example photos) and output/ under
-        the base directory."""
+        """Lay out custom_nodes/, models/ (tiny + trained defaults), input/ (with the example photos and datasets) and
+        output/ under the base directory. An example already in input/ is kept as it is."""
         from phantom_core.tiny.default import install_trained_default, write_tiny_default
         from tools.make_workflows import INPUTS_DIR
 
@@ -70,6 +72,9 @@ class ComfyServer:
         for photo in INPUTS_DIR.glob("*.jpg"):
             if not (self.base / "input" / photo.name).exists():
                 shutil.copyfile(photo, self.base / "input" / photo.name)
+        for dataset in (p for p in INPUTS_DIR.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if not (self.base / "input" / dataset.name).exists():
+                shutil.copytree(dataset, self.base / "input" / dataset.name)
 
     def start(self) -> ComfyServer:
         """Prepare the base directory, launch the server and wait until `/object_info` answers."""

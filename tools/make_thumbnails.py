@@ -1,17 +1,21 @@
 """Write the Templates browser's thumbnail of every shipped workflow: `example_workflows/<title>.jpg`.
 
-    python -m tools.make_thumbnails      # (make thumbnails) about a minute on 2 CPU cores
+    python -m tools.make_thumbnails                      # (make thumbnails) about a minute on 2 CPU cores
+    python -m tools.make_thumbnails phantom_train_lora   # only these workflows (stems of WORKFLOWS)
 
 Each thumbnail is the middle frame of that workflow's own output, generated through a headless ComfyUI (the
 embedded default checkpoints, the shipped photos of example_inputs/) at 320x192, 9 frames, 20 UniPC steps,
 cut to a square (the browser's cards are square), with the workflow's reference photos in a strip along its
 bottom so the templates can be told apart. The rephrase workflow runs with its typed prompt in place of the
-rewritten one (no vision-language model here). The embedded default's weights are random, so today the frame
+rewritten one (no vision-language model here). The training workflow trains only TRAIN_STEPS steps (into a LoRA
+file of its own name, so the thumbnail costs seconds, not the shipped run's minutes) and its thumbnail is the
+frame sampled with that LoRA. The embedded default's weights are random, so today the frame
 is coloured noise; once the trained default exists, rerunning this puts a real frame there.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import logging
@@ -29,6 +33,7 @@ SIDE = 384  # px, square
 INSET = 88  # px, each reference photo in the strip
 BORDER = 3  # px of white around each inset
 SETTINGS = {"width": 320, "height": 192, "frames": 9, "steps": 20}
+TRAIN_STEPS = 10  # Phantom Train LoRA's steps for a thumbnail (the training size is the example dataset's)
 
 log = logging.getLogger("phantom.thumbnails")
 
@@ -52,7 +57,7 @@ def without_rephraser(prompt: dict) -> dict:
 
 
 def tiny_run(prompt: dict, prefix: str) -> dict:
-    """`prompt` at SETTINGS' size, length and steps, saving under `prefix`."""
+    """`prompt` at SETTINGS' size, length and steps (TRAIN_STEPS of training), saving under `prefix`."""
     prompt = copy.deepcopy(prompt)
     for node in prompt.values():
         if node["class_type"] in ("PhantomEncodeReferences", "PhantomSampler"):
@@ -61,6 +66,10 @@ def tiny_run(prompt: dict, prefix: str) -> dict:
             node["inputs"] |= {k: SETTINGS[k] for k in ("frames", "steps")}
         elif node["class_type"] == "PhantomSaveVideo":
             node["inputs"]["filename_prefix"] = prefix
+        elif node["class_type"] == "PhantomTrainLoRA":
+            node["inputs"] |= {"steps": TRAIN_STEPS, "lora_name": prefix}
+        elif node["class_type"] == "LossGraphNode":
+            node["inputs"]["filename_prefix"] = f"{prefix}_loss"
     return prompt
 
 
@@ -84,17 +93,24 @@ def save_jpeg(image: Image.Image, path: Path) -> None:
         image.save(tmp, "JPEG", quality=85, optimize=True)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stems", nargs="*", metavar="stem",
+                        help=f"workflows to draw (default: all of {', '.join(WORKFLOWS)})")
+    stems = parser.parse_args(argv).stems or list(WORKFLOWS)
+    if unknown := [s for s in stems if s not in WORKFLOWS]:
+        parser.error(f"unknown workflow {', '.join(unknown)}; valid: {', '.join(WORKFLOWS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     server = ComfyServer().start()
     try:
-        for stem in WORKFLOWS:
+        for stem in stems:
             api = json.loads(api_path(stem).read_text(encoding="utf-8"))
             entry = server.run(tiny_run(without_rephraser(api), f"thumb_{stem}"), timeout_s=900.0)
             if entry["status"]["status_str"] != "success":
                 log.error("%s failed:\n%s", stem, server.log())
                 return 1
-            (result,) = next(out["images"] for out in entry["outputs"].values() if "images" in out)
+            save = next(k for k, v in api.items() if v["class_type"] == "PhantomSaveVideo")  # Plot Loss Graph too
+            (result,) = entry["outputs"][save]["images"]  # shows "images" (its PNG)
             frames = read_mp4_frames(server.output_dir / result["subfolder"] / result["filename"])
             photos = [INPUTS_DIR / v["inputs"]["image"] for v in api.values() if v["class_type"] == "LoadImage"]
             save_jpeg(compose(Image.fromarray(frames[len(frames) // 2]), photos), thumbnail_path(stem))

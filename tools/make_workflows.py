@@ -13,12 +13,15 @@ not sub-folders) under the file name, and shows `<name>.jpg` beside it as the th
 
 Each workflow: LoadImage x N -> PhantomReferences -> PhantomEncodeReferences; the three Phantom loaders (tiny
 default file names), two PhantomTextEncode (prompt, Wan's negative prompt), PhantomSampler, PhantomDecode,
-PhantomSaveVideo. The rephrase variant types the prompt into a String (Multiline) node titled "Prompt", which
-feeds PhantomRephrase (references from PhantomReferences, an Ollama endpoint by default); the rewritten prompt
-feeds the positive PhantomTextEncode's `text` (a widget turned into an input, left empty in the UI so no stale
-text shows), and both rephraser outputs go to a PreviewAny each ("Preview as Text"). The UI format is
-LiteGraph's (version 0.4) with `widgets_values` in schema order; a linked widget keeps its value there and gets
-an input entry carrying `"widget": {"name": ...}` and the link, as the frontend writes it.
+PhantomSaveVideo. The training variant trains a LoRA first: Phantom Train LoRA (the three loaders; the example
+dataset of example_inputs/, written by tools.make_example_dataset) -> its loss into ComfyUI's Plot Loss Graph, its
+file name into Phantom Load LoRA's `lora_name` (a combo widget turned into an input), whose model feeds the sampler;
+the link also makes the sampling wait for the training. The rephrase variant types the prompt into a String
+(Multiline) node titled "Prompt", which feeds PhantomRephrase (references from PhantomReferences, an Ollama endpoint
+by default); the rewritten prompt feeds the positive PhantomTextEncode's `text` (a widget turned into an input, left
+empty in the UI so no stale text shows), and both rephraser outputs go to a PreviewAny each ("Preview as Text"). The
+UI format is LiteGraph's (version 0.4) with `widgets_values` in schema order; a linked widget keeps its value there
+and gets an input entry carrying `"widget": {"name": ...}` and the link, as the frontend writes it.
 
 Layout (tools/workflow_layout.py): columns left to right in reading order, every link from a column to a later
 one, node sizes above what the frontend computes, and a saved view (`extra.ds`) that puts the first column
@@ -62,22 +65,30 @@ PROMPTS = {  # in the miniature world's grammar (docs/WORLD.md), which the defau
 # what a user would type when the rephraser adds the appearance details
 SHORT_PROMPTS = {2: "the astronaut moves right and the cat moves up on a green background"}
 REPHRASE_ENDPOINT = {"endpoint_url": "http://127.0.0.1:11434/v1", "endpoint_model": "qwen2.5vl:7b"}  # Ollama
+TRAIN_DATASET = "phantom_world_lora"  # example_inputs/<this>/ (tools.make_example_dataset), copied into input/
+TRAIN_SETTINGS = {  # Phantom Train LoRA's widgets, in schema order: a short run on the example dataset, at its size
+    "dataset": TRAIN_DATASET, "lora_name": "phantom_world_lora", "steps": 100, "learning_rate": 5e-4, "rank": 16,
+    "alpha": 16.0, "batch_size": 1, **SIZE, "seed": 0, "text_dropout": 0.2, "reference_dropout": 0.1,
+    "checkpoint_every": 50, "resume": False,
+}
 
 
 @dataclass(frozen=True)
 class Workflow:
-    """One shipped workflow: its references, whether the rephraser is wired in, and its title (the UI file's
-    name, which the Templates browser shows)."""
+    """One shipped workflow: its references, whether the rephraser is wired in, its title (the UI file's name,
+    which the Templates browser shows), and whether it trains a LoRA first and samples with it."""
 
     num_refs: int
     rephrase: bool
     title: str
+    train: bool = False
 
 
 WORKFLOWS = {
     "phantom_1ref": Workflow(1, False, "Phantom 1 reference"),
     "phantom_4ref": Workflow(4, False, "Phantom 4 references"),
     "phantom_2ref_rephrase": Workflow(2, True, "Phantom 2 references with rephraser"),
+    "phantom_train_lora": Workflow(1, False, "Phantom train LoRA", train=True),
 }
 """Stem -> workflow; each gives `example_workflows/<title>.json` and `example_workflows/api/<stem>_api.json`."""
 
@@ -105,6 +116,7 @@ class Node:
     widgets: widget inputs in schema order with their values (the API format's constants).
     widget_links: widget name -> (node id, slot) for a widget fed by a link instead: the API format gives the
         link, the UI format adds an input entry with `"widget": {"name"}` and keeps the value in widgets_values.
+    widget_types: the type of such an input entry when it is not the link's (a combo widget's is COMBO).
     ui_after: extra UI-only widget values that follow a widget (seed's control mode, LoadImage's upload).
     """
 
@@ -116,14 +128,15 @@ class Node:
     links: dict[str, tuple[int, int]] = field(default_factory=dict)
     widgets: dict[str, Any] = field(default_factory=dict)
     widget_links: dict[str, tuple[int, int]] = field(default_factory=dict)
+    widget_types: dict[str, str] = field(default_factory=dict)
     ui_after: dict[str, list[Any]] = field(default_factory=dict)
     pos: tuple[float, float] = (0.0, 0.0)
     size: tuple[float, float] = (320.0, 120.0)
 
 
-def describe(num_refs: int, rephrase: bool = False) -> list[Node]:
-    """The workflow for `num_refs` (1..4) references, with the rephraser wired in or not, laid out; in
-    execution order.
+def describe(num_refs: int, rephrase: bool = False, train: bool = False) -> list[Node]:
+    """The workflow for `num_refs` (1..4) references, with the rephraser wired in or not, training a LoRA first
+    or not, laid out; in execution order.
 
     Raises ValueError when `num_refs` is outside 1..4 or has no example prompt / reference files for the variant.
     """
@@ -132,6 +145,7 @@ def describe(num_refs: int, rephrase: bool = False) -> list[Node]:
         raise ValueError(f"num_refs is {num_refs}; the {'rephrase ' if rephrase else ''}workflows exist for "
                          f"{sorted(prompts)} references")
     width, height = SIZE["width"], SIZE["height"]
+    model = (52, 0) if train else (1, 0)  # the sampler's DiT: through Phantom Load LoRA when the workflow trains
     nodes = [
         Node(1, "PhantomDiTLoader", "Phantom DiT Loader", [("model", "PHANTOM_DIT")],
              widgets={"dit_name": DEFAULT_FILES["dit"], "weight_dtype": "default"}, size=(400, 100)),
@@ -165,7 +179,7 @@ def describe(num_refs: int, rephrase: bool = False) -> list[Node]:
         Node(30, "PhantomSampler", "Phantom Sampler", [("latent", "LATENT")],
              sockets=[("model", "PHANTOM_DIT"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                       ("reference_latents", "PHANTOM_REF_LATENTS")],
-             links={"model": (1, 0), "positive": (4, 0), "negative": (5, 0), "reference_latents": (21, 0)},
+             links={"model": model, "positive": (4, 0), "negative": (5, 0), "reference_latents": (21, 0)},
              widgets={"width": width, "height": height, "frames": SIZE["frames"], "steps": 50, "shift": 5.0,
                       "solver": "unipc", "w_img": 5.0, "w_text": 7.5, "seed": 42, "preset": "custom",
                       "image_guidance_start": 0.0, "image_guidance_end": 1.0, "cache_threshold": 0.0},
@@ -179,22 +193,28 @@ def describe(num_refs: int, rephrase: bool = False) -> list[Node]:
     ]
     if rephrase:
         nodes += rephrase_nodes(prompts[num_refs])
+    if train:
+        nodes += train_nodes()
     by_id = {n.id: n for n in nodes}
-    for node_id, (x, y) in place(columns(num_refs, rephrase), {i: n.size for i, n in by_id.items()}).items():
+    for node_id, (x, y) in place(columns(num_refs, rephrase, train), {i: n.size for i, n in by_id.items()}).items():
         by_id[node_id].pos = (x, y)
     return execution_order(nodes)
 
 
-def columns(num_refs: int, rephrase: bool) -> list[list[list[int]]]:
+def columns(num_refs: int, rephrase: bool, train: bool = False) -> list[list[list[int]]]:
     """The layout (see tools.workflow_layout.place): columns left to right, each one or two stacks of node ids.
 
     Reading order: the model loaders above the reference photos -> the prompts above PhantomReferences (in
     line with the photos, so their wires run straight right) -> the rephraser / the reference latents -> the
     sampler -> decode -> save. With the rephraser: the typed prompt and the negative prompt, then the rephraser
-    above the reference latents, then the encoder of the rewritten prompt above the two text previews.
+    above the reference latents, then the encoder of the rewritten prompt above the two text previews. Training:
+    the trainer above PhantomReferences, then Phantom Load LoRA and the loss plot above the reference latents,
+    then the prompts, so the graph reads train -> LoRA -> sample.
     """
     photos = [10 + k for k in range(num_refs)]
     tail = [[[30]], [[31]], [[32]]]
+    if train:
+        return [[[1, 2, 3], photos], [[50], [20]], [[52, 51], [21]], [[4, 5]], *tail]
     if rephrase:
         return [[[1, 2, 3], photos], [[43, 5], [20]], [[40, 21]], [[4, 42, 41]], *tail]
     return [[[1, 2, 3], photos], [[4, 5], [20]], [[], [21]], *tail]
@@ -217,6 +237,27 @@ def rephrase_nodes(prompt: str) -> list[Node]:
              size=(380, 220)),
         Node(41, "PreviewAny", "Subject descriptions", [], sockets=[("source", "*")], links={"source": (40, 1)},
              size=(380, 180)),
+    ]
+
+
+def train_nodes() -> list[Node]:
+    """Phantom Train LoRA (50: the three loaders, TRAIN_SETTINGS), ComfyUI's Plot Loss Graph (51) on its
+    LOSS_MAP, and Phantom Load LoRA (52) on the DiT loader's model, its `lora_name` combo fed by the trainer's
+    file name output (a STRING that a combo accepts too), so the sampling runs after the training, with its file.
+    The combo keeps the name the training writes. Node 30 (the sampler) takes 52's model."""
+    lora_file = f"{TRAIN_SETTINGS['lora_name']}.safetensors"
+    return [
+        Node(50, "PhantomTrainLoRA", "Phantom Train LoRA",
+             [("lora", "LORA_MODEL"), ("loss_map", "LOSS_MAP"), ("lora_name", "STRING,COMBO")],
+             sockets=[("model", "PHANTOM_DIT"), ("vae", "PHANTOM_VAE"), ("text_encoder", "PHANTOM_TEXT_ENCODER")],
+             links={"model": (1, 0), "vae": (2, 0), "text_encoder": (3, 0)}, widgets=dict(TRAIN_SETTINGS),
+             ui_after={"seed": ["fixed"]}, size=(360, 500)),
+        Node(51, "LossGraphNode", "Plot Loss Graph", [], sockets=[("loss", "LOSS_MAP")], links={"loss": (50, 1)},
+             widgets={"filename_prefix": f"{TRAIN_SETTINGS['lora_name']}_loss"}, size=(400, 360)),
+        Node(52, "PhantomLoadLoRA", "Phantom Load LoRA", [("model", "PHANTOM_DIT")],
+             sockets=[("model", "PHANTOM_DIT")], links={"model": (1, 0)},
+             widgets={"lora_name": lora_file, "strength": 1.0}, widget_links={"lora_name": (50, 2)},
+             widget_types={"lora_name": "COMBO"}, size=(360, 100)),
     ]
 
 
@@ -266,7 +307,8 @@ def to_ui(nodes: list[Node], name: str) -> dict[str, Any]:
             link_id = link(*node.links[input_name], node.id, slot) if input_name in node.links else None
             inputs.append({"name": input_name, "type": input_type, "link": link_id})
         for widget, (src, src_slot) in node.widget_links.items():  # after the sockets, as the frontend adds them
-            inputs.append({"name": widget, "type": by_id[src].outputs[src_slot][1], "widget": {"name": widget},
+            kind = node.widget_types.get(widget, by_id[src].outputs[src_slot][1])
+            inputs.append({"name": widget, "type": kind, "widget": {"name": widget},
                            "link": link(src, src_slot, node.id, len(inputs))})
         widgets_values = []
         for widget, value in node.widgets.items():
@@ -292,7 +334,7 @@ def render_all() -> dict[str, str]:
     """Path relative to example_workflows/ -> JSON text, for every shipped workflow (UI and API format)."""
     files = {}
     for stem, spec in WORKFLOWS.items():
-        nodes = describe(spec.num_refs, spec.rephrase)
+        nodes = describe(spec.num_refs, spec.rephrase, spec.train)
         files[str(ui_path(stem).relative_to(TEMPLATES_DIR))] = \
             json.dumps(to_ui(nodes, stem), indent=2, ensure_ascii=False) + "\n"
         files[str(api_path(stem).relative_to(TEMPLATES_DIR))] = \

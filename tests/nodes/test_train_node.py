@@ -79,7 +79,7 @@ def dataset(comfy_server: ComfyServer) -> str:
 
 def test_the_node_is_registered_with_comfyuis_training_types(comfy_server: ComfyServer) -> None:
     info = comfy_server.object_info()["PhantomTrainLoRA"]
-    assert info["output"] == ["LORA_MODEL", "LOSS_MAP", "STRING"] and info["output_node"] is True
+    assert info["output"] == ["LORA_MODEL", "LOSS_MAP", "STRING,COMBO"] and info["output_node"] is True
     assert {"model", "dataset", "steps", "rank", "alpha", "resume"} <= set(info["input"]["required"])
     assert set(info["input"]["optional"]) == {"vae", "text_encoder"}
 

@@ -1,22 +1,38 @@
 """Where the shipped workflows sit and how they look: only UI workflows where ComfyUI's Templates browser looks
-(listed by a real server, with their thumbnails), the API files beside them in api/, the example photos they
-name shipped in example_inputs/, and a layout that reads left to right without overlaps, in view."""
+(listed by a real server, with their thumbnails), the API files beside them in api/, the example photos and the
+example training dataset they name shipped in example_inputs/ (the dataset exactly what its generator writes), and
+a layout that reads left to right without overlaps, in view."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from urllib.parse import quote
 
+import numpy as np
 import pytest
 import requests
 from PIL import Image
 
+from phantom_core.training.dataset import read_dataset
+from phantom_core.video_io import read_mp4_frames
 from tools.comfy_launcher import ComfyServer
-from tools.make_workflows import API_DIR, INPUTS_DIR, TEMPLATES_DIR, WORKFLOWS, api_path, thumbnail_path, ui_path
+from tools.make_example_dataset import COUNT, DATASET_DIR, size_bytes, write_example_dataset
+from tools.make_workflows import (
+    API_DIR,
+    INPUTS_DIR,
+    TEMPLATES_DIR,
+    TRAIN_DATASET,
+    WORKFLOWS,
+    api_path,
+    thumbnail_path,
+    ui_path,
+)
 from tools.workflow_layout import FRONTEND_CHROME, SCALE_RANGE, TITLE_H, layout_problems
 
 MODULE = "ComfyUI-Phantom"  # the extension's folder in custom_nodes/ (tools/comfy_launcher.py)
 MAX_BYTES = 100_000
+MAX_DATASET_BYTES = 500_000  # the example dataset (about 70 KB) ships in the repository: keep it small
 
 
 def ui(stem: str) -> dict:
@@ -54,6 +70,30 @@ def test_example_inputs_are_the_photos_the_workflows_name() -> None:
         with Image.open(path) as image:
             assert image.format == "JPEG" and min(image.size) >= 256, (name, image.size)
         assert f"`{name}`" in readme, f"{name}: source and licence not given in example_inputs/README.md"
+
+
+def files_under(folder: Path) -> list[Path]:
+    return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+
+
+def test_example_dataset_is_what_its_generator_writes(tmp_path: Path) -> None:
+    named = {node["widgets_values"][0] for stem in WORKFLOWS for node in ui(stem)["nodes"]
+             if node["type"] == "PhantomTrainLoRA"}
+    assert named == {TRAIN_DATASET} and DATASET_DIR == INPUTS_DIR / TRAIN_DATASET
+    fresh = write_example_dataset(tmp_path / TRAIN_DATASET)
+    assert files_under(fresh) == files_under(DATASET_DIR)
+    for rel in files_under(DATASET_DIR):
+        if rel.suffix == ".mp4":  # lossless, but another ffmpeg build may write other bytes for the same frames
+            assert np.array_equal(read_mp4_frames(fresh / rel), read_mp4_frames(DATASET_DIR / rel)), rel
+        else:
+            assert (fresh / rel).read_bytes() == (DATASET_DIR / rel).read_bytes(), rel
+    assert size_bytes(DATASET_DIR) <= MAX_DATASET_BYTES, size_bytes(DATASET_DIR)
+    # what Phantom Train LoRA reads: every sample usable, each a 128x128 17-frame clip with one reference
+    good, bad = read_dataset(DATASET_DIR, contained=True)
+    assert len(good) == COUNT and not bad, bad
+    assert all(len(spec.references) == 1 and spec.caption.endswith("background") for spec in good)
+    assert all(read_mp4_frames(spec.video).shape == (17, 128, 128, 3) for spec in good)  # the workflow's size
+    assert f"`{TRAIN_DATASET}/`" in (INPUTS_DIR / "README.md").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("stem", list(WORKFLOWS))

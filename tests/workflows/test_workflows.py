@@ -1,8 +1,9 @@
 """The shipped workflows: up to date with tools/make_workflows.py, UI files that the ComfyUI frontend can open
 (every node type registered, sockets / outputs / widget values matching the server's schemas, consistent
 links, linked widgets marked as such), and API files that say exactly what the UI files say. The rephrase
-variant is queued end to end, its endpoint pointed at a recording chat-completions server on 127.0.0.1.
-Where they sit and how they look is in test_templates.py."""
+variant is queued end to end, its endpoint pointed at a recording chat-completions server on 127.0.0.1, and the
+training variant trains a LoRA on the shipped example dataset and samples with it. Where they sit and how they
+look is in test_templates.py."""
 
 from __future__ import annotations
 
@@ -11,16 +12,21 @@ import json
 
 import numpy as np
 import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
+from phantom_core.training.runlog import read_log
 from phantom_core.video_io import probe_mp4, read_mp4_frames
 from tests.support.chat import good_answer
 from tests.support.comfy import history_error
+from tests.support.prompts import TINY_MODELS
 from tools.comfy_launcher import ComfyServer
-from tools.make_workflows import TEMPLATES_DIR, api_path, ui_path
+from tools.make_workflows import INPUTS_DIR, TEMPLATES_DIR, TRAIN_DATASET, TRAIN_SETTINGS, WORKFLOWS, api_path, ui_path
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_MODES = {"fixed", "increment", "decrement", "randomize"}
-NAMES = ["phantom_1ref", "phantom_4ref", "phantom_2ref_rephrase"]
+NAMES = ["phantom_1ref", "phantom_4ref", "phantom_2ref_rephrase", "phantom_train_lora"]
 SEED_NAMES = ("seed", "noise_seed")  # INT widgets the frontend gives a control widget even when not asked to
 
 
@@ -69,7 +75,16 @@ def split_widgets(spec: dict, values: list) -> dict[str, object]:
     return out
 
 
-def check_value(node_type: str, name: str, input_type: object, options: dict, value: object) -> None:
+def accepts(input_type: str, link_type: str) -> bool:
+    """Whether an input of `input_type` takes a link of `link_type`, as the frontend decides
+    (LiteGraph.isValidConnection: equal, "*", or one shared type of a comma-separated union such as STRING,COMBO)."""
+    return "*" in (input_type, link_type) or bool(set(input_type.split(",")) & set(link_type.split(",")))
+
+
+def check_value(node_type: str, name: str, input_type: object, options: dict, value: object,
+                linked: bool = False) -> None:
+    """`value` fits the widget; a linked widget's combo value is only kept (the link gives the value), so it need
+    not be listed yet (Phantom Load LoRA names the file the training writes)."""
     where = f"{node_type}.{name} = {value!r}"
     if input_type == "INT":
         assert isinstance(value, int) and not isinstance(value, bool), where
@@ -79,7 +94,7 @@ def check_value(node_type: str, name: str, input_type: object, options: dict, va
         assert isinstance(value, str), where
     elif input_type == "COMBO" or isinstance(input_type, list):
         choices = options.get("options", input_type if isinstance(input_type, list) else [])
-        if not options.get("image_upload"):  # LoadImage lists whatever is in input/
+        if not options.get("image_upload") and not linked:  # LoadImage lists whatever is in input/
             assert value in choices, f"{where} not in {choices}"
     if input_type in ("INT", "FLOAT"):
         assert options.get("min", value) <= value <= options.get("max", value), where
@@ -118,12 +133,13 @@ def test_ui_workflow_matches_server_schemas(comfy_server: ComfyServer, name: str
         assert [o["type"] for o in node["outputs"]] == spec["output"], node["type"]
         assert [o["name"] for o in node["outputs"]] == spec["output_name"], node["type"]
         widgets = split_widgets(spec, node["widgets_values"])
+        linked = {i["name"] for i in node["inputs"][len(plain):]}
         for input_name, input_type, options in schema_inputs(spec):
             if input_name in widgets:
-                check_value(node["type"], input_name, input_type, options, widgets[input_name])
+                check_value(node["type"], input_name, input_type, options, widgets[input_name], input_name in linked)
     for link_id, src, src_slot, dst, dst_slot, link_type in ui["links"]:
         assert nodes[src]["outputs"][src_slot]["type"] == link_type
-        assert nodes[dst]["inputs"][dst_slot]["type"] in (link_type, "*")  # "*": PreviewAny takes any type
+        assert accepts(nodes[dst]["inputs"][dst_slot]["type"], link_type), (nodes[dst]["type"], dst_slot, link_type)
         assert nodes[dst]["inputs"][dst_slot]["link"] == link_id
         assert link_id in nodes[src]["outputs"][src_slot]["links"]
     for node in ui["nodes"]:  # every required socket is connected
@@ -148,7 +164,7 @@ def test_api_workflow_says_what_the_ui_workflow_says(comfy_server: ComfyServer, 
                 expected[i["name"]] = [str(src), src_slot]
         assert entry["inputs"] == expected, node["type"]
     refs = next(v for v in api.values() if v["class_type"] == "PhantomReferences")
-    assert len([k for k in refs["inputs"] if k.startswith("image_")]) == int(name.split("_")[1][0])
+    assert len([k for k in refs["inputs"] if k.startswith("image_")]) == WORKFLOWS[name].num_refs
     negative = next(v for v in api.values() if v["_meta"]["title"] == "Negative prompt")
     from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
 
@@ -215,8 +231,8 @@ def rephrase_prompt(endpoint: str, prefix: str) -> dict:
 
 def saved_frames(server: ComfyServer, entry: dict) -> np.ndarray:
     assert entry["status"]["status_str"] == "success", history_error(entry) + server.log()
-    save = next(out for out in entry["outputs"].values() if "images" in out)
-    (result,) = save["images"]
+    (result,) = [image for out in entry["outputs"].values() for image in out.get("images", [])
+                 if image["filename"].endswith(".mp4")]  # Phantom Save Video's (Plot Loss Graph shows a PNG)
     path = server.output_dir / result["subfolder"] / result["filename"]
     meta = probe_mp4(path)
     assert (meta["frames"], meta["width"], meta["height"]) == (5, 64, 64), meta
@@ -257,3 +273,90 @@ def test_rephrase_workflow_end_to_end(comfy_server: ComfyServer, chat_server) ->
         if not same:
             assert np.abs(other.astype(int) - frames.astype(int)).mean() > 1
     assert len(rec.requests) == 1
+
+
+# ------------------------------------------------------------------------------------------ training variant
+TRAIN = "phantom_train_lora"
+
+
+def test_train_variant_wiring() -> None:
+    ui, api = load(TRAIN), load(f"{TRAIN}_api")
+    (dit,), (vae,), (text,), (train,), (graph,), (lora,), (sampler,) = (by_class(api, t) for t in (
+        "PhantomDiTLoader", "PhantomVAELoader", "PhantomTextEncoderLoader", "PhantomTrainLoRA", "LossGraphNode",
+        "PhantomLoadLoRA", "PhantomSampler"))
+    t = api[train]["inputs"]
+    assert (t["model"], t["vae"], t["text_encoder"]) == ([dit, 0], [vae, 0], [text, 0])
+    assert t["dataset"] == TRAIN_DATASET and (INPUTS_DIR / TRAIN_DATASET / "manifest.jsonl").is_file()
+    assert (t["width"], t["height"], t["frames"]) == (128, 128, 17)  # the example dataset's format
+    assert api[graph]["inputs"]["loss"] == [train, 1]
+    # the trained file's name (output 2) is what Phantom Load LoRA loads, on the loaded DiT, into the sampler
+    assert api[lora]["inputs"]["lora_name"] == [train, 2] and api[lora]["inputs"]["model"] == [dit, 0]
+    assert api[sampler]["inputs"]["model"] == [lora, 0]
+    nodes = {str(n["id"]): n for n in ui["nodes"]}
+    (entry,) = [i for i in nodes[lora]["inputs"] if i["name"] == "lora_name"]
+    assert entry["type"] == "COMBO" and entry["widget"] == {"name": "lora_name"}
+    assert nodes[lora]["widgets_values"][0] == f"{t['lora_name']}.safetensors"  # the file the training writes
+    order = {n["id"]: n["order"] for n in ui["nodes"]}
+    assert all(order[src] < order[dst] for _, src, _, dst, _, _ in ui["links"])
+
+
+def train_prompt(lora_name: str, strength: float) -> dict:
+    """The shipped API training workflow on the tiny random default (every block reaches its output; the trained
+    default's quality is not what this checks): 2 training steps on the example dataset at 64x64, 5 frames (the
+    clips cut and scaled: encoding them whole takes most of a minute here; test_templates checks them at the
+    shipped size) with a learning rate that moves the LoRA visibly in 2 steps, into `lora_name`; sampled at 64x64,
+    5 frames, 2 steps with the LoRA at `strength`, the sampler's latent saved too."""
+    prompt = copy.deepcopy(load(f"{TRAIN}_api"))
+    for node in prompt.values():
+        node["inputs"] |= {k: v for k, v in TINY_MODELS.items() if k in node["inputs"]}
+        if node["class_type"] in ("PhantomEncodeReferences", "PhantomSampler"):
+            node["inputs"] |= {"width": 64, "height": 64}
+        if node["class_type"] == "PhantomSampler":
+            node["inputs"] |= {"frames": 5, "steps": 2, "solver": "euler"}
+        elif node["class_type"] == "PhantomTrainLoRA":
+            node["inputs"] |= {"steps": 2, "learning_rate": 0.01, "checkpoint_every": 2, "lora_name": lora_name,
+                               "width": 64, "height": 64, "frames": 5}
+        elif node["class_type"] == "PhantomLoadLoRA":
+            node["inputs"]["strength"] = strength
+        elif node["class_type"] == "PhantomSaveVideo":
+            node["inputs"]["filename_prefix"] = f"wf_{lora_name}_{strength:g}"
+    (sampler,) = by_class(prompt, "PhantomSampler")
+    prompt["900"] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler, 0],
+                                                            "filename_prefix": f"wf_{lora_name}_{strength:g}"}}
+    return prompt
+
+
+def saved_latent(server: ComfyServer, entry: dict) -> torch.Tensor:
+    [saved] = entry["outputs"]["900"]["latents"]
+    return load_file(server.output_dir / saved["subfolder"] / saved["filename"])["latent_tensor"]
+
+
+def test_train_workflow_end_to_end(comfy_server: ComfyServer) -> None:
+    shipped = INPUTS_DIR / TRAIN_DATASET
+    copied = comfy_server.base / "input" / TRAIN_DATASET  # by ComfyServer.prepare, as the photos
+    assert sorted(p.relative_to(copied) for p in copied.rglob("*")) == \
+        sorted(p.relative_to(shipped) for p in shipped.rglob("*"))
+    prompt = train_prompt("wf_train_lora", 1.0)
+    entry = comfy_server.run(prompt, timeout_s=300)
+    frames = saved_frames(comfy_server, entry)
+    assert frames.shape == (5, 64, 64, 3)
+    # the LoRA file the training wrote, with the shipped rank, after the 2 steps
+    lora = comfy_server.base / "models" / "loras" / "wf_train_lora.safetensors"
+    with safe_open(str(lora), framework="pt") as f:
+        meta = f.metadata()
+    assert (meta["rank"], meta["steps"]) == (str(TRAIN_SETTINGS["rank"]), "2")
+    run = comfy_server.output_dir / "phantom_training" / "wf_train_lora"
+    cached = sorted((run / "cache").glob("0*.safetensors"))  # <sample name>-<key>.safetensors: all six samples
+    assert [p.name.split("-")[0] for p in cached] == [f"{i:06d}" for i in range(6)]
+    assert load_file(cached[0])["latents"].shape == (16, 2, 8, 8)  # 5 frames of 64x64
+    log = read_log(run / "log.jsonl")
+    assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) for r in log)
+    (graph,) = by_class(prompt, "LossGraphNode")
+    assert entry["outputs"][graph]["images"], "Plot Loss Graph drew nothing"
+    # the sampler ran with that LoRA: at strength 0 (the training is cached: same inputs) the latent differs
+    with_lora = saved_latent(comfy_server, entry)
+    off = comfy_server.run(train_prompt("wf_train_lora", 0.0), timeout_s=300)
+    assert off["status"]["status_str"] == "success", history_error(off) + comfy_server.log()
+    without = saved_latent(comfy_server, off)
+    assert (with_lora - without).abs().max() > 1e-3 * without.abs().max()
+    assert [r["step"] for r in read_log(run / "log.jsonl")] == [1, 2]  # not trained again
