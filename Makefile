@@ -64,6 +64,6 @@ emoji-font:
 	  $(SUDO) apt-get update && $(SUDO) apt-get install -y fonts-noto-color-emoji; fi
 
 # The trained embedded default (phantom_core/tiny/trained/, its MODEL_CARD.md), from scratch in the miniature world:
-# resumable (run it again after an interruption), deterministic on the same machine; about 2 h on 2 CPU cores.
+# resumable (run it again after an interruption), deterministic on the same machine; about 75 min on 2 CPU cores.
 train-default: env emoji-font
 	$(PY) -m tools.train_default --work build/default
