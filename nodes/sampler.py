@@ -14,7 +14,7 @@ import latent_preview
 import torch
 from comfy_api.latest import io
 
-from phantom_core.inference.settings import SETTING_RANGES
+from phantom_core.inference.settings import SETTING_RANGES, check_image_guidance_window
 from phantom_core.mmdit.inputs import clip_features_for
 from phantom_core.sampling.cache import StepCache
 from phantom_core.sampling.loop import SAMPLER_PRESETS, SOLVERS, sample_from_seed
@@ -122,9 +122,7 @@ class PhantomSampler(io.ComfyNode):
         for name, value in (("image_guidance_start", image_guidance_start), ("image_guidance_end", image_guidance_end),
                             ("cache_threshold", cache_threshold)):
             SETTING_RANGES[name].check(name, value)
-        if not image_guidance_start < image_guidance_end:
-            raise ValueError(f"image_guidance_start {image_guidance_start} must be below image_guidance_end "
-                             f"{image_guidance_end} (fractions of the steps; official 0 and 1)")
+        check_image_guidance_window(image_guidance_start, image_guidance_end)
         settings = dict(steps=steps, shift=shift, solver=solver, w_img=w_img, w_text=w_text)
         settings |= sampler_preset(preset)
         if settings["solver"] not in SOLVERS:  # ComfyUI checks no V3 combo: refuse before the DiT loads

@@ -82,12 +82,12 @@ def frame_strip(photos: list[Path], video: Path, width: int, height: int, shown:
     """One row for a person to look at: the reference photos letterboxed on white as the model sees them, a gap,
     then ``shown`` evenly spaced frames of the video, each at the video's size."""
     from phantom_core.references import prepare_reference
-    from phantom_core.video_io import read_mp4_frames
+    from phantom_core.video_io import read_mp4_frames, to_uint8_frames
 
     frames = read_mp4_frames(video)  # (T, H, W, 3) uint8
     picks = sorted({round(i * (len(frames) - 1) / (shown - 1)) for i in range(shown)})
-    refs = [Image.fromarray(((prepare_reference(Image.open(p), width, height, "letterbox").permute(1, 2, 0) + 1)
-                             * 127.5).round().clamp(0, 255).byte().numpy()) for p in photos]
+    refs = [Image.fromarray(to_uint8_frames(prepare_reference(Image.open(p), width, height, "letterbox")[:, None])[0])
+            for p in photos]  # (3, 1, H, W) in [-1, 1] -> (H, W, 3) uint8
     tiles = refs + [None] + [Image.fromarray(frames[i]) for i in picks]
     gap = 4
     strip = Image.new("RGB", (sum(width + gap for _ in tiles) + gap, height + 2 * gap), (96, 96, 96))

@@ -120,9 +120,7 @@ class GenerationSettings:
         for name, limits in SETTING_RANGES.items():
             if not (name == "seed" and self.seed == RANDOM_SEED):
                 limits.check(name, getattr(self, name))
-        if not self.image_guidance_start < self.image_guidance_end:
-            raise ValueError(f"image_guidance_start {self.image_guidance_start} must be below image_guidance_end "
-                             f"{self.image_guidance_end} (fractions of the steps; official 0 and 1)")
+        check_image_guidance_window(self.image_guidance_start, self.image_guidance_end)
         for name, valid in (("solver", SOLVERS), ("ref_mode", REFERENCE_MODES)):
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name}: got {getattr(self, name)!r}; valid values are {', '.join(valid)}")
@@ -166,3 +164,10 @@ def resolve_seed(settings: GenerationSettings) -> GenerationSettings:
     seed = secrets.randbelow(2**53)
     logger.info("seed -1: drew random seed %d", seed)
     return dataclasses.replace(settings, seed=seed)
+
+
+def check_image_guidance_window(start: float, end: float) -> None:
+    """Raise ``ValueError`` naming ``image_guidance_start`` unless ``start < end`` (each already in its range)."""
+    if not start < end:
+        raise ValueError(f"image_guidance_start {start} must be below image_guidance_end {end} (fractions of the "
+                         "steps; official 0 and 1)")

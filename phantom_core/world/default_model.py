@@ -5,10 +5,11 @@ Stages (each resumable; ``tools/train_default.py`` runs them in order, ``make tr
 
 1. ``text``: a umT5-style sentencepiece tokenizer trained on the world's grammar (``world.corpus``) and a
    random, frozen tiny umT5 (``TEXT_ENCODER_PRESETS["tiny"]``): the DiT learns to read its features.
-2. ``vae``: the tiny Wan2.1 VAE (``VAE_PRESETS["tiny"]``) on 64 x 64 crops of world clips (5 frames: the first
-   frame alone and one 4-frame chunk, as the causal encoder sees them) and single frames (references, video
-   frames), ``training.vae``; then ``calibrate_latents`` on held-in clips.
-3. ``latents``: ``LATENT_SAMPLES`` training triplets encoded once with that VAE and umT5 (shards on disk).
+2. ``vae``: the tiny Wan2.1 VAE (``VAE_PRESETS["tiny"]``), ``training.vae``, in two phases: 64 x 64 crops of
+   5-frame world clips (the first frame alone and one 4-frame chunk, as the causal encoder sees them) and single
+   frames (references, video frames); then whole 17-frame clips at 32 x 32 (every later chunk) with some of the
+   first kind; then ``calibrate_latents`` on held-in clips.
+3. ``latents``: ``LATENT_SAMPLES`` training triplets encoded once with that VAE and umT5 (one cache file each).
 4. ``dit``: ``DIT_PRESETS["world"]`` from the upstream init, full training with the general trainer
    (``training.loop.train``), on the cached latents.
 
@@ -65,9 +66,9 @@ def vae_batches(data: VAEData = VAEData(), config: WorldConfig = WORLD):
     def batch(step: int) -> list[Tensor]:
         rng = np.random.default_rng([data.seed, step])
         clips, frames = [], []
-        for i in range(max(data.clips, data.frames)):
-            item = sample_tensors(make_sample("train", data.seed, step * max(data.clips, data.frames) + i,
-                                              config, pool=pool))
+        per_step = max(data.clips, data.frames)
+        for i in range(per_step):
+            item = sample_tensors(make_sample("train", data.seed, step * per_step + i, config, pool=pool))
             video = item.video  # (3, T, H, W)
             if i < data.clips:
                 start = int(rng.integers(0, video.shape[1] - data.clip_frames + 1))
@@ -188,19 +189,13 @@ DIT_TRAIN = dict(dit="scratch:world", mode="full", steps=int(os.environ.get("PHA
 
 
 def _encoders(work: Path):
-    """``(encoders, fingerprints)`` of the stage files, for ``training.cache.build_cache``."""
-    from phantom_core.training.cache import file_fingerprint
-    from phantom_core.wan.umt5 import load_text_encoder
-    from phantom_core.wan.vae import load_vae
+    """``(encoders, fingerprints)`` of the stage files, for ``training.cache.build_cache``: the trainer's own
+    ``file_encoders`` (float32 VAE, umT5 in its stored dtype computing in float32 on the CPU)."""
+    from phantom_core.training.config import load_config
+    from phantom_core.training.model import file_encoders
 
-    vae_path, text_path = work / VAE_STAGE_FILE, work / TEXT_STAGE_FILE
-    fingerprints = {"vae": file_fingerprint(vae_path), "text_encoder": file_fingerprint(text_path)}
-
-    def load():
-        return (load_vae(str(vae_path), dtype=torch.float32, device="cpu"),
-                load_text_encoder(str(text_path), None, dtype=None, device="cpu", compute_dtype=torch.float32))
-
-    return load, fingerprints
+    config = load_config(None, vae=str(work / VAE_STAGE_FILE), text_encoder=str(work / TEXT_STAGE_FILE))
+    return file_encoders(config, torch.device("cpu"))
 
 
 def _raw_samples(indices):
