@@ -48,6 +48,11 @@ LOGVAR_RANGE = (-30.0, 20.0)  # upstream Wan2.1 / LDM DiagonalGaussianDistributi
 class VAETrainConfig:
     """Settings of a VAE run (steps are optimizer steps; ``learning_rate`` after a linear warm-up, cosine to 10%).
 
+    ``decoder_only``: train ``conv2`` and the decoder only; the encoder and ``conv1`` stay frozen, so latents already
+    encoded (a DiT's training cache) stay valid. ``latent_noise``: extra Gaussian noise on the decoder's input, as a
+    fraction of each channel's normalisation std (0: none), so that the decoder learns to forgive latents a sampler
+    leaves slightly off the encoder's manifold.
+
     Raises:
         ValueError: a non-positive steps / learning_rate / checkpoint_every, or a negative kl_weight.
     """
@@ -61,13 +66,15 @@ class VAETrainConfig:
     seed: int = 0
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
+    decoder_only: bool = False
+    latent_noise: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: got {getattr(self, name)!r}; expected an integer >= 1")
-        if not self.learning_rate > 0 or self.kl_weight < 0 or self.warmup_steps < 0:
-            raise ValueError(f"learning_rate must be > 0, kl_weight and warmup_steps >= 0; got {self}")
+        if not self.learning_rate > 0 or self.kl_weight < 0 or self.warmup_steps < 0 or self.latent_noise < 0:
+            raise ValueError(f"learning_rate must be > 0, kl_weight, warmup_steps and latent_noise >= 0; got {self}")
 
 
 @torch.no_grad()
@@ -132,11 +139,17 @@ def prior_kl(mean: Tensor, logvar: Tensor) -> Tensor:
     return 0.5 * torch.mean(z + (logvar - log_s2).exp() - 1.0 - (logvar - log_s2))
 
 
-def vae_loss(vae: WanVAE, video: Tensor, generator: torch.Generator, kl_weight: float) -> tuple[Tensor, dict]:
-    """The loss of one batch (module docstring) and its parts as floats (``l1``, ``mse``, ``kl``, ``psnr`` dB)."""
+def vae_loss(vae: WanVAE, video: Tensor, generator: torch.Generator, kl_weight: float,
+             latent_noise: float = 0.0) -> tuple[Tensor, dict]:
+    """The loss of one batch (module docstring) and its parts as floats (``l1``, ``mse``, ``kl``, ``psnr`` dB);
+    ``latent_noise``: see ``VAETrainConfig``."""
     mean, logvar = posterior(vae, video)
     eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
-    recon = decode_train(vae, mean + torch.exp(0.5 * logvar) * eps)
+    z = mean + torch.exp(0.5 * logvar) * eps  # (B, 16, F, h, w) raw latents
+    if latent_noise > 0:
+        std = torch.tensor(WAN21_LATENT_STD, dtype=z.dtype, device=z.device).view(1, -1, 1, 1, 1)
+        z = z + latent_noise * std * torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
+    recon = decode_train(vae, z)
     l1 = (recon - video).abs().mean()
     mse = torch.mean((recon - video) ** 2)
     kl = prior_kl(mean, logvar)
@@ -164,6 +177,9 @@ def train_vae(vae: WanVAE, batch_fn: Callable[[int], list[Tensor]], config: VAET
         The loss of every step run in this call.
     """
     run_dir = Path(run_dir)
+    if config.decoder_only:
+        vae.encoder.requires_grad_(False)
+        vae.conv1.requires_grad_(False)
     params = [p for p in vae.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
@@ -181,7 +197,7 @@ def train_vae(vae: WanVAE, batch_fn: Callable[[int], list[Tensor]], config: VAET
         total, parts = torch.zeros(()), {}
         optimizer.zero_grad(set_to_none=True)
         for k, clips in enumerate(batch_fn(step)):
-            loss, p = vae_loss(vae, clips, gen, config.kl_weight)
+            loss, p = vae_loss(vae, clips, gen, config.kl_weight, config.latent_noise)
             loss.backward()
             total = total + loss.detach()
             parts.update({f"{name}_{k}": v for name, v in p.items()})

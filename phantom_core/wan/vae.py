@@ -75,6 +75,8 @@ class WanVAEConfig:
 VAE_PRESETS: dict[str, WanVAEConfig] = {
     "wan2.1": WanVAEConfig(),  # Wan2.1_VAE.pth, 194 tensors, ~127 M parameters
     "tiny": replace(WanVAEConfig(), dim=8),  # same 194 keys and strides, random weights for tests and the demo
+    # the miniature world's wider VAE (2.6 M parameters): one residual block per stage, twice tiny's channels
+    "world": replace(WanVAEConfig(), dim=16, num_res_blocks=1),
 }
 
 

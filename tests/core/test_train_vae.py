@@ -7,6 +7,7 @@ import json
 import math
 from dataclasses import replace
 
+import pytest
 import torch
 
 from phantom_core.training.vae import (
@@ -119,3 +120,22 @@ def test_world_vae_batches_are_a_pure_function_of_the_step() -> None:
         torch.testing.assert_close(x, y, atol=0, rtol=0)
     assert not torch.equal(batch(5)[0], a[0])
     assert float(a[0].min()) >= -1.0 and float(a[0].max()) <= 1.0
+
+
+def test_decoder_only_training_keeps_every_encoded_latent(tmp_path) -> None:
+    vae = small_vae(2)
+    init_for_training(vae, 2)
+    video = _batches(0)[0]
+    before = vae.encode_raw(video).detach()
+    decoder = {k: v.clone() for k, v in vae.decoder.state_dict().items()}
+    config = VAETrainConfig(steps=3, learning_rate=3e-3, warmup_steps=1, checkpoint_every=3, seed=3,
+                            decoder_only=True, latent_noise=0.1)
+    train_vae(vae, _batches, config, tmp_path / "dec")
+    # the encoder and conv1 are frozen: the latents a DiT was trained on stay exactly valid
+    torch.testing.assert_close(vae.encode_raw(video), before, atol=0, rtol=0)
+    assert any(not torch.equal(v, decoder[k]) for k, v in vae.decoder.state_dict().items())
+
+
+def test_latent_noise_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="latent_noise"):
+        VAETrainConfig(latent_noise=-0.1)
