@@ -8,6 +8,8 @@
         --rephrase-model qwen2.5vl:7b [--rephrase-hint TEXT ...]
     python -m phantom_core generate ... --lora style.safetensors:0.8 --lora lightx2v.safetensors
     python -m phantom_core generate --from-sidecar video.json --out again.mp4
+    torchrun --nproc-per-node 3 -m phantom_core generate ... [--parallel guidance|sequence|guidance,sequence]
+                                                     # many GPUs: see inference/parallel.py; rank 0 writes
     python -m phantom_core inspect FILE [FILE ...] [--json]
 
 Value precedence for ``generate``: an option given on the command line > ``--preset`` > the sidecar of
@@ -35,25 +37,23 @@ original prompt (or ``--prompt``).
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import io
 import json
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import urlsplit, urlunsplit
 
 import torch
 
+from phantom_core.inference.parallel import add_parallel_argument, join_ranks
 from phantom_core.inference.pipeline import generate_to_file
+from phantom_core.inference.rephrasing import REPHRASE_PREFIX, SIDECAR_REPHRASE_KEY, add_to_sidecar, rephrase_settings
 from phantom_core.inference.settings import GenerationSettings, resolve_seed
-from phantom_core.inference.sidecar import changed_files, default_sidecar_path, dtype_name, read_sidecar, write_sidecar
+from phantom_core.inference.sidecar import changed_files, default_sidecar_path, dtype_name, read_sidecar
 from phantom_core.loading.fp8 import COMPUTE_DTYPES, WEIGHT_DTYPES
-from phantom_core.references import MAX_REFERENCES, REFERENCE_MODES, open_reference
-from phantom_core.rephrase.cli import add_rephrase_backend_arguments, rephraser_from_args
-from phantom_core.rephrase.rephraser import Rephraser
-from phantom_core.rephrase.types import RephraseResult
+from phantom_core.references import MAX_REFERENCES, REFERENCE_MODES
+from phantom_core.rephrase.cli import add_rephrase_backend_arguments
 from phantom_core.sampling.loop import SAMPLER_PRESETS, SOLVERS
 from phantom_core.tiny.default import TRAINED_DIR, TRAINED_FILES, TRAINED_FORMAT
 from phantom_core.wan.inspect import format_report, inspect_checkpoint
@@ -63,8 +63,6 @@ DTYPES: dict[str, torch.dtype | None] = {"auto": None, **WEIGHT_DTYPES}
 CLI_COMPUTE_DTYPES: dict[str, torch.dtype | None] = {"auto": None, **COMPUTE_DTYPES}
 # torch's names (as the sidecar records them) -> ours
 DTYPE_ALIASES = {str(dt).removeprefix("torch."): name for name, dt in WEIGHT_DTYPES.items()}
-REPHRASE_PREFIX = "rephrase-"  # generate's rephraser flags: --rephrase-endpoint, --rephrase-seed, ...
-SIDECAR_REPHRASE_KEY = "rephrase"  # the sidecar entry written by --rephrase
 
 # command-line option -> GenerationSettings field, for the sampler / video options (all default to None so that
 # "not given" can be told apart from a value, see the precedence in the module docstring)
@@ -171,6 +169,7 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     run.add_argument("--ignore-changed-files", action="store_true",
                      help="with --from-sidecar: go on although a model or reference file's hash has changed")
     run.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_parallel_argument(run)
     p.add_argument("--rephrase", action="store_true",
                    help="rewrite --prompt with a vision-language model before encoding, so that every reference "
                         "subject is named with its appearance (Phantom paper, arXiv 2502.11079); configure it with the "
@@ -306,69 +305,19 @@ def check_outputs(out: str | Path, sidecar: str | Path, overwrite: bool) -> None
             raise ValueError(f"{flag}: {path} already exists; pass --overwrite to replace it, or choose another name")
 
 
-def rephrase_settings(args: argparse.Namespace, settings: GenerationSettings, ref_paths: Sequence[str],
-                      previous: dict[str, Any] | None, stream: TextIO) -> tuple[GenerationSettings, dict | None]:
-    """Apply ``--rephrase``: settings with the rewritten prompt, and the sidecar's ``"rephrase"`` entry.
-
-    ``previous``: the entry of the ``--from-sidecar`` sidecar (or None). Without ``--rephrase`` it is kept when
-    the prompt is still its rewritten prompt (no model call), dropped otherwise. With ``--rephrase`` the prompt
-    to rewrite is ``--prompt``, else the original prompt of ``previous`` when the prompt is its rewrite, else the
-    prompt in effect. Raises ValueError (options, unreadable reference) or RephraseError (the back-end failed).
-    """
-    if not args.rephrase:
-        keep = previous is not None and previous.get("prompt") == settings.prompt
-        return settings, ({**previous, "reused_from": str(Path(args.from_sidecar).resolve())} if keep else None)
-    original = settings.prompt
-    if args.prompt is None and previous is not None and previous.get("prompt") == settings.prompt:
-        original = previous["original_prompt"]
-    rephraser = rephraser_from_args(args, REPHRASE_PREFIX)  # bad options fail before the images are read
-    images = []
-    for k, path in enumerate(ref_paths, start=1):
-        try:
-            images.append(open_reference(path))
-        except (OSError, ValueError) as err:
-            raise ValueError(f"--ref {k} ({path}) cannot be read as an image: {err}") from err
-    result = rephraser.rephrase(original, images, hints=args.rephrase_hint, language=args.rephrase_language)
-    stream.write(f"rephrased prompt{' (cached)' if result.cached else ''}: {result.prompt}\n")
-    return dataclasses.replace(settings, prompt=result.prompt), rephrase_record(args, original, result, rephraser)
-
-
-def rephrase_record(args: argparse.Namespace, original: str, result: RephraseResult,
-                    rephraser: Rephraser) -> dict[str, Any]:
-    """The sidecar's ``"rephrase"`` entry (JSON-ready): prompts, descriptions, raw answer and settings.
-
-    Never holds a secret: the API key's variable is recorded by name, and an endpoint URL loses any user:password
-    part and query string.
-    """
-    backend = dict(rephraser.backend.settings())
-    if "url" in backend:
-        parts = urlsplit(backend["url"])
-        backend["url"] = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
-    return {
-        "original_prompt": original, "prompt": result.prompt, "descriptions": list(result.descriptions),
-        "language": result.language, "validated": result.validated, "raw_answer": result.raw,
-        "settings": {"backend": backend, "api_key_env": args.rephrase_api_key_env if args.rephrase_endpoint else "",
-                     "hints": list(args.rephrase_hint), "language": args.rephrase_language,
-                     "strict": rephraser.strict},
-    }
-
-
-def add_to_sidecar(path: str | Path, key: str, entry: dict[str, Any]) -> None:
-    """Add ``entry`` under ``key`` to the sidecar JSON at ``path`` (rewritten atomically)."""
-    record = json.loads(Path(path).read_text(encoding="utf-8"))
-    record[key] = entry
-    write_sidecar(record, path)
-
-
 def run_generate(args: argparse.Namespace, stream: TextIO | None = None) -> int:
     """``generate``: load, sample, write MP4 + sidecar. Returns 0; raises ``ValueError`` for bad input."""
-    stream = stream or sys.stderr
+    stream, ranks = stream or sys.stderr, None
     try:
         kwargs = resolve_generate_args(args)
         check_outputs(kwargs["out_path"], kwargs["sidecar_path"], args.overwrite)  # before any model loads
+        ranks = join_ranks(args.parallel, kwargs)  # torchrun: every rank runs this; rank 0 asks, reports, writes
+        if ranks is not None:
+            kwargs["parallel"], stream = ranks, (stream if ranks.is_main else io.StringIO())
         previous = kwargs.pop("rephrased")
-        settings, rephrased = rephrase_settings(args, resolve_seed(kwargs["settings"]), kwargs["ref_paths"],
-                                                previous, stream)
+        settings, rephrased = resolve_seed(kwargs["settings"]), None  # under torchrun, rank 0's seed and prompt win
+        if ranks is None or ranks.is_main:
+            settings, rephrased = rephrase_settings(args, settings, kwargs["ref_paths"], previous, stream)
         kwargs["settings"] = settings
         te_device = kwargs["text_encoder_device"] or kwargs["device"]
         stream.write(f"generating {settings.frames} frames {settings.width}x{settings.height}, {settings.solver} "
@@ -382,6 +331,9 @@ def run_generate(args: argparse.Namespace, stream: TextIO | None = None) -> int:
             add_to_sidecar(side, SIDECAR_REPHRASE_KEY, rephrased)
     except OSError as err:  # a missing or unreadable file: report it like any other bad input
         raise ValueError(str(err)) from err
+    finally:
+        if ranks is not None:
+            ranks.close()
     stream.write(f"wrote {mp4} and {side} (seed {settings.seed})\n")
     return 0
 

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from phantom_core.inference.parallel import ParallelRun, ParallelSampling
 from phantom_core.inference.settings import (
     GenerationSettings,
     resolve_seed,
@@ -86,7 +87,8 @@ def _device_of(module: torch.nn.Module) -> torch.device:
 
 @torch.no_grad()
 def generate(dit: Any, vae: Any, text_encoder: Any, references: Sequence[Image.Image | str | os.PathLike],
-             settings: GenerationSettings, *, callback: StepCallback | None = None) -> Tensor:
+             settings: GenerationSettings, *, callback: StepCallback | None = None,
+             parallel: ParallelRun | None = None) -> Tensor | None:
     """Generate one video from loaded models (``load_dit``, ``load_vae``, ``load_text_encoder``).
 
     Args:
@@ -97,13 +99,17 @@ def generate(dit: Any, vae: Any, text_encoder: Any, references: Sequence[Image.I
         settings: see :class:`GenerationSettings`; a seed of -1 draws a random seed (logged; call
             :func:`resolve_seed` first to know it).
         callback: ``callback(step, steps, x0_pred)`` after each sampling step; it may raise to abort.
+        parallel: this rank's part in a torchrun launch (``inference.parallel``; every rank calls this; rank 0's
+            settings, seed, context and reference latents are broadcast and used by all); None: one process.
     Returns:
-        Video ``[1, 3, frames, height, width]`` float32 in [-1, 1] on the VAE's device.
+        Video ``[1, 3, frames, height, width]`` float32 in [-1, 1] on the VAE's device; None on ranks other than 0
+        (they sample with rank 0, which alone decodes).
     Raises:
-        ValueError: bad references, or models that do not belong together (before any sampling).
+        ValueError: bad references, models that do not belong together, or a parallel layout that does not fit
+            the world size or the DiT's heads (before any sampling).
     """
-    # 1. inputs: seed, reference images, model compatibility
-    settings = resolve_seed(settings)
+    # 1. inputs: seed (rank 0's, under torchrun), reference images, model compatibility
+    settings = resolve_seed(settings) if parallel is None else parallel.from_main(resolve_seed(settings))
     images = _as_images(references)
     check_compatible(dit, vae, text_encoder)
     device = _device_of(dit)
@@ -113,17 +119,24 @@ def generate(dit: Any, vae: Any, text_encoder: Any, references: Sequence[Image.I
     # 3. references: each VAE-encoded alone as a 1-frame latent, normalized
     refs = encode_references(vae, images, settings.width, settings.height, settings.ref_mode)  # (1, 16, N, h, w)
     refs = refs.to(device)
+    plan = ParallelSampling()
+    if parallel is not None:  # every rank feeds the DiT rank 0's bits; the layout fits the world and the heads
+        context, context_neg, refs = parallel.share_tensors(*(t.contiguous() for t in (context, context_neg, refs)))
+        plan = parallel.sampling(dit)
     # 4. noise from the seed (CPU generator: the same draw on any device) and sampling
     cache = StepCache(settings.cache_threshold) if settings.cache_threshold > 0 else None
     window = (settings.image_guidance_start, settings.image_guidance_end)
-    latents = sample_from_seed(dit, settings.seed, settings.latent_shape, refs, context, context_neg,
-                               image_guidance_window=window, cache=cache,
-                               steps=settings.steps, shift=settings.shift, solver=settings.solver,
-                               w_img=settings.w_img, w_text=settings.w_text, callback=callback,
-                               model_dtype=dit.compute_dtype)  # (1, 16, F, h, w) fp32
+    with plan.parallel_model(dit) as model:
+        latents = sample_from_seed(model, settings.seed, settings.latent_shape, refs, context, context_neg,
+                                   image_guidance_window=window, cache=cache, pass_runner=plan.pass_runner,
+                                   steps=settings.steps, shift=settings.shift, solver=settings.solver,
+                                   w_img=settings.w_img, w_text=settings.w_text, callback=callback,
+                                   model_dtype=dit.compute_dtype)  # (1, 16, F, h, w) fp32
     if cache is not None:
         logger.info("step cache: %d of %d pass evaluations reused (%.0f%%)", cache.reused,
                     cache.computed + cache.reused, 100 * cache.saved_fraction)
+    if parallel is not None and not parallel.is_main:
+        return None
     # 5. decode
     return vae.decode(latents.to(_device_of(vae)))  # (1, 3, frames, H, W) in [-1, 1]
 
@@ -227,7 +240,8 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
                      progress: bool = True, callback: StepCallback | None = None,
                      sidecar_path: str | os.PathLike | None = None,
                      tokenizer_path: str | os.PathLike | None = None,
-                     loras: Sequence[tuple[str | os.PathLike, float]] = ()) -> tuple[Path, Path]:
+                     loras: Sequence[tuple[str | os.PathLike, float]] = (),
+                     parallel: ParallelRun | None = None) -> tuple[Path, Path]:
     """Generate a video from model files and write ``out_path`` (MP4, atomic) plus its JSON sidecar.
 
     Order: validate the output path and the references, load all three models (every bad file fails here,
@@ -244,8 +258,10 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
             dtypes, compute bf16 on CUDA / fp32 on the CPU, text encoder on ``device``).
         progress: log each sampling step (INFO). callback: also called after each step.
         loras: ``[(LoRA file, strength)]`` applied to the DiT (:func:`apply_dit_loras`), recorded in the sidecar.
+        parallel: this rank's part in a torchrun launch (``inference.parallel``): every rank loads and samples,
+            rank 0 alone writes the MP4 and the sidecar (which records the layout under ``runtime["parallel"]``).
     Returns:
-        ``(mp4_path, sidecar_path)``.
+        ``(mp4_path, sidecar_path)``: the files written (by rank 0; the other ranks return the same paths).
     Raises:
         FileNotFoundError / ValueError: naming the file or setting at fault, before sampling starts.
     """
@@ -266,12 +282,16 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
             callback(step, total, x0_pred)
 
     started = time.perf_counter()
-    video = generate(dit, vae, text_encoder, images, settings, callback=on_step)  # (1, 3, T, H, W)
+    video = generate(dit, vae, text_encoder, images, settings, callback=on_step, parallel=parallel)  # (1,3,T,H,W)
     seconds = time.perf_counter() - started
-    write_mp4(to_uint8_frames(video), out, fps=settings.fps, quality=settings.quality)
     side = Path(sidecar_path) if sidecar_path is not None else default_sidecar_path(out)
+    if video is None:  # a rank other than 0 under torchrun: it writes nothing
+        return out, side
+    write_mp4(to_uint8_frames(video), out, fps=settings.fps, quality=settings.quality)
     record = build_sidecar(settings, dit_path=dit_path, vae_path=vae_path, text_encoder_path=text_encoder_path,
                            ref_paths=ref_paths, runtime=runtime_record(**runtime, models=(dit, vae, text_encoder)),
                            out_path=out, seconds=seconds, tokenizer_path=tokenizer_path, loras=loras)
+    if parallel is not None:
+        record["runtime"]["parallel"] = parallel.describe()
     write_sidecar(record, side)
     return out, side

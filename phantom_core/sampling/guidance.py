@@ -35,6 +35,11 @@ VelocityModel = Callable[..., Tensor]
 """``model(x [B,16,F,h,w], t [B] in [0, 1000], context [B,L,D], ref_latents [B,16,N,h,w]) -> v`` like ``x``; a model
 given CLIP reference features takes them as the keyword ``ref_clip`` ``[B, N, T, C]``."""
 
+PassRunner = Callable[..., dict[str, Tensor]]
+"""``runner(model, x, t, context, context_neg, ref_latents, names, *, batch_passes, model_dtype, ref_clip)`` ->
+``{pass name: velocity}``: how the loop gets a step's passes. :func:`run_passes` runs them here; a parallel strategy
+with the same signature (``sampling.guidance_parallel.GuidanceParallel``) shares them out among ranks."""
+
 PASS_NAMES = ("text_img", "img", "neg")
 
 

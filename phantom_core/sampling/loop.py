@@ -16,7 +16,7 @@ from torch import Tensor
 
 from phantom_core.log import logger
 from phantom_core.sampling.cache import StepCache
-from phantom_core.sampling.guidance import VelocityModel, combine_guidance, guidance_weights, run_passes
+from phantom_core.sampling.guidance import PassRunner, VelocityModel, combine_guidance, guidance_weights, run_passes
 from phantom_core.sampling.schedule import flow_sigmas, model_timesteps
 from phantom_core.sampling.solvers import UniPCState, euler_step, unipc_step, x0_from_velocity
 
@@ -137,7 +137,8 @@ def sample_phantom(model: VelocityModel, noise: Tensor, ref_latents: Tensor, con
                    w_img: float = 5.0, w_text: float = 7.5, callback: StepCallback | None = None,
                    batch_passes: bool = True, model_dtype: torch.dtype | None = None,
                    integer_timesteps: bool = True, image_guidance_window: tuple[float, float] = (0.0, 1.0),
-                   cache: StepCache | None = None, ref_clip: Tensor | None = None) -> Tensor:
+                   cache: StepCache | None = None, ref_clip: Tensor | None = None,
+                   pass_runner: PassRunner = run_passes) -> Tensor:
     """Sample Phantom video latents from noise, guided by a prompt and reference latents.
 
     Args:
@@ -162,6 +163,9 @@ def sample_phantom(model: VelocityModel, noise: Tensor, ref_latents: Tensor, con
         ref_clip: CLIP features of the references ``[B or 1, N, T, C]`` for a model that reads them (the
             paper's MMDiT); they travel with ``ref_latents`` through the passes (zero in ``v_neg``). None: the
             model is called without them.
+        pass_runner: runs a step's passes (:data:`guidance.PassRunner`): :func:`guidance.run_passes` (default), or
+            a strategy sharing them among ranks (``guidance_parallel.GuidanceParallel``; every rank then runs this
+            loop on the same noise and gets every pass's velocity, so the cache decides alike on every rank).
     Returns:
         Denoised normalized video latents ``[B, 16, F, h, w]``, float32, on the noise's device. The latents
         stay fp32 throughout; only the model call runs in ``model_dtype`` and its velocity is cast back to fp32.
@@ -192,8 +196,8 @@ def sample_phantom(model: VelocityModel, noise: Tensor, ref_latents: Tensor, con
         w_img_i = w_img if _in_window(i, steps, image_guidance_window) else 1.0
         names = list(guidance_weights(w_img_i, w_text))
         if cache is None or cache.should_compute(i, steps, x, names):
-            velocities = run_passes(model, x, timesteps[i], ctx, ctx_neg, refs, names, batch_passes=batch_passes,
-                                    model_dtype=model_dtype, ref_clip=ref_clip)  # {pass: (B, 16, F, h, w) fp32}
+            velocities = pass_runner(model, x, timesteps[i], ctx, ctx_neg, refs, names, batch_passes=batch_passes,
+                                     model_dtype=model_dtype, ref_clip=ref_clip)  # {pass: (B, 16, F, h, w) fp32}
             if cache is not None:
                 cache.update(x, velocities)
         else:

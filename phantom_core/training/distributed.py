@@ -81,7 +81,7 @@ def setup_distributed(device_choice: str = "auto") -> DistContext:
     if not dist.is_initialized():
         return DistContext(device=device)
     rank, world = dist.get_rank(), dist.get_world_size()
-    logger.info("distributed training: rank %d of %d on %s (%s)", rank, world, device, dist.get_backend())
+    logger.info("torch.distributed: rank %d of %d on %s (%s)", rank, world, device, dist.get_backend())
     return DistContext(rank, world, local_rank, device, owns)
 
 

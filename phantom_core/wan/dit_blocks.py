@@ -33,10 +33,20 @@ class _Attention(nn.Module):
         self.norm_q = ops.RMSNorm(dim, eps=eps, elementwise_affine=True, **kw)
         self.norm_k = ops.RMSNorm(dim, eps=eps, elementwise_affine=True, **kw)
 
+    def attend_heads(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Scaled dot-product attention of each head, unmasked: ``q (B, Lq, H, d)``, ``k, v (B, Lk, H, d)`` ->
+        ``(B, Lq, H, d)``.
+
+        The seam sequence parallelism replaces (``wan.ulysses`` assigns a function with this signature to the
+        instance, ``attn.attend_heads = f``, and deletes it afterwards): it receives this rank's token slice of all
+        heads and exchanges it for all tokens of a slice of the heads around this computation.
+        """
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B,H,Lq,d)
+        return out.transpose(1, 2)  # (B, Lq, H, d)
+
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """``q (B, Lq, H, d)``, ``k, v (B, Lk, H, d)`` -> ``(B, Lq, H * d)`` after the output projection."""
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B,H,Lq,d)
-        return self.o(out.transpose(1, 2).flatten(2))  # (B, Lq, D)
+        return self.o(self.attend_heads(q, k, v).flatten(2))  # (B, Lq, D)
 
 
 class SelfAttention(_Attention):
