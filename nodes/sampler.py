@@ -3,6 +3,10 @@
 Boundary conversions only: ComfyUI CONDITIONING -> text context tensors, raw reference latents -> normalized
 ones (and the references' CLIP features to a Phantom MMDiT that reads them, `mmdit.inputs.clip_features_for`), the
 result back to ComfyUI's raw-latent LATENT dict. The loop itself is `phantom_core.sampling.loop`.
+
+The DiT is loaded through ComfyUI's `model_management.load_models_gpu` with the memory our forward needs beside the
+weights (`load_for_sampling`): ComfyUI's own Wan estimate (`BaseModel.memory_required`, used by its samplers) sees
+only the video latents, while our forward attends over the reference tokens too and batches the guidance passes.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from phantom_core.inference.settings import SETTING_RANGES, check_image_guidance
 from phantom_core.mmdit.inputs import clip_features_for
 from phantom_core.sampling.cache import StepCache
 from phantom_core.sampling.loop import SAMPLER_PRESETS, SOLVERS, sample_from_seed
+from phantom_core.wan.dit import PhantomWanDiT
 from phantom_core.wan.latents import denormalize_latents, latent_shape, normalize_latents
+from phantom_core.wan.memory import sampling_activation_bytes
 
 from .types import CATEGORY, PhantomDiT, PhantomRefLatents, core
 from .widgets import float_input, int_input
@@ -55,6 +61,21 @@ def check_size(reference_latents: dict, width: int, height: int) -> None:
     if (ref_w, ref_h) != (width, height):
         raise ValueError(f"width x height is {width}x{height} but reference_latents were encoded at {ref_w}x{ref_h}; "
                          "set Phantom Encode References to the same size")
+
+
+def load_for_sampling(model, frames: int, height: int, width: int, num_refs: int, w_img: float,
+                      w_text: float) -> None:
+    """Have ComfyUI load the DiT patcher `model` to its device, keeping free what one sampling step needs beside the
+    weights: `wan.memory.sampling_activation_bytes` (the references' tokens and the batched guidance passes
+    counted) as both `memory_required` (other models are evicted for it) and `minimum_memory_required` (a partial
+    load leaves that much free; our passes are always batched, there is no smaller fallback). A Phantom MMDiT has
+    no memory model yet: it gets ComfyUI's default reserve (`minimum_inference_memory`)."""
+    dit = core(model)
+    need = 0
+    if isinstance(dit, PhantomWanDiT):
+        need = sampling_activation_bytes(dit.config, frames, height, width, num_refs, w_img=w_img, w_text=w_text,
+                                         dtype=dit.compute_dtype)
+    mm.load_models_gpu([model], memory_required=need, minimum_memory_required=need)
 
 
 class PhantomSampler(io.ComfyNode):
@@ -131,7 +152,8 @@ class PhantomSampler(io.ComfyNode):
         dit = core(model)
         context = conditioning_to_context(positive, "positive", dit.config.text_dim)  # (1, L1, D)
         context_neg = conditioning_to_context(negative, "negative", dit.config.text_dim)  # (1, L2, D)
-        mm.load_models_gpu([model])
+        load_for_sampling(model, frames, height, width, reference_latents["samples"].shape[2], settings["w_img"],
+                          settings["w_text"])
         device = model.load_device
         refs = normalize_latents(reference_latents["samples"].float()).to(device)  # (1, 16, N, h, w)
         ref_clip = clip_features_for(dit, reference_latents.get("clip"))  # (1, N, T, C) or None

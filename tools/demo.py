@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     server.start()
     try:
         template = json.loads(DEFAULT_WORKFLOW.read_text(encoding="utf-8"))
-        records = run_batch([job], Client(server.url), template, OUT_DIR, args.timeout, 1.0)
-        write_manifest(OUT_DIR / "demo_manifest.json", server.url, records)
+        records = run_batch([job], [Client(server.url)], template, OUT_DIR, args.timeout, 1.0)
+        write_manifest(OUT_DIR / "demo_manifest.json", [server.url], records)
     finally:
         server.stop()
     record = records[0]

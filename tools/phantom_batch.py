@@ -1,6 +1,6 @@
-"""Run a batch of Phantom subject-to-video jobs on a running ComfyUI server (HTTP API, `requests` only).
+"""Run a batch of Phantom subject-to-video jobs on running ComfyUI servers (HTTP API, `requests` only).
 
-    python tools/phantom_batch.py jobs.jsonl --server http://127.0.0.1:8188 --out DIR
+    python tools/phantom_batch.py jobs.jsonl --server http://127.0.0.1:8188 [--server URL ...] --out DIR
 
 jobs.jsonl holds one JSON object per line (blank lines and lines starting with # are skipped):
 
@@ -9,21 +9,21 @@ jobs.jsonl holds one JSON object per line (blank lines and lines starting with #
      "w_img": 5.0, "w_text": 7.5, "fps": 16, "mode": "letterbox", "preset": "custom",
      "dit_name": "Phantom-Wan-1.3B.pth", "vae_name": "Wan2.1_VAE.pth", "text_encoder_name": "umt5_xxl_fp16.safetensors"}
 
-Only `refs` (a list of 1 to 4 image paths, relative to the JSONL's folder) and `prompt` are required; the rest
-default to the workflow's values (its model files are the tiny embedded default: name real ones per job, or for
-every job with --dit / --vae / --text-encoder). Every field is type-checked (`JOB_FIELDS`) and each `id` must be
-unique (it names the MP4); a line that fails (not JSON, a wrong type, a missing image, a repeated id) fails as its
-own job with its line number, and the others run. Each job's images are uploaded (/upload/image), the API
-workflow (example_workflows/api/phantom_4ref_api.json, unused reference inputs removed) is filled in and queued
-(/prompt); then every
-job is followed in turn (/history/{id}, /queue) until it finishes or times out, its MP4s are downloaded
-(/view) into DIR, and DIR/manifest.json records each job's status, outputs and error. A failed job (refused by
-/prompt, an execution error, a timeout) is reported and the others go on. Exit status 1 if any job failed.
+Only `refs` (1 to 4 image paths, relative to the JSONL's folder) and `prompt` are required; the rest default to
+the workflow's (its model files are the tiny embedded default: name real ones per job or with --dit / --vae /
+--text-encoder). Every field is type-checked (`JOB_FIELDS`), each `id` must be unique (it names the MP4); a bad
+line fails alone, with its line number. Each server runs one job at a time and the next job goes to the first free
+one: images uploaded (/upload/image), the API workflow (example_workflows/api/phantom_4ref_api.json, unused
+references removed) queued (/prompt), followed (/history, /queue), its MP4s downloaded (/view) into DIR. A failed
+job (refused, an execution error, a timeout) is reported and the others go on; a job whose server is lost (refused
+or reset connection, HTTP timeout, the prompt vanished) is retried on another (--retries), the lost server retired.
+DIR/manifest.json records each job's status, server, retries, outputs and error. Exit status 1 if any job failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import json
 import logging
@@ -32,6 +32,7 @@ import re
 import sys
 import time
 import uuid
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ SAMPLER_KEYS = ("width", "height", "frames", "steps", "shift", "solver", "w_img"
 MODEL_KEYS = {"dit_name": "PhantomDiTLoader", "vae_name": "PhantomVAELoader",
               "text_encoder_name": "PhantomTextEncoderLoader"}  # job key -> the loader node whose input it sets
 UPLOAD_SUBFOLDER = "phantom_batch"
+DEFAULT_SERVER = "http://127.0.0.1:8188"
 
 log = logging.getLogger("phantom.batch")
 
@@ -51,7 +53,12 @@ class JobError(Exception):
     """A job failed; the message is what the manifest records."""
 
 
-# ------------------------------------------------------------------------------------------------- jobs
+class ServerLost(Exception):
+    """A server forgot a queued prompt (it restarted). It, a refused or reset connection and an HTTP timeout
+    (`SERVER_LOST`) make a server count as lost: its job is retried elsewhere."""
+
+
+SERVER_LOST = (ServerLost, requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 
 
 # job key -> (accepted types, what is valid): every field of a line is checked before anything is sent
@@ -97,8 +104,7 @@ def read_jobs(path: Path, defaults: dict[str, Any] | None = None) -> list[dict[s
                                "own id (it names the output file)")
             used[job["id"]] = number
             job["refs"] = [str((path.parent / r).resolve()) for r in job["refs"]]
-            missing = [r for r in job["refs"] if not Path(r).is_file()]
-            if missing:
+            if missing := [r for r in job["refs"] if not Path(r).is_file()]:
                 raise JobError(f"refs: file(s) not found: {missing}")
         except JobError as e:
             name = job.get("id") if isinstance(job, dict) and isinstance(job.get("id"), str) else f"line{number}"
@@ -110,8 +116,7 @@ def read_jobs(path: Path, defaults: dict[str, Any] | None = None) -> list[dict[s
 def check_job(job: dict[str, Any]) -> None:
     """Check every field of one job line (types, the id's spelling, 1 to 4 references); raises JobError naming
     the field. Value ranges (frames 4k+1, sizes, ...) are the server's to check: /prompt refuses them by name."""
-    unknown = set(job) - JOB_KEYS
-    if unknown:
+    if unknown := set(job) - JOB_KEYS:
         raise JobError(f"unknown job keys {sorted(unknown)}; valid: {sorted(JOB_KEYS)}")
     for key, value in job.items():
         types, valid = JOB_FIELDS[key]
@@ -170,16 +175,11 @@ def fill_workflow(template: dict, job: dict[str, Any], images: list[str]) -> dic
     return prompt
 
 
-# ------------------------------------------------------------------------------------------------- server
-
-
 class Client:
     """The few ComfyUI HTTP endpoints the batch needs."""
 
     def __init__(self, server: str, timeout_s: float = 60.0) -> None:
-        self.server = server.rstrip("/")
-        self.timeout_s = timeout_s
-        self.client_id = uuid.uuid4().hex
+        self.server, self.timeout_s, self.client_id = server.rstrip("/"), timeout_s, uuid.uuid4().hex
 
     def upload(self, path: str) -> str:
         """Upload an image to input/phantom_batch/ (same content is reused); returns LoadImage's value."""
@@ -209,8 +209,7 @@ class Client:
         q = requests.get(f"{self.server}/queue", timeout=self.timeout_s).json()
         if any(item[1] == prompt_id for item in q.get("queue_running", [])):
             return "running"
-        pending = sorted(q.get("queue_pending", []), key=lambda item: item[0])
-        for ahead, item in enumerate(pending):
+        for ahead, item in enumerate(sorted(q.get("queue_pending", []), key=lambda item: item[0])):
             if item[1] == prompt_id:
                 return f"pending ({ahead + len(q.get('queue_running', []))} ahead)"
         return "unknown"
@@ -255,8 +254,10 @@ def execution_error(entry: dict) -> str:
 
 
 def follow(client: Client, prompt_id: str, timeout_s: float, poll_s: float, label: str) -> dict:
-    """Poll until the prompt's history entry is complete; JobError on execution error or timeout."""
-    deadline, last_state = time.monotonic() + timeout_s, None
+    """Poll until the prompt's history entry is complete; JobError on execution error or timeout; ServerLost when
+    the prompt is in neither /history nor /queue on two polls in a row (the server restarted and lost its queue;
+    one such poll may be a prompt that finished between the two requests)."""
+    deadline, last_state, missing = time.monotonic() + timeout_s, None, 0
     while time.monotonic() < deadline:
         entry = client.history(prompt_id)
         if entry is not None and entry.get("status", {}).get("completed") is not None:
@@ -264,6 +265,9 @@ def follow(client: Client, prompt_id: str, timeout_s: float, poll_s: float, labe
                 raise JobError(f"execution error: {execution_error(entry)}")
             return entry
         state = client.queue_state(prompt_id)
+        missing = missing + 1 if entry is None and state == "unknown" else 0
+        if missing == 2:
+            raise ServerLost(f"prompt {prompt_id} vanished (in neither /history nor /queue)")
         if state != last_state:
             log.info("%s: %s", label, state)
             last_state = state
@@ -278,53 +282,76 @@ def videos_of(entry: dict) -> list[dict]:
             if isinstance(item, dict) and str(item.get("filename", "")).endswith(".mp4")]
 
 
-# ------------------------------------------------------------------------------------------------- batch
-
-
-def submit(client: Client, template: dict, job: dict) -> str:
-    if "error" in job:  # the line itself was refused by read_jobs
-        raise JobError(job["error"])
+def run_job(client: Client, template: dict, job: dict, record: dict, out_dir: Path, timeout_s: float,
+            poll_s: float) -> None:
+    """Upload, queue, follow and download one job on one server, filling `record` (prompt_id, outputs)."""
     images = [client.upload(path) for path in job["refs"]]
-    return client.queue(fill_workflow(template, job, images))
+    record["prompt_id"] = client.queue(fill_workflow(template, job, images))
+    log.info("job %s: queued on %s as %s", job["id"], client.server, record["prompt_id"])
+    entry = follow(client, record["prompt_id"], timeout_s, poll_s, f"job {job['id']} on {client.server}")
+    if not (videos := videos_of(entry)):
+        raise JobError("finished without an MP4 output")
+    suffixes = [""] if len(videos) == 1 else [f"_{k + 1}" for k in range(len(videos))]
+    record["outputs"] = [str(client.download(v, out_dir / f"{job['id']}{x}.mp4")) for v, x in zip(videos, suffixes)]
 
 
-def run_batch(jobs: list[dict], client: Client, template: dict, out_dir: Path, timeout_s: float,
-              poll_s: float = 1.0) -> list[dict]:
-    """Queue every job, then follow them in order; returns one manifest record per job."""
+def attempt(client: Client, template: dict, job: dict, record: dict, out_dir: Path, timeout_s: float,
+            poll_s: float) -> bool:
+    """Run `job` on `client`'s server, the outcome in `record`; True when the server was lost (`SERVER_LOST`): the
+    loss is listed in `record["retries"]` and the job stays pending."""
+    start = time.monotonic()
+    try:
+        run_job(client, template, job, record, out_dir, timeout_s, poll_s)
+        record |= {"status": "ok", "server": client.server}
+        log.info("job %s: done on %s in %.1f s -> %s", job["id"], client.server, time.monotonic() - start,
+                 record["outputs"])
+    except SERVER_LOST as e:
+        record["retries"].append({"server": client.server, "error": f"{type(e).__name__}: {e}"})
+        log.error("job %s: server %s lost (%s); it takes no more jobs", job["id"], client.server, e)
+        return True
+    except (JobError, requests.RequestException) as e:
+        record |= {"status": "failed", "server": client.server, "error": str(e)}
+        log.error("job %s on %s: %s", job["id"], client.server, e)
+    finally:
+        record["seconds"] = round(time.monotonic() - start, 2)
+    return False
+
+
+def run_batch(jobs: list[dict], clients: list[Client], template: dict, out_dir: Path, timeout_s: float,
+              poll_s: float = 1.0, retries: int = 2) -> list[dict]:
+    """Run the jobs over the servers, one job in flight per server (a thread each), the next waiting job going to
+    the first free server; a lost server takes no more jobs and its job goes back to the front of the queue, at most
+    `retries` times. Returns one manifest record per job, in the jobs' order."""
     out_dir.mkdir(parents=True, exist_ok=True)
     records = [{"id": job["id"], "line": job.get("line"), "refs": job["refs"], "prompt": job.get("prompt"),
-                "status": "pending", "outputs": [], "error": None} for job in jobs]
-    for job, record in zip(jobs, records):
-        try:
-            record["prompt_id"] = submit(client, template, job)
-            log.info("job %s: queued as %s", job["id"], record["prompt_id"])
-        except (JobError, requests.RequestException) as e:
-            record |= {"status": "failed", "error": str(e)}
-            log.error("job %s: %s", job["id"], e)
-    for job, record in zip(jobs, records):
-        if record["status"] == "failed":
-            continue
-        start = time.monotonic()
-        try:
-            entry = follow(client, record["prompt_id"], timeout_s, poll_s, f"job {job['id']}")
-            videos = videos_of(entry)
-            if not videos:
-                raise JobError("finished without an MP4 output")
-            for k, result in enumerate(videos):
-                suffix = "" if len(videos) == 1 else f"_{k + 1}"
-                record["outputs"].append(str(client.download(result, out_dir / f"{job['id']}{suffix}.mp4")))
-            record["status"] = "ok"
-            log.info("job %s: done in %.1f s -> %s", job["id"], time.monotonic() - start, record["outputs"])
-        except (JobError, requests.RequestException) as e:
-            record |= {"status": "failed", "error": str(e)}
-            log.error("job %s: %s", job["id"], e)
-        record["seconds"] = round(time.monotonic() - start, 2)
+                "status": "failed" if "error" in job else "pending", "server": None, "outputs": [],
+                "error": job.get("error"), "retries": []} for job in jobs]  # "error": read_jobs refused the line
+    for record in (r for r in records if r["error"]):
+        log.error("job %s: %s", record["id"], record["error"])
+    waiting = collections.deque(i for i, record in enumerate(records) if record["status"] == "pending")
+    free, running = list(clients), {}  # free servers in the order they became free; future -> (client, job index)
+    with ThreadPoolExecutor(max_workers=len(clients)) as pool:
+        while running or (waiting and free):
+            while waiting and free:
+                client, index = free.pop(0), waiting.popleft()
+                running[pool.submit(attempt, client, template, jobs[index], records[index], out_dir, timeout_s,
+                                    poll_s)] = (client, index)
+            for future in wait(running, return_when=FIRST_COMPLETED).done:
+                client, index = running.pop(future)
+                if not future.result():  # True: the server was lost, it takes no more jobs
+                    free.append(client)
+                elif len(records[index]["retries"]) <= retries:
+                    waiting.appendleft(index)
+    for record in (r for r in records if r["status"] == "pending"):  # retries or servers ran out
+        lost = "; ".join(f"{r['server']} ({r['error']})" for r in record["retries"])
+        error = f"server lost on each of {len(record['retries'])} tries: {lost}" if lost else "not run: no server left"
+        record |= {"status": "failed", "error": error}
     return records
 
 
-def write_manifest(path: Path, server: str, records: list[dict]) -> None:
-    """manifest.json: the server, counts and one record per job (written atomically)."""
-    body = {"server": server, "ok": sum(r["status"] == "ok" for r in records),
+def write_manifest(path: Path, servers: list[str], records: list[dict]) -> None:
+    """manifest.json: the servers, counts and one record per job (written atomically)."""
+    body = {"servers": servers, "ok": sum(r["status"] == "ok" for r in records),
             "failed": sum(r["status"] != "ok" for r in records), "jobs": records}
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(body, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -334,11 +361,16 @@ def write_manifest(path: Path, server: str, records: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("jobs", type=Path, help="JSONL file, one job per line")
-    parser.add_argument("--server", default="http://127.0.0.1:8188", help="ComfyUI address")
+    parser.add_argument("--server", action="append", metavar="URL",
+                        help=f"ComfyUI address (default {DEFAULT_SERVER}); repeat it to spread the jobs over several "
+                             "servers, one job at a time on each")
     parser.add_argument("--out", type=Path, required=True, help="folder for the MP4s and manifest.json")
     parser.add_argument("--workflow", type=Path, default=DEFAULT_WORKFLOW, help="API-format workflow template")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per job once it is followed")
     parser.add_argument("--poll", type=float, default=1.0, help="seconds between /history polls")
+    parser.add_argument("--retries", type=int, default=2, help="times a job is retried after its server is lost")
+    parser.add_argument("--request-timeout", type=float, default=60.0, help="seconds per HTTP request before its "
+                                                                            "server counts as lost")
     parser.add_argument("--dit", metavar="NAME", help="dit_name for jobs that name none (a file in the server's "
                                                       "models/diffusion_models, e.g. Phantom-Wan-1.3B.pth)")
     parser.add_argument("--vae", metavar="NAME", help="vae_name for jobs that name none (models/vae)")
@@ -354,8 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         log.error("%s", e)
         return 2
-    records = run_batch(jobs, Client(args.server), template, args.out, args.timeout, args.poll)
-    write_manifest(args.out / "manifest.json", args.server, records)
+    servers = list(dict.fromkeys(args.server or [DEFAULT_SERVER]))  # each once: one job in flight per server
+    clients = [Client(server, args.request_timeout) for server in servers]
+    records = run_batch(jobs, clients, template, args.out, args.timeout, args.poll, max(0, args.retries))
+    write_manifest(args.out / "manifest.json", servers, records)
     failed = [r["id"] for r in records if r["status"] != "ok"]
     log.info("%d of %d jobs ok%s", len(records) - len(failed), len(records),
              f"; failed: {', '.join(failed)}" if failed else "")

@@ -12,12 +12,19 @@ batch (one row per guidance pass when the passes are batched), plus the text con
 and ~4 copies of their ``512 x D`` embedding: text MLP, cross-attention k and v) and the RoPE tables. The
 coefficients were fitted to the live-tensor peaks of real forwards and rounded up;
 ``tests/core/test_memory_model.py`` checks that the model bounds the measured peak from above, within 1.6 x.
+
+``sampling_activation_bytes`` is the figure the sampler node hands ComfyUI's memory manager
+(``load_models_gpu(memory_required=...)``) so that it frees, or leaves unloaded, room for the forward with the
+references counted, before the weights are placed.
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
+
+from phantom_core.sampling.guidance import guidance_weights
 from phantom_core.wan.dit import WanDiTConfig
 from phantom_core.wan.latents import latent_shape
 from phantom_core.wan.load import expected_shapes
@@ -68,3 +75,21 @@ def peak_bytes(config: WanDiTConfig, frames: int, height: int, width: int, num_r
         block = sum(math.prod(v) for k, v in expected_shapes(config).items() if k.startswith("blocks.0."))
         weights -= int(block * bytes_per_weight) * max(0, config.num_layers - blocks_on_device - 1)
     return weights + activation_bytes(config, frames, height, width, num_refs, batch, bytes_per_value)
+
+
+def sampling_activation_bytes(config: WanDiTConfig, frames: int, height: int, width: int, num_refs: int, *,
+                              w_img: float, w_text: float, dtype: torch.dtype, batch: int = 1) -> int:
+    """Peak activation bytes of one sampling step as ``sampling.loop.sample_phantom`` runs it by default: the
+    guidance passes the weights need (``guidance.guidance_weights``: 3 for the official 5.0 / 7.5, fewer when a pass
+    cannot matter) batched into one forward, activations in ``dtype``.
+
+    Args:
+        config: the DiT's architecture.
+        frames, height, width: the video (4k + 1 frames, px). num_refs: references appended (>= 0).
+        w_img, w_text: the guidance weights of Eq. 5 (inside the image-guidance window, where most passes run).
+        dtype: the DiT's activation dtype (``PhantomWanDiT.compute_dtype``). batch: videos sampled together.
+    Returns:
+        bytes (int), weights not included (the host's memory manager counts those itself).
+    """
+    rows = batch * len(guidance_weights(w_img, w_text))  # one row per pass per video, one forward
+    return activation_bytes(config, frames, height, width, num_refs, batch=rows, bytes_per_value=dtype.itemsize)
