@@ -243,37 +243,41 @@ def _encoders(work: Path):
     return file_encoders(config, torch.device("cpu"))
 
 
-def _raw_samples(indices):
+def _raw_samples(indices, config: WorldConfig = WORLD):
     from phantom_core.training.dataset import RawSample
 
     pool = split_subjects("train", RECIPE_SOURCES)
     for i in indices:
-        sample = make_sample("train", RECIPE_SEED + 4, i, WORLD, pool=pool)
+        sample = make_sample("train", RECIPE_SEED + 4, i, config, pool=pool)
         item = sample_tensors(sample)
         yield RawSample(f"world_{i:05d}", item.video, sample.references, sample.prompt)
 
 
-def _encode_part(work: str, part: int, parts: int) -> int:
+def _encode_part(work: str, part: int, parts: int, samples: int, pair_mode: str) -> int:
     """Worker: encode samples ``part, part + parts, ...`` into the cache with one thread; returns how many."""
+    from dataclasses import replace
+
     from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
     from phantom_core.training.cache import build_cache
 
     torch.set_num_threads(1)
     encoders, fingerprints = _encoders(Path(work))
     fmt = WORLD.video
-    data, _ = build_cache(_raw_samples(range(part, LATENT_SAMPLES, parts)), Path(work) / LATENT_DIR,
-                          encoders=encoders, fingerprints=fingerprints, frames=fmt.frames, width=fmt.width,
-                          height=fmt.height, dropped_prompt=WAN_NEGATIVE_PROMPT)
+    raw = _raw_samples(range(part, samples, parts), replace(WORLD, pair_mode=pair_mode))
+    data, _ = build_cache(raw, Path(work) / LATENT_DIR, encoders=encoders, fingerprints=fingerprints,
+                          frames=fmt.frames, width=fmt.width, height=fmt.height, dropped_prompt=WAN_NEGATIVE_PROMPT)
     return len(data)
 
 
-def stage_latents(work: str | Path, workers: int = 2) -> Path:
-    """Encode ``LATENT_SAMPLES`` training triplets once (``training.cache``; resumable: what is cached stays), in
-    ``workers`` single-threaded processes, and write ``latents/index.json`` (the cache files in order, the dropped
-    prompt's context file)."""
+def stage_latents(work: str | Path, workers: int = 2, samples: int = LATENT_SAMPLES, pair_mode: str = "cross") -> Path:
+    """Encode ``samples`` training triplets (``pair_mode`` references: the recipe's cross-pair, or in-pair for
+    the Phantom-Data comparison) once (``training.cache``; resumable: what is cached stays), in ``workers``
+    single-threaded processes, and write ``latents/index.json`` (the cache files in order, the dropped prompt's
+    context file)."""
     import json
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from dataclasses import replace
 
     from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
     from phantom_core.loading.disk import atomic_write
@@ -285,13 +289,14 @@ def stage_latents(work: str | Path, workers: int = 2) -> Path:
         return index
     (work / LATENT_DIR).mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        done = list(pool.map(_encode_part, [str(work)] * workers, range(workers), [workers] * workers))
+        done = list(pool.map(_encode_part, [str(work)] * workers, range(workers), [workers] * workers,
+                             [samples] * workers, [pair_mode] * workers))
     logger.info("latents: %d samples cached", sum(done))
     encoders, fingerprints = _encoders(work)
     fmt = WORLD.video
-    data, bad = build_cache(_raw_samples(range(LATENT_SAMPLES)), work / LATENT_DIR, encoders=encoders,
-                            fingerprints=fingerprints, frames=fmt.frames, width=fmt.width, height=fmt.height,
-                            dropped_prompt=WAN_NEGATIVE_PROMPT)
+    data, bad = build_cache(_raw_samples(range(samples), replace(WORLD, pair_mode=pair_mode)), work / LATENT_DIR,
+                            encoders=encoders, fingerprints=fingerprints, frames=fmt.frames, width=fmt.width,
+                            height=fmt.height, dropped_prompt=WAN_NEGATIVE_PROMPT)
     if bad:
         raise ValueError(f"{len(bad)} world samples could not be encoded: {bad[:3]}")
     dropped = sorted((work / LATENT_DIR).glob("dropped-*.safetensors"))
@@ -301,15 +306,24 @@ def stage_latents(work: str | Path, workers: int = 2) -> Path:
     return index
 
 
-def stage_dit(work: str | Path, progress: StageProgress | None = None) -> Path:
-    """Train the world DiT with the general trainer in two phases (full training from the upstream init, then a
-    continuation: ``DIT_TRAIN``, ``DIT_LONG_TRAIN``); resumable."""
+def cached_latents(work: str | Path, limit: int | None = None):
+    """The latent cache of ``stage_latents`` in ``work`` (its first ``limit`` samples), loaded in memory."""
     import json
 
     from safetensors.torch import load_file
 
-    from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
     from phantom_core.training.cache import CachedLatents
+
+    folder = Path(work) / LATENT_DIR
+    index = json.loads((Path(work) / LATENT_INDEX).read_text(encoding="utf-8"))
+    dropped = load_file(str(folder / index["dropped"]))["context"]
+    return CachedLatents([folder / f for f in index["files"][:limit]], dropped, in_memory=True)
+
+
+def stage_dit(work: str | Path, progress: StageProgress | None = None) -> Path:
+    """Train the world DiT with the general trainer in two phases (full training from the upstream init, then a
+    continuation: ``DIT_TRAIN``, ``DIT_LONG_TRAIN``); resumable."""
+    from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
     from phantom_core.training.config import load_config
     from phantom_core.training.loop import train
 
@@ -317,10 +331,7 @@ def stage_dit(work: str | Path, progress: StageProgress | None = None) -> Path:
     path = work / DIT_STAGE_FILE
     if path.is_file():
         return path
-    index = json.loads((work / LATENT_INDEX).read_text(encoding="utf-8"))
-    folder = work / LATENT_DIR
-    dropped = load_file(str(folder / index["dropped"]))["context"]
-    data = CachedLatents([folder / f for f in index["files"]], dropped, in_memory=True)
+    data = cached_latents(work)
     report = _reporter("dit", progress)
     phase1 = work / DIT_PHASE1_FILE
     phases = ((DIT_TRAIN, phase1, DIT_RUN), ({**DIT_LONG_TRAIN, "dit": str(phase1)}, path, DIT_LONG_RUN))
