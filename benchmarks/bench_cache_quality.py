@@ -1,7 +1,7 @@
 """Fewer DiT evaluations at measured quality: the step cache and the image-guidance window on the trained default.
 
 For each held-out world case (``world.cases``, cross-pair references) the trained embedded default samples the
-video once uncached (the official recipe: 50 UniPC steps, shift 5, w_img 5, w_text 7.5, 3 passes a step) and once
+video once uncached (50 UniPC steps, shift 5, the default's own guidance TRAINED_SAMPLING, 3 passes a step) and once
 per setting; each setting is scored against that uncached video (PSNR over the whole clip, dB; SSIM per frame) and
 with the world's metrics (motion accuracy, background accuracy, subject PSNR against the ground truth). DiT pass
 evaluations are counted exactly (the cache's counters; the window's passes per step), so the speed-up is
@@ -28,7 +28,7 @@ from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
 from phantom_core.references import encode_references
 from phantom_core.sampling.cache import StepCache
 from phantom_core.sampling.loop import sample_from_seed
-from phantom_core.tiny.default import install_trained_default
+from phantom_core.tiny.default import TRAINED_SAMPLING, install_trained_default
 from phantom_core.video_io import to_uint8_frames
 from phantom_core.wan.latents import latent_shape
 from phantom_core.world.cases import CaseSet
@@ -36,7 +36,7 @@ from phantom_core.world.evaluate import evaluate
 from phantom_core.world.render import VideoFormat
 from phantom_core.world.sample import WorldConfig
 
-OFFICIAL = dict(steps=50, shift=5.0, solver="unipc", w_img=5.0, w_text=7.5)
+OFFICIAL = dict(steps=50, shift=5.0, solver="unipc", **TRAINED_SAMPLING)  # the default's own guidance
 SETTINGS: dict[str, dict] = {  # name -> (cache threshold, image-guidance window)
     "uncached": {"cache": 0.0, "window": (0.0, 1.0)},
     "cache 0.05": {"cache": 0.05, "window": (0.0, 1.0)},

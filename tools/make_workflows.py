@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
+from phantom_core.tiny.default import TRAINED_SAMPLING
 from tools.workflow_layout import place, saved_view
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,7 +182,7 @@ def describe(num_refs: int, rephrase: bool = False, train: bool = False) -> list
                       ("reference_latents", "PHANTOM_REF_LATENTS")],
              links={"model": model, "positive": (4, 0), "negative": (5, 0), "reference_latents": (21, 0)},
              widgets={"width": width, "height": height, "frames": SIZE["frames"], "steps": 50, "shift": 5.0,
-                      "solver": "unipc", "w_img": 5.0, "w_text": 7.5, "seed": 42, "preset": "custom",
+                      "solver": "unipc", **TRAINED_SAMPLING, "seed": 42, "preset": "custom",
                       "image_guidance_start": 0.0, "image_guidance_end": 1.0, "cache_threshold": 0.0},
              ui_after={"seed": ["fixed"]}, size=(320, 400)),
         Node(31, "PhantomDecode", "Phantom Decode", [("images", "IMAGE")],

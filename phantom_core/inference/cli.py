@@ -55,7 +55,7 @@ from phantom_core.loading.fp8 import COMPUTE_DTYPES, WEIGHT_DTYPES
 from phantom_core.references import MAX_REFERENCES, REFERENCE_MODES
 from phantom_core.rephrase.cli import add_rephrase_backend_arguments
 from phantom_core.sampling.loop import SAMPLER_PRESETS, SOLVERS
-from phantom_core.tiny.default import TRAINED_DIR, TRAINED_FILES, TRAINED_FORMAT
+from phantom_core.tiny.default import TRAINED_DIR, TRAINED_FILES, TRAINED_FORMAT, TRAINED_SAMPLING
 from phantom_core.wan.inspect import format_report, inspect_checkpoint
 
 # --dtype: weight dtype of the DiT and the text encoder (None: each file's stored dtype); --compute-dtype: activations
@@ -275,7 +275,7 @@ def resolve_generate_args(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--model default names the embedded default's files; drop {', '.join(given)} (or --model)")
     if args.model == "default" or not (args.from_sidecar or given):
         files.update({role: str(TRAINED_DIR / Path(relative).name) for role, relative in TRAINED_FILES.items()})
-        values = {**TRAINED_FORMAT, **values}  # the default's world format unless given
+        values = {**TRAINED_FORMAT, **TRAINED_SAMPLING, **values}  # the default's format and guidance unless given
     for role, flag in (*MODEL_FLAGS, ("ref", "--ref")):
         if not files[role]:
             raise ValueError(f"{flag} is required (or --from-sidecar FILE)")

@@ -48,6 +48,9 @@ TRAINED_DIR = Path(__file__).resolve().parent / "trained"
 TRAINED_FILES = {"dit": "diffusion_models/phantom_world_dit.safetensors", "vae": "vae/phantom_world_vae.safetensors",
                  "text_encoder": "text_encoders/phantom_world_umt5.safetensors"}
 TRAINED_FORMAT = {"width": 128, "height": 128, "frames": 17}  # the world the default was trained in (fps 16)
+# the default's guidance scales (paper Eq. 5), from the sweep in docs/guidance_sweep.md (`tools.guidance_sweep`):
+# the official 5 / 7.5 extrapolate what this small model has learned; 3 / 3 followed prompts best
+TRAINED_SAMPLING = {"w_img": 3.0, "w_text": 3.0}
 SEED = 11079  # fixed: the default must be byte-identical everywhere (arXiv 2502.11079)
 
 

@@ -60,7 +60,8 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     cases.add_argument("--case-seed", type=int, default=EVAL_SEED, metavar="SEED", help="default %(default)s")
     cases.add_argument("--size", type=int, default=128, metavar="PX", help="frame width = height (default 128)")
     cases.add_argument("--frames", type=int, default=17, help="frames, 4k+1 (default 17)")
-    sampling = p.add_argument_group("sampling (a model; default: the official Phantom-Wan values)")
+    sampling = p.add_argument_group("sampling (a model; default: the official Phantom-Wan values; "
+                                    "--model default: its own guidance, TRAINED_SAMPLING)")
     for _, flag, kind in SAMPLING_OPTIONS:
         sampling.add_argument(flag, type=kind, default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
@@ -97,6 +98,10 @@ def _producer(args: argparse.Namespace, device: str, folder: str) -> tuple[str, 
         raise ValueError("evaluate: --dit needs --vae and --text-encoder")
     dit, vae, text_encoder = _load(args, device, folder)
     settings = {key: getattr(args, key) for key, _, _ in SAMPLING_OPTIONS if getattr(args, key) is not None}
+    if args.model == "default":
+        from phantom_core.tiny.default import TRAINED_SAMPLING
+
+        settings = {**TRAINED_SAMPLING, **settings}  # the default's guidance unless given
     name = args.baseline or (args.model if args.model else Path(args.dit).stem)
     return name, model_producer(dit, vae, text_encoder, **settings), vae
 
