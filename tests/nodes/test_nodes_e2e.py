@@ -209,8 +209,9 @@ def test_node_chain_matches_phantom_core_run_directly(comfy_server: ComfyServer,
         context, context_neg = (c[None] for c in encoder.encode(texts))  # (1, L, D) unpadded
         refs = encode_references(vae, [open_reference(ref[0])], width, height, "letterbox")  # (1, 16, 1, h, w)
         noise = make_noise(seed, (1, 16, 1 + (frames - 1) // 4, height // 8, width // 8), 1)
+        guidance = {k: prompt[SAMPLER_NODE]["inputs"][k] for k in ("w_img", "w_text")}  # the workflow's own
         latents = sample_phantom(dit, noise, refs, context, context_neg, steps=steps, shift=5.0, solver="unipc",
-                                 w_img=5.0, w_text=7.5)
+                                 **guidance)
     expected = denormalize_latents(latents)  # ComfyUI's LATENT holds raw latents
     assert served.shape == expected.shape == (1, 16, 2, height // 8, width // 8)
     err = float((served - expected).abs().max() / expected.abs().max())
@@ -225,7 +226,7 @@ def test_sampler_preset_switches_to_the_paper_settings(comfy_server: ComfyServer
     def latent(steps: int, solver: str, w_img: float, preset: str):
         prompt = configure(load_api(1), comfy_server, cases(examples_dir)[1], width=32, height=32, frames=1,
                            steps=steps, prefix=f"preset_{preset}_{solver}")
-        prompt[SAMPLER_NODE]["inputs"] |= {"solver": solver, "w_img": w_img, "preset": preset}
+        prompt[SAMPLER_NODE]["inputs"] |= {"solver": solver, "w_img": w_img, "w_text": 7.5, "preset": preset}
         prompt["50"] = {"class_type": "SaveLatent",
                         "inputs": {"samples": [SAMPLER_NODE, 0], "filename_prefix": f"preset_{preset}_{solver}"}}
         entry = comfy_server.run(prompt)
