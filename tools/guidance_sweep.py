@@ -12,16 +12,9 @@ recipe's (UniPC, shift 5) unless given.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
-from pathlib import Path
-
-COLUMNS = (("psnr", "subject PSNR (dB)", "{:.2f}"), ("motion_accuracy", "motion (%)", "{:.1f}"),
-           ("trajectory_error", "trajectory err (%)", "{:.1f}"), ("background_accuracy", "background (%)", "{:.1f}"),
-           ("swap_rate", "swaps (%)", "{:.1f}"), ("copy_paste_rate", "copy-paste (%)", "{:.1f}"),
-           ("stability", "stability", "{:.3f}"))
 
 
 def scales(text: str, name: str) -> list[float]:
@@ -35,23 +28,12 @@ def scales(text: str, name: str) -> list[float]:
     return values
 
 
-def markdown(rows: list[dict], command: str) -> str:
-    """The sweep as a markdown table (one row per scale pair, ``all`` cases) with the command that made it."""
-    head = "| w_img | w_text | " + " | ".join(label for _, label, _ in COLUMNS) + " |"
-    lines = [f"`{command}`", "", head, "|" + "---|" * (len(COLUMNS) + 2)]
-    for row in rows:
-        cells = [fmt.format(row["all"][key]) if row["all"][key] is not None else "-" for key, _, fmt in COLUMNS]
-        lines.append(f"| {row['w_img']:g} | {row['w_text']:g} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: list[str] | None = None) -> int:
     from phantom_core.inference.pipeline import load_models
-    from phantom_core.loading.disk import atomic_write
     from phantom_core.tiny.default import install_trained_default
     from phantom_core.world.baselines import model_producer
     from phantom_core.world.cases import CaseSet
-    from phantom_core.world.evaluate import evaluate
+    from phantom_core.world.evaluate import COMPARISON_COLUMNS, comparison_markdown, evaluate, write_comparison
 
     p = argparse.ArgumentParser(prog="python -m tools.guidance_sweep", description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=["default"], help="the trained embedded default (phantom_core/tiny/trained)")
@@ -81,15 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"w_img": w_img, "w_text": w_text, **result.summary()})
         print(f"w_img {w_img:g} w_text {w_text:g}: " + ", ".join(
             f"{label} {fmt.format(rows[-1]['all'][key]) if rows[-1]['all'][key] is not None else '-'}"
-            for key, label, fmt in COLUMNS) + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+            for key, label, fmt in COMPARISON_COLUMNS) + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
     command = "python -m tools.guidance_sweep " + " ".join(argv if argv is not None else sys.argv[1:])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out) as tmp:
-        tmp.write_text(markdown(rows, command.strip()), encoding="utf-8")
-    with atomic_write(out.with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps({"command": command.strip(), "cases": len(cases), "rows": rows}, indent=1),
-                       encoding="utf-8")
+    table = comparison_markdown(["w_img", "w_text"], [([f"{r['w_img']:g}", f"{r['w_text']:g}"], r["all"])
+                                                      for r in rows], command.strip())
+    out = write_comparison(args.out, table, {"command": command.strip(), "cases": len(cases), "rows": rows})
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
 

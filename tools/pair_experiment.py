@@ -15,15 +15,11 @@ motion) and the copy-paste rate for each. Each stage resumes; ``--work`` keeps t
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
 
 MODES = ("in", "cross")
-COLUMNS = (("psnr", "subject PSNR (dB)", "{:.2f}"), ("background_accuracy", "background (%)", "{:.1f}"),
-           ("motion_accuracy", "motion (%)", "{:.1f}"), ("trajectory_error", "trajectory err (%)", "{:.1f}"),
-           ("copy_paste_rate", "copy-paste (%)", "{:.1f}"), ("swap_rate", "swaps (%)", "{:.1f}"))
 
 
 def train_mode(source: Path, work: Path, mode: str, samples: int, steps: int) -> Path:
@@ -47,21 +43,11 @@ def train_mode(source: Path, work: Path, mode: str, samples: int, steps: int) ->
     return out
 
 
-def markdown(rows: list[dict], command: str) -> str:
-    lines = [f"`{command}`", "", "| training pairs | " + " | ".join(label for _, label, _ in COLUMNS) + " |",
-             "|---|" + "---|" * len(COLUMNS)]
-    for row in rows:
-        cells = [fmt.format(row["all"][k]) if row["all"][k] is not None else "-" for k, _, fmt in COLUMNS]
-        lines.append(f"| {row['mode']}-pair | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: list[str] | None = None) -> int:
     from phantom_core.inference.pipeline import load_models
-    from phantom_core.loading.disk import atomic_write
     from phantom_core.world.baselines import model_producer
     from phantom_core.world.cases import CaseSet
-    from phantom_core.world.evaluate import evaluate
+    from phantom_core.world.evaluate import COMPARISON_COLUMNS, comparison_markdown, evaluate, write_comparison
 
     p = argparse.ArgumentParser(prog="python -m tools.pair_experiment", description=__doc__.split("\n")[0])
     p.add_argument("--from", dest="source", default="build/default", help="the default's work folder")
@@ -86,14 +72,12 @@ def main(argv: list[str] | None = None) -> int:
                                   w_text=args.w_text)
         result = evaluate(producer, CaseSet().quick(args.quick), name=f"{mode}-pair", keep=0)
         rows.append({"mode": mode, **result.summary()})
-        print(f"{mode}-pair: " + ", ".join(f"{label} {rows[-1]['all'][k]}" for k, label, _ in COLUMNS), flush=True)
+        summary = rows[-1]["all"]
+        print(f"{mode}-pair: " + ", ".join(f"{label} {summary[k]}" for k, label, _ in COMPARISON_COLUMNS), flush=True)
     command = "python -m tools.pair_experiment " + " ".join(argv if argv is not None else sys.argv[1:])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out) as tmp:
-        tmp.write_text(markdown(rows, command.strip()), encoding="utf-8")
-    with atomic_write(out.with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps({"command": command.strip(), "rows": rows}, indent=1), encoding="utf-8")
+    table = comparison_markdown(["training pairs"], [([f"{r['mode']}-pair"], r["all"]) for r in rows],
+                                command.strip())
+    out = write_comparison(args.out, table, {"command": command.strip(), "rows": rows})
     print(f"wrote {out}")
     return 0
 

@@ -18,10 +18,12 @@ over the single- and two-subject cases apart:
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -156,3 +158,33 @@ def report_dict(result: Evaluation, info: dict[str, Any]) -> dict[str, Any]:
     """The JSON report: ``info`` (settings, pool, command), summaries, ceiling and per-case records."""
     return {**info, "name": result.name, "seconds": round(result.seconds, 2), "summary": result.summary(),
             "ceiling": result.ceiling_summary(), "cases": result.records}
+
+
+COMPARISON_COLUMNS = (("psnr", "subject PSNR (dB)", "{:.2f}"), ("motion_accuracy", "motion (%)", "{:.1f}"),
+                      ("trajectory_error", "trajectory err (%)", "{:.1f}"),
+                      ("background_accuracy", "background (%)", "{:.1f}"), ("swap_rate", "swaps (%)", "{:.1f}"),
+                      ("copy_paste_rate", "copy-paste (%)", "{:.1f}"), ("stability", "stability", "{:.3f}"))
+
+
+def comparison_markdown(keys: list[str], rows: list[tuple[list[str], dict[str, float | None]]], command: str) -> str:
+    """A markdown table comparing runs: leading columns ``keys`` (e.g. ``w_img``, ``w_text``), then the ``all``
+    summary's ``COMPARISON_COLUMNS``; each row is ``(key cells, summary["all"])``; ``command`` is printed above."""
+    head = "| " + " | ".join([*keys, *(label for _, label, _ in COMPARISON_COLUMNS)]) + " |"
+    lines = [f"`{command}`", "", head, "|" + "---|" * (len(keys) + len(COMPARISON_COLUMNS))]
+    for cells, summary in rows:
+        values = [fmt.format(summary[k]) if summary[k] is not None else "-" for k, _, fmt in COMPARISON_COLUMNS]
+        lines.append("| " + " | ".join([*cells, *values]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(out: str | Path, markdown: str, payload: dict[str, Any]) -> Path:
+    """Write ``markdown`` to ``out`` and ``payload`` as JSON beside it (``.json``), each atomically."""
+    from phantom_core.loading.disk import atomic_write
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out) as tmp:
+        tmp.write_text(markdown, encoding="utf-8")
+    with atomic_write(out.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    return out

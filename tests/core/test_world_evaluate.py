@@ -66,3 +66,17 @@ def test_case_set_is_fixed_and_quick_is_its_start():
         assert "cross-pair" in str(err)
     else:
         raise AssertionError("an in-pair case set was accepted")
+
+
+def test_comparison_table_has_a_row_per_run_and_dashes_for_nothing_measured(tmp_path) -> None:
+    from phantom_core.world.evaluate import COMPARISON_COLUMNS, comparison_markdown, write_comparison
+
+    full = {key: 12.5 for key, _, _ in COMPARISON_COLUMNS}
+    table = comparison_markdown(["w_img", "w_text"], [(["1", "3"], full), (["5", "7.5"], {**full, "swap_rate": None})],
+                                "python -m tools.guidance_sweep")
+    lines = table.splitlines()
+    assert lines[0] == "`python -m tools.guidance_sweep`"
+    assert lines[2].startswith("| w_img | w_text | subject PSNR (dB) |")
+    assert lines[4].startswith("| 1 | 3 | 12.50 | 12.5 |") and lines[5].count(" - ") == 1
+    out = write_comparison(tmp_path / "t.md", table, {"rows": 2})
+    assert out.read_text() == table and (tmp_path / "t.json").read_text().startswith("{")
