@@ -19,6 +19,7 @@ from phantom_core.sampling.cache import StepCache
 from phantom_core.sampling.guidance import PassRunner, VelocityModel, combine_guidance, guidance_weights, run_passes
 from phantom_core.sampling.schedule import flow_sigmas, model_timesteps
 from phantom_core.sampling.solvers import UniPCState, euler_step, unipc_step, x0_from_velocity
+from phantom_core.wan.context_reuse import reuse_text_context
 
 SOLVERS = ("unipc", "euler")
 
@@ -192,22 +193,23 @@ def sample_phantom(model: VelocityModel, noise: Tensor, ref_latents: Tensor, con
     # 3. the loop: guided velocity -> data prediction -> solver step
     x = noise.to(torch.float32)  # (B, 16, F, h, w)
     state = UniPCState()
-    for i in range(steps):
-        w_img_i = w_img if _in_window(i, steps, image_guidance_window) else 1.0
-        names = list(guidance_weights(w_img_i, w_text))
-        if cache is None or cache.should_compute(i, steps, x, names):
-            velocities = pass_runner(model, x, timesteps[i], ctx, ctx_neg, refs, names, batch_passes=batch_passes,
-                                     model_dtype=model_dtype, ref_clip=ref_clip)  # {pass: (B, 16, F, h, w) fp32}
-            if cache is not None:
-                cache.update(x, velocities)
-        else:
-            velocities = cache.reuse(x, names)
-        v = combine_guidance(velocities, w_img_i, w_text)  # (B, 16, F, h, w) fp32, Eq. 5
-        x0_pred = x0_from_velocity(x, v, sigmas[i])
-        if solver == "euler":
-            x = euler_step(x, v, sigmas[i], sigmas[i + 1])
-        else:
-            x, state = unipc_step(x, x0_pred, sigmas, i, state)
-        if callback is not None:
-            callback(i, steps, x0_pred)
+    with reuse_text_context(model):  # the contexts' embedding and cross-attention K, V: once per run
+        for i in range(steps):
+            w_img_i = w_img if _in_window(i, steps, image_guidance_window) else 1.0
+            names = list(guidance_weights(w_img_i, w_text))
+            if cache is None or cache.should_compute(i, steps, x, names):
+                velocities = pass_runner(model, x, timesteps[i], ctx, ctx_neg, refs, names, batch_passes=batch_passes,
+                                         model_dtype=model_dtype, ref_clip=ref_clip)  # {pass: (B, 16, F, h, w) fp32}
+                if cache is not None:
+                    cache.update(x, velocities)
+            else:
+                velocities = cache.reuse(x, names)
+            v = combine_guidance(velocities, w_img_i, w_text)  # (B, 16, F, h, w) fp32, Eq. 5
+            x0_pred = x0_from_velocity(x, v, sigmas[i])
+            if solver == "euler":
+                x = euler_step(x, v, sigmas[i], sigmas[i + 1])
+            else:
+                x, state = unipc_step(x, x0_pred, sigmas, i, state)
+            if callback is not None:
+                callback(i, steps, x0_pred)
     return x

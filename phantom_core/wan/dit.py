@@ -40,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 from phantom_core.loading.fp8 import is_fp8
 from phantom_core.log import logger
+from phantom_core.wan.context_reuse import ContextMemo, active_memo
 from phantom_core.wan.dit_blocks import WanBlock, WanHead
 from phantom_core.wan.rope import rope_axis_pairs, rope_table
 
@@ -221,6 +222,7 @@ class PhantomWanDiT(nn.Module):
         self.blocks = nn.ModuleList(WanBlock(cfg, ops, dtype, device) for _ in range(cfg.num_layers))
         self.head = WanHead(cfg, ops, dtype, device)
         self.gradient_checkpointing = False  # see enable_gradient_checkpointing
+        self.text_memo: ContextMemo | None = None  # set inside context_reuse.reuse_text_context (one sampling run)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -320,8 +322,15 @@ class PhantomWanDiT(nn.Module):
         """``(B, L, text_dim)`` -> zero-pad / truncate to ``text_len`` -> ``(B, text_len, D)``.
 
         Wan2.1 was trained with the umT5 output zero-padded to 512 tokens and attends to all 512 without a
-        mask, so the padding rows (which become non-zero after ``text_embedding``'s biases) matter.
+        mask, so the padding rows (which become non-zero after ``text_embedding``'s biases) matter. Inside
+        ``context_reuse.reuse_text_context`` a context already embedded in this run is not embedded again.
         """
+        memo = active_memo(self.text_memo)
+        if memo is not None:
+            return memo.get(context, self._embed_text_now)
+        return self._embed_text_now(context)
+
+    def _embed_text_now(self, context: Tensor) -> Tensor:
         n = self.config.text_len
         if context.shape[1] > n:
             logger.warning("text context has %d tokens; truncating to %d (as upstream Wan2.1)", context.shape[1], n)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from phantom_core.wan.context_reuse import ContextMemo, active_memo
 from phantom_core.wan.rope import apply_rope
 
 if TYPE_CHECKING:
@@ -60,12 +61,19 @@ class SelfAttention(_Attention):
 
 
 class CrossAttention(_Attention):
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        """``x (B, L, D)`` attends, unmasked, to ``context (B, text_len, D)`` -> ``(B, L, D)``."""
+    kv_memo: ContextMemo | None = None  # set inside context_reuse.reuse_text_context (one sampling run)
+
+    def keys_values(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """``context (B, text_len, D)`` -> the heads' keys and values, each ``(B, text_len, H, d)``."""
         heads = (self.num_heads, -1)
-        q = self.norm_q(self.q(x)).unflatten(2, heads)  # (B, L, H, d)
-        k = self.norm_k(self.k(context)).unflatten(2, heads)  # (B, Lc, H, d)
-        v = self.v(context).unflatten(2, heads)  # (B, Lc, H, d)
+        return self.norm_k(self.k(context)).unflatten(2, heads), self.v(context).unflatten(2, heads)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        """``x (B, L, D)`` attends, unmasked, to ``context (B, text_len, D)`` -> ``(B, L, D)``; keys and values
+        come from the run's memo when one is open (``context_reuse``)."""
+        q = self.norm_q(self.q(x)).unflatten(2, (self.num_heads, -1))  # (B, L, H, d)
+        memo = active_memo(self.kv_memo)
+        k, v = memo.get(context, self.keys_values) if memo is not None else self.keys_values(context)  # (B,Lc,H,d)
         return self._attend(q, k, v)
 
 
