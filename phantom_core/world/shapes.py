@@ -3,6 +3,9 @@
 12 colours x 4 textures (plain, striped, dotted, checked) x 10 shapes = 480 subjects, always available (no file).
 Each renders as an RGBA cut-out at ``SHAPE_SIDE`` px: the shape's outline filled with its colour, the texture drawn
 in a lighter (dark colours) or darker (light colours) shade of it, anti-aliased by drawing at 4x and downsampling.
+A very light colour (``white``: mean channel above ``OUTLINED_ABOVE``) also gets a border of ``OUTLINE_FRACTION`` of
+the side in its darker shade: references are letterboxed on white, and an unbordered white shape there (or on a
+white background) would be invisible: no model could be asked to keep a subject nobody can see.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ SHAPE_COLOURS: dict[str, tuple[int, int, int]] = {
 TEXTURES = ("plain", "striped", "dotted", "checked")  # "plain" is not written in the name
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon", "heart", "cross", "ring", "crescent")
 SHAPE_SIDE = 96  # px of the rendered cut-out
+OUTLINED_ABOVE = 200.0  # mean channel value (0..255) above which a shape gets a darker border
+OUTLINE_FRACTION = 0.06  # border width, fraction of SHAPE_SIDE
 _SUPERSAMPLE = 4
 
 
@@ -48,7 +53,10 @@ def render_shape(name: str) -> Image.Image:
     big = SHAPE_SIDE * _SUPERSAMPLE
     mask = Image.new("L", (big, big), 0)
     _draw_outline(ImageDraw.Draw(mask), shape, big)
-    fill = Image.fromarray(_texture(SHAPE_COLOURS[colour], texture, big))
+    pixels = _texture(SHAPE_COLOURS[colour], texture, big)  # (big, big, 3) uint8
+    if np.mean(SHAPE_COLOURS[colour]) > OUTLINED_ABOVE:
+        pixels = _outline(pixels, np.asarray(mask) > 127, _shade(SHAPE_COLOURS[colour]), round(OUTLINE_FRACTION * big))
+    fill = Image.fromarray(pixels)
     cutout = fill.convert("RGBA")
     cutout.putalpha(mask)
     return cutout.resize((SHAPE_SIDE, SHAPE_SIDE), Image.Resampling.LANCZOS)
@@ -59,6 +67,17 @@ def _shade(rgb: tuple[int, int, int]) -> np.ndarray:
     c = np.array(rgb, dtype=np.float64)
     target = 255.0 if c.mean() < 140 else 0.0
     return np.round(c + 0.45 * (target - c))
+
+
+def _outline(pixels: np.ndarray, inside: np.ndarray, colour: np.ndarray, width: int) -> np.ndarray:
+    """``pixels [s, s, 3]`` uint8 with the shape's pixels within ``width`` px (Euclidean) of its edge painted
+    ``colour``; ``inside [s, s]`` bool is the shape."""
+    from scipy.ndimage import distance_transform_edt
+
+    border = inside & (distance_transform_edt(inside) <= width)  # distance to the nearest pixel outside
+    out = pixels.copy()
+    out[border] = colour.astype(np.uint8)
+    return out
 
 
 def _texture(rgb: tuple[int, int, int], texture: str, side: int) -> np.ndarray:

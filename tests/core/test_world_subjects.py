@@ -10,6 +10,7 @@ import pytest
 from phantom_core.world.emoji import EMOJI_FONT_ENV, emoji_font_path, read_cmap
 from phantom_core.world.grammar import subject_words_problem
 from phantom_core.world.photos import PHOTO_CROPS
+from phantom_core.world.shapes import SHAPE_COLOURS, render_shape
 from phantom_core.world.subjects import Subject, is_held_out, pool_signature, split_subjects, subject_pool
 from tests.support.world import SMALL, small_sample
 
@@ -92,3 +93,13 @@ def test_emoji_subjects_when_the_font_is_installed():
     held_out = [s for s in emoji.values() if s.split == "test"]
     assert 0.09 < len(held_out) / len(emoji) < 0.16
     assert SMALL.sources == ("photo", "shape")  # the other tests do not depend on the font
+
+
+@pytest.mark.parametrize("colour", sorted(SHAPE_COLOURS))
+def test_every_shape_colour_stands_out_on_white(colour):
+    """References are letterboxed on white: a shape must differ visibly from white there (a white one by its
+    border). Over white, at least 15% of the cut-out's opaque pixels differ from white by more than 40 (0..255)."""
+    cut = np.asarray(render_shape(f"{colour} circle"), dtype=np.float64)  # (96, 96, 4)
+    opaque = cut[..., 3] > 250
+    distinct = (255.0 - cut[..., :3]).max(axis=-1) > 40
+    assert (distinct & opaque).sum() >= 0.15 * opaque.sum()
