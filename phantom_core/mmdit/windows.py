@@ -17,8 +17,8 @@ shifted partition has smaller windows at the borders instead of Swin's cyclic ro
 holds padding or tokens from the opposite border. An axis one window covers entirely is not shifted (as Swin),
 hence one window over the whole grid is exactly full joint attention in every block.
 
-Windows of one shape are batched into a single ``scaled_dot_product_attention`` call (at most 27 shapes: first,
-middle and last segment of each axis).
+Windows of one shape are batched into a single attention call (at most 27 shapes: first, middle and last segment of
+each axis), run by the selected back-end (``phantom_core.wan.attention``: sdpa, flash, sage or math).
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from phantom_core.wan.attention import attention
 
 
 @dataclass(frozen=True)
@@ -95,12 +96,6 @@ def window_plan(grid: tuple[int, int, int], window: tuple[int, int, int], shifte
                         str(torch.device(device)))
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """``(N, L, H, d)`` each -> ``(N, L, H * d)``."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (N, H, L, d)
-    return out.transpose(1, 2).flatten(2)  # (N, L, H * d)
-
-
 def window_joint_attention(q: Tensor, k: Tensor, v: Tensor, plan: WindowPlan) -> Tensor:
     """Joint attention of every window of ``plan`` with the injected tokens appended (dynamic injection).
 
@@ -133,7 +128,7 @@ def window_joint_attention(q: Tensor, k: Tensor, v: Tensor, plan: WindowPlan) ->
             win = full[:, idx]  # (B, n_windows, Lw, H, d)
             tails = tail.unsqueeze(1).expand(B, n_win, *tail.shape[1:])  # (B, n_windows, n_injected, H, d)
             parts.append(torch.cat([win, tails], dim=2).flatten(0, 1))  # (B * n_windows, Lw + n_injected, H, d)
-        out = _sdpa(*parts).unflatten(0, (B, n_win))  # (B, n_windows, Lw + n_injected, H * d)
+        out = attention(*parts).flatten(2).unflatten(0, (B, n_win))  # (B, n_windows, Lw + n_injected, H * d)
         out_video[:, idx.reshape(-1)] = out[:, :, :lw].reshape(B, n_win * lw, H * d)
         injected_sum += out[:, :, lw:].float().sum(dim=1)  # (B, n_injected, H * d)
     injected = (injected_sum / plan.count).to(q.dtype)  # (B, n_injected, H * d)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from phantom_core.wan.attention import attention
 from phantom_core.wan.context_reuse import ContextMemo, active_memo
 from phantom_core.wan.rope import apply_rope
 
@@ -36,14 +37,13 @@ class _Attention(nn.Module):
 
     def attend_heads(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Scaled dot-product attention of each head, unmasked: ``q (B, Lq, H, d)``, ``k, v (B, Lk, H, d)`` ->
-        ``(B, Lq, H, d)``.
+        ``(B, Lq, H, d)``, by the selected back-end (``wan.attention``: sdpa, flash, sage or math).
 
         The seam sequence parallelism replaces (``wan.ulysses`` assigns a function with this signature to the
         instance, ``attn.attend_heads = f``, and deletes it afterwards): it receives this rank's token slice of all
         heads and exchanges it for all tokens of a slice of the heads around this computation.
         """
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B,H,Lq,d)
-        return out.transpose(1, 2)  # (B, Lq, H, d)
+        return attention(q, k, v)  # (B, Lq, H, d)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """``q (B, Lq, H, d)``, ``k, v (B, Lk, H, d)`` -> ``(B, Lq, H * d)`` after the output projection."""
