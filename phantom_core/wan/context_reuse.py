@@ -10,7 +10,8 @@ context and reuses them; nothing else changes, so the output equals the plain pa
 rounding (the same operations on the same inputs).
 
 The scope must be one sampling run: weights are assumed fixed inside it (a LoRA or patch applied in between
-would not be seen), and it is bypassed while autograd records (training recomputes every call).
+would not be seen), and it is bypassed while autograd records (training recomputes every call) and, for the
+cross-attention K, V, inside blocks compiled by ``torch.compile`` (see :func:`active_memo`).
 """
 
 from __future__ import annotations
@@ -51,8 +52,14 @@ class ContextMemo:
 
 
 def active_memo(memo: ContextMemo | None) -> ContextMemo | None:
-    """``memo`` when reuse applies to this call (a scope is open and autograd is not recording), else None."""
-    return memo if memo is not None and not torch.is_grad_enabled() else None
+    """``memo`` when reuse applies to this call (a scope is open, autograd is not recording, and the call is not being
+    traced by ``torch.compile``), else None.
+
+    Inside a compiled block (``wan.block_compile``) the cross-attention recomputes its K, V: Dynamo would guard on
+    the memo's contents and recompile the block at every hit, and the projection, fused into the block's graph,
+    costs little beside the self-attention. The model-level text embedding (outside the blocks) is still reused.
+    """
+    return memo if memo is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling() else None
 
 
 @contextmanager
