@@ -22,6 +22,8 @@ from phantom_core.inference.settings import SETTING_RANGES, check_image_guidance
 from phantom_core.mmdit.inputs import clip_features_for
 from phantom_core.sampling.cache import StepCache
 from phantom_core.sampling.loop import SAMPLER_PRESETS, SOLVERS, sample_from_seed
+from phantom_core.wan.attention import ATTENTION_CHOICES, check_attention, use_attention
+from phantom_core.wan.block_compile import set_compiled
 from phantom_core.wan.dit import PhantomWanDiT
 from phantom_core.wan.latents import denormalize_latents, latent_shape, normalize_latents
 from phantom_core.wan.memory import sampling_activation_bytes
@@ -125,6 +127,15 @@ class PhantomSampler(io.ComfyNode):
                             "Step cache (EasyCache rule, one state per guidance pass): reuse a pass's output while "
                             "its predicted change stays under this; 0 = off (official). Larger is faster and "
                             "further from the uncached video (README, Speed).", optional=True),
+                io.Combo.Input("attention", options=list(ATTENTION_CHOICES), default="auto", optional=True,
+                               tooltip="Attention kernel of the DiT. auto: FlashAttention, else SageAttention, when "
+                                       "installed and the GPU and dtype fit (else PyTorch SDPA), unless the "
+                                       "PHANTOM_ATTENTION environment variable names one; sdpa: PyTorch's; flash / "
+                                       "sage: refused when not installed; math: the slow float32 reference."),
+                io.Boolean.Input("compile", default=False, optional=True,
+                                 tooltip="torch.compile each transformer block (regional compilation): the first "
+                                         "run compiles for a while, later runs are faster. Needs Triton on the GPU "
+                                         "(a C++ compiler on the CPU). Off by default."),
             ],
             outputs=[io.Latent.Output(display_name="latent")],
         )
@@ -138,8 +149,9 @@ class PhantomSampler(io.ComfyNode):
     def execute(cls, model, positive, negative, reference_latents: dict, width: int, height: int, frames: int,
                 steps: int, shift: float, solver: str, w_img: float, w_text: float, seed: int,
                 preset: str = "custom", image_guidance_start: float = 0.0, image_guidance_end: float = 1.0,
-                cache_threshold: float = 0.0) -> io.NodeOutput:
+                cache_threshold: float = 0.0, attention: str = "auto", compile: bool = False) -> io.NodeOutput:
         SETTING_RANGES["frames"].check("frames", frames)
+        check_attention(attention, "attention")  # ComfyUI checks no V3 combo
         for name, value in (("image_guidance_start", image_guidance_start), ("image_guidance_end", image_guidance_end),
                             ("cache_threshold", cache_threshold)):
             SETTING_RANGES[name].check(name, value)
@@ -167,9 +179,12 @@ class PhantomSampler(io.ComfyNode):
             pbar.update_absolute(step + 1, total, preview)
 
         cache = StepCache(cache_threshold) if cache_threshold > 0 else None
-        latents = sample_from_seed(dit, seed, latent_shape(frames, height, width), refs, context.to(device),
-                                   context_neg.to(device), **settings, callback=on_step, model_dtype=dit.compute_dtype,
-                                   image_guidance_window=(image_guidance_start, image_guidance_end), cache=cache,
-                                   ref_clip=None if ref_clip is None else ref_clip.to(device))  # (1,16,F,h,w) fp32
+        window = (image_guidance_start, image_guidance_end)
+        set_compiled(dit, compile)  # in place: the loaded model is shared with later runs
+        with use_attention(None if attention == "auto" else attention):  # "auto": $PHANTOM_ATTENTION may choose
+            latents = sample_from_seed(dit, seed, latent_shape(frames, height, width), refs, context.to(device),
+                                       context_neg.to(device), **settings, callback=on_step, cache=cache,
+                                       model_dtype=dit.compute_dtype, image_guidance_window=window,
+                                       ref_clip=None if ref_clip is None else ref_clip.to(device))  # (1,16,F,h,w)
         raw = denormalize_latents(latents.float()).to(mm.intermediate_device())  # (1, 16, F, h, w)
         return io.NodeOutput({"samples": raw})

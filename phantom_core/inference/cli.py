@@ -21,6 +21,11 @@ umT5 stays bf16, an fp8 file stays fp8) and computes in bf16 on CUDA, fp32 on th
 ``--text-encoder-device cpu`` keeps umT5 on the CPU while the DiT holds the GPU. The sidecar records the choices
 (and what they resolved to), so ``--from-sidecar`` decides the same way.
 
+Speed: ``--attention auto|sdpa|flash|sage|math`` picks the DiT's attention kernel (``phantom_core.wan.attention``;
+not given: ``$PHANTOM_ATTENTION``, else auto), ``--compile`` compiles each DiT block with ``torch.compile``
+(``phantom_core.wan.block_compile``; ``--no-compile`` overrides a sidecar's). Both are recorded in the sidecar's
+``runtime`` (with the back-end auto resolved to).
+
 ``--lora FILE[:STRENGTH]`` (repeatable, strength 1.0 by default) applies LoRAs to the DiT after loading, in any
 layout ``phantom_core.lora.keys`` reads; the sidecar records each file (path, sha256) and strength, and
 ``--from-sidecar`` applies them again (``--lora`` given on the command line replaces the recorded list).
@@ -56,6 +61,7 @@ from phantom_core.references import MAX_REFERENCES, REFERENCE_MODES
 from phantom_core.rephrase.cli import add_rephrase_backend_arguments
 from phantom_core.sampling.loop import SAMPLER_PRESETS, SOLVERS
 from phantom_core.tiny.default import TRAINED_DIR, TRAINED_FILES, TRAINED_FORMAT, TRAINED_SAMPLING
+from phantom_core.wan.attention import ATTENTION_CHOICES, check_attention, selected_attention
 from phantom_core.wan.inspect import format_report, inspect_checkpoint
 
 # --dtype: weight dtype of the DiT and the text encoder (None: each file's stored dtype); --compute-dtype: activations
@@ -164,6 +170,14 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     run.add_argument("--compute-dtype", default=None, type=dtype_choice, choices=list(CLI_COMPUTE_DTYPES),
                      help="activation dtype of the DiT and text encoder. auto (default): the --dtype when it is "
                           "fp32/fp16/bf16, else bf16 on CUDA and fp32 on the CPU (weights upcast layer by layer)")
+    run.add_argument("--attention", default=None, choices=ATTENTION_CHOICES,
+                     help="attention kernel of the DiT. auto: FlashAttention, else SageAttention, when installed and "
+                          "the device and dtype fit (CUDA, fp16/bf16), else PyTorch SDPA; sdpa: PyTorch's "
+                          "scaled_dot_product_attention; flash / sage: refused when not installed; math: the slow "
+                          "float32 reference. Default: $PHANTOM_ATTENTION, else auto")
+    run.add_argument("--compile", dest="compiled", default=None, action=argparse.BooleanOptionalAction,
+                     help="torch.compile each DiT block (regional compilation, inductor): the first steps compile, "
+                          "the rest run faster; needs Triton on CUDA, a C++ compiler on the CPU (default: off)")
     run.add_argument("--from-sidecar", metavar="JSON", help="regenerate from a sidecar: its files and settings "
                                                             "(options given here override it)")
     run.add_argument("--ignore-changed-files", action="store_true",
@@ -226,8 +240,9 @@ def _check_device(flag: str, value: str) -> str:
 
 
 def _runtime_args(args: argparse.Namespace, recorded: dict[str, Any]) -> dict[str, Any]:
-    """``dtype`` / ``compute_dtype`` / ``device`` / ``text_encoder_device`` of ``generate_to_file``: an option
-    given > the sidecar's ``runtime`` (``recorded``) > the defaults (auto; cuda when available)."""
+    """``dtype`` / ``compute_dtype`` / ``device`` / ``text_encoder_device`` / ``attention`` / ``compiled`` of
+    ``generate_to_file``: an option given > the sidecar's ``runtime`` (``recorded``) > the defaults (auto; cuda when
+    available; attention None, i.e. ``$PHANTOM_ATTENTION`` or auto; not compiled)."""
     device = _check_device("--device", args.device or recorded.get("device") or _default_device())
     te_device = args.text_encoder_device or recorded.get("text_encoder_device")
     out: dict[str, Any] = {"device": device,
@@ -237,6 +252,9 @@ def _runtime_args(args: argparse.Namespace, recorded: dict[str, Any]) -> dict[st
         if name not in valid:
             raise ValueError(f"{flag}: got {name!r}; valid: {', '.join(valid)}")
         out[key] = valid[name]
+    attention = args.attention or recorded.get("attention")
+    out["attention"] = None if attention is None else check_attention(attention, "--attention")
+    out["compiled"] = bool(recorded.get("compiled", False) if args.compiled is None else args.compiled)
     return out
 
 
@@ -323,7 +341,8 @@ def run_generate(args: argparse.Namespace, stream: TextIO | None = None) -> int:
         stream.write(f"generating {settings.frames} frames {settings.width}x{settings.height}, {settings.solver} "
                      f"{settings.steps} steps, seed {settings.seed}, on {kwargs['device']} (text encoder on "
                      f"{te_device}; weights {dtype_name(kwargs['dtype'])}, compute "
-                     f"{dtype_name(kwargs['compute_dtype'])})"
+                     f"{dtype_name(kwargs['compute_dtype'])}; attention {kwargs['attention'] or selected_attention()}"
+                     f"{', compiled blocks' if kwargs['compiled'] else ''})"
                      + "".join(f"\n  LoRA {path} x {strength:g}" for path, strength in kwargs["loras"]) + "\n")
         bar = None if args.no_progress else TextProgressBar(stream)
         mp4, side = generate_to_file(**kwargs, progress=False, callback=bar)

@@ -43,6 +43,8 @@ from phantom_core.references import MAX_REFERENCES, encode_references, open_refe
 from phantom_core.sampling.cache import StepCache
 from phantom_core.sampling.loop import StepCallback, sample_from_seed
 from phantom_core.video_io import to_uint8_frames, write_mp4
+from phantom_core.wan.attention import check_attention, resolve_attention, use_attention
+from phantom_core.wan.block_compile import set_compiled
 from phantom_core.wan.load import load_dit
 from phantom_core.wan.umt5 import load_text_encoder
 from phantom_core.wan.vae import load_vae
@@ -85,10 +87,18 @@ def _device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def attention_choice(attention: str | None, dit: Any) -> tuple[str, str]:
+    """``(choice, back-end)``: the attention choice in effect under ``use_attention(attention)`` (None: as set
+    outside, ``$PHANTOM_ATTENTION`` or ``auto``) and the back-end it runs ``dit``'s attention with on its device and
+    compute dtype. Raises ``ValueError`` (``wan.attention.resolve_attention``) before any sampling."""
+    with use_attention(attention) as chosen:
+        return chosen, resolve_attention(chosen, _device_of(dit).type, dit.compute_dtype, dit.config.head_dim)
+
+
 @torch.no_grad()
 def generate(dit: Any, vae: Any, text_encoder: Any, references: Sequence[Image.Image | str | os.PathLike],
              settings: GenerationSettings, *, callback: StepCallback | None = None,
-             parallel: ParallelRun | None = None) -> Tensor | None:
+             parallel: ParallelRun | None = None, attention: str | None = None) -> Tensor | None:
     """Generate one video from loaded models (``load_dit``, ``load_vae``, ``load_text_encoder``).
 
     Args:
@@ -101,17 +111,22 @@ def generate(dit: Any, vae: Any, text_encoder: Any, references: Sequence[Image.I
         callback: ``callback(step, steps, x0_pred)`` after each sampling step; it may raise to abort.
         parallel: this rank's part in a torchrun launch (``inference.parallel``; every rank calls this; rank 0's
             settings, seed, context and reference latents are broadcast and used by all); None: one process.
+        attention: the DiT's attention back-end (``wan.attention.ATTENTION_CHOICES``: auto, sdpa, flash, sage,
+            math); None: as set outside (``use_attention``, ``$PHANTOM_ATTENTION``), else auto.
     Returns:
         Video ``[1, 3, frames, height, width]`` float32 in [-1, 1] on the VAE's device; None on ranks other than 0
         (they sample with rank 0, which alone decodes).
     Raises:
-        ValueError: bad references, models that do not belong together, or a parallel layout that does not fit
-            the world size or the DiT's heads (before any sampling).
+        ValueError: bad references, models that do not belong together, an attention back-end that is unknown,
+            not installed or unfit for the DiT's device and dtype, or a parallel layout that does not fit the world
+            size or the DiT's heads (before any sampling).
     """
     # 1. inputs: seed (rank 0's, under torchrun), reference images, model compatibility
     settings = resolve_seed(settings) if parallel is None else parallel.from_main(resolve_seed(settings))
     images = _as_images(references)
     check_compatible(dit, vae, text_encoder)
+    attention, backend = attention_choice(attention, dit)
+    logger.info("attention: %s (%s)", backend, attention)
     device = _device_of(dit)
     # 2. text context (real tokens; the DiT zero-pads to 512 itself)
     context, context_neg = text_encoder.encode([settings.prompt, settings.negative_prompt])  # (L1, D), (L2, D)
@@ -126,7 +141,7 @@ def generate(dit: Any, vae: Any, text_encoder: Any, references: Sequence[Image.I
     # 4. noise from the seed (CPU generator: the same draw on any device) and sampling
     cache = StepCache(settings.cache_threshold) if settings.cache_threshold > 0 else None
     window = (settings.image_guidance_start, settings.image_guidance_end)
-    with plan.parallel_model(dit) as model:
+    with plan.parallel_model(dit) as model, use_attention(attention):
         latents = sample_from_seed(model, settings.seed, settings.latent_shape, refs, context, context_neg,
                                    image_guidance_window=window, cache=cache, pass_runner=plan.pass_runner,
                                    steps=settings.steps, shift=settings.shift, solver=settings.solver,
@@ -176,7 +191,7 @@ def load_models(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
                 dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
                 compute_dtype: torch.dtype | None = None,
                 text_encoder_device: torch.device | str | None = None,
-                loras: Sequence[tuple[str | os.PathLike, float]] = ()) -> tuple[Any, Any, Any]:
+                loras: Sequence[tuple[str | os.PathLike, float]] = (), compiled: bool = False) -> tuple[Any, Any, Any]:
     """Load DiT, VAE and text encoder, each error re-raised naming the role and file; then check compatibility.
 
     Args:
@@ -192,6 +207,8 @@ def load_models(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
         text_encoder_device: where the text encoder runs; None: ``device``. ``"cpu"`` keeps it off the GPU while
             the DiT holds it (:func:`generate` moves the context to the DiT's device).
         loras: ``[(LoRA file, strength)]`` applied to the DiT (:func:`apply_dit_loras`).
+        compiled: ``torch.compile`` each DiT block (``wan.block_compile``, inductor) after the LoRAs are applied;
+            compilation happens at the first forward.
     Raises ``ValueError`` / ``FileNotFoundError`` naming the file.
     """
     te_device = device if text_encoder_device is None else text_encoder_device
@@ -200,7 +217,7 @@ def load_models(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
     for path, _ in loras:
         if not Path(path).is_file():
             raise FileNotFoundError(f"LoRA file {path} does not exist")
-    dit = apply_dit_loras(dit, loras)
+    dit = set_compiled(apply_dit_loras(dit, loras), compiled)
     vae = _load_one("VAE", vae_path, lambda p: load_vae(p, dtype=torch.float32, device=device))
     if tokenizer_path is not None and not Path(tokenizer_path).exists():
         raise FileNotFoundError(f"tokenizer file {tokenizer_path} does not exist")
@@ -241,7 +258,8 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
                      sidecar_path: str | os.PathLike | None = None,
                      tokenizer_path: str | os.PathLike | None = None,
                      loras: Sequence[tuple[str | os.PathLike, float]] = (),
-                     parallel: ParallelRun | None = None) -> tuple[Path, Path]:
+                     parallel: ParallelRun | None = None, attention: str | None = None,
+                     compiled: bool = False) -> tuple[Path, Path]:
     """Generate a video from model files and write ``out_path`` (MP4, atomic) plus its JSON sidecar.
 
     Order: validate the output path and the references, load all three models (every bad file fails here,
@@ -260,6 +278,8 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
         loras: ``[(LoRA file, strength)]`` applied to the DiT (:func:`apply_dit_loras`), recorded in the sidecar.
         parallel: this rank's part in a torchrun launch (``inference.parallel``): every rank loads and samples,
             rank 0 alone writes the MP4 and the sidecar (which records the layout under ``runtime["parallel"]``).
+        attention: the DiT's attention back-end (see :func:`generate`). compiled: see :func:`load_models`. Both
+            recorded in the sidecar's ``runtime`` (with the back-end ``attention`` resolved to).
     Returns:
         ``(mp4_path, sidecar_path)``: the files written (by rank 0; the other ranks return the same paths).
     Raises:
@@ -270,10 +290,13 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
         raise ValueError(f"output: got {out}; the output file must end in .mp4")
     settings = resolve_seed(settings)
     images = _as_images(list(ref_paths))
+    if attention is not None:
+        check_attention(attention)  # unknown or not installed: refused before any model loads
     runtime = {"dtype": dtype, "compute_dtype": compute_dtype, "device": device,
                "text_encoder_device": text_encoder_device}
     dit, vae, text_encoder = load_models(dit_path, vae_path, text_encoder_path, tokenizer_path=tokenizer_path,
-                                         loras=loras, **runtime)
+                                         loras=loras, compiled=compiled, **runtime)
+    attention, backend = attention_choice(attention, dit)
 
     def on_step(step: int, total: int, x0_pred: Tensor) -> None:
         if progress:
@@ -282,14 +305,17 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
             callback(step, total, x0_pred)
 
     started = time.perf_counter()
-    video = generate(dit, vae, text_encoder, images, settings, callback=on_step, parallel=parallel)  # (1,3,T,H,W)
+    video = generate(dit, vae, text_encoder, images, settings, callback=on_step, parallel=parallel,
+                     attention=attention)  # (1, 3, T, H, W)
     seconds = time.perf_counter() - started
     side = Path(sidecar_path) if sidecar_path is not None else default_sidecar_path(out)
     if video is None:  # a rank other than 0 under torchrun: it writes nothing
         return out, side
     write_mp4(to_uint8_frames(video), out, fps=settings.fps, quality=settings.quality)
     record = build_sidecar(settings, dit_path=dit_path, vae_path=vae_path, text_encoder_path=text_encoder_path,
-                           ref_paths=ref_paths, runtime=runtime_record(**runtime, models=(dit, vae, text_encoder)),
+                           ref_paths=ref_paths, runtime=runtime_record(**runtime, models=(dit, vae, text_encoder),
+                                                                       attention=attention, compiled=compiled,
+                                                                       attention_used=backend),
                            out_path=out, seconds=seconds, tokenizer_path=tokenizer_path, loras=loras)
     if parallel is not None:
         record["runtime"]["parallel"] = parallel.describe()

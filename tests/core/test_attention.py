@@ -10,12 +10,15 @@ and SageAttention are tested only where they are importable and CUDA is present 
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 import torch
 from torch import Tensor
 
 import phantom_core.wan.attention as attn
+from phantom_core.__main__ import build_parser, main
+from phantom_core.inference.cli import resolve_generate_args
 from phantom_core.mmdit.config import MMDIT_PRESETS
 from phantom_core.mmdit.model import PhantomMMDiT
 from phantom_core.wan.attention import (
@@ -29,6 +32,7 @@ from phantom_core.wan.attention import (
     use_attention,
 )
 from phantom_core.wan.dit import DIT_PRESETS, PhantomWanDiT
+from tests.support.files import make_tiny_files, model_args
 from tests.support.weights import random_state_dict
 
 NETWORKS = {"phantom-wan": lambda: PhantomWanDiT(DIT_PRESETS["tiny"]),
@@ -199,3 +203,39 @@ def test_scope_then_environment_then_auto(monkeypatch):
         selected_attention()
     with pytest.raises(ValueError, match="attention: got 'fast'"), use_attention("fast"):
         pass
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+
+
+def parse(argv: list[str]):
+    return build_parser().parse_args(argv)
+
+
+BASE = ["generate", "--dit", "d", "--vae", "v", "--text-encoder", "t", "--ref", "r", "--prompt", "p", "--out", "o.mp4"]
+
+
+def test_cli_attention_and_compile_options(monkeypatch, capsys):
+    kw = resolve_generate_args(parse(BASE))
+    assert (kw["attention"], kw["compiled"]) == (None, False)  # not given: $PHANTOM_ATTENTION or auto; not compiled
+    kw = resolve_generate_args(parse([*BASE, "--attention", "math", "--compile"]))
+    assert (kw["attention"], kw["compiled"]) == ("math", True)
+    with pytest.raises(SystemExit):
+        parse([*BASE, "--attention", "xformers"])
+    assert "invalid choice: 'xformers'" in capsys.readouterr().err
+    pretend_installed(monkeypatch, flash=False)
+    with pytest.raises(ValueError, match="--attention: 'flash' needs the Python package 'flash_attn'"):
+        resolve_generate_args(parse([*BASE, "--attention", "flash"]))
+
+
+def test_cli_records_the_attention_choice_and_backend(tmp_path, capsys):
+    files = make_tiny_files(tmp_path, seed=0, sizes=[(40, 56), (64, 30)])
+    out = tmp_path / "v.mp4"
+    argv = ["generate", *model_args(files), "--prompt", "p", "--width", "32", "--height", "32", "--frames", "1",
+            "--steps", "2", "--seed", "3", "--no-progress", "--attention", "math", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "attention math)" in capsys.readouterr().err
+    runtime = json.loads(out.with_suffix(".json").read_text())["runtime"]
+    assert (runtime["attention"], runtime["compiled"], runtime["resolved"]["attention"]) == ("math", False, "math")
+    kw = resolve_generate_args(parse(["generate", "--from-sidecar", str(out.with_suffix(".json")), "--out", "x.mp4"]))
+    assert (kw["attention"], kw["compiled"]) == ("math", False)  # the sidecar's choice comes back

@@ -18,6 +18,7 @@ import torch
 import torch._dynamo
 from torch import Tensor, nn
 
+from phantom_core.__main__ import build_parser
 from phantom_core.lora.adapter import DEFAULT_TARGETS, inject_lora
 from phantom_core.mmdit.config import MMDIT_PRESETS
 from phantom_core.mmdit.model import MMDIT_LORA_TARGETS, PhantomMMDiT
@@ -86,6 +87,8 @@ def test_off_by_default():
     model = load_dit(random_state_dict(PhantomWanDiT(DIT_PRESETS["tiny"], device="meta")))
     assert not blocks_compiled(model)
     assert not blocks_compiled(PhantomMMDiT(MMDIT_PRESETS["tiny"], device="meta"))
+    args = build_parser().parse_args(["generate", "--prompt", "p", "--ref", "r", "--out", "o.mp4"])
+    assert args.compiled is None  # neither --compile nor --no-compile: the sidecar's choice, else off
 
 
 @torch.no_grad()

@@ -148,6 +148,8 @@ def test_unlisted_combo_values_fail_on_their_node_naming_the_input(comfy_server:
     """ComfyUI checks no V3 combo at /prompt: a value outside the list fails on its node (before the sampler loads
     the DiT), naming the input and the valid values."""
     for node, name, value, words in [("sampler", "solver", "ddim", "solver is 'ddim'; valid: unipc, euler"),
-                                     ("refs", "mode", "fit", "mode is 'fit'; valid: letterbox, crop")]:
+                                     ("refs", "mode", "fit", "mode is 'fit'; valid: letterbox, crop"),
+                                     ("sampler", "attention", "xformers",
+                                      "attention: got 'xformers'; valid: auto, sdpa, flash, sage, math")]:
         entry = comfy_server.run(pipeline_prompt([image], prefix=f"bad_{name}", **{node: {name: value}}))
         assert entry["status"]["status_str"] == "error" and words in history_error(entry), history_error(entry)
