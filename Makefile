@@ -1,7 +1,8 @@
 # ComfyUI-Phantom: every set-up step lives here and in tools/bootstrap.sh.
 PY := .venv/bin/python
 
-.PHONY: env demo test test-browser lint bench bench-sampling bench-cache bench-memory bench-train workflows thumbnails emoji-font \
+.PHONY: env demo test test-browser lint bench bench-sampling bench-cache bench-memory bench-train bench-attention workflows \
+	thumbnails emoji-font \
 	train-default
 env: .venv/.phantom-ready
 
@@ -26,6 +27,10 @@ bench: env
 
 bench-sampling: env
 	PYTHONPATH=.comfyui $(PY) -m benchmarks.bench_sampling
+
+# Forward time per attention back-end (sdpa, flash, sage where installed) and with compiled blocks (GPU: --device cuda).
+bench-attention: env
+	$(PY) -m benchmarks.bench_attention --compile
 
 # The step cache and image-guidance window: DiT evaluations saved against quality, on the trained default.
 bench-cache: env
