@@ -23,7 +23,7 @@ Per swapped block ``i`` and forward:
    tensors back and drops the device copies: nothing is copied back (the weights did not change).
 
 So at most two swapped blocks are on the device at a time (the running one and the prefetched one): the
-``2 block buffers`` of ``wan.memory.sampling_peak_bytes``. The resting tensors are the very objects the model had
+``2 block buffers`` of ``wan.memory.resident_weight_bytes``. The resting tensors are the very objects the model had
 (a LoRA merged into them, an optimizer or ComfyUI's backups holding them, all see the same Parameters).
 
 On a machine without CUDA the same steps run without a stream or events; a block whose resting device is already
