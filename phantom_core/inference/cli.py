@@ -164,6 +164,9 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     run.add_argument("--compute-dtype", default=None, type=dtype_choice, choices=list(CLI_COMPUTE_DTYPES),
                      help="activation dtype of the DiT and text encoder. auto (default): the --dtype when it is "
                           "fp32/fp16/bf16, else bf16 on CUDA and fp32 on the CPU (weights upcast layer by layer)")
+    run.add_argument("--block-swap", type=int, default=0, metavar="N",
+                     help="keep the last N DiT blocks on the CPU and stream each to the GPU just before it runs "
+                          "(less GPU memory, slower steps; 0 = off; at most the block count: 30 for 1.3B, 40 for 14B)")
     run.add_argument("--from-sidecar", metavar="JSON", help="regenerate from a sidecar: its files and settings "
                                                             "(options given here override it)")
     run.add_argument("--ignore-changed-files", action="store_true",
@@ -285,7 +288,7 @@ def resolve_generate_args(args: argparse.Namespace) -> dict[str, Any]:
             "ref_paths": list(files["ref"]), "settings": GenerationSettings.from_json(values),
             "out_path": args.out, **_runtime_args(args, recorded),
             "sidecar_path": args.sidecar or default_sidecar_path(args.out), "tokenizer_path": files["tokenizer"],
-            "loras": list(files["lora"] or []), "rephrased": rephrased}
+            "loras": list(files["lora"] or []), "rephrased": rephrased, "block_swap": args.block_swap}
 
 
 def check_outputs(out: str | Path, sidecar: str | Path, overwrite: bool) -> None:
@@ -323,7 +326,8 @@ def run_generate(args: argparse.Namespace, stream: TextIO | None = None) -> int:
         stream.write(f"generating {settings.frames} frames {settings.width}x{settings.height}, {settings.solver} "
                      f"{settings.steps} steps, seed {settings.seed}, on {kwargs['device']} (text encoder on "
                      f"{te_device}; weights {dtype_name(kwargs['dtype'])}, compute "
-                     f"{dtype_name(kwargs['compute_dtype'])})"
+                     f"{dtype_name(kwargs['compute_dtype'])}"
+                     + (f"; {kwargs['block_swap']} DiT blocks swapped" if kwargs["block_swap"] else "") + ")"
                      + "".join(f"\n  LoRA {path} x {strength:g}" for path, strength in kwargs["loras"]) + "\n")
         bar = None if args.no_progress else TextProgressBar(stream)
         mp4, side = generate_to_file(**kwargs, progress=False, callback=bar)

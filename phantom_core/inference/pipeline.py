@@ -176,7 +176,7 @@ def load_models(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
                 dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
                 compute_dtype: torch.dtype | None = None,
                 text_encoder_device: torch.device | str | None = None,
-                loras: Sequence[tuple[str | os.PathLike, float]] = ()) -> tuple[Any, Any, Any]:
+                loras: Sequence[tuple[str | os.PathLike, float]] = (), block_swap: int = 0) -> tuple[Any, Any, Any]:
     """Load DiT, VAE and text encoder, each error re-raised naming the role and file; then check compatibility.
 
     Args:
@@ -192,11 +192,13 @@ def load_models(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
         text_encoder_device: where the text encoder runs; None: ``device``. ``"cpu"`` keeps it off the GPU while
             the DiT holds it (:func:`generate` moves the context to the DiT's device).
         loras: ``[(LoRA file, strength)]`` applied to the DiT (:func:`apply_dit_loras`).
-    Raises ``ValueError`` / ``FileNotFoundError`` naming the file.
+        block_swap: DiT blocks kept on the CPU and streamed to ``device`` per forward (``wan.block_swap``); 0: off.
+    Raises ``ValueError`` / ``FileNotFoundError`` naming the file (or ``block_swap`` out of range).
     """
     te_device = device if text_encoder_device is None else text_encoder_device
     dit = _load_one("DiT", dit_path, lambda p: load_dit(
-        p, dtype=dtype, device=device, compute_dtype=resolve_compute_dtype(dtype, compute_dtype, device)))
+        p, dtype=dtype, device=device, compute_dtype=resolve_compute_dtype(dtype, compute_dtype, device),
+        block_swap=block_swap))
     for path, _ in loras:
         if not Path(path).is_file():
             raise FileNotFoundError(f"LoRA file {path} does not exist")
@@ -241,7 +243,7 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
                      sidecar_path: str | os.PathLike | None = None,
                      tokenizer_path: str | os.PathLike | None = None,
                      loras: Sequence[tuple[str | os.PathLike, float]] = (),
-                     parallel: ParallelRun | None = None) -> tuple[Path, Path]:
+                     parallel: ParallelRun | None = None, block_swap: int = 0) -> tuple[Path, Path]:
     """Generate a video from model files and write ``out_path`` (MP4, atomic) plus its JSON sidecar.
 
     Order: validate the output path and the references, load all three models (every bad file fails here,
@@ -260,6 +262,7 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
         loras: ``[(LoRA file, strength)]`` applied to the DiT (:func:`apply_dit_loras`), recorded in the sidecar.
         parallel: this rank's part in a torchrun launch (``inference.parallel``): every rank loads and samples,
             rank 0 alone writes the MP4 and the sidecar (which records the layout under ``runtime["parallel"]``).
+        block_swap: see :func:`load_models` (memory only: the video is the same).
     Returns:
         ``(mp4_path, sidecar_path)``: the files written (by rank 0; the other ranks return the same paths).
     Raises:
@@ -273,7 +276,7 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
     runtime = {"dtype": dtype, "compute_dtype": compute_dtype, "device": device,
                "text_encoder_device": text_encoder_device}
     dit, vae, text_encoder = load_models(dit_path, vae_path, text_encoder_path, tokenizer_path=tokenizer_path,
-                                         loras=loras, **runtime)
+                                         loras=loras, block_swap=block_swap, **runtime)
 
     def on_step(step: int, total: int, x0_pred: Tensor) -> None:
         if progress:
