@@ -8,10 +8,9 @@ runs the three guidance passes one at a time (batched, they need more than 24 Gi
 references: ``tests/core/test_memory_model.py``). Printed: the peak ``torch.cuda.max_memory_allocated``, the step's
 seconds, and what ``wan.memory.peak_bytes`` predicts.
 
-Block swap is being added to the loader in parallel: ``load_with_block_swap`` is the one place that calls it (as
-``load_dit(..., block_swap=N)``, N blocks kept off the GPU and streamed in per forward); until ``load_dit`` has
-that option this benchmark prints that it is skipped and exits 0. Adapt that function if the option lands
-elsewhere or means something else.
+Block swap is ``load_dit(..., block_swap=N)`` (``phantom_core/wan/block_swap.py``: the last N blocks rest in pinned
+CPU memory and are streamed in per forward, the next one prefetched on a side stream); ``load_with_block_swap`` is
+the one place that calls it. On the CPU (``--device cpu``) the same flow runs without a cap or a peak (a smoke run).
 
     python3 -m benchmarks.bench_block_swap --device cuda        # 14B, 832x480x81, 4 refs, 30 blocks swapped, 24 GB
     .venv/bin/python -m benchmarks.bench_block_swap --preset tiny --size 64x48x5 --block-swap 1   # CPU smoke run
@@ -20,7 +19,6 @@ elsewhere or means something else.
 from __future__ import annotations
 
 import argparse
-import inspect
 import time
 
 import torch
@@ -30,7 +28,7 @@ from phantom_core.sampling.loop import sample_phantom
 from phantom_core.wan.dit import DIT_PRESETS, PhantomWanDiT, WanDiTConfig
 from phantom_core.wan.latents import latent_shape
 from phantom_core.wan.load import expected_shapes, load_dit
-from phantom_core.wan.memory import peak_bytes
+from phantom_core.wan.memory import peak_bytes, smallest_block_swap
 
 GIB = 2**30
 
@@ -41,11 +39,6 @@ def random_state_dict(config: WanDiTConfig, device: torch.device, seed: int = 0)
     g = torch.Generator(device=device).manual_seed(seed)
     return {key: torch.empty(shape, dtype=torch.bfloat16, device=device).normal_(0, 0.02, generator=g).cpu()
             for key, shape in expected_shapes(config).items()}
-
-
-def block_swap_available() -> bool:
-    """Whether ``load_dit`` has the ``block_swap`` option yet."""
-    return "block_swap" in inspect.signature(load_dit).parameters
 
 
 def load_with_block_swap(sd: dict[str, torch.Tensor], blocks: int, device: torch.device) -> PhantomWanDiT:
@@ -69,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-swap", type=int, default=30, help="blocks kept off the GPU (14B: 40 blocks)")
     p.add_argument("--cap-gb", type=float, default=24.0, help="GPU memory cap in GB (CUDA only)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--batch-passes", action="store_true",
+                   help="run the guidance passes as one batched forward (the sampler's default) instead of one by one")
     return p
 
 
@@ -76,18 +71,20 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     device, cfg = torch.device(args.device), DIT_PRESETS[args.preset]
     (w, h, frames), cuda = args.size, device.type == "cuda"
+    passes = "batched" if args.batch_passes else "one at a time"
     print(f"setting: {args.preset} (random weights) in fp8, {w}x{h}x{frames}, {args.refs} references, "
-          f"--block-swap {args.block_swap}, one Euler step, 3 passes one at a time, on {device}", flush=True)
-    if not block_swap_available():
-        print("SKIPPED: block swap is not available yet (phantom_core.wan.load.load_dit has no block_swap option)")
-        return
+          f"--block-swap {args.block_swap}, one Euler step, 3 passes {passes}, on {device}", flush=True)
     start = time.perf_counter()
     sd = random_state_dict(cfg, device)
     model = load_with_block_swap(sd, args.block_swap, device)
     del sd
     print(f"weights drawn and loaded in {time.perf_counter() - start:.1f} s", flush=True)
-    predicted = peak_bytes(cfg, frames, h, w, args.refs, batch=1, bytes_per_weight=1,
-                           blocks_on_device=cfg.num_layers - args.block_swap)
+    bytes_per_value = model.compute_dtype.itemsize
+    rows = 3 if args.batch_passes else 1
+    predicted = peak_bytes(cfg, frames, h, w, args.refs, batch=rows, bytes_per_weight=1,
+                           bytes_per_value=bytes_per_value, block_swap=args.block_swap)
+    fits = smallest_block_swap(cfg, frames, h, w, args.refs, int(args.cap_gb * 1e9) - GIB, batch=rows,
+                               bytes_per_weight=1, bytes_per_value=bytes_per_value)
     if cuda:
         cap_memory(device, args.cap_gb)
         torch.cuda.synchronize(device)
@@ -99,16 +96,17 @@ def main(argv: list[str] | None = None) -> None:
     context = torch.randn(1, 20, cfg.text_dim, generator=g).to(device)
     start = time.perf_counter()
     try:
-        sample_phantom(model, noise, refs, context, context[:, :10], steps=1, solver="euler", batch_passes=False,
-                       model_dtype=model.compute_dtype)
+        sample_phantom(model, noise, refs, context, context[:, :10], steps=1, solver="euler",
+                       batch_passes=args.batch_passes, model_dtype=model.compute_dtype)
         if cuda:
             torch.cuda.synchronize(device)
         outcome = f"one step in {time.perf_counter() - start:.1f} s"
     except torch.OutOfMemoryError as e:
         outcome = f"OUT OF MEMORY under the {args.cap_gb:g} GB cap ({str(e).splitlines()[0]})"
     peak = f"{torch.cuda.max_memory_allocated(device) / GIB:.2f} GiB" if cuda else "n/a (CPU)"
-    print(f"{outcome}; peak {peak}; memory model (wan.memory.peak_bytes, {cfg.num_layers - args.block_swap} blocks "
-          f"on the device): {predicted / GIB:.2f} GiB", flush=True)
+    print(f"{outcome}; peak {peak}; memory model (wan.memory.peak_bytes, block_swap {args.block_swap}, "
+          f"{cfg.num_layers - args.block_swap} blocks resident): {predicted / GIB:.2f} GiB; smallest block_swap "
+          f"under the {args.cap_gb:g} GB cap less 1 GiB: {fits}", flush=True)
 
 
 if __name__ == "__main__":

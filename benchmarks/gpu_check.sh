@@ -10,8 +10,9 @@
 #     GPU, each side's peak torch.cuda.max_memory_allocated, and the step cache's evaluations saved over 12 steps
 #     (benchmarks/bench_sampling.py);
 #  2. Phantom-Wan 14B shapes in fp8 with block swap (30 of 40 blocks off the GPU): the peak of one step under a
-#     24 GB cap (torch.cuda.set_per_process_memory_fraction), or SKIPPED while the loader has no block_swap option
-#     (benchmarks/bench_block_swap.py).
+#     24 GB cap (torch.cuda.set_per_process_memory_fraction), the passes one at a time, beside what the memory model
+#     (wan.memory.peak_bytes) predicts and the smallest block_swap it says fits (benchmarks/bench_block_swap.py;
+#     --batch-passes there checks the batched case, where the model says 12 blocks must be swapped).
 #
 # Environment: PYTHON (default python3); COMFYUI_DIR: ComfyUI's source for the native side (default .comfyui; it
 # needs comfy/, comfy_api/, comfy_execution/, comfy_extras/, folder_paths.py, latent_preview.py, node_helpers.py,

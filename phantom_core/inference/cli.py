@@ -178,6 +178,9 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     run.add_argument("--compile", dest="compiled", default=None, action=argparse.BooleanOptionalAction,
                      help="torch.compile each DiT block (regional compilation, inductor): the first steps compile, "
                           "the rest run faster; needs Triton on CUDA, a C++ compiler on the CPU (default: off)")
+    run.add_argument("--block-swap", type=int, default=0, metavar="N",
+                     help="keep the last N DiT blocks on the CPU and stream each to the GPU just before it runs "
+                          "(less GPU memory, slower steps; 0 = off; at most the block count: 30 for 1.3B, 40 for 14B)")
     run.add_argument("--from-sidecar", metavar="JSON", help="regenerate from a sidecar: its files and settings "
                                                             "(options given here override it)")
     run.add_argument("--ignore-changed-files", action="store_true",
@@ -303,7 +306,7 @@ def resolve_generate_args(args: argparse.Namespace) -> dict[str, Any]:
             "ref_paths": list(files["ref"]), "settings": GenerationSettings.from_json(values),
             "out_path": args.out, **_runtime_args(args, recorded),
             "sidecar_path": args.sidecar or default_sidecar_path(args.out), "tokenizer_path": files["tokenizer"],
-            "loras": list(files["lora"] or []), "rephrased": rephrased}
+            "loras": list(files["lora"] or []), "rephrased": rephrased, "block_swap": args.block_swap}
 
 
 def check_outputs(out: str | Path, sidecar: str | Path, overwrite: bool) -> None:
@@ -342,7 +345,8 @@ def run_generate(args: argparse.Namespace, stream: TextIO | None = None) -> int:
                      f"{settings.steps} steps, seed {settings.seed}, on {kwargs['device']} (text encoder on "
                      f"{te_device}; weights {dtype_name(kwargs['dtype'])}, compute "
                      f"{dtype_name(kwargs['compute_dtype'])}; attention {kwargs['attention'] or selected_attention()}"
-                     f"{', compiled blocks' if kwargs['compiled'] else ''})"
+                     f"{', compiled blocks' if kwargs['compiled'] else ''}"
+                     + (f"; {kwargs['block_swap']} DiT blocks swapped" if kwargs["block_swap"] else "") + ")"
                      + "".join(f"\n  LoRA {path} x {strength:g}" for path, strength in kwargs["loras"]) + "\n")
         bar = None if args.no_progress else TextProgressBar(stream)
         mp4, side = generate_to_file(**kwargs, progress=False, callback=bar)

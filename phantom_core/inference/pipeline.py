@@ -191,7 +191,8 @@ def load_models(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
                 dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
                 compute_dtype: torch.dtype | None = None,
                 text_encoder_device: torch.device | str | None = None,
-                loras: Sequence[tuple[str | os.PathLike, float]] = (), compiled: bool = False) -> tuple[Any, Any, Any]:
+                loras: Sequence[tuple[str | os.PathLike, float]] = (), compiled: bool = False,
+                block_swap: int = 0) -> tuple[Any, Any, Any]:
     """Load DiT, VAE and text encoder, each error re-raised naming the role and file; then check compatibility.
 
     Args:
@@ -209,11 +210,13 @@ def load_models(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
         loras: ``[(LoRA file, strength)]`` applied to the DiT (:func:`apply_dit_loras`).
         compiled: ``torch.compile`` each DiT block (``wan.block_compile``, inductor) after the LoRAs are applied;
             compilation happens at the first forward.
-    Raises ``ValueError`` / ``FileNotFoundError`` naming the file.
+        block_swap: DiT blocks kept on the CPU and streamed to ``device`` per forward (``wan.block_swap``); 0: off.
+    Raises ``ValueError`` / ``FileNotFoundError`` naming the file (or ``block_swap`` out of range).
     """
     te_device = device if text_encoder_device is None else text_encoder_device
     dit = _load_one("DiT", dit_path, lambda p: load_dit(
-        p, dtype=dtype, device=device, compute_dtype=resolve_compute_dtype(dtype, compute_dtype, device)))
+        p, dtype=dtype, device=device, compute_dtype=resolve_compute_dtype(dtype, compute_dtype, device),
+        block_swap=block_swap))
     for path, _ in loras:
         if not Path(path).is_file():
             raise FileNotFoundError(f"LoRA file {path} does not exist")
@@ -259,7 +262,7 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
                      tokenizer_path: str | os.PathLike | None = None,
                      loras: Sequence[tuple[str | os.PathLike, float]] = (),
                      parallel: ParallelRun | None = None, attention: str | None = None,
-                     compiled: bool = False) -> tuple[Path, Path]:
+                     compiled: bool = False, block_swap: int = 0) -> tuple[Path, Path]:
     """Generate a video from model files and write ``out_path`` (MP4, atomic) plus its JSON sidecar.
 
     Order: validate the output path and the references, load all three models (every bad file fails here,
@@ -280,6 +283,7 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
             rank 0 alone writes the MP4 and the sidecar (which records the layout under ``runtime["parallel"]``).
         attention: the DiT's attention back-end (see :func:`generate`). compiled: see :func:`load_models`. Both
             recorded in the sidecar's ``runtime`` (with the back-end ``attention`` resolved to).
+        block_swap: see :func:`load_models` (memory only: the video is the same).
     Returns:
         ``(mp4_path, sidecar_path)``: the files written (by rank 0; the other ranks return the same paths).
     Raises:
@@ -295,7 +299,7 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
     runtime = {"dtype": dtype, "compute_dtype": compute_dtype, "device": device,
                "text_encoder_device": text_encoder_device}
     dit, vae, text_encoder = load_models(dit_path, vae_path, text_encoder_path, tokenizer_path=tokenizer_path,
-                                         loras=loras, compiled=compiled, **runtime)
+                                         loras=loras, compiled=compiled, block_swap=block_swap, **runtime)
     attention, backend = attention_choice(attention, dit)
 
     def on_step(step: int, total: int, x0_pred: Tensor) -> None:

@@ -34,6 +34,7 @@ from phantom_core.loading.fp8 import (
 from phantom_core.loading.gguf import PackedTensor, attach_packed, read_gguf, shape_stand_ins, split_packed
 from phantom_core.loading.keys import errors_name_file, keep_prefixed, key_problems, key_shape
 from phantom_core.log import logger
+from phantom_core.wan.block_swap import check_block_swap, enable_block_swap
 from phantom_core.wan.dit import DIT_PRESETS, HEAD_DIM, PhantomWanDiT, WanDiTConfig
 
 DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -162,6 +163,7 @@ def load_dit(
     ops: Any = nn,
     compute_dtype: torch.dtype | None = None,
     trainable: bool = False,
+    block_swap: int = 0,
 ) -> PhantomWanDiT:
     """Load a Phantom-Wan DiT for inference (or training), tensor by tensor (never the whole checkpoint twice).
 
@@ -182,6 +184,10 @@ def load_dit(
         trainable: False (default): eval mode, ``requires_grad`` off. True: train mode, ``requires_grad`` on
             every parameter; needs float weights (fp32 / fp16 / bf16), not fp8. Parameters may share storage with
             an in-memory ``path_or_state_dict`` whose tensors need no conversion: training then updates them.
+        block_swap: keep the weights of the last ``block_swap`` blocks (0 to ``num_layers``) on the CPU, pinned,
+            and stream each to ``device`` just before it runs, the next one prefetched (``wan.block_swap``;
+            inference only). The model is then loaded on the CPU and everything else moved to ``device``, so the
+            swapped blocks never touch it. 0 (default): off.
 
     Returns:
         ``PhantomWanDiT`` in eval mode with ``requires_grad`` off (``trainable=False``) or in train mode with it
@@ -189,8 +195,8 @@ def load_dit(
 
     Raises:
         ValueError: for a file that is not a T2V Wan DiT, missing / unexpected / mis-shaped keys, a scaled fp8
-            file missing a ``scale_weight``, an unusable ``dtype`` / ``compute_dtype``, or fp8 weights with
-            ``trainable=True``.
+            file missing a ``scale_weight``, an unusable ``dtype`` / ``compute_dtype``, fp8 weights with
+            ``trainable=True``, or ``block_swap`` outside ``0..num_layers`` or with ``trainable=True``.
     """
     owned = not isinstance(path_or_state_dict, dict)
     gguf = owned and str(path_or_state_dict).lower().endswith(".gguf")
@@ -200,6 +206,17 @@ def load_dit(
     with errors_name_file(path_or_state_dict):
         config = infer_dit_config(shapes)
         validate_dit_state_dict(shapes, config)
+    check_block_swap(block_swap, config.num_layers)
+    if block_swap and trainable:
+        raise ValueError(f"block_swap is {block_swap} with trainable=True; block swap is for inference (use "
+                         "gradient checkpointing to save memory when training), pass block_swap=0")
+    if block_swap:  # load on the CPU in the dtypes the real device would get, then place all but the swapped blocks
+        if packed and dtype is None:  # GGUF kept packed: as _load_packed below
+            compute_dtype = compute_dtype or default_compute_dtype(device)
+        else:
+            compute_dtype = plan_load(detect_fp8_format(sd), dtype, compute_dtype, device).compute_dtype
+        model = load_dit({**sd, **packed}, dtype=dtype, device="cpu", ops=ops, compute_dtype=compute_dtype)
+        return enable_block_swap(model, block_swap, device)
     if packed and (dtype is not None or trainable):  # a float weight dtype asked for: unpack now, load as usual
         sd |= {k: p.dequantize(torch.float32) for k, p in packed.items()}
         packed = {}

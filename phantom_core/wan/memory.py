@@ -13,6 +13,12 @@ and ~4 copies of their ``512 x D`` embedding: text MLP, cross-attention k and v)
 coefficients were fitted to the live-tensor peaks of real forwards and rounded up;
 ``tests/core/test_memory_model.py`` checks that the model bounds the measured peak from above, within 1.6 x.
 
+With block swap (``wan.block_swap``) the weights on the device are the non-swapped blocks, two block buffers and
+everything outside the blocks (``resident_weight_bytes``); ``peak_bytes`` adds the activations and
+``smallest_block_swap`` picks the fewest swapped blocks that fit a budget. ``tests/core/test_memory_model.py``
+checks these against the measured peak of tiny swapped models on the CPU (fp32 and fp8 weights), and the
+14B / fp8 / 832x480x81 / 4 references case against a 24 GB card.
+
 ``sampling_activation_bytes`` is the figure the sampler node hands ComfyUI's memory manager
 (``load_models_gpu(memory_required=...)``) so that it frees, or leaves unloaded, room for the forward with the
 references counted, before the weights are placed.
@@ -25,6 +31,7 @@ import math
 import torch
 
 from phantom_core.sampling.guidance import guidance_weights
+from phantom_core.wan.block_swap import check_block_swap
 from phantom_core.wan.dit import WanDiTConfig
 from phantom_core.wan.latents import latent_shape
 from phantom_core.wan.load import expected_shapes
@@ -63,18 +70,68 @@ def weight_bytes_estimate(config: WanDiTConfig, bytes_per_weight: float = 2.0) -
     return int(sum(math.prod(shape) for shape in expected_shapes(config).values()) * bytes_per_weight)
 
 
-def peak_bytes(config: WanDiTConfig, frames: int, height: int, width: int, num_refs: int, *, batch: int = 3,
-               bytes_per_value: int = 2, bytes_per_weight: float = 2.0, blocks_on_device: int | None = None) -> int:
-    """Device bytes for sampling: the weights kept on the device plus the peak activations.
+def resident_weight_bytes(config: WanDiTConfig, block_swap: int = 0, bytes_per_weight: float = 2.0,
+                          bytes_per_value: int | None = None) -> int:
+    """Device bytes of the DiT's weights during sampling with ``block_swap`` blocks swapped (``wan.block_swap``).
 
-    ``blocks_on_device``: with block swap, only that many blocks' weights (plus one being prefetched) live on the
-    device; None keeps every block there.
+    Resident: everything outside the blocks (patch and text / time embeddings, head), the ``num_layers -
+    block_swap`` blocks kept on the device, and ``min(block_swap, 2)`` block buffers (the running swapped block and
+    the prefetched next one). Linear weights count ``bytes_per_weight`` each; every other tensor (norms, biases,
+    modulation, the patch Conv3d) ``bytes_per_value`` (None: ``bytes_per_weight``), as an fp8 load keeps those in
+    the compute dtype (``loading.fp8.convert_tensor``).
+
+    Raises:
+        ValueError: ``block_swap`` outside ``0..num_layers`` (naming ``block_swap``).
     """
-    weights = weight_bytes_estimate(config, bytes_per_weight)
-    if blocks_on_device is not None:  # the blocks swapped out leave the device; one more is being prefetched
-        block = sum(math.prod(v) for k, v in expected_shapes(config).items() if k.startswith("blocks.0."))
-        weights -= int(block * bytes_per_weight) * max(0, config.num_layers - blocks_on_device - 1)
-    return weights + activation_bytes(config, frames, height, width, num_refs, batch, bytes_per_value)
+    check_block_swap(block_swap, config.num_layers)
+    block, outside = _block_and_outside_bytes(config, bytes_per_weight, bytes_per_value or bytes_per_weight)
+    return outside + block * (config.num_layers - block_swap + min(block_swap, 2))
+
+
+def _block_and_outside_bytes(config: WanDiTConfig, bytes_per_weight: float, bytes_per_value: float) -> tuple[int, int]:
+    """(bytes of one block, bytes of everything outside the blocks); 2-D ``.weight`` tensors are the Linears."""
+    block = outside = 0.0
+    for key, shape in expected_shapes(config).items():
+        size = math.prod(shape) * (bytes_per_weight if len(shape) == 2 and key.endswith(".weight") else bytes_per_value)
+        if key.startswith("blocks.0."):
+            block += size
+        elif not key.startswith("blocks."):
+            outside += size
+    return int(block), int(outside)
+
+
+def cast_buffer_bytes(config: WanDiTConfig, bytes_per_weight: float, bytes_per_value: int) -> int:
+    """Bytes of the one Linear weight an fp8 / cast-on-forward layer materialises in the compute dtype while it
+    runs (the largest: the FFN's ``ffn_dim x dim``); 0 when the weights are stored in the compute dtype."""
+    return config.ffn_dim * config.dim * bytes_per_value if bytes_per_weight < bytes_per_value else 0
+
+
+def peak_bytes(config: WanDiTConfig, frames: int, height: int, width: int, num_refs: int, *, batch: int = 3,
+               bytes_per_value: int = 2, bytes_per_weight: float = 2.0, block_swap: int = 0) -> int:
+    """Peak device bytes of sampling: resident weights (``resident_weight_bytes``: with ``block_swap`` blocks on
+    the CPU, two block buffers), the fp8 cast buffer, and one forward's peak activations with the reference tokens
+    (``activation_bytes``; ``batch`` rows: 3 for the guidance passes batched, 1 one by one).
+
+    Not counted: the text encoder (not on the device while the DiT samples: ComfyUI offloads it; the CLI with
+    ``--text-encoder-device cpu``), the VAE, the CUDA context and allocator fragmentation (leave ~1 GiB for those).
+
+    Raises:
+        ValueError: ``block_swap`` outside ``0..num_layers``.
+    """
+    return (resident_weight_bytes(config, block_swap, bytes_per_weight, bytes_per_value)
+            + cast_buffer_bytes(config, bytes_per_weight, bytes_per_value)
+            + activation_bytes(config, frames, height, width, num_refs, batch, bytes_per_value))
+
+
+def smallest_block_swap(config: WanDiTConfig, frames: int, height: int, width: int, num_refs: int,
+                        budget_bytes: int, **options) -> int | None:
+    """The smallest ``block_swap`` (0..num_layers) whose ``peak_bytes`` fits ``budget_bytes``; None when even
+    swapping every block does not (the activations alone are too large: fewer frames, a smaller size, or the
+    guidance passes one at a time). ``options``: ``batch``, ``bytes_per_value``, ``bytes_per_weight``."""
+    for n in range(config.num_layers + 1):
+        if peak_bytes(config, frames, height, width, num_refs, block_swap=n, **options) <= budget_bytes:
+            return n
+    return None
 
 
 def sampling_activation_bytes(config: WanDiTConfig, frames: int, height: int, width: int, num_refs: int, *,
