@@ -34,7 +34,7 @@ bench-attention: env
 
 # The step cache and image-guidance window: DiT evaluations saved against quality, on the trained default.
 bench-cache: env
-	$(PY) -m benchmarks.bench_cache_quality --out docs/speed_quality.png --json docs/speed_quality.json
+	$(PY) -m benchmarks.bench_cache_quality --out docs/speed_quality.png --json docs/speed_quality.json --md docs/speed_quality.md
 
 bench-memory: env
 	$(PY) -m benchmarks.bench_load_memory

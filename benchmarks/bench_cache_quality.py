@@ -5,7 +5,8 @@ video once uncached (50 UniPC steps, shift 5, the default's own guidance TRAINED
 per setting; each setting is scored against that uncached video (PSNR over the whole clip, dB; SSIM per frame) and
 with the world's metrics (motion accuracy, background accuracy, subject PSNR against the ground truth). DiT pass
 evaluations are counted exactly (the cache's counters; the window's passes per step), so the speed-up is
-``150 / evaluations`` whatever else the machine is doing. Everything is measured side by side in one run.
+``uncached evaluations / evaluations`` whatever else the machine is doing (the default's guidance, w_img = w_text = 3,
+needs two passes a step, not three: ``sampling.guidance.guidance_weights``). Everything is measured side by side in one run.
 
     .venv/bin/python -m benchmarks.bench_cache_quality [--quick 6] [--out docs/speed_quality.png]
 """
@@ -27,6 +28,7 @@ from phantom_core.inference.pipeline import load_models
 from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
 from phantom_core.references import encode_references
 from phantom_core.sampling.cache import StepCache
+from phantom_core.sampling.guidance import guidance_weights
 from phantom_core.sampling.loop import sample_from_seed
 from phantom_core.tiny.default import TRAINED_SAMPLING, install_trained_default
 from phantom_core.video_io import to_uint8_frames
@@ -54,8 +56,11 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return 100.0 if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
-def window_passes(steps: int, window: tuple[float, float]) -> int:
-    return sum(3 if window[0] <= i / steps < window[1] else 2 for i in range(steps))
+def window_passes(steps: int, window: tuple[float, float], w_img: float, w_text: float) -> int:
+    """DiT pass evaluations of an uncached run: the passes Eq. 5 needs at each step (``guidance_weights``; with
+    ``w_img == w_text`` the ``img`` pass drops out), ``w_img = 1`` outside the image-guidance window."""
+    return sum(len(guidance_weights(w_img if window[0] <= i / steps < window[1] else 1.0, w_text))
+               for i in range(steps))
 
 
 def run(cases: CaseSet, device: str) -> dict[str, dict]:
@@ -79,7 +84,7 @@ def run(cases: CaseSet, device: str) -> dict[str, dict]:
                                            image_guidance_window=s["window"], cache=cache,
                                            model_dtype=dit.compute_dtype)
                 seconds[name] += time.perf_counter() - started
-                evals[name] += cache.computed if cache is not None else window_passes(50, s["window"])
+                evals[name] += cache.computed if cache is not None else window_passes(50, s["window"], OFFICIAL["w_img"], OFFICIAL["w_text"])
                 videos[name].append(to_uint8_frames(vae.decode(latents)))
         print(f"case {k + 1}/{len(samples)} done", flush=True)
     out = {}
@@ -129,11 +134,32 @@ def plot(rows: dict[str, dict], path: Path) -> None:
     img.save(path)
 
 
+COLUMNS = (("evaluations_per_video", "DiT evaluations / video", "{:.1f}"), ("speedup", "speed-up", "{:.2f}x"),
+           ("psnr_vs_uncached", "PSNR vs uncached (dB)", "{:.1f}"), ("motion_accuracy", "motion %", "{:.1f}"),
+           ("background_accuracy", "background %", "{:.1f}"), ("subject_psnr", "subject PSNR (dB)", "{:.2f}"),
+           ("seconds_per_video", "s / video (CPU)", "{:.2f}"))
+
+
+def markdown(rows: dict[str, dict], cases: int, command: str) -> str:
+    """The speed / quality table as Markdown, with the command that produced it."""
+    head = "| setting | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
+    uncached = rows["uncached"]["evaluations_per_video"]
+    lines = [f"Produced by `{command}` ({cases} held-out world cases, 50 UniPC steps, shift 5, the trained "
+             f"default's own guidance; {uncached:.0f} DiT pass evaluations per uncached video: with w_img = w_text "
+             "Eq. 5 needs two passes a step).", "", head, "|" + " --- |" * (len(COLUMNS) + 1)]
+    for name, r in rows.items():
+        cells = ("100 (itself)" if key == "psnr_vs_uncached" and r[key] >= 100 else fmt.format(r[key])
+                 for key, _, fmt in COLUMNS)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", type=int, default=6, help="N single- and N/2 two-subject held-out cases")
     parser.add_argument("--out", type=Path, default=Path("output/bench_cache_quality.png"))
     parser.add_argument("--json", type=Path, default=Path("output/bench_cache_quality.json"))
+    parser.add_argument("--md", type=Path, help="also write the table as Markdown (docs/speed_quality.md)")
     args = parser.parse_args()
     torch.manual_seed(0)
     config = WorldConfig(video=VideoFormat())
@@ -148,6 +174,11 @@ def main() -> None:
     plot(rows, args.out)
     args.json.write_text(json.dumps(rows, indent=1), encoding="utf-8")
     print(f"wrote {args.out} and {args.json}")
+    if args.md is not None:
+        samples = CaseSet(config=config).quick(args.quick)
+        command = f"python -m benchmarks.bench_cache_quality --quick {args.quick} --out {args.out} --json {args.json}"
+        args.md.write_text(markdown(rows, len(list(samples)), command + f" --md {args.md}"), encoding="utf-8")
+        print(f"wrote {args.md}")
 
 
 if __name__ == "__main__":
