@@ -21,7 +21,7 @@ from comfy_api.latest import io
 from phantom_core.inference.settings import SETTING_RANGES, check_image_guidance_window
 from phantom_core.mmdit.inputs import clip_features_for
 from phantom_core.sampling.cache import StepCache
-from phantom_core.sampling.loop import SAMPLER_PRESETS, SOLVERS, sample_from_seed
+from phantom_core.sampling.loop import BATCH_PASSES, SAMPLER_PRESETS, SOLVERS, check_batch_passes, sample_from_seed
 from phantom_core.wan.attention import ATTENTION_CHOICES, check_attention, use_attention
 from phantom_core.wan.block_compile import set_compiled
 from phantom_core.wan.dit import PhantomWanDiT
@@ -66,18 +66,23 @@ def check_size(reference_latents: dict, width: int, height: int) -> None:
 
 
 def load_for_sampling(model, frames: int, height: int, width: int, num_refs: int, w_img: float,
-                      w_text: float) -> None:
+                      w_text: float, batch_passes: str = "auto") -> None:
     """Have ComfyUI load the DiT patcher `model` to its device, keeping free what one sampling step needs beside the
-    weights: `wan.memory.sampling_activation_bytes` (the references' tokens and the batched guidance passes
-    counted) as both `memory_required` (other models are evicted for it) and `minimum_memory_required` (a partial
-    load leaves that much free; our passes are always batched, there is no smaller fallback). A Phantom MMDiT has
-    no memory model yet: it gets ComfyUI's default reserve (`minimum_inference_memory`)."""
+    weights (`wan.memory.sampling_activation_bytes`, the references' tokens counted): `memory_required` (other
+    models are evicted for it) is the batched guidance passes' need unless `batch_passes` is "off";
+    `minimum_memory_required` (what a partial load leaves free) is one pass's unless it is "on" (with "auto" the
+    sampler runs the passes one at a time when the batch does not fit). A Phantom MMDiT has no memory model yet: it
+    gets ComfyUI's default reserve (`minimum_inference_memory`)."""
     dit = core(model)
-    need = 0
+    batched = one = 0
     if isinstance(dit, PhantomWanDiT):
-        need = sampling_activation_bytes(dit.config, frames, height, width, num_refs, w_img=w_img, w_text=w_text,
-                                         dtype=dit.compute_dtype)
-    mm.load_models_gpu([model], memory_required=need, minimum_memory_required=need)
+        batched = sampling_activation_bytes(dit.config, frames, height, width, num_refs, w_img=w_img, w_text=w_text,
+                                            dtype=dit.compute_dtype)
+        # w_img = w_text = 1 leaves Eq. 5 one pass: the need of the passes run one at a time
+        one = sampling_activation_bytes(dit.config, frames, height, width, num_refs, w_img=1.0, w_text=1.0,
+                                        dtype=dit.compute_dtype)
+    mm.load_models_gpu([model], memory_required=one if batch_passes == "off" else batched,
+                       minimum_memory_required=batched if batch_passes == "on" else one)
 
 
 class PhantomSampler(io.ComfyNode):
@@ -136,6 +141,10 @@ class PhantomSampler(io.ComfyNode):
                                  tooltip="torch.compile each transformer block (regional compilation): the first "
                                          "run compiles for a while, later runs are faster. Needs Triton on the GPU "
                                          "(a C++ compiler on the CPU). Off by default."),
+                io.Combo.Input("batch_passes", options=list(BATCH_PASSES), default="auto", optional=True,
+                               tooltip="The guidance passes of a step as one batched forward. auto: batched unless "
+                                       "the batch would not fit the free GPU memory (then one at a time); on; off: "
+                                       "one at a time (a third of the activation memory, slower). Same video."),
             ],
             outputs=[io.Latent.Output(display_name="latent")],
         )
@@ -149,9 +158,12 @@ class PhantomSampler(io.ComfyNode):
     def execute(cls, model, positive, negative, reference_latents: dict, width: int, height: int, frames: int,
                 steps: int, shift: float, solver: str, w_img: float, w_text: float, seed: int,
                 preset: str = "custom", image_guidance_start: float = 0.0, image_guidance_end: float = 1.0,
-                cache_threshold: float = 0.0, attention: str = "auto", compile: bool = False) -> io.NodeOutput:
+                cache_threshold: float = 0.0, attention: str = "auto", compile: bool = False,
+                batch_passes: str = "auto") -> io.NodeOutput:
         SETTING_RANGES["frames"].check("frames", frames)
         check_attention(attention, "attention")  # ComfyUI checks no V3 combo
+        if isinstance(batch_passes, bool) or batch_passes not in BATCH_PASSES:
+            check_batch_passes(str(batch_passes))  # raises, naming batch_passes and the valid values
         for name, value in (("image_guidance_start", image_guidance_start), ("image_guidance_end", image_guidance_end),
                             ("cache_threshold", cache_threshold)):
             SETTING_RANGES[name].check(name, value)
@@ -165,7 +177,7 @@ class PhantomSampler(io.ComfyNode):
         context = conditioning_to_context(positive, "positive", dit.config.text_dim)  # (1, L1, D)
         context_neg = conditioning_to_context(negative, "negative", dit.config.text_dim)  # (1, L2, D)
         load_for_sampling(model, frames, height, width, reference_latents["samples"].shape[2], settings["w_img"],
-                          settings["w_text"])
+                          settings["w_text"], batch_passes)
         device = model.load_device
         refs = normalize_latents(reference_latents["samples"].float()).to(device)  # (1, 16, N, h, w)
         ref_clip = clip_features_for(dit, reference_latents.get("clip"))  # (1, N, T, C) or None
@@ -185,6 +197,7 @@ class PhantomSampler(io.ComfyNode):
             latents = sample_from_seed(dit, seed, latent_shape(frames, height, width), refs, context.to(device),
                                        context_neg.to(device), **settings, callback=on_step, cache=cache,
                                        model_dtype=dit.compute_dtype, image_guidance_window=window,
+                                       batch_passes=batch_passes,
                                        ref_clip=None if ref_clip is None else ref_clip.to(device))  # (1,16,F,h,w)
         raw = denormalize_latents(latents.float()).to(mm.intermediate_device())  # (1, 16, F, h, w)
         return io.NodeOutput({"samples": raw})

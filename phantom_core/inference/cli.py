@@ -59,7 +59,7 @@ from phantom_core.inference.sidecar import changed_files, default_sidecar_path, 
 from phantom_core.loading.fp8 import COMPUTE_DTYPES, WEIGHT_DTYPES
 from phantom_core.references import MAX_REFERENCES, REFERENCE_MODES
 from phantom_core.rephrase.cli import add_rephrase_backend_arguments
-from phantom_core.sampling.loop import SAMPLER_PRESETS, SOLVERS
+from phantom_core.sampling.loop import BATCH_PASSES, SAMPLER_PRESETS, SOLVERS
 from phantom_core.tiny.default import TRAINED_DIR, TRAINED_FILES, TRAINED_FORMAT, TRAINED_SAMPLING
 from phantom_core.wan.attention import ATTENTION_CHOICES, check_attention, selected_attention
 from phantom_core.wan.inspect import format_report, inspect_checkpoint
@@ -178,6 +178,10 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     run.add_argument("--compile", dest="compiled", default=None, action=argparse.BooleanOptionalAction,
                      help="torch.compile each DiT block (regional compilation, inductor): the first steps compile, "
                           "the rest run faster; needs Triton on CUDA, a C++ compiler on the CPU (default: off)")
+    run.add_argument("--batch-passes", default="auto", choices=BATCH_PASSES,
+                     help="the guidance passes of a step as one batched forward: auto (default: batched unless the "
+                          "batch would not fit the free GPU memory, then one at a time), on, off (a third of the "
+                          "activation memory, slower); the video is the same to within float rounding")
     run.add_argument("--block-swap", type=int, default=0, metavar="N",
                      help="keep the last N DiT blocks on the CPU and stream each to the GPU just before it runs "
                           "(less GPU memory, slower steps; 0 = off; at most the block count: 30 for 1.3B, 40 for 14B)")
@@ -306,7 +310,8 @@ def resolve_generate_args(args: argparse.Namespace) -> dict[str, Any]:
             "ref_paths": list(files["ref"]), "settings": GenerationSettings.from_json(values),
             "out_path": args.out, **_runtime_args(args, recorded),
             "sidecar_path": args.sidecar or default_sidecar_path(args.out), "tokenizer_path": files["tokenizer"],
-            "loras": list(files["lora"] or []), "rephrased": rephrased, "block_swap": args.block_swap}
+            "loras": list(files["lora"] or []), "rephrased": rephrased, "block_swap": args.block_swap,
+            "batch_passes": args.batch_passes}
 
 
 def check_outputs(out: str | Path, sidecar: str | Path, overwrite: bool) -> None:

@@ -41,7 +41,7 @@ from phantom_core.log import logger
 from phantom_core.lora.apply import apply_loras
 from phantom_core.references import MAX_REFERENCES, encode_references, open_reference, uniform_reference_warning
 from phantom_core.sampling.cache import StepCache
-from phantom_core.sampling.loop import StepCallback, sample_from_seed
+from phantom_core.sampling.loop import StepCallback, check_batch_passes, sample_from_seed
 from phantom_core.video_io import to_uint8_frames, write_mp4
 from phantom_core.wan.attention import check_attention, resolve_attention, use_attention
 from phantom_core.wan.block_compile import set_compiled
@@ -98,7 +98,8 @@ def attention_choice(attention: str | None, dit: Any) -> tuple[str, str]:
 @torch.no_grad()
 def generate(dit: Any, vae: Any, text_encoder: Any, references: Sequence[Image.Image | str | os.PathLike],
              settings: GenerationSettings, *, callback: StepCallback | None = None,
-             parallel: ParallelRun | None = None, attention: str | None = None) -> Tensor | None:
+             parallel: ParallelRun | None = None, attention: str | None = None,
+             batch_passes: bool | str = "auto") -> Tensor | None:
     """Generate one video from loaded models (``load_dit``, ``load_vae``, ``load_text_encoder``).
 
     Args:
@@ -113,6 +114,8 @@ def generate(dit: Any, vae: Any, text_encoder: Any, references: Sequence[Image.I
             settings, seed, context and reference latents are broadcast and used by all); None: one process.
         attention: the DiT's attention back-end (``wan.attention.ATTENTION_CHOICES``: auto, sdpa, flash, sage,
             math); None: as set outside (``use_attention``, ``$PHANTOM_ATTENTION``), else auto.
+        batch_passes: ``"auto"`` / ``"on"`` / ``"off"``: the guidance passes of a step as one batched forward
+            (``sampling.loop.sample_phantom``; auto: unless they would not fit the free GPU memory).
     Returns:
         Video ``[1, 3, frames, height, width]`` float32 in [-1, 1] on the VAE's device; None on ranks other than 0
         (they sample with rank 0, which alone decodes).
@@ -146,7 +149,7 @@ def generate(dit: Any, vae: Any, text_encoder: Any, references: Sequence[Image.I
                                    image_guidance_window=window, cache=cache, pass_runner=plan.pass_runner,
                                    steps=settings.steps, shift=settings.shift, solver=settings.solver,
                                    w_img=settings.w_img, w_text=settings.w_text, callback=callback,
-                                   model_dtype=dit.compute_dtype)  # (1, 16, F, h, w) fp32
+                                   model_dtype=dit.compute_dtype, batch_passes=batch_passes)  # (1,16,F,h,w) fp32
     if cache is not None:
         logger.info("step cache: %d of %d pass evaluations reused (%.0f%%)", cache.reused,
                     cache.computed + cache.reused, 100 * cache.saved_fraction)
@@ -262,7 +265,8 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
                      tokenizer_path: str | os.PathLike | None = None,
                      loras: Sequence[tuple[str | os.PathLike, float]] = (),
                      parallel: ParallelRun | None = None, attention: str | None = None,
-                     compiled: bool = False, block_swap: int = 0) -> tuple[Path, Path]:
+                     compiled: bool = False, block_swap: int = 0,
+                     batch_passes: bool | str = "auto") -> tuple[Path, Path]:
     """Generate a video from model files and write ``out_path`` (MP4, atomic) plus its JSON sidecar.
 
     Order: validate the output path and the references, load all three models (every bad file fails here,
@@ -283,7 +287,8 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
             rank 0 alone writes the MP4 and the sidecar (which records the layout under ``runtime["parallel"]``).
         attention: the DiT's attention back-end (see :func:`generate`). compiled: see :func:`load_models`. Both
             recorded in the sidecar's ``runtime`` (with the back-end ``attention`` resolved to).
-        block_swap: see :func:`load_models` (memory only: the video is the same).
+        block_swap: see :func:`load_models` (memory only: the video is the same). batch_passes: see
+            :func:`generate` (recorded in the sidecar's ``runtime``).
     Returns:
         ``(mp4_path, sidecar_path)``: the files written (by rank 0; the other ranks return the same paths).
     Raises:
@@ -296,6 +301,7 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
     images = _as_images(list(ref_paths))
     if attention is not None:
         check_attention(attention)  # unknown or not installed: refused before any model loads
+    check_batch_passes(batch_passes)
     runtime = {"dtype": dtype, "compute_dtype": compute_dtype, "device": device,
                "text_encoder_device": text_encoder_device}
     dit, vae, text_encoder = load_models(dit_path, vae_path, text_encoder_path, tokenizer_path=tokenizer_path,
@@ -310,7 +316,7 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
 
     started = time.perf_counter()
     video = generate(dit, vae, text_encoder, images, settings, callback=on_step, parallel=parallel,
-                     attention=attention)  # (1, 3, T, H, W)
+                     attention=attention, batch_passes=batch_passes)  # (1, 3, T, H, W)
     seconds = time.perf_counter() - started
     side = Path(sidecar_path) if sidecar_path is not None else default_sidecar_path(out)
     if video is None:  # a rank other than 0 under torchrun: it writes nothing
@@ -319,7 +325,10 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
     record = build_sidecar(settings, dit_path=dit_path, vae_path=vae_path, text_encoder_path=text_encoder_path,
                            ref_paths=ref_paths, runtime=runtime_record(**runtime, models=(dit, vae, text_encoder),
                                                                        attention=attention, compiled=compiled,
-                                                                       attention_used=backend),
+                                                                       attention_used=backend,
+                                                                       batch_passes=batch_passes if isinstance(
+                                                                           batch_passes, str) else
+                                                                       ("on" if batch_passes else "off")),
                            out_path=out, seconds=seconds, tokenizer_path=tokenizer_path, loras=loras)
     if parallel is not None:
         record["runtime"]["parallel"] = parallel.describe()

@@ -5,7 +5,7 @@ Format (``"format": "phantom-generation"``, ``"format_version": 1``), UTF-8 JSON
     {"format", "format_version", "created": ISO-8601 UTC time,
      "output": {"path", "bytes", "sha256"} of the MP4,
      "seed": the seed actually used (never -1), "settings": GenerationSettings.to_json(),
-     "runtime": {"dtype", "compute_dtype", "device", "text_encoder_device", "attention", "compiled",
+     "runtime": {"dtype", "compute_dtype", "device", "text_encoder_device", "attention", "compiled", "batch_passes",
                  "resolved": {role: precision, "attention": the back-end the DiT's attention ran with}},
      "models": {"dit" | "vae" | "text_encoder" | "tokenizer": {"path", "files": [{"path", "bytes", "sha256"}]}},
      "references": [{"path", "bytes", "sha256"}], "loras": [{"path", "bytes", "sha256", "strength"}],
@@ -107,14 +107,14 @@ def dtype_name(dtype: torch.dtype | None) -> str:
 def runtime_record(dtype: torch.dtype | None, compute_dtype: torch.dtype | None, device: torch.device | str,
                    text_encoder_device: torch.device | str | None, models: Sequence[Any] = (),
                    attention: str = "auto", compiled: bool = False,
-                   attention_used: str | None = None) -> dict[str, Any]:
+                   attention_used: str | None = None, batch_passes: str = "auto") -> dict[str, Any]:
     """The sidecar's ``"runtime"``: the choices as given (``"auto"`` / null for the defaults, so a regeneration
     decides the same way; ``attention`` the back-end choice in effect, ``compiled`` whether the DiT's blocks were
-    compiled) and, with ``models`` (DiT, VAE, text encoder), what they resolved to, plus ``attention_used`` (the
-    back-end ``attention`` meant on that device) when given."""
+    compiled, ``batch_passes`` auto / on / off) and, with ``models`` (DiT, VAE, text encoder), what they resolved
+    to, plus ``attention_used`` (the back-end ``attention`` meant on that device) when given."""
     record = {"dtype": dtype_name(dtype), "compute_dtype": dtype_name(compute_dtype), "device": str(device),
               "text_encoder_device": None if text_encoder_device is None else str(text_encoder_device),
-              "attention": attention, "compiled": bool(compiled)}
+              "attention": attention, "compiled": bool(compiled), "batch_passes": batch_passes}
     if models:
         record["resolved"] = {role: model_precision(m) for role, m in zip(("dit", "vae", "text_encoder"), models)}
         if attention_used is not None:

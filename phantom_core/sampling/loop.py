@@ -22,6 +22,7 @@ from phantom_core.sampling.solvers import UniPCState, euler_step, unipc_step, x0
 from phantom_core.wan.context_reuse import reuse_text_context
 
 SOLVERS = ("unipc", "euler")
+BATCH_PASSES = ("auto", "on", "off")  # the guidance passes of a step as one batched forward (see sample_phantom)
 
 SAMPLER_PRESETS: dict[str, dict[str, object]] = {
     # upstream Phantom_Wan_S2V.generate defaults: FlowUniPCMultistepScheduler, 50 steps, shift 5, 5.0 / 7.5
@@ -82,6 +83,25 @@ def sample_from_seed(model: VelocityModel, seed: int, video_shape: Sequence[int]
     return sample_phantom(model, noise, ref_latents, context, context_neg, **sampling)
 
 
+def check_batch_passes(batch_passes: bool | str) -> bool | str:
+    """``True`` / ``"on"`` -> True, ``False`` / ``"off"`` -> False, ``"auto"`` -> ``"auto"``; else ValueError."""
+    if isinstance(batch_passes, bool):
+        return batch_passes
+    if batch_passes not in BATCH_PASSES:
+        raise ValueError(f"batch_passes is {batch_passes!r}; valid: {', '.join(BATCH_PASSES)} (or True / False)")
+    return "auto" if batch_passes == "auto" else batch_passes == "on"
+
+
+def _auto_batch(model: VelocityModel, x: Tensor, num_refs: int, passes: int) -> bool:
+    """``batch_passes="auto"``: batched unless the memory model says the batch does not fit the CUDA device."""
+    from phantom_core.wan.memory import batched_passes_fit
+
+    fits = batched_passes_fit(model, tuple(x.shape), num_refs, passes, x.device)
+    if not fits:
+        logger.info("guidance passes run one at a time: %d batched would not fit the free GPU memory", passes)
+    return fits
+
+
 def _in_window(step: int, steps: int, window: tuple[float, float]) -> bool:
     """Whether step ``step`` of ``steps`` lies in the image-guidance window ``(start, end)`` (fractions)."""
     return window[0] <= step / steps < window[1]
@@ -136,7 +156,7 @@ def _validate(noise: Tensor, ref_latents: Tensor, context: Tensor, context_neg: 
 def sample_phantom(model: VelocityModel, noise: Tensor, ref_latents: Tensor, context: Tensor,
                    context_neg: Tensor, *, steps: int = 50, shift: float = 5.0, solver: str = "unipc",
                    w_img: float = 5.0, w_text: float = 7.5, callback: StepCallback | None = None,
-                   batch_passes: bool = True, model_dtype: torch.dtype | None = None,
+                   batch_passes: bool | str = "auto", model_dtype: torch.dtype | None = None,
                    integer_timesteps: bool = True, image_guidance_window: tuple[float, float] = (0.0, 1.0),
                    cache: StepCache | None = None, ref_clip: Tensor | None = None,
                    pass_runner: PassRunner = run_passes) -> Tensor:
@@ -152,7 +172,11 @@ def sample_phantom(model: VelocityModel, noise: Tensor, ref_latents: Tensor, con
         w_img, w_text: Phantom guidance weights (Eq. 5); passes that cannot matter are skipped.
         callback: ``callback(i, steps, x0_pred)`` after step i (0-based) with the fp32 data prediction of
             that step; it may raise (e.g. on user interrupt) to abort.
-        batch_passes: run the guidance passes as one batched model call.
+        batch_passes: the guidance passes of a step as one batched model call (``True`` / ``"on"``), one call
+            per pass (``False`` / ``"off"``: a third of the activation memory), or ``"auto"``: batched unless the
+            memory model (``wan.memory.batched_passes_fit``) says the batch does not fit the free CUDA memory, and
+            one by one for the rest of the run if a batched call still runs out of CUDA memory. Equal to within
+            fp32 rounding either way.
         model_dtype: dtype of the model's inputs; default ``getattr(model, "dtype", None)`` (None: fp32).
         integer_timesteps: feed the model upstream's truncated integer timesteps (999, 995, ...), see
             ``schedule.model_timesteps``; ``False`` feeds ``1000 * sigma``.
@@ -174,6 +198,7 @@ def sample_phantom(model: VelocityModel, noise: Tensor, ref_latents: Tensor, con
         ValueError: an argument is out of range or shapes are inconsistent (the message names it).
     """
     # 1. validate and bring every input to the noise's batch size and device, in fp32
+    batch_passes = check_batch_passes(batch_passes)
     _validate(noise, ref_latents, context, context_neg, steps, shift, solver, w_img, w_text, image_guidance_window,
               ref_clip)
     b, device = noise.shape[0], noise.device
@@ -192,14 +217,27 @@ def sample_phantom(model: VelocityModel, noise: Tensor, ref_latents: Tensor, con
 
     # 3. the loop: guided velocity -> data prediction -> solver step
     x = noise.to(torch.float32)  # (B, 16, F, h, w)
+    fallback = batch_passes == "auto"  # one by one after a CUDA out-of-memory error in a batched call
+    if batch_passes == "auto":
+        batch_passes = _auto_batch(model, x, refs.shape[2], len(guidance_weights(w_img, w_text)))
     state = UniPCState()
     with reuse_text_context(model):  # the contexts' embedding and cross-attention K, V: once per run
         for i in range(steps):
             w_img_i = w_img if _in_window(i, steps, image_guidance_window) else 1.0
             names = list(guidance_weights(w_img_i, w_text))
             if cache is None or cache.should_compute(i, steps, x, names):
-                velocities = pass_runner(model, x, timesteps[i], ctx, ctx_neg, refs, names, batch_passes=batch_passes,
-                                         model_dtype=model_dtype, ref_clip=ref_clip)  # {pass: (B, 16, F, h, w) fp32}
+                run = dict(model_dtype=model_dtype, ref_clip=ref_clip)
+                try:
+                    velocities = pass_runner(model, x, timesteps[i], ctx, ctx_neg, refs, names,
+                                             batch_passes=batch_passes, **run)  # {pass: (B, 16, F, h, w) fp32}
+                except torch.cuda.OutOfMemoryError:
+                    if not (fallback and batch_passes and len(names) > 1):
+                        raise
+                    logger.warning("batched guidance passes ran out of GPU memory; running them one at a time")
+                    batch_passes = False
+                    torch.cuda.empty_cache()
+                    velocities = pass_runner(model, x, timesteps[i], ctx, ctx_neg, refs, names, batch_passes=False,
+                                             **run)
                 if cache is not None:
                     cache.update(x, velocities)
             else:

@@ -150,3 +150,20 @@ def sampling_activation_bytes(config: WanDiTConfig, frames: int, height: int, wi
     """
     rows = batch * len(guidance_weights(w_img, w_text))  # one row per pass per video, one forward
     return activation_bytes(config, frames, height, width, num_refs, batch=rows, bytes_per_value=dtype.itemsize)
+
+
+def batched_passes_fit(model: object, video_shape: tuple[int, ...], num_refs: int, passes: int,
+                       device: torch.device, headroom: float = 0.9) -> bool:
+    """Whether a forward of ``passes`` guidance passes batched fits in what the CUDA device has free now
+    (``torch.cuda.mem_get_info``; the weights are already placed): the memory model's activations of that batch
+    against ``headroom`` x the free bytes. True off CUDA (host memory is not planned here) and for a network
+    without a memory model (the MMDiT). ``video_shape``: the latents ``(B, 16, F, h, w)``."""
+    config = getattr(model, "config", None)
+    if device.type != "cuda" or passes < 2 or not isinstance(config, WanDiTConfig):
+        return True
+    b, _, f, h, w = (int(s) for s in video_shape)
+    dtype = getattr(model, "compute_dtype", torch.bfloat16)
+    need = activation_bytes(config, 4 * (f - 1) + 1, 8 * h, 8 * w, num_refs, batch=b * passes,
+                            bytes_per_value=dtype.itemsize)
+    free, _ = torch.cuda.mem_get_info(device)
+    return need <= headroom * free

@@ -62,7 +62,45 @@ def test_the_sampler_node_reserves_the_estimate_through_comfyui(comfy_import, mo
     context = cfg.text_len * (4 * cfg.dim + cfg.text_dim)
     for call, refs in ((one, 1), (four, 4)):
         tokens = video_tokens + refs * 2 * 3
-        expected = 3 * (max(9 * cfg.dim, 6 * cfg.dim + 2 * cfg.ffn_dim) * tokens + context) * 4 + tokens * cfg.head_dim * 4
-        assert call == {"memory_required": expected, "minimum_memory_required": expected}
+        rows_bytes = (max(9 * cfg.dim, 6 * cfg.dim + 2 * cfg.ffn_dim) * tokens + context) * 4
+        # batch_passes "auto": room for the three passes batched, at least one pass's (run one at a time otherwise)
+        assert call == {"memory_required": 3 * rows_bytes + tokens * cfg.head_dim * 4,
+                        "minimum_memory_required": rows_bytes + tokens * cfg.head_dim * 4}
     share = 3 * 2 * 3 * per_token_bytes(cfg.dim, cfg.ffn_dim, cfg.head_dim, rows=3, value_bytes=4)
     assert four["memory_required"] - one["memory_required"] == share
+
+
+def test_the_sampler_node_reserves_by_batch_passes(comfy_import, monkeypatch) -> None:
+    """batch_passes "on" reserves the batched need as the minimum too, "off" one pass's only; a bad value is refused
+    by name before ComfyUI loads anything."""
+    import pytest
+
+    ops = comfy_import("comfy.ops")
+    mm = comfy_import("comfy.model_management")
+    from nodes.sampler import PhantomSampler
+    from nodes.types import manage
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    cfg = DIT_PRESETS["tiny"]
+    from tests.support.weights import random_dit_state_dict
+
+    dit = PhantomWanDiT(cfg, ops=ops.disable_weight_init)
+    dit.load_state_dict(random_dit_state_dict(cfg))  # finite weights: the two runs' latents are compared
+    model = manage(dit, cpu, cpu)
+    calls: list[dict] = []
+    real = mm.load_models_gpu
+    monkeypatch.setattr(mm, "load_models_gpu", lambda models, **kw: calls.append(kw) or real(models, **kw))
+    cond = [[torch.randn(1, 7, cfg.text_dim), {}]]
+    latents = {"samples": torch.randn(1, 16, 2, 4, 6), "width": 48, "height": 32}
+    run = dict(width=48, height=32, frames=5, steps=2, shift=5.0, solver="euler", w_img=5.0, w_text=7.5, seed=0)
+    outs = {mode: PhantomSampler.execute(model, cond, cond, latents, **run, batch_passes=mode).result[0]["samples"]
+            for mode in ("on", "off")}
+    on, off = calls
+    assert on["memory_required"] == on["minimum_memory_required"] > off["memory_required"]
+    assert off["memory_required"] == off["minimum_memory_required"]
+    assert 2.5 < on["memory_required"] / off["memory_required"] < 3.0  # three rows against one, RoPE counted once
+    assert torch.allclose(outs["on"], outs["off"], rtol=0, atol=1e-5 * outs["off"].abs().max().item())
+    with pytest.raises(ValueError, match="batch_passes"):
+        PhantomSampler.execute(model, cond, cond, latents, **run, batch_passes="sometimes")
+    assert len(calls) == 2

@@ -33,7 +33,8 @@ CORE_RANGES: dict[tuple[str, str], tuple[str, Range]] = {
                     "text_dropout", "reference_dropout", "checkpoint_every")},
 }
 NODE_ONLY = {("PhantomDecode", "tile_size"), ("PhantomDecode", "tile_overlap"),  # checked below on their own
-             *(("PhantomSampler", name) for name in ("image_guidance_start", "image_guidance_end", "cache_threshold"))}
+             *(("PhantomSampler", name) for name in ("image_guidance_start", "image_guidance_end", "cache_threshold")),
+             ("PhantomDiTLoader", "block_swap")}  # against the loaded DiT's block count: tests/core/test_block_swap_node.py
 
 
 def numeric_inputs(info: dict) -> dict[tuple[str, str], dict]:
