@@ -21,7 +21,7 @@ from phantom_core.training.vae import (
 from phantom_core.wan.latents import WAN21_LATENT_MEAN, WAN21_LATENT_STD, normalize_latents
 from phantom_core.wan.vae import VAE_PRESETS, WanVAE
 from phantom_core.wan.vae_blocks import ResidualBlock
-from phantom_core.world.default_model import WORLD, VAEData, vae_batches
+from phantom_core.world.default_model import WORLD, VAEData, subject_clip_batches, vae_batches
 
 
 def small_vae(seed: int = 0) -> WanVAE:
@@ -139,3 +139,18 @@ def test_decoder_only_training_keeps_every_encoded_latent(tmp_path) -> None:
 def test_latent_noise_must_not_be_negative() -> None:
     with pytest.raises(ValueError, match="latent_noise"):
         VAETrainConfig(latent_noise=-0.1)
+
+
+def test_subject_clip_batches_show_a_subject_in_every_clip() -> None:
+    """Phase 4's crops are centred on a subject: the middle frame's centre (16 x 16 px) differs from the crop's
+    border colour in every clip (a background-only crop would not), and the batches are a function of the step."""
+    config = replace(WORLD, sources=("photo", "shape"))
+    batch = subject_clip_batches(VAEData(clips=4, clip_frames=9, frames=2, crop=48, seed=3), config)
+    clips, refs = batch(0)
+    assert clips.shape == (4, 3, 9, 48, 48) and refs.shape == (2, 3, 1, 48, 48)
+    torch.testing.assert_close(batch(0)[0], clips, atol=0, rtol=0)
+    for clip in clips:
+        middle = clip[:, 4]  # (3, 48, 48)
+        border = middle[:, 0].median(dim=1).values  # the top row's colour
+        centre = middle[:, 16:32, 16:32]
+        assert (centre - border[:, None, None]).abs().amax(dim=0).gt(0.2).float().mean() > 0.1
