@@ -149,7 +149,7 @@ def describe(num_refs: int, rephrase: bool = False, train: bool = False) -> list
     model = (52, 0) if train else (1, 0)  # the sampler's DiT: through Phantom Load LoRA when the workflow trains
     nodes = [
         Node(1, "PhantomDiTLoader", "Phantom DiT Loader", [("model", "PHANTOM_DIT")],
-             widgets={"dit_name": DEFAULT_FILES["dit"], "weight_dtype": "default"}, size=(400, 100)),
+             widgets={"dit_name": DEFAULT_FILES["dit"], "weight_dtype": "default", "block_swap": 0}, size=(400, 130)),
         Node(2, "PhantomVAELoader", "Phantom VAE Loader", [("vae", "PHANTOM_VAE")],
              widgets={"vae_name": DEFAULT_FILES["vae"]}, size=(400, 80)),
         Node(3, "PhantomTextEncoderLoader", "Phantom Text Encoder Loader", [("text_encoder", "PHANTOM_TEXT_ENCODER")],

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -34,55 +32,11 @@ from phantom_core.world.dataset import sample_tensors
 from phantom_core.world.render import VideoFormat
 from phantom_core.world.sample import WorldConfig, make_sample
 from phantom_core.world.subjects import split_subjects
+from phantom_core.world.vae_batches import VAEData, subject_clip_batches, vae_batches
 
 RECIPE_SEED = 11079
 RECIPE_SOURCES = ("emoji", "photo", "shape")  # the default needs the emoji font: `make emoji-font`
 WORLD = WorldConfig(video=VideoFormat(), pair_mode="cross", sources=RECIPE_SOURCES)
-
-
-@dataclass(frozen=True)
-class VAEData:
-    """How the VAE's batches are drawn from the world: ``clips`` crops of ``clip_frames`` frames and ``frames``
-    single-frame crops (references and video frames), ``crop`` px square, from training samples of ``seed``."""
-
-    clips: int = 4
-    clip_frames: int = 5
-    frames: int = 4
-    crop: int = 64
-    seed: int = RECIPE_SEED + 1
-
-
-def _crop(x: Tensor, size: int, rng: np.random.Generator) -> Tensor:
-    """A random ``size`` x ``size`` crop of ``x [..., H, W]``."""
-    h, w = x.shape[-2:]
-    top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
-    return x[..., top : top + size, left : left + size]
-
-
-def vae_batches(data: VAEData = VAEData(), config: WorldConfig = WORLD):
-    """``batch_fn(step) -> [clips [clips, 3, clip_frames, crop, crop], frames [frames, 3, 1, crop, crop]]`` in
-    [-1, 1], a pure function of ``step`` (``training.vae.train_vae``)."""
-    pool = split_subjects("train", config.sources)
-
-    def batch(step: int) -> list[Tensor]:
-        rng = np.random.default_rng([data.seed, step])
-        clips, frames = [], []
-        per_step = max(data.clips, data.frames)
-        for i in range(per_step):
-            item = sample_tensors(make_sample("train", data.seed, step * per_step + i, config, pool=pool))
-            video = item.video  # (3, T, H, W)
-            if i < data.clips:
-                start = int(rng.integers(0, video.shape[1] - data.clip_frames + 1))
-                clips.append(_crop(video[:, start : start + data.clip_frames], data.crop, rng))
-            if i < data.frames:
-                if rng.random() < 0.5:  # a prepared reference (letterboxed on white)
-                    frame = item.references[int(rng.integers(0, item.references.shape[0]))][:, None]
-                else:
-                    frame = video[:, int(rng.integers(0, video.shape[1])) : None][:, :1]
-                frames.append(_crop(frame, data.crop, rng))
-        return [torch.stack(clips), torch.stack(frames)]
-
-    return batch
 
 
 # ---------------------------------------------------------------- stages (tools/train_default.py runs them)
@@ -136,8 +90,8 @@ def stage_text(work: str | Path) -> Path:
 def long_clip_batches():
     """Phase-2 batches: 17-frame clips at 32 x 32 (every causal chunk of a training video) plus phase-1-like
     5-frame clips and single frames at 64 x 64, so that the first chunks and the references stay as good."""
-    long = vae_batches(VAEData(clips=4, clip_frames=17, frames=2, crop=32, seed=RECIPE_SEED + 5))
-    short = vae_batches(VAEData(clips=2, clip_frames=5, frames=2, crop=64, seed=RECIPE_SEED + 6))
+    long = vae_batches(VAEData(clips=4, clip_frames=17, frames=2, crop=32, seed=RECIPE_SEED + 5), WORLD)
+    short = vae_batches(VAEData(clips=2, clip_frames=5, frames=2, crop=64, seed=RECIPE_SEED + 6), WORLD)
     return lambda step: long(step) + short(step)
 
 
@@ -175,42 +129,8 @@ def _save_vae(vae, path: Path) -> None:
 
 def decoder_clip_batches():
     """Phase-3 batches: two whole 17-frame clips, 64 x 64 crops (only video frames: references are never decoded)."""
-    clips = vae_batches(VAEData(clips=2, clip_frames=17, frames=1, crop=64, seed=RECIPE_SEED + 9))
+    clips = vae_batches(VAEData(clips=2, clip_frames=17, frames=1, crop=64, seed=RECIPE_SEED + 9), WORLD)
     return lambda step: clips(step)[:1]
-
-
-def subject_clip_batches(data: VAEData = VAEData(clips=3, clip_frames=9, frames=2, crop=64, seed=RECIPE_SEED + 10),
-                         config: WorldConfig = WORLD):
-    """Phase-4 batches: ``clips`` 9-frame clips (causal chunks 0-2: the third chunk's cache comes from a regular
-    chunk, as that of every later chunk does) at ``crop`` px, each crop centred (+-8 px) on one subject's centre
-    in the clip's middle frame, plus ``frames`` prepared references (centre crops). Phase 2's 32 px crops mostly
-    showed background, so the later chunks had barely learned subjects: the tiny VAE lost small subjects from
-    frame ~4 on, and a DiT trained on its latents never saw a subject move."""
-    pool = split_subjects("train", config.sources)
-
-    def batch(step: int) -> list[Tensor]:
-        rng = np.random.default_rng([data.seed, step])
-        clips, frames = [], []
-        per_step = max(data.clips, data.frames)
-        for i in range(per_step):
-            sample = make_sample("train", data.seed, step * per_step + i, config, pool=pool)
-            item = sample_tensors(sample)
-            video = item.video  # (3, T, H, W) in [-1, 1]
-            h, w = video.shape[-2:]
-            if i < data.clips:
-                start = int(rng.integers(0, video.shape[1] - data.clip_frames + 1))
-                k = int(rng.integers(0, len(sample.subjects)))
-                cx, cy = sample.truth.centres[k, start + data.clip_frames // 2] + rng.integers(-8, 9, size=2)
-                left = int(np.clip(round(cx - data.crop / 2), 0, w - data.crop))
-                top = int(np.clip(round(cy - data.crop / 2), 0, h - data.crop))
-                clips.append(video[:, start : start + data.clip_frames, top : top + data.crop, left : left + data.crop])
-            if i < data.frames:
-                ref = item.references[int(rng.integers(0, len(sample.references)))]  # (3, H, W)
-                top, left = (h - data.crop) // 2, (w - data.crop) // 2
-                frames.append(ref[:, None, top : top + data.crop, left : left + data.crop])
-        return [torch.stack(clips), torch.stack(frames)]
-
-    return batch
 
 
 def stage_vae(work: str | Path, progress: StageProgress | None = None) -> Path:
@@ -241,7 +161,8 @@ def stage_vae(work: str | Path, progress: StageProgress | None = None) -> Path:
     if VAE_SUBJECT_TRAIN["steps"] == 0:  # phase 4 off: the phase-3 VAE is the stage's file
         _save_vae(vae, path)
         return path
-    train_vae(vae, subject_clip_batches(), VAETrainConfig(**VAE_SUBJECT_TRAIN), work / VAE_SUBJECT_RUN, on_step)
+    phase4 = subject_clip_batches(VAEData(clips=3, clip_frames=9, frames=2, crop=64, seed=RECIPE_SEED + 10), WORLD)
+    train_vae(vae, phase4, VAETrainConfig(**VAE_SUBJECT_TRAIN), work / VAE_SUBJECT_RUN, on_step)
     with torch.no_grad():
         mean, std = calibrate_latents(vae, _calibration_clips())
     logger.info("vae phase-4 calibration: normalized latents had |mean| %.3f, std %.3f", mean.abs().mean(), std.mean())
@@ -264,7 +185,8 @@ def _vae_phases_1_2(work: Path, progress: StageProgress | None):
         report(step, total, f"loss {parts['loss']:.4f} psnr clips {parts['psnr_0']:.2f} dB frames "
                             f"{parts['psnr_1']:.2f} dB")
 
-    train_vae(vae, vae_batches(), VAETrainConfig(**VAE_TRAIN), work / VAE_RUN, on_step)
+    phase1 = vae_batches(VAEData(seed=RECIPE_SEED + 1), WORLD)
+    train_vae(vae, phase1, VAETrainConfig(**VAE_TRAIN), work / VAE_RUN, on_step)
     # 2. whole 17-frame clips: the causal chunks after the second (measured before this phase, on a 17-frame
     # clip: 20.9 dB on frame 0, 16.7 dB on frame 5, 7-9 dB from frame 7 on: chunks never seen in phase 1)
     train_vae(vae, long_clip_batches(), VAETrainConfig(**VAE_LONG_TRAIN), work / VAE_LONG_RUN, on_step)

@@ -21,7 +21,8 @@ from phantom_core.training.vae import (
 from phantom_core.wan.latents import WAN21_LATENT_MEAN, WAN21_LATENT_STD, normalize_latents
 from phantom_core.wan.vae import VAE_PRESETS, WanVAE
 from phantom_core.wan.vae_blocks import ResidualBlock
-from phantom_core.world.default_model import WORLD, VAEData, subject_clip_batches, vae_batches
+from phantom_core.world.default_model import WORLD
+from phantom_core.world.vae_batches import VAEData, subject_clip_batches, vae_batches
 
 
 def small_vae(seed: int = 0) -> WanVAE:
