@@ -163,7 +163,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     config = WorldConfig(video=VideoFormat())
-    rows = run(CaseSet(config=config).quick(args.quick), "cpu")
+    cases = list(CaseSet(config=config).quick(args.quick))
+    rows = run(cases, "cpu")
     print(f"{'setting':28s} {'evals':>6s} {'speed-up':>8s} {'PSNR vs uncached':>16s} {'motion %':>8s} "
           f"{'background %':>12s} {'subject PSNR':>12s} {'s/video':>8s}")
     for name, r in rows.items():
@@ -175,9 +176,8 @@ def main() -> None:
     args.json.write_text(json.dumps(rows, indent=1), encoding="utf-8")
     print(f"wrote {args.out} and {args.json}")
     if args.md is not None:
-        samples = CaseSet(config=config).quick(args.quick)
         command = f"python -m benchmarks.bench_cache_quality --quick {args.quick} --out {args.out} --json {args.json}"
-        args.md.write_text(markdown(rows, len(list(samples)), command + f" --md {args.md}"), encoding="utf-8")
+        args.md.write_text(markdown(rows, len(cases), command + f" --md {args.md}"), encoding="utf-8")
         print(f"wrote {args.md}")
 
 

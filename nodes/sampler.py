@@ -162,8 +162,7 @@ class PhantomSampler(io.ComfyNode):
                 batch_passes: str = "auto") -> io.NodeOutput:
         SETTING_RANGES["frames"].check("frames", frames)
         check_attention(attention, "attention")  # ComfyUI checks no V3 combo
-        if isinstance(batch_passes, bool) or batch_passes not in BATCH_PASSES:
-            check_batch_passes(str(batch_passes))  # raises, naming batch_passes and the valid values
+        check_batch_passes(str(batch_passes))  # ComfyUI checks no V3 combo: a word, never a bool, reaches here
         for name, value in (("image_guidance_start", image_guidance_start), ("image_guidance_end", image_guidance_end),
                             ("cache_threshold", cache_threshold)):
             SETTING_RANGES[name].check(name, value)

@@ -49,6 +49,8 @@ from phantom_core.wan.load import load_dit
 from phantom_core.wan.umt5 import load_text_encoder
 from phantom_core.wan.vae import load_vae
 
+BATCH_PASSES_NAMES = {True: "on", False: "off"}  # the sidecar records batch_passes as its word
+
 # ---------------------------------------------------------------------------------------------- generation
 
 
@@ -326,9 +328,8 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
                            ref_paths=ref_paths, runtime=runtime_record(**runtime, models=(dit, vae, text_encoder),
                                                                        attention=attention, compiled=compiled,
                                                                        attention_used=backend,
-                                                                       batch_passes=batch_passes if isinstance(
-                                                                           batch_passes, str) else
-                                                                       ("on" if batch_passes else "off")),
+                                                                       batch_passes=BATCH_PASSES_NAMES.get(
+                                                                           batch_passes, batch_passes)),
                            out_path=out, seconds=seconds, tokenizer_path=tokenizer_path, loras=loras)
     if parallel is not None:
         record["runtime"]["parallel"] = parallel.describe()

@@ -36,17 +36,23 @@ def _crop(x: Tensor, size: int, rng: np.random.Generator) -> Tensor:
     return x[..., top : top + size, left : left + size]
 
 
+def _step_samples(data: VAEData, config: WorldConfig, pool: list, step: int) -> tuple[np.random.Generator, list]:
+    """Step ``step``'s crop generator and its ``max(clips, frames)`` training samples, each with its tensors
+    (``[(WorldSample, WorldItem)]``); the samples use their own seeds, so drawing them first leaves ``rng`` as is."""
+    per_step = max(data.clips, data.frames)
+    drawn = [make_sample("train", data.seed, step * per_step + i, config, pool=pool) for i in range(per_step)]
+    return np.random.default_rng([data.seed, step]), [(sample, sample_tensors(sample)) for sample in drawn]
+
+
 def vae_batches(data: VAEData, config: WorldConfig):
     """``batch_fn(step) -> [clips [clips, 3, clip_frames, crop, crop], frames [frames, 3, 1, crop, crop]]`` in
     [-1, 1], a pure function of ``step`` (``training.vae.train_vae``)."""
     pool = split_subjects("train", config.sources)
 
     def batch(step: int) -> list[Tensor]:
-        rng = np.random.default_rng([data.seed, step])
+        rng, drawn = _step_samples(data, config, pool, step)
         clips, frames = [], []
-        per_step = max(data.clips, data.frames)
-        for i in range(per_step):
-            item = sample_tensors(make_sample("train", data.seed, step * per_step + i, config, pool=pool))
+        for i, (_, item) in enumerate(drawn):
             video = item.video  # (3, T, H, W)
             if i < data.clips:
                 start = int(rng.integers(0, video.shape[1] - data.clip_frames + 1))
@@ -71,12 +77,9 @@ def subject_clip_batches(data: VAEData, config: WorldConfig):
     pool = split_subjects("train", config.sources)
 
     def batch(step: int) -> list[Tensor]:
-        rng = np.random.default_rng([data.seed, step])
+        rng, drawn = _step_samples(data, config, pool, step)
         clips, frames = [], []
-        per_step = max(data.clips, data.frames)
-        for i in range(per_step):
-            sample = make_sample("train", data.seed, step * per_step + i, config, pool=pool)
-            item = sample_tensors(sample)
+        for i, (sample, item) in enumerate(drawn):
             video = item.video  # (3, T, H, W) in [-1, 1]
             h, w = video.shape[-2:]
             if i < data.clips:
