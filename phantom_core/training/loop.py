@@ -9,9 +9,9 @@
 4. each optimizer step: ``grad_accum`` micro-batches; each draws its global batch (``order.BatchOrder``), takes
    this rank's slice, draws each sample's timestep, dropout and noise from (seed, micro-step, position)
    (``objective.draw_sample``), applies condition dropout and backpropagates the video-only flow-matching loss
-   (bf16 autocast on CUDA, fp32 on the CPU); gradients are clipped, AdamW steps, the loss (mean over ranks) is
-   logged; checkpoints every ``checkpoint_every`` steps and at the end; a validation video every
-   ``validate_every`` steps.
+   (bf16 autocast on CUDA, fp32 on the CPU unless ``precision`` is bf16); gradients are clipped, AdamW steps,
+   the loss (mean over ranks) is logged; checkpoints every ``checkpoint_every`` steps and at the end; a validation
+   video every ``validate_every`` steps.
 
 Determinism: a fixed seed gives the same run; the per-sample randomness does not depend on the number of ranks
 or on resuming, and every global RNG state of every rank is saved in the checkpoints. A resumed run therefore
@@ -265,12 +265,16 @@ def _validator(config: TrainConfig, ctx: DistContext, encoders: Encoders | None)
 
 
 def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (``precision`` auto or bf16, where the GPU supports bf16), else nothing (fp32)."""
+    """bf16 autocast on CUDA (``precision`` auto or bf16, where the GPU supports bf16) and on the CPU when asked
+    (``precision`` bf16: ~2.4x faster per step where the CPU has AVX512-BF16 or AMX, see ``config.cpu_bf16_fast``; the
+    weights, gradients and AdamW state stay float32), else nothing (fp32)."""
     wanted = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
     if wanted and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    if config.precision == "bf16" and device.type != "cuda":
-        raise ValueError(f"precision is bf16 but the device is {device}; bf16 autocast is used on CUDA only")
+    if config.precision == "bf16" and device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    if config.precision == "bf16":
+        raise ValueError(f"precision is bf16 but the device is {device}; bf16 autocast runs on CUDA or the CPU")
     return contextlib.nullcontext()
 
 

@@ -9,7 +9,7 @@ Stages (each resumable; ``tools/train_default.py`` runs them in order, ``make tr
    5-frame world clips (the first frame alone and one 4-frame chunk, as the causal encoder sees them) and single
    frames (references, video frames); then whole 17-frame clips at 32 x 32 (every later chunk) with some of the
    first kind; then ``calibrate_latents`` on held-in clips; phase 3 trains the decoder alone on whole 17-frame
-   clips; phase 4 (off unless ``PHANTOM_VAE_SUBJECT_STEPS`` > 0) the whole VAE on subject-centred 9-frame clips.
+   clips; phase 4 the whole VAE on subject-centred 9-frame clips, and a new calibration.
 3. ``latents``: ``LATENT_SAMPLES`` training triplets encoded once with that VAE and umT5 (one cache file each).
 4. ``dit``: ``DIT_PRESETS["world"]`` from the upstream init, full training with the general trainer
    (``training.loop.train``), on the cached latents.
@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from phantom_core.log import logger
+from phantom_core.training.config import cpu_bf16_fast
 from phantom_core.world.dataset import sample_tensors
 from phantom_core.world.render import VideoFormat
 from phantom_core.world.sample import WorldConfig, make_sample
@@ -58,13 +59,12 @@ VAE_PHASE2_FILE, VAE_DECODER_RUN = "vae_phase2.safetensors", "vae_run_decoder"
 VAE_DECODER_TRAIN = dict(steps=int(os.environ.get("PHANTOM_VAE_DECODER_STEPS", 500)), learning_rate=5e-4,
                          warmup_steps=20, kl_weight=0.0, seed=RECIPE_SEED + 8, checkpoint_every=50,
                          decoder_only=True, latent_noise=0.05)
-# Phase 4 (off in the committed recipe: PHANTOM_VAE_SUBJECT_STEPS=400 turns it on) trains the whole VAE on
-# subject-centred 9-frame clips at 64 x 64 (subject_clip_batches), then calibrates again: after phase 3 the VAE's own
-# reconstruction of held-out clips lost small subjects from frame ~4 on. Measured (docs/WORLD.md): 400 steps raise
-# the ceiling's motion accuracy from 71% to 83%, but a DiT trained on its latents scored no better, so the committed
-# default keeps the phase-3 VAE
+# Phase 4 (PHANTOM_VAE_SUBJECT_STEPS=0 turns it off) trains the whole VAE on subject-centred 9-frame clips at
+# 64 x 64 (subject_clip_batches), then calibrates again: after phase 3 the VAE's own reconstruction of held-out clips
+# lost small subjects from frame ~4 on. Measured (docs/WORLD.md): 400 steps raise the ceiling's motion accuracy from
+# 71% to 83%
 VAE_PHASE3_FILE, VAE_SUBJECT_RUN = "vae_phase3.safetensors", "vae_run_subjects"
-VAE_SUBJECT_TRAIN = dict(steps=int(os.environ.get("PHANTOM_VAE_SUBJECT_STEPS", 0)), learning_rate=3e-4,
+VAE_SUBJECT_TRAIN = dict(steps=int(os.environ.get("PHANTOM_VAE_SUBJECT_STEPS", 400)), learning_rate=3e-4,
                          warmup_steps=20, kl_weight=1e-4, seed=RECIPE_SEED + 10, checkpoint_every=50,
                          latent_noise=0.05)
 
@@ -196,18 +196,21 @@ def _vae_phases_1_2(work: Path, progress: StageProgress | None):
 
 
 LATENT_DIR, LATENT_INDEX = "latents", "latents/index.json"
-LATENT_SAMPLES = int(os.environ.get("PHANTOM_LATENT_SAMPLES", 600))
+LATENT_SAMPLES = int(os.environ.get("PHANTOM_LATENT_SAMPLES", 1800))
+# bf16 autocast computes the DiT's steps ~2.4x faster where the CPU has AVX512-BF16 or AMX (measured on the 2-core
+# EPYC: 0.48 s against 1.15 s a step of batch 8); elsewhere fp32, which is faster there
+DIT_PRECISION = "bf16" if cpu_bf16_fast() else "fp32"
 DIT_RUN, DIT_PHASE1_FILE, DIT_STAGE_FILE = "dit_run", "dit_phase1.safetensors", "dit.safetensors"
 DIT_TRAIN = dict(dit="scratch:world", mode="full", steps=int(os.environ.get("PHANTOM_DIT_STEPS", 1200)),
                  batch_size=8, learning_rate=4e-4, warmup_steps=100, lr_schedule="cosine", weight_decay=0.01,
                  gradient_checkpointing=False, timesteps="shifted", shift=5.0, text_dropout=0.2,
                  reference_dropout=0.1, seed=RECIPE_SEED, checkpoint_every=100, keep_checkpoints=2, width=128,
-                 height=128, frames=17, device="cpu", precision="fp32")
+                 height=128, frames=17, device="cpu", precision=DIT_PRECISION)
 # Phase 2 continues phase 1's weights with a new schedule and timesteps shifted by 2, not 5: at shift 5 only 17%
 # of the training sigmas fall below 0.5, where the subjects take shape (measured after phase 1: train and held-out
 # losses equal, 0.18-0.24, so the model was underfit, not overfit)
 DIT_LONG_RUN = "dit_run_long"
-DIT_LONG_TRAIN = {**DIT_TRAIN, "steps": int(os.environ.get("PHANTOM_DIT_LONG_STEPS", 3000)), "learning_rate": 3e-4,
+DIT_LONG_TRAIN = {**DIT_TRAIN, "steps": int(os.environ.get("PHANTOM_DIT_LONG_STEPS", 3800)), "learning_rate": 3e-4,
                   "warmup_steps": 50, "shift": 2.0, "seed": RECIPE_SEED + 7}
 
 
