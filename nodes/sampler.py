@@ -11,6 +11,8 @@ only the video latents, while our forward attends over the reference tokens too 
 
 from __future__ import annotations
 
+from functools import partial
+
 import comfy.latent_formats
 import comfy.model_management as mm
 import comfy.utils
@@ -20,6 +22,8 @@ from comfy_api.latest import io
 
 from phantom_core.inference.settings import SETTING_RANGES, check_image_guidance_window
 from phantom_core.mmdit.inputs import clip_features_for
+from phantom_core.mmdit.memory import mmdit_sampling_activation_bytes
+from phantom_core.mmdit.model import PhantomMMDiT
 from phantom_core.sampling.cache import StepCache
 from phantom_core.sampling.loop import BATCH_PASSES, SAMPLER_PRESETS, SOLVERS, check_batch_passes, sample_from_seed
 from phantom_core.wan.attention import ATTENTION_CHOICES, check_attention, use_attention
@@ -66,21 +70,26 @@ def check_size(reference_latents: dict, width: int, height: int) -> None:
 
 
 def load_for_sampling(model, frames: int, height: int, width: int, num_refs: int, w_img: float,
-                      w_text: float, batch_passes: str = "auto") -> None:
+                      w_text: float, batch_passes: str = "auto", clip_tokens: int = 0) -> None:
     """Have ComfyUI load the DiT patcher `model` to its device, keeping free what one sampling step needs beside the
-    weights (`wan.memory.sampling_activation_bytes`, the references' tokens counted): `memory_required` (other
-    models are evicted for it) is the batched guidance passes' need unless `batch_passes` is "off";
-    `minimum_memory_required` (what a partial load leaves free) is one pass's unless it is "on" (with "auto" the
-    sampler runs the passes one at a time when the batch does not fit). A Phantom MMDiT has no memory model yet: it
-    gets ComfyUI's default reserve (`minimum_inference_memory`)."""
+    weights (the references' tokens counted: `wan.memory.sampling_activation_bytes` for a Phantom-Wan DiT,
+    `mmdit.memory.mmdit_sampling_activation_bytes` with `clip_tokens` CLIP tokens per reference for a Phantom MMDiT):
+    `memory_required` (other models are evicted for it) is the batched guidance passes' need unless `batch_passes`
+    is "off"; `minimum_memory_required` (what a partial load leaves free) is one pass's unless it is "on" (with
+    "auto" the sampler runs the passes one at a time when the batch does not fit)."""
     dit = core(model)
     batched = one = 0
     if isinstance(dit, PhantomWanDiT):
-        batched = sampling_activation_bytes(dit.config, frames, height, width, num_refs, w_img=w_img, w_text=w_text,
-                                            dtype=dit.compute_dtype)
+        need = partial(sampling_activation_bytes, dit.config, frames, height, width, num_refs,
+                       dtype=dit.compute_dtype)
+    elif isinstance(dit, PhantomMMDiT):
+        need = partial(mmdit_sampling_activation_bytes, dit.config, frames, height, width, num_refs,
+                       dtype=dit.compute_dtype, clip_tokens=clip_tokens)
+    else:
+        need = None
+    if need is not None:
         # w_img = w_text = 1 leaves Eq. 5 one pass: the need of the passes run one at a time
-        one = sampling_activation_bytes(dit.config, frames, height, width, num_refs, w_img=1.0, w_text=1.0,
-                                        dtype=dit.compute_dtype)
+        batched, one = need(w_img=w_img, w_text=w_text), need(w_img=1.0, w_text=1.0)
     mm.load_models_gpu([model], memory_required=one if batch_passes == "off" else batched,
                        minimum_memory_required=batched if batch_passes == "on" else one)
 
@@ -175,11 +184,11 @@ class PhantomSampler(io.ComfyNode):
         dit = core(model)
         context = conditioning_to_context(positive, "positive", dit.config.text_dim)  # (1, L1, D)
         context_neg = conditioning_to_context(negative, "negative", dit.config.text_dim)  # (1, L2, D)
+        ref_clip = clip_features_for(dit, reference_latents.get("clip"))  # (1, N, T, C) or None
         load_for_sampling(model, frames, height, width, reference_latents["samples"].shape[2], settings["w_img"],
-                          settings["w_text"], batch_passes)
+                          settings["w_text"], batch_passes, clip_tokens=0 if ref_clip is None else ref_clip.shape[2])
         device = model.load_device
         refs = normalize_latents(reference_latents["samples"].float()).to(device)  # (1, 16, N, h, w)
-        ref_clip = clip_features_for(dit, reference_latents.get("clip"))  # (1, N, T, C) or None
         pbar = comfy.utils.ProgressBar(settings["steps"])
         previewer = latent_preview.get_previewer(device, comfy.latent_formats.Wan21())  # None unless enabled
 

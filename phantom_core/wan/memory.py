@@ -153,17 +153,25 @@ def sampling_activation_bytes(config: WanDiTConfig, frames: int, height: int, wi
 
 
 def batched_passes_fit(model: object, video_shape: tuple[int, ...], num_refs: int, passes: int,
-                       device: torch.device, headroom: float = 0.9) -> bool:
+                       device: torch.device, headroom: float = 0.9, clip_tokens: int = 0) -> bool:
     """Whether a forward of ``passes`` guidance passes batched fits in what the CUDA device has free now
     (``torch.cuda.mem_get_info``; the weights are already placed): the memory model's activations of that batch
-    against ``headroom`` x the free bytes. True off CUDA (host memory is not planned here) and for a network
-    without a memory model (the MMDiT). ``video_shape``: the latents ``(B, 16, F, h, w)``."""
+    (this module's for a Phantom-Wan DiT, ``mmdit.memory``'s for a Phantom MMDiT, with ``clip_tokens`` CLIP
+    tokens per reference) against ``headroom`` x the free bytes. True off CUDA (host memory is not planned here)
+    and for a network without a memory model. ``video_shape``: the latents ``(B, 16, F, h, w)``."""
+    from phantom_core.mmdit.config import MMDiTConfig
+    from phantom_core.mmdit.memory import mmdit_activation_bytes
+
     config = getattr(model, "config", None)
-    if device.type != "cuda" or passes < 2 or not isinstance(config, WanDiTConfig):
+    if device.type != "cuda" or passes < 2 or not isinstance(config, (WanDiTConfig, MMDiTConfig)):
         return True
     b, _, f, h, w = (int(s) for s in video_shape)
     dtype = getattr(model, "compute_dtype", torch.bfloat16)
-    need = activation_bytes(config, 4 * (f - 1) + 1, 8 * h, 8 * w, num_refs, batch=b * passes,
-                            bytes_per_value=dtype.itemsize)
+    size = (4 * (f - 1) + 1, 8 * h, 8 * w)
+    if isinstance(config, MMDiTConfig):
+        need = mmdit_activation_bytes(config, *size, num_refs, clip_tokens=clip_tokens, batch=b * passes,
+                                      bytes_per_value=dtype.itemsize)
+    else:
+        need = activation_bytes(config, *size, num_refs, batch=b * passes, bytes_per_value=dtype.itemsize)
     free, _ = torch.cuda.mem_get_info(device)
     return need <= headroom * free

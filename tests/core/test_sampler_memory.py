@@ -104,3 +104,27 @@ def test_the_sampler_node_reserves_by_batch_passes(comfy_import, monkeypatch) ->
     with pytest.raises(ValueError, match="batch_passes"):
         PhantomSampler.execute(model, cond, cond, latents, **run, batch_passes="sometimes")
     assert len(calls) == 2
+
+
+def test_the_sampler_node_reserves_the_mmdit_estimate_with_its_clip_tokens(comfy_import, monkeypatch) -> None:
+    """A Phantom MMDiT gets its own memory model (`mmdit.memory`), its CLIP tokens counted, not ComfyUI's default."""
+    ops = comfy_import("comfy.ops")
+    mm = comfy_import("comfy.model_management")
+    from nodes.sampler import load_for_sampling
+    from nodes.types import manage
+    from phantom_core.mmdit.config import MMDIT_PRESETS
+    from phantom_core.mmdit.memory import mmdit_sampling_activation_bytes
+    from phantom_core.mmdit.model import PhantomMMDiT
+
+    cpu = torch.device("cpu")
+    cfg = MMDIT_PRESETS["tiny"]
+    model = manage(PhantomMMDiT(cfg, ops=ops.disable_weight_init), cpu, cpu)
+    calls: list[dict] = []
+    monkeypatch.setattr(mm, "load_models_gpu", lambda models, **kw: calls.append(kw))
+    for tokens in (1, 50):
+        load_for_sampling(model, 17, 128, 128, 2, 5.0, 7.5, "auto", clip_tokens=tokens)
+    few, many = calls
+    expected = {w: mmdit_sampling_activation_bytes(cfg, 17, 128, 128, 2, w_img=w, w_text=w2, dtype=torch.float32,
+                                                   clip_tokens=50) for w, w2 in ((5.0, 7.5), (1.0, 1.0))}
+    assert many == {"memory_required": expected[5.0], "minimum_memory_required": expected[1.0]}
+    assert many["memory_required"] > few["memory_required"] > 0
