@@ -210,7 +210,7 @@ DIT_TRAIN = dict(dit="scratch:world", mode="full", steps=int(os.environ.get("PHA
 # of the training sigmas fall below 0.5, where the subjects take shape (measured after phase 1: train and held-out
 # losses equal, 0.18-0.24, so the model was underfit, not overfit)
 DIT_LONG_RUN = "dit_run_long"
-DIT_LONG_TRAIN = {**DIT_TRAIN, "steps": int(os.environ.get("PHANTOM_DIT_LONG_STEPS", 3800)), "learning_rate": 3e-4,
+DIT_LONG_TRAIN = {**DIT_TRAIN, "steps": int(os.environ.get("PHANTOM_DIT_LONG_STEPS", 3000)), "learning_rate": 3e-4,
                   "warmup_steps": 50, "shift": 2.0, "seed": RECIPE_SEED + 7}
 
 
