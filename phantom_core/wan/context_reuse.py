@@ -12,6 +12,11 @@ rounding (the same operations on the same inputs).
 The scope must be one sampling run: weights are assumed fixed inside it (a LoRA or patch applied in between
 would not be seen), and it is bypassed while autograd records (training recomputes every call) and, for the
 cross-attention K, V, inside blocks compiled by ``torch.compile`` (see :func:`active_memo`).
+
+Inside the scope the cross-attention also folds the context's zero-padding (:func:`fold_repeated_rows`): the
+``text_len - n`` padding rows of a context with ``n`` real tokens all embed to one and the same key / value row,
+and attending to ``m`` identical ``(k, v)`` rows is exactly attending to one of them with ``log m`` added to its
+logit (``softmax`` sums ``m e^s v``). A 30-token prompt then attends to 31 weighted keys instead of 512.
 """
 
 from __future__ import annotations
@@ -62,11 +67,41 @@ def active_memo(memo: ContextMemo | None) -> ContextMemo | None:
     return memo if memo is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling() else None
 
 
+def fold_repeated_rows(context: Tensor) -> tuple[int, Tensor] | None:
+    """How many leading rows of a text context to keep, and their attention log-weights, when the trailing rows that
+    repeat the last row (the zero-padding, once embedded) are folded into a few of them.
+
+    Only rows equal to the last row are folded. Keys and values are row-wise functions of the context, so those rows
+    have one and the same ``(key, value)``, and attention to the kept rows with ``log_weight`` added to the logits
+    equals attention to all rows up to rounding: item ``b`` with ``r_b`` such rows keeps ``m_b`` of them, each
+    standing for ``r_b / m_b`` rows (logit ``+ log(r_b / m_b)``).
+
+    Args:
+        context: ``(B, Lc, D)`` embedded text context (the padding rows last, as the DiT pads).
+
+    Returns:
+        ``(keep, log_weight)``: rows ``[:keep]`` hold every item's rows before its repeated tail and at least one row
+        of each tail; ``log_weight`` ``(B, keep)`` float32 (0 for rows standing for themselves). None when folding
+        would drop fewer than two rows.
+    """
+    n = context.shape[1]
+    same = (context == context[:, -1:]).all(-1)  # (B, Lc): the row equals the item's last row
+    tail = same.flip(1).int().cumprod(1).sum(1)  # (B,) trailing rows equal to the last one, >= 1
+    keep = n - int(tail.min()) + 1
+    if keep > n - 2:
+        return None
+    start = n - tail  # (B,) each item's first tail row
+    log_w = torch.log(tail.double() / (keep - start).double()).float()  # (B,) log(r_b / m_b)
+    rows = torch.arange(keep, device=context.device)  # (keep,)
+    return keep, torch.where(rows[None] >= start[:, None], log_w[:, None], 0.0)  # (B, keep) float32
+
+
 @contextmanager
 def reuse_text_context(model: Any) -> Iterator[None]:
     """Within this scope, a Phantom-Wan DiT (anything with a ``text_memo`` attribute and ``blocks`` whose
     ``cross_attn`` has a ``kv_memo``) embeds each distinct text context once and computes each block's
-    cross-attention K, V once per embedded context. Any other model (the MMDiT, whose text stream changes from
+    cross-attention K, V once per embedded context (its zero-padding folded, :func:`fold_repeated_rows`, where the
+    cross-attention supports it). Any other model (the MMDiT, whose text stream changes from
     block to block; a plain callable) runs unchanged. Nested scopes reuse the outer one. Clears everything on exit.
     """
     blocks = getattr(model, "blocks", None)

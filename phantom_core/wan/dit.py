@@ -322,7 +322,8 @@ class PhantomWanDiT(nn.Module):
         """``(B, L, text_dim)`` -> zero-pad / truncate to ``text_len`` -> ``(B, text_len, D)``.
 
         Wan2.1 was trained with the umT5 output zero-padded to 512 tokens and attends to all 512 without a
-        mask, so the padding rows (which become non-zero after ``text_embedding``'s biases) matter. Inside
+        mask, so the padding rows (which become non-zero after ``text_embedding``'s biases) matter; they are all
+        equal, so one is embedded and repeated (the cross-attention folds them, ``context_reuse``). Inside
         ``context_reuse.reuse_text_context`` a context already embedded in this run is not embedded again.
         """
         memo = active_memo(self.text_memo)
@@ -335,8 +336,13 @@ class PhantomWanDiT(nn.Module):
         if context.shape[1] > n:
             logger.warning("text context has %d tokens; truncating to %d (as upstream Wan2.1)", context.shape[1], n)
             context = context[:, :n]
-        context = F.pad(context, (0, 0, 0, n - context.shape[1]))  # (B, text_len, text_dim)
-        return self.text_embedding(context.to(self.compute_dtype))  # (B, text_len, D)
+        real = context.shape[1]
+        # every zero-padding row embeds to the same row: embed the real rows and one padding row, repeat that one
+        context = F.pad(context, (0, 0, 0, min(1, n - real)))  # (B, real (+ 1), text_dim)
+        emb = self.text_embedding(context.to(self.compute_dtype))  # (B, real (+ 1), D)
+        if emb.shape[1] == n:
+            return emb  # (B, text_len, D)
+        return torch.cat([emb, emb[:, -1:].expand(-1, n - emb.shape[1], -1)], dim=1)  # (B, text_len, D)
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor, ref_latents: Tensor | None = None) -> Tensor:
         """Predict the flow-matching velocity of the video latents.

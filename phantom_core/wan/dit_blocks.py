@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from phantom_core.wan.attention import attention
-from phantom_core.wan.context_reuse import ContextMemo, active_memo
+from phantom_core.wan.attention import attention, resolve_attention, selected_attention
+from phantom_core.wan.context_reuse import ContextMemo, active_memo, fold_repeated_rows
 from phantom_core.wan.rope import apply_rope
 
 if TYPE_CHECKING:
@@ -68,13 +68,53 @@ class CrossAttention(_Attention):
         heads = (self.num_heads, -1)
         return self.norm_k(self.k(context)).unflatten(2, heads), self.v(context).unflatten(2, heads)
 
+    def memo_keys_values(self, context: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """What the run's memo keeps: the keys and values of ``context`` with the zero-padding's repeated rows folded
+        (``context_reuse.fold_repeated_rows``: ``(k, v)`` of the first ``keep`` rows, ``log_weight (B, keep)``) where
+        that is exact and fast: float32, the ``sdpa`` back-end (whose additive mask carries the log-weights) and
+        ``attend_heads`` not replaced. Otherwise ``(*keys_values(context), None)``: a half-precision mask would round
+        the log-weights, and the other back-ends take no mask."""
+        plain = getattr(self.attend_heads, "__func__", None) is _Attention.attend_heads
+        head_dim = context.shape[-1] // self.num_heads
+        fits = plain and context.dtype == torch.float32 and \
+            resolve_attention(selected_attention(), context.device.type, context.dtype, head_dim) == "sdpa"
+        folded = fold_repeated_rows(context) if fits else None
+        if folded is None:
+            return *self.keys_values(context), None
+        keep, log_weight = folded
+        return *self.keys_values(context[:, :keep]), log_weight  # (B, keep, H, d) x 2, (B, keep)
+
+    def _attend_weighted(self, q: Tensor, k: Tensor, v: Tensor, log_weight: Tensor) -> Tensor:
+        """``_attend`` with ``log_weight (B, Lk)`` added to every head's logits (sdpa's additive mask):
+        ``q (B, Lq, H, d)``, ``k, v (B, Lk, H, d)`` -> ``(B, Lq, D)``."""
+        mask = log_weight[:, None, None, :].to(q.dtype)  # (B, 1, 1, Lk)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask)  # (B, H, Lq, d)
+        return self.o(out.transpose(1, 2).flatten(2))  # (B, Lq, D)
+
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         """``x (B, L, D)`` attends, unmasked, to ``context (B, text_len, D)`` -> ``(B, L, D)``; keys and values
-        come from the run's memo when one is open (``context_reuse``)."""
+        come from the run's memo when one is open (``context_reuse``), the context's padding folded there."""
         q = self.norm_q(self.q(x)).unflatten(2, (self.num_heads, -1))  # (B, L, H, d)
         memo = active_memo(self.kv_memo)
-        k, v = memo.get(context, self.keys_values) if memo is not None else self.keys_values(context)  # (B,Lc,H,d)
-        return self._attend(q, k, v)
+        if memo is None:
+            return self._attend(q, *self.keys_values(context))
+        k, v, log_weight = memo.get(context, self.memo_keys_values)  # (B, Lk, H, d) x 2, (B, Lk) or None
+        return self._attend(q, k, v) if log_weight is None else self._attend_weighted(q, k, v, log_weight)
+
+
+class TanhGELU(nn.GELU):
+    """``nn.GELU(approximate="tanh")`` that overwrites its input while autograd is off and nothing is being compiled
+    (inference): the FFN's widest activation, ``ffn_dim`` per token, then takes one buffer instead of two. Its input
+    is the fresh output of ``ffn.0``, which nothing else holds."""
+
+    def __init__(self) -> None:
+        super().__init__(approximate="tanh")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return super().forward(x)
+        return torch.ops.aten.gelu_(x, approximate="tanh")
 
 
 class WanBlock(nn.Module):
@@ -89,7 +129,7 @@ class WanBlock(nn.Module):
         self.norm3 = ops.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=True, **kw)
         self.cross_attn = CrossAttention(cfg.dim, cfg.num_heads, cfg.eps, ops, dtype, device)
         self.ffn = nn.Sequential(
-            ops.Linear(cfg.dim, cfg.ffn_dim, **kw), nn.GELU(approximate="tanh"), ops.Linear(cfg.ffn_dim, cfg.dim, **kw)
+            ops.Linear(cfg.dim, cfg.ffn_dim, **kw), TanhGELU(), ops.Linear(cfg.ffn_dim, cfg.dim, **kw)
         )
         self.modulation = nn.Parameter(torch.empty(1, 6, cfg.dim, **kw))  # shift, scale, gate (attn), same (ffn)
         if self.modulation.device.type != "meta":
@@ -100,7 +140,8 @@ class WanBlock(nn.Module):
 
         The six modulation vectors are summed in float32 and only then cast to the activation dtype; the
         residual stream itself stays in the activation dtype (upstream keeps it in fp32 under autocast, which
-        would double the memory of the largest activation; ComfyUI makes the same choice as we do).
+        would double the memory of the largest activation; ComfyUI makes the same choice as we do). Without
+        autograd the residual additions after the first one run in place, on this block's own new tensor.
         """
         D = x.shape[-1]
         # .to(device): a host that loads the model partially (ComfyUI's low-VRAM mode) leaves it on the offload device
@@ -109,12 +150,15 @@ class WanBlock(nn.Module):
         one_scale1, one_scale2 = (1.0 + mod[:, [1, 4]]).to(x.dtype).unsqueeze(2).unbind(1)  # 2 x (B, 1, D)
         # 1. self-attention over video + reference tokens, gated residual
         h = torch.addcmul(shift1, F.layer_norm(x, (D,), eps=self.eps), one_scale1)  # (B, L, D)
-        x = torch.addcmul(x, self.self_attn(h, cos, sin), gate1)  # (B, L, D)
+        x = torch.addcmul(x, self.self_attn(h, cos, sin), gate1)  # (B, L, D), a new tensor: not the caller's
+        inplace = not torch.is_grad_enabled()
         # 2. cross-attention to the text (no gate)
-        x = x + self.cross_attn(self.norm3(x), context)  # (B, L, D)
+        c = self.cross_attn(self.norm3(x), context)  # (B, L, D)
+        x = x.add_(c) if inplace else x + c  # (B, L, D)
         # 3. feed-forward, gated residual
         h = torch.addcmul(shift2, F.layer_norm(x, (D,), eps=self.eps), one_scale2)  # (B, L, D)
-        return torch.addcmul(x, self.ffn(h), gate2)  # (B, L, D)
+        f = self.ffn(h)  # (B, L, D)
+        return x.addcmul_(f, gate2) if inplace else torch.addcmul(x, f, gate2)  # (B, L, D)
 
 
 class WanHead(nn.Module):

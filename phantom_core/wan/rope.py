@@ -84,13 +84,21 @@ def rope_table(
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate adjacent channel pairs of ``x`` by the table angles; computed in float32.
 
+    Real-valued, on the ``(B, L, H, d)`` view as given: each pair ``(x0, x1)`` becomes
+    ``(x0 cos - x1 sin, x1 cos + x0 sin)``, written as one ``addcmul`` of contiguous operands
+    ``pairs * (cos, cos) + swapped_pairs * (-sin, sin)`` (two full-size temporaries; strided per-channel
+    arithmetic on the interleaved halves would cost twice as long). The same operations under autograd,
+    ``torch.compile`` and inference.
+
     Args:
         x: ``(B, L, H, d)`` queries or keys, any float dtype.
         cos, sin: ``(L, 1, d // 2)`` float32 from ``rope_table``.
 
     Returns:
-        ``(B, L, H, d)`` in ``x.dtype``: ``(x0 + i x1) * (cos + i sin)`` for each pair ``(x0, x1)``.
+        ``(B, L, H, d)`` in ``x.dtype``, contiguous: ``(x0 + i x1) * (cos + i sin)`` for each pair ``(x0, x1)``.
     """
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # 2 x (B, L, H, d/2)
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, L, H, d/2, 2)
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, L, H, d/2, 2): (x0, x1)
+    cos2 = torch.stack((cos, cos), dim=-1)  # (L, 1, d/2, 2)
+    sin2 = torch.stack((-sin, sin), dim=-1)  # (L, 1, d/2, 2)
+    out = torch.addcmul(pairs * cos2, pairs.flip(-1), sin2)  # (B, L, H, d/2, 2): (x0 c - x1 s, x1 c + x0 s)
     return out.flatten(-2).to(x.dtype)  # (B, L, H, d)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from phantom_core.wan.dit import DIT_PRESETS, PhantomWanDiT, sinusoidal_embedding
+from phantom_core.wan.dit import DIT_PRESETS, PhantomWanDiT, WanDiTConfig, sinusoidal_embedding
 from phantom_core.wan.rope import apply_rope, rope_axis_pairs, rope_table
 from tests.support.weights import random_dit_state_dict
 
@@ -192,3 +192,36 @@ def test_scalar_timestep_and_zero_references(models):
     same_t = torch.full((2,), 300.0)
     expected = ours(x, same_t, ctx, None)
     assert torch.equal(ours(x, torch.tensor(300.0), ctx, torch.zeros(2, 16, 0, 8, 8)), expected)
+
+
+def test_inference_in_place_ops_leave_inputs_and_equal_autograd_path():
+    """Without autograd the block adds its residuals and the FFN's GELU in place: the caller's tokens are unchanged
+    and the output equals the autograd path's (the same operations, fp32, 1e-6)."""
+    cfg = WanDiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=1, text_dim=64)
+    torch.manual_seed(0)
+    block = PhantomWanDiT(cfg).blocks[0]
+    x, ctx, e0 = torch.randn(2, 12, 256), torch.randn(2, 7, 256), torch.randn(2, 6, 256)
+    cos, sin = rope_table((3, 2, 2), cfg.head_dim)
+    kept = x.clone()
+    with torch.no_grad():
+        fast = block(x, e0, cos, sin, ctx)
+    assert torch.equal(x, kept)
+    torch.testing.assert_close(fast, block(x, e0, cos, sin, ctx).detach(), rtol=0, atol=1e-6)
+    h = torch.randn(4, 512)
+    with torch.no_grad():
+        torch.testing.assert_close(block.ffn[1](h.clone()), F.gelu(h, approximate="tanh"))
+
+
+def test_padding_rows_embedded_once_equal_embedding_all_rows():
+    """``_embed_text`` embeds the real rows and one zero row, repeated to ``text_len``: equal (fp32, 1e-6) to
+    embedding the whole zero-padded context, as upstream does."""
+    cfg = WanDiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=1, text_dim=64)
+    torch.manual_seed(0)
+    model = PhantomWanDiT(cfg)
+    for real in (5, cfg.text_len - 1, cfg.text_len):
+        ctx = torch.randn(2, real, 64)
+        with torch.no_grad():
+            ours = model._embed_text(ctx)
+            upstream = model.text_embedding(F.pad(ctx, (0, 0, 0, cfg.text_len - real)))
+        assert ours.shape == (2, cfg.text_len, 256)
+        torch.testing.assert_close(ours, upstream, rtol=0, atol=1e-6)
