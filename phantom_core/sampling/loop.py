@@ -92,11 +92,11 @@ def check_batch_passes(batch_passes: bool | str) -> bool | str:
     return "auto" if batch_passes == "auto" else batch_passes == "on"
 
 
-def _auto_batch(model: VelocityModel, x: Tensor, num_refs: int, passes: int) -> bool:
+def _auto_batch(model: VelocityModel, x: Tensor, num_refs: int, passes: int, clip_tokens: int = 0) -> bool:
     """``batch_passes="auto"``: batched unless the memory model says the batch does not fit the CUDA device."""
     from phantom_core.wan.memory import batched_passes_fit
 
-    fits = batched_passes_fit(model, tuple(x.shape), num_refs, passes, x.device)
+    fits = batched_passes_fit(model, tuple(x.shape), num_refs, passes, x.device, clip_tokens=clip_tokens)
     if not fits:
         logger.info("guidance passes run one at a time: %d batched would not fit the free GPU memory", passes)
     return fits
@@ -219,7 +219,8 @@ def sample_phantom(model: VelocityModel, noise: Tensor, ref_latents: Tensor, con
     x = noise.to(torch.float32)  # (B, 16, F, h, w)
     fallback = batch_passes == "auto"  # one by one after a CUDA out-of-memory error in a batched call
     if batch_passes == "auto":
-        batch_passes = _auto_batch(model, x, refs.shape[2], len(guidance_weights(w_img, w_text)))
+        batch_passes = _auto_batch(model, x, refs.shape[2], len(guidance_weights(w_img, w_text)),
+                                   0 if ref_clip is None else ref_clip.shape[2])
     state = UniPCState()
     with reuse_text_context(model):  # the contexts' embedding and cross-attention K, V: once per run
         for i in range(steps):

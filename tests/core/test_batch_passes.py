@@ -59,14 +59,14 @@ def test_batched_and_one_at_a_time_agree_and_auto_batches_on_the_cpu(dit):
 def test_auto_runs_one_at_a_time_when_the_batch_does_not_fit(dit, monkeypatch):
     seen = {}
 
-    def no_room(model, video_shape, num_refs, passes, device, headroom=0.9):
-        seen.update(shape=video_shape, refs=num_refs, passes=passes)
+    def no_room(model, video_shape, num_refs, passes, device, headroom=0.9, clip_tokens=0):
+        seen.update(shape=video_shape, refs=num_refs, passes=passes, clip_tokens=clip_tokens)
         return False
 
     monkeypatch.setattr(memory, "batched_passes_fit", no_room)
     model = CountingModel(dit)
     run(model, "auto")
-    assert model.batches == [1] * 9 and seen == {"shape": (1, 16, 2, 16, 16), "refs": 1, "passes": 3}
+    assert model.batches == [1] * 9 and seen == {"shape": (1, 16, 2, 16, 16), "refs": 1, "passes": 3, "clip_tokens": 0}
     model = CountingModel(dit)
     run(model, "on")  # an explicit choice is not second-guessed
     assert model.batches == [3, 3, 3]
