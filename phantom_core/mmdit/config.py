@@ -7,7 +7,7 @@ Everything a checkpoint's tensor shapes determine is a field here, plus three fi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from phantom_core.wan.rope import rope_axis_pairs
 
@@ -81,3 +81,5 @@ MMDIT_PRESETS: dict[str, MMDiTConfig] = {
     "world": MMDiTConfig(dim=192, num_heads=2, num_layers=4, ffn_dim=672, text_dim=64, text_len=144, clip_dim=128,
                          window=(5, 4, 4)),
 }
+# the paper's "VAE only" ablation of the world MMDiT: no CLIP branch
+MMDIT_PRESETS["world-vae"] = replace(MMDIT_PRESETS["world"], clip_dim=0)
