@@ -142,7 +142,7 @@ def _batch(step: int, config: ClipTrainConfig, subjects: int, variants: int) -> 
     return chosen, torch.randint(variants, (len(chosen),), generator=gen)
 
 
-def _lr_factor(step: int, config: ClipTrainConfig) -> float:
+def _clip_lr_factor(step: int, config: ClipTrainConfig) -> float:
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
@@ -173,7 +173,7 @@ def train_clip(config: ClipTrainConfig, pixels: Tensor, tokens: Tensor, run_dir:
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": rest, "weight_decay": 0.0}], lr=config.learning_rate)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _clip_lr_factor(s, config))
     start, losses = 0, []
     folder = Path(run_dir) / "checkpoints" if run_dir else None
     if folder is not None and (found := list_checkpoints(folder)):
