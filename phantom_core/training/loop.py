@@ -336,8 +336,10 @@ def _resume(config: TrainConfig, ctx: DistContext, model: nn.Module, optimizer: 
         return 0, None
     step, path = found[-1]
     saved = read_checkpoint_config(path)
-    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in config.to_json().items()
-               if k in RESUME_FIXED and saved.get(k) != v]
+    # a field newer than the checkpoint counts as its default (JSON: a tuple is a list)
+    saved = {k: saved[k] if k in saved else TrainConfig().to_json()[k] for k in RESUME_FIXED}
+    changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in config.to_json().items()
+               if k in RESUME_FIXED and saved[k] != v]
     if changed:
         raise ValueError(f"cannot resume from {path}: settings changed ({'; '.join(changed)}); start a new run_dir")
     state = load_checkpoint(path, model, optimizer, scheduler)

@@ -3,6 +3,7 @@ references' CLIP features cached and fed, dropout of both encodings, and the fin
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -24,7 +25,7 @@ from phantom_core.training.objective import drop_conditions, flow_matching_loss,
 from phantom_core.wan.umt5 import load_text_encoder
 from phantom_core.wan.vae import load_vae
 from tests.support.files import make_tiny_files
-from tests.support.training import random_latents
+from tests.support.training import micro_dit, random_latents
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 MICRO = MMDiTConfig(dim=64, num_heads=2, num_layers=2, ffn_dim=128, text_dim=32, text_len=16, clip_dim=24,
@@ -178,3 +179,14 @@ def test_the_cache_holds_ref_clip_added_once_from_the_tower(tmp_path):
     torch.testing.assert_close(data[1].latents, plain[1].latents, rtol=0, atol=0)
     build_cache(raw, tmp_path / "cache", clip=counted, **kw)
     assert loads == [1]  # cached: the tower is not loaded again
+
+
+def test_a_checkpoint_written_before_the_mmdit_fields_still_resumes(tmp_path):
+    data = random_latents(4, seed=4, text_dim=32)
+    train(settings(tmp_path, steps=2, checkpoint_every=1), dataset=data, model=micro_dit(4))
+    for path in (tmp_path / "mmdit.run" / "checkpoints").glob("step_*/config.json"):
+        old = {k: v for k, v in json.loads(path.read_text()).items()
+               if k not in ("clip_vision", "clip_output", "vae_reference_dropout", "vae_references")}
+        path.write_text(json.dumps(old))
+    result = train(settings(tmp_path, steps=3, checkpoint_every=1, resume=True), dataset=data, model=micro_dit(4))
+    assert result.steps == 3 and len(result.losses) == 3
