@@ -17,7 +17,7 @@ from phantom_core.mmdit.config import MMDIT_PRESETS, MMDiTConfig
 from phantom_core.mmdit.load import load_mmdit
 from phantom_core.mmdit.model import PhantomMMDiT
 from phantom_core.training.cache import InMemoryLatents, RawSample, build_cache, module_fingerprint
-from phantom_core.training.clip_features import ClipFeatures, file_clip_features
+from phantom_core.training.clip_features import ClipFeatures, file_clip_features, has_clip_features
 from phantom_core.training.config import load_config
 from phantom_core.training.loop import train
 from phantom_core.training.model import build_model, check_preset
@@ -25,7 +25,7 @@ from phantom_core.training.objective import drop_conditions, flow_matching_loss,
 from phantom_core.wan.umt5 import load_text_encoder
 from phantom_core.wan.vae import load_vae
 from tests.support.files import make_tiny_files
-from tests.support.training import micro_dit, random_latents
+from tests.support.training import micro_dit, random_latents, write_dataset
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 MICRO = MMDiTConfig(dim=64, num_heads=2, num_layers=2, ffn_dim=128, text_dim=32, text_len=16, clip_dim=24,
@@ -190,3 +190,23 @@ def test_a_checkpoint_written_before_the_mmdit_fields_still_resumes(tmp_path):
         path.write_text(json.dumps(old))
     result = train(settings(tmp_path, steps=3, checkpoint_every=1, resume=True), dataset=data, model=micro_dit(4))
     assert result.steps == 3 and len(result.losses) == 3
+
+
+def test_a_dataset_folder_trains_a_scratch_mmdit_with_cached_clip_features_and_validates(tmp_path):
+    files = make_tiny_files(tmp_path / "models", 0, [(40, 32)])
+    torch.manual_seed(0)
+    tower = build_vision_tower(CLIP_VISION_PRESETS["tiny"])  # tokens 128 wide: MMDIT_PRESETS["tiny"].clip_dim
+    clip_path = tmp_path / "clip.safetensors"
+    save_file({f"visual.{k}": v.contiguous() for k, v in tower.state_dict().items()}, str(clip_path))
+    root = write_dataset(tmp_path / "data", samples=2, frames=5, size=(32, 32))
+    config = settings(tmp_path, dataset=str(root), dit="scratch:mmdit-tiny", vae=str(files["vae"]),
+                      text_encoder=str(files["text_encoder"]), clip_vision=str(clip_path), frames=5,
+                      width=32, height=32, batch_size=1, steps=2, vae_reference_dropout=0.7, validate_every=2,
+                      validation_prompt="a cat", validation_references=(str(files["ref0"]),), validation_steps=2)
+    result = train(config)
+    assert load_mmdit(result.out).config == MMDIT_PRESETS["tiny"]
+    cached = sorted(config.cache_path.glob("clip_*.safetensors"))
+    assert len(cached) == 2 and all(has_clip_features(p, file_clip_features(config.clip_vision, "tokens",
+                                                                           torch.device("cpu")).fingerprint)
+                                    for p in cached)
+    assert (result.run_dir / "validation" / "step_000002.mp4").is_file()
