@@ -1,6 +1,11 @@
 """`make train-default`: train the embedded default in the miniature world, from scratch, resumably.
 
     python -m tools.train_default [--work build/default] [--stages text,vae,latents,dit,export] [--threads 2]
+    python -m tools.train_default --model mmdit [--variant both|vae|clip] [--stages clip,clip_features,mmdit]
+
+``--model mmdit`` trains the paper's MMDiT in a work folder that already holds the Phantom-Wan recipe's text, vae and
+latents stages: the world CLIP, the references' CLIP features, then the MMDiT variant (``--variant``: VAE and CLIP
+references, VAE only, CLIP only; ``phantom_core.world.mmdit_default``).
 
 Each stage leaves its files in ``--work`` and is skipped when they are complete, and the VAE and DiT stages
 resume from their latest checkpoint, so an interrupted run continues where it stopped. The VAE and DiT stages draw
@@ -19,6 +24,7 @@ import time
 import torch
 
 STAGES = ("text", "vae", "latents", "dit", "export")
+MMDIT_STAGES = ("clip", "clip_features", "mmdit")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,15 +33,23 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m tools.train_default", description=__doc__.split("\n")[0])
     parser.add_argument("--work", default="build/default", help="folder of the runs and intermediate files")
-    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
+    parser.add_argument("--stages", default=None, help=f"comma-separated, of {', '.join(STAGES)} (--model wan, "
+                        f"the default: all) or {', '.join(MMDIT_STAGES)} (--model mmdit: all)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the figures are for 2)")
+    parser.add_argument("--model", choices=("wan", "mmdit"), default="wan",
+                        help="wan: the Phantom-Wan default; mmdit: the paper's MMDiT on the wan recipe's latents")
+    parser.add_argument("--variant", choices=("both", "vae", "clip"), default="both",
+                        help="--model mmdit: VAE and CLIP references, VAE only, or CLIP only")
     args = parser.parse_args(argv)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    bad = [s for s in stages if s not in STAGES]
+    valid = STAGES if args.model == "wan" else MMDIT_STAGES
+    stages = [s.strip() for s in (args.stages or ",".join(valid)).split(",") if s.strip()]
+    bad = [s for s in stages if s not in valid]
     if bad:
-        parser.error(f"--stages: unknown {bad}; valid stages are {', '.join(STAGES)}")
+        parser.error(f"--stages: unknown {bad} for --model {args.model}; valid stages are {', '.join(valid)}")
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    if args.model == "mmdit":
+        return run_mmdit(args.work, stages, args.variant)
     for stage in STAGES:
         if stage in stages:
             t0 = time.perf_counter()
@@ -47,6 +61,30 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 run(args.work)
             print(f"== stage {stage} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return 0
+
+
+def run_mmdit(work: str, stages: list[str], variant: str) -> int:
+    """The MMDiT stages in order (``clip`` and ``clip_features`` are skipped for the VAE-only variant)."""
+    from phantom_core.inference.cli import TextProgressBar
+    from phantom_core.world import clip_model, mmdit_default
+
+    for stage in MMDIT_STAGES:
+        if stage not in stages or (variant == "vae" and stage != "mmdit"):
+            continue
+        t0 = time.perf_counter()
+        print(f"== stage {stage}", flush=True)
+        bar = TextProgressBar(sys.stderr, label=stage, unit="step")
+        progress = lambda step, total, note, bar=bar: bar(step - 1, total, note=note)  # noqa: E731
+        if stage == "clip":
+            clip_model.stage_clip(work, progress=progress)
+        elif stage == "clip_features":
+            mmdit_default.stage_clip_features(work)
+        else:
+            counts = mmdit_default.parameter_counts()
+            print(f"parameters: {', '.join(f'{k} {v:,}' for k, v in counts.items())}", flush=True)
+            mmdit_default.stage_mmdit(work, variant, progress=progress)
+        print(f"== stage {stage} done in {time.perf_counter() - t0:.0f} s", flush=True)
     return 0
 
 

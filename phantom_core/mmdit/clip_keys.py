@@ -94,6 +94,10 @@ CLIP_VISION_PRESETS: dict[str, ClipVisionConfig] = {
     # tests and the miniature world: 2 blocks of width 128, 32 px images in 8 px patches (17 tokens)
     "tiny": ClipVisionConfig(width=128, layers=2, head_width=64, patch_size=8, image_size=32, mlp_dim=512,
                              output_dim=64),
+    # the miniature world's CLIP (phantom_core.world.clip_model): 64 px references in 16 px patches (17 tokens of
+    # width 128), 3 blocks; 32 px ("tiny") would shrink the world's 128 px references 4x
+    "world": ClipVisionConfig(width=128, layers=3, head_width=64, patch_size=16, image_size=64, mlp_dim=512,
+                              output_dim=128),
 }
 
 

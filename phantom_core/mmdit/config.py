@@ -7,7 +7,7 @@ Everything a checkpoint's tensor shapes determine is a field here, plus three fi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from phantom_core.wan.rope import rope_axis_pairs
 
@@ -65,6 +65,8 @@ class MMDiTConfig:
         return self.dim // self.num_heads
 
 
+_WORLD_MMDIT = MMDiTConfig(dim=192, num_heads=2, num_layers=4, ffn_dim=672, text_dim=64, text_len=144, clip_dim=128,
+                           window=(5, 4, 4))
 MMDIT_PRESETS: dict[str, MMDiTConfig] = {
     # ~1.0 B parameters (1,007,388,224 with the CLIP branch): SD3-medium's width (1536), 12 joint blocks, head_dim
     # 128 (Wan's 3-D RoPE split 22/21/21), umT5-XXL text and ViT-H-14 penultimate tokens (as Wan2.1 I2V)
@@ -73,4 +75,12 @@ MMDIT_PRESETS: dict[str, MMDiTConfig] = {
     # (2, 4, 4) tokens so a 16x16 latent (8x8 tokens) has several windows
     "tiny": MMDiTConfig(dim=64, num_heads=2, num_layers=2, ffn_dim=128, text_dim=64, clip_dim=128,
                         window=(2, 4, 4)),
+    # the miniature world's MMDiT (phantom_core.world.mmdit_default): 4,853,024 parameters with the CLIP branch
+    # (4,790,944 without), against 4,862,272 of the Phantom-Wan DiT's "world" preset; the tiny umT5's width (64),
+    # the world CLIP's tokens (128 wide, CLIP_VISION_PRESETS["world"]); text_len 144 holds the longest world
+    # context (the dropped negative prompt: 139 tokens); windows of (5, 4, 4) tokens cut the 5 x 8 x 8 token video
+    # (17 frames of 128 x 128 px) into 4 windows, shifted by (2, 2, 2) in odd blocks
+    "world": _WORLD_MMDIT,
+    # the paper's "VAE only" ablation of it: no CLIP branch
+    "world-vae": replace(_WORLD_MMDIT, clip_dim=0),
 }

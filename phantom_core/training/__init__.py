@@ -4,6 +4,7 @@
     objective.py    timestep sampling, x_t, the velocity target, condition dropout, the video-only loss
     dataset.py      a dataset folder / JSONL manifest -> samples; clips cut and resized; bad samples reported
     cache.py        VAE latents + umT5 contexts computed once, cached as safetensors; the latent dataset interface
+    clip_features.py  the references' CLIP features (an MMDiT's ref_clip), cached in the same files
     order.py        the deterministic, resumable, per-rank sharded batch order
     checkpoint.py   atomic training checkpoints (trainable weights, optimizer, scheduler, RNG states, position)
     runlog.py       the JSON-lines step log and the loss plot PNG

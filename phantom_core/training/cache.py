@@ -9,6 +9,10 @@ writes one safetensors file per sample:
     <cache_dir>/dropped-<key>.safetensors          context of the dropped prompt
     <cache_dir>/models.json                        fingerprints of the VAE and text encoder that made the cache
 
+With a CLIP vision tower (``clip``, ``clip_features.ClipFeatures``) each sample file also holds ``ref_clip``
+(``[N, T, C]``: each reference's CLIP features, ``mmdit.clip.encode_clip_references``) and the tower's fingerprint
+in its metadata; a file without them, or with another tower's, gets them added (the VAE latents are kept).
+
 The key hashes everything that determines the tensors (the sample's files with their sizes and modification
 times, the caption, the training size and frame count, the reference mode, the models' fingerprints), so a
 changed clip, size or model is re-encoded and an unchanged one never is; without fingerprints the
@@ -38,6 +42,7 @@ from torch import Tensor, nn
 from phantom_core.loading.disk import atomic_write
 from phantom_core.log import logger
 from phantom_core.references import encode_references
+from phantom_core.training.clip_features import ClipFeatures, add_clip_features
 from phantom_core.training.dataset import BadSample, RawSample, SampleSpec, load_sample, report_bad
 
 MODELS_FILE = "models.json"
@@ -46,12 +51,14 @@ MODELS_FILE = "models.json"
 @dataclass(frozen=True)
 class LatentSample:
     """One encoded training sample: normalized ``latents [16, F, h, w]``, ``ref_latents [16, N, h, w]`` (clean),
-    ``context [L, D]`` (the caption's real umT5 tokens); float32."""
+    ``context [L, D]`` (the caption's real umT5 tokens), and for an MMDiT with a CLIP branch the references'
+    ``ref_clip [N, T, C]`` (None without); float32."""
 
     name: str
     latents: Tensor
     ref_latents: Tensor
     context: Tensor
+    ref_clip: Tensor | None = None
 
 
 class LatentDataset(Protocol):
@@ -105,7 +112,7 @@ class CachedLatents:
 
     def _read(self, index: int) -> LatentSample:
         t = load_file(str(self.files[index]))
-        return LatentSample(self.names[index], t["latents"], t["ref_latents"], t["context"])
+        return LatentSample(self.names[index], t["latents"], t["ref_latents"], t["context"], t.get("ref_clip"))
 
     def __len__(self) -> int:
         return len(self.files)
@@ -186,7 +193,8 @@ Encoders = Callable[[], tuple[Any, Any]]
 def build_cache(samples: Iterable[SampleSpec | RawSample], cache_dir: str | os.PathLike, *,
                 encoders: Encoders | None, fingerprints: dict[str, str] | None, frames: int, width: int,
                 height: int, ref_mode: str = "letterbox", dropped_prompt: str = "", in_memory: bool = False,
-                bad: list[BadSample] | None = None) -> tuple[CachedLatents, list[BadSample]]:
+                bad: list[BadSample] | None = None, clip: ClipFeatures | None = None
+                ) -> tuple[CachedLatents, list[BadSample]]:
     """Encode whatever is not cached yet and return the cached dataset (in ``samples`` order).
 
     Args:
@@ -199,6 +207,7 @@ def build_cache(samples: Iterable[SampleSpec | RawSample], cache_dir: str | os.P
         dropped_prompt: the prompt a dropped text becomes (its context is cached too).
         in_memory: load every cached sample into memory once (small datasets: no file reads per step).
         bad: samples already found bad (listed with the new ones in the result).
+        clip: the CLIP tower whose reference features each file must also hold (``ref_clip``), or None.
     Returns:
         ``(dataset, bad samples)``: every sample that could not be used is in the list with its reason (and
         logged), never raised.
@@ -209,10 +218,11 @@ def build_cache(samples: Iterable[SampleSpec | RawSample], cache_dir: str | os.P
     cache_dir.mkdir(parents=True, exist_ok=True)
     models = _models_record(cache_dir, fingerprints)
     settings = {"frames": frames, "width": width, "height": height, "ref_mode": ref_mode}
-    bad, files, to_encode = list(bad or []), [], []
+    bad, files, to_encode, pairs = list(bad or []), [], [], []
     for sample in samples:
         path = cache_dir / f"{_safe_name(sample.name)}-{sample_key(sample, settings, models)}.safetensors"
         files.append(path)
+        pairs.append((sample, path))
         if not path.is_file():
             to_encode.append((sample, path))
     dropped_path = cache_dir / f"dropped-{_key(dropped_prompt, models['text_encoder'])}.safetensors"
@@ -226,6 +236,8 @@ def build_cache(samples: Iterable[SampleSpec | RawSample], cache_dir: str | os.P
         with torch.no_grad():
             context = text_encoder.encode([dropped_prompt])[0]  # (L, D)
         _write_tensors(dropped_path, {"context": context}, {"prompt": dropped_prompt})
+    if clip is not None:
+        failed += add_clip_features([(s, p) for s, p in pairs if p.is_file()], clip, settings)
     bad += failed
     report_bad(failed)
     kept = [f for f in files if f.is_file()]  # in dataset order; a sample that failed has no file

@@ -23,6 +23,14 @@ at 0.7 because its CLIP image features still carry the reference; Phantom-Wan ha
 the references that often would leave 70% of the steps without any subject and train mostly text-to-video.
 We drop them at 0.1 and rely on cross-pair data (README) against copy-paste, the failure the paper's high rate
 fights.
+
+The paper's MMDiT (``dit = "scratch:mmdit-<preset>"`` or an MMDiT checkpoint, detected by its keys) reads each
+reference twice: VAE latents and CLIP features (``clip_vision``: the tower's file; its features are cached with the
+latents). ``reference_dropout`` (the ``v_neg`` condition) zeroes both, as the sampler's ``v_neg`` pass does;
+``vae_reference_dropout`` (the paper's 0.7) zeroes the VAE latents alone, on a draw of its own (independent of the
+nested text / reference draw, so the ``v_img`` condition still sees VAE latents as often as the others), and keeps
+the CLIP features: it needs them. ``vae_references = false`` gives the model no VAE reference latents at all (the
+paper's "CLIP only" ablation); a model without a CLIP branch (``clip_dim`` 0) is the "VAE only" one.
 """
 
 from __future__ import annotations
@@ -48,6 +56,8 @@ TIMESTEP_SAMPLING = ("uniform", "logit_normal", "shifted")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "bf16", "fp32")
 SCRATCH_PREFIX = "scratch:"  # dit = "scratch:<DIT_PRESETS name>": build and init_weights(), no checkpoint
+MMDIT_PREFIX = "mmdit-"  # dit = "scratch:mmdit-<MMDIT_PRESETS name>": the paper's MMDiT from scratch
+CLIP_OUTPUT_CHOICES = ("tokens", "pooled")  # mmdit.clip.CLIP_OUTPUTS (not imported: it loads PIL and the loaders)
 
 
 def cpu_bf16_fast() -> bool:
@@ -86,6 +96,10 @@ class TrainConfig:
     vae: str = _f("", "Wan2.1 VAE (encodes the clips and references once, decodes validation videos)")
     text_encoder: str = _f("", "umT5 text encoder (encodes the captions once)")
     tokenizer: str = _f("", "umT5 spiece.model when the text encoder file has none embedded")
+    clip_vision: str = _f("", "CLIP vision file (ComfyUI clip_vision, open_clip): the references' CLIP features are "
+                              "cached and given to an MMDiT with a CLIP branch")
+    clip_output: str = _f("tokens", f"which CLIP features: {' | '.join(CLIP_OUTPUT_CHOICES)} (penultimate tokens or "
+                                    "the pooled embedding; the MMDiT's clip_dim must be their width)")
     # -- what is trained
     mode: str = _f("lora", f"{' | '.join(TRAIN_MODES)}: a LoRA adapter on the frozen DiT, or every weight")
     lora_rank: int = _f(16, "LoRA rank r")
@@ -115,6 +129,11 @@ class TrainConfig:
     text_dropout: float = _f(0.2, "probability that a sample's text is replaced by dropped_prompt's")
     reference_dropout: float = _f(0.1, "probability that a sample's references are all-zero latents (nested "
                                        "with text_dropout: see the module docs)")
+    vae_reference_dropout: float = _f(0.0, "probability, on a draw of its own, that a sample's VAE reference "
+                                           "latents are zeroed while its CLIP features stay (the paper: 0.7; needs "
+                                           "CLIP features)")
+    vae_references: bool = _f(True, "give the model the references' VAE latents (false: the paper's CLIP-only "
+                                    "ablation, an MMDiT with a CLIP branch)")
     dropped_prompt: str = _f("", "the prompt a dropped text becomes ('' = empty, the unconditional context)")
     seed: int = _f(0, "seed of the data order, noise, timesteps, dropout and a from-scratch init")
     # -- output
@@ -179,6 +198,7 @@ TRAIN_RANGES: dict[str, Range] = {
     "logit_std": Range(0.01, 10.0, meaning="logit-normal standard deviation"),
     "text_dropout": Range(0.0, 1.0, meaning="a probability"),
     "reference_dropout": Range(0.0, 1.0, meaning="a probability"),
+    "vae_reference_dropout": Range(0.0, 1.0, meaning="a probability"),
     "seed": Range(0, 2**63 - 1, 1, "the run seed"),
     "checkpoint_every": Range(1, 10**8, 1, "steps between checkpoints"),
     "keep_checkpoints": Range(0, 10**6, 1, "0 keeps all"),
@@ -214,7 +234,8 @@ def validate_config(c: TrainConfig) -> None:
         elif (message := TRAIN_RANGES[name].error(name, value)) is not None:
             raise ValueError(f"train config: {message}")
     for name, options in (("ref_mode", REFERENCE_MODES), ("mode", TRAIN_MODES), ("timesteps", TIMESTEP_SAMPLING),
-                          ("lr_schedule", LR_SCHEDULES), ("precision", PRECISIONS), ("validation_solver", SOLVERS)):
+                          ("lr_schedule", LR_SCHEDULES), ("precision", PRECISIONS), ("validation_solver", SOLVERS),
+                          ("clip_output", CLIP_OUTPUT_CHOICES)):
         _check(getattr(c, name) in options, name, getattr(c, name), " | ".join(options))
     _check(len(c.validation_references) <= 4, "validation_references", c.validation_references, "0 to 4 images")
     if c.validate_every:

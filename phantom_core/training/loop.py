@@ -8,7 +8,9 @@
 3. optimizer AdamW and a warm-up (+ cosine) schedule; a checkpoint to resume from, if asked.
 4. each optimizer step: ``grad_accum`` micro-batches; each draws its global batch (``order.BatchOrder``), takes
    this rank's slice, draws each sample's timestep, dropout and noise from (seed, micro-step, position)
-   (``objective.draw_sample``), applies condition dropout and backpropagates the video-only flow-matching loss
+   (``objective.draw_sample``), applies condition dropout (to the VAE latents and, for an MMDiT with a CLIP branch,
+   to the references' CLIP features too: ``objective.reference_inputs``) and backpropagates the video-only
+   flow-matching loss
    (bf16 autocast on CUDA, fp32 on the CPU unless ``precision`` is bf16); gradients are clipped, AdamW steps,
    the loss (mean over ranks) is logged; checkpoints every ``checkpoint_every`` steps and at the end; a validation
    video every ``validate_every`` steps.
@@ -45,6 +47,7 @@ from phantom_core.training.checkpoint import (
     save_checkpoint,
     set_rng_states,
 )
+from phantom_core.training.clip_features import file_clip_features
 from phantom_core.training.config import SCRATCH_PREFIX, TrainConfig
 from phantom_core.training.dataset import BadSample, read_dataset, report_bad
 from phantom_core.training.distributed import (
@@ -59,7 +62,13 @@ from phantom_core.training.distributed import (
     wrap_model,
 )
 from phantom_core.training.model import build_model, check_preset, file_encoders, make_trainable, save_output
-from phantom_core.training.objective import TimestepSampling, draw_sample, drop_conditions, flow_matching_loss
+from phantom_core.training.objective import (
+    TimestepSampling,
+    draw_sample,
+    drop_conditions,
+    flow_matching_loss,
+    reference_inputs,
+)
 from phantom_core.training.order import BatchOrder, shard
 from phantom_core.training.runlog import RunLog, write_loss_plot
 from phantom_core.training.validation import Validator
@@ -70,7 +79,8 @@ last checkpoint is kept)."""
 
 IN_MEMORY_BYTES = 1 << 30  # a latent cache smaller than this is loaded into memory once
 RESUME_FIXED = ("mode", "lora_rank", "lora_alpha", "lora_targets", "batch_size", "grad_accum", "seed",
-                "timesteps", "text_dropout", "reference_dropout", "width", "height", "frames")
+                "timesteps", "text_dropout", "reference_dropout", "width", "height", "frames", "clip_output",
+                "vae_reference_dropout", "vae_references")
 
 
 @dataclass
@@ -137,6 +147,7 @@ def _train(config: TrainConfig, ctx: DistContext, dataset: LatentDataset | None,
     # 2. model
     model = build_model(config, ctx.device) if model is None else model.to(ctx.device)
     make_trainable(model, config)
+    use_clip = reads_clip(model, dataset)
     trained = wrap_model(model, ctx, config.fsdp)
     params = [p for p in trained.parameters() if p.requires_grad]
     # 3. optimizer, schedule, resume
@@ -160,15 +171,21 @@ def _train(config: TrainConfig, ctx: DistContext, dataset: LatentDataset | None,
             micro_step = (step - 1) * config.grad_accum + micro
             positions = shard(list(range(global_batch)), ctx.rank, ctx.world_size)
             indices = shard(order.next_batch(), ctx.rank, ctx.world_size)
-            x0, refs, context = collate([dataset[i] for i in indices], ctx.device)
+            batch = [dataset[i] for i in indices]
+            x0, refs, context = collate(batch, ctx.device)
             draws = [draw_sample(config.seed, micro_step, j, tuple(x0.shape[1:]), timesteps) for j in positions]
             sigma = torch.tensor([d.sigma for d in draws], dtype=torch.float32, device=ctx.device)  # (B,)
             noise = torch.stack([d.noise for d in draws]).to(ctx.device)  # (B, 16, F, h, w)
             drop_u = torch.tensor([d.drop_u for d in draws], dtype=torch.float64)  # (B,)
             context, refs = drop_conditions(context, refs, dropped, drop_u, config.text_dropout,
                                             config.reference_dropout)
+            ref_clip = torch.stack([s.ref_clip for s in batch]).to(ctx.device).float() if use_clip else None
+            if use_clip or config.vae_reference_dropout or not config.vae_references:
+                refs, ref_clip = reference_inputs(refs, ref_clip, drop_u, torch.tensor([d.vae_drop_u for d in draws]),
+                                                  config.reference_dropout, config.vae_reference_dropout,
+                                                  config.vae_references)
             with gradient_sync(trained, micro == config.grad_accum - 1), autocast():
-                loss = flow_matching_loss(trained, x0, refs, context, sigma, noise)
+                loss = flow_matching_loss(trained, x0, refs, context, sigma, noise, ref_clip)
                 (loss / config.grad_accum).backward()
             loss_sum += float(loss.detach())
         grad_norm = _clip_gradients(params, config.max_grad_norm)
@@ -215,6 +232,22 @@ def collate(samples: list[LatentSample], device: torch.device) -> tuple[Tensor, 
     return x0.to(device).float(), refs.to(device).float(), context.to(device).float()
 
 
+def reads_clip(model: nn.Module, dataset: LatentDataset) -> bool:
+    """Whether the run feeds CLIP reference features: ``model`` has a CLIP branch (``config.clip_dim > 0``).
+
+    Raises:
+        ValueError: a CLIP-branch model on samples without ``ref_clip`` (give ``clip_vision``).
+    """
+    if not getattr(getattr(model, "config", None), "clip_dim", 0):
+        if len(dataset) and getattr(dataset[0], "ref_clip", None) is not None:
+            logger.warning("the samples' CLIP features are not used: the model has no CLIP branch")
+        return False
+    if not len(dataset) or getattr(dataset[0], "ref_clip", None) is None:
+        raise ValueError("this MMDiT has a CLIP branch (clip_dim > 0) but the samples have no CLIP features: give "
+                         "clip_vision (the CLIP vision file) so that the cache holds them")
+    return True
+
+
 def _seed_everything(seed: int) -> None:
     """Seed the global RNGs (torch, numpy, python): what a model draws itself (e.g. LoRA dropout) is seeded too."""
     torch.manual_seed(seed)
@@ -241,13 +274,14 @@ def prepare_dataset(config: TrainConfig, encoders: Encoders | None, fingerprints
     ctx = ctx or DistContext()
     specs, bad = read_dataset(config.dataset, contained=contained)
     report_bad(bad)
+    clip = file_clip_features(config.clip_vision, config.clip_output, ctx.device) if config.clip_vision else None
     kw = dict(frames=config.frames, width=config.width, height=config.height, ref_mode=config.ref_mode,
-              dropped_prompt=config.dropped_prompt, bad=bad)
+              dropped_prompt=config.dropped_prompt, bad=bad, clip=clip)
     if ctx.is_main:
         dataset, bad = build_cache(specs, config.cache_path, encoders=encoders, fingerprints=fingerprints, **kw)
     barrier(ctx)
     if not ctx.is_main:
-        dataset, bad = build_cache(specs, config.cache_path, encoders=None, fingerprints=None, **kw)
+        dataset, bad = build_cache(specs, config.cache_path, encoders=None, fingerprints=None, **{**kw, "clip": None})
     if isinstance(dataset, CachedLatents) and sum(f.stat().st_size for f in dataset.files) < IN_MEMORY_BYTES:
         dataset = CachedLatents(dataset.files, dataset.dropped_context, in_memory=True)
     return dataset, bad
@@ -302,8 +336,10 @@ def _resume(config: TrainConfig, ctx: DistContext, model: nn.Module, optimizer: 
         return 0, None
     step, path = found[-1]
     saved = read_checkpoint_config(path)
-    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in config.to_json().items()
-               if k in RESUME_FIXED and saved.get(k) != v]
+    # a field newer than the checkpoint counts as its default (JSON: a tuple is a list)
+    saved = {k: saved[k] if k in saved else TrainConfig().to_json()[k] for k in RESUME_FIXED}
+    changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in config.to_json().items()
+               if k in RESUME_FIXED and saved[k] != v]
     if changed:
         raise ValueError(f"cannot resume from {path}: settings changed ({'; '.join(changed)}); start a new run_dir")
     state = load_checkpoint(path, model, optimizer, scheduler)

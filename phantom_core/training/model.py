@@ -1,13 +1,16 @@
 """The model a run trains and the file it leaves: a DiT from a checkpoint or from scratch, full or LoRA.
 
-- ``dit = "path"``: the checkpoint, loaded trainable (``load_dit(..., trainable=True)``); ``dit = "scratch:<preset>"``:
-  the preset built on the meta device, allocated on the CPU and initialised as upstream Wan2.1
-  (``PhantomWanDiT.init_weights``) from the run seed, then moved to the device: the same weights on any device.
+- ``dit = "path"``: the checkpoint, loaded trainable: a Phantom MMDiT when its keys are an MMDiT's, else a
+  Phantom-Wan DiT (``mmdit.load.load_any_dit``); ``dit = "scratch:<preset>"``: the preset built on the meta
+  device, allocated on the CPU and initialised as upstream Wan2.1 (``PhantomWanDiT.init_weights``) from the run
+  seed, then moved to the device: the same weights on any device; ``dit = "scratch:mmdit-<preset>"``: the same
+  for ``MMDIT_PRESETS[preset]`` (``PhantomMMDiT.init_weights``, SD3's init).
 - ``mode = "full"``: every weight is trained, kept in float32 (bf16 autocast computes on CUDA).
   ``mode = "lora"``: the DiT is frozen (bf16 on CUDA, to halve its memory; float32 on the CPU) and LoRA adapters
   on the named Linears (``phantom_core.lora.inject_lora``) are the only trainable parameters.
-- The final file: the whole DiT with upstream key names (full), or the LoRA in ComfyUI's format (``lora_up`` /
-  ``lora_down`` / ``alpha`` under ``diffusion_model.``; ``phantom_core.lora.save_lora``), with metadata.
+- The final file: the whole DiT with upstream key names (an MMDiT: the layout ``load_mmdit`` reads) (full),
+  or the LoRA in ComfyUI's format (``lora_up`` / ``lora_down`` / ``alpha`` under ``diffusion_model.``;
+  ``phantom_core.lora.save_lora``), with metadata.
 """
 
 from __future__ import annotations
@@ -24,10 +27,13 @@ from phantom_core.loading.disk import atomic_write
 from phantom_core.log import logger
 from phantom_core.lora.adapter import DEFAULT_TARGETS, inject_lora, lora_modules, lora_state_dict
 from phantom_core.lora.files import lora_metadata, save_lora
+from phantom_core.mmdit.config import MMDIT_PRESETS
+from phantom_core.mmdit.load import load_any_dit, mmdit_preset_name
+from phantom_core.mmdit.model import MMDIT_LORA_TARGETS, PhantomMMDiT
 from phantom_core.training.cache import Encoders, file_fingerprint
-from phantom_core.training.config import SCRATCH_PREFIX, TrainConfig
+from phantom_core.training.config import MMDIT_PREFIX, SCRATCH_PREFIX, TrainConfig
 from phantom_core.wan.dit import DIT_PRESETS, PhantomWanDiT
-from phantom_core.wan.load import load_dit, preset_name
+from phantom_core.wan.load import preset_name
 from phantom_core.wan.umt5 import load_text_encoder
 from phantom_core.wan.vae import load_vae
 
@@ -43,24 +49,31 @@ def base_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
 
 
 def check_preset(preset: str) -> None:
-    """Raise ``ValueError`` (listing the valid names) unless ``preset`` is a ``DIT_PRESETS`` name."""
-    if preset not in DIT_PRESETS:
-        raise ValueError(f"dit is {SCRATCH_PREFIX}{preset}; valid presets: {', '.join(DIT_PRESETS)}")
+    """Raise ``ValueError`` (listing the valid names) unless ``preset`` is a ``DIT_PRESETS`` name or
+    ``mmdit-<MMDIT_PRESETS name>``."""
+    if preset not in DIT_PRESETS and preset.removeprefix(MMDIT_PREFIX) not in MMDIT_PRESETS:
+        valid = [*DIT_PRESETS, *(MMDIT_PREFIX + name for name in MMDIT_PRESETS)]
+        raise ValueError(f"dit is {SCRATCH_PREFIX}{preset}; valid presets: {', '.join(valid)}")
 
 
-def scratch_model(preset: str, seed: int, device: torch.device, dtype: torch.dtype = torch.float32) -> PhantomWanDiT:
-    """``DIT_PRESETS[preset]`` initialised as upstream Wan2.1 from ``seed`` on the CPU, then moved to ``device``.
+def scratch_model(preset: str, seed: int, device: torch.device, dtype: torch.dtype = torch.float32
+                  ) -> PhantomWanDiT | PhantomMMDiT:
+    """``DIT_PRESETS[preset]`` initialised as upstream Wan2.1 from ``seed`` on the CPU (``mmdit-<name>``:
+    ``MMDIT_PRESETS[name]``, initialised as SD3), then moved to ``device``.
 
     Raises:
         ValueError: an unknown preset (the valid names listed).
     """
     check_preset(preset)
-    model = PhantomWanDiT(DIT_PRESETS[preset], device="meta").to_empty(device="cpu")
+    if preset.startswith(MMDIT_PREFIX) and preset not in DIT_PRESETS:
+        model = PhantomMMDiT(MMDIT_PRESETS[preset.removeprefix(MMDIT_PREFIX)], device="meta").to_empty(device="cpu")
+    else:
+        model = PhantomWanDiT(DIT_PRESETS[preset], device="meta").to_empty(device="cpu")
     model.init_weights(torch.Generator().manual_seed(seed * 0x10000 + INIT_STREAM))
     return model.to(device=device, dtype=dtype).train().requires_grad_(True)
 
 
-def build_model(config: TrainConfig, device: torch.device) -> PhantomWanDiT:
+def build_model(config: TrainConfig, device: torch.device) -> PhantomWanDiT | PhantomMMDiT:
     """The DiT named by ``config.dit`` on ``device``, trainable (train mode, gradients on), in ``base_dtype``.
 
     Raises:
@@ -69,7 +82,7 @@ def build_model(config: TrainConfig, device: torch.device) -> PhantomWanDiT:
     dtype = base_dtype(config, device)
     if config.dit.startswith(SCRATCH_PREFIX):
         return scratch_model(config.dit.removeprefix(SCRATCH_PREFIX), config.seed, device, dtype)
-    return load_dit(config.dit, dtype=dtype, device=device, trainable=True)
+    return load_any_dit(config.dit, dtype=dtype, device=device, trainable=True)
 
 
 def make_trainable(model: nn.Module, config: TrainConfig) -> list[str]:
@@ -84,8 +97,9 @@ def make_trainable(model: nn.Module, config: TrainConfig) -> list[str]:
     else:
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(config.seed * 0x10000 + LORA_STREAM)
-        wrapped = inject_lora(model, config.lora_rank, config.lora_alpha, targets=config.lora_targets or
-                              DEFAULT_TARGETS, dropout=config.lora_dropout, generator=generator)  # freezes the rest
+        default = MMDIT_LORA_TARGETS if isinstance(model, PhantomMMDiT) else DEFAULT_TARGETS
+        wrapped = inject_lora(model, config.lora_rank, config.lora_alpha, targets=config.lora_targets or default,
+                              dropout=config.lora_dropout, generator=generator)  # freezes the rest
         logger.info("LoRA rank %d alpha %g on %d Linears", config.lora_rank, config.lora_alpha, len(wrapped))
     if hasattr(model, "enable_gradient_checkpointing"):
         model.enable_gradient_checkpointing(config.gradient_checkpointing)
@@ -99,7 +113,8 @@ def base_model_name(model: nn.Module, config: TrainConfig) -> str:
     """What the run started from: the DiT preset's name (e.g. ``phantom-wan-1.3b``) when the model is one, else
     ``config.dit`` (a path or ``scratch:<preset>``), else ``custom``."""
     cfg = getattr(model, "config", None)
-    return (preset_name(cfg) if cfg is not None else None) or config.dit or "custom"
+    name = None if cfg is None else mmdit_preset_name(cfg) if isinstance(model, PhantomMMDiT) else preset_name(cfg)
+    return name or config.dit or "custom"
 
 
 def gathered_lora(model: nn.Module, weights: dict[str, Tensor], prefix: str = "diffusion_model.") -> dict[str, Tensor]:

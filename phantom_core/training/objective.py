@@ -55,11 +55,13 @@ class TimestepSampling:
 
 @dataclass(frozen=True)
 class SampleDraw:
-    """The random choices for one training sample: its sigma, its dropout draw ``u`` in [0, 1), its noise."""
+    """The random choices for one training sample: its sigma, its dropout draw ``u`` in [0, 1), its noise, and the
+    separate draw of the VAE-reference dropout (``vae_drop_u``, in [0, 1), drawn last: the others do not move)."""
 
     sigma: float
     drop_u: float
     noise: Tensor  # like the sample's video latents, float32, CPU
+    vae_drop_u: float = 1.0
 
 
 def sample_seed(seed: int, micro_step: int, index: int) -> int:
@@ -70,13 +72,14 @@ def sample_seed(seed: int, micro_step: int, index: int) -> int:
 
 def draw_sample(seed: int, micro_step: int, index: int, latent_shape: tuple[int, ...],
                 timesteps: TimestepSampling) -> SampleDraw:
-    """Sigma, dropout draw and noise ``[16, F, h, w]`` (float32, CPU) for one sample, in that order from one
-    generator (``sample_seed``)."""
+    """Sigma, dropout draw, noise ``[16, F, h, w]`` (float32, CPU) and the VAE-reference dropout draw for one
+    sample, in that order from one generator (``sample_seed``)."""
     gen = torch.Generator().manual_seed(sample_seed(seed, micro_step, index))
     sigma = timesteps.draw(gen)
     drop_u = float(torch.rand((), generator=gen, dtype=torch.float64))
     noise = torch.randn(latent_shape, generator=gen, dtype=torch.float32)  # (16, F, h, w)
-    return SampleDraw(sigma, drop_u, noise)
+    vae_drop_u = float(torch.rand((), generator=gen, dtype=torch.float64))
+    return SampleDraw(sigma, drop_u, noise, vae_drop_u)
 
 
 def noisy_latents(x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
@@ -116,6 +119,39 @@ def drop_conditions(context: Tensor, ref_latents: Tensor, dropped_context: Tenso
     return torch.where(drop_text, dropped, context), torch.where(drop_refs, 0.0, ref_latents)
 
 
+def reference_inputs(ref_latents: Tensor, ref_clip: Tensor | None, drop_u: Tensor, vae_drop_u: Tensor,
+                     reference_dropout: float, vae_reference_dropout: float = 0.0, vae_references: bool = True
+                     ) -> tuple[Tensor | None, Tensor | None]:
+    """The references a model with CLIP features sees, after ``drop_conditions`` dropped the VAE latents.
+
+    - ``ref_clip`` is zeroed for the samples whose VAE latents ``drop_conditions`` zeroed (``drop_u <
+      reference_dropout``): the ``v_neg`` pass's input, both encodings zero, as the sampler gives it;
+    - the VAE latents alone are zeroed where ``vae_drop_u < vae_reference_dropout`` (the paper's 0.7; a draw of
+      its own), the CLIP features kept;
+    - ``vae_references=False`` (the CLIP-only ablation) gives the model no VAE latents (None).
+
+    Args:
+        ref_latents: ``[B, 16, N, h, w]`` (after ``drop_conditions``). ref_clip: ``[B, N, T, C]`` or None.
+        drop_u, vae_drop_u: ``[B]`` uniform draws in [0, 1) (``SampleDraw``).
+    Returns:
+        ``(ref_latents or None, ref_clip or None)``, new tensors.
+    Raises:
+        ValueError: ``vae_reference_dropout > 0`` or ``vae_references=False`` without CLIP features: the model
+            would see no reference at all.
+    """
+    if ref_clip is None and (vae_reference_dropout > 0 or not vae_references):
+        raise ValueError(f"vae_reference_dropout is {vae_reference_dropout} and vae_references {vae_references}, "
+                         "but the samples have no CLIP features (clip_vision) for a model with a CLIP branch: "
+                         "without them the VAE latents are the only reference")
+    if ref_clip is not None:
+        drop_both = (drop_u < reference_dropout).to(ref_clip.device).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        ref_clip = torch.where(drop_both, 0.0, ref_clip)
+    if not vae_references:
+        return None, ref_clip
+    drop_vae = (vae_drop_u < vae_reference_dropout).to(ref_latents.device).view(-1, 1, 1, 1, 1)  # (B, 1, 1, 1, 1)
+    return torch.where(drop_vae, 0.0, ref_latents), ref_clip
+
+
 def video_mse(prediction: Tensor, target: Tensor) -> Tensor:
     """Mean squared error over the video frames only, in float32.
 
@@ -130,21 +166,25 @@ def video_mse(prediction: Tensor, target: Tensor) -> Tensor:
     return torch.mean((prediction.float() - target[:, :, :frames].float()) ** 2)
 
 
-def flow_matching_loss(model: VelocityModel, x0: Tensor, ref_latents: Tensor, context: Tensor, sigma: Tensor,
-                       noise: Tensor) -> Tensor:
+def flow_matching_loss(model: VelocityModel, x0: Tensor, ref_latents: Tensor | None, context: Tensor, sigma: Tensor,
+                       noise: Tensor, ref_clip: Tensor | None = None) -> Tensor:
     """The training loss of one batch (paper Eq. 3-4): noise the video, predict its velocity, MSE on the video.
 
     Args:
-        model: ``model(x, t, context, ref_latents) -> velocity of the video frames`` (``PhantomWanDiT``).
+        model: ``model(x, t, context, ref_latents) -> velocity of the video frames`` (``PhantomWanDiT``), with
+            ``ref_clip=`` when CLIP features are given (``PhantomMMDiT``).
         x0: ``[B, 16, F, h, w]`` clean normalized video latents.
-        ref_latents: ``[B, 16, N, h, w]`` clean normalized reference latents (after dropout); never noised.
+        ref_latents: ``[B, 16, N, h, w]`` clean normalized reference latents (after dropout); never noised; None:
+            no VAE reference (an MMDiT's CLIP-only variant).
         context: ``[B, L, D]`` text contexts (after dropout).
         sigma: ``[B]`` float noise levels in [0, 1]; the model sees ``1000 * sigma`` (as sampling).
         noise: ``[B, 16, F, h, w]`` standard normal noise.
+        ref_clip: ``[B, N, T, C]`` CLIP features of the references (after dropout), or None (not passed).
     Returns:
         The scalar float32 MSE (differentiable).
     """
     x_t = noisy_latents(x0, noise, sigma)  # (B, 16, F, h, w)
     t = sigma.float() * NUM_TRAIN_TIMESTEPS  # (B,) in [0, 1000]
-    prediction = model(x_t, t, context, ref_latents)  # (B, 16, F, h, w), video frames only
+    extra = {} if ref_clip is None else {"ref_clip": ref_clip}
+    prediction = model(x_t, t, context, ref_latents, **extra)  # (B, 16, F, h, w), video frames only
     return video_mse(prediction, velocity_target(x0, noise))

@@ -49,6 +49,12 @@ class Validator:
             refs = encode_references(vae, images, config.width, config.height, config.ref_mode)  # (1,16,N,h,w)
         self.context, self.context_neg = context[None].to(device), context_neg[None].to(device)  # (1, L, D)
         self.refs: Tensor = refs.to(device)
+        self.ref_clip: Tensor | None = None  # (1, N, T, C): the CLIP features an MMDiT with a CLIP branch reads
+        if config.clip_vision:
+            from phantom_core.training.clip_features import file_clip_features
+
+            encode = file_clip_features(config.clip_vision, config.clip_output, device).load()
+            self.ref_clip = encode(images)[None].to(device)
         self.vae = vae
 
     @torch.no_grad()
@@ -64,7 +70,7 @@ class Validator:
             with autocast():
                 latents = sample_from_seed(model, s.seed, s.latent_shape, self.refs, self.context, self.context_neg,
                                            steps=s.steps, shift=s.shift, solver=s.solver, w_img=s.w_img,
-                                           w_text=s.w_text)  # (1, 16, F, h, w) normalized
+                                           w_text=s.w_text, ref_clip=self.ref_clip)  # (1, 16, F, h, w) normalized
         finally:
             model.train()
         if not write:

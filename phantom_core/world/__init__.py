@@ -8,4 +8,5 @@ the metrics that measure a model in it (docs/WORLD.md).
     metrics    score_video (every metric)          cases     the fixed evaluation case set
     baselines  paste / truth / noise / a model     evaluate  summaries and the table; sheet: the contact sheet
     cli        `python -m phantom_core evaluate`
+    clip_model the world's tiny CLIP (open_clip)   mmdit_default  the recipe of the world MMDiT (paper's network)
 """

@@ -1,0 +1,200 @@
+"""The recipe of the world's MMDiT default: the paper's own network (``mmdit``) trained in the miniature world on the
+Phantom-Wan recipe's files, next to the Phantom-Wan DiT it is compared with.
+
+Given a work folder that already holds the Phantom-Wan recipe's stages ``text``, ``vae`` and ``latents``
+(``world.default_model``: ``umt5.safetensors``, ``vae.safetensors``, ``latents/index.json``), three more stages,
+each resumable:
+
+1. ``clip``: the world CLIP (``world.clip_model.stage_clip``) -> ``clip_vision.safetensors``.
+2. ``clip_features``: each cached training triplet's references regenerated from its index (the generator is
+   deterministic: ``default_model._raw_samples``) and encoded by that tower (``mmdit.clip.encode_clip_references``,
+   the penultimate tokens: ``[N, 17, 128]``) -> ``mmdit_clip_features/part_NNNN.safetensors`` (sample name -> ref_clip).
+   The Phantom-Wan latent cache is only read.
+3. ``mmdit``: ``MMDIT_PRESETS["world"]`` (4,853,024 parameters, against the Phantom-Wan "world" DiT's 4,862,272) from
+   SD3's init, full training with the general trainer in the two phases of ``default_model.stage_dit`` and with
+   its settings (``DIT_TRAIN``, ``DIT_LONG_TRAIN``: steps, batch, learning rates, timestep shifts, dropouts), on the
+   cached latents plus the CLIP features -> ``mmdit_<variant>.safetensors`` (``load_mmdit`` reads it).
+
+The paper's ablation variants (``MMDIT_VARIANTS``): ``both`` (VAE and CLIP references), ``vae`` (no CLIP branch:
+``MMDIT_PRESETS["world-vae"]``, 4,790,944 parameters), ``clip`` (no VAE reference tokens: ``vae_references`` off).
+``both`` drops the VAE latents alone with the paper's probability 0.7 (``MMDIT_VAE_DROPOUT``, on a draw of its
+own; the CLIP features stay), on top of ``DIT_TRAIN``'s nested text / reference dropout (0.2 / 0.1), which drops the
+VAE latents and the CLIP features together. ``tools/train_default.py --model mmdit --variant both`` runs the stages.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from phantom_core.log import logger
+from phantom_core.world.clip_model import CLIP_STAGE_FILE, ClipProgress, stage_clip
+
+MMDIT_VARIANTS = ("both", "vae", "clip")
+MMDIT_PRESET_OF = {"both": "world", "vae": "world-vae", "clip": "world"}  # MMDIT_PRESETS names
+MMDIT_VAE_DROPOUT = 0.7  # the paper's VAE-reference dropout (its CLIP features carry the reference meanwhile)
+CLIP_OUTPUT = "tokens"
+FEATURES_DIR, FEATURES_PART = "mmdit_clip_features", 200  # samples per part file
+_INDEX = re.compile(r"world_(\d+)-")
+
+
+def check_variant(variant: str) -> None:
+    """Raise ``ValueError`` (listing the valid ones) for an unknown variant."""
+    if variant not in MMDIT_VARIANTS:
+        raise ValueError(f"MMDiT variant is {variant!r}; valid: {', '.join(MMDIT_VARIANTS)} (VAE and CLIP references, "
+                         "VAE only, CLIP only)")
+
+
+def parameter_counts() -> dict[str, int]:
+    """Parameters of the world MMDiT variants and of the Phantom-Wan "world" DiT (built on the meta device)."""
+    from phantom_core.mmdit.config import MMDIT_PRESETS
+    from phantom_core.mmdit.model import PhantomMMDiT
+    from phantom_core.wan.dit import DIT_PRESETS, PhantomWanDiT
+
+    def count(m: torch.nn.Module) -> int:
+        return sum(p.numel() for p in m.parameters())
+
+    out = {f"mmdit-{name}": count(PhantomMMDiT(MMDIT_PRESETS[name], device="meta")) for name in ("world", "world-vae")}
+    return {**out, "phantom-wan-world": count(PhantomWanDiT(DIT_PRESETS["world"], device="meta"))}
+
+
+def _sample_indices(work: Path) -> list[tuple[int, str]]:
+    """``(world index, cache file name)`` of every cached triplet, in the cache's order."""
+    import json
+
+    from phantom_core.world.default_model import LATENT_INDEX
+
+    index = Path(work) / LATENT_INDEX
+    if not index.is_file():
+        raise ValueError(f"{index} is missing: run the Phantom-Wan recipe's text, vae and latents stages first "
+                         "(python -m tools.train_default --stages text,vae,latents)")
+    files = json.loads(index.read_text(encoding="utf-8"))["files"]
+    out = []
+    for name in files:
+        if not (m := _INDEX.match(name)):
+            raise ValueError(f"{index}: cache file {name!r} is not a world sample (world_NNNNN-<key>.safetensors)")
+        out.append((int(m.group(1)), name))
+    return out
+
+
+def stage_clip_features(work: str | Path, clip_path: str | Path | None = None) -> Path:
+    """Encode the references of every cached triplet with the world CLIP (resumable, ``FEATURES_PART`` samples a
+    part file); returns the features folder. Raises ``ValueError`` when a regenerated sample does not match its
+    cache file (another generator version: rebuild the latents)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from phantom_core.loading.disk import atomic_write
+    from phantom_core.mmdit.clip import encode_clip_references, load_clip_vision
+    from phantom_core.world.default_model import LATENT_DIR, _raw_samples
+
+    work = Path(work)
+    folder = work / FEATURES_DIR
+    samples = _sample_indices(work)
+    tower = None
+    for part in range(0, len(samples), FEATURES_PART):
+        path = folder / f"part_{part // FEATURES_PART:04d}.safetensors"
+        if path.is_file():
+            continue
+        tower = tower or load_clip_vision(clip_path or work / CLIP_STAGE_FILE)
+        chunk = samples[part: part + FEATURES_PART]
+        features = {}
+        for (i, file), raw in zip(chunk, _raw_samples([i for i, _ in chunk])):
+            with safe_open(str(work / LATENT_DIR / file), framework="pt") as st:
+                name, refs = st.metadata()["name"], st.get_slice("ref_latents").get_shape()[1]
+            if raw.name != name or len(raw.references) != refs:
+                raise ValueError(f"world sample {i} regenerates as {raw.name} with {len(raw.references)} references "
+                                 f"but {file} holds {name} with {refs}: rebuild the latent cache")
+            features[name] = encode_clip_references(tower, list(raw.references), CLIP_OUTPUT)[0].contiguous()
+        with atomic_write(path) as tmp:
+            save_file(features, str(tmp))
+        logger.info("mmdit clip features: %d/%d samples", part + len(chunk), len(samples))
+    return folder
+
+
+def clip_feature_table(work: str | Path) -> dict[str, Tensor]:
+    """Sample name -> ``ref_clip [N, T, C]`` float32 from ``stage_clip_features``' part files."""
+    from safetensors.torch import load_file
+
+    table: dict[str, Tensor] = {}
+    for path in sorted((Path(work) / FEATURES_DIR).glob("part_*.safetensors")):
+        table.update(load_file(str(path)))
+    return table
+
+
+def mmdit_dataset(work: str | Path, variant: str, limit: int | None = None):
+    """The Phantom-Wan recipe's latent cache (first ``limit`` samples), with each sample's CLIP features unless
+    ``variant`` is ``vae`` (an ``InMemoryLatents``). Raises ``ValueError`` for a sample without features."""
+    from phantom_core.training.cache import InMemoryLatents
+    from phantom_core.world.default_model import cached_latents
+
+    data = cached_latents(work, limit)
+    samples = [data[i] for i in range(len(data))]
+    if variant != "vae":
+        table = clip_feature_table(work)
+        missing = [s.name for s in samples if s.name not in table]
+        if missing:
+            raise ValueError(f"{len(missing)} cached samples have no CLIP features (first: {missing[0]}); run the "
+                             "clip_features stage")
+        samples = [replace(s, ref_clip=table[s.name]) for s in samples]
+    return InMemoryLatents(samples, data.dropped_context)
+
+
+def mmdit_settings(variant: str, phase: int, clip_path: str, vae_dropout: float = MMDIT_VAE_DROPOUT) -> dict:
+    """The ``TrainConfig`` values of a phase (1 or 2) of ``variant``: ``DIT_TRAIN`` / ``DIT_LONG_TRAIN`` with the
+    MMDiT preset, the CLIP file and the variant's reference inputs (``vae_dropout`` for ``both`` only)."""
+    from phantom_core.world.default_model import DIT_LONG_TRAIN, DIT_TRAIN
+
+    check_variant(variant)
+    base = DIT_TRAIN if phase == 1 else DIT_LONG_TRAIN
+    return {**base, "dit": f"scratch:mmdit-{MMDIT_PRESET_OF[variant]}", "clip_output": CLIP_OUTPUT,
+            "clip_vision": "" if variant == "vae" else clip_path, "vae_references": variant != "clip",
+            "vae_reference_dropout": vae_dropout if variant == "both" else 0.0}
+
+
+def stage_mmdit(work: str | Path, variant: str = "both", progress: ClipProgress | None = None,
+                vae_dropout: float = MMDIT_VAE_DROPOUT, steps: tuple[int, int] | None = None) -> Path:
+    """Train the world MMDiT ``variant`` in the two phases of ``default_model.stage_dit`` (resumable) ->
+    ``<work>/mmdit_<variant>.safetensors``. ``steps``: override the two phases' steps (quick checks)."""
+    from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
+    from phantom_core.training.config import load_config
+    from phantom_core.training.loop import train
+
+    check_variant(variant)
+    work = Path(work)
+    path, phase1 = work / f"mmdit_{variant}.safetensors", work / f"mmdit_{variant}_phase1.safetensors"
+    if path.is_file():
+        return path
+    counts = parameter_counts()
+    logger.info("MMDiT %s: %d parameters (Phantom-Wan world DiT: %d)", variant,
+                counts[f"mmdit-{MMDIT_PRESET_OF[variant]}"], counts["phantom-wan-world"])
+    data = mmdit_dataset(work, variant)
+    clip_path = str(work / CLIP_STAGE_FILE)
+    report = progress or (lambda s, t, note: logger.info("mmdit step %d/%d %s", s, t, note) if s % 10 == 0 else 0)
+    for phase, out in ((1, phase1), (2, path)):
+        if out.is_file():
+            continue
+        settings = mmdit_settings(variant, phase, clip_path, vae_dropout)
+        if phase == 2:
+            settings["dit"] = str(phase1)
+        if steps is not None:
+            settings.update(steps=steps[phase - 1], warmup_steps=min(settings["warmup_steps"], steps[phase - 1]))
+        config = load_config(None, **settings, out=str(out), run_dir=str(work / f"mmdit_{variant}_run{phase}"),
+                             resume=True, dropped_prompt=WAN_NEGATIVE_PROMPT)
+        train(config, dataset=data, callback=lambda step, total, loss: report(step, total, f"loss {loss:.4f}"))
+    return path
+
+
+def train_mmdit_default(work: str | Path, variant: str = "both", progress: ClipProgress | None = None,
+                        vae_dropout: float = MMDIT_VAE_DROPOUT) -> Path:
+    """Stages 1-3 (``clip``, ``clip_features`` unless ``variant`` is ``vae``, ``mmdit``) in ``work``; returns the
+    MMDiT file."""
+    check_variant(variant)
+    if variant != "vae":
+        stage_clip(work, progress=progress)
+        stage_clip_features(work)
+    return stage_mmdit(work, variant, progress, vae_dropout)
