@@ -9,7 +9,7 @@ Stages (each resumable; ``tools/train_default.py`` runs them in order, ``make tr
    5-frame world clips (the first frame alone and one 4-frame chunk, as the causal encoder sees them) and single
    frames (references, video frames); then whole 17-frame clips at 32 x 32 (every later chunk) with some of the
    first kind; then ``calibrate_latents`` on held-in clips; phase 3 trains the decoder alone on whole 17-frame
-   clips; phase 4 the whole VAE on subject-centred 9-frame clips, and a new calibration.
+   clips; phase 4 (off unless ``PHANTOM_VAE_SUBJECT_STEPS`` > 0) the whole VAE on subject-centred 9-frame clips.
 3. ``latents``: ``LATENT_SAMPLES`` training triplets encoded once with that VAE and umT5 (one cache file each).
 4. ``dit``: ``DIT_PRESETS["world"]`` from the upstream init, full training with the general trainer
    (``training.loop.train``), on the cached latents.
@@ -59,12 +59,13 @@ VAE_PHASE2_FILE, VAE_DECODER_RUN = "vae_phase2.safetensors", "vae_run_decoder"
 VAE_DECODER_TRAIN = dict(steps=int(os.environ.get("PHANTOM_VAE_DECODER_STEPS", 500)), learning_rate=5e-4,
                          warmup_steps=20, kl_weight=0.0, seed=RECIPE_SEED + 8, checkpoint_every=50,
                          decoder_only=True, latent_noise=0.05)
-# Phase 4 (PHANTOM_VAE_SUBJECT_STEPS=0 turns it off) trains the whole VAE on subject-centred 9-frame clips at
-# 64 x 64 (subject_clip_batches), then calibrates again: after phase 3 the VAE's own reconstruction of held-out clips
-# lost small subjects from frame ~4 on. Measured (docs/WORLD.md): 400 steps raise the ceiling's motion accuracy from
-# 71% to 83%
+# Phase 4 (off in the committed recipe: PHANTOM_VAE_SUBJECT_STEPS=400 turns it on) trains the whole VAE on
+# subject-centred 9-frame clips at 64 x 64 (subject_clip_batches), then calibrates again: after phase 3 the VAE's own
+# reconstruction of held-out clips lost small subjects from frame ~4 on. Measured (docs/WORLD.md): 400 steps raise
+# the ceiling's motion accuracy from 71% to 83%, but DiTs trained on its latents (600 triplets fp32, and 1,800
+# triplets bf16 with 4,200 steps) scored no better, so the committed default keeps the phase-3 VAE
 VAE_PHASE3_FILE, VAE_SUBJECT_RUN = "vae_phase3.safetensors", "vae_run_subjects"
-VAE_SUBJECT_TRAIN = dict(steps=int(os.environ.get("PHANTOM_VAE_SUBJECT_STEPS", 400)), learning_rate=3e-4,
+VAE_SUBJECT_TRAIN = dict(steps=int(os.environ.get("PHANTOM_VAE_SUBJECT_STEPS", 0)), learning_rate=3e-4,
                          warmup_steps=20, kl_weight=1e-4, seed=RECIPE_SEED + 10, checkpoint_every=50,
                          latent_noise=0.05)
 
@@ -196,10 +197,12 @@ def _vae_phases_1_2(work: Path, progress: StageProgress | None):
 
 
 LATENT_DIR, LATENT_INDEX = "latents", "latents/index.json"
-LATENT_SAMPLES = int(os.environ.get("PHANTOM_LATENT_SAMPLES", 1800))
-# bf16 autocast computes the DiT's steps ~2.4x faster where the CPU has AVX512-BF16 or AMX (measured on the 2-core
-# EPYC: 0.48 s against 1.15 s a step of batch 8); elsewhere fp32, which is faster there
-DIT_PRECISION = "bf16" if cpu_bf16_fast() else "fp32"
+LATENT_SAMPLES = int(os.environ.get("PHANTOM_LATENT_SAMPLES", 600))
+# The committed default was trained in fp32. PHANTOM_DIT_PRECISION=bf16 computes the DiT's steps ~2.4x faster where
+# the CPU has AVX512-BF16 or AMX (training.config.cpu_bf16_fast; measured on the 2-core EPYC: 0.48 s against 1.15 s
+# a step of batch 8, with the same losses), for experiments; "auto" picks bf16 where it is fast
+_PRECISION = os.environ.get("PHANTOM_DIT_PRECISION", "fp32")
+DIT_PRECISION = ("bf16" if cpu_bf16_fast() else "fp32") if _PRECISION == "auto" else _PRECISION
 DIT_RUN, DIT_PHASE1_FILE, DIT_STAGE_FILE = "dit_run", "dit_phase1.safetensors", "dit.safetensors"
 DIT_TRAIN = dict(dit="scratch:world", mode="full", steps=int(os.environ.get("PHANTOM_DIT_STEPS", 1200)),
                  batch_size=8, learning_rate=4e-4, warmup_steps=100, lr_schedule="cosine", weight_decay=0.01,
