@@ -11,8 +11,8 @@
    (``objective.draw_sample``), applies condition dropout (to the VAE latents and, for an MMDiT with a CLIP branch,
    to the references' CLIP features too: ``objective.reference_inputs``) and backpropagates the video-only
    flow-matching loss (bf16 autocast on CUDA, fp32 on the CPU unless ``precision`` is bf16); gradients are clipped,
-   AdamW steps, the loss (mean over ranks) is logged; checkpoints every ``checkpoint_every`` steps and at the end; a validation
-   video every ``validate_every`` steps.
+   AdamW steps, the loss (mean over ranks) is logged; checkpoints every ``checkpoint_every`` steps and at the end;
+   a validation video every ``validate_every`` steps.
 
 Determinism: a fixed seed gives the same run; the per-sample randomness does not depend on the number of ranks
 or on resuming, and every global RNG state of every rank is saved in the checkpoints. A resumed run therefore
