@@ -5,8 +5,14 @@ The world's physics (what a model must learn, and what ``evaluate`` checks):
 - a subject's longer side is ``SIZE_FRACTIONS[size]`` of the frame's shorter side (small 0.22, normal 0.3,
   large 0.42), its aspect kept;
 - a moving subject travels ``TRAVEL_FRACTION`` (0.3) of the frame's width (left / right) or height (up / down) at
-  constant speed from the first frame to the last; a still one stays put; where it starts is free (drawn from
-  the sample's generator) as long as it stays whole inside the frame throughout;
+  constant speed from the first frame to the last; a still one stays put;
+- where it is (``layout``): ``"anchored"`` (the world's default) centres the k-th subject's path on the k-th
+  anchor of ``ANCHORS[n]`` (n subjects: the frame's centre for one; for more, the main diagonal from the top
+  left, else the other diagonal from the top right: the first subject named is always the highest) moved by a
+  uniform jitter of up to ``ANCHOR_JITTER`` (0.08) of the frame per axis, shifted back inside the frame where it
+  would leave it; a scene whose anchored paths come too close on both diagonals falls back to ``"free"``: a uniform start anywhere the subject stays
+  whole inside the frame throughout (the only layout before 2026-12-03; a model must then break that symmetry
+  from noise, which the 5 M-parameter world DiT did not learn: docs/WORLD.md);
 - subjects never overlap (boxes at least ``GAP_PX`` apart in every frame); later subjects are drawn on top;
 - the background is one flat colour (``grammar.BACKGROUND_COLOURS``).
 
@@ -27,6 +33,14 @@ SIZE_FRACTIONS = {"small": 0.22, "normal": 0.3, "large": 0.42}
 TRAVEL_FRACTION = 0.3
 GAP_PX = 2
 LAYOUT_TRIES = 200
+LAYOUT_MODES = ("anchored", "free")
+# n subjects -> anchor sets tried in turn (fractions of the frame, (x, y) per subject in prompt order): the main
+# diagonal, then the other one (where paths along the first would meet, e.g. the first moving right, the second up)
+ANCHORS = {1: (((0.5, 0.5),),),
+           2: (((0.3, 0.3), (0.7, 0.7)), ((0.7, 0.3), (0.3, 0.7))),
+           3: (((0.22, 0.22), (0.5, 0.5), (0.78, 0.78)), ((0.78, 0.22), (0.5, 0.5), (0.22, 0.78)))}
+ANCHOR_JITTER = 0.08
+ANCHOR_TRIES = 20
 _DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}
 
 
@@ -91,21 +105,40 @@ def trajectory(start: tuple[float, float], motion: str, fmt: VideoFormat) -> np.
     return np.round(np.array(start) + s * np.array([dx, dy])).astype(np.int64)  # (T, 2)
 
 
-def layout(scene: Scene, cutouts: list[Image.Image], fmt: VideoFormat, rng: np.random.Generator) -> np.ndarray | None:
+def layout(scene: Scene, cutouts: list[Image.Image], fmt: VideoFormat, rng: np.random.Generator,
+           mode: str = "anchored") -> np.ndarray | None:
     """Start corners for each subject so that all stay inside and apart: int64 ``[S, T, 4]`` boxes, or None.
 
-    Draws up to ``LAYOUT_TRIES`` uniform placements from ``rng`` and returns the first that fits.
+    ``mode`` ``"anchored"``: up to ``ANCHOR_TRIES`` jittered placements on each anchor set of ``ANCHORS``
+    (module docstring), then as ``"free"``: up to ``LAYOUT_TRIES`` uniform placements; the first that fits is returned. All draws come from
+    ``rng``. Raises ``ValueError`` for another mode.
     """
+    if mode not in LAYOUT_MODES:
+        raise ValueError(f"layout mode: got {mode!r}; valid modes are {', '.join(LAYOUT_MODES)}")
     sizes = [subject_box_size(c, s.size, fmt) for c, s in zip(cutouts, scene.subjects)]
-    for _ in range(LAYOUT_TRIES):
+    ranges = []  # per subject: (x_lo, x_hi, y_lo, y_hi) of the start corner, (dx, dy) travel
+    for (w, h), clause in zip(sizes, scene.subjects):
+        dx, dy = travel_px(clause.motion, fmt)
+        x_lo, x_hi = max(0.0, -dx), fmt.width - w - max(0.0, dx)
+        y_lo, y_hi = max(0.0, -dy), fmt.height - h - max(0.0, dy)
+        if x_hi < x_lo or y_hi < y_lo:
+            return None  # the subject cannot travel that far inside the frame at this size
+        ranges.append((x_lo, x_hi, y_lo, y_hi, dx, dy))
+    anchor_sets = ANCHORS.get(len(sizes), ()) if mode == "anchored" else ()
+    tries = ANCHOR_TRIES * len(anchor_sets)
+    for attempt in range(LAYOUT_TRIES + tries):
+        anchored, anchors = attempt < tries, anchor_sets[attempt // ANCHOR_TRIES] if attempt < tries else None
         boxes = []
-        for (w, h), clause in zip(sizes, scene.subjects):
-            dx, dy = travel_px(clause.motion, fmt)
-            x_lo, x_hi = max(0.0, -dx), fmt.width - w - max(0.0, dx)
-            y_lo, y_hi = max(0.0, -dy), fmt.height - h - max(0.0, dy)
-            if x_hi < x_lo or y_hi < y_lo:
-                return None  # the subject cannot travel that far inside the frame at this size
-            corner = trajectory((rng.uniform(x_lo, x_hi), rng.uniform(y_lo, y_hi)), clause.motion, fmt)  # (T, 2)
+        for k, ((w, h), clause) in enumerate(zip(sizes, scene.subjects)):
+            x_lo, x_hi, y_lo, y_hi, dx, dy = ranges[k]
+            if anchored:  # the path's middle on the jittered anchor, the start corner clamped inside the frame
+                jx, jy = rng.uniform(-ANCHOR_JITTER, ANCHOR_JITTER, size=2)
+                x = (anchors[k][0] + jx) * fmt.width - w / 2 - dx / 2
+                y = (anchors[k][1] + jy) * fmt.height - h / 2 - dy / 2
+                start = (min(max(x, x_lo), x_hi), min(max(y, y_lo), y_hi))
+            else:
+                start = (rng.uniform(x_lo, x_hi), rng.uniform(y_lo, y_hi))
+            corner = trajectory(start, clause.motion, fmt)  # (T, 2)
             boxes.append(np.concatenate([corner, corner + np.array([w, h])], axis=1))  # (T, 4)
         stacked = np.stack(boxes)  # (S, T, 4)
         if not _any_overlap(stacked):

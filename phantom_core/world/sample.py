@@ -10,7 +10,7 @@ made on its own, in any order, in any process, and is the same every time. Scene
 4. sizes: small / normal / large for one subject, small / normal for several;
 5. the background: uniform among the colours whose RGB distance to every subject's mean colour is at least
    ``BACKGROUND_CONTRAST`` (else the farthest colour);
-6. a layout (``render.layout``); when none fits, back to 2 with the same generator.
+6. a layout (``render.layout``, ``WorldConfig.layout``); when none fits, back to 2 with the same generator.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from PIL import Image
 
 from phantom_core.world.grammar import BACKGROUND_COLOURS, MAX_SUBJECTS, MOTIONS, Scene, SubjectClause
 from phantom_core.world.pairs import PAIR_MODES, CrossPairStyle, cross_pair_reference, in_pair_reference
-from phantom_core.world.render import VideoFormat, WorldTruth, layout, render_video
+from phantom_core.world.render import LAYOUT_MODES, VideoFormat, WorldTruth, layout, render_video
 from phantom_core.world.subjects import Subject, split_subjects
 
 SUBJECT_CONTRAST = 60.0
@@ -39,10 +39,13 @@ class WorldConfig:
     subject_weights: tuple[float, float, float] = (0.5, 0.35, 0.15)
     sources: tuple[str, ...] | None = None  # None: every available source (subjects.available_sources)
     style: CrossPairStyle = field(default_factory=CrossPairStyle)
+    layout: str = "anchored"  # render.LAYOUT_MODES: "anchored" (paths centred on fixed anchors) or "free"
 
     def __post_init__(self) -> None:
         if self.pair_mode not in PAIR_MODES:
             raise ValueError(f"pair_mode: got {self.pair_mode!r}; valid modes are {', '.join(PAIR_MODES)}")
+        if self.layout not in LAYOUT_MODES:
+            raise ValueError(f"layout: got {self.layout!r}; valid layouts are {', '.join(LAYOUT_MODES)}")
         w = self.subject_weights
         if len(w) != MAX_SUBJECTS or min(w) < 0 or sum(w) <= 0:
             raise ValueError(f"subject_weights: got {w!r}; expected {MAX_SUBJECTS} non-negative weights, P(1..3)")
@@ -97,7 +100,7 @@ def make_sample(split: str, seed: int, index: int, config: WorldConfig = WorldCo
         subjects = _draw_subjects(pool, n, rng)
         scene = _draw_scene(subjects, rng)
         cutouts = [s.image() for s in subjects]
-        boxes = layout(scene, cutouts, fmt, rng)
+        boxes = layout(scene, cutouts, fmt, rng, config.layout)
         if boxes is not None:
             break
     else:

@@ -116,3 +116,32 @@ def test_bad_formats_and_modes_are_refused():
         WorldConfig(pair_mode="mixed")
     with pytest.raises(ValueError, match="count"):
         make_sample("test", 0, 0, SMALL, count=4)
+
+
+def test_anchored_layout_centres_each_path_on_its_anchor_and_free_does_not():
+    """The default layout puts the middle of each subject's path within ANCHOR_JITTER of its anchor (one subject:
+    the frame's centre; two: a diagonal, the first subject named in the upper half); ``"free"`` spreads them."""
+    from phantom_core.world.render import ANCHOR_JITTER, ANCHORS
+
+    size = np.array([SMALL.video.width, SMALL.video.height])
+    mids = []
+    for i in range(12):
+        truth = small_sample(i, count=1).truth
+        mid = truth.centres[0].mean(axis=0) / size  # (2,) the path's middle, fraction of the frame
+        boxes = truth.boxes[0]  # (T, 4) px
+        at_edge = (boxes[:, :2] == 0).any() or (boxes[:, 2:] == size).any()  # shifted back inside the frame
+        assert at_edge or np.all(np.abs(mid - 0.5) <= ANCHOR_JITTER + 1.0 / size), (i, mid)
+        mids.append(mid)
+    assert np.abs(np.array(mids) - 0.5).max() <= 0.3
+    for i in range(8):
+        truth = small_sample(i, count=2).truth
+        first, second = truth.centres[0].mean(axis=0) / size, truth.centres[1].mean(axis=0) / size
+        sets = np.array(ANCHORS[2])  # (sets, 2 subjects, 2)
+        near = np.abs(np.stack([first, second])[None] - sets).max(axis=(1, 2)).min()
+        if near <= ANCHOR_JITTER + 0.2:  # anchored (not the free fallback): the first subject is the higher one
+            assert first[1] < second[1]
+    free = WorldConfig(video=SMALL.video, sources=SMALL.sources, layout="free")
+    spread = [make_sample("test", 3, i, free, count=1).truth.centres[0].mean(axis=0) / size for i in range(12)]
+    assert np.abs(np.array(spread) - 0.5).max() > ANCHOR_JITTER + 0.05
+    with pytest.raises(ValueError, match="layout"):
+        WorldConfig(layout="grid")
