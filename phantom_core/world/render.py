@@ -10,9 +10,10 @@ The world's physics (what a model must learn, and what ``evaluate`` checks):
   anchor of ``ANCHORS[n]`` (n subjects: the frame's centre for one; for more, the main diagonal from the top
   left, else the other diagonal from the top right: the first subject named is always the highest) moved by a
   uniform jitter of up to ``ANCHOR_JITTER`` (0.08) of the frame per axis, shifted back inside the frame where it
-  would leave it; a scene whose anchored paths come too close on both diagonals falls back to ``"free"``: a uniform start anywhere the subject stays
-  whole inside the frame throughout (the only layout before 2026-12-03; a model must then break that symmetry
-  from noise, which the 5 M-parameter world DiT did not learn: docs/WORLD.md);
+  would leave it; a scene whose anchored paths come too close on both diagonals falls back to ``"free"``: a
+  uniform start anywhere the subject stays whole inside the frame throughout (the only layout before
+  2026-12-03; a model must then break that symmetry from noise, which the 5 M-parameter world DiT did not
+  learn: docs/WORLD.md);
 - subjects never overlap (boxes at least ``GAP_PX`` apart in every frame); later subjects are drawn on top;
 - the background is one flat colour (``grammar.BACKGROUND_COLOURS``).
 
@@ -110,8 +111,8 @@ def layout(scene: Scene, cutouts: list[Image.Image], fmt: VideoFormat, rng: np.r
     """Start corners for each subject so that all stay inside and apart: int64 ``[S, T, 4]`` boxes, or None.
 
     ``mode`` ``"anchored"``: up to ``ANCHOR_TRIES`` jittered placements on each anchor set of ``ANCHORS``
-    (module docstring), then as ``"free"``: up to ``LAYOUT_TRIES`` uniform placements; the first that fits is returned. All draws come from
-    ``rng``. Raises ``ValueError`` for another mode.
+    (module docstring), then as ``"free"``: up to ``LAYOUT_TRIES`` uniform placements; the first that fits is
+    returned. All draws come from ``rng``. Raises ``ValueError`` for another mode.
     """
     if mode not in LAYOUT_MODES:
         raise ValueError(f"layout mode: got {mode!r}; valid modes are {', '.join(LAYOUT_MODES)}")
