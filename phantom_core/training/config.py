@@ -118,6 +118,8 @@ class TrainConfig:
     warmup_steps: int = _f(0, "linear learning-rate warm-up steps")
     lr_schedule: str = _f("constant", f"{' | '.join(LR_SCHEDULES)} after warm-up (cosine decays to 0)")
     max_grad_norm: float = _f(1.0, "clip the gradient norm to this (0: no clipping)")
+    ema_decay: float = _f(0.0, "keep an exponential moving average of the trained weights with this decay (e.g. "
+                               "0.999) and write it as out (0: none; training.ema; not with fsdp)")
     gradient_checkpointing: bool = _f(True, "recompute each block's activations in the backward pass")
     precision: str = _f("auto", f"{' | '.join(PRECISIONS)}: auto = bf16 autocast on CUDA, fp32 on the CPU; bf16 "
                                             "also on the CPU")
@@ -194,6 +196,7 @@ TRAIN_RANGES: dict[str, Range] = {
     "adam_beta2": Range(0.0, 0.99999, meaning="AdamW beta2"),
     "warmup_steps": Range(0, 10**8, 1, "warm-up steps"),
     "max_grad_norm": Range(0.0, 1e6, meaning="gradient clipping norm, 0 = none"),
+    "ema_decay": Range(0.0, 0.99999, meaning="EMA decay of the weights, 0 = no average"),
     "logit_mean": Range(-10.0, 10.0, meaning="logit-normal mean"),
     "logit_std": Range(0.01, 10.0, meaning="logit-normal standard deviation"),
     "text_dropout": Range(0.0, 1.0, meaning="a probability"),
@@ -237,6 +240,7 @@ def validate_config(c: TrainConfig) -> None:
                           ("lr_schedule", LR_SCHEDULES), ("precision", PRECISIONS), ("validation_solver", SOLVERS),
                           ("clip_output", CLIP_OUTPUT_CHOICES)):
         _check(getattr(c, name) in options, name, getattr(c, name), " | ".join(options))
+    _check(not (c.ema_decay and c.fsdp), "ema_decay", c.ema_decay, "0 with fsdp (an FSDP rank holds shards)")
     _check(len(c.validation_references) <= 4, "validation_references", c.validation_references, "0 to 4 images")
     if c.validate_every:
         _check(bool(c.validation_prompt) and bool(c.validation_references), "validate_every", c.validate_every,

@@ -49,6 +49,7 @@ from phantom_core.training.checkpoint import (
 from phantom_core.training.clip_features import file_clip_features
 from phantom_core.training.config import SCRATCH_PREFIX, TrainConfig
 from phantom_core.training.dataset import BadSample, read_dataset, report_bad
+from phantom_core.training.ema import WeightEMA
 from phantom_core.training.distributed import (
     DistContext,
     barrier,
@@ -79,7 +80,7 @@ last checkpoint is kept)."""
 IN_MEMORY_BYTES = 1 << 30  # a latent cache smaller than this is loaded into memory once
 RESUME_FIXED = ("mode", "lora_rank", "lora_alpha", "lora_targets", "batch_size", "grad_accum", "seed",
                 "timesteps", "text_dropout", "reference_dropout", "width", "height", "frames", "clip_output",
-                "vae_reference_dropout", "vae_references")
+                "vae_reference_dropout", "vae_references", "ema_decay")
 
 
 @dataclass
@@ -149,11 +150,12 @@ def _train(config: TrainConfig, ctx: DistContext, dataset: LatentDataset | None,
     use_clip = reads_clip(model, dataset)
     trained = wrap_model(model, ctx, config.fsdp)
     params = [p for p in trained.parameters() if p.requires_grad]
+    ema = WeightEMA(unwrap(trained), config.ema_decay) if config.ema_decay else None
     # 3. optimizer, schedule, resume
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                   weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, config=config))
-    start, last_ckpt = _resume(config, ctx, trained, optimizer, scheduler, order)
+    start, last_ckpt = _resume(config, ctx, trained, optimizer, scheduler, order, ema)
     log = RunLog(run_dir / "log.jsonl", resume_step=start) if ctx.is_main else None
     validator = _validator(config, ctx, encoders)
     encoders = None  # the VAE and text encoder are freed here unless validation keeps them
@@ -191,6 +193,8 @@ def _train(config: TrainConfig, ctx: DistContext, dataset: LatentDataset | None,
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(step)
         loss = mean_over_ranks(loss_sum / config.grad_accum, ctx)
         if log is not None:
             log.write({"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
@@ -198,15 +202,16 @@ def _train(config: TrainConfig, ctx: DistContext, dataset: LatentDataset | None,
         if callback is not None:
             callback(step, config.steps, loss)
         if step % config.checkpoint_every == 0 or step == config.steps:
-            last_ckpt = _checkpoint(config, ctx, step, trained, optimizer, scheduler, order) or last_ckpt
+            last_ckpt = _checkpoint(config, ctx, step, trained, optimizer, scheduler, order, ema) or last_ckpt
             if log is not None:
                 write_loss_plot(log.losses(), run_dir / "loss.png")
         if validator is not None and step % config.validate_every == 0:
             validator.run(trained if config.fsdp else unwrap(trained), step, run_dir / "validation", autocast,
                           write=ctx.is_main)
-    # 5. the final file
+    # 5. the final file (the weights' average when there is one)
     done = max(start, config.steps)
-    out = _finish(config, ctx, trained, log, done)
+    with ema.applied() if ema is not None else contextlib.nullcontext():
+        out = _finish(config, ctx, trained, log, done)
     return TrainResult(out, run_dir, done, log.losses() if log else [], bad, last_ckpt)
 
 
@@ -319,15 +324,17 @@ def _clip_gradients(params: list[nn.Parameter], max_norm: float) -> float:
 
 
 def _checkpoint(config: TrainConfig, ctx: DistContext, step: int, model: nn.Module, optimizer: Any,
-                scheduler: Any, order: BatchOrder) -> Path | None:
-    """Write a checkpoint (every rank takes part; rank 0 writes), with every rank's RNG states."""
+                scheduler: Any, order: BatchOrder, ema: WeightEMA | None) -> Path | None:
+    """Write a checkpoint (every rank takes part; rank 0 writes), with every rank's RNG states and the EMA."""
     state = {"data": order.state_dict(), "rng": gather_objects(rng_states(), ctx), "world_size": ctx.world_size}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
     return save_checkpoint(config.run_path / "checkpoints", step, model, optimizer, scheduler, state,
                            config.to_json(), rank=ctx.rank, keep=config.keep_checkpoints)
 
 
 def _resume(config: TrainConfig, ctx: DistContext, model: nn.Module, optimizer: Any, scheduler: Any,
-            order: BatchOrder) -> tuple[int, Path | None]:
+            order: BatchOrder, ema: WeightEMA | None) -> tuple[int, Path | None]:
     """Load the latest checkpoint of the run when ``config.resume`` and there is one; returns (its step, path)
     or (0, None). Raises ``ValueError`` when it was made with settings that change the run."""
     found = list_checkpoints(config.run_path / "checkpoints") if config.resume else []
@@ -347,6 +354,8 @@ def _resume(config: TrainConfig, ctx: DistContext, model: nn.Module, optimizer: 
                          f"{ctx.world_size}; the per-rank RNG states would not match")
     order.load_state_dict(state["data"])
     set_rng_states(state["rng"][ctx.rank])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
     logger.info("resumed from %s (step %d)", path, step)
     return step, path
 
