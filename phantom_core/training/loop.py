@@ -49,7 +49,6 @@ from phantom_core.training.checkpoint import (
 from phantom_core.training.clip_features import file_clip_features
 from phantom_core.training.config import SCRATCH_PREFIX, TrainConfig
 from phantom_core.training.dataset import BadSample, read_dataset, report_bad
-from phantom_core.training.ema import WeightEMA
 from phantom_core.training.distributed import (
     DistContext,
     barrier,
@@ -61,6 +60,7 @@ from phantom_core.training.distributed import (
     unwrap,
     wrap_model,
 )
+from phantom_core.training.ema import WeightEMA
 from phantom_core.training.model import build_model, check_preset, file_encoders, make_trainable, save_output
 from phantom_core.training.objective import (
     TimestepSampling,
