@@ -1,4 +1,4 @@
-"""The standalone generation pipeline: references + prompt -> Phantom-Wan video, without ComfyUI.
+"""The standalone generation pipeline: references + prompt -> Phantom video, without ComfyUI.
 
 Two entry points:
 
@@ -11,6 +11,12 @@ Two entry points:
 The steps are those of upstream ``Phantom_Wan_S2V.generate`` (svjack/Phantom ``phantom_wan/subject2video.py``):
 encode prompt and negative prompt with umT5, VAE-encode each reference alone, draw the seeded noise, sample with
 Phantom's three-pass guidance, decode with the VAE.
+
+The velocity model is the Phantom-Wan DiT or the paper's MMDiT (``phantom_core.mmdit``; :func:`load_models` tells
+them apart by their keys). An MMDiT with a CLIP branch also reads the references' CLIP features: :func:`generate`
+takes the CLIP vision tower (``clip_vision``, :func:`load_clip_tower`) and which of its features (``clip_output``),
+as the nodes take them (``PhantomCLIPEncodeReferences``) and the trainer caches them (``clip_vision`` /
+``clip_output``). They are a model input, not a sampling setting: ``GenerationSettings`` does not hold them.
 """
 
 from __future__ import annotations
@@ -39,13 +45,16 @@ from phantom_core.inference.sidecar import (
 from phantom_core.loading.fp8 import CastLinear, default_compute_dtype, is_fp8
 from phantom_core.log import logger
 from phantom_core.lora.apply import apply_loras
+from phantom_core.mmdit.clip import CLIP_OUTPUTS, ClipOutput, ClipVision, encode_clip_references, load_clip_vision
+from phantom_core.mmdit.inputs import clip_features_for
+from phantom_core.mmdit.load import load_any_dit
+from phantom_core.mmdit.model import PhantomMMDiT
 from phantom_core.references import MAX_REFERENCES, encode_references, open_reference, uniform_reference_warning
 from phantom_core.sampling.cache import StepCache
 from phantom_core.sampling.loop import StepCallback, check_batch_passes, sample_from_seed
 from phantom_core.video_io import to_uint8_frames, write_mp4
 from phantom_core.wan.attention import check_attention, resolve_attention, use_attention
 from phantom_core.wan.block_compile import set_compiled
-from phantom_core.wan.load import load_dit
 from phantom_core.wan.umt5 import load_text_encoder
 from phantom_core.wan.vae import load_vae
 
@@ -76,13 +85,32 @@ def _as_images(references: Sequence[Image.Image | str | os.PathLike]) -> list[Im
 
 
 def check_compatible(dit: Any, vae: Any, text_encoder: Any) -> None:
-    """Raise ``ValueError`` when the three models cannot work together (text width, latent channels)."""
+    """Raise ``ValueError`` when the three models cannot work together (text width, latent channels); ``dit``: a
+    Phantom-Wan DiT or an MMDiT (both configs name them ``text_dim`` and ``in_dim``)."""
     text_dim, d_model = dit.config.text_dim, text_encoder.spec.d_model
     if text_dim != d_model:
         raise ValueError(f"the DiT expects {text_dim}-wide text features but the text encoder gives {d_model}; "
                          "use the umT5 encoder that belongs to this DiT")
     if dit.config.in_dim != vae.config.z_dim:
         raise ValueError(f"the DiT takes {dit.config.in_dim} latent channels but the VAE has {vae.config.z_dim}")
+
+
+def check_clip_vision(dit: Any, clip_vision: ClipVision | None, clip_output: str) -> None:
+    """Raise ``ValueError`` before any work when the CLIP tower does not fit ``dit``: ``clip_output`` not one of
+    ``CLIP_OUTPUTS``; a DiT that reads CLIP features (``config.clip_dim > 0``: an MMDiT with a CLIP branch) without a
+    tower; a tower whose ``clip_output`` features are not ``clip_dim`` wide. A tower given to a DiT without CLIP
+    input (the Phantom-Wan DiT, a "VAE only" MMDiT) is accepted: :func:`generate` ignores it with a warning, as the
+    sampler node does (``mmdit.inputs.clip_features_for``)."""
+    if clip_output not in CLIP_OUTPUTS:
+        raise ValueError(f"clip_output is {clip_output!r}; valid: {', '.join(CLIP_OUTPUTS)}")
+    clip_dim = getattr(dit.config, "clip_dim", 0)
+    if clip_dim and clip_vision is None:
+        raise ValueError(f"clip_vision: none given, but this {type(dit).__name__} reads {clip_dim}-wide CLIP features "
+                         "of the references; pass the CLIP vision tower it was trained with (load_clip_tower)")
+    if clip_dim and clip_vision.output_width(clip_output) != clip_dim:
+        raise ValueError(f"clip_vision: its {clip_output!r} features are {clip_vision.output_width(clip_output)} wide "
+                         f"but this {type(dit).__name__} reads {clip_dim}; use the tower and clip_output (tokens / "
+                         "pooled) it was trained with")
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
@@ -101,11 +129,14 @@ def attention_choice(attention: str | None, dit: Any) -> tuple[str, str]:
 def generate(dit: Any, vae: Any, text_encoder: Any, references: Sequence[Image.Image | str | os.PathLike],
              settings: GenerationSettings, *, callback: StepCallback | None = None,
              parallel: ParallelRun | None = None, attention: str | None = None,
-             batch_passes: bool | str = "auto") -> Tensor | None:
-    """Generate one video from loaded models (``load_dit``, ``load_vae``, ``load_text_encoder``).
+             batch_passes: bool | str = "auto", clip_vision: ClipVision | None = None,
+             clip_output: ClipOutput = "tokens") -> Tensor | None:
+    """Generate one video from loaded models (:func:`load_models`, or ``load_any_dit``, ``load_vae``,
+    ``load_text_encoder`` and, for an MMDiT with a CLIP branch, :func:`load_clip_tower`).
 
     Args:
-        dit: ``PhantomWanDiT``; sampling runs on its device, the model call in its compute dtype.
+        dit: ``PhantomWanDiT`` or ``PhantomMMDiT``; sampling runs on its device, the model call in its compute
+            dtype.
         vae: ``WanVAE`` (encodes the references, decodes the result) on any device.
         text_encoder: ``UMT5TextEncoder`` of the DiT's text width.
         references: 1 to 4 PIL images or image paths, in order.
@@ -118,15 +149,25 @@ def generate(dit: Any, vae: Any, text_encoder: Any, references: Sequence[Image.I
             math); None: as set outside (``use_attention``, ``$PHANTOM_ATTENTION``), else auto.
         batch_passes: ``"auto"`` / ``"on"`` / ``"off"``: the guidance passes of a step as one batched forward
             (``sampling.loop.sample_phantom``; auto: unless they would not fit the free GPU memory).
+        clip_vision: the CLIP vision tower (``mmdit.clip.ClipVision``) of an MMDiT with a CLIP branch, required
+            for it; its features of each reference (``encode_clip_references``) go to the DiT as ``ref_clip``.
+            Ignored, with a warning, for a DiT without CLIP input (:func:`check_clip_vision`).
+        clip_output: which features: ``"tokens"`` (penultimate block, the default, as the node and the trainer)
+            or ``"pooled"``; their width must be the MMDiT's ``clip_dim``.
     Returns:
         Video ``[1, 3, frames, height, width]`` float32 in [-1, 1] on the VAE's device; None on ranks other than 0
         (they sample with rank 0, which alone decodes).
     Raises:
         ValueError: bad references, models that do not belong together, an attention back-end that is unknown,
             not installed or unfit for the DiT's device and dtype, or a parallel layout that does not fit the world
-            size or the DiT's heads (before any sampling).
+            size or the DiT's heads, an MMDiT under ``parallel`` (one process only), a missing or unfit CLIP tower
+            (before any sampling).
     """
     # 1. inputs: seed (rank 0's, under torchrun), reference images, model compatibility
+    check_clip_vision(dit, clip_vision, clip_output)
+    if parallel is not None and isinstance(dit, PhantomMMDiT):  # refused on every rank, before any collective
+        raise ValueError("parallel: the MMDiT runs in one process only (guidance and sequence parallelism are made "
+                         "for the Phantom-Wan DiT); launch without torchrun / --parallel")
     settings = resolve_seed(settings) if parallel is None else parallel.from_main(resolve_seed(settings))
     images = _as_images(references)
     check_compatible(dit, vae, text_encoder)
@@ -139,6 +180,9 @@ def generate(dit: Any, vae: Any, text_encoder: Any, references: Sequence[Image.I
     # 3. references: each VAE-encoded alone as a 1-frame latent, normalized
     refs = encode_references(vae, images, settings.width, settings.height, settings.ref_mode)  # (1, 16, N, h, w)
     refs = refs.to(device)
+    ref_clip = None if clip_vision is None else encode_clip_references(clip_vision, images, clip_output)
+    ref_clip = clip_features_for(dit, ref_clip)  # (1, N, T, C), or None for a DiT without CLIP input (warned)
+    ref_clip = None if ref_clip is None else ref_clip.to(device)
     plan = ParallelSampling()
     if parallel is not None:  # every rank feeds the DiT rank 0's bits; the layout fits the world and the heads
         context, context_neg, refs = parallel.share_tensors(*(t.contiguous() for t in (context, context_neg, refs)))
@@ -151,7 +195,8 @@ def generate(dit: Any, vae: Any, text_encoder: Any, references: Sequence[Image.I
                                    image_guidance_window=window, cache=cache, pass_runner=plan.pass_runner,
                                    steps=settings.steps, shift=settings.shift, solver=settings.solver,
                                    w_img=settings.w_img, w_text=settings.w_text, callback=callback,
-                                   model_dtype=dit.compute_dtype, batch_passes=batch_passes)  # (1,16,F,h,w) fp32
+                                   model_dtype=dit.compute_dtype, batch_passes=batch_passes,
+                                   ref_clip=ref_clip)  # (1, 16, F, h, w) fp32
     if cache is not None:
         logger.info("step cache: %d of %d pass evaluations reused (%.0f%%)", cache.reused,
                     cache.computed + cache.reused, 100 * cache.saved_fraction)
@@ -200,6 +245,9 @@ def load_models(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
                 block_swap: int = 0) -> tuple[Any, Any, Any]:
     """Load DiT, VAE and text encoder, each error re-raised naming the role and file; then check compatibility.
 
+    The DiT file may hold a Phantom-Wan DiT or an MMDiT (``mmdit.load.load_any_dit``, by its keys); an MMDiT with
+    a CLIP branch also needs its CLIP vision tower (:func:`load_clip_tower`) in :func:`generate`.
+
     Args:
         tokenizer_path: umT5's ``spiece.model`` (or its folder) when the text encoder file has none embedded
             (upstream Wan's ``.pth``).
@@ -219,7 +267,7 @@ def load_models(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
     Raises ``ValueError`` / ``FileNotFoundError`` naming the file (or ``block_swap`` out of range).
     """
     te_device = device if text_encoder_device is None else text_encoder_device
-    dit = _load_one("DiT", dit_path, lambda p: load_dit(
+    dit = _load_one("DiT", dit_path, lambda p: load_any_dit(
         p, dtype=dtype, device=device, compute_dtype=resolve_compute_dtype(dtype, compute_dtype, device),
         block_swap=block_swap))
     for path, _ in loras:
@@ -237,6 +285,12 @@ def load_models(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
     except ValueError as err:
         raise ValueError(f"{err} (DiT {dit_path}, VAE {vae_path}, text encoder {text_encoder_path})") from err
     return dit, vae, text_encoder
+
+
+def load_clip_tower(path: str | os.PathLike, *, device: torch.device | str = "cpu") -> ClipVision:
+    """The CLIP vision tower of an MMDiT (``mmdit.clip.load_clip_vision``, float32 on ``device``: it is small and
+    runs once per video). Raises ``FileNotFoundError`` / ``ValueError`` naming the file."""
+    return _load_one("CLIP vision", path, lambda p: load_clip_vision(p, dtype=torch.float32, device=device))
 
 
 def _load_one(role: str, path: str | os.PathLike, load: Any) -> Any:

@@ -21,11 +21,12 @@ import torch
 from torch import Tensor, nn
 
 from phantom_core.loading.assign import load_network
-from phantom_core.loading.fp8 import SCALED_FP8_KEY, is_scale_key
-from phantom_core.loading.headers import read_tensor_infos
+from phantom_core.loading.fp8 import SCALED_FP8_KEY, detect_fp8_format, is_scale_key, plan_load
+from phantom_core.loading.headers import read_tensor_infos, stand_ins
 from phantom_core.loading.keys import key_problems, key_shape
 from phantom_core.mmdit.config import MMDIT_PRESETS, MMDiTConfig
 from phantom_core.mmdit.model import PhantomMMDiT
+from phantom_core.wan.block_swap import enable_block_swap
 from phantom_core.wan.load import DIT_PREFIXES, load_dit
 
 MARKER_KEY = "joint_blocks.0.x_block.attn.qkv.weight"  # present in every Phantom MMDiT (and in SD3 image MMDiTs)
@@ -34,7 +35,6 @@ MARKER_KEY = "joint_blocks.0.x_block.attn.qkv.weight"  # present in every Phanto
 def is_mmdit_keys(keys: Any) -> bool:
     """True when state-dict ``keys`` (ComfyUI prefixes allowed) are an MMDiT's (``joint_blocks.0.x_block...``)."""
     return any(k.endswith(MARKER_KEY) for k in keys)
-
 
 
 def _ints(sd: dict[str, Tensor], key: str, count: int) -> tuple[int, ...]:
@@ -125,11 +125,27 @@ def load_mmdit(path_or_state_dict: str | Path | dict[str, Tensor], dtype: torch.
         dtype=dtype, device=device, ops=ops, compute_dtype=compute_dtype, trainable=trainable)
 
 
-def load_any_dit(path: str | os.PathLike, **options: Any) -> nn.Module:
+def load_any_dit(path: str | os.PathLike, block_swap: int = 0, **options: Any) -> nn.Module:
     """Load the velocity model a checkpoint file holds: a Phantom MMDiT when its keys are an MMDiT's (read from
     the header alone), else a Phantom-Wan DiT. ``options``: those of ``load_dit`` / ``load_mmdit``.
 
-    Raises FileNotFoundError / ValueError (naming the file) as the two loaders do.
+    ``block_swap``: as ``load_dit``'s, for either network. An MMDiT is then loaded on the CPU, with the compute
+    dtype ``device`` would get (``fp8.plan_load``), and its last ``block_swap`` joint blocks stay there, streamed per
+    forward, while the rest moves to ``device`` (``wan.block_swap.enable_block_swap``; inference only).
+
+    Raises FileNotFoundError / ValueError (naming the file) as the two loaders do; ValueError for ``block_swap``
+    outside ``0..num_layers`` or with ``trainable=True``.
     """
     _, infos, _, _ = read_tensor_infos(path)
-    return (load_mmdit if is_mmdit_keys(infos) else load_dit)(path, **options)
+    if not is_mmdit_keys(infos):
+        return load_dit(path, block_swap=block_swap, **options)
+    if not block_swap:
+        return load_mmdit(path, **options)
+    if options.get("trainable"):
+        raise ValueError(f"block_swap is {block_swap} with trainable=True; block swap is for inference (use "
+                         "gradient checkpointing to save memory when training), pass block_swap=0")
+    device = options.pop("device", "cpu")
+    stored = detect_fp8_format(stand_ins(infos))  # the compute dtype of `device`, not of the CPU it loads on
+    options["compute_dtype"] = plan_load(stored, options.get("dtype", torch.float32), options.get("compute_dtype"),
+                                         device).compute_dtype
+    return enable_block_swap(load_mmdit(path, device="cpu", **options), block_swap, device)

@@ -6,7 +6,8 @@
   from the prepared reference (letterboxed on white) at the reference's scale, pasted on white in the centre of
   its strip of the frame (the frame split into N equal vertical strips; shrunk only when it does not fit), the
   same in every frame. With one reference this is the prepared reference itself, unchanged;
-- ``model_producer``: Phantom sampling with a velocity model, a VAE and a text encoder (``pipeline.generate``);
+- ``model_producer``: Phantom sampling with a velocity model (Phantom-Wan DiT or MMDiT, with its CLIP vision tower
+  when it reads CLIP features), a VAE and a text encoder (``pipeline.generate``);
 - ``vae_reconstruction``: the VAE's reconstruction of the ground truth (the fidelity ceiling of a latent model).
 """
 
@@ -80,19 +81,26 @@ def vae_reconstruction(vae: Any) -> VideoProducer:
     return produce
 
 
-def model_producer(dit: Any, vae: Any, text_encoder: Any, **settings: Any) -> VideoProducer:
+def model_producer(dit: Any, vae: Any, text_encoder: Any, *, clip_vision: Any = None, clip_output: str = "tokens",
+                   **settings: Any) -> VideoProducer:
     """A producer running ``pipeline.generate`` on each sample's references and prompt.
 
     ``settings``: ``GenerationSettings`` fields (steps, shift, solver, w_img, w_text, negative_prompt); the size,
     frames and fps are the sample's, and the noise seed is the sample's index (the case set fixes both).
+    ``clip_vision`` / ``clip_output``: the CLIP vision tower and its features for an MMDiT with a CLIP branch
+    (``generate``'s; checked here, before the first sample: ``ValueError`` naming ``clip_vision`` when it is missing
+    or does not fit).
     """
-    from phantom_core.inference.pipeline import generate
+    from phantom_core.inference.pipeline import check_clip_vision, generate
     from phantom_core.inference.settings import GenerationSettings
+
+    check_clip_vision(dit, clip_vision, clip_output)
 
     def produce(sample: WorldSample) -> np.ndarray:
         fmt = sample.config.video
         run = GenerationSettings(prompt=sample.prompt, width=fmt.width, height=fmt.height, frames=fmt.frames,
                                  fps=fmt.fps, seed=sample.index, **settings)
-        return _to_uint8(generate(dit, vae, text_encoder, list(sample.references), run))
+        return _to_uint8(generate(dit, vae, text_encoder, list(sample.references), run, clip_vision=clip_vision,
+                                  clip_output=clip_output))
 
     return produce

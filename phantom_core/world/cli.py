@@ -4,11 +4,17 @@
     python -m phantom_core evaluate --baseline untrained        # the random-weight tiny default
     python -m phantom_core evaluate --model default             # the trained embedded default (MODEL_CARD.md)
     python -m phantom_core evaluate --dit D --vae V --text-encoder T [--steps 50 --w-img 5 --w-text 7.5 ...]
+    python -m phantom_core evaluate --dit MMDIT --vae V --text-encoder T --clip-vision C [--clip-output tokens]
     python -m phantom_core evaluate --baseline truth --quick 4  # sanity: the ground truth scores perfectly
 
 Prints the table, writes ``<out>/metrics.json`` and ``<out>/contact_sheet.png`` (default ``output/evaluate/<name>``).
 ``--baseline truth`` and ``noise`` check the metrics themselves (perfect and bad scores). The VAE ceiling column is
 the model's VAE (or ``--vae`` with a baseline) reconstructing the ground truth.
+
+``--dit`` takes a Phantom-Wan DiT or the paper's MMDiT (told apart by its keys). An MMDiT with a CLIP branch needs
+``--clip-vision``, the CLIP vision file it was trained with, and ``--clip-output`` when it was trained on the pooled
+embedding; the "VAE only" MMDiT (no CLIP branch, ``MMDIT_PRESETS["world-vae"]``) and the Phantom-Wan DiT need none
+(and ignore one, with a warning).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 
 import torch
 
+from phantom_core.mmdit.clip import CLIP_OUTPUTS
 from phantom_core.world.baselines import (
     VideoProducer,
     model_producer,
@@ -49,10 +56,13 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     what = p.add_argument_group("what to evaluate (one of)")
     what.add_argument("--baseline", choices=BASELINES, help="paste | untrained | truth | noise")
     what.add_argument("--model", choices=["default"], help="the trained embedded default (phantom_core/tiny/trained)")
-    what.add_argument("--dit", metavar="PATH", help="Phantom-Wan DiT file (with --vae and --text-encoder)")
+    what.add_argument("--dit", metavar="PATH", help="Phantom-Wan DiT or MMDiT file (with --vae and --text-encoder)")
     what.add_argument("--vae", metavar="PATH", help="Wan2.1 VAE file (with a baseline: only the ceiling)")
     what.add_argument("--text-encoder", metavar="PATH", help="umT5 text encoder file")
     what.add_argument("--tokenizer", metavar="PATH", help="spiece.model when the text encoder has none embedded")
+    what.add_argument("--clip-vision", metavar="PATH", help="CLIP vision file of an MMDiT with a CLIP branch (--dit)")
+    what.add_argument("--clip-output", choices=CLIP_OUTPUTS, default=CLIP_OUTPUTS[0],
+                      help="the CLIP features the MMDiT reads: tokens (default) or pooled")
     cases = p.add_argument_group("cases")
     cases.add_argument("--quick", type=int, metavar="N", help="only the first N single- and N/2 two-subject cases")
     cases.add_argument("--cases-single", type=int, default=CASES_SINGLE, metavar="N", help="default %(default)s")
@@ -88,6 +98,8 @@ def _producer(args: argparse.Namespace, device: str, folder: str) -> tuple[str, 
     chosen = [bool(args.baseline), bool(args.model), bool(args.dit or args.text_encoder)]
     if sum(chosen) != 1:
         raise ValueError("evaluate: give exactly one of --baseline, --model default, or --dit/--vae/--text-encoder")
+    if args.clip_vision and not args.dit:
+        raise ValueError("evaluate: --clip-vision goes with --dit (the CLIP vision tower of an MMDiT)")
     if args.baseline in ("paste", "truth", "noise"):
         vae = None
         if args.vae:
@@ -103,7 +115,21 @@ def _producer(args: argparse.Namespace, device: str, folder: str) -> tuple[str, 
 
         settings = {**TRAINED_SAMPLING, **settings}  # the default's guidance unless given
     name = args.baseline or (args.model if args.model else Path(args.dit).stem)
-    return name, model_producer(dit, vae, text_encoder, **settings), vae
+    clip = _clip_tower(args, dit, device)
+    return name, model_producer(dit, vae, text_encoder, clip_vision=clip, clip_output=args.clip_output, **settings), vae
+
+
+def _clip_tower(args: argparse.Namespace, dit: Any, device: str) -> Any:
+    """The ``--clip-vision`` tower, or None without it. Raises ``ValueError`` when ``dit`` reads CLIP features
+    (an MMDiT with a CLIP branch: ``config.clip_dim > 0``) and none was given."""
+    from phantom_core.inference.pipeline import load_clip_tower
+
+    clip_dim = getattr(dit.config, "clip_dim", 0)
+    if clip_dim and not args.clip_vision:
+        raise ValueError(f"evaluate: --dit {args.dit} is an MMDiT that reads {clip_dim}-wide CLIP features of the "
+                         "references; give --clip-vision PATH, the CLIP vision file it was trained with (and "
+                         "--clip-output pooled if it was trained on the pooled embedding)")
+    return load_clip_tower(args.clip_vision, device=device) if args.clip_vision else None
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
