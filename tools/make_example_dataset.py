@@ -9,7 +9,7 @@ workflow samples with one reference), cross-pair references. Sources `photo` and
 emoji font, so the files are the same on every machine; every photo is held out (phantom_core.world.subjects), so
 the train split draws procedural shapes only. The folder holds `manifest.jsonl` (what the trainer reads:
 phantom_core.training.dataset.read_dataset), `clips/*.mp4` (lossless H.264), `refs/*.png` and `truth/*.npz` (the
-world's ground truth: masks and boxes), about 90 KB in all. tools/comfy_launcher.py copies it into ComfyUI's
+world's ground truth: masks and boxes), about 70 KB in all. tools/comfy_launcher.py copies it into ComfyUI's
 `input/` folder, where Phantom Train LoRA's `dataset` input finds it by name.
 """
 
