@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 import time
 
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in stages if s not in valid]
     if bad:
         parser.error(f"--stages: unknown {bad} for --model {args.model}; valid stages are {', '.join(valid)}")
+    if len(stages) > 1:
+        return run_apart(args, [s for s in valid if s in stages])
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     if args.model == "mmdit":
@@ -61,6 +64,21 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 run(args.work)
             print(f"== stage {stage} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return 0
+
+
+def run_apart(args: argparse.Namespace, stages: list[str]) -> int:
+    """Each stage in a fresh process of this tool, in order; stops at the first that fails (its exit status).
+
+    Measured 2026-12-03 on the 2-core Xeon: the DiT stage's step took 2.9-3.0 s in the process that had just run the
+    latents stage (5.7 GB resident) and 1.23 s in a fresh one, same settings."""
+    for stage in stages:
+        command = [sys.executable, "-m", "tools.train_default", "--work", args.work, "--stages", stage,
+                   "--threads", str(args.threads), "--model", args.model, "--variant", args.variant]
+        status = subprocess.run(command, check=False).returncode
+        if status != 0:
+            print(f"== stage {stage} failed (exit status {status}); rerun the same command to resume", flush=True)
+            return status
     return 0
 
 
