@@ -28,15 +28,13 @@ import torch
 from phantom_core.mmdit.config import MMDiTConfig
 from phantom_core.mmdit.windows import window_plan
 from phantom_core.sampling.guidance import guidance_weights
-from phantom_core.wan.latents import latent_shape
+from phantom_core.wan.latents import token_grid as patch_grid
 
 
 def token_grid(config: MMDiTConfig, frames: int, height: int, width: int) -> tuple[int, int, int]:
     """The video's token grid ``(f, h, w)`` after patchify (the patch padding included), for ``frames`` (4k + 1)
     frames of ``height x width`` px."""
-    _, _, f, h, w = latent_shape(frames, height, width)
-    pt, ph, pw = config.patch_size
-    return math.ceil(f / pt), math.ceil(h / ph), math.ceil(w / pw)
+    return patch_grid(config.patch_size, frames, height, width)
 
 
 def mmdit_tokens(config: MMDiTConfig, frames: int, height: int, width: int, num_refs: int,

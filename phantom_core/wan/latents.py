@@ -7,6 +7,8 @@ previews work); everything inside phantom_core (DiT input, sampler) uses NORMALI
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -35,6 +37,16 @@ def latent_shape(frames: int, height: int, width: int, batch: int = 1) -> tuple[
         batch: videos in the batch.
     """
     return batch, LATENT_CHANNELS, 1 + (frames - 1) // TIME_STRIDE, height // SPACE_STRIDE, width // SPACE_STRIDE
+
+
+def token_grid(patch_size: tuple[int, int, int], frames: int, height: int, width: int,
+               extra_latent_frames: int = 0) -> tuple[int, int, int]:
+    """``(f, h, w)`` tokens after a DiT's ``(pt, ph, pw)`` patchify (padding included) of the latents of a
+    ``frames x height x width`` video plus ``extra_latent_frames`` latent frames on its time axis (Phantom-Wan's
+    appended references); ``latent_shape`` gives the latent sizes."""
+    _, _, f, h, w = latent_shape(frames, height, width)
+    pt, ph, pw = patch_size
+    return math.ceil((f + extra_latent_frames) / pt), math.ceil(h / ph), math.ceil(w / pw)
 
 
 def _stats(latents: Tensor, name: str) -> tuple[Tensor, Tensor]:

@@ -33,15 +33,13 @@ import torch
 from phantom_core.sampling.guidance import guidance_weights
 from phantom_core.wan.block_swap import check_block_swap
 from phantom_core.wan.dit import WanDiTConfig
-from phantom_core.wan.latents import latent_shape
+from phantom_core.wan.latents import token_grid
 from phantom_core.wan.load import expected_shapes
 
 
 def dit_tokens(config: WanDiTConfig, frames: int, height: int, width: int, num_refs: int) -> int:
     """Tokens the DiT attends over: video latent frames plus one frame per reference, each (h/pt) x (w/pw)."""
-    _, _, f, h, w = latent_shape(frames, height, width)
-    pt, ph, pw = config.patch_size
-    return math.ceil((f + num_refs) / pt) * math.ceil(h / ph) * math.ceil(w / pw)
+    return math.prod(token_grid(config.patch_size, frames, height, width, extra_latent_frames=num_refs))
 
 
 def activation_bytes(config: WanDiTConfig, frames: int, height: int, width: int, num_refs: int, batch: int = 3,
