@@ -28,20 +28,14 @@ import torch
 from phantom_core.mmdit.config import MMDiTConfig
 from phantom_core.mmdit.windows import window_plan
 from phantom_core.sampling.guidance import guidance_weights
-from phantom_core.wan.latents import token_grid as patch_grid
-
-
-def token_grid(config: MMDiTConfig, frames: int, height: int, width: int) -> tuple[int, int, int]:
-    """The video's token grid ``(f, h, w)`` after patchify (the patch padding included), for ``frames`` (4k + 1)
-    frames of ``height x width`` px."""
-    return patch_grid(config.patch_size, frames, height, width)
+from phantom_core.wan.latents import token_grid
 
 
 def mmdit_tokens(config: MMDiTConfig, frames: int, height: int, width: int, num_refs: int,
                  clip_tokens: int = 0) -> tuple[int, int, int]:
     """``(video, reference, text)`` token counts of one forward: ``f h w``, ``N h w`` (the references' 1-frame
     latents, patchified alone) and ``text_len + N * clip_tokens`` (the text stream with ``F_ref,c``)."""
-    f, h, w = token_grid(config, frames, height, width)
+    f, h, w = token_grid(config.patch_size, frames, height, width)
     return f * h * w, num_refs * h * w, config.text_len + num_refs * clip_tokens
 
 
@@ -49,7 +43,7 @@ def window_rows(config: MMDiTConfig, frames: int, height: int, width: int, num_r
                 clip_tokens: int = 0) -> int:
     """Rows of the largest window attention call (per batch row): over the unshifted and the shifted partition,
     the most ``n_windows x (window tokens + injected tokens)`` of one window shape (``windows.window_plan``)."""
-    f, h, w = token_grid(config, frames, height, width)
+    f, h, w = token_grid(config.patch_size, frames, height, width)
     _, refs, text = mmdit_tokens(config, frames, height, width, num_refs, clip_tokens)
     injected = refs + text
     largest = 0
