@@ -99,19 +99,27 @@ def probe(dit, encode, samples, sigmas=(0.95, 0.85, 0.7), seed: int = 0) -> dict
     return out
 
 
-def cache_samples(work: Path, count: int):
-    """Up to ``count`` single-subject moving triplets of ``work``'s latent cache: ``(caption, motion, sample)``."""
+def cache_samples(work: Path, count: int, clip_features: bool = False):
+    """Up to ``count`` single-subject moving triplets of ``work``'s latent cache: ``(caption, motion, sample)``;
+    ``clip_features``: with the references' CLIP features of the MMDiT stages (``world.mmdit_default``)."""
+    from dataclasses import replace
+
     from safetensors import safe_open
 
     from phantom_core.world.default_model import cached_latents
+    from phantom_core.world.mmdit_default import clip_feature_table
 
     data, picked = cached_latents(work), []
+    table = clip_feature_table(work) if clip_features else {}
     for index in range(len(data)):
         with safe_open(str(data.files[index]), framework="pt") as f:
             caption = f.metadata().get("caption", "")
         motion = single_motion(caption)
         if motion is not None:
-            picked.append((caption, motion, data[index]))
+            sample = data[index]
+            if clip_features:
+                sample = replace(sample, ref_clip=table[sample.name])
+            picked.append((caption, motion, sample))
         if len(picked) == count:
             break
     return picked
@@ -135,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{path} does not exist (--work is a tools.train_default folder with its latents stage)")
     dit = load_any_dit(dit_path).eval()
     text_encoder = load_text_encoder(work / "umt5.safetensors")
-    samples = cache_samples(work, args.samples)
+    samples = cache_samples(work, args.samples, clip_features=getattr(dit.config, "clip_dim", 0) > 0)
     if not samples:
         p.error(f"{work}/latents has no single-subject moving triplet")
     results = probe(dit, lambda caption: text_encoder.encode([caption])[0], samples)
