@@ -3,7 +3,7 @@ PY := .venv/bin/python
 
 .PHONY: env demo test test-browser lint bench bench-sampling bench-cache bench-memory bench-train bench-attention workflows \
 	thumbnails emoji-font \
-	train-default
+	train-default train-default-mmdit
 env: .venv/.phantom-ready
 
 .venv/.phantom-ready: tools/bootstrap.sh requirements.txt
@@ -72,3 +72,10 @@ emoji-font:
 # resumable (run it again after an interruption), deterministic on the same machine; about 75 min on 2 CPU cores.
 train-default: env emoji-font
 	$(PY) -m tools.train_default --work build/default
+
+# The second embedded default, the paper's MMDiT trained in the same world (phantom_core.world.mmdit_default): the
+# world CLIP, the references' CLIP features, the MMDiT (VAE and CLIP references) on train-default's latents, then its
+# export beside the Phantom-Wan default's VAE and umT5 (refused unless they are byte-identical, which running
+# train-default first on the same folder ensures); resumable like train-default. Runs with --model default-mmdit.
+train-default-mmdit: train-default
+	$(PY) -m tools.train_default --work build/default --model mmdit --variant both

@@ -34,7 +34,7 @@ import requests
 
 from phantom_core.video_io import probe_mp4
 from tools.comfy_launcher import ComfyServer
-from tools.make_workflows import WORKFLOWS
+from tools.make_workflows import WORKFLOWS, workflow_weights_shipped
 from tools.workflow_layout import layout_problems
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,7 +166,8 @@ def check_templates(driver, checks: Checks) -> None:
     cards = driver.execute_script(f"return {CARDS_JS}")
     names = {c["name"] for c in cards}
     checks.expect(names == titles, f"Templates browser, {MODULE}: lists {sorted(names)}, expected {sorted(titles)}")
-    for card in cards:
+    waiting = {spec.title for stem, spec in WORKFLOWS.items() if not workflow_weights_shipped(stem)}
+    for card in (c for c in cards if c["name"] not in waiting):  # no thumbnail until its default is trained
         loaded = [src for src, width in card["images"] if width]  # fetched, then shown from a blob: URL
         checks.expect(bool(loaded), f"template {card['name']!r}: thumbnail not loaded ({card['images']})")
     driver.save_screenshot(str(OUT_DIR / "templates.png"))

@@ -5,6 +5,8 @@ the tests).
 
     <base>/custom_nodes/ComfyUI-Phantom -> symlink to this repository
     <base>/models/{diffusion_models,vae,text_encoders}/phantom_{tiny,world}_*.safetensors (random tiny, trained)
+    <base>/models/{diffusion_models,clip_vision}/phantom_world_{mmdit,clip}.safetensors (the MMDiT default, once
+                                                                                         it is shipped)
     <base>/input/phantom_*.jpg   (the example reference photos of example_inputs/, which the workflows name)
     <base>/input/phantom_world_lora/   (the example training dataset of example_inputs/, which the training
                                        workflow names)
@@ -58,7 +60,12 @@ class ComfyServer:
     def prepare(self) -> None:
         """Lay out custom_nodes/, models/ (tiny + trained defaults), input/ (with the example photos and datasets) and
         output/ under the base directory. An example already in input/ is kept as it is."""
-        from phantom_core.tiny.default import install_trained_default, write_tiny_default
+        from phantom_core.tiny.default import (
+            install_trained_default,
+            install_trained_mmdit_default,
+            trained_mmdit_shipped,
+            write_tiny_default,
+        )
         from tools.make_workflows import INPUTS_DIR
 
         link = self.base / "custom_nodes" / "ComfyUI-Phantom"
@@ -67,6 +74,8 @@ class ComfyServer:
             link.symlink_to(ROOT, target_is_directory=True)
         write_tiny_default(self.base / "models")
         install_trained_default(self.base / "models")
+        if trained_mmdit_shipped():  # `make train-default-mmdit`: its workflow runs
+            install_trained_mmdit_default(self.base / "models")
         for sub in ("input", "output", "temp", "user"):
             (self.base / sub).mkdir(exist_ok=True)
         for photo in INPUTS_DIR.glob("*.jpg"):

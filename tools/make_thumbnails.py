@@ -27,7 +27,7 @@ from PIL import Image, ImageOps
 from phantom_core.loading.disk import atomic_write
 from phantom_core.video_io import read_mp4_frames
 from tools.comfy_launcher import ComfyServer
-from tools.make_workflows import INPUTS_DIR, WORKFLOWS, api_path, thumbnail_path
+from tools.make_workflows import INPUTS_DIR, WORKFLOWS, api_path, thumbnail_path, workflow_weights_shipped
 
 SIDE = 384  # px, square
 INSET = 88  # px, each reference photo in the strip
@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := [s for s in stems if s not in WORKFLOWS]:
         parser.error(f"unknown workflow {', '.join(unknown)}; valid: {', '.join(WORKFLOWS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for stem in [s for s in stems if not workflow_weights_shipped(s)]:  # the MMDiT's, until it is trained
+        log.warning("%s: its embedded default is not shipped yet (make train-default-mmdit): no thumbnail", stem)
+    stems = [s for s in stems if workflow_weights_shipped(s)]
     server = ComfyServer().start()
     try:
         for stem in stems:

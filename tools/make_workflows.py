@@ -20,8 +20,10 @@ the link also makes the sampling wait for the training. The rephrase variant typ
 (Multiline) node titled "Prompt", which feeds PhantomRephrase (references from PhantomReferences, an Ollama endpoint
 by default); the rewritten prompt feeds the positive PhantomTextEncode's `text` (a widget turned into an input, left
 empty in the UI so no stale text shows), and both rephraser outputs go to a PreviewAny each ("Preview as Text"). The
-UI format is LiteGraph's (version 0.4) with `widgets_values` in schema order; a linked widget keeps its value there
-and gets an input entry carrying `"widget": {"name": ...}` and the link, as the frontend writes it.
+MMDiT variant runs the second embedded default (the paper's MMDiT, `make train-default-mmdit`): its DiT file, and
+Phantom CLIP Vision Loader -> Phantom CLIP Encode References (tokens) between the reference latents and the
+sampler; its thumbnail and its runs wait for the trained files (`workflow_weights_shipped`). The UI format is
+LiteGraph's (version 0.4); tools/workflow_format.py writes both formats from one node list.
 
 Layout (tools/workflow_layout.py): columns left to right in reading order, every link from a column to a later
 one, node sizes above what the frontend computes, and a saved view (`extra.ds`) that puts the first column
@@ -33,14 +35,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
-from phantom_core.tiny.default import TRAINED_SAMPLING
-from tools.workflow_layout import place, saved_view
+from phantom_core.tiny.default import (
+    TRAINED_MMDIT_CLIP_OUTPUT,
+    TRAINED_MMDIT_FILES,
+    TRAINED_SAMPLING,
+    trained_mmdit_shipped,
+)
+from tools.workflow_format import Node, execution_order, to_api, to_ui
+from tools.workflow_layout import place
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES_DIR = ROOT / "example_workflows"
@@ -52,6 +58,8 @@ DEFAULT_FILES = {  # the trained embedded default (phantom_core/tiny/trained/, M
     "vae": "phantom_world_vae.safetensors",
     "text_encoder": "phantom_world_umt5.safetensors",
 }
+# the MMDiT default (beside DEFAULT_FILES' VAE and umT5): phantom_world_mmdit / phantom_world_clip
+MMDIT_FILES = {role: Path(relative).name for role, relative in TRAINED_MMDIT_FILES.items()}
 # the default's world: 128 x 128 px, 17 frames at 16 fps (phantom_core.world); real Phantom-Wan: 832 x 480 x 81
 SIZE = {"width": 128, "height": 128, "frames": 17}
 # the shipped photos of example_inputs/ (scikit-image's astronaut, cat, coffee and rocket; licences there)
@@ -77,12 +85,14 @@ TRAIN_SETTINGS = {  # Phantom Train LoRA's widgets, in schema order: a short run
 @dataclass(frozen=True)
 class Workflow:
     """One shipped workflow: its references, whether the rephraser is wired in, its title (the UI file's name,
-    which the Templates browser shows), and whether it trains a LoRA first and samples with it."""
+    which the Templates browser shows), whether it trains a LoRA first and samples with it, and whether it runs
+    the MMDiT default (with the references' CLIP features)."""
 
     num_refs: int
     rephrase: bool
     title: str
     train: bool = False
+    mmdit: bool = False
 
 
 WORKFLOWS = {
@@ -90,6 +100,7 @@ WORKFLOWS = {
     "phantom_4ref": Workflow(4, False, "Phantom 4 references"),
     "phantom_2ref_rephrase": Workflow(2, True, "Phantom 2 references with rephraser"),
     "phantom_train_lora": Workflow(1, False, "Phantom train LoRA", train=True),
+    "phantom_mmdit_1ref": Workflow(1, False, "Phantom MMDiT 1 reference", mmdit=True),
 }
 """Stem -> workflow; each gives `example_workflows/<title>.json` and `example_workflows/api/<stem>_api.json`."""
 
@@ -109,35 +120,15 @@ def thumbnail_path(stem: str) -> Path:
     return TEMPLATES_DIR / f"{WORKFLOWS[stem].title}.jpg"
 
 
-@dataclass
-class Node:
-    """One node of the description: enough to write both formats.
-
-    sockets: every non-widget input in schema order (name, type); links: input name -> (node id, slot).
-    widgets: widget inputs in schema order with their values (the API format's constants).
-    widget_links: widget name -> (node id, slot) for a widget fed by a link instead: the API format gives the
-        link, the UI format adds an input entry with `"widget": {"name"}` and keeps the value in widgets_values.
-    widget_types: the type of such an input entry when it is not the link's (a combo widget's is COMBO).
-    ui_after: extra UI-only widget values that follow a widget (seed's control mode, LoadImage's upload).
-    """
-
-    id: int
-    type: str
-    title: str
-    outputs: list[tuple[str, str]]
-    sockets: list[tuple[str, str]] = field(default_factory=list)
-    links: dict[str, tuple[int, int]] = field(default_factory=dict)
-    widgets: dict[str, Any] = field(default_factory=dict)
-    widget_links: dict[str, tuple[int, int]] = field(default_factory=dict)
-    widget_types: dict[str, str] = field(default_factory=dict)
-    ui_after: dict[str, list[Any]] = field(default_factory=dict)
-    pos: tuple[float, float] = (0.0, 0.0)
-    size: tuple[float, float] = (320.0, 120.0)
+def workflow_weights_shipped(stem: str) -> bool:
+    """Whether the embedded default that `stem` runs is shipped (the MMDiT's waits for `make train-default-mmdit`);
+    until then the workflow has no thumbnail and is not run."""
+    return not WORKFLOWS[stem].mmdit or trained_mmdit_shipped()
 
 
-def describe(num_refs: int, rephrase: bool = False, train: bool = False) -> list[Node]:
+def describe(num_refs: int, rephrase: bool = False, train: bool = False, mmdit: bool = False) -> list[Node]:
     """The workflow for `num_refs` (1..4) references, with the rephraser wired in or not, training a LoRA first
-    or not, laid out; in execution order.
+    or not, on the Phantom-Wan or the MMDiT default, laid out; in execution order.
 
     Raises ValueError when `num_refs` is outside 1..4 or has no example prompt / reference files for the variant.
     """
@@ -149,7 +140,8 @@ def describe(num_refs: int, rephrase: bool = False, train: bool = False) -> list
     model = (52, 0) if train else (1, 0)  # the sampler's DiT: through Phantom Load LoRA when the workflow trains
     nodes = [
         Node(1, "PhantomDiTLoader", "Phantom DiT Loader", [("model", "PHANTOM_DIT")],
-             widgets={"dit_name": DEFAULT_FILES["dit"], "weight_dtype": "default", "block_swap": 0}, size=(400, 130)),
+             widgets={"dit_name": (MMDIT_FILES if mmdit else DEFAULT_FILES)["dit"], "weight_dtype": "default",
+                      "block_swap": 0}, size=(400, 130)),
         Node(2, "PhantomVAELoader", "Phantom VAE Loader", [("vae", "PHANTOM_VAE")],
              widgets={"vae_name": DEFAULT_FILES["vae"]}, size=(400, 80)),
         Node(3, "PhantomTextEncoderLoader", "Phantom Text Encoder Loader", [("text_encoder", "PHANTOM_TEXT_ENCODER")],
@@ -180,7 +172,7 @@ def describe(num_refs: int, rephrase: bool = False, train: bool = False) -> list
         Node(30, "PhantomSampler", "Phantom Sampler", [("latent", "LATENT")],
              sockets=[("model", "PHANTOM_DIT"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                       ("reference_latents", "PHANTOM_REF_LATENTS")],
-             links={"model": model, "positive": (4, 0), "negative": (5, 0), "reference_latents": (21, 0)},
+             links={"model": model, "positive": (4, 0), "negative": (5, 0), "reference_latents": (22 if mmdit else 21, 0)},
              widgets={"width": width, "height": height, "frames": SIZE["frames"], "steps": 50, "shift": 5.0,
                       "solver": "unipc", **TRAINED_SAMPLING, "seed": 42, "preset": "custom",
                       "image_guidance_start": 0.0, "image_guidance_end": 1.0, "cache_threshold": 0.0,
@@ -197,13 +189,16 @@ def describe(num_refs: int, rephrase: bool = False, train: bool = False) -> list
         nodes += rephrase_nodes(prompts[num_refs])
     if train:
         nodes += train_nodes()
+    if mmdit:
+        nodes += mmdit_nodes()
     by_id = {n.id: n for n in nodes}
-    for node_id, (x, y) in place(columns(num_refs, rephrase, train), {i: n.size for i, n in by_id.items()}).items():
+    layout = columns(num_refs, rephrase, train, mmdit)
+    for node_id, (x, y) in place(layout, {i: n.size for i, n in by_id.items()}).items():
         by_id[node_id].pos = (x, y)
     return execution_order(nodes)
 
 
-def columns(num_refs: int, rephrase: bool, train: bool = False) -> list[list[list[int]]]:
+def columns(num_refs: int, rephrase: bool, train: bool = False, mmdit: bool = False) -> list[list[list[int]]]:
     """The layout (see tools.workflow_layout.place): columns left to right, each one or two stacks of node ids.
 
     Reading order: the model loaders above the reference photos -> the prompts above PhantomReferences (in
@@ -211,7 +206,8 @@ def columns(num_refs: int, rephrase: bool, train: bool = False) -> list[list[lis
     sampler -> decode -> save. With the rephraser: the typed prompt and the negative prompt, then the rephraser
     above the reference latents, then the encoder of the rewritten prompt above the two text previews. Training:
     the trainer above PhantomReferences, then Phantom Load LoRA and the loss plot above the reference latents,
-    then the prompts, so the graph reads train -> LoRA -> sample.
+    then the prompts, so the graph reads train -> LoRA -> sample. MMDiT: the CLIP vision loader under the model
+    loaders, the CLIP encoder in a column of its own after the reference latents.
     """
     photos = [10 + k for k in range(num_refs)]
     tail = [[[30]], [[31]], [[32]]]
@@ -219,7 +215,25 @@ def columns(num_refs: int, rephrase: bool, train: bool = False) -> list[list[lis
         return [[[1, 2, 3], photos], [[50], [20]], [[52, 51], [21]], [[4, 5]], *tail]
     if rephrase:
         return [[[1, 2, 3], photos], [[43, 5], [20]], [[40, 21]], [[4, 42, 41]], *tail]
+    if mmdit:
+        return [[[1, 2, 3, 6], photos], [[4, 5], [20]], [[], [21]], [[], [22]], *tail]
     return [[[1, 2, 3], photos], [[4, 5], [20]], [[], [21]], *tail]
+
+
+def mmdit_nodes() -> list[Node]:
+    """Phantom CLIP Vision Loader (6, the MMDiT default's tower) and Phantom CLIP Encode References (22: the
+    references of node 20 added to the latents of node 21, the features the default was trained on); node 30 (the
+    sampler) takes 22's output."""
+    return [
+        Node(6, "PhantomCLIPVisionLoader", "Phantom CLIP Vision Loader", [("clip_vision", "PHANTOM_CLIP_VISION")],
+             widgets={"clip_vision_name": MMDIT_FILES["clip_vision"]}, size=(400, 80)),
+        Node(22, "PhantomCLIPEncodeReferences", "Phantom CLIP Encode References",
+             [("reference_latents", "PHANTOM_REF_LATENTS")],
+             sockets=[("clip_vision", "PHANTOM_CLIP_VISION"), ("references", "PHANTOM_REFERENCES"),
+                      ("reference_latents", "PHANTOM_REF_LATENTS")],
+             links={"clip_vision": (6, 0), "references": (20, 0), "reference_latents": (21, 0)},
+             widgets={"clip_output": TRAINED_MMDIT_CLIP_OUTPUT}, size=(320, 130)),
+    ]
 
 
 def rephrase_nodes(prompt: str) -> list[Node]:
@@ -263,80 +277,11 @@ def train_nodes() -> list[Node]:
     ]
 
 
-def execution_order(nodes: list[Node]) -> list[Node]:
-    """`nodes` sorted so that every node follows the nodes it takes inputs from (stable otherwise)."""
-    by_id, done, ordered = {n.id: n for n in nodes}, set(), []
-
-    def visit(node: Node) -> None:
-        if node.id in done:
-            return
-        done.add(node.id)
-        for src, _ in [*node.links.values(), *node.widget_links.values()]:
-            visit(by_id[src])
-        ordered.append(node)
-
-    for node in nodes:
-        visit(node)
-    return ordered
-
-
-def to_api(nodes: list[Node]) -> dict[str, dict]:
-    """API format: {"id": {"class_type", "inputs": {name: constant | [source id, slot]}, "_meta": {"title"}}}."""
-    api = {}
-    for node in nodes:
-        inputs: dict[str, Any] = {name: [str(src), slot] for name, (src, slot) in node.links.items()}
-        for name, value in node.widgets.items():
-            src, slot = node.widget_links.get(name, (None, None))
-            inputs[name] = value if src is None else [str(src), slot]
-        api[str(node.id)] = {"class_type": node.type, "inputs": inputs, "_meta": {"title": node.title}}
-    return api
-
-
-def to_ui(nodes: list[Node], name: str) -> dict[str, Any]:
-    """LiteGraph UI format (version 0.4) with numbered links and widgets_values in schema order."""
-    links: list[list[Any]] = []
-    out_links: dict[tuple[int, int], list[int]] = {}
-    by_id = {n.id: n for n in nodes}
-    ui_nodes = []
-    def link(src: int, src_slot: int, dst: int, dst_slot: int) -> int:
-        links.append([len(links) + 1, src, src_slot, dst, dst_slot, by_id[src].outputs[src_slot][1]])
-        out_links.setdefault((src, src_slot), []).append(len(links))
-        return len(links)
-
-    for order, node in enumerate(nodes):
-        inputs = []
-        for slot, (input_name, input_type) in enumerate(node.sockets):
-            link_id = link(*node.links[input_name], node.id, slot) if input_name in node.links else None
-            inputs.append({"name": input_name, "type": input_type, "link": link_id})
-        for widget, (src, src_slot) in node.widget_links.items():  # after the sockets, as the frontend adds them
-            kind = node.widget_types.get(widget, by_id[src].outputs[src_slot][1])
-            inputs.append({"name": widget, "type": kind, "widget": {"name": widget},
-                           "link": link(src, src_slot, node.id, len(inputs))})
-        widgets_values = []
-        for widget, value in node.widgets.items():
-            widgets_values += [value, *node.ui_after.get(widget, [])]
-        ui_nodes.append({
-            "id": node.id, "type": node.type, "pos": list(node.pos), "size": list(node.size), "flags": {},
-            "order": order, "mode": 0, "inputs": inputs, "outputs": [], "title": node.title,
-            "properties": {"Node name for S&R": node.type}, "widgets_values": widgets_values,
-        })
-    for ui_node, node in zip(ui_nodes, nodes):
-        ui_node["outputs"] = [{"name": out_name, "type": out_type, "slot_index": slot,
-                               "links": out_links.get((node.id, slot), [])}
-                              for slot, (out_name, out_type) in enumerate(node.outputs)]
-    return {
-        "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-phantom/{name}")), "revision": 0,
-        "last_node_id": max(n.id for n in nodes), "last_link_id": len(links),
-        "nodes": ui_nodes, "links": links, "groups": [], "config": {},
-        "extra": {"ds": saved_view([(n.pos, n.size) for n in nodes])}, "version": 0.4,
-    }
-
-
 def render_all() -> dict[str, str]:
     """Path relative to example_workflows/ -> JSON text, for every shipped workflow (UI and API format)."""
     files = {}
     for stem, spec in WORKFLOWS.items():
-        nodes = describe(spec.num_refs, spec.rephrase, spec.train)
+        nodes = describe(spec.num_refs, spec.rephrase, spec.train, spec.mmdit)
         files[str(ui_path(stem).relative_to(TEMPLATES_DIR))] = \
             json.dumps(to_ui(nodes, stem), indent=2, ensure_ascii=False) + "\n"
         files[str(api_path(stem).relative_to(TEMPLATES_DIR))] = \

@@ -1,11 +1,14 @@
 """`make train-default`: train the embedded default in the miniature world, from scratch, resumably.
 
     python -m tools.train_default [--work build/default] [--stages text,vae,latents,dit,export] [--threads 2]
-    python -m tools.train_default --model mmdit [--variant both|vae|clip] [--stages clip,clip_features,mmdit]
+    python -m tools.train_default --model mmdit [--variant both|vae|clip] [--stages clip,clip_features,mmdit,export]
 
 ``--model mmdit`` trains the paper's MMDiT in a work folder that already holds the Phantom-Wan recipe's text, vae and
 latents stages: the world CLIP, the references' CLIP features, then the MMDiT variant (``--variant``: VAE and CLIP
-references, VAE only, CLIP only; ``phantom_core.world.mmdit_default``).
+references, VAE only, CLIP only; ``phantom_core.world.mmdit_default``). Its ``export`` (variant ``both`` only, the
+default's) copies the MMDiT and the world CLIP tower into ``phantom_core/tiny/trained/`` as the second embedded
+default (``generate --model default-mmdit``), and refuses unless the folder's VAE and umT5 are the shipped
+Phantom-Wan default's own (``make train-default-mmdit`` runs ``make train-default`` first, so they are).
 
 Each stage leaves its files in ``--work`` and is skipped when they are complete, and the VAE and DiT stages
 resume from their latest checkpoint, so an interrupted run continues where it stopped. The VAE and DiT stages draw
@@ -25,7 +28,7 @@ import time
 import torch
 
 STAGES = ("text", "vae", "latents", "dit", "export")
-MMDIT_STAGES = ("clip", "clip_features", "mmdit")
+MMDIT_STAGES = ("clip", "clip_features", "mmdit", "export")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.train_default", description=__doc__.split("\n")[0])
     parser.add_argument("--work", default="build/default", help="folder of the runs and intermediate files")
     parser.add_argument("--stages", default=None, help=f"comma-separated, of {', '.join(STAGES)} (--model wan, "
-                        f"the default: all) or {', '.join(MMDIT_STAGES)} (--model mmdit: all)")
+                        f"the default: all) or {', '.join(MMDIT_STAGES)} (--model mmdit: all; export only for "
+                        "--variant both)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the figures are for 2)")
     parser.add_argument("--model", choices=("wan", "mmdit"), default="wan",
                         help="wan: the Phantom-Wan default; mmdit: the paper's MMDiT on the wan recipe's latents")
@@ -43,10 +47,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="--model mmdit: VAE and CLIP references, VAE only, or CLIP only")
     args = parser.parse_args(argv)
     valid = STAGES if args.model == "wan" else MMDIT_STAGES
-    stages = [s.strip() for s in (args.stages or ",".join(valid)).split(",") if s.strip()]
+    everything = [s for s in valid if args.model == "wan" or args.variant == "both" or s != "export"]
+    stages = [s.strip() for s in (args.stages or ",".join(everything)).split(",") if s.strip()]
     bad = [s for s in stages if s not in valid]
     if bad:
         parser.error(f"--stages: unknown {bad} for --model {args.model}; valid stages are {', '.join(valid)}")
+    if args.model == "mmdit" and "export" in stages and args.variant != "both":
+        parser.error(f"--stages export: the MMDiT default is the variant both; --variant is {args.variant}")
     if len(stages) > 1:
         return run_apart(args, [s for s in valid if s in stages])
     torch.set_num_threads(args.threads)
@@ -83,12 +90,13 @@ def run_apart(args: argparse.Namespace, stages: list[str]) -> int:
 
 
 def run_mmdit(work: str, stages: list[str], variant: str) -> int:
-    """The MMDiT stages in order (``clip`` and ``clip_features`` are skipped for the VAE-only variant)."""
+    """The MMDiT stages in order (``clip`` and ``clip_features`` are skipped for the VAE-only variant; ``export``
+    ships the variant as the MMDiT default)."""
     from phantom_core.inference.cli import TextProgressBar
     from phantom_core.world import clip_model, mmdit_default
 
     for stage in MMDIT_STAGES:
-        if stage not in stages or (variant == "vae" and stage != "mmdit"):
+        if stage not in stages or (variant == "vae" and stage in ("clip", "clip_features")):
             continue
         t0 = time.perf_counter()
         print(f"== stage {stage}", flush=True)
@@ -98,6 +106,8 @@ def run_mmdit(work: str, stages: list[str], variant: str) -> int:
             clip_model.stage_clip(work, progress=progress)
         elif stage == "clip_features":
             mmdit_default.stage_clip_features(work)
+        elif stage == "export":
+            mmdit_default.stage_mmdit_export(work, variant)
         else:
             counts = mmdit_default.parameter_counts()
             print(f"parameters: {', '.join(f'{k} {v:,}' for k, v in counts.items())}", flush=True)

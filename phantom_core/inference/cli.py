@@ -4,6 +4,8 @@
         --prompt "..." --out video.mp4 [--preset official|paper] [--steps 50 ...]
     python -m phantom_core generate --ref a.png --prompt "a cat moves left on a blue background" --out v.mp4
                                                      # no model files: the trained default (--model default)
+    python -m phantom_core generate --model default-mmdit --ref a.png --prompt "..." --out v.mp4
+                                                     # the paper's MMDiT default (inference/cli_models.py)
     python -m phantom_core generate ... --rephrase --rephrase-endpoint http://127.0.0.1:11434/v1 \\
         --rephrase-model qwen2.5vl:7b [--rephrase-hint TEXT ...]
     python -m phantom_core generate ... --lora style.safetensors:0.8 --lora lightx2v.safetensors
@@ -51,6 +53,7 @@ from typing import Any, TextIO
 
 import torch
 
+from phantom_core.inference.cli_models import MODEL_FLAGS, add_model_arguments, resolve_model_files
 from phantom_core.inference.parallel import add_parallel_argument, join_ranks
 from phantom_core.inference.pipeline import generate_to_file
 from phantom_core.inference.rephrasing import REPHRASE_PREFIX, SIDECAR_REPHRASE_KEY, add_to_sidecar, rephrase_settings
@@ -60,7 +63,6 @@ from phantom_core.loading.fp8 import COMPUTE_DTYPES, WEIGHT_DTYPES
 from phantom_core.references import MAX_REFERENCES, REFERENCE_MODES
 from phantom_core.rephrase.cli import add_rephrase_backend_arguments
 from phantom_core.sampling.loop import BATCH_PASSES, SAMPLER_PRESETS, SOLVERS
-from phantom_core.tiny.default import TRAINED_DIR, TRAINED_FILES, TRAINED_FORMAT, TRAINED_SAMPLING
 from phantom_core.wan.attention import ATTENTION_CHOICES, check_attention, selected_attention
 from phantom_core.wan.inspect import format_report, inspect_checkpoint
 
@@ -125,24 +127,13 @@ class TextProgressBar:
 # ---------------------------------------------------------------------------------------------- parsers
 
 
-MODEL_FLAGS = (("dit", "--dit"), ("vae", "--vae"), ("text_encoder", "--text-encoder"))
-
-
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``generate`` (``func=run_generate``) on ``subparsers``; returns the sub-parser."""
     p = subparsers.add_parser(
         "generate", help="generate a video of reference subjects (Phantom-Wan), write MP4 + JSON sidecar",
         description="Generate a subject-consistent video from 1 to 4 reference images and a prompt. Writes the "
                     "MP4 and, next to it, a JSON sidecar recording every setting, the seed and file hashes.")
-    files = p.add_argument_group("model files (none given: the trained embedded default, as --model default)")
-    files.add_argument("--model", choices=["default"],
-                       help="the trained embedded default (phantom_core/tiny/trained/, MODEL_CARD.md): 128x128, "
-                            "17 frames unless --width/--height/--frames say otherwise; prompts in the world's grammar")
-    files.add_argument("--dit", metavar="PATH", help="Phantom-Wan DiT: .safetensors, .pth, sharded index or its folder")
-    files.add_argument("--vae", metavar="PATH", help="Wan2.1 VAE (.pth or .safetensors)")
-    files.add_argument("--text-encoder", metavar="PATH", help="umT5-xxl encoder (.safetensors with tokenizer, or .pth)")
-    files.add_argument("--tokenizer", metavar="PATH", help="umT5 spiece.model (or its folder) when the text encoder "
-                                                          "file has none embedded (e.g. Wan's .pth)")
+    add_model_arguments(p)
     p.add_argument("--ref", action="append", metavar="IMAGE", help=f"reference image, in order (1 to {MAX_REFERENCES})")
     p.add_argument("--lora", action="append", type=lora_choice, metavar="FILE[:STRENGTH]",
                    help="apply a LoRA to the DiT (repeatable; strength default 1.0, negative inverts): ComfyUI, "
@@ -276,9 +267,9 @@ def resolve_generate_args(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--{REPHRASE_PREFIX}endpoint / --{REPHRASE_PREFIX}local given without --rephrase; add "
                          "--rephrase to rewrite the prompt before encoding")
     values: dict[str, Any] = {}
-    files: dict[str, Any] = {"dit": None, "vae": None, "text_encoder": None, "tokenizer": None, "ref": None,
-                             "lora": None}
-    recorded, rephrased = {}, None
+    files: dict[str, Any] = {"dit": None, "vae": None, "text_encoder": None, "tokenizer": None, "clip_vision": None,
+                             "ref": None, "lora": None}
+    recorded, rephrased, clip_output = {}, None, None
     if args.from_sidecar:
         record = read_sidecar(args.from_sidecar)
         rephrased = record.get(SIDECAR_REPHRASE_KEY)
@@ -287,6 +278,7 @@ def resolve_generate_args(args: argparse.Namespace) -> dict[str, Any]:
         files["ref"] = [r["path"] for r in record["references"]]
         files["lora"] = [(entry["path"], entry["strength"]) for entry in record.get("loras", [])]
         recorded = record.get("runtime") or {}
+        clip_output = record["models"].get("clip_vision", {}).get("clip_output")  # sidecars before the MMDiT: none
         problems = [] if args.ignore_changed_files else changed_files(record)
         if problems:
             raise ValueError(f"--from-sidecar {args.from_sidecar}: the video would not be the same: "
@@ -294,13 +286,8 @@ def resolve_generate_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.preset:
         values.update(SAMPLER_PRESETS[args.preset])
     values.update({f: getattr(args, f) for f in SETTING_OPTIONS if getattr(args, f) is not None})
-    files.update({k: getattr(args, k) for k in files if getattr(args, k)})
-    given = [flag for role, flag in MODEL_FLAGS if getattr(args, role)]
-    if args.model == "default" and given:
-        raise ValueError(f"--model default names the embedded default's files; drop {', '.join(given)} (or --model)")
-    if args.model == "default" or not (args.from_sidecar or given):
-        files.update({role: str(TRAINED_DIR / Path(relative).name) for role, relative in TRAINED_FILES.items()})
-        values = {**TRAINED_FORMAT, **TRAINED_SAMPLING, **values}  # the default's format and guidance unless given
+    files.update({k: getattr(args, k) for k in ("tokenizer", "ref", "lora") if getattr(args, k)})
+    values, clip_output = resolve_model_files(args, files, values, clip_output)
     for role, flag in (*MODEL_FLAGS, ("ref", "--ref")):
         if not files[role]:
             raise ValueError(f"{flag} is required (or --from-sidecar FILE)")
@@ -311,7 +298,7 @@ def resolve_generate_args(args: argparse.Namespace) -> dict[str, Any]:
             "out_path": args.out, **_runtime_args(args, recorded),
             "sidecar_path": args.sidecar or default_sidecar_path(args.out), "tokenizer_path": files["tokenizer"],
             "loras": list(files["lora"] or []), "rephrased": rephrased, "block_swap": args.block_swap,
-            "batch_passes": args.batch_passes}
+            "batch_passes": args.batch_passes, "clip_vision_path": files["clip_vision"], "clip_output": clip_output}
 
 
 def check_outputs(out: str | Path, sidecar: str | Path, overwrite: bool) -> None:

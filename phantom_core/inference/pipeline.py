@@ -321,8 +321,9 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
                      tokenizer_path: str | os.PathLike | None = None,
                      loras: Sequence[tuple[str | os.PathLike, float]] = (),
                      parallel: ParallelRun | None = None, attention: str | None = None,
-                     compiled: bool = False, block_swap: int = 0,
-                     batch_passes: bool | str = "auto") -> tuple[Path, Path]:
+                     compiled: bool = False, block_swap: int = 0, batch_passes: bool | str = "auto",
+                     clip_vision_path: str | os.PathLike | None = None,
+                     clip_output: ClipOutput = "tokens") -> tuple[Path, Path]:
     """Generate a video from model files and write ``out_path`` (MP4, atomic) plus its JSON sidecar.
 
     Order: validate the output path and the references, load all three models (every bad file fails here,
@@ -345,6 +346,8 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
             recorded in the sidecar's ``runtime`` (with the back-end ``attention`` resolved to).
         block_swap: see :func:`load_models` (memory only: the video is the same). batch_passes: see
             :func:`generate` (recorded in the sidecar's ``runtime``).
+        clip_vision_path / clip_output: the CLIP vision tower of an MMDiT with a CLIP branch (:func:`load_clip_tower`)
+            and its features (:func:`generate`), recorded in the sidecar's ``models["clip_vision"]``.
     Returns:
         ``(mp4_path, sidecar_path)``: the files written (by rank 0; the other ranks return the same paths).
     Raises:
@@ -363,6 +366,7 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
     dit, vae, text_encoder = load_models(dit_path, vae_path, text_encoder_path, tokenizer_path=tokenizer_path,
                                          loras=loras, compiled=compiled, block_swap=block_swap, **runtime)
     attention, backend = attention_choice(attention, dit)
+    tower = None if clip_vision_path is None else load_clip_tower(clip_vision_path, device=device)
 
     def on_step(step: int, total: int, x0_pred: Tensor) -> None:
         if progress:
@@ -372,7 +376,8 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
 
     started = time.perf_counter()
     video = generate(dit, vae, text_encoder, images, settings, callback=on_step, parallel=parallel,
-                     attention=attention, batch_passes=batch_passes)  # (1, 3, T, H, W)
+                     attention=attention, batch_passes=batch_passes, clip_vision=tower,
+                     clip_output=clip_output)  # (1, 3, T, H, W)
     seconds = time.perf_counter() - started
     side = Path(sidecar_path) if sidecar_path is not None else default_sidecar_path(out)
     if video is None:  # a rank other than 0 under torchrun: it writes nothing
@@ -384,7 +389,8 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
                                                                        attention_used=backend,
                                                                        batch_passes=BATCH_PASSES_NAMES.get(
                                                                            batch_passes, batch_passes)),
-                           out_path=out, seconds=seconds, tokenizer_path=tokenizer_path, loras=loras)
+                           out_path=out, seconds=seconds, tokenizer_path=tokenizer_path, loras=loras,
+                           clip_vision_path=clip_vision_path, clip_output=clip_output)
     if parallel is not None:
         record["runtime"]["parallel"] = parallel.describe()
     write_sidecar(record, side)

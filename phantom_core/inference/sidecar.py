@@ -7,7 +7,8 @@ Format (``"format": "phantom-generation"``, ``"format_version": 1``), UTF-8 JSON
      "seed": the seed actually used (never -1), "settings": GenerationSettings.to_json(),
      "runtime": {"dtype", "compute_dtype", "device", "text_encoder_device", "attention", "compiled", "batch_passes",
                  "resolved": {role: precision, "attention": the back-end the DiT's attention ran with}},
-     "models": {"dit" | "vae" | "text_encoder" | "tokenizer": {"path", "files": [{"path", "bytes", "sha256"}]}},
+     "models": {"dit" | "vae" | "text_encoder" | "tokenizer": {"path", "files": [{"path", "bytes", "sha256"}]},
+                "clip_vision": {"path", "files", "clip_output": "tokens" | "pooled"}},  (the last: an MMDiT's only)
      "references": [{"path", "bytes", "sha256"}], "loras": [{"path", "bytes", "sha256", "strength"}],
      "versions": {"phantom", "torch", ...},
      "generation_seconds"}
@@ -127,16 +128,20 @@ def build_sidecar(settings: GenerationSettings, *, dit_path: str | os.PathLike, 
                   out_path: str | os.PathLike, runtime: dict[str, Any] | None = None,
                   dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
                   seconds: float | None = None, tokenizer_path: str | os.PathLike | None = None,
-                  loras: Sequence[tuple[str | os.PathLike, float]] = ()) -> dict[str, Any]:
+                  loras: Sequence[tuple[str | os.PathLike, float]] = (),
+                  clip_vision_path: str | os.PathLike | None = None, clip_output: str = "tokens") -> dict[str, Any]:
     """The sidecar record of one generation (JSON-ready). ``settings.seed`` must be resolved (not -1);
     ``runtime``: :func:`runtime_record`; without it, one is made from ``dtype`` and ``device`` alone; ``loras``:
-    ``[(LoRA file, strength)]`` applied to the DiT, in order."""
+    ``[(LoRA file, strength)]`` applied to the DiT, in order; ``clip_vision_path``: an MMDiT's CLIP vision tower,
+    recorded with the ``clip_output`` features it gave."""
 
     if settings.seed == RANDOM_SEED:
         raise ValueError("sidecar: the seed is still -1; resolve it (resolve_seed) before generating")
     models = {role: {"path": str(Path(p).resolve()), "files": describe_files(checkpoint_files(p))}
               for role, p in (("dit", dit_path), ("vae", vae_path), ("text_encoder", text_encoder_path),
-                              ("tokenizer", tokenizer_path)) if p is not None}
+                              ("tokenizer", tokenizer_path), ("clip_vision", clip_vision_path)) if p is not None}
+    if clip_vision_path is not None:
+        models["clip_vision"]["clip_output"] = clip_output
     return {
         "format": SIDECAR_FORMAT, "format_version": SIDECAR_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -8,6 +8,13 @@ into a ComfyUI-style models folder; the demo, the shipped workflows and ``evalua
     <models_dir>/vae/phantom_world_vae.safetensors                VAE_PRESETS["tiny"], upstream Wan2.1 VAE keys
     <models_dir>/text_encoders/phantom_world_umt5.safetensors      TEXT_ENCODER_PRESETS["tiny"] + world tokenizer
 
+``install_trained_mmdit_default`` does the same for the second default, the paper's MMDiT trained in the same world
+on the same VAE and umT5 latents (``make train-default-mmdit``, ``world.mmdit_default``), once it is shipped
+(``trained_mmdit_shipped``): its DiT and the world CLIP tower it reads, beside the Phantom-Wan default's VAE and umT5:
+
+    <models_dir>/diffusion_models/phantom_world_mmdit.safetensors  MMDIT_PRESETS["world"] (VAE and CLIP references)
+    <models_dir>/clip_vision/phantom_world_clip.safetensors         CLIP_VISION_PRESETS["world"], open_clip keys
+
 The random-weight tiny default below is what the tests use (and ``evaluate --baseline untrained``):
 
 They let the nodes, the shipped workflows and the tests run end to end without downloading anything; the
@@ -47,6 +54,10 @@ TEXT_ENCODER_FILE = "text_encoders/phantom_tiny_umt5.safetensors"
 TRAINED_DIR = Path(__file__).resolve().parent / "trained"
 TRAINED_FILES = {"dit": "diffusion_models/phantom_world_dit.safetensors", "vae": "vae/phantom_world_vae.safetensors",
                  "text_encoder": "text_encoders/phantom_world_umt5.safetensors"}
+# the MMDiT default: its own DiT and CLIP tower; the VAE and umT5 are TRAINED_FILES' (it learned on their latents)
+TRAINED_MMDIT_FILES = {"dit": "diffusion_models/phantom_world_mmdit.safetensors",
+                       "clip_vision": "clip_vision/phantom_world_clip.safetensors"}
+TRAINED_MMDIT_CLIP_OUTPUT = "tokens"  # the CLIP features it was trained on (world.mmdit_default.CLIP_OUTPUT)
 TRAINED_FORMAT = {"width": 128, "height": 128, "frames": 17}  # the world the default was trained in (fps 16)
 # the default's guidance scales (paper Eq. 5), from the sweep in docs/guidance_sweep.md (`tools.guidance_sweep`):
 # the official 5 / 7.5 extrapolate what this small model has learned; 3 / 3 followed prompts best
@@ -149,6 +160,23 @@ def write_tiny_default(models_dir: str | os.PathLike) -> dict[str, Path]:
     return paths
 
 
+def _install_trained(models_dir: str | os.PathLike, files: dict[str, str], what: str, make: str) -> dict[str, Path]:
+    """Copy ``TRAINED_DIR / <file name>`` of each of ``files`` (role -> path under the models folder) into
+    ``models_dir``, skipping byte-identical files; raises ``FileNotFoundError`` naming every missing file."""
+    missing = [str(TRAINED_DIR / Path(relative).name) for relative in files.values()
+               if not (TRAINED_DIR / Path(relative).name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"the trained {what}'s files are missing: {', '.join(missing)}; `{make}` trains and "
+                                "exports them (or restore them from git)")
+    root, paths = Path(models_dir), {}
+    for name, relative in files.items():
+        path = root / relative
+        written = _install(path, (TRAINED_DIR / Path(relative).name).read_bytes())
+        logger.info("trained %s %s: %s %s", what, name, "wrote" if written else "up to date", path)
+        paths[name] = path
+    return paths
+
+
 def install_trained_default(models_dir: str | os.PathLike) -> dict[str, Path]:
     """Copy the trained world default into a ComfyUI-style models folder (skipping byte-identical files).
 
@@ -158,14 +186,24 @@ def install_trained_default(models_dir: str | os.PathLike) -> dict[str, Path]:
         FileNotFoundError: a committed file is missing from ``phantom_core/tiny/trained/`` (``make train-default``
             makes them).
     """
-    root, paths = Path(models_dir), {}
-    for name, relative in TRAINED_FILES.items():
-        source = TRAINED_DIR / Path(relative).name
-        if not source.is_file():
-            raise FileNotFoundError(f"the trained default's {name} file {source} is missing; `make train-default` "
-                                    "trains it (or restore it from git)")
-        path = root / relative
-        written = _install(path, source.read_bytes())
-        logger.info("trained default %s: %s %s", name, "wrote" if written else "up to date", path)
-        paths[name] = path
-    return paths
+    return _install_trained(models_dir, TRAINED_FILES, "default", "make train-default")
+
+
+def trained_mmdit_shipped() -> bool:
+    """Whether the MMDiT default's own files (``TRAINED_MMDIT_FILES``) are in ``phantom_core/tiny/trained/``."""
+    return all((TRAINED_DIR / Path(relative).name).is_file() for relative in TRAINED_MMDIT_FILES.values())
+
+
+def install_trained_mmdit_default(models_dir: str | os.PathLike) -> dict[str, Path]:
+    """Copy the trained MMDiT default (its DiT and CLIP tower, and the Phantom-Wan default's VAE and umT5 it was
+    trained with) into a ComfyUI-style models folder (skipping byte-identical files).
+
+    Returns:
+        ``{"dit": path, "clip_vision": path, "vae": path, "text_encoder": path}``.
+    Raises:
+        FileNotFoundError: naming the files missing from ``phantom_core/tiny/trained/`` (``make train-default-mmdit``
+            makes the MMDiT's, ``make train-default`` the VAE and umT5).
+    """
+    shared = {role: TRAINED_FILES[role] for role in ("vae", "text_encoder")}
+    paths = _install_trained(models_dir, TRAINED_MMDIT_FILES, "MMDiT default", "make train-default-mmdit")
+    return {**paths, **_install_trained(models_dir, shared, "default", "make train-default")}

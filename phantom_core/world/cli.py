@@ -3,6 +3,7 @@
     python -m phantom_core evaluate --baseline paste            # "paste the reference, static, in the centre"
     python -m phantom_core evaluate --baseline untrained        # the random-weight tiny default
     python -m phantom_core evaluate --model default             # the trained embedded default (MODEL_CARD.md)
+    python -m phantom_core evaluate --model default-mmdit       # the MMDiT default (make train-default-mmdit)
     python -m phantom_core evaluate --dit D --vae V --text-encoder T [--steps 50 --w-img 5 --w-text 7.5 ...]
     python -m phantom_core evaluate --dit MMDIT --vae V --text-encoder T --clip-vision C [--clip-output tokens]
     python -m phantom_core evaluate --baseline truth --quick 4  # sanity: the ground truth scores perfectly
@@ -55,14 +56,15 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what to evaluate (one of)")
     what.add_argument("--baseline", choices=BASELINES, help="paste | untrained | truth | noise")
-    what.add_argument("--model", choices=["default"], help="the trained embedded default (phantom_core/tiny/trained)")
+    what.add_argument("--model", choices=["default", "default-mmdit"],
+                      help="a trained embedded default (phantom_core/tiny/trained): Phantom-Wan or the paper's MMDiT")
     what.add_argument("--dit", metavar="PATH", help="Phantom-Wan DiT or MMDiT file (with --vae and --text-encoder)")
     what.add_argument("--vae", metavar="PATH", help="Wan2.1 VAE file (with a baseline: only the ceiling)")
     what.add_argument("--text-encoder", metavar="PATH", help="umT5 text encoder file")
     what.add_argument("--tokenizer", metavar="PATH", help="spiece.model when the text encoder has none embedded")
     what.add_argument("--clip-vision", metavar="PATH", help="CLIP vision file of an MMDiT with a CLIP branch (--dit)")
     what.add_argument("--clip-output", choices=CLIP_OUTPUTS, default=CLIP_OUTPUTS[0],
-                      help="the CLIP features the MMDiT reads: tokens (default) or pooled")
+                      help="the CLIP features the MMDiT reads: tokens (default; --model default-mmdit's) or pooled")
     cases = p.add_argument_group("cases")
     cases.add_argument("--quick", type=int, metavar="N", help="only the first N single- and N/2 two-subject cases")
     cases.add_argument("--cases-single", type=int, default=CASES_SINGLE, metavar="N", help="default %(default)s")
@@ -71,7 +73,7 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     cases.add_argument("--size", type=int, default=128, metavar="PX", help="frame width = height (default 128)")
     cases.add_argument("--frames", type=int, default=17, help="frames, 4k+1 (default 17)")
     sampling = p.add_argument_group("sampling (a model; default: the official Phantom-Wan values; "
-                                    "--model default: its own guidance, TRAINED_SAMPLING)")
+                                    "--model default / default-mmdit: its own guidance, TRAINED_SAMPLING)")
     for _, flag, kind in SAMPLING_OPTIONS:
         sampling.add_argument(flag, type=kind, default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
@@ -83,21 +85,35 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     return p
 
 
-def _load(args: argparse.Namespace, device: str, folder: str) -> tuple[Any, Any, Any]:
+def _load(args: argparse.Namespace, device: str, folder: str) -> tuple[Any, Any, Any, str | None, str]:
+    """(DiT, VAE, text encoder, CLIP vision file or None, CLIP output): the files given, or an embedded default's
+    installed in ``folder``. Raises ``ValueError`` naming the files of a default that is not shipped."""
     from phantom_core.inference.pipeline import load_models
-    from phantom_core.tiny.default import install_trained_default, write_tiny_default
+    from phantom_core.tiny.default import (
+        TRAINED_MMDIT_CLIP_OUTPUT,
+        install_trained_default,
+        install_trained_mmdit_default,
+        write_tiny_default,
+    )
 
-    if args.model == "default" or args.baseline == "untrained":
-        files = install_trained_default(folder) if args.model == "default" else write_tiny_default(folder)
-        return load_models(files["dit"], files["vae"], files["text_encoder"], device=device)
-    return load_models(args.dit, args.vae, args.text_encoder, tokenizer_path=args.tokenizer, device=device)
+    installers = {"default": install_trained_default, "default-mmdit": install_trained_mmdit_default}
+    if args.model or args.baseline == "untrained":
+        try:
+            files = installers[args.model](folder) if args.model else write_tiny_default(folder)
+        except FileNotFoundError as err:
+            raise ValueError(f"evaluate --model {args.model}: {err}") from err
+        clip = files.get("clip_vision"), TRAINED_MMDIT_CLIP_OUTPUT if "clip_vision" in files else args.clip_output
+        return (*load_models(files["dit"], files["vae"], files["text_encoder"], device=device), *clip)
+    models = load_models(args.dit, args.vae, args.text_encoder, tokenizer_path=args.tokenizer, device=device)
+    return (*models, args.clip_vision, args.clip_output)
 
 
 def _producer(args: argparse.Namespace, device: str, folder: str) -> tuple[str, VideoProducer, Any]:
     """(report name, producer, VAE for the ceiling or None) for the options given."""
     chosen = [bool(args.baseline), bool(args.model), bool(args.dit or args.text_encoder)]
     if sum(chosen) != 1:
-        raise ValueError("evaluate: give exactly one of --baseline, --model default, or --dit/--vae/--text-encoder")
+        raise ValueError("evaluate: give exactly one of --baseline, --model default|default-mmdit, or "
+                         "--dit/--vae/--text-encoder")
     if args.clip_vision and not args.dit:
         raise ValueError("evaluate: --clip-vision goes with --dit (the CLIP vision tower of an MMDiT)")
     if args.baseline in ("paste", "truth", "noise"):
@@ -108,28 +124,28 @@ def _producer(args: argparse.Namespace, device: str, folder: str) -> tuple[str, 
         return args.baseline, {"paste": paste_video, "truth": truth_video, "noise": noise_video}[args.baseline], vae
     if args.dit and not (args.vae and args.text_encoder):
         raise ValueError("evaluate: --dit needs --vae and --text-encoder")
-    dit, vae, text_encoder = _load(args, device, folder)
+    dit, vae, text_encoder, clip_path, clip_output = _load(args, device, folder)
     settings = {key: getattr(args, key) for key, _, _ in SAMPLING_OPTIONS if getattr(args, key) is not None}
-    if args.model == "default":
+    if args.model:
         from phantom_core.tiny.default import TRAINED_SAMPLING
 
         settings = {**TRAINED_SAMPLING, **settings}  # the default's guidance unless given
     name = args.baseline or (args.model if args.model else Path(args.dit).stem)
-    clip = _clip_tower(args, dit, device)
-    return name, model_producer(dit, vae, text_encoder, clip_vision=clip, clip_output=args.clip_output, **settings), vae
+    clip = _clip_tower(args, clip_path, dit, device)
+    return name, model_producer(dit, vae, text_encoder, clip_vision=clip, clip_output=clip_output, **settings), vae
 
 
-def _clip_tower(args: argparse.Namespace, dit: Any, device: str) -> Any:
-    """The ``--clip-vision`` tower, or None without it. Raises ``ValueError`` when ``dit`` reads CLIP features
-    (an MMDiT with a CLIP branch: ``config.clip_dim > 0``) and none was given."""
+def _clip_tower(args: argparse.Namespace, clip_path: str | None, dit: Any, device: str) -> Any:
+    """The CLIP vision tower of ``clip_path``, or None without it. Raises ``ValueError`` when ``dit`` reads CLIP
+    features (an MMDiT with a CLIP branch: ``config.clip_dim > 0``) and none was given."""
     from phantom_core.inference.pipeline import load_clip_tower
 
     clip_dim = getattr(dit.config, "clip_dim", 0)
-    if clip_dim and not args.clip_vision:
+    if clip_dim and not clip_path:
         raise ValueError(f"evaluate: --dit {args.dit} is an MMDiT that reads {clip_dim}-wide CLIP features of the "
                          "references; give --clip-vision PATH, the CLIP vision file it was trained with (and "
                          "--clip-output pooled if it was trained on the pooled embedding)")
-    return load_clip_tower(args.clip_vision, device=device) if args.clip_vision else None
+    return load_clip_tower(clip_path, device=device) if clip_path else None
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

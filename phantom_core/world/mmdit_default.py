@@ -19,7 +19,9 @@ The paper's ablation variants (``MMDIT_VARIANTS``): ``both`` (VAE and CLIP refer
 ``MMDIT_PRESETS["world-vae"]``, 4,790,944 parameters), ``clip`` (no VAE reference tokens: ``vae_references`` off).
 ``both`` drops the VAE latents alone with the paper's probability 0.7 (``MMDIT_VAE_DROPOUT``, on a draw of its
 own; the CLIP features stay), on top of ``DIT_TRAIN``'s nested text / reference dropout (0.2 / 0.1), which drops the
-VAE latents and the CLIP features together. ``tools/train_default.py --model mmdit --variant both`` runs the stages.
+VAE latents and the CLIP features together. ``tools/train_default.py --model mmdit --variant both`` runs the stages;
+``stage_mmdit_export`` ships ``both`` as the second embedded default, beside the Phantom-Wan one (``make
+train-default-mmdit``; ``generate --model default-mmdit``).
 """
 
 from __future__ import annotations
@@ -198,3 +200,40 @@ def train_mmdit_default(work: str | Path, variant: str = "both", progress: ClipP
         stage_clip(work, progress=progress)
         stage_clip_features(work)
     return stage_mmdit(work, variant, progress, vae_dropout)
+
+
+def stage_mmdit_export(work: str | Path, variant: str = "both") -> dict[str, Path]:
+    """Copy the trained MMDiT (``mmdit_<variant>.safetensors``, the shipped default is ``both``) and the world CLIP
+    tower into ``phantom_core/tiny/trained/`` (atomically; what ``install_trained_mmdit_default`` installs).
+
+    The MMDiT learned on latents of ``work``'s VAE and umT5, and the default ships with the Phantom-Wan default's:
+    raises ``ValueError`` naming both files unless they are byte-identical (export the Phantom-Wan default from this
+    folder first: ``python -m tools.train_default --work <work> --stages export``), and ``FileNotFoundError`` naming
+    a missing stage file."""
+    from phantom_core.loading.disk import atomic_write
+    from phantom_core.tiny.default import TRAINED_DIR, TRAINED_FILES, TRAINED_MMDIT_FILES
+    from phantom_core.world.default_model import TEXT_STAGE_FILE, VAE_STAGE_FILE
+
+    check_variant(variant)
+    work = Path(work)
+    sources = {"dit": work / f"mmdit_{variant}.safetensors", "clip_vision": work / CLIP_STAGE_FILE}
+    for path in sources.values():
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: run the MMDiT stages first (python -m tools.train_default "
+                                    f"--work {work} --model mmdit --variant {variant})")
+    for role, stage_file in (("vae", VAE_STAGE_FILE), ("text_encoder", TEXT_STAGE_FILE)):
+        ours, shipped = work / stage_file, TRAINED_DIR / Path(TRAINED_FILES[role]).name
+        if not (ours.is_file() and shipped.is_file() and ours.read_bytes() == shipped.read_bytes()):
+            raise ValueError(f"the MMDiT in {work} was trained on {ours}, which is not byte-identical to the shipped "
+                             f"Phantom-Wan default's {shipped}, and the MMDiT default ships with that one: export the "
+                             f"Phantom-Wan default from this folder first (python -m tools.train_default --work {work} "
+                             "--stages export), or train the MMDiT in the folder the shipped default came from")
+    out = {}
+    for role, source in sources.items():
+        target = TRAINED_DIR / Path(TRAINED_MMDIT_FILES[role]).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(target) as tmp:
+            tmp.write_bytes(source.read_bytes())
+        logger.info("export mmdit %s: %s (%.1f MiB)", role, target, target.stat().st_size / 2**20)
+        out[role] = target
+    return out

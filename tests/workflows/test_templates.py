@@ -1,7 +1,8 @@
 """Where the shipped workflows sit and how they look: only UI workflows where ComfyUI's Templates browser looks
 (listed by a real server, with their thumbnails), the API files beside them in api/, the example photos and the
 example training dataset they name shipped in example_inputs/ (the dataset exactly what its generator writes), and
-a layout that reads left to right without overlaps, in view."""
+a layout that reads left to right without overlaps, in view. The MMDiT workflow has no thumbnail until its default is
+trained and shipped (`make train-default-mmdit`): its thumbnail checks skip until then."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from tools.make_workflows import (
     api_path,
     thumbnail_path,
     ui_path,
+    workflow_weights_shipped,
 )
 from tools.workflow_layout import FRONTEND_CHROME, SCALE_RANGE, TITLE_H, layout_problems
 
@@ -41,8 +43,9 @@ def ui(stem: str) -> dict:
 
 def test_templates_folder_holds_only_ui_workflows_and_their_thumbnails() -> None:
     titles = sorted(spec.title for spec in WORKFLOWS.values())
+    drawn = [spec.title for stem, spec in WORKFLOWS.items() if workflow_weights_shipped(stem)]
     files = sorted(p.name for p in TEMPLATES_DIR.iterdir())
-    assert files == sorted([f"{t}.json" for t in titles] + [f"{t}.jpg" for t in titles] + ["api"])
+    assert files == sorted([f"{t}.json" for t in titles] + [f"{t}.jpg" for t in drawn] + ["api"])
     assert sorted(p.name for p in API_DIR.iterdir()) == sorted(api_path(s).name for s in WORKFLOWS)
     for stem in WORKFLOWS:
         assert ui(stem)["version"] == 0.4  # a UI workflow; the API files have no version and no nodes list
@@ -51,6 +54,8 @@ def test_templates_folder_holds_only_ui_workflows_and_their_thumbnails() -> None
 
 @pytest.mark.parametrize("stem", list(WORKFLOWS))
 def test_thumbnail_is_a_small_square_jpeg(stem: str) -> None:
+    if not workflow_weights_shipped(stem):
+        pytest.skip(f"{stem}: its embedded default is not shipped yet (make train-default-mmdit, then make thumbnails)")
     path = thumbnail_path(stem)
     assert path.stat().st_size <= MAX_BYTES, f"{path.name}: {path.stat().st_size} bytes"
     with Image.open(path) as image:
@@ -118,8 +123,10 @@ def test_server_lists_only_the_ui_workflows_as_templates(comfy_server: ComfyServ
     listed = requests.get(f"{comfy_server.url}/workflow_templates", timeout=30).json()
     assert sorted(listed[MODULE]) == sorted(spec.title for spec in WORKFLOWS.values())
     base = f"{comfy_server.url}/api/workflow_templates/{MODULE}"
-    for spec in WORKFLOWS.values():  # what the frontend fetches when a card is shown and clicked
+    for stem, spec in WORKFLOWS.items():  # what the frontend fetches when a card is shown and clicked
         workflow = requests.get(f"{base}/{quote(spec.title)}.json", timeout=30)
         assert workflow.ok and workflow.json()["version"] == 0.4
+        if not workflow_weights_shipped(stem):  # no thumbnail until the MMDiT default is trained
+            continue
         thumbnail = requests.get(f"{base}/{quote(spec.title)}.jpg", timeout=30)
         assert thumbnail.ok and thumbnail.headers["Content-Type"] == "image/jpeg"
