@@ -26,6 +26,7 @@ train-default-mmdit``; ``generate --model default-mmdit``).
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -40,6 +41,9 @@ MMDIT_VARIANTS = ("both", "vae", "clip")
 MMDIT_PRESET_OF = {"both": "world", "vae": "world-vae", "clip": "world"}  # MMDIT_PRESETS names
 MMDIT_VAE_DROPOUT = 0.7  # the paper's VAE-reference dropout (its CLIP features carry the reference meanwhile)
 CLIP_OUTPUT = "tokens"
+# phase 2's steps: the shipped MMDiT default had 2,000 (DIT_LONG_TRAIN's 3,000 did not fit its session);
+# PHANTOM_MMDIT_LONG_STEPS changes it (the ablation variants are compared at one value)
+MMDIT_LONG_STEPS = int(os.environ.get("PHANTOM_MMDIT_LONG_STEPS", 2000))
 FEATURES_DIR, FEATURES_PART = "mmdit_clip_features", 200  # samples per part file
 _INDEX = re.compile(r"world_(\d+)-")
 
@@ -148,11 +152,12 @@ def mmdit_dataset(work: str | Path, variant: str, limit: int | None = None):
 
 def mmdit_settings(variant: str, phase: int, clip_path: str, vae_dropout: float = MMDIT_VAE_DROPOUT) -> dict:
     """The ``TrainConfig`` values of a phase (1 or 2) of ``variant``: ``DIT_TRAIN`` / ``DIT_LONG_TRAIN`` with the
-    MMDiT preset, the CLIP file and the variant's reference inputs (``vae_dropout`` for ``both`` only)."""
+    MMDiT preset (phase 2: ``MMDIT_LONG_STEPS`` steps), the CLIP file and the variant's reference inputs
+    (``vae_dropout`` for ``both`` only)."""
     from phantom_core.world.default_model import DIT_LONG_TRAIN, DIT_TRAIN
 
     check_variant(variant)
-    base = DIT_TRAIN if phase == 1 else DIT_LONG_TRAIN
+    base = DIT_TRAIN if phase == 1 else {**DIT_LONG_TRAIN, "steps": MMDIT_LONG_STEPS}
     return {**base, "dit": f"scratch:mmdit-{MMDIT_PRESET_OF[variant]}", "clip_output": CLIP_OUTPUT,
             "clip_vision": "" if variant == "vae" else clip_path, "vae_references": variant != "clip",
             "vae_reference_dropout": vae_dropout if variant == "both" else 0.0}
