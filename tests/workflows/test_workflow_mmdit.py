@@ -11,7 +11,7 @@ import pytest
 
 from phantom_core.tiny.default import trained_mmdit_shipped
 from tests.support.prompts import TINY_MODELS
-from tests.workflows.test_workflows import by_class, load, saved_frames
+from tests.support.workflow_files import by_class, load, saved_frames
 from tools.comfy_launcher import ComfyServer
 from tools.make_workflows import DEFAULT_FILES, MMDIT_FILES
 

@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 
 from phantom_core.tiny.default import trained_mmdit_shipped
 from phantom_core.training.runlog import read_log
-from phantom_core.video_io import probe_mp4, read_mp4_frames
 from tests.support.chat import good_answer
 from tests.support.comfy import history_error
 from tests.support.prompts import TINY_MODELS
+from tests.support.workflow_files import by_class, load, saved_frames
 from tools.comfy_launcher import ComfyServer
 from tools.make_workflows import (
     INPUTS_DIR,
@@ -31,8 +31,6 @@ from tools.make_workflows import (
     TRAIN_DATASET,
     TRAIN_SETTINGS,
     WORKFLOWS,
-    api_path,
-    ui_path,
 )
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -41,12 +39,6 @@ NAMES = ["phantom_1ref", "phantom_4ref", "phantom_2ref_rephrase", "phantom_train
 # model files a workflow names before they are shipped: the server cannot list them yet
 UNSHIPPED = set() if trained_mmdit_shipped() else set(MMDIT_FILES.values())
 SEED_NAMES = ("seed", "noise_seed")  # INT widgets the frontend gives a control widget even when not asked to
-
-
-def load(name: str) -> dict:
-    """The UI workflow of stem `name`, or the API one for `<stem>_api`."""
-    path = api_path(name.removesuffix("_api")) if name.endswith("_api") else ui_path(name)
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def schema_inputs(spec: dict) -> list[tuple[str, object, dict]]:
@@ -192,10 +184,6 @@ REWRITTEN = ("A smiling woman astronaut with short curly brown hair in an orange
              "gently strokes a tabby cat with green eyes on her lap. Soft window light.")
 
 
-def by_class(api: dict, class_type: str) -> list[str]:
-    return [k for k, v in api.items() if v["class_type"] == class_type]
-
-
 def test_rephrase_variant_wiring() -> None:
     ui, api = load(REPHRASE), load(f"{REPHRASE}_api")
     (rephrase,), (refs,), (typed,) = (by_class(api, t) for t in ("PhantomRephrase", "PhantomReferences",
@@ -240,16 +228,6 @@ def rephrase_prompt(endpoint: str, prefix: str) -> dict:
         elif node["class_type"] == "PhantomSaveVideo":
             node["inputs"]["filename_prefix"] = prefix
     return prompt
-
-
-def saved_frames(server: ComfyServer, entry: dict) -> np.ndarray:
-    assert entry["status"]["status_str"] == "success", history_error(entry) + server.log()
-    (result,) = [image for out in entry["outputs"].values() for image in out.get("images", [])
-                 if image["filename"].endswith(".mp4")]  # Phantom Save Video's (Plot Loss Graph shows a PNG)
-    path = server.output_dir / result["subfolder"] / result["filename"]
-    meta = probe_mp4(path)
-    assert (meta["frames"], meta["width"], meta["height"]) == (5, 64, 64), meta
-    return read_mp4_frames(path)
 
 
 def test_rephrase_workflow_end_to_end(comfy_server: ComfyServer, chat_server) -> None:
