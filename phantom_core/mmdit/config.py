@@ -27,6 +27,10 @@ class MMDiTConfig:
             1024); 0 builds no CLIP branch (the paper's "VAE only" variant).
         window: video window size in tokens ``(t, h, w)`` (``windows.py``); alternate blocks are shifted by half.
         freq_dim: width of the sinusoidal timestep embedding.
+        pos_embed_max: side, in tokens, of SD3's fixed 2-D sin-cos absolute position table (``pos_embed``, SD3's
+            ``pos_embed_max_size``; stored in the checkpoint, centre-cropped to the token grid and added to every
+            video frame's and every reference's tokens), with a 1-D sin-cos of the frame index on the video's tokens
+            (``mmdit.positions``); 0: none, the tokens know only relative positions (RoPE).
     """
 
     dim: int
@@ -41,6 +45,7 @@ class MMDiTConfig:
     clip_dim: int = 1280
     window: tuple[int, int, int] = (9, 9, 9)
     freq_dim: int = 256
+    pos_embed_max: int = 0
     eps: float = 1e-6
     rope_theta: float = 10000.0
 
@@ -48,6 +53,12 @@ class MMDiTConfig:
         for name in ("dim", "num_heads", "num_layers", "ffn_dim", "in_dim", "out_dim", "text_dim", "text_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"MMDiTConfig.{name} is {getattr(self, name)}; it must be a positive integer")
+        if self.pos_embed_max < 0:
+            raise ValueError(f"MMDiTConfig.pos_embed_max is {self.pos_embed_max}; it must be >= 0 (0: no absolute "
+                             "position table)")
+        if self.pos_embed_max and self.dim % 4:
+            raise ValueError(f"MMDiTConfig.dim {self.dim} is not divisible by 4, which the 2-D sin-cos position "
+                             "table (pos_embed_max > 0) needs")
         if self.clip_dim < 0:
             raise ValueError(f"MMDiTConfig.clip_dim is {self.clip_dim}; it must be >= 0 (0: no CLIP branch)")
         if self.dim % self.num_heads:

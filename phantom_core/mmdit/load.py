@@ -46,11 +46,23 @@ def _ints(sd: dict[str, Tensor], key: str, count: int) -> tuple[int, ...]:
     return tuple(int(v) for v in value.reshape(-1).tolist())
 
 
+def _pos_embed_side(sd: dict[str, Tensor], dim: int) -> int:
+    """The side of the ``pos_embed`` table ``(1, side * side, dim)`` (SD3's ``pos_embed_max_size``), 0 without one."""
+    if "pos_embed" not in sd:
+        return 0
+    _, cells, width = key_shape(sd, "pos_embed", 3, "MMDiT")
+    side = math.isqrt(cells)
+    if side * side != cells or width != dim:
+        raise ValueError(f"MMDiT state dict: pos_embed is (1, {cells}, {width}); expected (1, side * side, {dim})")
+    return side
+
+
 def infer_mmdit_config(sd: dict[str, Tensor]) -> MMDiTConfig:
     """The architecture of a Phantom MMDiT from its tensor shapes (and its two integer buffers).
 
     ``num_heads = dim // head_dim`` with ``head_dim`` the length of the per-head qk-norm weight; ``clip_dim`` 0 when
-    there is no ``clip_embedder``; ``window`` and ``text_len`` from the ``window_size`` / ``text_len`` buffers.
+    there is no ``clip_embedder``; ``pos_embed_max`` the side of the ``pos_embed`` table, 0 without one; ``window``
+    and ``text_len`` from the ``window_size`` / ``text_len`` buffers.
     Returns the ``MMDIT_PRESETS`` object when one is equal.
 
     Raises:
@@ -77,6 +89,7 @@ def infer_mmdit_config(sd: dict[str, Tensor]) -> MMDiTConfig:
         text_len=_ints(sd, "text_len", 1)[0],
         clip_dim=key_shape(sd, "clip_embedder.1.weight", 2, "MMDiT")[1] if "clip_embedder.1.weight" in sd else 0,
         window=_ints(sd, "window_size", 3), freq_dim=key_shape(sd, "t_embedder.mlp.0.weight", 2, "MMDiT")[1],
+        pos_embed_max=_pos_embed_side(sd, dim),
     )
     return next((preset for preset in MMDIT_PRESETS.values() if preset == config), config)
 

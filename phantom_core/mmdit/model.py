@@ -36,6 +36,7 @@ from phantom_core.log import logger
 from phantom_core.mmdit.blocks import FinalLayer, JointBlock
 from phantom_core.mmdit.config import MMDiTConfig
 from phantom_core.mmdit.inputs import check_mmdit_inputs
+from phantom_core.mmdit.positions import cropped_table, frame_table, sincos_table
 from phantom_core.mmdit.windows import WindowPlan, window_plan
 from phantom_core.wan.dit import pad_to_patch, run_fp32, sinusoidal_embedding, xavier_init_
 from phantom_core.wan.rope import rope_table
@@ -86,6 +87,8 @@ class PhantomMMDiT(nn.Module):
         where = "cpu" if device is None or torch.device(device).type == "meta" else device
         self.register_buffer("window_size", torch.tensor(cfg.window, dtype=torch.int64, device=where))
         self.register_buffer("text_len", torch.tensor(cfg.text_len, dtype=torch.int64, device=where))
+        if cfg.pos_embed_max:  # SD3's fixed absolute table, saved with the weights (its size tells pos_embed_max)
+            self.register_buffer("pos_embed", sincos_table(cfg.pos_embed_max, D)[None].to(where))
         self.gradient_checkpointing = False
 
     @property
@@ -136,7 +139,8 @@ class PhantomMMDiT(nn.Module):
         pw)`` view; timestep MLP N(0, 0.02^2); adaLN-Zero: every ``adaLN_modulation`` Linear and the final
         ``linear`` zero, so each block starts as the identity and the first velocity is 0; norm weights one,
         biases zero.
-        Refills ``window_size`` / ``text_len`` from the config (``to_empty`` leaves buffers undefined).
+        Refills ``window_size`` / ``text_len`` (and the fixed ``pos_embed``) from the config (``to_empty`` leaves
+        buffers undefined).
         For a model built with ``device="meta"`` and allocated with ``to_empty(device=...)``.
 
         Raises:
@@ -160,6 +164,8 @@ class PhantomMMDiT(nn.Module):
                 nn.init.zeros_(norm.bias)
         self.window_size.copy_(torch.tensor(self.config.window))
         self.text_len.fill_(self.config.text_len)
+        if self.config.pos_embed_max:
+            self.pos_embed.copy_(sincos_table(self.config.pos_embed_max, self.config.dim)[None])
 
     def _norms(self) -> list[nn.Module]:
         """The affine norms: the q / k RMSNorms of every stream and the CLIP projection's LayerNorm."""
@@ -167,10 +173,19 @@ class PhantomMMDiT(nn.Module):
         norms = [n for b in streams for n in (b.attn.ln_q, b.attn.ln_k)]
         return norms + ([self.clip_embedder[0]] if self.config.clip_dim else [])
 
-    def _patchify(self, z: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
-        """``(B, C, T, H, W)`` latents -> tokens ``(B, f * h * w, D)`` and the token grid ``(f, h, w)``."""
+    def _patchify(self, z: Tensor, frames: bool = True) -> tuple[Tensor, tuple[int, int, int]]:
+        """``(B, C, T, H, W)`` latents -> tokens ``(B, f * h * w, D)`` and the token grid ``(f, h, w)``; with a
+        ``pos_embed`` table its centre crop is added to every frame's tokens, and (``frames``: the video, not a
+        reference) each token's frame index embedding (``positions.frame_table``)."""
         z = self.x_embedder.proj(pad_to_patch(z, self.config.patch_size).to(self.compute_dtype))  # (B, D, f, h, w)
-        return z.flatten(2).transpose(1, 2), tuple(z.shape[2:])
+        f, h, w = z.shape[2:]
+        tokens = z.flatten(2).transpose(1, 2)  # (B, f * h * w, D)
+        if self.config.pos_embed_max:
+            pos = cropped_table(self.pos_embed[0], self.config.pos_embed_max, h, w).to(tokens.dtype)  # (h * w, D)
+            if frames:
+                pos = pos + frame_table(f, self.config.dim).to(tokens)[:, None]  # (f, h * w, D)
+            tokens = (tokens.unflatten(1, (f, h * w)) + pos).flatten(1, 2)
+        return tokens, (f, h, w)
 
     def _embed_context(self, context: Tensor, ref_clip: Tensor | None) -> Tensor:
         """Text ``(B, L, text_dim)`` zero-padded / truncated to ``text_len`` -> ``(B, text_len, D)``, then the CLIP
@@ -215,7 +230,7 @@ class PhantomMMDiT(nn.Module):
         n_refs = 0 if ref_latents is None else ref_latents.shape[2]
         if n_refs:
             refs = rearrange(ref_latents.to(x.dtype), "b c n h w -> (b n) c 1 h w")
-            ref_tokens, _ = self._patchify(refs)  # (B * N, h * w, D)
+            ref_tokens, _ = self._patchify(refs, frames=False)  # (B * N, h * w, D)
             tokens = torch.cat([tokens, ref_tokens.unflatten(0, (x.shape[0], n_refs)).flatten(1, 2)], dim=1)
         # 3. RoPE of the video stream: video grid (f, h, w), reference k at time index f + k
         f, h, w = grid

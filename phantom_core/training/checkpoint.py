@@ -96,6 +96,16 @@ def trainable_names(model: nn.Module) -> list[str]:
     return [name for name, p in inner.named_parameters() if p.requires_grad]
 
 
+def buffer_names(model: nn.Module) -> set[str]:
+    """Names of the persistent buffers (what ``state_dict`` holds besides parameters, e.g. the MMDiT's
+    ``window_size`` / ``text_len`` / ``pos_embed``), as in the unwrapped module. A checkpoint carries them with the
+    trainable parameters (``get_model_state_dict`` keeps buffers) and resuming loads them back."""
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return {f"{prefix}.{name}" if prefix else name for prefix, module in inner.named_modules()
+            for name, value in module._buffers.items()
+            if value is not None and name not in module._non_persistent_buffers_set}
+
+
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 
 
@@ -147,13 +157,14 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     Returns:
         The ``state`` dict given to ``save_checkpoint``, plus ``"step"``.
     Raises:
-        ValueError: the checkpoint's parameters are not exactly the model's trainable ones (names listed).
+        ValueError: the checkpoint's parameters are not exactly the model's trainable ones (names listed); the
+            model's persistent buffers may be there too (they are loaded), nothing else.
     """
     path = Path(path)
     weights = load_file(str(path / WEIGHTS_FILE))
     want = set(trainable_names(model))
-    if set(weights) != want:
-        missing, extra = sorted(want - set(weights)), sorted(set(weights) - want)
+    missing, extra = sorted(want - set(weights)), sorted(set(weights) - want - buffer_names(model))
+    if missing or extra:
         raise ValueError(f"checkpoint {path} does not fit this model: missing {missing[:10]} "
                          f"({len(missing)}), unexpected {extra[:10]} ({len(extra)})")
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
