@@ -15,6 +15,13 @@ effect** (half their difference: what reversing the word moves, in latent px) an
 prompt's estimate moves further in the prompted direction than the reversed one's. A DiT that reads the motion word
 has a text effect near the truth's displacement at high sigma (where the noisy input cannot show the motion) and a
 share near 100%; one that ignores it has an effect near 0 and a share near 50%, whatever its videos look like.
+
+The estimate is the mean of ``--draws`` one-step estimates on independent noise (the noise a velocity model fails to
+remove is spread evenly over the frame and pulls every centroid towards the middle; the mean keeps what the model
+means). Two more columns say how much a word changes the estimate at all, ``||x0(prompt) - x0(edited)|| /
+||x0(prompt) - truth||`` in %: the motion reversed, and, as the positive control, the background word changed
+(``red`` -> ``green`` -> ``blue`` -> ...). A model that hears the motion word but does not turn it into a direction
+shows a motion change well above 0 with an effect near 0.
 The MMDiT is probed as it was trained (its cached CLIP features with its VAE reference latents).
 """
 
@@ -67,36 +74,113 @@ def reverse_motion(caption: str, motion: str) -> str:
     return caption.replace(f"moves {motion}", f"moves {REVERSED[motion]}", 1)
 
 
+def change_background(caption: str) -> str:
+    """``caption`` (in the world's grammar) with the next background colour of ``grammar.BACKGROUND_COLOURS``."""
+    from dataclasses import replace
+
+    from phantom_core.world.grammar import BACKGROUND_COLOURS, format_prompt, parse_prompt
+
+    scene = parse_prompt(caption)
+    names = list(BACKGROUND_COLOURS)
+    return format_prompt(replace(scene, background=names[(names.index(scene.background) + 1) % len(names)]))
+
+
 @torch.no_grad()
-def probe(dit, encode, samples, sigmas=(0.95, 0.85, 0.7), seed: int = 0) -> dict[float, dict[str, float]]:
-    """Per sigma: mean displacements (``truth``, ``own``, ``reversed``), ``effect`` and ``share`` (see the module).
+def probe(dit, encode, samples, sigmas=(0.95, 0.85, 0.7), seed: int = 0, draws: int = 1,
+          controls: bool = False) -> dict[float, dict[str, float]]:
+    """Per sigma: mean displacements (``truth``, ``own``, ``reversed``), ``effect`` and ``share``, and with
+    ``controls`` the relative changes ``motion_change`` / ``background_change`` in % (see the module).
 
     Args:
         dit: ``dit(x, t, context, ref_latents[, ref_clip=])`` -> velocity ``[1, 16, F, h, w]`` (either network).
         encode: ``caption -> context [L, D]`` (the text encoder the cache was made with).
         samples: ``(caption, motion, LatentSample)`` triplets.
+        draws: one-step estimates averaged per sample and sigma (independent noise, the same for every prompt).
+        controls: also run the prompt with its background word changed (one more DiT call per draw).
     """
+    if draws < 1:
+        raise ValueError(f"draws is {draws}; it must be >= 1")
     gen = torch.Generator().manual_seed(seed)
-    rows = {s: {"truth": [], "own": [], "reversed": []} for s in sigmas}
+    keys = ("truth", "own", "reversed", "motion_change", "background_change")
+    rows = {s: {k: [] for k in keys} for s in sigmas}
     for caption, motion, sample in samples:
         contexts = {"own": sample.context, "reversed": encode(reverse_motion(caption, motion))}
+        if controls:
+            contexts["background"] = encode(change_background(caption))
         extra = {} if sample.ref_clip is None else {"ref_clip": sample.ref_clip[None]}
         x0 = sample.latents[None]
         for sigma in sigmas:
-            noise = torch.randn(x0.shape, generator=gen)
-            x_t = (1 - sigma) * x0 + sigma * noise
             t = torch.tensor([sigma * 1000.0])
-            rows[sigma]["truth"].append(displacement(sample.latents, motion))
-            for tag, context in contexts.items():
-                v = dit(x_t, t, context[None], sample.ref_latents[None], **extra)
-                rows[sigma][tag].append(displacement((x_t - sigma * v)[0], motion))
+            mean = dict.fromkeys(contexts, 0.0)
+            for _ in range(draws):
+                x_t = (1 - sigma) * x0 + sigma * torch.randn(x0.shape, generator=gen)
+                for tag, context in contexts.items():
+                    v = dit(x_t, t, context[None], sample.ref_latents[None], **extra)
+                    mean[tag] = mean[tag] + (x_t - sigma * v)[0] / draws
+            r = rows[sigma]
+            r["truth"].append(displacement(sample.latents, motion))
+            r["own"].append(displacement(mean["own"], motion))
+            r["reversed"].append(displacement(mean["reversed"], motion))
+            error = float((mean["own"] - sample.latents).norm().clamp_min(1e-8))
+            r["motion_change"].append(float((mean["own"] - mean["reversed"]).norm()) / error * 100)
+            if controls:
+                r["background_change"].append(float((mean["own"] - mean["background"]).norm()) / error * 100)
     out = {}
     for sigma, r in rows.items():
         own, rev = torch.tensor(r["own"]), torch.tensor(r["reversed"])
         out[sigma] = {"truth": float(torch.tensor(r["truth"]).mean()), "own": float(own.mean()),
                       "reversed": float(rev.mean()), "effect": float((own - rev).mean() / 2),
-                      "share": float((own > rev).float().mean() * 100)}
+                      "share": float((own > rev).float().mean() * 100),
+                      "motion_change": float(torch.tensor(r["motion_change"]).mean())}
+        if controls:
+            out[sigma]["background_change"] = float(torch.tensor(r["background_change"]).mean())
     return out
+
+
+def token_roles(tokenizer, caption: str) -> list[str]:
+    """Per umT5 token of ``caption`` (``wan.umt5.tokenize_prompt``'s ids, ``</s>`` last): ``"motion"`` for the
+    pieces of the word after ``moves``, ``"background"`` for the word before ``background``, else ``"other"``."""
+    from phantom_core.wan.umt5 import clean_prompt
+
+    pieces = tokenizer.encode(clean_prompt(caption), out_type=str)
+    owner, words = [], []  # the word each piece belongs to; the words
+    for piece in pieces:
+        if piece.startswith("\u2581") or not words:  # sentencepiece marks a word's first piece with U+2581
+            words.append("")
+        words[-1] += piece.lstrip("\u2581")
+        owner.append(len(words) - 1)
+    roles = []
+    for i in owner:
+        previous, following = (words[i - 1] if i else ""), (words[i + 1] if i + 1 < len(words) else "")
+        roles.append("motion" if previous == "moves" else "background" if following.startswith("background")
+                     else "other")
+    return roles + ["other"]  # </s>
+
+
+def token_gradients(dit, tokenizer, samples, sigma: float = 0.9, seed: int = 0) -> dict[str, float]:
+    """Mean share (%) of ``|d loss / d context|`` (per-token L2 norms) on the motion word's and the background
+    word's tokens, over ``samples`` (``(caption, motion, LatentSample)``), and ``uniform``: the share one token would
+    have if every token got the same. The loss is the rectified-flow velocity MSE at ``sigma`` (one noise draw)."""
+    gen = torch.Generator().manual_seed(seed)
+    shares = {"motion": [], "background": [], "uniform": []}
+    for caption, _, sample in samples:
+        roles = token_roles(tokenizer, caption)
+        context = sample.context[None].clone().requires_grad_(True)
+        extra = {} if sample.ref_clip is None else {"ref_clip": sample.ref_clip[None]}
+        x0 = sample.latents[None]
+        noise = torch.randn(x0.shape, generator=gen)
+        x_t = (1 - sigma) * x0 + sigma * noise
+        with torch.enable_grad():
+            v = dit(x_t, torch.tensor([sigma * 1000.0]), context, sample.ref_latents[None], **extra)
+            ((v - (noise - x0)) ** 2).mean().backward()
+        norms = context.grad[0].norm(dim=-1)  # (L,)
+        if len(roles) != norms.shape[0]:
+            raise ValueError(f"{caption!r}: {len(roles)} tokens by the tokenizer, {norms.shape[0]} in the context")
+        total = float(norms.sum().clamp_min(1e-20))
+        for role in ("motion", "background"):
+            shares[role].append(sum(float(n) for n, r in zip(norms, roles) if r == role) / total * 100)
+        shares["uniform"].append(100.0 / len(roles))
+    return {k: sum(v) / len(v) for k, v in shares.items()}
 
 
 def cache_samples(work: Path, count: int, clip_features: bool = False):
@@ -133,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", required=True, help="a tools.train_default folder (latents/, umt5.safetensors)")
     p.add_argument("--dit", default=None, help="the DiT or MMDiT to probe (default: <work>/dit.safetensors)")
     p.add_argument("--samples", type=int, default=24, help="single-subject moving triplets (default 24)")
+    p.add_argument("--draws", type=int, default=4, help="one-step estimates averaged per sample and sigma (default 4)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -146,13 +231,22 @@ def main(argv: list[str] | None = None) -> int:
     samples = cache_samples(work, args.samples, clip_features=getattr(dit.config, "clip_dim", 0) > 0)
     if not samples:
         p.error(f"{work}/latents has no single-subject moving triplet")
-    results = probe(dit, lambda caption: text_encoder.encode([caption])[0], samples)
+    if args.draws < 1:
+        p.error(f"--draws is {args.draws}; it must be >= 1")
+    results = probe(dit, lambda caption: text_encoder.encode([caption])[0], samples, draws=args.draws, controls=True)
+    for parameter in dit.parameters():
+        parameter.requires_grad_(False)
+    grads = token_gradients(dit, text_encoder.tokenizer, samples)
     print(f"{dit_path}: {len(samples)} single-subject moving triplets; displacement along the prompted direction, "
-          "latent px (first -> last latent frame)")
-    print(f"{'sigma':>6} {'truth':>7} {'prompt':>7} {'reversed':>9} {'effect':>7} {'share %':>8}")
+          f"latent px (first -> last latent frame), estimates averaged over {args.draws} draws; word changes in % of "
+          "the estimate's error")
+    print(f"{'sigma':>6} {'truth':>7} {'prompt':>7} {'reversed':>9} {'effect':>7} {'share %':>8} {'motion chg':>11} "
+          f"{'bg chg':>7}")
     for sigma, r in results.items():
         print(f"{sigma:>6.2f} {r['truth']:>7.2f} {r['own']:>7.2f} {r['reversed']:>9.2f} {r['effect']:>7.2f} "
-              f"{r['share']:>8.1f}")
+              f"{r['share']:>8.1f} {r['motion_change']:>11.1f} {r['background_change']:>7.1f}")
+    print(f"loss gradient on the prompt's tokens (sigma 0.9): motion word {grads['motion']:.1f}%, background word "
+          f"{grads['background']:.1f}% (one token's share if all were equal: {grads['uniform']:.1f}%)")
     return 0
 
 

@@ -7,7 +7,16 @@ import pytest
 import torch
 
 from phantom_core.training.cache import LatentSample
-from tools.motion_probe import displacement, latent_path, probe, reverse_motion, single_motion
+from tools.motion_probe import (
+    change_background,
+    displacement,
+    latent_path,
+    probe,
+    reverse_motion,
+    single_motion,
+    token_gradients,
+    token_roles,
+)
 
 FRAMES, SIDE = 5, 16
 
@@ -67,3 +76,71 @@ def test_probe_tells_a_text_reading_dit_from_one_that_ignores_the_word():
     assert reading["effect"] == pytest.approx(6.0, abs=1e-3) and reading["share"] == 100.0
     ignoring = probe(FakeDiT(False), encode, [(caption, "left", sample)] * 3, sigmas=(0.9,))[0.9]
     assert ignoring["effect"] == pytest.approx(0.0, abs=1e-4) and ignoring["share"] == 0.0
+
+
+class ResidualDiT(FakeDiT):
+    """``FakeDiT`` whose estimate keeps a quarter of the noise (a velocity model that does not remove it all) and
+    whose background level is the context's second value (the background word)."""
+
+    def __call__(self, x, t, context, ref_latents):
+        sigma = float(t[0]) / 1000.0
+        x0 = x - sigma * super().__call__(x, t, context, ref_latents)
+        x0 = x0 + float(context[0, 0, 1]) - 0.3  # the background of blob_latents is 0.3
+        noise = (x - (1 - sigma) * x0) / sigma
+        return (x - (x0 + 0.25 * noise)) / sigma
+
+
+def test_controls_and_draws():
+    """The background word changes the estimate of any model (the positive control); the motion word changes only a
+    reading model's; averaging draws removes the leftover noise from the displacement."""
+    assert change_background("a cat moves up on a blue background") == "a cat moves up on a yellow background"
+    assert change_background("a cat moves up on a white background.") == "a cat moves up on a red background"
+    caption = "a cat moves left on a blue background"
+    left, right, green = torch.ones(4, 8), -torch.ones(4, 8), torch.ones(4, 8)
+    left[:, 1], right[:, 1], green[:, 1] = 0.3, 0.3, 1.3
+    sample = LatentSample("s", blob_latents("left"), torch.zeros(16, 1, SIDE, SIDE), left)
+    encode = {reverse_motion(caption, "left"): right, change_background(caption): green}.__getitem__
+    runs = {}
+    for reads in (True, False):
+        for draws in (1, 16):
+            runs[reads, draws] = probe(ResidualDiT(reads), encode, [(caption, "left", sample)] * 2, sigmas=(0.9,),
+                                       draws=draws, controls=True)[0.9]
+    for draws in (1, 16):
+        assert runs[False, draws]["motion_change"] == pytest.approx(0.0, abs=1e-4)
+        assert runs[False, draws]["background_change"] > 50.0 and runs[True, draws]["background_change"] > 50.0
+        assert runs[True, draws]["motion_change"] > 50.0
+    # the leftover noise pulls the centroid towards the middle; the mean of 16 draws pulls it less
+    assert abs(runs[True, 16]["own"] - 6.0) < abs(runs[True, 1]["own"] - 6.0)
+    with pytest.raises(ValueError, match="draws is 0"):
+        probe(ResidualDiT(True), encode, [(caption, "left", sample)], sigmas=(0.9,), draws=0)
+
+
+def test_token_roles_and_gradient_shares():
+    """The motion word's and the background word's pieces are found (final period or not), and the gradient shares
+    follow what a velocity model reads: all on the motion word for one that reads only it."""
+    import sentencepiece
+
+    from phantom_core.tiny.text import train_tiny_tokenizer
+    from phantom_core.wan.umt5 import tokenize_prompt
+
+    sp = sentencepiece.SentencePieceProcessor(model_proto=train_tiny_tokenizer())
+    for caption in ("a red striped star moves left on a blue background", "a cat moves up on a white background."):
+        ids, roles = tokenize_prompt(sp, caption), token_roles(sp, caption)
+        assert len(roles) == len(ids) and roles[-1] == "other"
+        text = {role: "".join(sp.id_to_piece(i) for i, r in zip(ids, roles) if r == role).replace("\u2581", "")
+                for role in ("motion", "background")}
+        assert text == ({"motion": "left", "background": "blue"} if "left" in caption
+                        else {"motion": "up", "background": "white"})
+
+    caption = "a cat moves left on a blue background"
+    roles = token_roles(sp, caption)
+    reads = torch.tensor([r == "motion" for r in roles], dtype=torch.float32)
+
+    def motion_reader(x, t, context, ref_latents):
+        return x * 0 + (context[0] * reads[:, None]).sum()  # depends on the motion word's tokens only
+
+    context = torch.randn(len(roles), 8, generator=torch.Generator().manual_seed(0))
+    sample = LatentSample("s", blob_latents("left"), torch.zeros(16, 1, SIDE, SIDE), context)
+    shares = token_gradients(motion_reader, sp, [(caption, "left", sample)])
+    assert shares["motion"] == pytest.approx(100.0, abs=1e-3) and shares["background"] == pytest.approx(0.0, abs=1e-6)
+    assert shares["uniform"] == pytest.approx(100.0 / len(roles))
