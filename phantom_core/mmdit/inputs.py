@@ -3,7 +3,7 @@ and which CLIP reference features a velocity model reads (``clip_features_for``)
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
@@ -68,3 +68,27 @@ def clip_features_for(model: object, ref_clip: Tensor | None) -> Tensor | None:
         raise ValueError(f"the reference CLIP features are {ref_clip.shape[-1]} wide but this MMDiT reads "
                          f"{clip_dim}: encode them with the CLIP tower and output (tokens / pooled) it was trained on")
     return ref_clip
+
+
+def clip_references_only(model: Any) -> Any:
+    """Make ``model`` (a ``PhantomMMDiT`` with a CLIP branch) ignore the VAE reference latents it is given, so that
+    the references reach it through their CLIP features alone: how the paper's "CLIP only" ablation variant was
+    trained (``TrainConfig.vae_references = False``; ``world.mmdit_default``'s ``clip`` variant). The sampler's
+    passes stay as they are (the ``v_neg`` pass zeroes the CLIP features). Replaces the instance's ``forward``;
+    returns ``model``.
+
+    Raises:
+        ValueError: ``model`` has no CLIP branch (``config.clip_dim`` 0, or a Phantom-Wan DiT): it would see no
+            reference at all.
+    """
+    if not getattr(getattr(model, "config", None), "clip_dim", 0):
+        raise ValueError(f"{type(model).__name__} has no CLIP branch (config.clip_dim 0): without the VAE reference "
+                         "latents it would see no reference at all; the CLIP-only setting is for an MMDiT with one")
+    forward = model.forward
+
+    def clip_only_forward(x: Tensor, t: Tensor, context: Tensor, ref_latents: Tensor | None = None,
+                          ref_clip: Tensor | None = None) -> Tensor:
+        return forward(x, t, context, None, ref_clip=ref_clip)
+
+    model.forward = clip_only_forward
+    return model

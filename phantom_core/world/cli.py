@@ -65,6 +65,10 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     what.add_argument("--clip-vision", metavar="PATH", help="CLIP vision file of an MMDiT with a CLIP branch (--dit)")
     what.add_argument("--clip-output", choices=CLIP_OUTPUTS, default=CLIP_OUTPUTS[0],
                       help="the CLIP features the MMDiT reads: tokens (default; --model default-mmdit's) or pooled")
+    what.add_argument("--clip-only", action="store_true",
+                      help="the paper's CLIP-only ablation MMDiT (--dit): the references reach it through CLIP alone, "
+                           "no VAE reference latents, as it was trained (python -m tools.train_default --model mmdit "
+                           "--variant clip)")
     cases = p.add_argument_group("cases")
     cases.add_argument("--quick", type=int, metavar="N", help="only the first N single- and N/2 two-subject cases")
     cases.add_argument("--cases-single", type=int, default=CASES_SINGLE, metavar="N", help="default %(default)s")
@@ -114,8 +118,8 @@ def _producer(args: argparse.Namespace, device: str, folder: str) -> tuple[str, 
     if sum(chosen) != 1:
         raise ValueError("evaluate: give exactly one of --baseline, --model default|default-mmdit, or "
                          "--dit/--vae/--text-encoder")
-    if args.clip_vision and not args.dit:
-        raise ValueError("evaluate: --clip-vision goes with --dit (the CLIP vision tower of an MMDiT)")
+    if (args.clip_vision or args.clip_only) and not args.dit:
+        raise ValueError("evaluate: --clip-vision and --clip-only go with --dit (an MMDiT with a CLIP branch)")
     if args.baseline in ("paste", "truth", "noise"):
         vae = None
         if args.vae:
@@ -132,6 +136,13 @@ def _producer(args: argparse.Namespace, device: str, folder: str) -> tuple[str, 
         settings = {**TRAINED_SAMPLING, **settings}  # the default's guidance unless given
     name = args.baseline or (args.model if args.model else Path(args.dit).stem)
     clip = _clip_tower(args, clip_path, dit, device)
+    if args.clip_only:
+        from phantom_core.mmdit.inputs import clip_references_only
+
+        try:
+            clip_references_only(dit)
+        except ValueError as err:
+            raise ValueError(f"evaluate --clip-only: --dit {args.dit}: {err}") from err
     return name, model_producer(dit, vae, text_encoder, clip_vision=clip, clip_output=clip_output, **settings), vae
 
 

@@ -131,11 +131,35 @@ def test_evaluate_parses_and_checks_the_clip_options(files, capsys):
     assert build_parser().parse_args(["evaluate"]).clip_output == "tokens"
     small = ["--quick", "1", "--steps", "2", "--device", "cpu", "--size", "64", "--frames", "5", "--no-progress"]
     assert main(["evaluate", "--baseline", "paste", "--clip-vision", str(files["clip"]), *small]) == 2
-    assert "--clip-vision goes with --dit" in capsys.readouterr().err
+    assert "--clip-vision and --clip-only go with --dit" in capsys.readouterr().err
     model_files = ["--dit", str(files["mmdit"]), "--vae", str(files["vae"]), "--text-encoder",
                    str(files["text_encoder"])]
     assert main(["evaluate", *model_files, *small]) == 2
     assert "reads 128-wide CLIP features of the references; give --clip-vision PATH" in capsys.readouterr().err
+    vae_only = ["--dit", str(files["mmdit_vae"]), "--vae", str(files["vae"]), "--text-encoder",
+                str(files["text_encoder"])]
+    assert main(["evaluate", *vae_only, "--clip-only", *small]) == 2
+    err = capsys.readouterr().err
+    assert "--clip-only: --dit" in err and "has no CLIP branch" in err
+
+
+@torch.no_grad()
+def test_clip_only_drops_the_vae_reference_latents(files):
+    """The CLIP-only setting gives the model the references' CLIP features and no VAE latents: the output with any
+    reference latents equals the plain model's without them, and differs from the plain model's with them."""
+    from phantom_core.mmdit.inputs import clip_references_only
+
+    plain, clip_only = load_any_dit(files["mmdit"]), clip_references_only(load_any_dit(files["mmdit"]))
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 16, 2, 8, 8, generator=g), torch.randn(1, 5, plain.config.text_dim, generator=g)
+    refs = torch.randn(1, 16, 1, 8, 8, generator=g)
+    clip = torch.randn(1, 1, 3, plain.config.clip_dim, generator=g)
+    t = torch.tensor([500.0])
+    without = plain(x, t, ctx, None, ref_clip=clip)
+    torch.testing.assert_close(clip_only(x, t, ctx, refs, ref_clip=clip), without, rtol=0, atol=1e-6)
+    assert (plain(x, t, ctx, refs, ref_clip=clip) - without).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="has no CLIP branch"):
+        clip_references_only(load_any_dit(files["mmdit_vae"]))
 
 
 def test_evaluate_runs_an_mmdit_with_its_clip_tower(files, tmp_path, capsys):
