@@ -15,7 +15,8 @@ the model's VAE (or ``--vae`` with a baseline) reconstructing the ground truth.
 ``--dit`` takes a Phantom-Wan DiT or the paper's MMDiT (told apart by its keys). An MMDiT with a CLIP branch needs
 ``--clip-vision``, the CLIP vision file it was trained with, and ``--clip-output`` when it was trained on the pooled
 embedding; the "VAE only" MMDiT (no CLIP branch, ``MMDIT_PRESETS["world-vae"]``) and the Phantom-Wan DiT need none
-(and ignore one, with a warning).
+(and ignore one, with a warning). The "CLIP only" MMDiT (trained without VAE reference tokens; its keys are those of
+``both``) needs ``--clip-only`` too: it then gets the references' CLIP features and no VAE latents.
 """
 
 from __future__ import annotations
