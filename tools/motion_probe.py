@@ -160,19 +160,20 @@ def token_roles(tokenizer, caption: str) -> list[str]:
 def token_gradients(dit, tokenizer, samples, sigma: float = 0.9, seed: int = 0) -> dict[str, float]:
     """Mean share (%) of ``|d loss / d context|`` (per-token L2 norms) on the motion word's and the background
     word's tokens, over ``samples`` (``(caption, motion, LatentSample)``), and ``uniform``: the share one token would
-    have if every token got the same. The loss is the rectified-flow velocity MSE at ``sigma`` (one noise draw)."""
+    have if every token got the same. The loss is the training loss (``training.objective.flow_matching_loss``) at
+    ``sigma``, one noise draw."""
+    from phantom_core.training.objective import flow_matching_loss
+
     gen = torch.Generator().manual_seed(seed)
     shares = {"motion": [], "background": [], "uniform": []}
     for caption, _, sample in samples:
         roles = token_roles(tokenizer, caption)
         context = sample.context[None].clone().requires_grad_(True)
-        extra = {} if sample.ref_clip is None else {"ref_clip": sample.ref_clip[None]}
         x0 = sample.latents[None]
-        noise = torch.randn(x0.shape, generator=gen)
-        x_t = (1 - sigma) * x0 + sigma * noise
+        ref_clip = None if sample.ref_clip is None else sample.ref_clip[None]
         with torch.enable_grad():
-            v = dit(x_t, torch.tensor([sigma * 1000.0]), context, sample.ref_latents[None], **extra)
-            ((v - (noise - x0)) ** 2).mean().backward()
+            flow_matching_loss(dit, x0, sample.ref_latents[None], context, torch.tensor([sigma]),
+                               torch.randn(x0.shape, generator=gen), ref_clip).backward()
         norms = context.grad[0].norm(dim=-1)  # (L,)
         if len(roles) != norms.shape[0]:
             raise ValueError(f"{caption!r}: {len(roles)} tokens by the tokenizer, {norms.shape[0]} in the context")
@@ -234,8 +235,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.draws < 1:
         p.error(f"--draws is {args.draws}; it must be >= 1")
     results = probe(dit, lambda caption: text_encoder.encode([caption])[0], samples, draws=args.draws, controls=True)
-    for parameter in dit.parameters():
-        parameter.requires_grad_(False)
     grads = token_gradients(dit, text_encoder.tokenizer, samples)
     print(f"{dit_path}: {len(samples)} single-subject moving triplets; displacement along the prompted direction, "
           f"latent px (first -> last latent frame), estimates averaged over {args.draws} draws; word changes in % of "
