@@ -1,0 +1,84 @@
+"""tools.motion_toy: the toy world's geometry, its measure (an oracle that reads the word scores the truth, a
+word-blind one 0), the three networks, and a short run through the real trainer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tools.motion_probe import displacement
+from tools.motion_toy import (
+    BLOB,
+    DIRECTIONS,
+    FRAMES,
+    REVERSED,
+    SIZE,
+    STEP,
+    build_network,
+    draw,
+    measure,
+    run,
+    toy_sample,
+)
+
+
+def test_the_square_moves_the_prompted_way_and_the_reference_is_centred():
+    colour = torch.arange(16.0) + 1
+    for direction in DIRECTIONS:
+        x0, ref = toy_sample(direction, (8, 7), colour)
+        assert x0.shape == (16, FRAMES, SIZE, SIZE) and ref.shape == (16, 1, SIZE, SIZE)
+        assert all(int((x0[0, f] != 0).sum()) == BLOB * BLOB for f in range(FRAMES))  # whole in every frame
+        assert displacement(x0, direction) == pytest.approx(STEP * (FRAMES - 1), abs=1.0)
+        assert displacement(x0, REVERSED[direction]) == pytest.approx(-STEP * (FRAMES - 1), abs=1.0)
+        assert torch.equal(ref[:, 0, 6:10, 6:10], colour[:, None, None].expand(16, 4, 4))
+        assert float(ref.abs().sum()) == pytest.approx(float(colour.abs().sum()) * BLOB * BLOB)
+
+
+def test_draw_is_deterministic_and_covers_every_direction():
+    a, b = draw(40, seed=3), draw(40, seed=3)
+    assert [d for d, _, _ in a] == [d for d, _, _ in b]
+    assert all(torch.equal(x, y) for (_, x, _), (_, y, _) in zip(a, b))
+    assert set(d for d, _, _ in a) == set(DIRECTIONS)
+    assert [d for d, _, _ in draw(40, seed=4)] != [d for d, _, _ in a]
+
+
+class _Oracle(torch.nn.Module):
+    """Predicts the velocity towards the toy video of the direction its context names (``reads=False``: of 'left'
+    whatever the context): the one-step estimate is that video exactly."""
+
+    def __init__(self, contexts, reads: bool):
+        super().__init__()
+        self.contexts, self.reads = contexts, reads
+
+    def forward(self, x, t, context, ref):
+        word = next(d for d, c in self.contexts.items() if torch.equal(c, context[0])) if self.reads else "left"
+        x0, _ = toy_sample(word, (SIZE // 2, SIZE // 2), torch.ones(16))
+        sigma = float(t[0]) / 1000
+        return (x - x0[None]) / sigma
+
+
+def test_measure_scores_a_model_that_reads_the_word_at_the_truth_and_a_blind_one_at_zero():
+    contexts = {d: torch.full((3, 4), float(k)) for k, d in enumerate(DIRECTIONS)}
+    cases = draw(8, seed=0)
+    reads = measure(_Oracle(contexts, True), contexts, cases, sigmas=(0.9,))[0.9]
+    blind = measure(_Oracle(contexts, False), contexts, cases, sigmas=(0.9,))[0.9]
+    assert reads["truth"] == pytest.approx(STEP * (FRAMES - 1), abs=1.0)
+    assert reads["effect"] == pytest.approx(reads["truth"], abs=0.5)
+    assert abs(blind["effect"]) < 1e-6 and blind["own"] == pytest.approx(blind["reversed"], rel=1e-6)
+
+
+@pytest.mark.parametrize("name, positions", [("phantom-wan", False), ("mmdit", False), ("mmdit-pos", True)])
+def test_the_networks_and_their_position_tables(name, positions):
+    model = build_network(name, seed=0)
+    assert ("pos_embed" in dict(model.named_buffers())) == positions
+    assert sum(p.numel() for p in model.parameters()) > 4_000_000  # the world presets, not a miniature
+    with pytest.raises(ValueError, match="valid: phantom-wan, mmdit, mmdit-pos"):
+        build_network("wan")
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_a_short_run_goes_through_the_trainer_and_reports_each_measure():
+    lines = []
+    final = run("mmdit", steps=2, every=1, threads=1, report=lines.append)
+    assert len(lines) == 2 and lines[-1].startswith("mmdit step 2/2") and "effect" in lines[-1]
+    assert set(final) == {0.95, 0.8} and all(0 < r["own"] < 10 for r in final.values())

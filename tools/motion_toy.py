@@ -1,0 +1,178 @@
+"""Can a network learn the motion word when it is all there is to learn? A learnability check in latent space.
+
+    python -m tools.motion_toy --network mmdit-pos [--steps 600] [--every 100] [--threads 2]
+
+The world's default DiTs do not read ``moves <direction>`` (``tools.motion_probe``, docs/WORLD.md). This check asks
+whether a network *can*, apart from the world's data: a toy latent world with nothing to learn but the word. Every
+video latent ``[16, 5, 16, 16]`` is zero (the background) except one ``BLOB`` x ``BLOB`` latent-px square of one fixed
+16-channel colour, whose path is centred on the frame's middle (jittered by up to ``JITTER`` latent px per axis) and
+which moves ``STEP`` latent px per latent frame in the prompted direction (6 px, 0.375 of the frame, over the clip);
+the reference is the same square, centred, on zero. The prompt, ``a thing moves <direction> on a blue background``,
+goes through the shipped world umT5. So the reference and the prompt's other words are the same for every sample,
+and only the motion word tells where the square is in each frame.
+
+The network is trained by the project's trainer (``training.loop.train``, full fine-tune from scratch: the world
+recipe's batch 8, learning rate, warm-up, cosine schedule, shifted timesteps at shift 5, text dropout 0.2 and
+reference dropout 0.1) on ``SAMPLES`` pre-drawn samples. Every ``--every`` steps it prints, on 16 fixed held-out
+samples and the same noise: the velocity loss with the prompt and with the motion reversed, and the **text effect**
+(``tools.motion_probe``'s measure: half the difference of the one-step estimates' displacements along the prompted
+direction, in latent px; a network that reads the word approaches the truth's displacement, one that does not stays
+at 0). ``--network``:
+
+- ``phantom-wan``: the Phantom-Wan DiT's ``world`` preset (3-D RoPE only: no token knows its place in the frame);
+- ``mmdit``: the world MMDiT without CLIP (``world-vae``: RoPE and window attention, no absolute position);
+- ``mmdit-pos``: the same with SD3's sin-cos position table and the frame-index table (``pos_embed_max`` 16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+NETWORKS = ("phantom-wan", "mmdit", "mmdit-pos")
+DIRECTIONS = ("left", "right", "up", "down")
+VECTORS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+REVERSED = {"left": "right", "right": "left", "up": "down", "down": "up"}
+SIZE, FRAMES, BLOB, STEP, JITTER = 16, 5, 4, 1.5, 1  # latent px; STEP per latent frame
+SAMPLES, HELD_OUT = 512, 16
+TOY_TRAIN = dict(mode="full", batch_size=8, learning_rate=4e-4, warmup_steps=100, lr_schedule="cosine",
+                 weight_decay=0.01, gradient_checkpointing=False, timesteps="shifted", shift=5.0, text_dropout=0.2,
+                 reference_dropout=0.1, checkpoint_every=10**6, keep_checkpoints=1, device="cpu", precision="fp32")
+
+
+def prompt(direction: str) -> str:
+    return f"a thing moves {direction} on a blue background"
+
+
+def toy_sample(direction: str, centre: tuple[int, int], colour: Tensor) -> tuple[Tensor, Tensor]:
+    """``(latents [16, FRAMES, SIZE, SIZE], ref_latents [16, 1, SIZE, SIZE])``, float32: the square's path through
+    ``centre`` (latent px, its middle frame) moving ``direction``, and the centred square alone."""
+    x0 = torch.zeros(16, FRAMES, SIZE, SIZE)
+    (ux, uy), half = VECTORS[direction], BLOB // 2
+    for f in range(FRAMES):
+        x = round(centre[0] + ux * (f - FRAMES // 2) * STEP) - half
+        y = round(centre[1] + uy * (f - FRAMES // 2) * STEP) - half
+        x0[:, f, y:y + BLOB, x:x + BLOB] = colour[:, None, None]
+    ref = torch.zeros(16, 1, SIZE, SIZE)
+    ref[:, 0, SIZE // 2 - half:SIZE // 2 + half, SIZE // 2 - half:SIZE // 2 + half] = colour[:, None, None]
+    return x0, ref
+
+
+def draw(count: int, seed: int) -> list[tuple[str, Tensor, Tensor]]:
+    """``count`` ``(direction, latents, ref_latents)`` drawn from ``seed`` (directions and jitters; one colour)."""
+    gen = torch.Generator().manual_seed(seed)
+    colour = torch.randn(16, generator=torch.Generator().manual_seed(1)) * 1.5
+    out = []
+    for _ in range(count):
+        direction = DIRECTIONS[int(torch.randint(len(DIRECTIONS), (1,), generator=gen))]
+        jx, jy = (int(v) for v in torch.randint(-JITTER, JITTER + 1, (2,), generator=gen))
+        out.append((direction, *toy_sample(direction, (SIZE // 2 + jx, SIZE // 2 + jy), colour)))
+    return out
+
+
+def build_network(name: str, seed: int = 0) -> torch.nn.Module:
+    """A from-scratch network (upstream Wan / SD3 init from ``seed``), float32, on the CPU.
+
+    Raises:
+        ValueError: ``name`` not in ``NETWORKS``.
+    """
+    from phantom_core.mmdit.config import MMDIT_PRESETS
+    from phantom_core.mmdit.model import PhantomMMDiT
+    from phantom_core.wan.dit import DIT_PRESETS, PhantomWanDiT
+
+    if name not in NETWORKS:
+        raise ValueError(f"network is {name!r}; valid: {', '.join(NETWORKS)}")
+    if name == "phantom-wan":
+        model = PhantomWanDiT(DIT_PRESETS["world"], device="meta")
+    else:
+        config = MMDIT_PRESETS["world-vae"]
+        model = PhantomMMDiT(replace(config, pos_embed_max=SIZE) if name == "mmdit-pos" else config, device="meta")
+    model = model.to_empty(device="cpu")
+    model.init_weights(torch.Generator().manual_seed(seed))
+    return model
+
+
+@torch.no_grad()
+def measure(model, contexts: dict[str, Tensor], cases, sigmas=(0.95, 0.8), seed: int = 9) -> dict[float, dict]:
+    """Per sigma: mean velocity loss with the prompt (``own``) and the reversed prompt (``reversed``) on the same
+    noise, the text ``effect`` and the ``truth`` displacement (latent px; ``tools.motion_probe.displacement``)."""
+    from tools.motion_probe import displacement
+
+    was_training, gen = model.training, torch.Generator().manual_seed(seed)
+    model.eval()
+    out = {}
+    for sigma in sigmas:
+        rows = {"own": 0.0, "reversed": 0.0, "effect": 0.0, "truth": 0.0}
+        for direction, x0, ref in cases:
+            noise = torch.randn((1, *x0.shape), generator=gen)
+            x_t = (1 - sigma) * x0[None] + sigma * noise
+            moved = {}
+            for tag, word in (("own", direction), ("reversed", REVERSED[direction])):
+                v = model(x_t, torch.tensor([sigma * 1000.0]), contexts[word][None], ref[None])
+                rows[tag] += float(((v - (noise - x0[None])) ** 2).mean()) / len(cases)
+                moved[tag] = displacement((x_t - sigma * v)[0], direction)
+            rows["effect"] += (moved["own"] - moved["reversed"]) / 2 / len(cases)
+            rows["truth"] += displacement(x0, direction) / len(cases)
+        out[sigma] = rows
+    model.train(was_training)
+    return out
+
+
+def run(network: str, steps: int, every: int, seed: int = 0, threads: int = 2, report=print) -> dict[float, dict]:
+    """Train ``network`` for ``steps`` on the toy world and return the final ``measure``; ``report`` gets a line
+    every ``every`` steps."""
+    from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
+    from phantom_core.tiny.default import TRAINED_DIR
+    from phantom_core.training.cache import InMemoryLatents, LatentSample
+    from phantom_core.training.config import TrainConfig
+    from phantom_core.training.loop import train
+    from phantom_core.wan.umt5 import load_text_encoder
+
+    torch.set_num_threads(threads)
+    text_encoder = load_text_encoder(TRAINED_DIR / "phantom_world_umt5.safetensors")
+    contexts = {d: text_encoder.encode([prompt(d)])[0] for d in DIRECTIONS}
+    dataset = InMemoryLatents([LatentSample(f"toy_{k}", x0, ref, contexts[d])
+                               for k, (d, x0, ref) in enumerate(draw(SAMPLES, seed))],
+                              text_encoder.encode([WAN_NEGATIVE_PROMPT])[0])
+    held_out = draw(HELD_OUT, seed + 1000)
+    model = build_network(network, seed)
+    start, final = time.time(), {}
+
+    def line(step: int, total: int, loss: float) -> None:
+        nonlocal final
+        if step % every == 0 or step == total:
+            final = measure(model, contexts, held_out)
+            cells = " | ".join(f"sigma {s}: loss {r['own']:.4f} / reversed {r['reversed']:.4f}, effect "
+                               f"{r['effect']:.2f} of {r['truth']:.2f}" for s, r in final.items())
+            report(f"{network} step {step}/{total} ({time.time() - start:.0f} s, train loss {loss:.4f}): {cells}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = TrainConfig(**TOY_TRAIN, steps=steps, seed=seed, dit=f"toy:{network}", out=f"{tmp}/toy.safetensors",
+                             run_dir=f"{tmp}/run", dropped_prompt=WAN_NEGATIVE_PROMPT)
+        train(config, dataset=dataset, model=model, callback=line)
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.motion_toy", description=__doc__.split("\n")[0])
+    p.add_argument("--network", choices=NETWORKS, default="mmdit-pos")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps (default 600)")
+    p.add_argument("--every", type=int, default=100, help="measure every N steps (default 100)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    for flag in ("steps", "every"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} is {getattr(args, flag)}; it must be >= 1")
+    run(args.network, args.steps, args.every, args.seed, args.threads, report=lambda s: print(s, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
