@@ -9,7 +9,11 @@ video latent ``[16, 5, 16, 16]`` is zero (the background) except one ``BLOB`` x 
 which moves ``STEP`` latent px per latent frame in the prompted direction (6 px, 0.375 of the frame, over the clip);
 the reference is the same square, centred, on zero. The prompt, ``a thing moves <direction> on a blue background``,
 goes through the shipped world umT5. So the reference and the prompt's other words are the same for every sample,
-and only the motion word tells where the square is in each frame.
+and only the motion word tells where the square is in each frame. With ``--variety`` the world is less bare: each
+sample draws its background (one of ``BACKGROUNDS``, a fixed 16-channel latent per colour word, named in the prompt)
+and its square's colour (a random 16-channel vector, shown by the reference), so the word must be found among
+other things to learn, as in the world, where the background colour is 92% of a clean latent's variance and the
+direction 0.7% (docs/WORLD.md).
 
 The network is trained by the project's trainer (``training.loop.train``, full fine-tune from scratch: the world
 recipe's batch 8, learning rate, warm-up, cosine schedule, shifted timesteps at shift 5, text dropout 0.2 and
@@ -41,19 +45,24 @@ VECTORS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 REVERSED = {"left": "right", "right": "left", "up": "down", "down": "up"}
 SIZE, FRAMES, BLOB, STEP, JITTER = 16, 5, 4, 1.5, 1  # latent px; STEP per latent frame
 SAMPLES, HELD_OUT = 512, 16
+BACKGROUNDS = ("red", "green", "blue", "yellow", "black", "white")
 TOY_TRAIN = dict(mode="full", batch_size=8, learning_rate=4e-4, warmup_steps=100, lr_schedule="cosine",
                  weight_decay=0.01, gradient_checkpointing=False, timesteps="shifted", shift=5.0, text_dropout=0.2,
                  reference_dropout=0.1, checkpoint_every=10**6, keep_checkpoints=1, device="cpu", precision="fp32")
 
 
-def prompt(direction: str) -> str:
-    return f"a thing moves {direction} on a blue background"
+def prompt(direction: str, background: str = "blue") -> str:
+    return f"a thing moves {direction} on a {background} background"
 
 
-def toy_sample(direction: str, centre: tuple[int, int], colour: Tensor) -> tuple[Tensor, Tensor]:
+def toy_sample(direction: str, centre: tuple[int, int], colour: Tensor, background: Tensor | None = None
+               ) -> tuple[Tensor, Tensor]:
     """``(latents [16, FRAMES, SIZE, SIZE], ref_latents [16, 1, SIZE, SIZE])``, float32: the square's path through
-    ``centre`` (latent px, its middle frame) moving ``direction``, and the centred square alone."""
+    ``centre`` (latent px, its middle frame) moving ``direction`` over ``background`` (``[16]``; None: zero), and the
+    centred square alone on zero."""
     x0 = torch.zeros(16, FRAMES, SIZE, SIZE)
+    if background is not None:
+        x0 += background[:, None, None, None]
     (ux, uy), half = VECTORS[direction], BLOB // 2
     for f in range(FRAMES):
         x = round(centre[0] + ux * (f - FRAMES // 2) * STEP) - half
@@ -64,16 +73,28 @@ def toy_sample(direction: str, centre: tuple[int, int], colour: Tensor) -> tuple
     return x0, ref
 
 
-def draw(count: int, seed: int) -> list[tuple[str, Tensor, Tensor]]:
-    """``count`` ``(direction, latents, ref_latents)`` drawn from ``seed`` (directions and jitters; one colour)."""
+def draw(count: int, seed: int, variety: bool = False) -> list[tuple[str, Tensor, Tensor]]:
+    """``count`` ``(prompt, latents, ref_latents)`` drawn from ``seed`` (directions and jitters; one colour on zero,
+    or with ``variety`` a random colour on a random one of ``BACKGROUNDS``)."""
     gen = torch.Generator().manual_seed(seed)
     colour = torch.randn(16, generator=torch.Generator().manual_seed(1)) * 1.5
+    backgrounds = torch.randn(len(BACKGROUNDS), 16, generator=torch.Generator().manual_seed(2))
     out = []
     for _ in range(count):
         direction = DIRECTIONS[int(torch.randint(len(DIRECTIONS), (1,), generator=gen))]
         jx, jy = (int(v) for v in torch.randint(-JITTER, JITTER + 1, (2,), generator=gen))
-        out.append((direction, *toy_sample(direction, (SIZE // 2 + jx, SIZE // 2 + jy), colour)))
+        background, text = None, prompt(direction)
+        if variety:
+            k = int(torch.randint(len(BACKGROUNDS), (1,), generator=gen))
+            background, text = backgrounds[k], prompt(direction, BACKGROUNDS[k])
+            colour = torch.randn(16, generator=gen) * 1.5
+        out.append((text, *toy_sample(direction, (SIZE // 2 + jx, SIZE // 2 + jy), colour, background)))
     return out
+
+
+def direction_of(text: str) -> str:
+    """The direction word of a toy ``prompt``."""
+    return text.split(" moves ")[1].split(" ")[0]
 
 
 def build_network(name: str, seed: int = 0) -> torch.nn.Module:
@@ -98,10 +119,22 @@ def build_network(name: str, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def reverse(text: str) -> str:
+    """A toy ``prompt`` with its direction reversed."""
+    direction = direction_of(text)
+    return text.replace(f"moves {direction}", f"moves {REVERSED[direction]}")
+
+
 @torch.no_grad()
-def measure(model, contexts: dict[str, Tensor], cases, sigmas=(0.95, 0.8), seed: int = 9) -> dict[float, dict]:
+def measure(model, encode, cases, sigmas=(0.95, 0.8), seed: int = 9) -> dict[float, dict]:
     """Per sigma: mean velocity loss with the prompt (``own``) and the reversed prompt (``reversed``) on the same
-    noise, the text ``effect`` and the ``truth`` displacement (latent px; ``tools.motion_probe.displacement``)."""
+    noise, the text ``effect`` and the ``truth`` displacement (latent px; ``tools.motion_probe.displacement``).
+
+    Args:
+        model: ``model(x, t, context, ref_latents)`` -> velocity ``[1, 16, F, h, w]``.
+        encode: ``prompt -> context [L, D]``.
+        cases: ``(prompt, latents, ref_latents)`` as ``draw`` gives them.
+    """
     from tools.motion_probe import displacement
 
     was_training, gen = model.training, torch.Generator().manual_seed(seed)
@@ -109,12 +142,13 @@ def measure(model, contexts: dict[str, Tensor], cases, sigmas=(0.95, 0.8), seed:
     out = {}
     for sigma in sigmas:
         rows = {"own": 0.0, "reversed": 0.0, "effect": 0.0, "truth": 0.0}
-        for direction, x0, ref in cases:
+        for text, x0, ref in cases:
+            direction = direction_of(text)
             noise = torch.randn((1, *x0.shape), generator=gen)
             x_t = (1 - sigma) * x0[None] + sigma * noise
             moved = {}
-            for tag, word in (("own", direction), ("reversed", REVERSED[direction])):
-                v = model(x_t, torch.tensor([sigma * 1000.0]), contexts[word][None], ref[None])
+            for tag, words in (("own", text), ("reversed", reverse(text))):
+                v = model(x_t, torch.tensor([sigma * 1000.0]), encode(words)[None], ref[None])
                 rows[tag] += float(((v - (noise - x0[None])) ** 2).mean()) / len(cases)
                 moved[tag] = displacement((x_t - sigma * v)[0], direction)
             rows["effect"] += (moved["own"] - moved["reversed"]) / 2 / len(cases)
@@ -124,9 +158,10 @@ def measure(model, contexts: dict[str, Tensor], cases, sigmas=(0.95, 0.8), seed:
     return out
 
 
-def run(network: str, steps: int, every: int, seed: int = 0, threads: int = 2, report=print) -> dict[float, dict]:
-    """Train ``network`` for ``steps`` on the toy world and return the final ``measure``; ``report`` gets a line
-    every ``every`` steps."""
+def run(network: str, steps: int, every: int, seed: int = 0, threads: int = 2, report=print,
+        variety: bool = False) -> dict[float, dict]:
+    """Train ``network`` for ``steps`` on the toy world (``variety``: see the module) and return the final
+    ``measure``; ``report`` gets a line every ``every`` steps."""
     from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
     from phantom_core.tiny.default import TRAINED_DIR
     from phantom_core.training.cache import InMemoryLatents, LatentSample
@@ -136,21 +171,28 @@ def run(network: str, steps: int, every: int, seed: int = 0, threads: int = 2, r
 
     torch.set_num_threads(threads)
     text_encoder = load_text_encoder(TRAINED_DIR / "phantom_world_umt5.safetensors")
-    contexts = {d: text_encoder.encode([prompt(d)])[0] for d in DIRECTIONS}
-    dataset = InMemoryLatents([LatentSample(f"toy_{k}", x0, ref, contexts[d])
-                               for k, (d, x0, ref) in enumerate(draw(SAMPLES, seed))],
+    contexts: dict[str, Tensor] = {}
+
+    def encode(text: str) -> Tensor:
+        if text not in contexts:
+            contexts[text] = text_encoder.encode([text])[0]
+        return contexts[text]
+
+    dataset = InMemoryLatents([LatentSample(f"toy_{k}", x0, ref, encode(text))
+                               for k, (text, x0, ref) in enumerate(draw(SAMPLES, seed, variety))],
                               text_encoder.encode([WAN_NEGATIVE_PROMPT])[0])
-    held_out = draw(HELD_OUT, seed + 1000)
+    held_out = draw(HELD_OUT, seed + 1000, variety)
     model = build_network(network, seed)
     start, final = time.time(), {}
 
     def line(step: int, total: int, loss: float) -> None:
         nonlocal final
         if step % every == 0 or step == total:
-            final = measure(model, contexts, held_out)
+            final = measure(model, encode, held_out)
             cells = " | ".join(f"sigma {s}: loss {r['own']:.4f} / reversed {r['reversed']:.4f}, effect "
                                f"{r['effect']:.2f} of {r['truth']:.2f}" for s, r in final.items())
-            report(f"{network} step {step}/{total} ({time.time() - start:.0f} s, train loss {loss:.4f}): {cells}")
+            name = f"{network} (variety)" if variety else network
+            report(f"{name} step {step}/{total} ({time.time() - start:.0f} s, train loss {loss:.4f}): {cells}")
 
     with tempfile.TemporaryDirectory() as tmp:
         config = TrainConfig(**TOY_TRAIN, steps=steps, seed=seed, dit=f"toy:{network}", out=f"{tmp}/toy.safetensors",
@@ -166,11 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=int, default=100, help="measure every N steps (default 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--variety", action="store_true", help="random backgrounds and square colours (see above)")
     args = p.parse_args(argv)
     for flag in ("steps", "every"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} is {getattr(args, flag)}; it must be >= 1")
-    run(args.network, args.steps, args.every, args.seed, args.threads, report=lambda s: print(s, flush=True))
+    run(args.network, args.steps, args.every, args.seed, args.threads, report=lambda s: print(s, flush=True),
+        variety=args.variety)
     return 0
 
 

@@ -8,6 +8,7 @@ import torch
 
 from tools.motion_probe import displacement
 from tools.motion_toy import (
+    BACKGROUNDS,
     BLOB,
     DIRECTIONS,
     FRAMES,
@@ -15,8 +16,11 @@ from tools.motion_toy import (
     SIZE,
     STEP,
     build_network,
+    direction_of,
     draw,
     measure,
+    prompt,
+    reverse,
     run,
     toy_sample,
 )
@@ -36,32 +40,50 @@ def test_the_square_moves_the_prompted_way_and_the_reference_is_centred():
 
 def test_draw_is_deterministic_and_covers_every_direction():
     a, b = draw(40, seed=3), draw(40, seed=3)
-    assert [d for d, _, _ in a] == [d for d, _, _ in b]
+    assert [p for p, _, _ in a] == [p for p, _, _ in b]
     assert all(torch.equal(x, y) for (_, x, _), (_, y, _) in zip(a, b))
-    assert set(d for d, _, _ in a) == set(DIRECTIONS)
-    assert [d for d, _, _ in draw(40, seed=4)] != [d for d, _, _ in a]
+    assert set(direction_of(p) for p, _, _ in a) == set(DIRECTIONS)
+    assert {p for p, _, _ in a} == {prompt(d) for d in DIRECTIONS}  # only the word differs
+    assert [p for p, _, _ in draw(40, seed=4)] != [p for p, _, _ in a]
+
+
+def test_variety_draws_backgrounds_named_in_the_prompt_and_square_colours_shown_by_the_reference():
+    cases = draw(60, seed=5, variety=True)
+    assert {p.split(" on a ")[1] for p, _, _ in cases} == {f"{b} background" for b in BACKGROUNDS}
+    by_word = {}
+    for text, x0, ref in cases:
+        corner = x0[:, 0, 0, 0]  # never covered: the path stays near the centre
+        assert torch.allclose(by_word.setdefault(text.split(" on a ")[1], corner), corner)  # one latent per word
+        square = ref[:, 0, SIZE // 2, SIZE // 2]
+        assert torch.equal(ref[:, 0, 0, 0], torch.zeros(16))  # the reference: on zero
+        assert (x0[:, FRAMES // 2] == square[:, None, None]).all(0).sum() == BLOB * BLOB  # the square shown
+    colours = {tuple(ref[:, 0, SIZE // 2, SIZE // 2].tolist()) for _, _, ref in cases}
+    assert len(colours) == len(cases)
+    assert reverse(prompt("up", "red")) == prompt("down", "red")
 
 
 class _Oracle(torch.nn.Module):
     """Predicts the velocity towards the toy video of the direction its context names (``reads=False``: of 'left'
     whatever the context): the one-step estimate is that video exactly."""
 
-    def __init__(self, contexts, reads: bool):
+    def __init__(self, reads: bool):
         super().__init__()
-        self.contexts, self.reads = contexts, reads
+        self.reads = reads
 
     def forward(self, x, t, context, ref):
-        word = next(d for d, c in self.contexts.items() if torch.equal(c, context[0])) if self.reads else "left"
+        word = DIRECTIONS[int(context[0, 0, 0])] if self.reads else "left"
         x0, _ = toy_sample(word, (SIZE // 2, SIZE // 2), torch.ones(16))
         sigma = float(t[0]) / 1000
         return (x - x0[None]) / sigma
 
 
 def test_measure_scores_a_model_that_reads_the_word_at_the_truth_and_a_blind_one_at_zero():
-    contexts = {d: torch.full((3, 4), float(k)) for k, d in enumerate(DIRECTIONS)}
+    def encode(text):  # the direction's index as a context
+        return torch.full((3, 4), float(DIRECTIONS.index(direction_of(text))))
+
     cases = draw(8, seed=0)
-    reads = measure(_Oracle(contexts, True), contexts, cases, sigmas=(0.9,))[0.9]
-    blind = measure(_Oracle(contexts, False), contexts, cases, sigmas=(0.9,))[0.9]
+    reads = measure(_Oracle(True), encode, cases, sigmas=(0.9,))[0.9]
+    blind = measure(_Oracle(False), encode, cases, sigmas=(0.9,))[0.9]
     assert reads["truth"] == pytest.approx(STEP * (FRAMES - 1), abs=1.0)
     assert reads["effect"] == pytest.approx(reads["truth"], abs=0.5)
     assert abs(blind["effect"]) < 1e-6 and blind["own"] == pytest.approx(blind["reversed"], rel=1e-6)
@@ -79,6 +101,6 @@ def test_the_networks_and_their_position_tables(name, positions):
 @pytest.mark.usefixtures("single_thread")
 def test_a_short_run_goes_through_the_trainer_and_reports_each_measure():
     lines = []
-    final = run("mmdit", steps=2, every=1, threads=1, report=lines.append)
-    assert len(lines) == 2 and lines[-1].startswith("mmdit step 2/2") and "effect" in lines[-1]
+    final = run("mmdit", steps=2, every=1, threads=1, report=lines.append, variety=True)
+    assert len(lines) == 2 and lines[-1].startswith("mmdit (variety) step 2/2") and "effect" in lines[-1]
     assert set(final) == {0.95, 0.8} and all(0 < r["own"] < 10 for r in final.values())
