@@ -101,6 +101,6 @@ def test_the_networks_and_their_position_tables(name, positions):
 @pytest.mark.usefixtures("single_thread")
 def test_a_short_run_goes_through_the_trainer_and_reports_each_measure():
     lines = []
-    final = run("mmdit", steps=2, every=1, threads=1, report=lines.append, variety=True)
-    assert len(lines) == 2 and lines[-1].startswith("mmdit (variety) step 2/2") and "effect" in lines[-1]
+    final = run("mmdit", steps=2, every=1, threads=1, report=lines.append, variety=True, plain=True)
+    assert len(lines) == 2 and lines[-1].startswith("mmdit (variety) (plain) step 2/2") and "effect" in lines[-1]
     assert set(final) == {0.95, 0.8} and all(0 < r["own"] < 10 for r in final.values())
