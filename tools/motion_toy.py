@@ -40,13 +40,15 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from phantom_core.world.grammar import BACKGROUND_COLOURS
+from tools.motion_probe import displacement, reverse_motion
+
 NETWORKS = ("phantom-wan", "mmdit", "mmdit-pos")
 DIRECTIONS = ("left", "right", "up", "down")
 VECTORS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-REVERSED = {"left": "right", "right": "left", "up": "down", "down": "up"}
 SIZE, FRAMES, BLOB, STEP, JITTER = 16, 5, 4, 1.5, 1  # latent px; STEP per latent frame
 SAMPLES, HELD_OUT = 512, 16
-BACKGROUNDS = ("red", "green", "blue", "yellow", "black", "white")
+BACKGROUNDS = tuple(BACKGROUND_COLOURS)  # the world's colour words
 TOY_TRAIN = dict(mode="full", batch_size=8, learning_rate=4e-4, warmup_steps=100, lr_schedule="cosine",
                  weight_decay=0.01, gradient_checkpointing=False, timesteps="shifted", shift=5.0, text_dropout=0.2,
                  reference_dropout=0.1, checkpoint_every=10**6, keep_checkpoints=1, device="cpu", precision="fp32")
@@ -122,21 +124,21 @@ def build_network(name: str, seed: int = 0) -> torch.nn.Module:
 
 def reverse(text: str) -> str:
     """A toy ``prompt`` with its direction reversed."""
-    direction = direction_of(text)
-    return text.replace(f"moves {direction}", f"moves {REVERSED[direction]}")
+    return reverse_motion(text, direction_of(text))
 
 
 @torch.no_grad()
 def measure(model, encode, cases, sigmas=(0.95, 0.8), seed: int = 9) -> dict[float, dict]:
     """Per sigma: mean velocity loss with the prompt (``own``) and the reversed prompt (``reversed``) on the same
-    noise, the text ``effect`` and the ``truth`` displacement (latent px; ``tools.motion_probe.displacement``).
+    noise, the text ``effect`` and the ``truth`` displacement (latent px; ``tools.motion_probe.displacement``). The
+    noisy input, the velocity target and the loss are the trainer's (``training.objective``).
 
     Args:
         model: ``model(x, t, context, ref_latents)`` -> velocity ``[1, 16, F, h, w]``.
         encode: ``prompt -> context [L, D]``.
         cases: ``(prompt, latents, ref_latents)`` as ``draw`` gives them.
     """
-    from tools.motion_probe import displacement
+    from phantom_core.training.objective import noisy_latents, velocity_target, video_mse
 
     was_training, gen = model.training, torch.Generator().manual_seed(seed)
     model.eval()
@@ -146,11 +148,11 @@ def measure(model, encode, cases, sigmas=(0.95, 0.8), seed: int = 9) -> dict[flo
         for text, x0, ref in cases:
             direction = direction_of(text)
             noise = torch.randn((1, *x0.shape), generator=gen)
-            x_t = (1 - sigma) * x0[None] + sigma * noise
+            x_t = noisy_latents(x0[None], noise, torch.tensor([sigma]))
             moved = {}
             for tag, words in (("own", text), ("reversed", reverse(text))):
                 v = model(x_t, torch.tensor([sigma * 1000.0]), encode(words)[None], ref[None])
-                rows[tag] += float(((v - (noise - x0[None])) ** 2).mean()) / len(cases)
+                rows[tag] += float(video_mse(v, velocity_target(x0[None], noise))) / len(cases)
                 moved[tag] = displacement((x_t - sigma * v)[0], direction)
             rows["effect"] += (moved["own"] - moved["reversed"]) / 2 / len(cases)
             rows["truth"] += displacement(x0, direction) / len(cases)
@@ -184,7 +186,7 @@ def run(network: str, steps: int, every: int, seed: int = 0, threads: int = 2, r
 
     dataset = InMemoryLatents([LatentSample(f"toy_{k}", x0, ref, encode(text))
                                for k, (text, x0, ref) in enumerate(draw(SAMPLES, seed, variety))],
-                              text_encoder.encode([WAN_NEGATIVE_PROMPT])[0])
+                              encode(WAN_NEGATIVE_PROMPT))
     held_out = draw(HELD_OUT, seed + 1000, variety)
     model = build_network(network, seed)
     start, final = time.time(), {}

@@ -6,13 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tools.motion_probe import displacement
+from tools.motion_probe import REVERSED, displacement
 from tools.motion_toy import (
     BACKGROUNDS,
     BLOB,
     DIRECTIONS,
     FRAMES,
-    REVERSED,
     SIZE,
     STEP,
     build_network,
