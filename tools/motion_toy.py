@@ -26,7 +26,14 @@ at 0). ``--network``:
 
 - ``phantom-wan``: the Phantom-Wan DiT's ``world`` preset (3-D RoPE only: no token knows its place in the frame);
 - ``mmdit``: the world MMDiT without CLIP (``world-vae``: RoPE and window attention, no absolute position);
-- ``mmdit-pos``: the same with SD3's sin-cos position table and the frame-index table (``pos_embed_max`` 16).
+- ``mmdit-pos``: the same with SD3's sin-cos position table and the frame-index table (``pos_embed_max`` 16);
+- ``mmdit-pooled``: ``mmdit`` with the global conditioning vectors (``MMDiTConfig.pooled_text`` and
+  ``pooled_reference``: the mean prompt token and the mean reference token, each through an MLP, added to the
+  timestep's adaLN vector).
+
+``--variety colour`` or ``background`` varies one of the two only. Each measure also prints the **floors** of the
+loss: the Bayes-optimal predictor's (``posterior_x0``), with the word and without it. A network far above the
+word-blind floor has not learnt the rest of the toy yet, and the word comes after it.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ from torch import Tensor
 from phantom_core.world.grammar import BACKGROUND_COLOURS
 from tools.motion_probe import displacement, reverse_motion
 
-NETWORKS = ("phantom-wan", "mmdit", "mmdit-pos")
+NETWORKS = ("phantom-wan", "mmdit", "mmdit-pos", "mmdit-pooled")
 DIRECTIONS = ("left", "right", "up", "down")
 VECTORS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 SIZE, FRAMES, BLOB, STEP, JITTER = 16, 5, 4, 1.5, 1  # latent px; STEP per latent frame
@@ -76,9 +83,21 @@ def toy_sample(direction: str, centre: tuple[int, int], colour: Tensor, backgrou
     return x0, ref
 
 
-def draw(count: int, seed: int, variety: bool = False) -> list[tuple[str, Tensor, Tensor]]:
-    """``count`` ``(prompt, latents, ref_latents)`` drawn from ``seed`` (directions and jitters; one colour on zero,
-    or with ``variety`` a random colour on a random one of ``BACKGROUNDS``)."""
+VARIETIES = ("none", "colour", "background", "both")
+
+
+def draw(count: int, seed: int, variety: bool | str = False) -> list[tuple[str, Tensor, Tensor]]:
+    """``count`` ``(prompt, latents, ref_latents)`` drawn from ``seed`` (directions and jitters). ``variety``
+    (``VARIETIES``; True is ``both``, False ``none``): ``none``, one colour on zero; ``colour``, a random colour on
+    the ``blue`` background's latent; ``background``, the one colour on a random one of ``BACKGROUNDS``; ``both``, a
+    random colour on a random background.
+
+    Raises:
+        ValueError: ``variety`` not in ``VARIETIES``.
+    """
+    variety = {True: "both", False: "none"}.get(variety, variety)
+    if variety not in VARIETIES:
+        raise ValueError(f"variety is {variety!r}; valid: {', '.join(VARIETIES)}")
     gen = torch.Generator().manual_seed(seed)
     colour = torch.randn(16, generator=torch.Generator().manual_seed(1)) * 1.5
     backgrounds = torch.randn(len(BACKGROUNDS), 16, generator=torch.Generator().manual_seed(2))
@@ -87,10 +106,13 @@ def draw(count: int, seed: int, variety: bool = False) -> list[tuple[str, Tensor
         direction = DIRECTIONS[int(torch.randint(len(DIRECTIONS), (1,), generator=gen))]
         jx, jy = (int(v) for v in torch.randint(-JITTER, JITTER + 1, (2,), generator=gen))
         background, text = None, prompt(direction)
-        if variety:
-            k = int(torch.randint(len(BACKGROUNDS), (1,), generator=gen))
+        if variety != "none":
+            k = BACKGROUNDS.index("blue")
+            if variety != "colour":
+                k = int(torch.randint(len(BACKGROUNDS), (1,), generator=gen))
             background, text = backgrounds[k], prompt(direction, BACKGROUNDS[k])
-            colour = torch.randn(16, generator=gen) * 1.5
+            if variety != "background":
+                colour = torch.randn(16, generator=gen) * 1.5
         out.append((text, *toy_sample(direction, (SIZE // 2 + jx, SIZE // 2 + jy), colour, background)))
     return out
 
@@ -116,7 +138,11 @@ def build_network(name: str, seed: int = 0) -> torch.nn.Module:
         model = PhantomWanDiT(DIT_PRESETS["world"], device="meta")
     else:
         config = MMDIT_PRESETS["world-vae"]
-        model = PhantomMMDiT(replace(config, pos_embed_max=SIZE) if name == "mmdit-pos" else config, device="meta")
+        if name == "mmdit-pos":
+            config = replace(config, pos_embed_max=SIZE)
+        elif name == "mmdit-pooled":
+            config = replace(config, pooled_text=True, pooled_reference=True)
+        model = PhantomMMDiT(config, device="meta")
     model = model.to_empty(device="cpu")
     model.init_weights(torch.Generator().manual_seed(seed))
     return model
@@ -127,11 +153,38 @@ def reverse(text: str) -> str:
     return reverse_motion(text, direction_of(text))
 
 
+def posterior_x0(x_t: Tensor, sigma: float, text: str, ref: Tensor, background: Tensor, aware: bool) -> Tensor:
+    """The Bayes-optimal clean estimate ``E[x0 | x_t, prompt, reference]`` of the toy world, ``[16, FRAMES, SIZE,
+    SIZE]`` float32: the posterior mean over every path the world can draw (the jitters, and the four directions
+    unless ``aware``: then the prompt's direction only), each path weighted by the Gaussian likelihood of ``x_t =
+    (1 - sigma) x0 + sigma eps`` (Phantom Eq. 3). The square's colour is the reference's centre pixel, the
+    ``background`` ``[16]`` the sample's (the prompt names it). A model can do no better than this with the prompt
+    (``aware``), nor without reading the motion word (not ``aware``): their losses bound any network's."""
+    colour = ref[:, 0, SIZE // 2, SIZE // 2]
+    offsets = range(-JITTER, JITTER + 1)
+    paths = torch.stack([toy_sample(d, (SIZE // 2 + jx, SIZE // 2 + jy), colour, background)[0]
+                         for d in ((direction_of(text),) if aware else DIRECTIONS) for jx in offsets for jy in offsets])
+    log_likelihood = -((x_t[None] - (1 - sigma) * paths) ** 2).flatten(1).sum(1) / (2 * sigma**2)  # (P,)
+    weights = torch.softmax(log_likelihood.double(), 0).float()
+    return torch.einsum("p,p...->...", weights, paths)
+
+
+def floor_loss(x_t: Tensor, noise: Tensor, x0: Tensor, sigma: float, text: str, ref: Tensor, aware: bool) -> float:
+    """The velocity loss of the Bayes-optimal predictor (``posterior_x0``; its velocity ``(x_t - x0_hat) / sigma
+    - x0_hat``) against the target ``noise - x0``, all ``[16, FRAMES, SIZE, SIZE]``. The background is read from
+    ``x0``'s corner, which no path reaches."""
+    estimate = posterior_x0(x_t, sigma, text, ref, x0[:, 0, 0, 0], aware)
+    velocity = (x_t - (1 - sigma) * estimate) / sigma - estimate
+    return float(((velocity - (noise - x0)) ** 2).mean())
+
+
 @torch.no_grad()
 def measure(model, encode, cases, sigmas=(0.95, 0.8), seed: int = 9) -> dict[float, dict]:
     """Per sigma: mean velocity loss with the prompt (``own``) and the reversed prompt (``reversed``) on the same
-    noise, the text ``effect`` and the ``truth`` displacement (latent px; ``tools.motion_probe.displacement``). The
-    noisy input, the velocity target and the loss are the trainer's (``training.objective``).
+    noise, the text ``effect`` and the ``truth`` displacement (latent px; ``tools.motion_probe.displacement``), and
+    the floors of that loss (``floor_loss``): ``floor_aware`` for a perfect model, ``floor_blind`` for a perfect
+    model that ignores the motion word. The noisy input, the velocity target and the loss are the trainer's
+    (``training.objective``).
 
     Args:
         model: ``model(x, t, context, ref_latents)`` -> velocity ``[1, 16, F, h, w]``.
@@ -144,7 +197,7 @@ def measure(model, encode, cases, sigmas=(0.95, 0.8), seed: int = 9) -> dict[flo
     model.eval()
     out = {}
     for sigma in sigmas:
-        rows = {"own": 0.0, "reversed": 0.0, "effect": 0.0, "truth": 0.0}
+        rows = {"own": 0.0, "reversed": 0.0, "effect": 0.0, "truth": 0.0, "floor_aware": 0.0, "floor_blind": 0.0}
         for text, x0, ref in cases:
             direction = direction_of(text)
             noise = torch.randn((1, *x0.shape), generator=gen)
@@ -156,6 +209,9 @@ def measure(model, encode, cases, sigmas=(0.95, 0.8), seed: int = 9) -> dict[flo
                 moved[tag] = displacement((x_t - sigma * v)[0], direction)
             rows["effect"] += (moved["own"] - moved["reversed"]) / 2 / len(cases)
             rows["truth"] += displacement(x0, direction) / len(cases)
+            for aware in (True, False):
+                floor = floor_loss(x_t[0], noise[0], x0, sigma, text, ref, aware)
+                rows["floor_aware" if aware else "floor_blind"] += floor / len(cases)
         out[sigma] = rows
     model.train(was_training)
     return out
@@ -165,7 +221,7 @@ PLAIN = dict(warmup_steps=0, lr_schedule="constant", text_dropout=0.0, reference
 
 
 def run(network: str, steps: int, every: int, seed: int = 0, threads: int = 2, report=print,
-        variety: bool = False, plain: bool = False) -> dict[float, dict]:
+        variety: bool | str = False, plain: bool = False) -> dict[float, dict]:
     """Train ``network`` for ``steps`` on the toy world (``variety``, ``plain``: see the module) and return the final
     ``measure``; ``report`` gets a line every ``every`` steps."""
     from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
@@ -195,9 +251,11 @@ def run(network: str, steps: int, every: int, seed: int = 0, threads: int = 2, r
         nonlocal final
         if step % every == 0 or step == total:
             final = measure(model, encode, held_out)
-            cells = " | ".join(f"sigma {s}: loss {r['own']:.4f} / reversed {r['reversed']:.4f}, effect "
-                               f"{r['effect']:.2f} of {r['truth']:.2f}" for s, r in final.items())
-            name = network + " (variety)" * variety + " (plain)" * plain
+            cells = " | ".join(f"sigma {s}: loss {r['own']:.4f} / reversed {r['reversed']:.4f} (floor "
+                               f"{r['floor_aware']:.4f} / blind {r['floor_blind']:.4f}), effect {r['effect']:.2f} "
+                               f"of {r['truth']:.2f}" for s, r in final.items())
+            kind = {True: "both", False: "none"}.get(variety, variety)
+            name = network + {"none": "", "both": " (variety)"}.get(kind, f" (variety: {kind})") + " (plain)" * plain
             report(f"{name} step {step}/{total} ({time.time() - start:.0f} s, train loss {loss:.4f}): {cells}")
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -215,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=int, default=100, help="measure every N steps (default 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--variety", action="store_true", help="random backgrounds and square colours (see above)")
+    p.add_argument("--variety", nargs="?", const="both", default="none", choices=VARIETIES,
+                   help="random square colours and/or backgrounds (see above); alone: both")
     p.add_argument("--plain", action="store_true", help="constant learning rate, no warm-up, no dropout")
     args = p.parse_args(argv)
     for flag in ("steps", "every"):

@@ -31,6 +31,14 @@ class MMDiTConfig:
             ``pos_embed_max_size``; stored in the checkpoint, centre-cropped to the token grid and added to every
             video frame's and every reference's tokens), with a 1-D sin-cos of the frame index on the video's tokens
             (``mmdit.positions``); 0: none, the tokens know only relative positions (RoPE).
+        pooled_text: add SD3's global text vector to the timestep conditioning (``y_embedder``: Linear, SiLU,
+            Linear of the mean of the prompt's real umT5 tokens), so every adaLN modulation hears the prompt as a
+            whole (SD3 pools CLIP-L/G; Phantom's umT5 has no pooled output, so its token mean stands in); False:
+            the prompt reaches the video stream through joint attention only. Stored as the ``y_embedder`` keys.
+        pooled_reference: add a global vector of the references to the timestep conditioning too
+            (``r_embedder``: Linear, SiLU, Linear of the mean of all reference VAE tokens), so every adaLN
+            modulation knows the subjects' overall appearance (colour) before attention has learnt to fetch it;
+            False: the references reach the video tokens through attention only. Stored as the ``r_embedder`` keys.
     """
 
     dim: int
@@ -46,6 +54,8 @@ class MMDiTConfig:
     window: tuple[int, int, int] = (9, 9, 9)
     freq_dim: int = 256
     pos_embed_max: int = 0
+    pooled_text: bool = False
+    pooled_reference: bool = False
     eps: float = 1e-6
     rope_theta: float = 10000.0
 

@@ -75,6 +75,12 @@ class PhantomMMDiT(nn.Module):
         self.t_embedder = nn.Module()
         self.t_embedder.mlp = nn.Sequential(ops.Linear(cfg.freq_dim, D, **kw), nn.SiLU(), ops.Linear(D, D, **kw))
         self.context_embedder = ops.Linear(cfg.text_dim, D, **kw)
+        if cfg.pooled_text:  # SD3's VectorEmbedder of the pooled text
+            self.y_embedder = nn.Module()
+            self.y_embedder.mlp = nn.Sequential(ops.Linear(cfg.text_dim, D, **kw), nn.SiLU(), ops.Linear(D, D, **kw))
+        if cfg.pooled_reference:  # the same MLP over the mean reference token
+            self.r_embedder = nn.Module()
+            self.r_embedder.mlp = nn.Sequential(ops.Linear(D, D, **kw), nn.SiLU(), ops.Linear(D, D, **kw))
         if cfg.clip_dim:  # Wan2.1 I2V's image projection: LayerNorm, Linear, GELU, Linear
             self.clip_embedder = nn.Sequential(
                 ops.LayerNorm(cfg.clip_dim, eps=1e-5, **kw), ops.Linear(cfg.clip_dim, D, **kw),
@@ -136,9 +142,9 @@ class PhantomMMDiT(nn.Module):
         """Initialise for training from scratch, as SD3 / DiT (``mmditx.py`` ``initialize_weights``).
 
         Linear weights Xavier-uniform, biases zero; ``x_embedder.proj`` Xavier-uniform on its ``(D, C * pt * ph *
-        pw)`` view; timestep MLP N(0, 0.02^2); adaLN-Zero: every ``adaLN_modulation`` Linear and the final
-        ``linear`` zero, so each block starts as the identity and the first velocity is 0; norm weights one,
-        biases zero.
+        pw)`` view; timestep MLP N(0, 0.02^2); the pooled-text and pooled-reference MLPs Xavier as every Linear;
+        adaLN-Zero: every ``adaLN_modulation`` Linear and the final ``linear`` zero, so each block starts as the
+        identity and the first velocity is 0; norm weights one, biases zero.
         Refills ``window_size`` / ``text_len`` (and the fixed ``pos_embed``) from the config (``to_empty`` leaves
         buffers undefined).
         For a model built with ``device="meta"`` and allocated with ``to_empty(device=...)``.
@@ -186,6 +192,16 @@ class PhantomMMDiT(nn.Module):
                 pos = pos + frame_table(f, self.config.dim).to(tokens)[:, None]  # (f, h * w, D)
             tokens = (tokens.unflatten(1, (f, h * w)) + pos).flatten(1, 2)
         return tokens, (f, h, w)
+
+    def _pooled_text(self, context: Tensor) -> Tensor:
+        """SD3's ``y`` conditioning from ``(B, L, text_dim)`` text: the mean of the real tokens (rows not all zero:
+        the zero padding of a batch or of ``text_len`` does not count; an all-zero context gives zero) through
+        ``y_embedder``, in float32 -> ``(B, D)``."""
+        context = context[:, : self.config.text_len].float()  # as _embed_context truncates
+        real = (context.abs().amax(-1, keepdim=True) > 0).float()  # (B, L, 1)
+        pooled = (context * real).sum(1) / real.sum(1).clamp_min(1.0)  # (B, text_dim)
+        mlp = self.y_embedder.mlp
+        return run_fp32(mlp[2], F.silu(run_fp32(mlp[0], pooled)))  # (B, D)
 
     def _embed_context(self, context: Tensor, ref_clip: Tensor | None) -> Tensor:
         """Text ``(B, L, text_dim)`` zero-padded / truncated to ``text_len`` -> ``(B, text_len, D)``, then the CLIP
@@ -238,6 +254,11 @@ class PhantomMMDiT(nn.Module):
         # 4. timestep conditioning in float32, each Linear through its own call
         mlp = self.t_embedder.mlp
         c = run_fp32(mlp[2], F.silu(run_fp32(mlp[0], sinusoidal_embedding(t, cfg.freq_dim))))  # (B, D) fp32
+        if cfg.pooled_text:
+            c = c + self._pooled_text(context)  # (B, D) fp32
+        if cfg.pooled_reference and n_refs:  # the mean of every reference token (zero references: nothing added)
+            mlp = self.r_embedder.mlp
+            c = c + run_fp32(mlp[2], F.silu(run_fp32(mlp[0], tokens[:, f * h * w:].float().mean(1))))  # (B, D)
         # 5. text stream: F_T = F_text (+) F_ref,c
         ctx = self._embed_context(context, ref_clip)  # (B, text_len + N * T, D)
         # 6. joint blocks over the windows of the video grid alone (the seam a step cache wraps)

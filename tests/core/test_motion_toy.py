@@ -17,7 +17,9 @@ from tools.motion_toy import (
     build_network,
     direction_of,
     draw,
+    floor_loss,
     measure,
+    posterior_x0,
     prompt,
     reverse,
     run,
@@ -59,6 +61,13 @@ def test_variety_draws_backgrounds_named_in_the_prompt_and_square_colours_shown_
     colours = {tuple(ref[:, 0, SIZE // 2, SIZE // 2].tolist()) for _, _, ref in cases}
     assert len(colours) == len(cases)
     assert reverse(prompt("up", "red")) == prompt("down", "red")
+    colour_only, background_only = draw(20, seed=5, variety="colour"), draw(20, seed=5, variety="background")
+    assert {p.split(" on a ")[1] for p, _, _ in colour_only} == {"blue background"}
+    assert len({tuple(ref[:, 0, SIZE // 2, SIZE // 2].tolist()) for _, _, ref in colour_only}) == 20
+    assert len({p.split(" on a ")[1] for p, _, _ in background_only}) > 1
+    assert len({tuple(ref[:, 0, SIZE // 2, SIZE // 2].tolist()) for _, _, ref in background_only}) == 1
+    with pytest.raises(ValueError, match="valid: none, colour, background, both"):
+        draw(1, seed=0, variety="shape")
 
 
 class _Oracle(torch.nn.Module):
@@ -88,12 +97,39 @@ def test_measure_scores_a_model_that_reads_the_word_at_the_truth_and_a_blind_one
     assert abs(blind["effect"]) < 1e-6 and blind["own"] == pytest.approx(blind["reversed"], rel=1e-6)
 
 
-@pytest.mark.parametrize("name, positions", [("phantom-wan", False), ("mmdit", False), ("mmdit-pos", True)])
-def test_the_networks_and_their_position_tables(name, positions):
+@pytest.mark.parametrize("variety", [False, True])
+def test_the_floors_know_the_path_from_a_clean_input_and_the_word_only_at_high_noise(variety):
+    """The Bayes-optimal estimate recovers ``x0`` from a barely noisy input (sigma 0.05, 1e-4), both floors are 0 at
+    sigma 0.5 (the input shows the path), and near sigma 1 reading the word lowers the floor by at least a fifth."""
+    cases = draw(8, seed=3, variety=variety)
+    text, x0, ref = cases[0]
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    estimate = posterior_x0(0.95 * x0 + 0.05 * noise, 0.05, text, ref, x0[:, 0, 0, 0], aware=False)
+    assert torch.allclose(estimate, x0, atol=1e-4)
+
+    def floors(sigma):
+        gen, out = torch.Generator().manual_seed(1), {True: 0.0, False: 0.0}
+        for text, x0, ref in cases:
+            noise = torch.randn(x0.shape, generator=gen)
+            for aware in out:
+                out[aware] += floor_loss((1 - sigma) * x0 + sigma * noise, noise, x0, sigma, text, ref, aware) / 8
+        return out
+
+    assert max(floors(0.5).values()) < 1e-3
+    high = floors(0.99)
+    assert high[True] < 0.8 * high[False]
+    rows = measure(_Oracle(False), lambda text: torch.zeros(3, 4), cases[:2], sigmas=(0.99,))[0.99]
+    assert 0 <= rows["floor_aware"] < rows["floor_blind"] <= rows["own"] + 1e-6
+
+
+@pytest.mark.parametrize("name, positions, pooled", [("phantom-wan", False, False), ("mmdit", False, False),
+                                                     ("mmdit-pos", True, False), ("mmdit-pooled", False, True)])
+def test_the_networks_and_their_position_tables(name, positions, pooled):
     model = build_network(name, seed=0)
     assert ("pos_embed" in dict(model.named_buffers())) == positions
+    assert hasattr(model, "y_embedder") == pooled and hasattr(model, "r_embedder") == pooled
     assert sum(p.numel() for p in model.parameters()) > 4_000_000  # the world presets, not a miniature
-    with pytest.raises(ValueError, match="valid: phantom-wan, mmdit, mmdit-pos"):
+    with pytest.raises(ValueError, match="valid: phantom-wan, mmdit, mmdit-pos, mmdit-pooled"):
         build_network("wan")
 
 
@@ -102,4 +138,5 @@ def test_a_short_run_goes_through_the_trainer_and_reports_each_measure():
     lines = []
     final = run("mmdit", steps=2, every=1, threads=1, report=lines.append, variety=True, plain=True)
     assert len(lines) == 2 and lines[-1].startswith("mmdit (variety) (plain) step 2/2") and "effect" in lines[-1]
+    assert "floor" in lines[-1] and all(r["floor_aware"] <= r["floor_blind"] for r in final.values())
     assert set(final) == {0.95, 0.8} and all(0 < r["own"] < 10 for r in final.values())
