@@ -86,6 +86,14 @@ def toy_sample(direction: str, centre: tuple[int, int], colour: Tensor, backgrou
 VARIETIES = ("none", "colour", "background", "both")
 
 
+def variety_kind(variety: bool | str) -> str:
+    """``variety`` as one of ``VARIETIES`` (True is ``both``, False ``none``). Raises ``ValueError`` otherwise."""
+    kind = {True: "both", False: "none"}.get(variety, variety)
+    if kind not in VARIETIES:
+        raise ValueError(f"variety is {variety!r}; valid: {', '.join(VARIETIES)}")
+    return kind
+
+
 def draw(count: int, seed: int, variety: bool | str = False) -> list[tuple[str, Tensor, Tensor]]:
     """``count`` ``(prompt, latents, ref_latents)`` drawn from ``seed`` (directions and jitters). ``variety``
     (``VARIETIES``; True is ``both``, False ``none``): ``none``, one colour on zero; ``colour``, a random colour on
@@ -95,9 +103,7 @@ def draw(count: int, seed: int, variety: bool | str = False) -> list[tuple[str, 
     Raises:
         ValueError: ``variety`` not in ``VARIETIES``.
     """
-    variety = {True: "both", False: "none"}.get(variety, variety)
-    if variety not in VARIETIES:
-        raise ValueError(f"variety is {variety!r}; valid: {', '.join(VARIETIES)}")
+    variety = variety_kind(variety)
     gen = torch.Generator().manual_seed(seed)
     colour = torch.randn(16, generator=torch.Generator().manual_seed(1)) * 1.5
     backgrounds = torch.randn(len(BACKGROUNDS), 16, generator=torch.Generator().manual_seed(2))
@@ -173,9 +179,11 @@ def floor_loss(x_t: Tensor, noise: Tensor, x0: Tensor, sigma: float, text: str, 
     """The velocity loss of the Bayes-optimal predictor (``posterior_x0``; its velocity ``(x_t - x0_hat) / sigma
     - x0_hat``) against the target ``noise - x0``, all ``[16, FRAMES, SIZE, SIZE]``. The background is read from
     ``x0``'s corner, which no path reaches."""
+    from phantom_core.training.objective import velocity_target
+
     estimate = posterior_x0(x_t, sigma, text, ref, x0[:, 0, 0, 0], aware)
-    velocity = (x_t - (1 - sigma) * estimate) / sigma - estimate
-    return float(((velocity - (noise - x0)) ** 2).mean())
+    velocity = velocity_target(estimate, (x_t - (1 - sigma) * estimate) / sigma)  # the noise x_t implies
+    return float(((velocity - velocity_target(x0, noise)) ** 2).mean())
 
 
 @torch.no_grad()
@@ -254,7 +262,7 @@ def run(network: str, steps: int, every: int, seed: int = 0, threads: int = 2, r
             cells = " | ".join(f"sigma {s}: loss {r['own']:.4f} / reversed {r['reversed']:.4f} (floor "
                                f"{r['floor_aware']:.4f} / blind {r['floor_blind']:.4f}), effect {r['effect']:.2f} "
                                f"of {r['truth']:.2f}" for s, r in final.items())
-            kind = {True: "both", False: "none"}.get(variety, variety)
+            kind = variety_kind(variety)
             name = network + {"none": "", "both": " (variety)"}.get(kind, f" (variety: {kind})") + " (plain)" * plain
             report(f"{name} step {step}/{total} ({time.time() - start:.0f} s, train loss {loss:.4f}): {cells}")
 

@@ -38,7 +38,7 @@ from phantom_core.mmdit.config import MMDiTConfig
 from phantom_core.mmdit.inputs import check_mmdit_inputs
 from phantom_core.mmdit.positions import cropped_table, frame_table, sincos_table
 from phantom_core.mmdit.windows import WindowPlan, window_plan
-from phantom_core.wan.dit import pad_to_patch, run_fp32, sinusoidal_embedding, xavier_init_
+from phantom_core.wan.dit import mlp_fp32, pad_to_patch, sinusoidal_embedding, xavier_init_
 from phantom_core.wan.rope import rope_table
 
 MMDIT_LORA_TARGETS: tuple[str, ...] = (
@@ -200,8 +200,7 @@ class PhantomMMDiT(nn.Module):
         context = context[:, : self.config.text_len].float()  # as _embed_context truncates
         real = (context.abs().amax(-1, keepdim=True) > 0).float()  # (B, L, 1)
         pooled = (context * real).sum(1) / real.sum(1).clamp_min(1.0)  # (B, text_dim)
-        mlp = self.y_embedder.mlp
-        return run_fp32(mlp[2], F.silu(run_fp32(mlp[0], pooled)))  # (B, D)
+        return mlp_fp32(self.y_embedder.mlp, pooled)  # (B, D)
 
     def _embed_context(self, context: Tensor, ref_clip: Tensor | None) -> Tensor:
         """Text ``(B, L, text_dim)`` zero-padded / truncated to ``text_len`` -> ``(B, text_len, D)``, then the CLIP
@@ -252,13 +251,11 @@ class PhantomMMDiT(nn.Module):
         f, h, w = grid
         cos, sin = rope_table((f + n_refs, h, w), cfg.head_dim, cfg.rope_theta, tokens.device)  # (Lv + Lr, 1, d/2)
         # 4. timestep conditioning in float32, each Linear through its own call
-        mlp = self.t_embedder.mlp
-        c = run_fp32(mlp[2], F.silu(run_fp32(mlp[0], sinusoidal_embedding(t, cfg.freq_dim))))  # (B, D) fp32
+        c = mlp_fp32(self.t_embedder.mlp, sinusoidal_embedding(t, cfg.freq_dim))  # (B, D) fp32
         if cfg.pooled_text:
             c = c + self._pooled_text(context)  # (B, D) fp32
         if cfg.pooled_reference and n_refs:  # the mean of every reference token (zero references: nothing added)
-            mlp = self.r_embedder.mlp
-            c = c + run_fp32(mlp[2], F.silu(run_fp32(mlp[0], tokens[:, f * h * w:].float().mean(1))))  # (B, D)
+            c = c + mlp_fp32(self.r_embedder.mlp, tokens[:, f * h * w:].float().mean(1))  # (B, D)
         # 5. text stream: F_T = F_text (+) F_ref,c
         ctx = self._embed_context(context, ref_clip)  # (B, text_len + N * T, D)
         # 6. joint blocks over the windows of the video grid alone (the seam a step cache wraps)
