@@ -38,7 +38,7 @@ from phantom_core.mmdit.config import MMDiTConfig
 from phantom_core.mmdit.inputs import check_mmdit_inputs
 from phantom_core.mmdit.positions import cropped_table, frame_table, sincos_table
 from phantom_core.mmdit.windows import WindowPlan, window_plan
-from phantom_core.wan.dit import mlp_fp32, pad_to_patch, sinusoidal_embedding, xavier_init_
+from phantom_core.wan.dit import pad_to_patch, run_fp32, sinusoidal_embedding, xavier_init_
 from phantom_core.wan.rope import rope_table
 
 MMDIT_LORA_TARGETS: tuple[str, ...] = (
@@ -47,6 +47,12 @@ MMDIT_LORA_TARGETS: tuple[str, ...] = (
 )
 """Module-name patterns (regular expressions matched against whole ``named_modules()`` names) of the Linears a LoRA
 adapts by default, the counterpart of the Phantom-Wan DiT's attention and FFN Linears."""
+
+
+def mlp_fp32(mlp: nn.Sequential, x: Tensor) -> Tensor:
+    """A ``Linear, SiLU, Linear`` embedding MLP (the time MLP, the pooled-vector MLPs) on ``x`` ``(..., in)``, each
+    Linear through ``run_fp32`` -> ``(..., out)`` float32."""
+    return run_fp32(mlp[2], F.silu(run_fp32(mlp[0], x)))
 
 
 class PhantomMMDiT(nn.Module):

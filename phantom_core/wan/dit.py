@@ -152,12 +152,6 @@ def run_fp32(layer: nn.Module, x: Tensor) -> Tensor:
         return functional_call(layer, fp32, (x.float(),)).float()
 
 
-def mlp_fp32(mlp: nn.Sequential, x: Tensor) -> Tensor:
-    """A ``Linear, SiLU, Linear`` embedding MLP (the time MLP; the MMDiT's pooled-vector MLPs) on ``x`` ``(..., in)``,
-    each Linear through ``run_fp32`` -> ``(..., out)`` float32."""
-    return run_fp32(mlp[2], F.silu(run_fp32(mlp[0], x)))
-
-
 def check_velocity_inputs(x: Tensor, t: Tensor, context: Tensor, ref_latents: Tensor | None, in_dim: int,
                           text_dim: int) -> None:
     """The velocity contract's input checks, shared by the Phantom-Wan DiT and the MMDiT.
@@ -388,7 +382,7 @@ class PhantomWanDiT(nn.Module):
         # 3. timestep: sinusoid -> time MLP -> 6-way projection, all in float32 (as upstream's fp32 autocast),
         #    each Linear through its own call (run_fp32), so hooks and adapters on these layers apply
         mlp, proj = self.time_embedding, self.time_projection
-        e = mlp_fp32(mlp, sinusoidal_embedding(t, cfg.freq_dim))  # (B, D) fp32
+        e = run_fp32(mlp[2], F.silu(run_fp32(mlp[0], sinusoidal_embedding(t, cfg.freq_dim))))  # (B, D) fp32
         e0 = run_fp32(proj[1], F.silu(e)).unflatten(1, (6, cfg.dim))  # (B, 6, D) fp32
         # 4. text context, zero-padded to text_len
         ctx = self._embed_text(context)  # (B, text_len, D)
