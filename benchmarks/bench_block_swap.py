@@ -51,7 +51,8 @@ def cap_memory(device: torch.device, cap_gb: float) -> None:
     total = torch.cuda.get_device_properties(device).total_memory
     if cap_gb * 1e9 > total:
         raise ValueError(f"--cap-gb is {cap_gb}; this GPU has {total / 1e9:.1f} GB")
-    torch.cuda.set_per_process_memory_fraction(cap_gb * 1e9 / total, device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(cap_gb * 1e9 / total, index)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 12 ("Fast Phantom") GPU check, prepared for a lent GPU machine; under 8 minutes on one H100.
+# Issue 12 ("Fast Phantom") GPU check for a lent GPU machine; 2.2 minutes on one H200 (README, figures measured there).
 #
 #   benchmarks/gpu_check.sh             # on the GPU machine (python3 with torch + CUDA)
 #   benchmarks/gpu_check.sh --dry-run   # tiny shapes on the CPU, seconds (tests/core/test_gpu_check.py runs it)

@@ -14,9 +14,10 @@ Peak activations of one joint block (no autograd, memory-efficient attention: no
 per row of the batch: ``12 D + 2 ffn`` per token of both streams (``L = Lv + Lr + text_len + N T``: residuals,
 modulated inputs, q / k / v before and after qk-norm and RoPE, the MLP's hidden layer and its GELU) plus
 ``4.5 D`` per row of the largest window call (q, k and v gathered with the injected tokens, and the attention
-output). The coefficients were fitted to the live-tensor peaks of real forwards (the per-``D`` peak does not depend
-on ``D``: no ``L x L`` term) and rounded up; ``tests/core/test_mmdit_memory.py`` checks that the model bounds the
-measured peak from above, within 1.6 x, for one window and for many, with and without references.
+output; below fp32 plus 1.5 x (4 - bytes per value) x ``D`` bytes of float32 temporaries). The coefficients were
+fitted to the live-tensor peaks of real forwards (the per-``D`` peak does not depend on ``D``: no ``L x L`` term)
+and rounded up; ``tests/core/test_mmdit_memory.py`` checks that the model bounds the measured peak from above,
+within 1.6 x, for one window and for many, with and without references, in fp32 and bf16.
 """
 
 from __future__ import annotations
@@ -70,9 +71,12 @@ def mmdit_activation_bytes(config: MMDiTConfig, frames: int, height: int, width:
     video, refs, text = mmdit_tokens(config, frames, height, width, num_refs, clip_tokens)
     tokens = video + refs + text
     rows = window_rows(config, frames, height, width, num_refs, clip_tokens)
-    per_row = (12 * config.dim + 2 * config.ffn_dim) * tokens + math.ceil(4.5 * config.dim * rows)
+    # bytes: below fp32 the window calls keep float32 temporaries (RoPE, wan.rope.apply_rope), 1.5 x (4 - bytes per
+    # value) x D more per row (fitted to bf16 forwards, tests/core/test_mmdit_memory.py)
+    window_bytes = 4.5 * config.dim * bytes_per_value + 1.5 * config.dim * max(0, 4 - bytes_per_value)
+    per_row = (12 * config.dim + 2 * config.ffn_dim) * tokens * bytes_per_value + math.ceil(window_bytes * rows)
     rope = (video + refs) * config.head_dim  # cos and sin tables, (L, 1, d/2) each, float32
-    return batch * per_row * bytes_per_value + rope * 4
+    return batch * per_row + rope * 4
 
 
 def mmdit_sampling_activation_bytes(config: MMDiTConfig, frames: int, height: int, width: int, num_refs: int, *,

@@ -6,12 +6,15 @@ Token count: the references are appended to the video on the time axis, so the D
 ``L = (F + N) * (h / 2) * (w / 2)`` tokens (latent frames ``F``, references ``N``, patch 1 x 2 x 2).
 Peak activations of one block (no autograd, memory-efficient attention: no ``L x L`` matrix), in values per
 token: self-attention keeps the residual stream, the modulated input, q, k and v before and after their norms and
-RoPE, the attention output and its projection alive together, ~9 x ``D``; the FFN keeps the residual, its input,
+RoPE, the attention output and its projection alive together, ~9 x ``D`` (below fp32 plus 8 x (4 - bytes per value)
+x ``D`` bytes: RoPE rotates q and k in float32); the FFN keeps the residual, its input,
 the gated output and the hidden layer with its GELU, ~6 x ``D`` + 2 x ``ffn``. The larger of the two, times the
 batch (one row per guidance pass when the passes are batched), plus the text context (the padded umT5 features
 and ~4 copies of their ``512 x D`` embedding: text MLP, cross-attention k and v) and the RoPE tables. The
 coefficients were fitted to the live-tensor peaks of real forwards and rounded up;
-``tests/core/test_memory_model.py`` checks that the model bounds the measured peak from above, within 1.6 x.
+``tests/core/test_memory_model.py`` checks that the model bounds the measured peak from above, within 1.6 x, in
+fp32 and bf16. On an H200 (README, GPU check) a 14B fp8 step with 30 blocks swapped peaked at 10.37 GiB, which the
+model puts at 10.64 GiB, and the 1.3B in bf16 with the passes batched at 7.81 GiB (model: 8.60 GiB).
 
 With block swap (``wan.block_swap``) the weights on the device are the non-swapped blocks, two block buffers and
 everything outside the blocks (``resident_weight_bytes``); ``peak_bytes`` adds the activations and
@@ -56,10 +59,14 @@ def activation_bytes(config: WanDiTConfig, frames: int, height: int, width: int,
         bytes (int).
     """
     tokens = dit_tokens(config, frames, height, width, num_refs)
-    per_row = max(9 * config.dim, 6 * config.dim + 2 * config.ffn_dim) * tokens  # values inside one block
-    context = config.text_len * (4 * config.dim + config.text_dim)  # raw and embedded text context, k, v
-    rope = tokens * config.head_dim  # cos and sin tables, (L, 1, d/2) each, float32
-    return batch * (per_row + context) * bytes_per_value + rope * 4
+    # bytes per token inside one block: RoPE rotates q and k in float32 (wan.rope.apply_rope), so below fp32 its
+    # float32 copy, products and output outlive the attention's own values: 8 x (4 - bytes_per_value) x D more
+    attention = 9 * config.dim * bytes_per_value + 8 * config.dim * max(0, 4 - bytes_per_value)
+    ffn = (6 * config.dim + 2 * config.ffn_dim) * bytes_per_value
+    per_row = max(attention, ffn) * tokens
+    context = config.text_len * (4 * config.dim + config.text_dim) * bytes_per_value  # raw and embedded text, k, v
+    rope = tokens * config.head_dim * 4  # cos and sin tables, (L, 1, d/2) each, float32
+    return batch * (per_row + context) + rope
 
 
 def weight_bytes_estimate(config: WanDiTConfig, bytes_per_weight: float = 2.0) -> int:

@@ -57,3 +57,21 @@ def test_a_stand_in_imports_but_never_computes(monkeypatch) -> None:
         Derived()
     sys.modules.pop("phantom_no_such_package.sub")
     sys.modules.pop("phantom_no_such_package")
+
+
+@pytest.mark.parametrize(("device", "index"), [("cuda", 0), ("cuda:1", 1)])
+def test_the_memory_cap_names_the_device_by_index(monkeypatch, device: str, index: int) -> None:
+    """``torch.cuda.set_per_process_memory_fraction`` refuses a device without an index ("cuda"), which failed part 2
+    on the first H200 run; the cap passes the index (the current device for plain "cuda") and the fraction of the
+    card. The CUDA calls are replaced, so this runs on the CPU."""
+    import torch
+
+    calls = []
+    props = type("Props", (), {"total_memory": 100e9})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: props)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, d)))
+    bench_block_swap.cap_memory(torch.device(device), 24.0)
+    assert calls == [(pytest.approx(0.24), index)]
+    with pytest.raises(ValueError, match="--cap-gb is 200"):
+        bench_block_swap.cap_memory(torch.device(device), 200.0)

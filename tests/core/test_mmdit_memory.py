@@ -25,21 +25,24 @@ pytestmark = pytest.mark.usefixtures("single_thread")
     (4, (9, 9, 9), 17, (128, 128), 0, 0, 2),  # no references
     (2, (1, 2, 2), 9, (64, 96), 2, 5, 2),
 ])
-def test_activation_model_bounds_the_measured_peak(ffn_mult, window, frames, size, refs, clip_tokens, batch):
-    """The model is an upper bound of the measured live-tensor peak of an fp32 forward, within 1.6 x."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activation_model_bounds_the_measured_peak(ffn_mult, window, frames, size, refs, clip_tokens, batch, dtype):
+    """The model is an upper bound of the measured live-tensor peak of a forward, within 1.6 x. In bf16 small windows
+    measured 0.86 x the model's first version (which counted bf16 as half of fp32): float32 temporaries."""
     height, width = size
     cfg = MMDiTConfig(dim=256, num_heads=2, num_layers=2, ffn_dim=256 * ffn_mult, text_dim=32, text_len=20,
                       clip_dim=24, window=window)
-    model = PhantomMMDiT(cfg).eval()
+    model = PhantomMMDiT(cfg).eval().to(dtype)
     g = torch.Generator().manual_seed(0)
     f = 1 + (frames - 1) // 4
-    x = torch.randn(batch, 16, f, height // 8, width // 8, generator=g)
-    ref_latents = torch.randn(batch, 16, refs, height // 8, width // 8, generator=g) if refs else None
-    ref_clip = torch.randn(batch, refs, clip_tokens, 24, generator=g) if refs else None
+    x = torch.randn(batch, 16, f, height // 8, width // 8, generator=g).to(dtype)
+    ref_latents = torch.randn(batch, 16, refs, height // 8, width // 8, generator=g).to(dtype) if refs else None
+    ref_clip = torch.randn(batch, refs, clip_tokens, 24, generator=g).to(dtype) if refs else None
+    context = torch.randn(batch, 10, 32, generator=g).to(dtype)
     with torch.no_grad(), LiveBytes() as live:
-        model(x, torch.full((batch,), 500.0), torch.randn(batch, 10, 32, generator=g), ref_latents, ref_clip)
+        model(x, torch.full((batch,), 500.0), context, ref_latents, ref_clip)
     estimate = mmdit_activation_bytes(cfg, frames, height, width, refs, clip_tokens=clip_tokens, batch=batch,
-                                      bytes_per_value=4)
+                                      bytes_per_value=dtype.itemsize)
     assert live.peak <= estimate <= 1.6 * live.peak, (live.peak, estimate, estimate / live.peak)
 
 
