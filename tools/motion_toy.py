@@ -202,6 +202,7 @@ def measure(model, encode, cases, sigmas=(0.95, 0.8), seed: int = 9) -> dict[flo
     from phantom_core.training.objective import noisy_latents, velocity_target, video_mse
 
     was_training, gen = model.training, torch.Generator().manual_seed(seed)
+    device = next(model.parameters(), torch.empty(0)).device  # a parameter-free model (a test oracle): the CPU
     model.eval()
     out = {}
     for sigma in sigmas:
@@ -212,7 +213,8 @@ def measure(model, encode, cases, sigmas=(0.95, 0.8), seed: int = 9) -> dict[flo
             x_t = noisy_latents(x0[None], noise, torch.tensor([sigma]))
             moved = {}
             for tag, words in (("own", text), ("reversed", reverse(text))):
-                v = model(x_t, torch.tensor([sigma * 1000.0]), encode(words)[None], ref[None])
+                v = model(x_t.to(device), torch.tensor([sigma * 1000.0], device=device), encode(words)[None].to(device),
+                          ref[None].to(device)).cpu()
                 rows[tag] += float(video_mse(v, velocity_target(x0[None], noise))) / len(cases)
                 moved[tag] = displacement((x_t - sigma * v)[0], direction)
             rows["effect"] += (moved["own"] - moved["reversed"]) / 2 / len(cases)
@@ -229,9 +231,10 @@ PLAIN = dict(warmup_steps=0, lr_schedule="constant", text_dropout=0.0, reference
 
 
 def run(network: str, steps: int, every: int, seed: int = 0, threads: int = 2, report=print,
-        variety: bool | str = False, plain: bool = False) -> dict[float, dict]:
-    """Train ``network`` for ``steps`` on the toy world (``variety``, ``plain``: see the module) and return the final
-    ``measure``; ``report`` gets a line every ``every`` steps."""
+        variety: bool | str = False, plain: bool = False, device: str = "cpu") -> dict[float, dict]:
+    """Train ``network`` for ``steps`` on the toy world (``variety``, ``plain``: see the module) on ``device`` (the
+    trainer's: cpu, cuda, ...; fp32 either way) and return the final ``measure``; ``report`` gets a line every
+    ``every`` steps."""
     from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
     from phantom_core.tiny.default import TRAINED_DIR
     from phantom_core.training.cache import InMemoryLatents, LatentSample
@@ -267,7 +270,7 @@ def run(network: str, steps: int, every: int, seed: int = 0, threads: int = 2, r
             report(f"{name} step {step}/{total} ({time.time() - start:.0f} s, train loss {loss:.4f}): {cells}")
 
     with tempfile.TemporaryDirectory() as tmp:
-        settings = {**TOY_TRAIN, **(PLAIN if plain else {})}
+        settings = {**TOY_TRAIN, **(PLAIN if plain else {}), "device": device}
         config = TrainConfig(**settings, steps=steps, seed=seed, dit=f"toy:{network}", out=f"{tmp}/toy.safetensors",
                              run_dir=f"{tmp}/run", dropped_prompt=WAN_NEGATIVE_PROMPT)
         train(config, dataset=dataset, model=model, callback=line)
@@ -284,12 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variety", nargs="?", const="both", default="none", choices=VARIETIES,
                    help="random square colours and/or backgrounds (see above); alone: both")
     p.add_argument("--plain", action="store_true", help="constant learning rate, no warm-up, no dropout")
+    p.add_argument("--device", default="cpu", help="the trainer's device: cpu (default), cuda, cuda:1, ...")
     args = p.parse_args(argv)
     for flag in ("steps", "every"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} is {getattr(args, flag)}; it must be >= 1")
     run(args.network, args.steps, args.every, args.seed, args.threads, report=lambda s: print(s, flush=True),
-        variety=args.variety, plain=args.plain)
+        variety=args.variety, plain=args.plain, device=args.device)
     return 0
 
 
