@@ -6,7 +6,8 @@ The world's default DiTs do not read ``moves <direction>`` (``tools.motion_probe
 whether a network *can*, apart from the world's data: a toy latent world with nothing to learn but the word. Every
 video latent ``[16, 5, 16, 16]`` is zero (the background) except one ``BLOB`` x ``BLOB`` latent-px square of one fixed
 16-channel colour, whose path is centred on the frame's middle (jittered by up to ``JITTER`` latent px per axis) and
-which moves ``STEP`` latent px per latent frame in the prompted direction (6 px, 0.375 of the frame, over the clip);
+which moves ``STEP`` latent px per latent frame in the prompted direction (6 px, 0.375 of the frame, over the clip;
+``--speed`` sets it: the world's subjects move about 0.5, 2 latent px over the clip);
 the reference is the same square, centred, on zero. The prompt, ``a thing moves <direction> on a blue background``,
 goes through the shipped world umT5. So the reference and the prompt's other words are the same for every sample,
 and only the motion word tells where the square is in each frame. With ``--variety`` the world is less bare: each
@@ -65,8 +66,8 @@ def prompt(direction: str, background: str = "blue") -> str:
     return f"a thing moves {direction} on a {background} background"
 
 
-def toy_sample(direction: str, centre: tuple[int, int], colour: Tensor, background: Tensor | None = None
-               ) -> tuple[Tensor, Tensor]:
+def toy_sample(direction: str, centre: tuple[int, int], colour: Tensor, background: Tensor | None = None,
+               step: float = STEP) -> tuple[Tensor, Tensor]:
     """``(latents [16, FRAMES, SIZE, SIZE], ref_latents [16, 1, SIZE, SIZE])``, float32: the square's path through
     ``centre`` (latent px, its middle frame) moving ``direction`` over ``background`` (``[16]``; None: zero), and the
     centred square alone on zero."""
@@ -75,8 +76,8 @@ def toy_sample(direction: str, centre: tuple[int, int], colour: Tensor, backgrou
         x0 += background[:, None, None, None]
     (ux, uy), half = VECTORS[direction], BLOB // 2
     for f in range(FRAMES):
-        x = round(centre[0] + ux * (f - FRAMES // 2) * STEP) - half
-        y = round(centre[1] + uy * (f - FRAMES // 2) * STEP) - half
+        x = round(centre[0] + ux * (f - FRAMES // 2) * step) - half
+        y = round(centre[1] + uy * (f - FRAMES // 2) * step) - half
         x0[:, f, y:y + BLOB, x:x + BLOB] = colour[:, None, None]
     ref = torch.zeros(16, 1, SIZE, SIZE)
     ref[:, 0, SIZE // 2 - half:SIZE // 2 + half, SIZE // 2 - half:SIZE // 2 + half] = colour[:, None, None]
@@ -94,7 +95,7 @@ def variety_kind(variety: bool | str) -> str:
     return kind
 
 
-def draw(count: int, seed: int, variety: bool | str = False) -> list[tuple[str, Tensor, Tensor]]:
+def draw(count: int, seed: int, variety: bool | str = False, step: float = STEP) -> list[tuple[str, Tensor, Tensor]]:
     """``count`` ``(prompt, latents, ref_latents)`` drawn from ``seed`` (directions and jitters). ``variety``
     (``VARIETIES``; True is ``both``, False ``none``): ``none``, one colour on zero; ``colour``, a random colour on
     the ``blue`` background's latent; ``background``, the one colour on a random one of ``BACKGROUNDS``; ``both``, a
@@ -119,7 +120,7 @@ def draw(count: int, seed: int, variety: bool | str = False) -> list[tuple[str, 
             background, text = backgrounds[k], prompt(direction, BACKGROUNDS[k])
             if variety != "background":
                 colour = torch.randn(16, generator=gen) * 1.5
-        out.append((text, *toy_sample(direction, (SIZE // 2 + jx, SIZE // 2 + jy), colour, background)))
+        out.append((text, *toy_sample(direction, (SIZE // 2 + jx, SIZE // 2 + jy), colour, background, step)))
     return out
 
 
@@ -159,7 +160,8 @@ def reverse(text: str) -> str:
     return reverse_motion(text, direction_of(text))
 
 
-def posterior_x0(x_t: Tensor, sigma: float, text: str, ref: Tensor, background: Tensor, aware: bool) -> Tensor:
+def posterior_x0(x_t: Tensor, sigma: float, text: str, ref: Tensor, background: Tensor, aware: bool,
+                 step: float = STEP) -> Tensor:
     """The Bayes-optimal clean estimate ``E[x0 | x_t, prompt, reference]`` of the toy world, ``[16, FRAMES, SIZE,
     SIZE]`` float32: the posterior mean over every path the world can draw (the jitters, and the four directions
     unless ``aware``: then the prompt's direction only), each path weighted by the Gaussian likelihood of ``x_t =
@@ -168,26 +170,27 @@ def posterior_x0(x_t: Tensor, sigma: float, text: str, ref: Tensor, background: 
     (``aware``), nor without reading the motion word (not ``aware``): their losses bound any network's."""
     colour = ref[:, 0, SIZE // 2, SIZE // 2]
     offsets = range(-JITTER, JITTER + 1)
-    paths = torch.stack([toy_sample(d, (SIZE // 2 + jx, SIZE // 2 + jy), colour, background)[0]
+    paths = torch.stack([toy_sample(d, (SIZE // 2 + jx, SIZE // 2 + jy), colour, background, step)[0]
                          for d in ((direction_of(text),) if aware else DIRECTIONS) for jx in offsets for jy in offsets])
     log_likelihood = -((x_t[None] - (1 - sigma) * paths) ** 2).flatten(1).sum(1) / (2 * sigma**2)  # (P,)
     weights = torch.softmax(log_likelihood.double(), 0).float()
     return torch.einsum("p,p...->...", weights, paths)
 
 
-def floor_loss(x_t: Tensor, noise: Tensor, x0: Tensor, sigma: float, text: str, ref: Tensor, aware: bool) -> float:
+def floor_loss(x_t: Tensor, noise: Tensor, x0: Tensor, sigma: float, text: str, ref: Tensor, aware: bool,
+               step: float = STEP) -> float:
     """The velocity loss of the Bayes-optimal predictor (``posterior_x0``; its velocity ``(x_t - x0_hat) / sigma
     - x0_hat``) against the target ``noise - x0``, all ``[16, FRAMES, SIZE, SIZE]``. The background is read from
     ``x0``'s corner, which no path reaches."""
     from phantom_core.training.objective import velocity_target
 
-    estimate = posterior_x0(x_t, sigma, text, ref, x0[:, 0, 0, 0], aware)
+    estimate = posterior_x0(x_t, sigma, text, ref, x0[:, 0, 0, 0], aware, step)
     velocity = velocity_target(estimate, (x_t - (1 - sigma) * estimate) / sigma)  # the noise x_t implies
     return float(((velocity - velocity_target(x0, noise)) ** 2).mean())
 
 
 @torch.no_grad()
-def measure(model, encode, cases, sigmas=(0.95, 0.8), seed: int = 9) -> dict[float, dict]:
+def measure(model, encode, cases, sigmas=(0.95, 0.8), seed: int = 9, step: float = STEP) -> dict[float, dict]:
     """Per sigma: mean velocity loss with the prompt (``own``) and the reversed prompt (``reversed``) on the same
     noise, the text ``effect`` and the ``truth`` displacement (latent px; ``tools.motion_probe.displacement``), and
     the floors of that loss (``floor_loss``): ``floor_aware`` for a perfect model, ``floor_blind`` for a perfect
@@ -220,7 +223,7 @@ def measure(model, encode, cases, sigmas=(0.95, 0.8), seed: int = 9) -> dict[flo
             rows["effect"] += (moved["own"] - moved["reversed"]) / 2 / len(cases)
             rows["truth"] += displacement(x0, direction) / len(cases)
             for aware in (True, False):
-                floor = floor_loss(x_t[0], noise[0], x0, sigma, text, ref, aware)
+                floor = floor_loss(x_t[0], noise[0], x0, sigma, text, ref, aware, step)
                 rows["floor_aware" if aware else "floor_blind"] += floor / len(cases)
         out[sigma] = rows
     model.train(was_training)
@@ -231,7 +234,8 @@ PLAIN = dict(warmup_steps=0, lr_schedule="constant", text_dropout=0.0, reference
 
 
 def run(network: str, steps: int, every: int, seed: int = 0, threads: int = 2, report=print,
-        variety: bool | str = False, plain: bool = False, device: str = "cpu") -> dict[float, dict]:
+        variety: bool | str = False, plain: bool = False, device: str = "cpu", step: float = STEP
+        ) -> dict[float, dict]:
     """Train ``network`` for ``steps`` on the toy world (``variety``, ``plain``: see the module) on ``device`` (the
     trainer's: cpu, cuda, ...; fp32 either way) and return the final ``measure``; ``report`` gets a line every
     ``every`` steps."""
@@ -252,16 +256,16 @@ def run(network: str, steps: int, every: int, seed: int = 0, threads: int = 2, r
         return contexts[text]
 
     dataset = InMemoryLatents([LatentSample(f"toy_{k}", x0, ref, encode(text))
-                               for k, (text, x0, ref) in enumerate(draw(SAMPLES, seed, variety))],
+                               for k, (text, x0, ref) in enumerate(draw(SAMPLES, seed, variety, step))],
                               encode(WAN_NEGATIVE_PROMPT))
-    held_out = draw(HELD_OUT, seed + 1000, variety)
+    held_out = draw(HELD_OUT, seed + 1000, variety, step)
     model = build_network(network, seed)
     start, final = time.time(), {}
 
     def line(step: int, total: int, loss: float) -> None:
         nonlocal final
         if step % every == 0 or step == total:
-            final = measure(model, encode, held_out)
+            final = measure(model, encode, held_out, step=step)
             cells = " | ".join(f"sigma {s}: loss {r['own']:.4f} / reversed {r['reversed']:.4f} (floor "
                                f"{r['floor_aware']:.4f} / blind {r['floor_blind']:.4f}), effect {r['effect']:.2f} "
                                f"of {r['truth']:.2f}" for s, r in final.items())
@@ -288,12 +292,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="random square colours and/or backgrounds (see above); alone: both")
     p.add_argument("--plain", action="store_true", help="constant learning rate, no warm-up, no dropout")
     p.add_argument("--device", default="cpu", help="the trainer's device: cpu (default), cuda, cuda:1, ...")
+    p.add_argument("--speed", type=float, default=STEP,
+                   help=f"latent px the square moves per latent frame (default {STEP}; the world's subjects ~0.5)")
     args = p.parse_args(argv)
     for flag in ("steps", "every"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} is {getattr(args, flag)}; it must be >= 1")
     run(args.network, args.steps, args.every, args.seed, args.threads, report=lambda s: print(s, flush=True),
-        variety=args.variety, plain=args.plain, device=args.device)
+        variety=args.variety, plain=args.plain, device=args.device, step=args.speed)
     return 0
 
 

@@ -39,6 +39,19 @@ def test_the_square_moves_the_prompted_way_and_the_reference_is_centred():
         assert float(ref.abs().sum()) == pytest.approx(float(colour.abs().sum()) * BLOB * BLOB)
 
 
+@pytest.mark.parametrize("speed", [0.5, 1.0])
+def test_the_speed_sets_the_path_and_the_floors_follow_it(speed):
+    """``--speed`` (latent px per latent frame) moves the square that far, and the Bayes-optimal estimate, told the
+    same speed, recovers the clean latent from a barely noisy input (1e-4)."""
+    for direction in DIRECTIONS:
+        x0, _ = toy_sample(direction, (8, 8), torch.ones(16), step=speed)
+        assert displacement(x0, direction) == pytest.approx(speed * (FRAMES - 1), abs=1.0)
+    text, x0, ref = draw(1, seed=2, variety="both", step=speed)[0]
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    estimate = posterior_x0(0.95 * x0 + 0.05 * noise, 0.05, text, ref, x0[:, 0, 0, 0], aware=False, step=speed)
+    assert torch.allclose(estimate, x0, atol=1e-4)
+
+
 def test_draw_is_deterministic_and_covers_every_direction():
     a, b = draw(40, seed=3), draw(40, seed=3)
     assert [p for p, _, _ in a] == [p for p, _, _ in b]
