@@ -234,7 +234,7 @@ PLAIN = dict(warmup_steps=0, lr_schedule="constant", text_dropout=0.0, reference
 
 
 def run(network: str, steps: int, every: int, seed: int = 0, threads: int = 2, report=print,
-        variety: bool | str = False, plain: bool = False, device: str = "cpu", step: float = STEP
+        variety: bool | str = False, plain: bool = False, device: str = "cpu", speed: float = STEP
         ) -> dict[float, dict]:
     """Train ``network`` for ``steps`` on the toy world (``variety``, ``plain``: see the module) on ``device`` (the
     trainer's: cpu, cuda, ...; fp32 either way) and return the final ``measure``; ``report`` gets a line every
@@ -256,16 +256,16 @@ def run(network: str, steps: int, every: int, seed: int = 0, threads: int = 2, r
         return contexts[text]
 
     dataset = InMemoryLatents([LatentSample(f"toy_{k}", x0, ref, encode(text))
-                               for k, (text, x0, ref) in enumerate(draw(SAMPLES, seed, variety, step))],
+                               for k, (text, x0, ref) in enumerate(draw(SAMPLES, seed, variety, speed))],
                               encode(WAN_NEGATIVE_PROMPT))
-    held_out = draw(HELD_OUT, seed + 1000, variety, step)
+    held_out = draw(HELD_OUT, seed + 1000, variety, speed)
     model = build_network(network, seed)
     start, final = time.time(), {}
 
     def line(step: int, total: int, loss: float) -> None:
         nonlocal final
         if step % every == 0 or step == total:
-            final = measure(model, encode, held_out, step=step)
+            final = measure(model, encode, held_out, step=speed)
             cells = " | ".join(f"sigma {s}: loss {r['own']:.4f} / reversed {r['reversed']:.4f} (floor "
                                f"{r['floor_aware']:.4f} / blind {r['floor_blind']:.4f}), effect {r['effect']:.2f} "
                                f"of {r['truth']:.2f}" for s, r in final.items())
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag) < 1:
             p.error(f"--{flag} is {getattr(args, flag)}; it must be >= 1")
     run(args.network, args.steps, args.every, args.seed, args.threads, report=lambda s: print(s, flush=True),
-        variety=args.variety, plain=args.plain, device=args.device, step=args.speed)
+        variety=args.variety, plain=args.plain, device=args.device, speed=args.speed)
     return 0
 
 

@@ -147,9 +147,14 @@ def test_the_networks_and_their_position_tables(name, positions, pooled):
 
 
 @pytest.mark.usefixtures("single_thread")
-def test_a_short_run_goes_through_the_trainer_and_reports_each_measure():
+@pytest.mark.parametrize("speed", [STEP, 0.5])
+def test_a_short_run_goes_through_the_trainer_and_reports_each_measure(speed):
+    """Two steps through the trainer at the default and a slower speed; the reported floors are those of the run's
+    own speed (0 at sigma 0.8, where the noisy input shows the path: a floor computed for another speed is not) and
+    the truth is the square's displacement at that speed."""
     lines = []
-    final = run("mmdit", steps=2, every=1, threads=1, report=lines.append, variety=True, plain=True)
+    final = run("mmdit", steps=2, every=1, threads=1, report=lines.append, variety=True, plain=True, speed=speed)
     assert len(lines) == 2 and lines[-1].startswith("mmdit (variety) (plain) step 2/2") and "effect" in lines[-1]
     assert "floor" in lines[-1] and all(r["floor_aware"] <= r["floor_blind"] for r in final.values())
     assert set(final) == {0.95, 0.8} and all(0 < r["own"] < 10 for r in final.values())
+    assert final[0.8]["floor_aware"] < 1e-3 and final[0.8]["truth"] == pytest.approx(speed * (FRAMES - 1), abs=1.0)
