@@ -82,7 +82,10 @@ def test_sigint_while_sampling_exits_130_without_a_traceback_or_a_file(files, tm
     out = tmp_path / "v.mp4"
     cmd = [sys.executable, "-m", "phantom_core", "generate", *model_args(files), "--prompt", "x", "--width", "32",
            "--height", "32", "--frames", "1", "--steps", "1000", "--out", str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # SIGINT back to its default in the child: a shell that starts the tests in the background (`cmd &`) ignores it,
+    # the ignored disposition survives exec, and Python then installs no KeyboardInterrupt handler
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     err = bytearray()
 
     def read() -> None:
