@@ -55,6 +55,7 @@ NETWORKS = ("phantom-wan", "mmdit", "mmdit-pos", "mmdit-pooled")
 DIRECTIONS = ("left", "right", "up", "down")
 VECTORS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 SIZE, FRAMES, BLOB, STEP, JITTER = 16, 5, 4, 1.5, 1  # latent px; STEP per latent frame
+MAX_SPEED = (SIZE // 2 - JITTER - BLOB // 2) / (FRAMES // 2)  # the fastest path that stays whole in the frame: 2.5
 SAMPLES, HELD_OUT = 512, 16
 BACKGROUNDS = tuple(BACKGROUND_COLOURS)  # the world's colour words
 TOY_TRAIN = dict(mode="full", batch_size=8, learning_rate=4e-4, warmup_steps=100, lr_schedule="cosine",
@@ -67,7 +68,7 @@ def prompt(direction: str, background: str = "blue") -> str:
 
 
 def toy_sample(direction: str, centre: tuple[int, int], colour: Tensor, background: Tensor | None = None,
-               step: float = STEP) -> tuple[Tensor, Tensor]:
+               speed: float = STEP) -> tuple[Tensor, Tensor]:
     """``(latents [16, FRAMES, SIZE, SIZE], ref_latents [16, 1, SIZE, SIZE])``, float32: the square's path through
     ``centre`` (latent px, its middle frame) moving ``direction`` over ``background`` (``[16]``; None: zero), and the
     centred square alone on zero."""
@@ -76,8 +77,8 @@ def toy_sample(direction: str, centre: tuple[int, int], colour: Tensor, backgrou
         x0 += background[:, None, None, None]
     (ux, uy), half = VECTORS[direction], BLOB // 2
     for f in range(FRAMES):
-        x = round(centre[0] + ux * (f - FRAMES // 2) * step) - half
-        y = round(centre[1] + uy * (f - FRAMES // 2) * step) - half
+        x = round(centre[0] + ux * (f - FRAMES // 2) * speed) - half
+        y = round(centre[1] + uy * (f - FRAMES // 2) * speed) - half
         x0[:, f, y:y + BLOB, x:x + BLOB] = colour[:, None, None]
     ref = torch.zeros(16, 1, SIZE, SIZE)
     ref[:, 0, SIZE // 2 - half:SIZE // 2 + half, SIZE // 2 - half:SIZE // 2 + half] = colour[:, None, None]
@@ -95,7 +96,7 @@ def variety_kind(variety: bool | str) -> str:
     return kind
 
 
-def draw(count: int, seed: int, variety: bool | str = False, step: float = STEP) -> list[tuple[str, Tensor, Tensor]]:
+def draw(count: int, seed: int, variety: bool | str = False, speed: float = STEP) -> list[tuple[str, Tensor, Tensor]]:
     """``count`` ``(prompt, latents, ref_latents)`` drawn from ``seed`` (directions and jitters). ``variety``
     (``VARIETIES``; True is ``both``, False ``none``): ``none``, one colour on zero; ``colour``, a random colour on
     the ``blue`` background's latent; ``background``, the one colour on a random one of ``BACKGROUNDS``; ``both``, a
@@ -120,7 +121,7 @@ def draw(count: int, seed: int, variety: bool | str = False, step: float = STEP)
             background, text = backgrounds[k], prompt(direction, BACKGROUNDS[k])
             if variety != "background":
                 colour = torch.randn(16, generator=gen) * 1.5
-        out.append((text, *toy_sample(direction, (SIZE // 2 + jx, SIZE // 2 + jy), colour, background, step)))
+        out.append((text, *toy_sample(direction, (SIZE // 2 + jx, SIZE // 2 + jy), colour, background, speed)))
     return out
 
 
@@ -161,7 +162,7 @@ def reverse(text: str) -> str:
 
 
 def posterior_x0(x_t: Tensor, sigma: float, text: str, ref: Tensor, background: Tensor, aware: bool,
-                 step: float = STEP) -> Tensor:
+                 speed: float = STEP) -> Tensor:
     """The Bayes-optimal clean estimate ``E[x0 | x_t, prompt, reference]`` of the toy world, ``[16, FRAMES, SIZE,
     SIZE]`` float32: the posterior mean over every path the world can draw (the jitters, and the four directions
     unless ``aware``: then the prompt's direction only), each path weighted by the Gaussian likelihood of ``x_t =
@@ -170,7 +171,7 @@ def posterior_x0(x_t: Tensor, sigma: float, text: str, ref: Tensor, background: 
     (``aware``), nor without reading the motion word (not ``aware``): their losses bound any network's."""
     colour = ref[:, 0, SIZE // 2, SIZE // 2]
     offsets = range(-JITTER, JITTER + 1)
-    paths = torch.stack([toy_sample(d, (SIZE // 2 + jx, SIZE // 2 + jy), colour, background, step)[0]
+    paths = torch.stack([toy_sample(d, (SIZE // 2 + jx, SIZE // 2 + jy), colour, background, speed)[0]
                          for d in ((direction_of(text),) if aware else DIRECTIONS) for jx in offsets for jy in offsets])
     log_likelihood = -((x_t[None] - (1 - sigma) * paths) ** 2).flatten(1).sum(1) / (2 * sigma**2)  # (P,)
     weights = torch.softmax(log_likelihood.double(), 0).float()
@@ -178,19 +179,19 @@ def posterior_x0(x_t: Tensor, sigma: float, text: str, ref: Tensor, background: 
 
 
 def floor_loss(x_t: Tensor, noise: Tensor, x0: Tensor, sigma: float, text: str, ref: Tensor, aware: bool,
-               step: float = STEP) -> float:
+               speed: float = STEP) -> float:
     """The velocity loss of the Bayes-optimal predictor (``posterior_x0``; its velocity ``(x_t - x0_hat) / sigma
     - x0_hat``) against the target ``noise - x0``, all ``[16, FRAMES, SIZE, SIZE]``. The background is read from
     ``x0``'s corner, which no path reaches."""
     from phantom_core.training.objective import velocity_target
 
-    estimate = posterior_x0(x_t, sigma, text, ref, x0[:, 0, 0, 0], aware, step)
+    estimate = posterior_x0(x_t, sigma, text, ref, x0[:, 0, 0, 0], aware, speed)
     velocity = velocity_target(estimate, (x_t - (1 - sigma) * estimate) / sigma)  # the noise x_t implies
     return float(((velocity - velocity_target(x0, noise)) ** 2).mean())
 
 
 @torch.no_grad()
-def measure(model, encode, cases, sigmas=(0.95, 0.8), seed: int = 9, step: float = STEP) -> dict[float, dict]:
+def measure(model, encode, cases, sigmas=(0.95, 0.8), seed: int = 9, speed: float = STEP) -> dict[float, dict]:
     """Per sigma: mean velocity loss with the prompt (``own``) and the reversed prompt (``reversed``) on the same
     noise, the text ``effect`` and the ``truth`` displacement (latent px; ``tools.motion_probe.displacement``), and
     the floors of that loss (``floor_loss``): ``floor_aware`` for a perfect model, ``floor_blind`` for a perfect
@@ -223,7 +224,7 @@ def measure(model, encode, cases, sigmas=(0.95, 0.8), seed: int = 9, step: float
             rows["effect"] += (moved["own"] - moved["reversed"]) / 2 / len(cases)
             rows["truth"] += displacement(x0, direction) / len(cases)
             for aware in (True, False):
-                floor = floor_loss(x_t[0], noise[0], x0, sigma, text, ref, aware, step)
+                floor = floor_loss(x_t[0], noise[0], x0, sigma, text, ref, aware, speed)
                 rows["floor_aware" if aware else "floor_blind"] += floor / len(cases)
         out[sigma] = rows
     model.train(was_training)
@@ -265,7 +266,7 @@ def run(network: str, steps: int, every: int, seed: int = 0, threads: int = 2, r
     def line(step: int, total: int, loss: float) -> None:
         nonlocal final
         if step % every == 0 or step == total:
-            final = measure(model, encode, held_out, step=speed)
+            final = measure(model, encode, held_out, speed=speed)
             cells = " | ".join(f"sigma {s}: loss {r['own']:.4f} / reversed {r['reversed']:.4f} (floor "
                                f"{r['floor_aware']:.4f} / blind {r['floor_blind']:.4f}), effect {r['effect']:.2f} "
                                f"of {r['truth']:.2f}" for s, r in final.items())
@@ -298,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("steps", "every"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} is {getattr(args, flag)}; it must be >= 1")
+    if not 0 < args.speed <= MAX_SPEED:
+        p.error(f"--speed is {args.speed}; it must be > 0 and <= {MAX_SPEED} (faster carries the square out of the "
+                f"{SIZE} x {SIZE} latent frame)")
     run(args.network, args.steps, args.every, args.seed, args.threads, report=lambda s: print(s, flush=True),
         variety=args.variety, plain=args.plain, device=args.device, speed=args.speed)
     return 0

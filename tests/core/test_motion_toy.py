@@ -12,12 +12,15 @@ from tools.motion_toy import (
     BLOB,
     DIRECTIONS,
     FRAMES,
+    JITTER,
+    MAX_SPEED,
     SIZE,
     STEP,
     build_network,
     direction_of,
     draw,
     floor_loss,
+    main,
     measure,
     posterior_x0,
     prompt,
@@ -44,12 +47,25 @@ def test_the_speed_sets_the_path_and_the_floors_follow_it(speed):
     """``--speed`` (latent px per latent frame) moves the square that far, and the Bayes-optimal estimate, told the
     same speed, recovers the clean latent from a barely noisy input (1e-4)."""
     for direction in DIRECTIONS:
-        x0, _ = toy_sample(direction, (8, 8), torch.ones(16), step=speed)
+        x0, _ = toy_sample(direction, (8, 8), torch.ones(16), speed=speed)
         assert displacement(x0, direction) == pytest.approx(speed * (FRAMES - 1), abs=1.0)
-    text, x0, ref = draw(1, seed=2, variety="both", step=speed)[0]
+    text, x0, ref = draw(1, seed=2, variety="both", speed=speed)[0]
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
-    estimate = posterior_x0(0.95 * x0 + 0.05 * noise, 0.05, text, ref, x0[:, 0, 0, 0], aware=False, step=speed)
+    estimate = posterior_x0(0.95 * x0 + 0.05 * noise, 0.05, text, ref, x0[:, 0, 0, 0], aware=False, speed=speed)
     assert torch.allclose(estimate, x0, atol=1e-4)
+
+
+def test_the_fastest_allowed_path_stays_whole_and_a_faster_one_is_refused(capsys):
+    """At ``MAX_SPEED`` the square is whole in every frame from the farthest jitter; ``--speed`` beyond it, or not
+    above 0, is refused with an error naming the flag and the valid range."""
+    for direction in DIRECTIONS:
+        for jitter in (-JITTER, JITTER):
+            x0, _ = toy_sample(direction, (SIZE // 2 + jitter, SIZE // 2 + jitter), torch.ones(16), speed=MAX_SPEED)
+            assert all(int((x0[0, f] != 0).sum()) == BLOB * BLOB for f in range(FRAMES))
+    for speed in ("0", "-1", str(MAX_SPEED + 0.5)):
+        with pytest.raises(SystemExit):
+            main(["--speed", speed])
+        assert f"--speed is {float(speed)}; it must be > 0 and <= {MAX_SPEED}" in capsys.readouterr().err
 
 
 def test_draw_is_deterministic_and_covers_every_direction():
