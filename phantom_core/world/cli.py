@@ -40,7 +40,7 @@ from phantom_core.world.baselines import (
 )
 from phantom_core.world.cases import CASES_MULTI, CASES_SINGLE, EVAL_SEED, CaseSet
 from phantom_core.world.evaluate import evaluate, format_table, report_dict
-from phantom_core.world.render import VideoFormat
+from phantom_core.world.render import MAX_TRAVEL, TRAVEL_FRACTION, VideoFormat
 from phantom_core.world.sample import WorldConfig
 from phantom_core.world.sheet import contact_sheet, save_png
 from phantom_core.world.subjects import available_sources, pool_signature, split_subjects
@@ -77,6 +77,9 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     cases.add_argument("--case-seed", type=int, default=EVAL_SEED, metavar="SEED", help="default %(default)s")
     cases.add_argument("--size", type=int, default=128, metavar="PX", help="frame width = height (default 128)")
     cases.add_argument("--frames", type=int, default=17, help="frames, 4k+1 (default 17)")
+    cases.add_argument("--travel", type=float, default=TRAVEL_FRACTION, metavar="F",
+                       help=f"a moving subject's path, a fraction of the frame in (0, {MAX_TRAVEL}] (default "
+                            "%(default)s: the world the defaults were trained in)")
     sampling = p.add_argument_group("sampling (a model; default: the official Phantom-Wan values; "
                                     "--model default / default-mmdit: its own guidance, TRAINED_SAMPLING)")
     for _, flag, kind in SAMPLING_OPTIONS:
@@ -167,7 +170,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from phantom_core.inference.sidecar import write_sidecar
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    config = WorldConfig(video=VideoFormat(width=args.size, height=args.size, frames=args.frames))
+    config = WorldConfig(video=VideoFormat(width=args.size, height=args.size, frames=args.frames), travel=args.travel)
     cases = CaseSet(single=args.cases_single, multi=args.cases_multi, seed=args.case_seed, config=config)
     cases = cases.quick(args.quick) if args.quick is not None else cases
     held_out = split_subjects("test", config.sources)
@@ -179,7 +182,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("output") / "evaluate" / name
     options = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     info = {"options": options, "device": device,
-            "world": {"width": args.size, "height": args.size, "frames": args.frames, "fps": config.video.fps},
+            "world": {"width": args.size, "height": args.size, "frames": args.frames, "fps": config.video.fps,
+                      "travel": config.travel},
             "case_set": {"single": cases.single, "multi": cases.multi, "seed": cases.seed},
             "pool": {"sources": list(available_sources()), "held_out_subjects": len(held_out),
                      "signature": pool_signature(held_out)},

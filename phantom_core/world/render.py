@@ -4,8 +4,9 @@ The world's physics (what a model must learn, and what ``evaluate`` checks):
 
 - a subject's longer side is ``SIZE_FRACTIONS[size]`` of the frame's shorter side (small 0.22, normal 0.3,
   large 0.42), its aspect kept;
-- a moving subject travels ``TRAVEL_FRACTION`` (0.3) of the frame's width (left / right) or height (up / down) at
-  constant speed from the first frame to the last; a still one stays put;
+- a moving subject travels ``TRAVEL_FRACTION`` (0.3; ``WorldConfig.travel`` sets another, up to ``MAX_TRAVEL``) of
+  the frame's width (left / right) or height (up / down) at constant speed from the first frame to the last; a still
+  one stays put;
 - where it is (``layout``): ``"anchored"`` (the world's default) centres the k-th subject's path on the k-th
   anchor of ``ANCHORS[n]`` (n subjects: the frame's centre for one; for more, the main diagonal from the top
   left, else the other diagonal from the top right: the first subject named is always the highest) moved by a
@@ -32,6 +33,7 @@ from phantom_core.world.grammar import BACKGROUND_COLOURS, Scene
 
 SIZE_FRACTIONS = {"small": 0.22, "normal": 0.3, "large": 0.42}
 TRAVEL_FRACTION = 0.3
+MAX_TRAVEL = 0.5  # a large subject (0.42 of the frame) still fits its whole path inside the frame
 GAP_PX = 2
 LAYOUT_TRIES = 200
 LAYOUT_MODES = ("anchored", "free")
@@ -93,33 +95,43 @@ def subject_box_size(cutout: Image.Image, size: str, fmt: VideoFormat) -> tuple[
     return max(4, round(cutout.width * scale)), max(4, round(cutout.height * scale))
 
 
-def travel_px(motion: str, fmt: VideoFormat) -> tuple[float, float]:
-    """(dx, dy) px from the first frame to the last for ``motion``."""
+def check_travel(travel: float) -> float:
+    """``travel`` (a fraction of the frame) when it is in (0, ``MAX_TRAVEL``]; else ``ValueError`` naming the range."""
+    if isinstance(travel, bool) or not isinstance(travel, (int, float)) or not 0 < travel <= MAX_TRAVEL:
+        raise ValueError(f"travel: got {travel!r}; expected a fraction of the frame in (0, {MAX_TRAVEL}]")
+    return float(travel)
+
+
+def travel_px(motion: str, fmt: VideoFormat, travel: float = TRAVEL_FRACTION) -> tuple[float, float]:
+    """(dx, dy) px from the first frame to the last for ``motion``, moving ``travel`` of the frame's side."""
     ux, uy = _DIRECTIONS[motion]
-    return ux * TRAVEL_FRACTION * fmt.width, uy * TRAVEL_FRACTION * fmt.height
+    return ux * travel * fmt.width, uy * travel * fmt.height
 
 
-def trajectory(start: tuple[float, float], motion: str, fmt: VideoFormat) -> np.ndarray:
+def trajectory(start: tuple[float, float], motion: str, fmt: VideoFormat,
+               travel: float = TRAVEL_FRACTION) -> np.ndarray:
     """int64 ``[T, 2]``: the box's top-left corner (x, y) in each frame, rounded to whole px."""
-    dx, dy = travel_px(motion, fmt)
+    dx, dy = travel_px(motion, fmt, travel)
     s = np.linspace(0.0, 1.0, fmt.frames)[:, None]  # (T, 1)
     return np.round(np.array(start) + s * np.array([dx, dy])).astype(np.int64)  # (T, 2)
 
 
 def layout(scene: Scene, cutouts: list[Image.Image], fmt: VideoFormat, rng: np.random.Generator,
-           mode: str = "anchored") -> np.ndarray | None:
+           mode: str = "anchored", travel: float = TRAVEL_FRACTION) -> np.ndarray | None:
     """Start corners for each subject so that all stay inside and apart: int64 ``[S, T, 4]`` boxes, or None.
 
     ``mode`` ``"anchored"``: up to ``ANCHOR_TRIES`` jittered placements on each anchor set of ``ANCHORS``
     (module docstring), then as ``"free"``: up to ``LAYOUT_TRIES`` uniform placements; the first that fits is
-    returned. All draws come from ``rng``. Raises ``ValueError`` for another mode.
+    returned. ``travel``: the moving subjects' path length (``check_travel``). All draws come from ``rng``. Raises
+    ``ValueError`` for another mode or a travel outside (0, ``MAX_TRAVEL``].
     """
     if mode not in LAYOUT_MODES:
         raise ValueError(f"layout mode: got {mode!r}; valid modes are {', '.join(LAYOUT_MODES)}")
+    check_travel(travel)
     sizes = [subject_box_size(c, s.size, fmt) for c, s in zip(cutouts, scene.subjects)]
     ranges = []  # per subject: (x_lo, x_hi, y_lo, y_hi) of the start corner, (dx, dy) travel
     for (w, h), clause in zip(sizes, scene.subjects):
-        dx, dy = travel_px(clause.motion, fmt)
+        dx, dy = travel_px(clause.motion, fmt, travel)
         x_lo, x_hi = max(0.0, -dx), fmt.width - w - max(0.0, dx)
         y_lo, y_hi = max(0.0, -dy), fmt.height - h - max(0.0, dy)
         if x_hi < x_lo or y_hi < y_lo:
@@ -139,7 +151,7 @@ def layout(scene: Scene, cutouts: list[Image.Image], fmt: VideoFormat, rng: np.r
                 start = (min(max(x, x_lo), x_hi), min(max(y, y_lo), y_hi))
             else:
                 start = (rng.uniform(x_lo, x_hi), rng.uniform(y_lo, y_hi))
-            corner = trajectory(start, clause.motion, fmt)  # (T, 2)
+            corner = trajectory(start, clause.motion, fmt, travel)  # (T, 2)
             boxes.append(np.concatenate([corner, corner + np.array([w, h])], axis=1))  # (T, 4)
         stacked = np.stack(boxes)  # (S, T, 4)
         if not _any_overlap(stacked):

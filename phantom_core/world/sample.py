@@ -22,7 +22,15 @@ from PIL import Image
 
 from phantom_core.world.grammar import BACKGROUND_COLOURS, MAX_SUBJECTS, MOTIONS, Scene, SubjectClause
 from phantom_core.world.pairs import PAIR_MODES, CrossPairStyle, cross_pair_reference, in_pair_reference
-from phantom_core.world.render import LAYOUT_MODES, VideoFormat, WorldTruth, layout, render_video
+from phantom_core.world.render import (
+    LAYOUT_MODES,
+    TRAVEL_FRACTION,
+    VideoFormat,
+    WorldTruth,
+    check_travel,
+    layout,
+    render_video,
+)
 from phantom_core.world.subjects import Subject, split_subjects
 
 SUBJECT_CONTRAST = 60.0
@@ -40,12 +48,14 @@ class WorldConfig:
     sources: tuple[str, ...] | None = None  # None: every available source (subjects.available_sources)
     style: CrossPairStyle = field(default_factory=CrossPairStyle)
     layout: str = "anchored"  # render.LAYOUT_MODES: "anchored" (paths centred on fixed anchors) or "free"
+    travel: float = TRAVEL_FRACTION  # a moving subject's path, a fraction of the frame's side, in (0, MAX_TRAVEL]
 
     def __post_init__(self) -> None:
         if self.pair_mode not in PAIR_MODES:
             raise ValueError(f"pair_mode: got {self.pair_mode!r}; valid modes are {', '.join(PAIR_MODES)}")
         if self.layout not in LAYOUT_MODES:
             raise ValueError(f"layout: got {self.layout!r}; valid layouts are {', '.join(LAYOUT_MODES)}")
+        check_travel(self.travel)
         w = self.subject_weights
         if len(w) != MAX_SUBJECTS or min(w) < 0 or sum(w) <= 0:
             raise ValueError(f"subject_weights: got {w!r}; expected {MAX_SUBJECTS} non-negative weights, P(1..3)")
@@ -100,7 +110,7 @@ def make_sample(split: str, seed: int, index: int, config: WorldConfig = WorldCo
         subjects = _draw_subjects(pool, n, rng)
         scene = _draw_scene(subjects, rng)
         cutouts = [s.image() for s in subjects]
-        boxes = layout(scene, cutouts, fmt, rng, config.layout)
+        boxes = layout(scene, cutouts, fmt, rng, config.layout, config.travel)
         if boxes is not None:
             break
     else:

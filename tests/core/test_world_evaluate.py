@@ -41,6 +41,15 @@ def test_truth_baseline_table_is_perfect(tmp_path, capsys):
     assert "100.00" in capsys.readouterr().out
 
 
+def test_travel_option_makes_faster_cases_and_is_recorded(tmp_path, capsys):
+    assert main(["evaluate", "--baseline", "truth", "--quick", "1", "--travel", "0.5", *SMALL_CLI,
+                 "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["world"]["travel"] == 0.5 and report["summary"]["all"]["motion_accuracy"] == 100.0
+    assert main(["evaluate", "--baseline", "truth", "--travel", "0.7", *SMALL_CLI]) == 2
+    assert "travel: got 0.7; expected a fraction of the frame in (0, 0.5]" in capsys.readouterr().err
+
+
 def test_bad_options_fail_with_a_message(capsys):
     assert main(["evaluate", *SMALL_CLI]) == 2
     assert "exactly one of" in capsys.readouterr().err

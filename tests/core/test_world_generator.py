@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from phantom_core.world.grammar import BACKGROUND_COLOURS
 from phantom_core.world.metrics import classify_motion, prepared_references, subject_templates
-from phantom_core.world.render import SIZE_FRACTIONS, TRAVEL_FRACTION, VideoFormat
+from phantom_core.world.render import MAX_TRAVEL, SIZE_FRACTIONS, TRAVEL_FRACTION, VideoFormat
 from phantom_core.world.sample import WorldConfig, make_sample
 from phantom_core.world.tracking import FrameSpectrum, track, tracking_pad
 from tests.support.world import SMALL, small_sample
@@ -56,9 +58,9 @@ def _box_mask(box, shape):
     return mask
 
 
-@pytest.mark.parametrize("index", range(8))
-def test_render_track_and_recover_the_prompted_motion(index):
-    sample = small_sample(index)
+@pytest.mark.parametrize("index, travel", [(i, TRAVEL_FRACTION) for i in range(8)] + [(i, MAX_TRAVEL) for i in range(3)])
+def test_render_track_and_recover_the_prompted_motion(index, travel):
+    sample = make_sample("test", 3, index, replace(SMALL, travel=travel))
     fmt, truth = sample.config.video, sample.truth
     pairs = [(cut.over(truth.background_rgb), ref_t) for cut, ref_t in subject_templates(sample)]
     spectrum = FrameSpectrum(sample.video, tracking_pad([t for p in pairs for t in p]), truth.background_rgb)
@@ -69,10 +71,15 @@ def test_render_track_and_recover_the_prompted_motion(index):
         assert classify_motion(truth.centres[k], fmt.width, fmt.height) == truth.motions[k]
         shift = truth.centres[k, -1] - truth.centres[k, 0]
         expected = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}[truth.motions[k]]
-        np.testing.assert_allclose(shift, np.array(expected) * TRAVEL_FRACTION * np.array([fmt.width, fmt.height]),
-                                   atol=1.0)
+        np.testing.assert_allclose(shift, np.array(expected) * travel * np.array([fmt.width, fmt.height]), atol=1.0)
         side = max(truth.boxes[k, 0, 2:] - truth.boxes[k, 0, :2])
         assert abs(side - SIZE_FRACTIONS[truth.sizes[k]] * min(fmt.width, fmt.height)) <= 1.0
+
+
+@pytest.mark.parametrize("travel", [0, -0.1, MAX_TRAVEL + 0.01, True, "0.3"])
+def test_a_travel_outside_its_range_is_refused_with_the_range(travel):
+    with pytest.raises(ValueError, match=rf"travel: got .*\(0, {MAX_TRAVEL}\]"):
+        replace(SMALL, travel=travel)
 
 
 def test_scenes_of_several_subjects_have_distinct_motions():
