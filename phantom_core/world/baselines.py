@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from phantom_core.world.grammar import Scene, SubjectClause
 from phantom_core.world.metrics import prepared_references
 from phantom_core.world.sample import WorldSample
 from phantom_core.world.tracking import ring_px
@@ -82,23 +83,27 @@ def vae_reconstruction(vae: Any) -> VideoProducer:
 
 
 def model_producer(dit: Any, vae: Any, text_encoder: Any, *, clip_vision: Any = None, clip_output: str = "tokens",
-                   **settings: Any) -> VideoProducer:
+                   prompt_form: str = "named", **settings: Any) -> VideoProducer:
     """A producer running ``pipeline.generate`` on each sample's references and prompt.
 
     ``settings``: ``GenerationSettings`` fields (steps, shift, solver, w_img, w_text, negative_prompt); the size,
     frames and fps are the sample's, and the noise seed is the sample's index (the case set fixes both).
     ``clip_vision`` / ``clip_output``: the CLIP vision tower and its features for an MMDiT with a CLIP branch
     (``generate``'s; checked here, before the first sample: ``ValueError`` naming ``clip_vision`` when it is missing
-    or does not fit).
+    or does not fit). ``prompt_form``: each case's prompt as ``grammar.prompt_in_form`` writes it (``named``: the
+    case's own prompt; ``generic``: no subject described; ``ValueError`` for another form, before the first sample).
     """
     from phantom_core.inference.pipeline import check_clip_vision, generate
     from phantom_core.inference.settings import GenerationSettings
+    from phantom_core.world.grammar import prompt_in_form
 
     check_clip_vision(dit, clip_vision, clip_output)
+    prompt_in_form(Scene((SubjectClause("x"),), "red"), prompt_form)  # the form is checked before any work
 
     def produce(sample: WorldSample) -> np.ndarray:
         fmt = sample.config.video
-        run = GenerationSettings(prompt=sample.prompt, width=fmt.width, height=fmt.height, frames=fmt.frames,
+        prompt = prompt_in_form(sample.scene, prompt_form)
+        run = GenerationSettings(prompt=prompt, width=fmt.width, height=fmt.height, frames=fmt.frames,
                                  fps=fmt.fps, seed=sample.index, **settings)
         return _to_uint8(generate(dit, vae, text_encoder, list(sample.references), run, clip_vision=clip_vision,
                                   clip_output=clip_output))

@@ -40,6 +40,7 @@ from phantom_core.world.baselines import (
 )
 from phantom_core.world.cases import CASES_MULTI, CASES_SINGLE, EVAL_SEED, CaseSet
 from phantom_core.world.evaluate import evaluate, format_table, report_dict
+from phantom_core.world.grammar import PROMPT_FORMS
 from phantom_core.world.render import MAX_TRAVEL, TRAVEL_FRACTION, VideoFormat
 from phantom_core.world.sample import WorldConfig
 from phantom_core.world.sheet import contact_sheet, save_png
@@ -84,6 +85,9 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
                                     "--model default / default-mmdit: its own guidance, TRAINED_SAMPLING)")
     for _, flag, kind in SAMPLING_OPTIONS:
         sampling.add_argument(flag, type=kind, default=None)
+    p.add_argument("--prompt-form", choices=PROMPT_FORMS, default="named",
+                   help="named (default): each clause names and describes its subject; generic: every subject is "
+                        "'thing' (the un-rephrased prompt of Phantom's rephraser comparison; binding by order only)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--out", metavar="DIR", help="where metrics.json and contact_sheet.png go "
                                                "(default output/evaluate/<name>)")
@@ -147,7 +151,9 @@ def _producer(args: argparse.Namespace, device: str, folder: str) -> tuple[str, 
             clip_references_only(dit)
         except ValueError as err:
             raise ValueError(f"evaluate --clip-only: --dit {args.dit}: {err}") from err
-    return name, model_producer(dit, vae, text_encoder, clip_vision=clip, clip_output=clip_output, **settings), vae
+    producer = model_producer(dit, vae, text_encoder, clip_vision=clip, clip_output=clip_output,
+                              prompt_form=args.prompt_form, **settings)
+    return name, producer, vae
 
 
 def _clip_tower(args: argparse.Namespace, clip_path: str | None, dit: Any, device: str) -> Any:

@@ -115,6 +115,25 @@ def format_prompt(scene: Scene) -> str:
     return f"{' and '.join(clauses)} on {article_for(scene.background)} {scene.background} background"
 
 
+PROMPT_FORMS = ("named", "generic")
+GENERIC_WORDS = "thing"
+
+
+def prompt_in_form(scene: Scene, form: str = "named") -> str:
+    """The prompt of ``scene`` in ``form``: ``named`` (``format_prompt``: each clause names and describes its subject,
+    as Phantom's rephraser makes a prompt describe each reference) or ``generic`` (every subject called
+    ``GENERIC_WORDS``, sizes, motions and background kept: a prompt that describes no reference, the paper's
+    un-rephrased case, where only the clauses' order binds a motion to a reference). Raises ``ValueError`` for
+    another form."""
+    if form not in PROMPT_FORMS:
+        raise ValueError(f"prompt form: got {form!r}; valid forms are {', '.join(PROMPT_FORMS)}")
+    if form == "generic":
+        from dataclasses import replace
+
+        scene = replace(scene, subjects=tuple(replace(s, words=GENERIC_WORDS) for s in scene.subjects))
+    return format_prompt(scene)
+
+
 def normalise_prompt(text: str) -> str:
     """Lower case, single spaces, no surrounding space or final period."""
     return " ".join(text.strip().rstrip(".").lower().split())

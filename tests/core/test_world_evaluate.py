@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from phantom_core.__main__ import main
@@ -89,3 +90,25 @@ def test_comparison_table_has_a_row_per_run_and_dashes_for_nothing_measured(tmp_
     assert lines[4].startswith("| 1 | 3 | 12.50 | 12.5 |") and lines[5].count(" - ") == 1
     out = write_comparison(tmp_path / "t.md", table, {"rows": 2})
     assert out.read_text() == table and (tmp_path / "t.json").read_text().startswith("{")
+
+
+def test_model_producer_sends_the_prompt_in_the_chosen_form(monkeypatch):
+    import phantom_core.inference.pipeline as pipeline
+    from phantom_core.world.baselines import model_producer
+    from tests.support.world import small_sample
+
+    prompts = []
+
+    def fake_generate(dit, vae, text_encoder, references, run, **kw):  # records what the pipeline would get
+        prompts.append(run.prompt)
+        return torch.zeros(1, 3, run.frames, run.height, run.width)
+
+    monkeypatch.setattr(pipeline, "generate", fake_generate)
+    monkeypatch.setattr(pipeline, "check_clip_vision", lambda *a: None)
+    sample = small_sample(0, count=2)
+    for form in ("named", "generic"):
+        model_producer(None, None, None, prompt_form=form, steps=1)(sample)
+    assert prompts[0] == sample.prompt
+    assert prompts[1].count("thing") == 2 and prompts[1].split(" on ")[-1] == sample.prompt.split(" on ")[-1]
+    with pytest.raises(ValueError, match="prompt form"):
+        model_producer(None, None, None, prompt_form="described")

@@ -10,6 +10,7 @@ from phantom_core.world.grammar import (
     SubjectClause,
     format_prompt,
     parse_prompt,
+    prompt_in_form,
     subject_words_problem,
 )
 from tests.support.world import small_sample
@@ -76,3 +77,15 @@ def test_words_the_grammar_cannot_carry():
         SubjectClause("cat", "sideways")
     with pytest.raises(ValueError, match="background"):
         Scene((SubjectClause("cat"),), "purple")
+
+
+def test_generic_prompt_form_keeps_everything_but_the_subject_words():
+    scene = parse_prompt("a small cat moves left and a red striped star moves up on a blue background")
+    assert prompt_in_form(scene) == scene.prompt
+    generic = prompt_in_form(scene, "generic")
+    assert generic == "a small thing moves left and a thing moves up on a blue background"
+    back = parse_prompt(generic)
+    assert [(s.motion, s.size) for s in back.subjects] == [(s.motion, s.size) for s in scene.subjects]
+    assert back.background == scene.background
+    with pytest.raises(ValueError, match="prompt form: got 'rephrased'; valid forms are named, generic"):
+        prompt_in_form(scene, "rephrased")
