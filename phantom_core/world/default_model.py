@@ -30,14 +30,20 @@ from torch import Tensor
 from phantom_core.log import logger
 from phantom_core.training.config import cpu_bf16_fast
 from phantom_core.world.dataset import sample_tensors
-from phantom_core.world.render import VideoFormat
+from phantom_core.world.render import TRAVEL_FRACTION, VideoFormat
 from phantom_core.world.sample import WorldConfig, make_sample
 from phantom_core.world.subjects import split_subjects
 from phantom_core.world.vae_batches import VAEData, subject_clip_batches, vae_batches
 
 RECIPE_SEED = 11079
 RECIPE_SOURCES = ("emoji", "photo", "shape")  # the default needs the emoji font: `make emoji-font`
-WORLD = WorldConfig(video=VideoFormat(), pair_mode="cross", sources=RECIPE_SOURCES)
+# For runs on a bigger machine (docs/WORLD.md; the committed defaults used none of them): PHANTOM_WORLD_TRAVEL makes
+# the subjects move farther (``WorldConfig.travel``, up to 0.5; a new --work folder: the latents record it),
+# PHANTOM_LATENT_WORKERS encodes the latents in more processes, PHANTOM_DIT_DEVICE trains the DiT stages on a GPU
+WORLD = WorldConfig(video=VideoFormat(), pair_mode="cross", sources=RECIPE_SOURCES,
+                    travel=float(os.environ.get("PHANTOM_WORLD_TRAVEL", TRAVEL_FRACTION)))
+LATENT_WORKERS = int(os.environ.get("PHANTOM_LATENT_WORKERS", 2))
+DIT_DEVICE = os.environ.get("PHANTOM_DIT_DEVICE", "cpu")
 
 
 # ---------------------------------------------------------------- stages (tools/train_default.py runs them)
@@ -208,7 +214,7 @@ DIT_TRAIN = dict(dit="scratch:world", mode="full", steps=int(os.environ.get("PHA
                  batch_size=8, learning_rate=4e-4, warmup_steps=100, lr_schedule="cosine", weight_decay=0.01,
                  gradient_checkpointing=False, timesteps="shifted", shift=5.0, text_dropout=0.2,
                  reference_dropout=0.1, seed=RECIPE_SEED, checkpoint_every=100, keep_checkpoints=2, width=128,
-                 height=128, frames=17, device="cpu", precision=DIT_PRECISION)
+                 height=128, frames=17, device=DIT_DEVICE, precision=DIT_PRECISION)
 # Phase 2 continues phase 1's weights with a new schedule and timesteps shifted by 2, not 5: at shift 5 only 17%
 # of the training sigmas fall below 0.5, where the subjects take shape (measured after phase 1: train and held-out
 # losses equal, 0.18-0.24, so the model was underfit, not overfit)
@@ -253,11 +259,13 @@ def _encode_part(work: str, part: int, parts: int, samples: int, pair_mode: str)
     return len(data)
 
 
-def stage_latents(work: str | Path, workers: int = 2, samples: int = LATENT_SAMPLES, pair_mode: str = "cross") -> Path:
+def stage_latents(work: str | Path, workers: int = LATENT_WORKERS, samples: int = LATENT_SAMPLES,
+                  pair_mode: str = "cross") -> Path:
     """Encode ``samples`` training triplets (``pair_mode`` references: the recipe's cross-pair, or in-pair for
     the Phantom-Data comparison) once (``training.cache``; resumable: what is cached stays), in ``workers``
     single-threaded processes, and write ``latents/index.json`` (the cache files in order, the dropped prompt's
-    context file)."""
+    context file, the world's travel). Raises ``ValueError`` when ``work`` already holds latents of another travel
+    than ``WORLD``'s (``PHANTOM_WORLD_TRAVEL``)."""
     import json
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -270,6 +278,10 @@ def stage_latents(work: str | Path, workers: int = 2, samples: int = LATENT_SAMP
     work = Path(work)
     index = work / LATENT_INDEX
     if index.is_file():
+        cached = json.loads(index.read_text(encoding="utf-8")).get("world", {}).get("travel", TRAVEL_FRACTION)
+        if cached != WORLD.travel:
+            raise ValueError(f"{index}: latents of a world whose subjects travel {cached} of the frame, but "
+                             f"PHANTOM_WORLD_TRAVEL asks for {WORLD.travel}; use another --work folder")
         return index
     (work / LATENT_DIR).mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -285,8 +297,8 @@ def stage_latents(work: str | Path, workers: int = 2, samples: int = LATENT_SAMP
         raise ValueError(f"{len(bad)} world samples could not be encoded: {bad[:3]}")
     dropped = sorted((work / LATENT_DIR).glob("dropped-*.safetensors"))
     with atomic_write(index) as tmp:
-        tmp.write_text(json.dumps({"files": [p.name for p in data.files], "dropped": dropped[-1].name}),
-                       encoding="utf-8")
+        tmp.write_text(json.dumps({"files": [p.name for p in data.files], "dropped": dropped[-1].name,
+                                   "world": {"travel": WORLD.travel}}), encoding="utf-8")
     return index
 
 
