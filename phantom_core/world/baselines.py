@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from phantom_core.world.grammar import Scene, SubjectClause
 from phantom_core.world.metrics import prepared_references
 from phantom_core.world.sample import WorldSample
 from phantom_core.world.tracking import ring_px
@@ -95,10 +94,10 @@ def model_producer(dit: Any, vae: Any, text_encoder: Any, *, clip_vision: Any = 
     """
     from phantom_core.inference.pipeline import check_clip_vision, generate
     from phantom_core.inference.settings import GenerationSettings
-    from phantom_core.world.grammar import prompt_in_form
+    from phantom_core.world.grammar import check_prompt_form, prompt_in_form
 
     check_clip_vision(dit, clip_vision, clip_output)
-    prompt_in_form(Scene((SubjectClause("x"),), "red"), prompt_form)  # the form is checked before any work
+    check_prompt_form(prompt_form)
 
     def produce(sample: WorldSample) -> np.ndarray:
         fmt = sample.config.video

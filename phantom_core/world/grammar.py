@@ -119,15 +119,20 @@ PROMPT_FORMS = ("named", "generic")
 GENERIC_WORDS = "thing"
 
 
+def check_prompt_form(form: str) -> str:
+    """``form`` when it is one of ``PROMPT_FORMS``; else ``ValueError`` naming the valid forms."""
+    if form not in PROMPT_FORMS:
+        raise ValueError(f"prompt form: got {form!r}; valid forms are {', '.join(PROMPT_FORMS)}")
+    return form
+
+
 def prompt_in_form(scene: Scene, form: str = "named") -> str:
     """The prompt of ``scene`` in ``form``: ``named`` (``format_prompt``: each clause names and describes its subject,
     as Phantom's rephraser makes a prompt describe each reference) or ``generic`` (every subject called
     ``GENERIC_WORDS``, sizes, motions and background kept: a prompt that describes no reference, the paper's
     un-rephrased case, where only the clauses' order binds a motion to a reference). Raises ``ValueError`` for
     another form."""
-    if form not in PROMPT_FORMS:
-        raise ValueError(f"prompt form: got {form!r}; valid forms are {', '.join(PROMPT_FORMS)}")
-    if form == "generic":
+    if check_prompt_form(form) == "generic":
         from dataclasses import replace
 
         scene = replace(scene, subjects=tuple(replace(s, words=GENERIC_WORDS) for s in scene.subjects))
