@@ -1,0 +1,49 @@
+"""tools.motion_run: a world cache of a chosen travel, then a training run probed as it learns and stopped on time."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from phantom_core.mmdit.load import load_any_dit
+from phantom_core.world.subjects import available_sources
+from tools.motion_run import main
+
+pytestmark = pytest.mark.skipif("emoji" not in available_sources(),
+                                reason="the recipe's subjects include emoji: `make emoji-font`")
+
+
+@pytest.mark.slow  # ~40 s on two CPU cores: 10 triplets of 17 frames at 128 px go through the world VAE
+def test_cache_train_probe_and_stop_on_time(tmp_path):
+    work, run = tmp_path / "w", tmp_path / "run"
+    assert main(["cache", "--work", str(work), "--travel", "0.5", "--samples", "6", "--held-out", "4",
+                 "--workers", "1"]) == 0
+    index = json.loads((work / "latents" / "index.json").read_text())
+    assert len(index["files"]) == 6 and index["world"] == {"travel": 0.5}
+    assert len(json.loads((work / "held_out" / "latents" / "index.json").read_text())["files"]) == 4
+    # --seconds 0: the run stops after its first step, probed there, and still writes its files
+    assert main(["train", "--work", str(work), "--network", "mmdit-pooled", "--batch", "1", "--steps", "5",
+                 "--every", "1", "--probe", "2", "--seconds", "0", "--threads", "2", "--out", str(run)]) == 0
+    curve = json.loads((tmp_path / "run_curve.json").read_text())
+    assert [row["step"] for row in curve] == [1]
+    for tag in ("train", "held"):
+        at = curve[0][tag]["0.95"]
+        assert at["truth"] > 1.5  # half the frame's side over the clip: ~3 latent px of the centroid (0.3: ~1.9)
+        assert abs(at["effect"]) < at["truth"] and 0.0 <= at["share"] <= 100.0
+    with safe_open(str(run.with_suffix(".safetensors")), framework="pt") as f:
+        assert f.metadata()["steps"] == "1"
+    full, half = load_any_dit(run.with_suffix(".safetensors")), load_any_dit(f"{run}_fp16.safetensors")
+    for (name, a), b in zip(full.state_dict().items(), half.state_dict().values()):
+        torch.testing.assert_close(b.float(), a.float(), rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_bad_options_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["cache", "--work", "w", "--travel", "0.8"])
+    assert "--travel: travel: got 0.8" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--work", "w", "--out", "r", "--batch", "0"])
+    assert "--batch is 0; it must be >= 1" in capsys.readouterr().err

@@ -1,0 +1,240 @@
+"""Does a world DiT learn the motion word? Train one on a world cache and probe it as it learns (GPU or CPU).
+
+    python -m tools.motion_run cache --work W [--travel 0.5] [--samples 1500] [--held-out 48] [--device cuda]
+    python -m tools.motion_run train --work W --network mmdit-pooled [--init FILE] [--batch 32] [--seconds 300]
+        [--every 500] [--device cuda] --out RUN
+
+``cache`` renders the world's triplets (``WorldConfig.travel``: how far the subjects move) in ``--workers`` processes
+and encodes them with the shipped world VAE and umT5 (``phantom_core/tiny/trained``; the VAE on ``--device``, the
+umT5 in float32 on the CPU, as sampling runs it): ``W/latents`` (training subjects, the recipe's seed) and
+``W/held_out/latents`` (single-subject scenes of held-out subjects), each with ``index.json`` as
+``default_model.stage_latents`` writes it. Training samples go in chunks of 150, each chunk's index written
+atomically, and no chunk starts after ``--deadline`` seconds: a run stopped early keeps a usable cache.
+
+``train`` trains ``--network`` (``tools.motion_toy.build_network``: ``phantom-wan``, ``mmdit``, ``mmdit-pos``,
+``mmdit-pooled``) from scratch, or ``--init`` (any DiT or MMDiT file), with the general trainer (the world recipe's
+``DIT_TRAIN``: shift 5, text / reference dropout 0.2 / 0.1, at a constant learning rate after its warm-up, so that
+a run stopped by ``--seconds`` ends where it would have gone on). Every ``--every`` steps and at the end it runs
+``tools.motion_probe.probe`` (sigma 0.95 and 0.85, 2 draws) on ``--probe`` moving single-subject triplets of the
+training cache and of the held-out cache and prints the text effect (latent px; the truth's displacement beside it).
+It writes ``RUN.safetensors`` (the trainer's file), ``RUN_fp16.safetensors`` (a half-size copy: a device machine
+returns files up to 16 MiB) and ``RUN_curve.json`` (every probe). docs/WORLD.md has what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+CHUNK = 150
+HELD_OUT_SEED = 777
+PROBE_SIGMAS = (0.95, 0.85)
+
+
+def render(job: tuple[str, int, int, float]):
+    """Worker: ``(split, seed, index, travel)`` -> a ``RawSample`` (held-out scenes have one subject)."""
+    from phantom_core.training.dataset import RawSample
+    from phantom_core.world.dataset import sample_tensors
+    from phantom_core.world.default_model import RECIPE_SOURCES, WORLD
+    from phantom_core.world.sample import make_sample
+    from phantom_core.world.subjects import split_subjects
+
+    split, seed, index, travel = job
+    torch.set_num_threads(1)
+    if split not in _POOLS:
+        _POOLS[split] = split_subjects(split, RECIPE_SOURCES)
+    sample = make_sample(split, seed, index, replace(WORLD, travel=travel), pool=_POOLS[split],
+                         count=1 if split == "test" else None)
+    return RawSample(f"world_{split}_{index:05d}", sample_tensors(sample).video, sample.references, sample.prompt)
+
+
+_POOLS: dict = {}  # per worker process: the subject pool of each split, built once
+
+
+class DeviceVAE:
+    """A VAE that encodes on ``device`` and returns float32 latents on the CPU (not an ``nn.Module``, so
+    ``references.encode_references`` hands it CPU pixels)."""
+
+    def __init__(self, vae, device: torch.device) -> None:
+        self.vae, self.device = vae.to(device), device
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(video.to(self.device)).float().cpu()
+
+
+def cache(args: argparse.Namespace) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
+    from phantom_core.loading.disk import atomic_write
+    from phantom_core.tiny.default import TRAINED_DIR
+    from phantom_core.training.cache import build_cache
+    from phantom_core.world import default_model as recipe
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    for name, shipped in ((recipe.VAE_STAGE_FILE, "phantom_world_vae.safetensors"),
+                          (recipe.TEXT_STAGE_FILE, "phantom_world_umt5.safetensors")):
+        if not (work / name).is_file():
+            shutil.copyfile(TRAINED_DIR / shipped, work / name)
+    load, fingerprints = recipe._encoders(work)
+    device = torch.device(args.device)
+
+    def encoders():
+        vae, text_encoder = load()
+        return DeviceVAE(vae, device), text_encoder
+
+    started, fmt = time.perf_counter(), recipe.WORLD.video
+    held = [("test", HELD_OUT_SEED, i, args.travel) for i in range(args.held_out)]
+    chunks = [(work / "held_out" / recipe.LATENT_DIR, held)] + [
+        (work / recipe.LATENT_DIR, [("train", recipe.RECIPE_SEED + 4, i, args.travel)
+                                    for i in range(a, min(a + CHUNK, args.samples))])
+        for a in range(0, args.samples, CHUNK)]
+    files: dict[Path, list[str]] = {}
+    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for folder, jobs in chunks:
+            if files.get(folder) and time.perf_counter() - started > args.deadline:
+                print(f"deadline: {len(files[folder])} training samples cached", flush=True)
+                break
+            data, bad = build_cache(pool.map(render, jobs, chunksize=4), folder, encoders=encoders,
+                                    fingerprints=fingerprints, frames=fmt.frames, width=fmt.width,
+                                    height=fmt.height, dropped_prompt=WAN_NEGATIVE_PROMPT)
+            files.setdefault(folder, []).extend(p.name for p in data.files)
+            dropped = sorted(folder.glob("dropped-*.safetensors"))[-1].name
+            with atomic_write(folder / "index.json") as tmp:
+                tmp.write_text(json.dumps({"files": files[folder], "dropped": dropped,
+                                           "world": {"travel": args.travel}}), encoding="utf-8")
+            print(f"{folder}: {len(files[folder])} cached, {len(bad)} skipped, "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
+
+
+class _Stop(Exception):
+    """Raised by the training callback when ``--seconds`` have passed; carries the step reached."""
+
+
+def train_run(args: argparse.Namespace) -> list[dict]:
+    """Train and probe as the module says; returns the probe curve (also written to ``RUN_curve.json``)."""
+    from safetensors.torch import save_file
+
+    from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
+    from phantom_core.mmdit.load import load_any_dit
+    from phantom_core.training.config import load_config
+    from phantom_core.training.loop import train
+    from phantom_core.training.model import save_output
+    from phantom_core.wan.umt5 import load_text_encoder
+    from phantom_core.world.default_model import DIT_TRAIN, cached_latents
+    from tools.motion_probe import cache_samples, probe
+    from tools.motion_toy import build_network
+
+    work, device, out = Path(args.work), torch.device(args.device), Path(args.out)
+    model = load_any_dit(args.init).float().train() if args.init else build_network(args.network, args.seed)
+    settings = {**DIT_TRAIN, "dit": args.init or f"motion-run:{args.network}", "device": args.device,
+                "precision": "fp32", "batch_size": args.batch, "steps": args.steps, "lr_schedule": "constant",
+                "learning_rate": args.lr, "checkpoint_every": args.steps, "keep_checkpoints": 1, "seed": args.seed}
+    config = load_config(None, **settings, out=str(out.with_suffix(".safetensors")), run_dir=f"{out}_run",
+                         resume=False, dropped_prompt=WAN_NEGATIVE_PROMPT)
+    text_encoder = load_text_encoder(work / "umt5.safetensors")
+    sets = {"train": cache_samples(work, args.probe), "held": cache_samples(work / "held_out", args.probe)}
+    contexts: dict[str, torch.Tensor] = {}
+
+    def encode(caption: str) -> torch.Tensor:
+        if caption not in contexts:
+            contexts[caption] = text_encoder.encode([caption])[0]
+        return contexts[caption]
+
+    def dit(x, t, context, refs, **extra):  # the probe's CPU tensors in, the velocity back on the CPU
+        return model(x.to(device), t.to(device), context.to(device), refs.to(device)).float().cpu()
+
+    started, curve = time.perf_counter(), []
+
+    def measure(step: int) -> None:
+        model.eval()
+        row = {"step": step, "seconds": round(time.perf_counter() - started, 1)}
+        for tag, samples in sets.items():
+            found = probe(dit, encode, samples, sigmas=PROBE_SIGMAS, draws=2)
+            row[tag] = {str(s): {k: round(v, 3) for k, v in r.items()} for s, r in found.items()}
+        model.train()
+        curve.append(row)
+        text = "; ".join(f"{tag} effect {r['0.95']['effect']:.2f} of {r['0.95']['truth']:.2f} at sigma 0.95 "
+                         f"(share {r['0.95']['share']:.0f}%), {r['0.85']['effect']:.2f} at 0.85"
+                         for tag, r in ((t, row[t]) for t in sets))
+        print(f"step {step} ({row['seconds']:.0f} s): {text}", flush=True)
+
+    def callback(step: int, total: int, loss: float) -> None:
+        if step % 100 == 0:
+            print(f"step {step}/{total}: loss {loss:.4f}, {time.perf_counter() - started:.0f} s", flush=True)
+        if step % args.every == 0:
+            measure(step)
+        if time.perf_counter() - started > args.seconds:
+            raise _Stop(step)
+
+    try:
+        train(config, dataset=cached_latents(work), model=model, callback=callback)
+        last = args.steps
+    except _Stop as stop:
+        last = stop.args[0]
+        save_output(model, None, config, config.out, last)
+    if not curve or curve[-1]["step"] != last:
+        measure(last)
+    half = {k: (v.detach().half() if v.is_floating_point() else v.detach()).cpu().contiguous()
+            for k, v in model.state_dict().items()}
+    save_file(half, f"{out}_fp16.safetensors", metadata={"steps": str(last), "network": args.network})
+    Path(f"{out}_curve.json").write_text(json.dumps(curve, indent=1), encoding="utf-8")
+    print(f"{last} steps in {time.perf_counter() - started:.0f} s: {out}.safetensors", flush=True)
+    return curve
+
+
+def main(argv: list[str] | None = None) -> int:
+    from phantom_core.world.render import MAX_TRAVEL, TRAVEL_FRACTION, check_travel
+    from tools.motion_toy import NETWORKS
+
+    p = argparse.ArgumentParser(prog="python -m tools.motion_run", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("cache", help="render and encode a world cache (training and held-out)")
+    c.add_argument("--work", required=True)
+    c.add_argument("--travel", type=float, default=TRAVEL_FRACTION, help=f"(0, {MAX_TRAVEL}], default %(default)s")
+    c.add_argument("--samples", type=int, default=1000, help="training triplets (default %(default)s)")
+    c.add_argument("--held-out", type=int, default=48, help="held-out single-subject triplets (default %(default)s)")
+    c.add_argument("--workers", type=int, default=2, help="rendering processes (default %(default)s)")
+    c.add_argument("--deadline", type=float, default=float("inf"), help="seconds after which no chunk starts")
+    c.add_argument("--device", default="cpu", help="where the VAE encodes (default %(default)s)")
+    t = sub.add_parser("train", help="train a DiT on the cache, probing the motion word as it learns")
+    t.add_argument("--work", required=True)
+    t.add_argument("--network", choices=NETWORKS, default="mmdit-pooled")
+    t.add_argument("--init", default="", help="start from this DiT / MMDiT file instead of a fresh --network")
+    t.add_argument("--batch", type=int, default=8)
+    t.add_argument("--lr", type=float, default=4e-4)
+    t.add_argument("--steps", type=int, default=100_000, help="at most (default %(default)s)")
+    t.add_argument("--seconds", type=float, default=float("inf"), help="stop after this long (default: never)")
+    t.add_argument("--every", type=int, default=500, help="probe every N steps (default %(default)s)")
+    t.add_argument("--probe", type=int, default=24, help="triplets per probe set (default %(default)s)")
+    t.add_argument("--seed", type=int, default=11079)
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--out", required=True, help="the run's path without suffix")
+    args = p.parse_args(argv)
+    if args.command == "cache":
+        try:
+            check_travel(args.travel)
+        except ValueError as err:
+            p.error(f"--travel: {err}")
+        cache(args)
+        return 0
+    for name in ("batch", "steps", "every", "probe"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} is {getattr(args, name)}; it must be >= 1")
+    torch.set_num_threads(args.threads)
+    train_run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
