@@ -39,23 +39,13 @@ PROBE_SIGMAS = (0.95, 0.85)
 
 
 def render(job: tuple[str, int, int, float]):
-    """Worker: ``(split, seed, index, travel)`` -> a ``RawSample`` (held-out scenes have one subject)."""
-    from phantom_core.training.dataset import RawSample
-    from phantom_core.world.dataset import sample_tensors
-    from phantom_core.world.default_model import RECIPE_SOURCES, WORLD
-    from phantom_core.world.sample import make_sample
-    from phantom_core.world.subjects import split_subjects
+    """Worker: ``(split, seed, index, travel)`` -> the recipe's ``RawSample`` of that world (held-out scenes have one
+    subject)."""
+    from phantom_core.world.default_model import WORLD, _raw_samples
 
     split, seed, index, travel = job
     torch.set_num_threads(1)
-    if split not in _POOLS:
-        _POOLS[split] = split_subjects(split, RECIPE_SOURCES)
-    sample = make_sample(split, seed, index, replace(WORLD, travel=travel), pool=_POOLS[split],
-                         count=1 if split == "test" else None)
-    return RawSample(f"world_{split}_{index:05d}", sample_tensors(sample).video, sample.references, sample.prompt)
-
-
-_POOLS: dict = {}  # per worker process: the subject pool of each split, built once
+    return next(_raw_samples([index], replace(WORLD, travel=travel), split, seed, 1 if split == "test" else None))
 
 
 class DeviceVAE:
@@ -74,7 +64,6 @@ def cache(args: argparse.Namespace) -> None:
     from concurrent.futures import ProcessPoolExecutor
 
     from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
-    from phantom_core.loading.disk import atomic_write
     from phantom_core.tiny.default import TRAINED_DIR
     from phantom_core.training.cache import build_cache
     from phantom_core.world import default_model as recipe
@@ -108,10 +97,7 @@ def cache(args: argparse.Namespace) -> None:
                                     fingerprints=fingerprints, frames=fmt.frames, width=fmt.width,
                                     height=fmt.height, dropped_prompt=WAN_NEGATIVE_PROMPT)
             files.setdefault(folder, []).extend(p.name for p in data.files)
-            dropped = sorted(folder.glob("dropped-*.safetensors"))[-1].name
-            with atomic_write(folder / "index.json") as tmp:
-                tmp.write_text(json.dumps({"files": files[folder], "dropped": dropped,
-                                           "world": {"travel": args.travel}}), encoding="utf-8")
+            recipe.write_latent_index(folder, files[folder], args.travel)
             print(f"{folder}: {len(files[folder])} cached, {len(bad)} skipped, "
                   f"{time.perf_counter() - started:.0f} s", flush=True)
 

@@ -233,14 +233,32 @@ def _encoders(work: Path):
     return file_encoders(config, torch.device("cpu"))
 
 
-def _raw_samples(indices, config: WorldConfig = WORLD):
+def _raw_samples(indices, config: WorldConfig = WORLD, split: str = "train", seed: int = RECIPE_SEED + 4,
+                 count: int | None = None):
+    """``RawSample``s of the world's samples ``indices`` (``make_sample(split, seed, i, config, count=count)``), named
+    ``world_<i>`` (the recipe's training triplets) or ``world_<split>_<i>`` for another split."""
     from phantom_core.training.dataset import RawSample
 
-    pool = split_subjects("train", RECIPE_SOURCES)
+    pool = split_subjects(split, RECIPE_SOURCES)
+    prefix = "world" if split == "train" else f"world_{split}"
     for i in indices:
-        sample = make_sample("train", RECIPE_SEED + 4, i, config, pool=pool)
+        sample = make_sample(split, seed, i, config, pool=pool, count=count)
         item = sample_tensors(sample)
-        yield RawSample(f"world_{i:05d}", item.video, sample.references, sample.prompt)
+        yield RawSample(f"{prefix}_{i:05d}", item.video, sample.references, sample.prompt)
+
+
+def write_latent_index(latent_dir: Path, files: list[str], travel: float) -> Path:
+    """Write ``latent_dir/index.json`` atomically (what ``cached_latents`` reads): the cache ``files`` in order, the
+    newest dropped prompt's context file in ``latent_dir``, and the world's ``travel``. Returns its path."""
+    import json
+
+    from phantom_core.loading.disk import atomic_write
+
+    dropped = sorted(latent_dir.glob("dropped-*.safetensors"))[-1].name
+    index = latent_dir / "index.json"
+    with atomic_write(index) as tmp:
+        tmp.write_text(json.dumps({"files": files, "dropped": dropped, "world": {"travel": travel}}), encoding="utf-8")
+    return index
 
 
 def _encode_part(work: str, part: int, parts: int, samples: int, pair_mode: str) -> int:
@@ -272,7 +290,6 @@ def stage_latents(work: str | Path, workers: int = LATENT_WORKERS, samples: int 
     from dataclasses import replace
 
     from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
-    from phantom_core.loading.disk import atomic_write
     from phantom_core.training.cache import build_cache
 
     work = Path(work)
@@ -295,11 +312,7 @@ def stage_latents(work: str | Path, workers: int = LATENT_WORKERS, samples: int 
                             height=fmt.height, dropped_prompt=WAN_NEGATIVE_PROMPT)
     if bad:
         raise ValueError(f"{len(bad)} world samples could not be encoded: {bad[:3]}")
-    dropped = sorted((work / LATENT_DIR).glob("dropped-*.safetensors"))
-    with atomic_write(index) as tmp:
-        tmp.write_text(json.dumps({"files": [p.name for p in data.files], "dropped": dropped[-1].name,
-                                   "world": {"travel": WORLD.travel}}), encoding="utf-8")
-    return index
+    return write_latent_index(work / LATENT_DIR, [p.name for p in data.files], WORLD.travel)
 
 
 def cached_latents(work: str | Path, limit: int | None = None):
