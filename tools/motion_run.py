@@ -1,24 +1,27 @@
 """Does a world DiT learn the motion word? Train one on a world cache and probe it as it learns (GPU or CPU).
 
-    python -m tools.motion_run cache --work W [--travel 0.5] [--samples 1500] [--held-out 48] [--device cuda]
+    python -m tools.motion_run cache --work W [--travel 0.5] [--samples 1500] [--subjects 1] [--held-out 48]
+        [--device cuda]
     python -m tools.motion_run train --work W --network mmdit-pooled [--init FILE] [--batch 32] [--seconds 300]
-        [--every 500] [--device cuda] --out RUN
+        [--every 500] [--dropout TEXT REFERENCE] [--device cuda] --out RUN
 
 ``cache`` renders the world's triplets (``WorldConfig.travel``: how far the subjects move) in ``--workers`` processes
 and encodes them with the shipped world VAE and umT5 (``phantom_core/tiny/trained``; the VAE on ``--device``, the
 umT5 in float32 on the CPU, as sampling runs it): ``W/latents`` (training subjects, the recipe's seed) and
 ``W/held_out/latents`` (single-subject scenes of held-out subjects), each with ``index.json`` as
-``default_model.stage_latents`` writes it. Training samples go in chunks of 150, each chunk's index written
+``default_model.stage_latents`` writes it. ``--subjects N`` gives every training scene N subjects instead of the
+world's mix of one to three (recorded in the index). Training samples go in chunks of 150, each chunk's index written
 atomically, and no chunk starts after ``--deadline`` seconds: a run stopped early keeps a usable cache.
 
 ``train`` trains ``--network`` (``tools.motion_toy.build_network``: ``phantom-wan``, ``mmdit``, ``mmdit-pos``,
 ``mmdit-pooled``) from scratch, or ``--init`` (any DiT or MMDiT file), with the general trainer (the world recipe's
-``DIT_TRAIN``: shift 5, text / reference dropout 0.2 / 0.1, at a constant learning rate after its warm-up, so that
-a run stopped by ``--seconds`` ends where it would have gone on). Every ``--every`` steps and at the end it runs
-``tools.motion_probe.probe`` (sigma 0.95 and 0.85, 2 draws) on ``--probe`` moving single-subject triplets of the
-training cache and of the held-out cache and prints the text effect (latent px; the truth's displacement beside it).
-It writes ``RUN.safetensors`` (the trainer's file), ``RUN_fp16.safetensors`` (a half-size copy: a device machine
-returns files up to 16 MiB) and ``RUN_curve.json`` (every probe). docs/WORLD.md has what it measured.
+``DIT_TRAIN``: shift 5, text / reference dropout 0.2 / 0.1, at a constant learning rate after its warm-up, so that a
+run stopped by ``--seconds`` ends where it would have gone on; ``--dropout`` replaces the two dropouts). Every
+``--every`` steps and at the end it runs ``tools.motion_probe.probe`` (sigma 0.95 and 0.85, 2 draws) on ``--probe``
+moving single-subject triplets of the training cache and of the held-out cache and prints the text effect (latent px;
+the truth's displacement beside it). It writes ``RUN.safetensors`` (the trainer's file), ``RUN_fp16.safetensors`` (a
+half-size copy: a device machine returns files up to 16 MiB) and ``RUN_curve.json`` (every probe). docs/WORLD.md has
+what it measured.
 """
 
 from __future__ import annotations
@@ -38,14 +41,14 @@ HELD_OUT_SEED = 777
 PROBE_SIGMAS = (0.95, 0.85)
 
 
-def render(job: tuple[str, int, int, float]):
-    """Worker: ``(split, seed, index, travel)`` -> the recipe's ``RawSample`` of that world (held-out scenes have one
-    subject)."""
+def render(job: tuple[str, int, int, float, int | None]):
+    """Worker: ``(split, seed, index, travel, subjects)`` -> the recipe's ``RawSample`` of that world with
+    ``subjects`` subjects (None: the world's mix)."""
     from phantom_core.world.default_model import WORLD, _raw_samples
 
-    split, seed, index, travel = job
+    split, seed, index, travel, subjects = job
     torch.set_num_threads(1)
-    return next(_raw_samples([index], replace(WORLD, travel=travel), split, seed, 1 if split == "test" else None))
+    return next(_raw_samples([index], replace(WORLD, travel=travel), split, seed, subjects))
 
 
 class DeviceVAE:
@@ -82,9 +85,9 @@ def cache(args: argparse.Namespace) -> None:
         return DeviceVAE(vae, device), text_encoder
 
     started, fmt = time.perf_counter(), recipe.WORLD.video
-    held = [("test", HELD_OUT_SEED, i, args.travel) for i in range(args.held_out)]
+    held = [("test", HELD_OUT_SEED, i, args.travel, 1) for i in range(args.held_out)]
     chunks = [(work / "held_out" / recipe.LATENT_DIR, held)] + [
-        (work / recipe.LATENT_DIR, [("train", recipe.RECIPE_SEED + 4, i, args.travel)
+        (work / recipe.LATENT_DIR, [("train", recipe.RECIPE_SEED + 4, i, args.travel, args.subjects)
                                     for i in range(a, min(a + CHUNK, args.samples))])
         for a in range(0, args.samples, CHUNK)]
     files: dict[Path, list[str]] = {}
@@ -97,7 +100,8 @@ def cache(args: argparse.Namespace) -> None:
                                     fingerprints=fingerprints, frames=fmt.frames, width=fmt.width,
                                     height=fmt.height, dropped_prompt=WAN_NEGATIVE_PROMPT)
             files.setdefault(folder, []).extend(p.name for p in data.files)
-            recipe.write_latent_index(folder, files[folder], args.travel)
+            recipe.write_latent_index(folder, files[folder], args.travel,
+                                      1 if folder.parent.name == "held_out" else args.subjects)
             print(f"{folder}: {len(files[folder])} cached, {len(bad)} skipped, "
                   f"{time.perf_counter() - started:.0f} s", flush=True)
 
@@ -125,6 +129,8 @@ def train_run(args: argparse.Namespace) -> list[dict]:
     settings = {**DIT_TRAIN, "dit": args.init or f"motion-run:{args.network}", "device": args.device,
                 "precision": "fp32", "batch_size": args.batch, "steps": args.steps, "lr_schedule": "constant",
                 "learning_rate": args.lr, "checkpoint_every": args.steps, "keep_checkpoints": 1, "seed": args.seed}
+    if args.dropout is not None:
+        settings.update(text_dropout=args.dropout[0], reference_dropout=args.dropout[1])
     config = load_config(None, **settings, out=str(out.with_suffix(".safetensors")), run_dir=f"{out}_run",
                          resume=False, dropped_prompt=WAN_NEGATIVE_PROMPT)
     text_encoder = load_text_encoder(work / "umt5.safetensors")
@@ -188,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--work", required=True)
     c.add_argument("--travel", type=float, default=TRAVEL_FRACTION, help=f"(0, {MAX_TRAVEL}], default %(default)s")
     c.add_argument("--samples", type=int, default=1000, help="training triplets (default %(default)s)")
+    c.add_argument("--subjects", type=int, choices=(1, 2, 3), default=None,
+                   help="subjects in every training scene (default: the world's mix of 1-3)")
     c.add_argument("--held-out", type=int, default=48, help="held-out single-subject triplets (default %(default)s)")
     c.add_argument("--workers", type=int, default=2, help="rendering processes (default %(default)s)")
     c.add_argument("--deadline", type=float, default=float("inf"), help="seconds after which no chunk starts")
@@ -202,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seconds", type=float, default=float("inf"), help="stop after this long (default: never)")
     t.add_argument("--every", type=int, default=500, help="probe every N steps (default %(default)s)")
     t.add_argument("--probe", type=int, default=24, help="triplets per probe set (default %(default)s)")
+    t.add_argument("--dropout", type=float, nargs=2, metavar=("TEXT", "REFERENCE"),
+                   help="text and reference dropout probabilities (default: the recipe's)")
     t.add_argument("--seed", type=int, default=11079)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--device", default="cpu")
@@ -214,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--travel: {err}")
         cache(args)
         return 0
+    if args.dropout is not None and not all(0 <= d < 1 for d in args.dropout):
+        p.error(f"--dropout is {args.dropout}; each must be >= 0 and < 1")
     for name in ("batch", "steps", "every", "probe"):
         if getattr(args, name) < 1:
             p.error(f"--{name} is {getattr(args, name)}; it must be >= 1")

@@ -235,11 +235,12 @@ PLAIN = dict(warmup_steps=0, lr_schedule="constant", text_dropout=0.0, reference
 
 
 def run(network: str, steps: int, every: int, seed: int = 0, threads: int = 2, report=print,
-        variety: bool | str = False, plain: bool = False, device: str = "cpu", speed: float = STEP
-        ) -> dict[float, dict]:
+        variety: bool | str = False, plain: bool = False, device: str = "cpu", speed: float = STEP,
+        dropout: tuple[float, float] | None = None) -> dict[float, dict]:
     """Train ``network`` for ``steps`` on the toy world (``variety``, ``plain``: see the module) on ``device`` (the
     trainer's: cpu, cuda, ...; fp32 either way) and return the final ``measure``; ``report`` gets a line every
-    ``every`` steps."""
+    ``every`` steps. ``dropout``: ``(text, reference)`` dropout probabilities instead of the recipe's (or
+    ``plain``'s zeros)."""
     from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
     from phantom_core.tiny.default import TRAINED_DIR
     from phantom_core.training.cache import InMemoryLatents, LatentSample
@@ -272,10 +273,13 @@ def run(network: str, steps: int, every: int, seed: int = 0, threads: int = 2, r
                                f"of {r['truth']:.2f}" for s, r in final.items())
             kind = variety_kind(variety)
             name = network + {"none": "", "both": " (variety)"}.get(kind, f" (variety: {kind})") + " (plain)" * plain
+            name += f" (dropout {dropout[0]} / {dropout[1]})" if dropout is not None else ""
             report(f"{name} step {step}/{total} ({time.time() - start:.0f} s, train loss {loss:.4f}): {cells}")
 
     with tempfile.TemporaryDirectory() as tmp:
         settings = {**TOY_TRAIN, **(PLAIN if plain else {}), "device": device}
+        if dropout is not None:
+            settings.update(text_dropout=dropout[0], reference_dropout=dropout[1])
         config = TrainConfig(**settings, steps=steps, seed=seed, dit=f"toy:{network}", out=f"{tmp}/toy.safetensors",
                              run_dir=f"{tmp}/run", dropped_prompt=WAN_NEGATIVE_PROMPT)
         train(config, dataset=dataset, model=model, callback=line)
@@ -295,7 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="the trainer's device: cpu (default), cuda, cuda:1, ...")
     p.add_argument("--speed", type=float, default=STEP,
                    help=f"latent px the square moves per latent frame (default {STEP}; the world's subjects ~0.5)")
+    p.add_argument("--dropout", type=float, nargs=2, metavar=("TEXT", "REFERENCE"),
+                   help="text and reference dropout probabilities instead of the recipe's (or --plain's zeros)")
     args = p.parse_args(argv)
+    if args.dropout is not None and not all(0 <= d < 1 for d in args.dropout):
+        p.error(f"--dropout is {args.dropout}; each must be >= 0 and < 1")
     for flag in ("steps", "every"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} is {getattr(args, flag)}; it must be >= 1")
@@ -303,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--speed is {args.speed}; it must be > 0 and <= {MAX_SPEED} (faster carries the square out of the "
                 f"{SIZE} x {SIZE} latent frame)")
     run(args.network, args.steps, args.every, args.seed, args.threads, report=lambda s: print(s, flush=True),
-        variety=args.variety, plain=args.plain, device=args.device, speed=args.speed)
+        variety=args.variety, plain=args.plain, device=args.device, speed=args.speed,
+        dropout=args.dropout)
     return 0
 
 

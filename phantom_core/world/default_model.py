@@ -247,9 +247,10 @@ def _raw_samples(indices, config: WorldConfig = WORLD, split: str = "train", see
         yield RawSample(f"{prefix}_{i:05d}", item.video, sample.references, sample.prompt)
 
 
-def write_latent_index(latent_dir: Path, files: list[str], travel: float) -> Path:
+def write_latent_index(latent_dir: Path, files: list[str], travel: float, subjects: int | None = None) -> Path:
     """Write ``latent_dir/index.json`` atomically (what ``cached_latents`` reads): the cache ``files`` in order, the
-    newest dropped prompt's context file in ``latent_dir``, and the world's ``travel``. Returns its path."""
+    newest dropped prompt's context file in ``latent_dir``, and the world's ``travel`` (and ``subjects``, the
+    subjects per scene when every scene has that many; None: the world's mix, not recorded). Returns its path."""
     import json
 
     from phantom_core.loading.disk import atomic_write
@@ -257,7 +258,8 @@ def write_latent_index(latent_dir: Path, files: list[str], travel: float) -> Pat
     dropped = sorted(latent_dir.glob("dropped-*.safetensors"))[-1].name
     index = latent_dir / "index.json"
     with atomic_write(index) as tmp:
-        tmp.write_text(json.dumps({"files": files, "dropped": dropped, "world": {"travel": travel}}), encoding="utf-8")
+        world = {"travel": travel} if subjects is None else {"travel": travel, "subjects": subjects}
+        tmp.write_text(json.dumps({"files": files, "dropped": dropped, "world": world}), encoding="utf-8")
     return index
 
 

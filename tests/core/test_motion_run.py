@@ -19,14 +19,18 @@ pytestmark = pytest.mark.skipif("emoji" not in available_sources(),
 @pytest.mark.slow  # ~40 s on two CPU cores: 10 triplets of 17 frames at 128 px go through the world VAE
 def test_cache_train_probe_and_stop_on_time(tmp_path):
     work, run = tmp_path / "w", tmp_path / "run"
-    assert main(["cache", "--work", str(work), "--travel", "0.5", "--samples", "6", "--held-out", "4",
-                 "--workers", "1"]) == 0
+    assert main(["cache", "--work", str(work), "--travel", "0.5", "--samples", "6", "--subjects", "1",
+                 "--held-out", "4", "--workers", "1"]) == 0
     index = json.loads((work / "latents" / "index.json").read_text())
-    assert len(index["files"]) == 6 and index["world"] == {"travel": 0.5}
-    assert len(json.loads((work / "held_out" / "latents" / "index.json").read_text())["files"]) == 4
+    assert len(index["files"]) == 6 and index["world"] == {"travel": 0.5, "subjects": 1}
+    assert all(f.get_slice("ref_latents").get_shape()[1] == 1 for f in
+               (safe_open(str(work / "latents" / name), framework="pt") for name in index["files"]))
+    held = json.loads((work / "held_out" / "latents" / "index.json").read_text())
+    assert len(held["files"]) == 4 and held["world"] == {"travel": 0.5, "subjects": 1}
     # --seconds 0: the run stops after its first step, probed there, and still writes its files
     assert main(["train", "--work", str(work), "--network", "mmdit-pooled", "--batch", "1", "--steps", "5",
-                 "--every", "1", "--probe", "2", "--seconds", "0", "--threads", "2", "--out", str(run)]) == 0
+                 "--every", "1", "--probe", "2", "--seconds", "0", "--threads", "2", "--dropout", "0", "0",
+                 "--out", str(run)]) == 0
     curve = json.loads((tmp_path / "run_curve.json").read_text())
     assert [row["step"] for row in curve] == [1]
     for tag in ("train", "held"):
@@ -47,3 +51,9 @@ def test_bad_options_are_refused(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--work", "w", "--out", "r", "--batch", "0"])
     assert "--batch is 0; it must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--work", "w", "--out", "r", "--dropout", "0.2", "1.0"])
+    assert "--dropout is [0.2, 1.0]; each must be >= 0 and < 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["cache", "--work", "w", "--subjects", "4"])
+    assert "--subjects: invalid choice: 4" in capsys.readouterr().err

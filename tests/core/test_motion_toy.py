@@ -174,3 +174,19 @@ def test_a_short_run_goes_through_the_trainer_and_reports_each_measure(speed):
     assert "floor" in lines[-1] and all(r["floor_aware"] <= r["floor_blind"] for r in final.values())
     assert set(final) == {0.95, 0.8} and all(0 < r["own"] < 10 for r in final.values())
     assert final[0.8]["floor_aware"] < 1e-3 and final[0.8]["truth"] == pytest.approx(speed * (FRAMES - 1), abs=1.0)
+
+
+def test_dropout_reaches_the_trainer_and_a_bad_one_is_refused(monkeypatch, capsys):
+    """``--dropout TEXT REFERENCE`` replaces the recipe's (and ``--plain``'s) dropouts in the trainer's config and is
+    named in the report; a probability outside [0, 1) is refused with an error naming the flag."""
+    import phantom_core.training.loop as loop
+
+    seen = []
+    monkeypatch.setattr(loop, "train", lambda config, **kw: seen.append(config))
+    run("mmdit", steps=1, every=1, threads=1, report=lambda s: None, plain=True, dropout=(0.3, 0.05))
+    run("mmdit", steps=1, every=1, threads=1, report=lambda s: None, plain=True)
+    assert (seen[0].text_dropout, seen[0].reference_dropout) == (0.3, 0.05)
+    assert (seen[1].text_dropout, seen[1].reference_dropout) == (0.0, 0.0)
+    with pytest.raises(SystemExit):
+        main(["--dropout", "0.2", "1"])
+    assert "--dropout is [0.2, 1.0]; each must be >= 0 and < 1" in capsys.readouterr().err
