@@ -86,13 +86,13 @@ def cache(args: argparse.Namespace) -> None:
 
     started, fmt = time.perf_counter(), recipe.WORLD.video
     held = [("test", HELD_OUT_SEED, i, args.travel, 1) for i in range(args.held_out)]
-    chunks = [(work / "held_out" / recipe.LATENT_DIR, held)] + [
-        (work / recipe.LATENT_DIR, [("train", recipe.RECIPE_SEED + 4, i, args.travel, args.subjects)
+    chunks = [(work / "held_out" / recipe.LATENT_DIR, 1, held)] + [
+        (work / recipe.LATENT_DIR, args.subjects, [("train", recipe.RECIPE_SEED + 4, i, args.travel, args.subjects)
                                     for i in range(a, min(a + CHUNK, args.samples))])
         for a in range(0, args.samples, CHUNK)]
     files: dict[Path, list[str]] = {}
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for folder, jobs in chunks:
+        for folder, subjects, jobs in chunks:
             if files.get(folder) and time.perf_counter() - started > args.deadline:
                 print(f"deadline: {len(files[folder])} training samples cached", flush=True)
                 break
@@ -100,8 +100,7 @@ def cache(args: argparse.Namespace) -> None:
                                     fingerprints=fingerprints, frames=fmt.frames, width=fmt.width,
                                     height=fmt.height, dropped_prompt=WAN_NEGATIVE_PROMPT)
             files.setdefault(folder, []).extend(p.name for p in data.files)
-            recipe.write_latent_index(folder, files[folder], args.travel,
-                                      1 if folder.parent.name == "held_out" else args.subjects)
+            recipe.write_latent_index(folder, files[folder], args.travel, subjects)
             print(f"{folder}: {len(files[folder])} cached, {len(bad)} skipped, "
                   f"{time.perf_counter() - started:.0f} s", flush=True)
 
@@ -122,15 +121,14 @@ def train_run(args: argparse.Namespace) -> list[dict]:
     from phantom_core.wan.umt5 import load_text_encoder
     from phantom_core.world.default_model import DIT_TRAIN, cached_latents
     from tools.motion_probe import cache_samples, probe
-    from tools.motion_toy import build_network
+    from tools.motion_toy import build_network, dropout_settings
 
     work, device, out = Path(args.work), torch.device(args.device), Path(args.out)
     model = load_any_dit(args.init).float().train() if args.init else build_network(args.network, args.seed)
     settings = {**DIT_TRAIN, "dit": args.init or f"motion-run:{args.network}", "device": args.device,
                 "precision": "fp32", "batch_size": args.batch, "steps": args.steps, "lr_schedule": "constant",
                 "learning_rate": args.lr, "checkpoint_every": args.steps, "keep_checkpoints": 1, "seed": args.seed}
-    if args.dropout is not None:
-        settings.update(text_dropout=args.dropout[0], reference_dropout=args.dropout[1])
+    settings.update(dropout_settings(args.dropout))
     config = load_config(None, **settings, out=str(out.with_suffix(".safetensors")), run_dir=f"{out}_run",
                          resume=False, dropped_prompt=WAN_NEGATIVE_PROMPT)
     text_encoder = load_text_encoder(work / "umt5.safetensors")
@@ -186,7 +184,7 @@ def train_run(args: argparse.Namespace) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     from phantom_core.world.render import MAX_TRAVEL, TRAVEL_FRACTION, check_travel
-    from tools.motion_toy import NETWORKS
+    from tools.motion_toy import NETWORKS, DropoutOption
 
     p = argparse.ArgumentParser(prog="python -m tools.motion_run", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -210,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seconds", type=float, default=float("inf"), help="stop after this long (default: never)")
     t.add_argument("--every", type=int, default=500, help="probe every N steps (default %(default)s)")
     t.add_argument("--probe", type=int, default=24, help="triplets per probe set (default %(default)s)")
-    t.add_argument("--dropout", type=float, nargs=2, metavar=("TEXT", "REFERENCE"),
+    t.add_argument("--dropout", type=float, nargs=2, metavar=("TEXT", "REFERENCE"), action=DropoutOption,
                    help="text and reference dropout probabilities (default: the recipe's)")
     t.add_argument("--seed", type=int, default=11079)
     t.add_argument("--threads", type=int, default=2)
@@ -224,8 +222,6 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--travel: {err}")
         cache(args)
         return 0
-    if args.dropout is not None and not all(0 <= d < 1 for d in args.dropout):
-        p.error(f"--dropout is {args.dropout}; each must be >= 0 and < 1")
     for name in ("batch", "steps", "every", "probe"):
         if getattr(args, name) < 1:
             p.error(f"--{name} is {getattr(args, name)}; it must be >= 1")

@@ -234,6 +234,21 @@ def measure(model, encode, cases, sigmas=(0.95, 0.8), seed: int = 9, speed: floa
 PLAIN = dict(warmup_steps=0, lr_schedule="constant", text_dropout=0.0, reference_dropout=0.0)
 
 
+class DropoutOption(argparse.Action):
+    """``--dropout TEXT REFERENCE`` (``nargs=2``, ``type=float``): stored as a tuple; a probability outside [0, 1) is
+    refused with an error naming the option (shared by this tool and ``tools.motion_run``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if not all(0 <= d < 1 for d in values):
+            parser.error(f"{option_string} is {values}; each must be >= 0 and < 1")
+        setattr(namespace, self.dest, tuple(values))
+
+
+def dropout_settings(dropout: tuple[float, float] | None) -> dict:
+    """The trainer settings of ``(text, reference)`` dropout probabilities; ``{}`` for None (keep the recipe's)."""
+    return {} if dropout is None else dict(text_dropout=dropout[0], reference_dropout=dropout[1])
+
+
 def run(network: str, steps: int, every: int, seed: int = 0, threads: int = 2, report=print,
         variety: bool | str = False, plain: bool = False, device: str = "cpu", speed: float = STEP,
         dropout: tuple[float, float] | None = None) -> dict[float, dict]:
@@ -277,9 +292,7 @@ def run(network: str, steps: int, every: int, seed: int = 0, threads: int = 2, r
             report(f"{name} step {step}/{total} ({time.time() - start:.0f} s, train loss {loss:.4f}): {cells}")
 
     with tempfile.TemporaryDirectory() as tmp:
-        settings = {**TOY_TRAIN, **(PLAIN if plain else {}), "device": device}
-        if dropout is not None:
-            settings.update(text_dropout=dropout[0], reference_dropout=dropout[1])
+        settings = {**TOY_TRAIN, **(PLAIN if plain else {}), **dropout_settings(dropout), "device": device}
         config = TrainConfig(**settings, steps=steps, seed=seed, dit=f"toy:{network}", out=f"{tmp}/toy.safetensors",
                              run_dir=f"{tmp}/run", dropped_prompt=WAN_NEGATIVE_PROMPT)
         train(config, dataset=dataset, model=model, callback=line)
@@ -299,11 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="the trainer's device: cpu (default), cuda, cuda:1, ...")
     p.add_argument("--speed", type=float, default=STEP,
                    help=f"latent px the square moves per latent frame (default {STEP}; the world's subjects ~0.5)")
-    p.add_argument("--dropout", type=float, nargs=2, metavar=("TEXT", "REFERENCE"),
+    p.add_argument("--dropout", type=float, nargs=2, metavar=("TEXT", "REFERENCE"), action=DropoutOption,
                    help="text and reference dropout probabilities instead of the recipe's (or --plain's zeros)")
     args = p.parse_args(argv)
-    if args.dropout is not None and not all(0 <= d < 1 for d in args.dropout):
-        p.error(f"--dropout is {args.dropout}; each must be >= 0 and < 1")
     for flag in ("steps", "every"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} is {getattr(args, flag)}; it must be >= 1")
