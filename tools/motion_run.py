@@ -3,7 +3,7 @@
     python -m tools.motion_run cache --work W [--travel 0.5] [--samples 1500] [--subjects 1] [--held-out 48]
         [--device cuda]
     python -m tools.motion_run train --work W --network mmdit-pooled [--init FILE] [--batch 32] [--seconds 300]
-        [--every 500] [--dropout TEXT REFERENCE] [--device cuda] --out RUN
+        [--every 500] [--dropout TEXT REFERENCE] [--resume] [--device cuda] --out RUN
 
 ``cache`` renders the world's triplets (``WorldConfig.travel``: how far the subjects move) in ``--workers`` processes
 and encodes them with the shipped world VAE and umT5 (``phantom_core/tiny/trained``; the VAE on ``--device``, the
@@ -20,8 +20,11 @@ run stopped by ``--seconds`` ends where it would have gone on; ``--dropout`` rep
 ``--every`` steps and at the end it runs ``tools.motion_probe.probe`` (sigma 0.95 and 0.85, 2 draws) on ``--probe``
 moving single-subject triplets of the training cache and of the held-out cache and prints the text effect (latent px;
 the truth's displacement beside it). It writes ``RUN.safetensors`` (the trainer's file), ``RUN_fp16.safetensors`` (a
-half-size copy: a device machine returns files up to 16 MiB) and ``RUN_curve.json`` (every probe). docs/WORLD.md has
-what it measured.
+half-size copy: a device machine returns files up to 16 MiB) and ``RUN_curve.json`` (every probe so far, rewritten
+atomically after each). The trainer writes a checkpoint (``RUN_run/checkpoints``, the latest kept) at every probe, so
+a run stopped by ``--seconds`` or killed goes on with ``--resume`` (the same command) from its last probe, with the
+same data order, noise and optimiser state; the curve keeps the rows up to that step (``seconds`` in a row counts from
+the start of the invocation that measured it). docs/WORLD.md has what it measured.
 """
 
 from __future__ import annotations
@@ -114,7 +117,9 @@ def train_run(args: argparse.Namespace) -> list[dict]:
     from safetensors.torch import save_file
 
     from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
+    from phantom_core.loading.disk import atomic_write
     from phantom_core.mmdit.load import load_any_dit
+    from phantom_core.training.checkpoint import list_checkpoints
     from phantom_core.training.config import load_config
     from phantom_core.training.loop import train
     from phantom_core.training.model import save_output
@@ -127,10 +132,10 @@ def train_run(args: argparse.Namespace) -> list[dict]:
     model = load_any_dit(args.init).float().train() if args.init else build_network(args.network, args.seed)
     settings = {**DIT_TRAIN, "dit": args.init or f"motion-run:{args.network}", "device": args.device,
                 "precision": "fp32", "batch_size": args.batch, "steps": args.steps, "lr_schedule": "constant",
-                "learning_rate": args.lr, "checkpoint_every": args.steps, "keep_checkpoints": 1, "seed": args.seed}
+                "learning_rate": args.lr, "checkpoint_every": args.every, "keep_checkpoints": 1, "seed": args.seed}
     settings.update(dropout_settings(args.dropout))
     config = load_config(None, **settings, out=str(out.with_suffix(".safetensors")), run_dir=f"{out}_run",
-                         resume=False, dropped_prompt=WAN_NEGATIVE_PROMPT)
+                         resume=args.resume, dropped_prompt=WAN_NEGATIVE_PROMPT)
     text_encoder = load_text_encoder(work / "umt5.safetensors")
     sets = {"train": cache_samples(work, args.probe), "held": cache_samples(work / "held_out", args.probe)}
     contexts: dict[str, torch.Tensor] = {}
@@ -143,7 +148,16 @@ def train_run(args: argparse.Namespace) -> list[dict]:
     def dit(x, t, context, refs, **extra):  # the probe's CPU tensors in, the velocity back on the CPU
         return model(x.to(device), t.to(device), context.to(device), refs.to(device)).float().cpu()
 
-    started, curve = time.perf_counter(), []
+    curve_file = Path(f"{out}_curve.json")
+    found = list_checkpoints(config.run_path / "checkpoints") if args.resume else []
+    start = found[-1][0] if found else 0
+    curve = [row for row in json.loads(curve_file.read_text(encoding="utf-8")) if row["step"] <= start] \
+        if start and curve_file.is_file() else []
+    started = time.perf_counter()
+
+    def write_curve() -> None:
+        with atomic_write(curve_file) as tmp:
+            tmp.write_text(json.dumps(curve, indent=1), encoding="utf-8")
 
     def measure(step: int) -> None:
         model.eval()
@@ -153,6 +167,7 @@ def train_run(args: argparse.Namespace) -> list[dict]:
             row[tag] = {str(s): {k: round(v, 3) for k, v in r.items()} for s, r in found.items()}
         model.train()
         curve.append(row)
+        write_curve()
         text = "; ".join(f"{tag} effect {r['0.95']['effect']:.2f} of {r['0.95']['truth']:.2f} at sigma 0.95 "
                          f"(share {r['0.95']['share']:.0f}%), {r['0.85']['effect']:.2f} at 0.85"
                          for tag, r in ((t, row[t]) for t in sets))
@@ -176,8 +191,8 @@ def train_run(args: argparse.Namespace) -> list[dict]:
         measure(last)
     half = {k: (v.detach().half() if v.is_floating_point() else v.detach()).cpu().contiguous()
             for k, v in model.state_dict().items()}
-    save_file(half, f"{out}_fp16.safetensors", metadata={"steps": str(last), "network": args.network})
-    Path(f"{out}_curve.json").write_text(json.dumps(curve, indent=1), encoding="utf-8")
+    with atomic_write(f"{out}_fp16.safetensors") as tmp:
+        save_file(half, str(tmp), metadata={"steps": str(last), "network": args.network})
     print(f"{last} steps in {time.perf_counter() - started:.0f} s: {out}.safetensors", flush=True)
     return curve
 
@@ -210,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--probe", type=int, default=24, help="triplets per probe set (default %(default)s)")
     t.add_argument("--dropout", type=float, nargs=2, metavar=("TEXT", "REFERENCE"), action=DropoutOption,
                    help="text and reference dropout probabilities (default: the recipe's)")
+    t.add_argument("--resume", action="store_true",
+                   help="go on from the run's latest checkpoint (written at every probe), if it has one")
     t.add_argument("--seed", type=int, default=11079)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--device", default="cpu")

@@ -1,4 +1,5 @@
-"""tools.motion_run: a world cache of a chosen travel, then a training run probed as it learns and stopped on time."""
+"""tools.motion_run: a world cache of a chosen travel, then a training run probed as it learns, stopped on time, and
+resumed from its last probe."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ pytestmark = pytest.mark.skipif("emoji" not in available_sources(),
                                 reason="the recipe's subjects include emoji: `make emoji-font`")
 
 
-@pytest.mark.slow  # ~40 s on two CPU cores: 10 triplets of 17 frames at 128 px go through the world VAE
-def test_cache_train_probe_and_stop_on_time(tmp_path):
+@pytest.mark.slow  # ~50 s on two CPU cores: 10 triplets of 17 frames at 128 px go through the world VAE
+def test_cache_train_probe_stop_on_time_and_resume(tmp_path):
     work, run = tmp_path / "w", tmp_path / "run"
     assert main(["cache", "--work", str(work), "--travel", "0.5", "--samples", "6", "--subjects", "1",
                  "--held-out", "4", "--workers", "1"]) == 0
@@ -42,6 +43,26 @@ def test_cache_train_probe_and_stop_on_time(tmp_path):
     full, half = load_any_dit(run.with_suffix(".safetensors")), load_any_dit(f"{run}_fp16.safetensors")
     for (name, a), b in zip(full.state_dict().items(), half.state_dict().values()):
         torch.testing.assert_close(b.float(), a.float(), rtol=1e-3, atol=1e-4, msg=name)
+    # a run of 4 steps, then --resume to 6, against 6 steps in one go: the same weights and the same probe rows
+    common = ["train", "--work", str(work), "--network", "mmdit-pooled", "--batch", "2", "--every", "2", "--probe",
+              "2", "--threads", "2"]
+    split, whole = tmp_path / "split", tmp_path / "whole"
+    assert main([*common, "--steps", "4", "--out", str(split)]) == 0
+    # resumed and stopped on time: it went on from step 4 (a fresh start would stop at step 1)
+    assert main([*common, "--steps", "6", "--resume", "--seconds", "0", "--out", str(split)]) == 0
+    assert [row["step"] for row in json.loads((tmp_path / "split_curve.json").read_text())] == [2, 4, 5]
+    with safe_open(str(split.with_suffix(".safetensors")), framework="pt") as f:
+        assert f.metadata()["steps"] == "5"
+    assert main([*common, "--steps", "6", "--resume", "--out", str(split)]) == 0  # from step 4's checkpoint again
+    assert main([*common, "--steps", "6", "--out", str(whole)]) == 0
+    rows = {name: json.loads((tmp_path / f"{name}_curve.json").read_text()) for name in ("split", "whole")}
+    assert [row["step"] for row in rows["split"]] == [row["step"] for row in rows["whole"]] == [2, 4, 6]
+    for a, b in zip(rows["split"], rows["whole"]):
+        for tag in ("train", "held"):
+            assert a[tag]["0.95"]["effect"] == pytest.approx(b[tag]["0.95"]["effect"], abs=2e-3)
+    resumed, straight = load_any_dit(split.with_suffix(".safetensors")), load_any_dit(whole.with_suffix(".safetensors"))
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_bad_options_are_refused(capsys):
