@@ -149,8 +149,8 @@ def train_run(args: argparse.Namespace) -> list[dict]:
         return model(x.to(device), t.to(device), context.to(device), refs.to(device)).float().cpu()
 
     curve_file = Path(f"{out}_curve.json")
-    found = list_checkpoints(config.run_path / "checkpoints") if args.resume else []
-    start = found[-1][0] if found else 0
+    checkpoints = list_checkpoints(config.run_path / "checkpoints") if args.resume else []
+    start = checkpoints[-1][0] if checkpoints else 0  # the step the trainer will resume from
     curve = [row for row in json.loads(curve_file.read_text(encoding="utf-8")) if row["step"] <= start] \
         if start and curve_file.is_file() else []
     started = time.perf_counter()
