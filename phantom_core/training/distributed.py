@@ -14,6 +14,7 @@ GPU (the 14B). DDP keeps a full copy per rank and is the faster choice when the 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -86,9 +87,12 @@ def setup_distributed(device_choice: str = "auto") -> DistContext:
 
 
 def teardown_distributed(ctx: DistContext) -> None:
-    """Destroy the process group if ``setup_distributed`` created it."""
+    """Destroy the process group if ``setup_distributed`` created it, then collect the DDP / FSDP wrappers that
+    still hold it, so that gloo's worker threads end now and not during interpreter shutdown (where they can
+    abort the process with SIGABRT after the run has finished)."""
     if ctx.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()
 
 
 def wrap_model(model: nn.Module, ctx: DistContext, fsdp: bool) -> nn.Module:

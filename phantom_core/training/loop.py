@@ -117,7 +117,9 @@ def train(config: TrainConfig, *, dataset: LatentDataset | None = None, model: n
     """
     ctx = setup_distributed(config.device)
     try:
-        return _train(config, ctx, dataset, model, encoders, fingerprints, callback)
+        result = _train(config, ctx, dataset, model, encoders, fingerprints, callback)
+        barrier(ctx)  # no rank tears the group down while another still writes or gathers
+        return result
     finally:
         teardown_distributed(ctx)
 

@@ -78,6 +78,7 @@ def distributed_worker(rank: int, world_size: int, port: int, root: str, runs: d
     """One rank of a gloo process group on 127.0.0.1:``port`` training each of ``runs`` (name -> TrainConfig
     fields; ``run_dir`` = ``root/<name>``) on ``random_latents(6)`` from ``micro_dit(seed=2)``; spawned by the
     distributed tests with ``torch.multiprocessing``."""
+    import gc
     import os
 
     import torch.distributed as dist
@@ -93,5 +94,7 @@ def distributed_worker(rank: int, world_size: int, port: int, root: str, runs: d
         for name, fields in runs.items():
             config = TrainConfig(**fields, out=f"{root}/{name}.safetensors", run_dir=f"{root}/{name}", device="cpu")
             train(config, dataset=random_latents(6, seed=1), model=micro_dit(seed=2))
+            gc.collect()  # the run's DDP / FSDP wrappers let go of the group before the next run or the teardown
     finally:
         dist.destroy_process_group()
+        gc.collect()  # gloo's threads end here, not in interpreter shutdown (a SIGABRT seen once in CI)
