@@ -2,8 +2,8 @@
 
     python -m tools.motion_run cache --work W [--travel 0.5] [--samples 1500] [--subjects 1] [--held-out 48]
         [--device cuda]
-    python -m tools.motion_run train --work W --network mmdit-pooled [--init FILE] [--batch 32] [--seconds 300]
-        [--every 500] [--dropout TEXT REFERENCE] [--resume] [--device cuda] --out RUN
+    python -m tools.motion_run train --work W [--mix W2 ...] --network mmdit-pooled [--init FILE] [--batch 32]
+        [--seconds 300] [--every 500] [--dropout TEXT REFERENCE] [--resume] [--device cuda] --out RUN
 
 ``cache`` renders the world's triplets (``WorldConfig.travel``: how far the subjects move) in ``--workers`` processes
 and encodes them with the shipped world VAE and umT5 (``phantom_core/tiny/trained``; the VAE on ``--device``, the
@@ -14,7 +14,8 @@ world's mix of one to three (recorded in the index). Training samples go in chun
 atomically, and no chunk starts after ``--deadline`` seconds: a run stopped early keeps a usable cache.
 
 ``train`` trains ``--network`` (``tools.motion_toy.build_network``: ``phantom-wan``, ``mmdit``, ``mmdit-pos``,
-``mmdit-pooled``) from scratch, or ``--init`` (any DiT or MMDiT file), with the general trainer (the world recipe's
+``mmdit-pooled``) from scratch, or ``--init`` (any DiT or MMDiT file), on ``W``'s training triplets and those of
+each ``--mix`` cache (say a two-subject cache beside a one-subject one), with the general trainer (the world recipe's
 ``DIT_TRAIN``: shift 5, text / reference dropout 0.2 / 0.1, at a constant learning rate after its warm-up, so that a
 run stopped by ``--seconds`` ends where it would have gone on; ``--dropout`` replaces the two dropouts). Every
 ``--every`` steps and at the end it runs ``tools.motion_probe.probe`` (sigma 0.95 and 0.85, 2 draws) on ``--probe``
@@ -108,12 +109,37 @@ def cache(args: argparse.Namespace) -> None:
                   f"{time.perf_counter() - started:.0f} s", flush=True)
 
 
+def training_latents(works: list[Path]):
+    """The training caches of ``works`` (``cache``'s ``W/latents``) as one in-memory ``CachedLatents``.
+
+    Raises:
+        ValueError: a cache whose dropped-prompt context differs from the first's (another text encoder), or one
+            with no index.
+    """
+    from phantom_core.training.cache import CachedLatents
+    from phantom_core.world.default_model import LATENT_INDEX, latent_files
+
+    files, dropped = [], None
+    for work in works:
+        if not (work / LATENT_INDEX).is_file():
+            raise ValueError(f"--work / --mix {work}: no {LATENT_INDEX}; run `motion_run cache --work {work}` first")
+        more, context = latent_files(work)
+        if dropped is None:
+            dropped = context
+        elif context.shape != dropped.shape or not torch.allclose(context, dropped, rtol=1e-4, atol=1e-5):
+            raise ValueError(f"--mix {work}: its dropped-prompt context differs from {works[0]}'s (another text "
+                             "encoder); mix caches made with the same umT5")
+        files += more
+    return CachedLatents(files, dropped, in_memory=True)
+
+
 class _Stop(Exception):
     """Raised by the training callback when ``--seconds`` have passed; carries the step reached."""
 
 
-def train_run(args: argparse.Namespace) -> list[dict]:
-    """Train and probe as the module says; returns the probe curve (also written to ``RUN_curve.json``)."""
+def train_run(args: argparse.Namespace, data) -> list[dict]:
+    """Train on ``data`` (``training_latents``) and probe as the module says; returns the probe curve (also
+    written to ``RUN_curve.json``)."""
     from safetensors.torch import save_file
 
     from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
@@ -124,7 +150,7 @@ def train_run(args: argparse.Namespace) -> list[dict]:
     from phantom_core.training.loop import train
     from phantom_core.training.model import save_output
     from phantom_core.wan.umt5 import load_text_encoder
-    from phantom_core.world.default_model import DIT_TRAIN, cached_latents
+    from phantom_core.world.default_model import DIT_TRAIN
     from tools.motion_probe import cache_samples, probe
     from tools.motion_toy import build_network, dropout_settings
 
@@ -182,7 +208,7 @@ def train_run(args: argparse.Namespace) -> list[dict]:
             raise _Stop(step)
 
     try:
-        train(config, dataset=cached_latents(work), model=model, callback=callback)
+        train(config, dataset=data, model=model, callback=callback)
         last = args.steps
     except _Stop as stop:
         last = stop.args[0]
@@ -215,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--device", default="cpu", help="where the VAE encodes (default %(default)s)")
     t = sub.add_parser("train", help="train a DiT on the cache, probing the motion word as it learns")
     t.add_argument("--work", required=True)
+    t.add_argument("--mix", nargs="+", default=[], metavar="WORK",
+                   help="more caches whose training triplets join --work's (the probe reads --work's)")
     t.add_argument("--network", choices=NETWORKS, default="mmdit-pooled")
     t.add_argument("--init", default="", help="start from this DiT / MMDiT file instead of a fresh --network")
     t.add_argument("--batch", type=int, default=8)
@@ -242,8 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("batch", "steps", "every", "probe"):
         if getattr(args, name) < 1:
             p.error(f"--{name} is {getattr(args, name)}; it must be >= 1")
+    try:
+        data = training_latents([Path(args.work), *map(Path, args.mix)])
+    except ValueError as err:
+        p.error(str(err))
     torch.set_num_threads(args.threads)
-    train_run(args)
+    train_run(args, data)
     return 0
 
 

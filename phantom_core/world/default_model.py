@@ -317,18 +317,24 @@ def stage_latents(work: str | Path, workers: int = LATENT_WORKERS, samples: int 
     return write_latent_index(work / LATENT_DIR, [p.name for p in data.files], WORLD.travel)
 
 
-def cached_latents(work: str | Path, limit: int | None = None):
-    """The latent cache of ``stage_latents`` in ``work`` (its first ``limit`` samples), loaded in memory."""
+def latent_files(work: str | Path) -> tuple[list[Path], torch.Tensor]:
+    """``(sample files, dropped-prompt context)`` of the latent cache of ``stage_latents`` in ``work``
+    (``LATENT_INDEX``; raises ``FileNotFoundError`` without one)."""
     import json
 
     from safetensors.torch import load_file
 
-    from phantom_core.training.cache import CachedLatents
-
     folder = Path(work) / LATENT_DIR
     index = json.loads((Path(work) / LATENT_INDEX).read_text(encoding="utf-8"))
-    dropped = load_file(str(folder / index["dropped"]))["context"]
-    return CachedLatents([folder / f for f in index["files"][:limit]], dropped, in_memory=True)
+    return [folder / f for f in index["files"]], load_file(str(folder / index["dropped"]))["context"]
+
+
+def cached_latents(work: str | Path, limit: int | None = None):
+    """The latent cache of ``stage_latents`` in ``work`` (its first ``limit`` samples), loaded in memory."""
+    from phantom_core.training.cache import CachedLatents
+
+    files, dropped = latent_files(work)
+    return CachedLatents(files[:limit], dropped, in_memory=True)
 
 
 def stage_dit(work: str | Path, progress: StageProgress | None = None) -> Path:

@@ -1,5 +1,5 @@
 """tools.motion_run: a world cache of a chosen travel, then a training run probed as it learns, stopped on time, and
-resumed from its last probe."""
+resumed from its last probe; several caches mixed into one training set."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from phantom_core.mmdit.load import load_any_dit
 from phantom_core.world.subjects import available_sources
-from tools.motion_run import main
+from tools.motion_run import main, training_latents
 
 pytestmark = pytest.mark.skipif("emoji" not in available_sources(),
                                 reason="the recipe's subjects include emoji: `make emoji-font`")
@@ -78,3 +79,32 @@ def test_bad_options_are_refused(capsys):
     with pytest.raises(SystemExit):
         main(["cache", "--work", "w", "--subjects", "4"])
     assert "--subjects: invalid choice: 4" in capsys.readouterr().err
+
+
+def fake_cache(work, refs: int, count: int, dropped: torch.Tensor) -> None:
+    """``count`` cache files with ``refs`` reference latents each, and the index ``motion_run cache`` writes."""
+    folder = work / "latents"
+    folder.mkdir(parents=True)
+    save_file({"context": dropped}, str(folder / "dropped-x.safetensors"))
+    names = [f"s{refs}_{i}.safetensors" for i in range(count)]
+    for i, name in enumerate(names):
+        save_file({"latents": torch.full((4, 2, 4, 4), float(i)), "ref_latents": torch.zeros(4, refs, 4, 4),
+                   "context": torch.zeros(3, 8)}, str(folder / name), metadata={"name": name})
+    (folder / "index.json").write_text(json.dumps({"files": names, "dropped": "dropped-x.safetensors",
+                                                   "world": {"travel": 0.5, "subjects": refs}}))
+
+
+def test_mixed_caches_train_as_one_set_and_a_foreign_cache_is_refused(tmp_path, capsys):
+    dropped = torch.randn(5, 8)
+    fake_cache(tmp_path / "one", 1, 3, dropped)
+    fake_cache(tmp_path / "two", 2, 2, dropped + 1e-7)  # the same umT5, written again
+    data = training_latents([tmp_path / "one", tmp_path / "two"])
+    assert len(data) == 5 and [data[i].ref_latents.shape[1] for i in range(5)] == [1, 1, 1, 2, 2]
+    assert data.bucket(0) == data.bucket(2) != data.bucket(3)  # one- and two-reference samples batch apart
+    torch.testing.assert_close(data[4].latents, torch.ones(4, 2, 4, 4), rtol=0, atol=0)
+    fake_cache(tmp_path / "other", 2, 1, dropped + 0.1)  # another text encoder
+    with pytest.raises(ValueError, match="--mix .*other: its dropped-prompt context differs"):
+        training_latents([tmp_path / "one", tmp_path / "other"])
+    with pytest.raises(SystemExit):
+        main(["train", "--work", str(tmp_path / "one"), "--mix", str(tmp_path / "none"), "--out", "r"])
+    assert "none: no latents/index.json; run `motion_run cache --work" in capsys.readouterr().err
