@@ -87,11 +87,12 @@ def setup_distributed(device_choice: str = "auto") -> DistContext:
 
 
 def teardown_distributed(ctx: DistContext) -> None:
-    """Destroy the process group if ``setup_distributed`` created it, then collect the DDP / FSDP wrappers that
-    still hold it, so that gloo's worker threads end now and not during interpreter shutdown (where they can
-    abort the process with SIGABRT after the run has finished)."""
+    """After a distributed run: destroy the process group if ``setup_distributed`` created it, and collect the run's
+    DDP / FSDP wrappers (kept alive by reference cycles) that still hold a group, so that gloo's worker threads end
+    now and not during interpreter shutdown (where they can abort the process with SIGABRT after the run)."""
     if ctx.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+    if ctx.distributed:
         gc.collect()
 
 

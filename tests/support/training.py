@@ -94,7 +94,6 @@ def distributed_worker(rank: int, world_size: int, port: int, root: str, runs: d
         for name, fields in runs.items():
             config = TrainConfig(**fields, out=f"{root}/{name}.safetensors", run_dir=f"{root}/{name}", device="cpu")
             train(config, dataset=random_latents(6, seed=1), model=micro_dit(seed=2))
-            gc.collect()  # the run's DDP / FSDP wrappers let go of the group before the next run or the teardown
     finally:
         dist.destroy_process_group()
         gc.collect()  # gloo's threads end here, not in interpreter shutdown (a SIGABRT seen once in CI)
