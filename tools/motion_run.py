@@ -3,7 +3,8 @@
     python -m tools.motion_run cache --work W [--travel 0.5] [--samples 1500] [--subjects 1] [--held-out 48]
         [--device cuda]
     python -m tools.motion_run train --work W [--mix W2 ...] --network mmdit-pooled [--init FILE] [--batch 32]
-        [--seconds 300] [--every 500] [--dropout TEXT REFERENCE] [--resume] [--device cuda] --out RUN
+        [--seconds 300] [--every 500] [--dropout TEXT REFERENCE] [--schedule cosine] [--ema 0.998] [--resume]
+        [--device cuda] --out RUN
 
 ``cache`` renders the world's triplets (``WorldConfig.travel``: how far the subjects move) in ``--workers`` processes
 and encodes them with the shipped world VAE and umT5 (``phantom_core/tiny/trained``; the VAE on ``--device``, the
@@ -17,7 +18,10 @@ atomically, and no chunk starts after ``--deadline`` seconds: a run stopped earl
 ``mmdit-pooled``) from scratch, or ``--init`` (any DiT or MMDiT file), on ``W``'s training triplets and those of
 each ``--mix`` cache (say a two-subject cache beside a one-subject one), with the general trainer (the world recipe's
 ``DIT_TRAIN``: shift 5, text / reference dropout 0.2 / 0.1, at a constant learning rate after its warm-up, so that a
-run stopped by ``--seconds`` ends where it would have gone on; ``--dropout`` replaces the two dropouts). Every
+run stopped by ``--seconds`` ends where it would have gone on; ``--dropout`` replaces the two dropouts). A cool-down
+run instead gives ``--schedule cosine`` (the learning rate falls to 0 at ``--steps``) and ``--ema DECAY`` (the
+trainer's average of the weights, ``training.ema``, becomes the final file; the probes read the current weights, and
+a run with ``--ema`` refuses ``--seconds``, which would end it without the average). Every
 ``--every`` steps and at the end it runs ``tools.motion_probe.probe`` (sigma 0.95 and 0.85, 2 draws) on ``--probe``
 moving single-subject triplets of the training cache and of the held-out cache and prints the text effect (latent px;
 the truth's displacement beside it). It writes ``RUN.safetensors`` (the trainer's file), ``RUN_fp16.safetensors`` (a
@@ -140,7 +144,7 @@ class _Stop(Exception):
 def train_run(args: argparse.Namespace, data) -> list[dict]:
     """Train on ``data`` (``training_latents``) and probe as the module says; returns the probe curve (also
     written to ``RUN_curve.json``)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
     from phantom_core.loading.disk import atomic_write
@@ -157,8 +161,9 @@ def train_run(args: argparse.Namespace, data) -> list[dict]:
     work, device, out = Path(args.work), torch.device(args.device), Path(args.out)
     model = load_any_dit(args.init).float().train() if args.init else build_network(args.network, args.seed)
     settings = {**DIT_TRAIN, "dit": args.init or f"motion-run:{args.network}", "device": args.device,
-                "precision": "fp32", "batch_size": args.batch, "steps": args.steps, "lr_schedule": "constant",
-                "learning_rate": args.lr, "checkpoint_every": args.every, "keep_checkpoints": 1, "seed": args.seed}
+                "precision": "fp32", "batch_size": args.batch, "steps": args.steps, "lr_schedule": args.schedule,
+                "learning_rate": args.lr, "ema_decay": args.ema, "checkpoint_every": args.every,
+                "keep_checkpoints": 1, "seed": args.seed}
     settings.update(dropout_settings(args.dropout))
     config = load_config(None, **settings, out=str(out.with_suffix(".safetensors")), run_dir=f"{out}_run",
                          resume=args.resume, dropped_prompt=WAN_NEGATIVE_PROMPT)
@@ -215,8 +220,8 @@ def train_run(args: argparse.Namespace, data) -> list[dict]:
         save_output(model, None, config, config.out, last)
     if not curve or curve[-1]["step"] != last:
         measure(last)
-    half = {k: (v.detach().half() if v.is_floating_point() else v.detach()).cpu().contiguous()
-            for k, v in model.state_dict().items()}
+    final = load_file(str(config.out))  # the trainer's file: the EMA of the weights when --ema
+    half = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in final.items()}
     with atomic_write(f"{out}_fp16.safetensors") as tmp:
         save_file(half, str(tmp), metadata={"steps": str(last), "network": args.network})
     print(f"{last} steps in {time.perf_counter() - started:.0f} s: {out}.safetensors", flush=True)
@@ -253,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--probe", type=int, default=24, help="triplets per probe set (default %(default)s)")
     t.add_argument("--dropout", type=float, nargs=2, metavar=("TEXT", "REFERENCE"), action=DropoutOption,
                    help="text and reference dropout probabilities (default: the recipe's)")
+    t.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                   help="the learning rate after the warm-up: constant, or a cosine to 0 at --steps")
+    t.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="write the EMA of the weights with this decay as the final file (default: none)")
     t.add_argument("--resume", action="store_true",
                    help="go on from the run's latest checkpoint (written at every probe), if it has one")
     t.add_argument("--seed", type=int, default=11079)
@@ -270,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("batch", "steps", "every", "probe"):
         if getattr(args, name) < 1:
             p.error(f"--{name} is {getattr(args, name)}; it must be >= 1")
+    if args.ema and not 0.0 < args.ema < 1.0:
+        p.error(f"--ema is {args.ema}; it must be in (0, 1), e.g. 0.998, or 0 for none")
+    if args.ema and args.seconds != float("inf"):
+        p.error("--ema with --seconds: a run stopped on time has no final average; give --steps instead")
     try:
         data = training_latents([Path(args.work), *map(Path, args.mix)])
     except ValueError as err:

@@ -1,5 +1,6 @@
 """tools.motion_run: a world cache of a chosen travel, then a training run probed as it learns, stopped on time, and
-resumed from its last probe; several caches mixed into one training set."""
+resumed from its last probe; a cool-down run that writes the weights' EMA; several caches mixed into one training
+set."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from phantom_core.mmdit.load import load_any_dit
+from phantom_core.training.checkpoint import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE, list_checkpoints
 from phantom_core.world.subjects import available_sources
 from tools.motion_run import main, training_latents
 
@@ -64,6 +66,21 @@ def test_cache_train_probe_stop_on_time_and_resume(tmp_path):
     resumed, straight = load_any_dit(split.with_suffix(".safetensors")), load_any_dit(whole.with_suffix(".safetensors"))
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    # a cool-down run: cosine to 0 and the weights' EMA as the final file (and its half-size copy)
+    cool = tmp_path / "cool"
+    assert main([*common, "--steps", "4", "--schedule", "cosine", "--ema", "0.5", "--out", str(cool)]) == 0
+    (step, ckpt), = list_checkpoints(f"{cool}_run/checkpoints")
+    state = torch.load(ckpt / STATE_FILE, weights_only=False)
+    saved = json.loads((ckpt / CONFIG_FILE).read_text())
+    assert step == 4 and saved["lr_schedule"] == "cosine" and saved["ema_decay"] == 0.5
+    final, last = load_file(str(cool.with_suffix(".safetensors"))), load_file(str(ckpt / WEIGHTS_FILE))
+    assert set(state["ema"]) <= set(final)
+    for name, average in state["ema"].items():
+        torch.testing.assert_close(final[name], average, rtol=1e-6, atol=1e-7, msg=name)
+    assert max(float((final[n] - last[n]).abs().max()) for n in state["ema"]) > 1e-6  # not the last iterate
+    half = load_file(f"{cool}_fp16.safetensors")
+    for name, value in final.items():
+        torch.testing.assert_close(half[name].float(), value.float(), rtol=1e-3, atol=1e-4, msg=name)
 
 
 def test_bad_options_are_refused(capsys):
@@ -76,6 +93,12 @@ def test_bad_options_are_refused(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--work", "w", "--out", "r", "--dropout", "0.2", "1.0"])
     assert "--dropout is [0.2, 1.0]; each must be >= 0 and < 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--work", "w", "--out", "r", "--ema", "1.5"])
+    assert "--ema is 1.5; it must be in (0, 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--work", "w", "--out", "r", "--ema", "0.99", "--seconds", "60"])
+    assert "--ema with --seconds: a run stopped on time has no final average" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["cache", "--work", "w", "--subjects", "4"])
     assert "--subjects: invalid choice: 4" in capsys.readouterr().err
