@@ -14,6 +14,8 @@ over the single- and two-subject cases apart:
     copy_paste_rate     % of cases with a subject that copies its reference's context
     static_rate         % of subjects prompted to move that stay still
     stability           mean appearance stability over subjects (SSIM of consecutive frames)
+    presence_start/end  mean subject presence over cases in the first / last frames, % of the truth's (100: as much
+                        subject as the truth; a subject that fades falls from start to end; ``metrics``)
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ SUMMARY_ROWS: tuple[tuple[str, str, str], ...] = (  # key, label, format
     ("copy_paste_rate", "copy-paste rate (%)", "{:.1f}"),
     ("static_rate", "static rate (%)", "{:.1f}"),
     ("stability", "appearance stability (SSIM)", "{:.3f}"),
+    ("presence_start", "presence, first frames (%)", "{:.1f}"),
+    ("presence_end", "presence, last frames (%)", "{:.1f}"),
 )
 
 
@@ -116,6 +120,8 @@ def _group(scores: list[CaseScore]) -> dict[str, float | None]:
         "copy_paste_rate": _percent([c.copy_paste for c in scores]),
         "static_rate": _percent([s.static for s in moving]),
         "stability": _mean([s.stability for s in subjects]),
+        "presence_start": _mean([c.presence_start for c in scores]),
+        "presence_end": _mean([c.presence_end for c in scores]),
     }
 
 
@@ -143,7 +149,8 @@ def format_table(result: Evaluation) -> str:
 def _case_record(sample: WorldSample, score: CaseScore) -> dict[str, Any]:
     return {"index": sample.index, "prompt": sample.prompt, "background": score.background,
             "measured_background": score.measured_background, "swapped": score.swapped,
-            "copy_paste": score.copy_paste, "subjects": [
+            "copy_paste": score.copy_paste, "presence": [_finite(score.presence_start), _finite(score.presence_end)],
+            "subjects": [
                 {"name": name, "prompted": s.prompted, "measured": s.measured, "psnr": _finite(s.psnr),
                  "ssim": _finite(s.ssim), "trajectory_error": _finite(s.trajectory_error),
                  "stability": _finite(s.stability), "copy_paste": s.copy_paste, "swapped": s.swapped}
@@ -163,7 +170,8 @@ def report_dict(result: Evaluation, info: dict[str, Any]) -> dict[str, Any]:
 COMPARISON_COLUMNS = (("psnr", "subject PSNR (dB)", "{:.2f}"), ("motion_accuracy", "motion (%)", "{:.1f}"),
                       ("trajectory_error", "trajectory err (%)", "{:.1f}"),
                       ("background_accuracy", "background (%)", "{:.1f}"), ("swap_rate", "swaps (%)", "{:.1f}"),
-                      ("copy_paste_rate", "copy-paste (%)", "{:.1f}"), ("stability", "stability", "{:.3f}"))
+                      ("copy_paste_rate", "copy-paste (%)", "{:.1f}"), ("stability", "stability", "{:.3f}"),
+                      ("presence_end", "presence, last frames (%)", "{:.1f}"))
 
 
 def comparison_markdown(keys: list[str], rows: list[tuple[list[str], dict[str, float | None]]], command: str) -> str:

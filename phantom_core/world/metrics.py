@@ -22,6 +22,12 @@
   pose or lighting) rather than the prompt's. **static**: a subject prompted to move measures ``still``.
 - **appearance stability**: SSIM between the tracked subject regions of consecutive frames (ground-truth mask of
   frame 0), averaged; 1 = unchanged.
+- **subject presence** (first / last frames, % of the truth's): the share of a frame's pixels farther than
+  ``PRESENCE_DISTANCE`` (RGB distance) from the video's own border colour (``foreground_share``: whatever stands out
+  of the background), over the first and the last ``k`` frames (``k`` as for motion), as a percentage of the same
+  share in the ground truth; ``nan`` when the truth's share there is below ``PRESENCE_MIN`` (a subject that hardly
+  stands out of its background). 100 = as much subject as the truth; a subject that fades into the background
+  falls from the first to the last frames; noise over the whole frame is far above 100.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ BORDER_FRACTION = 0.08
 BACKGROUND_TOLERANCE = 60.0
 COPY_MIN_NCC = 0.6
 FIDELITY_PAD = 3
+PRESENCE_DISTANCE = 48.0
+PRESENCE_MIN = 0.005
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,8 @@ class CaseScore:
     subjects: tuple[SubjectScore, ...]
     background: str
     measured_background: str
+    presence_start: float = float("nan")
+    presence_end: float = float("nan")
 
     @property
     def background_correct(self) -> bool:
@@ -140,6 +150,25 @@ def border_colour(video: np.ndarray) -> np.ndarray:
 def classify_background(video: np.ndarray) -> str:
     """The named background colour of the border band of ``video`` (uint8 ``[T, H, W, 3]``), or ``other``."""
     return _named_background(border_colour(video))
+
+
+def foreground_share(video: np.ndarray) -> np.ndarray:
+    """float64 ``[T]``: per frame, the share of pixels of ``video`` (uint8 ``[T, H, W, 3]``) farther than
+    ``PRESENCE_DISTANCE`` (RGB distance) from its border colour (``border_colour``)."""
+    distance = np.linalg.norm(video.astype(np.float64) - border_colour(video), axis=3)  # (T, H, W)
+    return (distance > PRESENCE_DISTANCE).mean(axis=(1, 2))
+
+
+def presence(output: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """(first, last) subject presence of ``output`` against ``truth`` (uint8 ``[T, H, W, 3]`` each), % of the
+    truth's foreground share over the first and the last ``max(1, T // 8)`` frames (module docstring)."""
+    k = max(1, len(truth) // 8)
+    mine, theirs = foreground_share(output), foreground_share(truth)
+    ends = []
+    for part in (slice(0, k), slice(len(truth) - k, len(truth))):
+        base = float(theirs[part].mean())
+        ends.append(100.0 * float(mine[part].mean()) / base if base >= PRESENCE_MIN else float("nan"))
+    return ends[0], ends[1]
 
 
 def _named_background(median: np.ndarray) -> str:
@@ -240,4 +269,4 @@ def score_video(output: np.ndarray, sample: WorldSample,
     subjects = [SubjectScore(truth.motions[k], motion, psnr, ssim, error, stability, copied,
                              is_swapped(truth.motions, measured, k))
                 for k, (motion, psnr, ssim, error, stability, copied) in enumerate(rows)]
-    return CaseScore(tuple(subjects), truth.background, _named_background(surround))
+    return CaseScore(tuple(subjects), truth.background, _named_background(surround), *presence(output, sample.video))

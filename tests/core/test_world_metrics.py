@@ -30,6 +30,8 @@ def test_ground_truth_scores_perfectly():
     assert summary["psnr"] == PSNR_CAP
     assert summary["ssim"] == pytest.approx(1.0, abs=1e-9) and summary["stability"] == pytest.approx(1.0, abs=1e-9)
     assert summary["trajectory_error"] == pytest.approx(0.0, abs=1e-9)
+    assert summary["presence_start"] == pytest.approx(100.0, abs=1e-9)
+    assert summary["presence_end"] == pytest.approx(100.0, abs=1e-9)
 
 
 def test_noise_scores_badly():
@@ -37,6 +39,20 @@ def test_noise_scores_badly():
     assert summary["background_accuracy"] == 0.0  # a noise border is no named colour
     assert summary["psnr"] < 12.0 and summary["ssim"] < 0.2 and summary["stability"] < 0.2
     assert summary["motion_accuracy"] < 70.0 and summary["trajectory_error"] > 10.0
+    assert summary["presence_start"] > 200.0 and summary["presence_end"] > 200.0  # noise stands out everywhere
+
+
+def test_a_subject_that_fades_into_the_background_loses_presence():
+    """The failure the presence metric is for: the subject blends into the background colour over the clip."""
+    scores = []
+    for case in CASES:
+        video = truth_video(case).astype(np.float64)
+        background = np.array(case.truth.background_rgb, dtype=np.float64)
+        fade = np.linspace(0.0, 1.0, len(video))[:, None, None, None]  # 0: the truth, 1: the background alone
+        scores.append(score_video(((1 - fade) * video + fade * background).round().astype(np.uint8), case))
+    summary = summarize(scores)["all"]
+    assert summary["presence_start"] > 85.0 and summary["presence_end"] < 15.0
+    assert summary["background_accuracy"] == 100.0  # the border colour alone does not see it
 
 
 @pytest.mark.parametrize("case", [s for s in CASES if len(s.subjects) == 2], ids=lambda s: str(s.index))
