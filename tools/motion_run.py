@@ -229,6 +229,7 @@ def train_run(args: argparse.Namespace, data) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from phantom_core.training.config import TRAIN_RANGES
     from phantom_core.world.render import MAX_TRAVEL, TRAVEL_FRACTION, check_travel
     from tools.motion_toy import NETWORKS, DropoutOption
 
@@ -279,8 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("batch", "steps", "every", "probe"):
         if getattr(args, name) < 1:
             p.error(f"--{name} is {getattr(args, name)}; it must be >= 1")
-    if args.ema and not 0.0 < args.ema < 1.0:
-        p.error(f"--ema is {args.ema}; it must be in (0, 1), e.g. 0.998, or 0 for none")
+    if (message := TRAIN_RANGES["ema_decay"].error("--ema", args.ema)) is not None:
+        p.error(message)
     if args.ema and args.seconds != float("inf"):
         p.error("--ema with --seconds: a run stopped on time has no final average; give --steps instead")
     try:
