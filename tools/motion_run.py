@@ -3,8 +3,8 @@
     python -m tools.motion_run cache --work W [--travel 0.5] [--samples 1500] [--subjects 1] [--held-out 48]
         [--device cuda]
     python -m tools.motion_run train --work W [--mix W2 ...] --network mmdit-pooled [--init FILE] [--batch 32]
-        [--seconds 300] [--every 500] [--dropout TEXT REFERENCE] [--schedule cosine] [--ema 0.998] [--resume]
-        [--device cuda] --out RUN
+        [--seconds 300] [--every 500] [--dropout TEXT REFERENCE] [--schedule cosine] [--ema 0.998] [--clip]
+        [--resume] [--device cuda] --out RUN
 
 ``cache`` renders the world's triplets (``WorldConfig.travel``: how far the subjects move) in ``--workers`` processes
 and encodes them with the shipped world VAE and umT5 (``phantom_core/tiny/trained``; the VAE on ``--device``, the
@@ -21,7 +21,11 @@ each ``--mix`` cache (say a two-subject cache beside a one-subject one), with th
 run stopped by ``--seconds`` ends where it would have gone on; ``--dropout`` replaces the two dropouts). A cool-down
 run instead gives ``--schedule cosine`` (the learning rate falls to 0 at ``--steps``) and ``--ema DECAY`` (the
 trainer's average of the weights, ``training.ema``, becomes the final file; the probes read the current weights, and
-a run with ``--ema`` refuses ``--seconds``, which would end it without the average). Every
+a run with ``--ema`` refuses ``--seconds``, which would end it without the average). ``--clip`` trains the paper's
+*both* network (an ``--init`` MMDiT with a CLIP branch, e.g. the shipped ``default-mmdit``; Phantom Eq. 1 and 2):
+each cache's references are rendered again from its index and encoded by the shipped world CLIP
+(``mmdit_default.stage_clip_features``, resumable, cached beside the latents), the recipe's VAE-reference dropout 0.7
+applies, and the probe feeds the features too. Every
 ``--every`` steps and at the end it runs ``tools.motion_probe.probe`` (sigma 0.95 and 0.85, 2 draws) on ``--probe``
 moving single-subject triplets of the training cache and of the held-out cache and prints the text effect (latent px;
 the truth's displacement beside it). It writes ``RUN.safetensors`` (the trainer's file), ``RUN_fp16.safetensors`` (a
@@ -45,6 +49,7 @@ from pathlib import Path
 import torch
 
 CHUNK = 150
+CLIP_FILE = "phantom_world_clip.safetensors"  # the shipped world CLIP (phantom_core/tiny/trained)
 HELD_OUT_SEED = 777
 PROBE_SIGMAS = (0.95, 0.85)
 
@@ -113,8 +118,9 @@ def cache(args: argparse.Namespace) -> None:
                   f"{time.perf_counter() - started:.0f} s", flush=True)
 
 
-def training_latents(works: list[Path]):
-    """The training caches of ``works`` (``cache``'s ``W/latents``) as one in-memory ``CachedLatents``.
+def training_latents(works: list[Path], clip: bool = False):
+    """The training caches of ``works`` (``cache``'s ``W/latents``) as one in-memory dataset; ``clip``: each sample
+    with its references' CLIP features (``clip_features`` must have run on every cache).
 
     Raises:
         ValueError: a cache whose dropped-prompt context differs from the first's (another text encoder), or one
@@ -134,7 +140,31 @@ def training_latents(works: list[Path]):
             raise ValueError(f"--mix {work}: its dropped-prompt context differs from {works[0]}'s (another text "
                              "encoder); mix caches made with the same umT5")
         files += more
-    return CachedLatents(files, dropped, in_memory=True)
+    data = CachedLatents(files, dropped, in_memory=True)
+    if not clip:
+        return data
+    from dataclasses import replace as with_field
+
+    from phantom_core.training.cache import InMemoryLatents
+    from phantom_core.world.mmdit_default import clip_feature_table
+
+    table = {k: v for work in works for k, v in clip_feature_table(work).items()}
+    samples = [data[i] for i in range(len(data))]
+    if missing := [s.name for s in samples if s.name not in table]:
+        raise ValueError(f"{len(missing)} cached triplets have no CLIP features (first: {missing[0]})")
+    return InMemoryLatents([with_field(s, ref_clip=table[s.name]) for s in samples], dropped)
+
+
+def clip_features(work: Path, mix: list[Path]) -> None:
+    """The references' CLIP features (the shipped world CLIP, ``mmdit_default.stage_clip_features``: resumable)
+    of ``work``'s and each ``mix`` cache's training triplets and of ``work``'s held-out ones."""
+    from phantom_core.tiny.default import TRAINED_DIR
+    from phantom_core.world.mmdit_default import stage_clip_features
+
+    clip = TRAINED_DIR / CLIP_FILE
+    for folder in (work, *mix):
+        stage_clip_features(folder, clip)
+    stage_clip_features(work / "held_out", clip, split="test", seed=HELD_OUT_SEED)
 
 
 class _Stop(Exception):
@@ -165,10 +195,17 @@ def train_run(args: argparse.Namespace, data) -> list[dict]:
                 "learning_rate": args.lr, "ema_decay": args.ema, "checkpoint_every": args.every,
                 "keep_checkpoints": 1, "seed": args.seed}
     settings.update(dropout_settings(args.dropout))
+    if args.clip:  # the paper's both network: CLIP features in the text stream, the VAE-reference dropout
+        from phantom_core.tiny.default import TRAINED_DIR
+        from phantom_core.world.mmdit_default import CLIP_OUTPUT, MMDIT_VAE_DROPOUT
+
+        settings.update(clip_vision=str(TRAINED_DIR / CLIP_FILE), clip_output=CLIP_OUTPUT,
+                        vae_reference_dropout=MMDIT_VAE_DROPOUT)
     config = load_config(None, **settings, out=str(out.with_suffix(".safetensors")), run_dir=f"{out}_run",
                          resume=args.resume, dropped_prompt=WAN_NEGATIVE_PROMPT)
     text_encoder = load_text_encoder(work / "umt5.safetensors")
-    sets = {"train": cache_samples(work, args.probe), "held": cache_samples(work / "held_out", args.probe)}
+    sets = {"train": cache_samples(work, args.probe, args.clip),
+            "held": cache_samples(work / "held_out", args.probe, args.clip)}
     contexts: dict[str, torch.Tensor] = {}
 
     def encode(caption: str) -> torch.Tensor:
@@ -176,8 +213,9 @@ def train_run(args: argparse.Namespace, data) -> list[dict]:
             contexts[caption] = text_encoder.encode([caption])[0]
         return contexts[caption]
 
-    def dit(x, t, context, refs, **extra):  # the probe's CPU tensors in, the velocity back on the CPU
-        return model(x.to(device), t.to(device), context.to(device), refs.to(device)).float().cpu()
+    def dit(x, t, context, refs, ref_clip=None):  # the probe's CPU tensors in, the velocity back on the CPU
+        clip = None if ref_clip is None else ref_clip.to(device)
+        return model(x.to(device), t.to(device), context.to(device), refs.to(device), ref_clip=clip).float().cpu()
 
     curve_file = Path(f"{out}_curve.json")
     checkpoints = list_checkpoints(config.run_path / "checkpoints") if args.resume else []
@@ -263,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the learning rate after the warm-up: constant, or a cosine to 0 at --steps")
     t.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                    help="write the EMA of the weights with this decay as the final file (default: none)")
+    t.add_argument("--clip", action="store_true",
+                   help="the references' CLIP features too (the shipped world CLIP; an --init with a CLIP branch)")
     t.add_argument("--resume", action="store_true",
                    help="go on from the run's latest checkpoint (written at every probe), if it has one")
     t.add_argument("--seed", type=int, default=11079)
@@ -285,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.ema and args.seconds != float("inf"):
         p.error("--ema with --seconds: a run stopped on time has no final average; give --steps instead")
     try:
-        data = training_latents([Path(args.work), *map(Path, args.mix)])
+        if args.clip:
+            clip_features(Path(args.work), [Path(m) for m in args.mix])
+        data = training_latents([Path(args.work), *map(Path, args.mix)], args.clip)
     except ValueError as err:
         p.error(str(err))
     torch.set_num_threads(args.threads)

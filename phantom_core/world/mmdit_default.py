@@ -45,7 +45,7 @@ CLIP_OUTPUT = "tokens"
 # PHANTOM_MMDIT_LONG_STEPS changes it (the ablation variants are compared at one value)
 MMDIT_LONG_STEPS = int(os.environ.get("PHANTOM_MMDIT_LONG_STEPS", 2000))
 FEATURES_DIR, FEATURES_PART = "mmdit_clip_features", 200  # samples per part file
-_INDEX = re.compile(r"world_(\d+)-")
+_INDEX = re.compile(r"world_(?:[a-z]+_)?(\d+)-")  # world_00012-... or world_test_00012-...
 
 
 def check_variant(variant: str) -> None:
@@ -68,8 +68,9 @@ def parameter_counts() -> dict[str, int]:
     return {**out, "phantom-wan-world": count(PhantomWanDiT(DIT_PRESETS["world"], device="meta"))}
 
 
-def _sample_indices(work: Path) -> list[tuple[int, str]]:
-    """``(world index, cache file name)`` of every cached triplet, in the cache's order."""
+def _sample_indices(work: Path) -> tuple[list[tuple[int, str]], dict]:
+    """``(world index, cache file name)`` of every cached triplet, in the cache's order, and the index's ``world``
+    record (``travel``, ``subjects`` where every scene has that many; ``{}`` in an index without one)."""
     import json
 
     from phantom_core.world.default_model import LATENT_INDEX
@@ -78,29 +79,37 @@ def _sample_indices(work: Path) -> list[tuple[int, str]]:
     if not index.is_file():
         raise ValueError(f"{index} is missing: run the Phantom-Wan recipe's text, vae and latents stages first "
                          "(python -m tools.train_default --stages text,vae,latents)")
-    files = json.loads(index.read_text(encoding="utf-8"))["files"]
+    record = json.loads(index.read_text(encoding="utf-8"))
     out = []
-    for name in files:
+    for name in record["files"]:
         if not (m := _INDEX.match(name)):
             raise ValueError(f"{index}: cache file {name!r} is not a world sample (world_NNNNN-<key>.safetensors)")
         out.append((int(m.group(1)), name))
-    return out
+    return out, record.get("world", {})
 
 
-def stage_clip_features(work: str | Path, clip_path: str | Path | None = None) -> Path:
+def stage_clip_features(work: str | Path, clip_path: str | Path | None = None, split: str = "train",
+                        seed: int | None = None) -> Path:
     """Encode the references of every cached triplet with the world CLIP (resumable, ``FEATURES_PART`` samples a
-    part file); returns the features folder. Raises ``ValueError`` when a regenerated sample does not match its
-    cache file (another generator version: rebuild the latents)."""
+    part file); returns the features folder. The references are rendered again from the cache's index: the recipe's
+    world with the index's ``travel`` and ``subjects``, drawn from ``split`` with ``seed`` (None: the recipe's
+    training seed, ``default_model._raw_samples``' default; ``tools.motion_run``'s held-out caches give theirs).
+    Raises ``ValueError`` when a regenerated sample does not match its cache file (another generator version, split
+    or seed: rebuild the latents, or give the cache's own)."""
+    from dataclasses import replace as replace_field
+
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     from phantom_core.loading.disk import atomic_write
     from phantom_core.mmdit.clip import encode_clip_references, load_clip_vision
-    from phantom_core.world.default_model import LATENT_DIR, _raw_samples
+    from phantom_core.world.default_model import LATENT_DIR, WORLD, _raw_samples
 
     work = Path(work)
     folder = work / FEATURES_DIR
-    samples = _sample_indices(work)
+    samples, world = _sample_indices(work)
+    config = replace_field(WORLD, travel=world["travel"]) if "travel" in world else WORLD
+    draw = {"split": split, "count": world.get("subjects")} | ({} if seed is None else {"seed": seed})
     tower = None
     for part in range(0, len(samples), FEATURES_PART):
         path = folder / f"part_{part // FEATURES_PART:04d}.safetensors"
@@ -109,13 +118,15 @@ def stage_clip_features(work: str | Path, clip_path: str | Path | None = None) -
         tower = tower or load_clip_vision(clip_path or work / CLIP_STAGE_FILE)
         chunk = samples[part: part + FEATURES_PART]
         features = {}
-        for (i, file), raw in zip(chunk, _raw_samples([i for i, _ in chunk])):
+        for (i, file), raw in zip(chunk, _raw_samples([i for i, _ in chunk], config, **draw)):
             with safe_open(str(work / LATENT_DIR / file), framework="pt") as st:
-                name, refs = st.metadata()["name"], st.get_slice("ref_latents").get_shape()[1]
-            if raw.name != name or len(raw.references) != refs:
-                raise ValueError(f"world sample {i} regenerates as {raw.name} with {len(raw.references)} references "
-                                 f"but {file} holds {name} with {refs}: rebuild the latent cache")
-            features[name] = encode_clip_references(tower, list(raw.references), CLIP_OUTPUT)[0].contiguous()
+                meta, refs = st.metadata(), st.get_slice("ref_latents").get_shape()[1]
+            stored = (meta["name"], refs, meta.get("caption", raw.caption))
+            if (raw.name, len(raw.references), raw.caption) != stored:
+                raise ValueError(f"world sample {i} regenerates as {raw.name} ({raw.caption!r}, {len(raw.references)} "
+                                 f"references) but {file} holds {meta['name']} ({meta.get('caption')!r}, {refs}): "
+                                 "rebuild the latent cache, or give its split and seed")
+            features[raw.name] = encode_clip_references(tower, list(raw.references), CLIP_OUTPUT)[0].contiguous()
         with atomic_write(path) as tmp:
             save_file(features, str(tmp))
         logger.info("mmdit clip features: %d/%d samples", part + len(chunk), len(samples))

@@ -5,16 +5,24 @@ set."""
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from phantom_core.mmdit.clip import encode_clip_references, load_clip_vision
+from phantom_core.mmdit.config import MMDIT_PRESETS
 from phantom_core.mmdit.load import load_any_dit
+from phantom_core.mmdit.model import PhantomMMDiT
+from phantom_core.tiny.default import TRAINED_DIR
 from phantom_core.training.checkpoint import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE, list_checkpoints
+from phantom_core.world.default_model import WORLD, _raw_samples
+from phantom_core.world.mmdit_default import CLIP_OUTPUT, FEATURES_DIR, clip_feature_table, stage_clip_features
 from phantom_core.world.subjects import available_sources
-from tools.motion_run import main, training_latents
+from tools.motion_run import CLIP_FILE, main, training_latents
 
 pytestmark = pytest.mark.skipif("emoji" not in available_sources(),
                                 reason="the recipe's subjects include emoji: `make emoji-font`")
@@ -81,6 +89,29 @@ def test_cache_train_probe_stop_on_time_and_resume(tmp_path):
     half = load_file(f"{cool}_fp16.safetensors")
     for name, value in final.items():
         torch.testing.assert_close(half[name].float(), value.float(), rtol=1e-3, atol=1e-4, msg=name)
+    # --clip: the paper's both network (a CLIP branch), its references' CLIP features rendered again from each
+    # cache's index (the held-out cache from its own split and seed), in training and in the probe
+    both = tmp_path / "both.safetensors"
+    model = PhantomMMDiT(MMDIT_PRESETS["world"], device="meta").to_empty(device="cpu")
+    model.init_weights(torch.Generator().manual_seed(0))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(both))
+    clipped = tmp_path / "clipped"
+    assert main(["train", "--work", str(work), "--init", str(both), "--clip", "--batch", "2", "--steps", "2",
+                 "--every", "2", "--probe", "2", "--threads", "2", "--out", str(clipped)]) == 0
+    assert [row["step"] for row in json.loads((tmp_path / "clipped_curve.json").read_text())] == [2]
+    data = training_latents([work], clip=True)
+    held = clip_feature_table(work / "held_out")
+    assert len(held) == 4 and all(name.startswith("world_test_") for name in held)
+    first = data[0]
+    regenerated = next(_raw_samples([int(first.name.split("_")[-1])], replace(WORLD, travel=0.5), count=1))
+    assert regenerated.name == first.name
+    tower = load_clip_vision(TRAINED_DIR / CLIP_FILE)
+    want = encode_clip_references(tower, list(regenerated.references), CLIP_OUTPUT)[0]
+    torch.testing.assert_close(first.ref_clip, want, rtol=1e-5, atol=1e-6)
+    # the held-out cache is not the training draw: rendering it with the training seed is refused, not mislabelled
+    shutil.rmtree(work / "held_out" / FEATURES_DIR)
+    with pytest.raises(ValueError, match="regenerates as .* rebuild the latent cache, or give its split and seed"):
+        stage_clip_features(work / "held_out", TRAINED_DIR / CLIP_FILE, split="test")
 
 
 def test_bad_options_are_refused(capsys):
