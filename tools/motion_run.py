@@ -4,7 +4,7 @@
         [--device cuda]
     python -m tools.motion_run train --work W [--mix W2 ...] --network mmdit-pooled [--init FILE] [--batch 32]
         [--seconds 300] [--every 500] [--dropout TEXT REFERENCE] [--schedule cosine] [--ema 0.998] [--clip]
-        [--resume] [--device cuda] --out RUN
+        [--pooled] [--resume] [--device cuda] --out RUN
 
 ``cache`` renders the world's triplets (``WorldConfig.travel``: how far the subjects move) in ``--workers`` processes
 and encodes them with the shipped world VAE and umT5 (``phantom_core/tiny/trained``; the VAE on ``--device``, the
@@ -25,7 +25,8 @@ a run with ``--ema`` refuses ``--seconds``, which would end it without the avera
 *both* network (an ``--init`` MMDiT with a CLIP branch, e.g. the shipped ``default-mmdit``; Phantom Eq. 1 and 2):
 each cache's references are rendered again from its index and encoded by the shipped world CLIP
 (``mmdit_default.stage_clip_features``, resumable, cached beside the latents), the recipe's VAE-reference dropout 0.7
-applies, and the probe feeds the features too. Every
+applies, and the probe feeds the features too. ``--pooled`` gives the ``--init`` MMDiT the pooled text and reference
+vectors (``mmdit_default.with_pooled_vectors``: zero at first, so the run starts from the file's own velocity). Every
 ``--every`` steps and at the end it runs ``tools.motion_probe.probe`` (sigma 0.95 and 0.85, 2 draws) on ``--probe``
 moving single-subject triplets of the training cache and of the held-out cache and prints the text effect (latent px;
 the truth's displacement beside it). It writes ``RUN.safetensors`` (the trainer's file), ``RUN_fp16.safetensors`` (a
@@ -190,6 +191,10 @@ def train_run(args: argparse.Namespace, data) -> list[dict]:
 
     work, device, out = Path(args.work), torch.device(args.device), Path(args.out)
     model = load_any_dit(args.init).float().train() if args.init else build_network(args.network, args.seed)
+    if args.pooled:  # before the trainer, which restores a --resume checkpoint into this model
+        from phantom_core.world.mmdit_default import with_pooled_vectors
+
+        model = with_pooled_vectors(model, args.seed).train()
     settings = {**DIT_TRAIN, "dit": args.init or f"motion-run:{args.network}", "device": args.device,
                 "precision": "fp32", "batch_size": args.batch, "steps": args.steps, "lr_schedule": args.schedule,
                 "learning_rate": args.lr, "ema_decay": args.ema, "checkpoint_every": args.every,
@@ -301,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the learning rate after the warm-up: constant, or a cosine to 0 at --steps")
     t.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                    help="write the EMA of the weights with this decay as the final file (default: none)")
+    t.add_argument("--pooled", action="store_true",
+                   help="add the pooled text and reference vectors to an --init MMDiT (zero at first: it starts as it)")
     t.add_argument("--clip", action="store_true",
                    help="the references' CLIP features too (the shipped world CLIP; an --init with a CLIP branch)")
     t.add_argument("--resume", action="store_true",
@@ -322,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{name} is {getattr(args, name)}; it must be >= 1")
     if (message := TRAIN_RANGES["ema_decay"].error("--ema", args.ema)) is not None:
         p.error(message)
+    if args.pooled and not args.init:
+        p.error("--pooled adds the pooled vectors to an --init MMDiT; from scratch, give --network mmdit-pooled")
     if args.ema and args.seconds != float("inf"):
         p.error("--ema with --seconds: a run stopped on time has no final average; give --steps instead")
     try:

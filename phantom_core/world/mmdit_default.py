@@ -253,3 +253,33 @@ def stage_mmdit_export(work: str | Path, variant: str = "both") -> dict[str, Pat
         logger.info("export mmdit %s: %s (%.1f MiB)", role, target, target.stat().st_size / 2**20)
         out[role] = target
     return out
+
+
+def with_pooled_vectors(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """A copy of the MMDiT ``model`` (float32, CPU) with SD3's pooled-text vector and the pooled-reference vector
+    (``MMDiTConfig.pooled_text`` / ``pooled_reference``: an MLP of the mean umT5 token and of the mean reference
+    token, each added to every block's adaLN vector) added to it. The two MLPs are Xavier-initialised from ``seed``
+    with their last Linear zero, so the copy computes exactly what ``model`` computes until training moves them
+    (the lever of docs/WORLD.md: a global vector of the subject and of the prompt that every block sees).
+
+    Raises:
+        ValueError: ``model`` is not a ``PhantomMMDiT``, or has the vectors already.
+    """
+    from dataclasses import replace as replace_field
+
+    from phantom_core.mmdit.model import PhantomMMDiT
+
+    if not isinstance(model, PhantomMMDiT):
+        raise ValueError(f"model is a {type(model).__name__}; pooled vectors are an MMDiT's (PhantomMMDiT)")
+    if model.config.pooled_text or model.config.pooled_reference:
+        raise ValueError("model already has pooled vectors (pooled_text / pooled_reference)")
+    out = PhantomMMDiT(replace_field(model.config, pooled_text=True, pooled_reference=True), device="meta")
+    out = out.to_empty(device="cpu")
+    out.init_weights(torch.Generator().manual_seed(seed))
+    missing, unexpected = out.load_state_dict({k: v.float() for k, v in model.state_dict().items()}, strict=False)
+    if unexpected or any(not k.startswith(("y_embedder.", "r_embedder.")) for k in missing):
+        raise ValueError(f"model's weights do not fit its config: missing {missing}, unexpected {unexpected}")
+    for mlp in (out.y_embedder.mlp, out.r_embedder.mlp):
+        torch.nn.init.zeros_(mlp[2].weight)
+        torch.nn.init.zeros_(mlp[2].bias)
+    return out

@@ -74,3 +74,33 @@ def test_clip_features_of_cached_triplets_are_those_of_their_regenerated_referen
     assert data[1].ref_clip.shape == (len(raws[1].references), 17, 128)
     torch.testing.assert_close(data[1].ref_clip, want, rtol=0, atol=0)  # float32 stored exactly
     assert mmdit_dataset(tmp_path, "vae")[0].ref_clip is None
+
+
+def test_pooled_vectors_start_as_the_model_and_then_train():
+    from dataclasses import replace
+
+    from phantom_core.mmdit.model import PhantomMMDiT
+    from phantom_core.world.mmdit_default import with_pooled_vectors
+
+    config = replace(MMDIT_PRESETS["world"], num_layers=2)
+    model = PhantomMMDiT(config, device="meta").to_empty(device="cpu")
+    model.init_weights(torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    for p in model.parameters():  # trained-like weights: adaLN and the final layer away from zero
+        p.data.add_(0.05 * torch.randn(p.shape, generator=g))
+    x, t, context = torch.randn(2, 16, 5, 16, 16, generator=g), torch.tensor([900.0, 300.0]), torch.randn(2, 7, 64)
+    refs, clip = torch.randn(2, 16, 1, 16, 16, generator=g), torch.randn(2, 1, 17, 128, generator=g)
+    pooled = with_pooled_vectors(model, seed=3)
+    assert pooled.config.pooled_text and pooled.config.pooled_reference
+    with torch.no_grad():
+        want, got = model(x, t, context, refs, ref_clip=clip), pooled(x, t, context, refs, ref_clip=clip)
+    assert float(want.abs().mean()) > 1e-2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # zero last Linears: the same velocity
+    loss = pooled(x, t, context, refs, ref_clip=clip).square().mean()
+    loss.backward()
+    assert float(pooled.y_embedder.mlp[2].weight.grad.abs().sum()) > 0  # the new vectors do learn
+    assert float(pooled.r_embedder.mlp[2].weight.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="already has pooled vectors"):
+        with_pooled_vectors(pooled)
+    with pytest.raises(ValueError, match="pooled vectors are an MMDiT's"):
+        with_pooled_vectors(torch.nn.Linear(2, 2))
