@@ -15,26 +15,26 @@ world's mix of one to three (recorded in the index). Training samples go in chun
 atomically, and no chunk starts after ``--deadline`` seconds: a run stopped early keeps a usable cache.
 
 ``train`` trains ``--network`` (``tools.motion_toy.build_network``: ``phantom-wan``, ``mmdit``, ``mmdit-pos``,
-``mmdit-pooled``) from scratch, or ``--init`` (any DiT or MMDiT file), on ``W``'s training triplets and those of
-each ``--mix`` cache (say a two-subject cache beside a one-subject one), with the general trainer (the world recipe's
+``mmdit-pooled``) from scratch, or ``--init`` (any DiT or MMDiT file), on ``W``'s training triplets and those of each
+``--mix`` cache (say a two-subject cache beside a one-subject one), with the general trainer (the world recipe's
 ``DIT_TRAIN``: shift 5, text / reference dropout 0.2 / 0.1, at a constant learning rate after its warm-up, so that a
 run stopped by ``--seconds`` ends where it would have gone on; ``--dropout`` replaces the two dropouts). A cool-down
 run instead gives ``--schedule cosine`` (the learning rate falls to 0 at ``--steps``) and ``--ema DECAY`` (the
-trainer's average of the weights, ``training.ema``, becomes the final file; the probes read the current weights, and
-a run with ``--ema`` refuses ``--seconds``, which would end it without the average). ``--clip`` trains the paper's
-*both* network (an ``--init`` MMDiT with a CLIP branch, e.g. the shipped ``default-mmdit``; Phantom Eq. 1 and 2):
-each cache's references are rendered again from its index and encoded by the shipped world CLIP
+trainer's average of the weights, ``training.ema``, becomes the final file; the probes read the current weights, and a
+run with ``--ema`` refuses ``--seconds``, which would end it without the average). ``--clip`` trains the paper's
+*both* network (an ``--init`` MMDiT with a CLIP branch, e.g. the shipped ``default-mmdit``; Phantom Eq. 1 and 2): each
+cache's references are rendered again from its index and encoded by the shipped world CLIP
 (``mmdit_default.stage_clip_features``, resumable, cached beside the latents), the recipe's VAE-reference dropout 0.7
 applies, and the probe feeds the features too. ``--pooled`` gives the ``--init`` MMDiT the pooled text and reference
-vectors (``mmdit_default.with_pooled_vectors``: zero at first, so the run starts from the file's own velocity). Every
-``--every`` steps and at the end it runs ``tools.motion_probe.probe`` (sigma 0.95 and 0.85, 2 draws) on ``--probe``
-moving single-subject triplets of the training cache and of the held-out cache and prints the text effect (latent px;
-the truth's displacement beside it). It writes ``RUN.safetensors`` (the trainer's file), ``RUN_fp16.safetensors`` (a
-half-size copy: a device machine returns files up to 16 MiB) and ``RUN_curve.json`` (every probe so far, rewritten
-atomically after each). The trainer writes a checkpoint (``RUN_run/checkpoints``, the latest kept) at every probe, so
-a run stopped by ``--seconds`` or killed goes on with ``--resume`` (the same command) from its last probe, with the
-same data order, noise and optimiser state; the curve keeps the rows up to that step (``seconds`` in a row counts from
-the start of the invocation that measured it). docs/WORLD.md has what it measured.
+vectors (``mmdit_default.with_pooled_vectors`` from seed 0: zero at first, so the run starts from the file's own
+velocity). Every ``--every`` steps and at the end it runs ``tools.motion_probe.probe`` (sigma 0.95 and 0.85, 2 draws)
+on ``--probe`` moving single-subject triplets of the training cache and of the held-out cache and prints the text
+effect (latent px; the truth's displacement beside it). It writes ``RUN.safetensors`` (the trainer's file),
+``RUN_fp16.safetensors`` (a half-size copy: a device machine returns files up to 16 MiB) and ``RUN_curve.json`` (every
+probe so far, rewritten atomically after each). The trainer writes a checkpoint (``RUN_run/checkpoints``, the latest
+kept) at every probe, so a run stopped by ``--seconds`` or killed goes on with ``--resume`` (the same command) from
+its last probe, with the same data order, noise and optimiser state; the curve keeps the rows up to that step
+(``seconds`` in a row counts from the start of the invocation that measured it). docs/WORLD.md has what it measured.
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def train_run(args: argparse.Namespace, data) -> list[dict]:
     if args.pooled:  # before the trainer, which restores a --resume checkpoint into this model
         from phantom_core.world.mmdit_default import with_pooled_vectors
 
-        model = with_pooled_vectors(model, args.seed).train()
+        model = with_pooled_vectors(model).train()  # seed 0: the vectors do not depend on --seed
     settings = {**DIT_TRAIN, "dit": args.init or f"motion-run:{args.network}", "device": args.device,
                 "precision": "fp32", "batch_size": args.batch, "steps": args.steps, "lr_schedule": args.schedule,
                 "learning_rate": args.lr, "ema_decay": args.ema, "checkpoint_every": args.every,
