@@ -133,6 +133,9 @@ def test_bad_options_are_refused(capsys):
     with pytest.raises(SystemExit):
         main(["cache", "--work", "w", "--subjects", "4"])
     assert "--subjects: invalid choice: 4" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--work", "w", "--out", "r", "--pooled"])
+    assert "--pooled adds the pooled vectors to an --init MMDiT; from scratch, give --network" in capsys.readouterr().err
 
 
 def fake_cache(work, refs: int, count: int, dropped: torch.Tensor) -> None:
