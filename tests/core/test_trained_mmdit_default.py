@@ -20,6 +20,8 @@ TRAINED_RATIO, UNTRAINED_RATIO = 0.5, 0.8  # as tests/core/test_trained_default.
 
 
 def test_files_load_as_the_presets_and_fit_the_budget(tmp_path) -> None:
+    from dataclasses import replace
+
     from phantom_core.mmdit.clip import load_clip_vision
     from phantom_core.mmdit.clip_keys import CLIP_VISION_PRESETS
     from phantom_core.mmdit.config import MMDIT_PRESETS
@@ -28,7 +30,8 @@ def test_files_load_as_the_presets_and_fit_the_budget(tmp_path) -> None:
     files = install_trained_mmdit_default(tmp_path)
     assert set(files) == {"dit", "clip_vision", "vae", "text_encoder"}
     dit = load_mmdit(files["dit"])
-    assert dit.config == MMDIT_PRESETS["world"]
+    # the world preset with the pooled text and reference vectors of its motion stage (MODEL_CARD_MMDIT.md, step 4)
+    assert dit.config == replace(MMDIT_PRESETS["world"], pooled_text=True, pooled_reference=True)
     tower = load_clip_vision(files["clip_vision"])
     assert tower.config == CLIP_VISION_PRESETS["world"]
     assert all(torch.isfinite(p).all() for p in dit.parameters())
