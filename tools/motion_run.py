@@ -144,16 +144,9 @@ def training_latents(works: list[Path], clip: bool = False):
     data = CachedLatents(files, dropped, in_memory=True)
     if not clip:
         return data
-    from dataclasses import replace as with_field
+    from phantom_core.world.mmdit_default import clip_feature_table, with_clip_features
 
-    from phantom_core.training.cache import InMemoryLatents
-    from phantom_core.world.mmdit_default import clip_feature_table
-
-    table = {k: v for work in works for k, v in clip_feature_table(work).items()}
-    samples = [data[i] for i in range(len(data))]
-    if missing := [s.name for s in samples if s.name not in table]:
-        raise ValueError(f"{len(missing)} cached triplets have no CLIP features (first: {missing[0]})")
-    return InMemoryLatents([with_field(s, ref_clip=table[s.name]) for s in samples], dropped)
+    return with_clip_features(data, {k: v for work in works for k, v in clip_feature_table(work).items()})
 
 
 def clip_features(work: Path, mix: list[Path]) -> None:

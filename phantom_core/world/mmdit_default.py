@@ -96,8 +96,6 @@ def stage_clip_features(work: str | Path, clip_path: str | Path | None = None, s
     training seed, ``default_model._raw_samples``' default; ``tools.motion_run``'s held-out caches give theirs).
     Raises ``ValueError`` when a regenerated sample does not match its cache file (another generator version, split
     or seed: rebuild the latents, or give the cache's own)."""
-    from dataclasses import replace as replace_field
-
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -108,7 +106,7 @@ def stage_clip_features(work: str | Path, clip_path: str | Path | None = None, s
     work = Path(work)
     folder = work / FEATURES_DIR
     samples, world = _sample_indices(work)
-    config = replace_field(WORLD, travel=world["travel"]) if "travel" in world else WORLD
+    config = replace(WORLD, travel=world["travel"]) if "travel" in world else WORLD
     draw = {"split": split, "count": world.get("subjects")} | ({} if seed is None else {"seed": seed})
     tower = None
     for part in range(0, len(samples), FEATURES_PART):
@@ -143,6 +141,19 @@ def clip_feature_table(work: str | Path) -> dict[str, Tensor]:
     return table
 
 
+def with_clip_features(data, table: dict[str, Tensor]):
+    """``data`` (a latent dataset) as an ``InMemoryLatents`` whose every sample carries its ``ref_clip`` from
+    ``table`` (``clip_feature_table``). Raises ``ValueError`` for a sample without features."""
+    from phantom_core.training.cache import InMemoryLatents
+
+    samples = [data[i] for i in range(len(data))]
+    missing = [s.name for s in samples if s.name not in table]
+    if missing:
+        raise ValueError(f"{len(missing)} cached samples have no CLIP features (first: {missing[0]}); run the "
+                         "clip_features stage")
+    return InMemoryLatents([replace(s, ref_clip=table[s.name]) for s in samples], data.dropped_context)
+
+
 def mmdit_dataset(work: str | Path, variant: str, limit: int | None = None):
     """The Phantom-Wan recipe's latent cache (first ``limit`` samples), with each sample's CLIP features unless
     ``variant`` is ``vae`` (an ``InMemoryLatents``). Raises ``ValueError`` for a sample without features."""
@@ -150,15 +161,9 @@ def mmdit_dataset(work: str | Path, variant: str, limit: int | None = None):
     from phantom_core.world.default_model import cached_latents
 
     data = cached_latents(work, limit)
-    samples = [data[i] for i in range(len(data))]
     if variant != "vae":
-        table = clip_feature_table(work)
-        missing = [s.name for s in samples if s.name not in table]
-        if missing:
-            raise ValueError(f"{len(missing)} cached samples have no CLIP features (first: {missing[0]}); run the "
-                             "clip_features stage")
-        samples = [replace(s, ref_clip=table[s.name]) for s in samples]
-    return InMemoryLatents(samples, data.dropped_context)
+        return with_clip_features(data, clip_feature_table(work))
+    return InMemoryLatents([data[i] for i in range(len(data))], data.dropped_context)
 
 
 def mmdit_settings(variant: str, phase: int, clip_path: str, vae_dropout: float = MMDIT_VAE_DROPOUT) -> dict:
@@ -265,15 +270,13 @@ def with_pooled_vectors(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modul
     Raises:
         ValueError: ``model`` is not a ``PhantomMMDiT``, or has the vectors already.
     """
-    from dataclasses import replace as replace_field
-
     from phantom_core.mmdit.model import PhantomMMDiT
 
     if not isinstance(model, PhantomMMDiT):
         raise ValueError(f"model is a {type(model).__name__}; pooled vectors are an MMDiT's (PhantomMMDiT)")
     if model.config.pooled_text or model.config.pooled_reference:
         raise ValueError("model already has pooled vectors (pooled_text / pooled_reference)")
-    out = PhantomMMDiT(replace_field(model.config, pooled_text=True, pooled_reference=True), device="meta")
+    out = PhantomMMDiT(replace(model.config, pooled_text=True, pooled_reference=True), device="meta")
     out = out.to_empty(device="cpu")
     out.init_weights(torch.Generator().manual_seed(seed))
     missing, unexpected = out.load_state_dict({k: v.float() for k, v in model.state_dict().items()}, strict=False)
