@@ -1,13 +1,16 @@
 """`make demo`: a Phantom subject-to-video run through a real, headless ComfyUI, end to end.
 
 1. Lays out a ComfyUI base directory in `.demo/` (git-ignored): this extension linked into `custom_nodes/`, the
-   embedded defaults in `models/` (the trained world default of `phantom_core/tiny/trained/`, see its
-   MODEL_CARD.md, and the random tiny test checkpoints); the job's photos are two of the shipped example photos
+   embedded defaults in `models/` (the trained world defaults of `phantom_core/tiny/trained/`, see their model
+   cards, and the random tiny test checkpoints); the job's photos are two of the shipped example photos
    (example_inputs/: an astronaut and a cat, from scikit-image's public-domain / CC0 data).
 2. Starts ComfyUI 0.3.75 (`.comfyui/`) headless on the CPU with that base directory.
-3. Queues the shipped API workflow (example_workflows/api/phantom_4ref_api.json, unused reference inputs
-   removed) over ComfyUI's HTTP API with the batch client (tools/phantom_batch.py): the photos are uploaded with
-   /upload/image, the job is queued with /prompt, followed through /history, and the MP4 is downloaded with /view.
+3. Queues a shipped API workflow over ComfyUI's HTTP API with the batch client (tools/phantom_batch.py): the photos
+   are uploaded with /upload/image, the job is queued with /prompt, followed through /history, and the MP4 is
+   downloaded with /view. ``--model`` picks the embedded default and so the workflow (``MODELS``): ``default-mmdit``
+   (the default: the paper's MMDiT, which scores better in the world, README "What the demo shows") runs
+   example_workflows/api/phantom_mmdit_2ref_api.json, ``default`` (the Phantom-Wan form) runs
+   example_workflows/api/phantom_4ref_api.json with its unused reference inputs removed.
 4. Prints the path of the MP4 (in `output/`) and of a frame strip PNG (the references as the model sees them,
    then frames of the video), and stops the server.
 
@@ -15,7 +18,11 @@ The prompt is in the world's grammar, which the default was trained on: the astr
 right and the cat (second) moves up, on a blue background, 128x128 px, 17 frames, 50 UniPC steps (the official
 recipe). Both photos are outside the default's training data (every photo subject is held out).
 
-    .venv/bin/python -m tools.demo [--width 128 --height 128 --frames 17 --steps 50 --seed 42]
+    .venv/bin/python -m tools.demo [--model default-mmdit|default] [--width 128 --height 128 --frames 17
+        --steps 50 --seed 42] [--strip output/demo_frames.png]
+
+The README's frame strips are this tool's: ``--model default --strip docs/demo_frames.png`` and ``--model
+default-mmdit --strip docs/demo_frames_mmdit.png``.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from pathlib import Path
 from PIL import Image
 
 from tools.comfy_launcher import ComfyServer
-from tools.make_workflows import INPUTS_DIR
+from tools.make_workflows import INPUTS_DIR, PROMPTS, api_path
 from tools.phantom_batch import DEFAULT_WORKFLOW, Client, run_batch, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,13 +44,17 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = ROOT / ".demo"
 OUT_DIR = ROOT / "output"
 PHOTOS = [INPUTS_DIR / "phantom_astronaut.jpg", INPUTS_DIR / "phantom_cat.jpg"]
-PROMPT = "an astronaut moves right and a cat moves up on a blue background"  # the world grammar (docs/WORLD.md)
+PROMPT = PROMPTS[2]  # the world grammar (docs/WORLD.md): the astronaut moves right and the cat up, on blue
+MODELS = {"default-mmdit": api_path("phantom_mmdit_2ref"), "default": DEFAULT_WORKFLOW}  # --model -> workflow
 
 log = logging.getLogger("phantom.demo")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (``python -m tools.demo --help``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=list(MODELS), default="default-mmdit",
+                        help="the embedded default that makes the video (default: %(default)s, the better one)")
     parser.add_argument("--width", type=int, default=128, help="video width in px (multiple of 16)")
     parser.add_argument("--height", type=int, default=128, help="video height in px (multiple of 16)")
     parser.add_argument("--frames", type=int, default=17, help="frames, 4k+1")
@@ -52,7 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the job")
     parser.add_argument("--strip", default=str(OUT_DIR / "demo_frames.png"),
                         help="where the frame strip PNG goes (references, then frames of the video)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from phantom_core.tiny.default import trained_mmdit_shipped
+
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.model == "default-mmdit" and not trained_mmdit_shipped():
+        parser.error("--model default-mmdit: the MMDiT default is not in phantom_core/tiny/trained/ (make "
+                     "train-default-mmdit exports it); give --model default")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     job = {"id": "demo", "refs": [str(p) for p in PHOTOS], "prompt": PROMPT, "seed": args.seed,
@@ -61,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("starting ComfyUI headless (log: %s)", server.log_path)
     server.start()
     try:
-        template = json.loads(DEFAULT_WORKFLOW.read_text(encoding="utf-8"))
+        template = json.loads(MODELS[args.model].read_text(encoding="utf-8"))
         records = run_batch([job], [Client(server.url)], template, OUT_DIR, args.timeout, 1.0)
         write_manifest(OUT_DIR / "demo_manifest.json", [server.url], records)
     finally:

@@ -68,6 +68,7 @@ REFERENCE_IMAGES = {1: ["phantom_astronaut.jpg"], 2: ["phantom_astronaut.jpg", "
 PROMPTS = {  # in the miniature world's grammar (docs/WORLD.md), which the default was trained on: the k-th clause
     # is the k-th reference; with real Phantom-Wan weights, describe each subject's appearance instead
     1: "an astronaut moves right on a blue background",
+    2: "an astronaut moves right and a cat moves up on a blue background",  # also `make demo`'s (tools.demo)
     4: "an astronaut moves left and a cat moves right and an espresso cup moves up and a rocket moves down on a "
        "black background",
 }
@@ -101,6 +102,7 @@ WORKFLOWS = {
     "phantom_2ref_rephrase": Workflow(2, True, "Phantom 2 references with rephraser"),
     "phantom_train_lora": Workflow(1, False, "Phantom train LoRA", train=True),
     "phantom_mmdit_1ref": Workflow(1, False, "Phantom MMDiT 1 reference", mmdit=True),
+    "phantom_mmdit_2ref": Workflow(2, False, "Phantom MMDiT 2 references", mmdit=True),  # `make demo`'s
 }
 """Stem -> workflow; each gives `example_workflows/<title>.json` and `example_workflows/api/<stem>_api.json`."""
 

@@ -23,17 +23,17 @@ run instead gives ``--schedule cosine`` (the learning rate falls to 0 at ``--ste
 trainer's average of the weights, ``training.ema``, becomes the final file; the probes read the current weights, and a
 run with ``--ema`` refuses ``--seconds``, which would end it without the average). ``--clip`` trains the paper's
 *both* network (an ``--init`` MMDiT with a CLIP branch, e.g. the shipped ``default-mmdit``; Phantom Eq. 1 and 2): each
-cache's references are rendered again from its index and encoded by the shipped world CLIP
-(``mmdit_default.stage_clip_features``, resumable, cached beside the latents), the recipe's VAE-reference dropout 0.7
-applies, and the probe feeds the features too. ``--pooled`` gives the ``--init`` MMDiT the pooled text and reference
-vectors (``mmdit_default.with_pooled_vectors`` from seed 0: zero at first, so the run starts from the file's own
-velocity). Every ``--every`` steps and at the end it runs ``tools.motion_probe.probe`` (sigma 0.95 and 0.85, 2 draws)
-on ``--probe`` moving single-subject triplets of the training cache and of the held-out cache and prints the text
-effect (latent px; the truth's displacement beside it). It writes ``RUN.safetensors`` (the trainer's file),
-``RUN_fp16.safetensors`` (a half-size copy: a device machine returns files up to 16 MiB) and ``RUN_curve.json`` (every
-probe so far, rewritten atomically after each). The trainer writes a checkpoint (``RUN_run/checkpoints``, the latest
-kept) at every probe, so a run stopped by ``--seconds`` or killed goes on with ``--resume`` (the same command) from
-its last probe, with the same data order, noise and optimiser state; the curve keeps the rows up to that step
+cache's references are rendered again from its index and encoded by the shipped world CLIP, or ``--clip-vision``'s
+(``mmdit_default.stage_clip_features``, resumable, cached beside the latents: one tower per cache), the recipe's
+VAE-reference dropout 0.7 applies, and the probe feeds the features too. ``--pooled`` gives the ``--init`` MMDiT the
+pooled text and reference vectors (``mmdit_default.with_pooled_vectors`` from seed 0: zero at first, so the run starts
+from the file's own velocity). Every ``--every`` steps and at the end it runs ``tools.motion_probe.probe`` (sigma 0.95
+and 0.85, 2 draws) on ``--probe`` moving single-subject triplets of the training cache and of the held-out cache and
+prints the text effect (latent px; the truth's displacement beside it). It writes ``RUN.safetensors`` (the trainer's
+file), ``RUN_fp16.safetensors`` (a half-size copy: a device machine returns files up to 16 MiB) and ``RUN_curve.json``
+(every probe so far, rewritten atomically after each). The trainer writes a checkpoint (``RUN_run/checkpoints``, the
+latest kept) at every probe, so a run stopped by ``--seconds`` or killed goes on with ``--resume`` (the same command)
+from its last probe, with the same data order, noise and optimiser state; the curve keeps the rows up to that step
 (``seconds`` in a row counts from the start of the invocation that measured it). docs/WORLD.md has what it measured.
 """
 
@@ -149,13 +149,11 @@ def training_latents(works: list[Path], clip: bool = False):
     return with_clip_features(data, {k: v for work in works for k, v in clip_feature_table(work).items()})
 
 
-def clip_features(work: Path, mix: list[Path]) -> None:
-    """The references' CLIP features (the shipped world CLIP, ``mmdit_default.stage_clip_features``: resumable)
-    of ``work``'s and each ``mix`` cache's training triplets and of ``work``'s held-out ones."""
-    from phantom_core.tiny.default import TRAINED_DIR
+def clip_features(work: Path, mix: list[Path], clip: Path) -> None:
+    """The references' CLIP features (the world CLIP tower ``clip``, ``mmdit_default.stage_clip_features``:
+    resumable) of ``work``'s and each ``mix`` cache's training triplets and of ``work``'s held-out ones."""
     from phantom_core.world.mmdit_default import stage_clip_features
 
-    clip = TRAINED_DIR / CLIP_FILE
     for folder in (work, *mix):
         stage_clip_features(folder, clip)
     stage_clip_features(work / "held_out", clip, split="test", seed=HELD_OUT_SEED)
@@ -194,10 +192,9 @@ def train_run(args: argparse.Namespace, data) -> list[dict]:
                 "keep_checkpoints": 1, "seed": args.seed}
     settings.update(dropout_settings(args.dropout))
     if args.clip:  # the paper's both network: CLIP features in the text stream, the VAE-reference dropout
-        from phantom_core.tiny.default import TRAINED_DIR
         from phantom_core.world.mmdit_default import CLIP_OUTPUT, MMDIT_VAE_DROPOUT
 
-        settings.update(clip_vision=str(TRAINED_DIR / CLIP_FILE), clip_output=CLIP_OUTPUT,
+        settings.update(clip_vision=str(args.clip_vision), clip_output=CLIP_OUTPUT,
                         vae_reference_dropout=MMDIT_VAE_DROPOUT)
     config = load_config(None, **settings, out=str(out.with_suffix(".safetensors")), run_dir=f"{out}_run",
                          resume=args.resume, dropped_prompt=WAN_NEGATIVE_PROMPT)
@@ -303,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="add the pooled text and reference vectors to an --init MMDiT (zero at first: it starts as it)")
     t.add_argument("--clip", action="store_true",
                    help="the references' CLIP features too (the shipped world CLIP; an --init with a CLIP branch)")
+    t.add_argument("--clip-vision", type=Path, default=None, metavar="FILE",
+                   help="--clip: the world CLIP tower (default: the shipped one; tools.train_default gives its own)")
     t.add_argument("--resume", action="store_true",
                    help="go on from the run's latest checkpoint (written at every probe), if it has one")
     t.add_argument("--seed", type=int, default=11079)
@@ -326,9 +325,17 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--pooled adds the pooled vectors to an --init MMDiT; from scratch, give --network mmdit-pooled")
     if args.ema and args.seconds != float("inf"):
         p.error("--ema with --seconds: a run stopped on time has no final average; give --steps instead")
+    if args.clip_vision is not None and not args.clip:
+        p.error("--clip-vision names the CLIP tower of --clip; give --clip too")
+    if args.clip:
+        from phantom_core.tiny.default import TRAINED_DIR
+
+        args.clip_vision = args.clip_vision or TRAINED_DIR / CLIP_FILE
+        if not args.clip_vision.is_file():
+            p.error(f"--clip-vision: {args.clip_vision} is not a file (a world CLIP tower, .safetensors)")
     try:
         if args.clip:
-            clip_features(Path(args.work), [Path(m) for m in args.mix])
+            clip_features(Path(args.work), [Path(m) for m in args.mix], args.clip_vision)
         data = training_latents([Path(args.work), *map(Path, args.mix)], args.clip)
     except ValueError as err:
         p.error(str(err))

@@ -1,14 +1,21 @@
 """`make train-default`: train the embedded default in the miniature world, from scratch, resumably.
 
     python -m tools.train_default [--work build/default] [--stages text,vae,latents,dit,export] [--threads 2]
-    python -m tools.train_default --model mmdit [--variant both|vae|clip] [--stages clip,clip_features,mmdit,export]
+    python -m tools.train_default --model mmdit [--variant both|vae|clip]
+        [--stages clip,clip_features,mmdit,motion_cache,motion,cooldown,export]
 
 ``--model mmdit`` trains the paper's MMDiT in a work folder that already holds the Phantom-Wan recipe's text, vae and
 latents stages: the world CLIP, the references' CLIP features, then the MMDiT variant (``--variant``: VAE and CLIP
-references, VAE only, CLIP only; ``phantom_core.world.mmdit_default``). Its ``export`` (variant ``both`` only, the
-default's) copies the MMDiT and the world CLIP tower into ``phantom_core/tiny/trained/`` as the second embedded
-default (``generate --model default-mmdit``), and refuses unless the folder's VAE and umT5 are the shipped
-Phantom-Wan default's own (``make train-default-mmdit`` runs ``make train-default`` first, so they are).
+references, VAE only, CLIP only; ``phantom_core.world.mmdit_default``). The default (variant ``both`` only) then has
+its motion stage, with ``tools.motion_run`` in ``<work>/motion`` (docs/WORLD.md, MODEL_CARD_MMDIT.md step 4):
+``motion_cache`` renders and encodes 600 one-subject scenes whose subjects travel 0.5 of the frame (and 48 held-out
+ones for the probe) with the folder's own VAE and umT5, ``motion`` gives the MMDiT its pooled text and reference
+vectors and trains it on them (``MOTION_TRAIN``: constant learning rate, CLIP features from the folder's CLIP,
+probing the motion word every 250 steps), ``cooldown`` goes on at a falling learning rate and keeps the EMA of the
+weights (``COOLDOWN``). Its ``export`` (variant ``both`` only) copies that MMDiT and the world CLIP tower into
+``phantom_core/tiny/trained/`` as the second embedded default (``generate --model default-mmdit``), and refuses
+unless the folder's VAE and umT5 are the shipped Phantom-Wan default's own (``make train-default-mmdit`` runs ``make
+train-default`` first, so they are).
 
 Each stage leaves its files in ``--work`` and is skipped when they are complete, and the VAE and DiT stages
 resume from their latest checkpoint, so an interrupted run continues where it stopped. The VAE and DiT stages draw
@@ -20,15 +27,23 @@ copies the finished files into ``phantom_core/tiny/trained/`` (atomically). The 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 STAGES = ("text", "vae", "latents", "dit", "export")
-MMDIT_STAGES = ("clip", "clip_features", "mmdit", "export")
+MMDIT_STAGES = ("clip", "clip_features", "mmdit", "motion_cache", "motion", "cooldown", "export")
+DEFAULT_ONLY = ("motion_cache", "motion", "cooldown", "export")  # the MMDiT default's stages (--variant both)
+MOTION_DIR = "motion"  # <work>/motion: the motion stage's cache and runs (tools.motion_run)
+MOTION_CACHE = ["--travel", "0.5", "--samples", "600", "--subjects", "1", "--held-out", "48"]
+MOTION_TRAIN = ["--pooled", "--every", "250", "--probe", "16", "--seed", "5", "--steps", "5000"]
+COOLDOWN = ["--every", "400", "--probe", "16", "--seed", "6", "--lr", "2e-4", "--schedule", "cosine",
+            "--ema", "0.998", "--steps", "800"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.train_default", description=__doc__.split("\n")[0])
     parser.add_argument("--work", default="build/default", help="folder of the runs and intermediate files")
     parser.add_argument("--stages", default=None, help=f"comma-separated, of {', '.join(STAGES)} (--model wan, "
-                        f"the default: all) or {', '.join(MMDIT_STAGES)} (--model mmdit: all; export only for "
-                        "--variant both)")
+                        f"the default: all) or {', '.join(MMDIT_STAGES)} (--model mmdit: all; "
+                        f"{', '.join(DEFAULT_ONLY)} only for --variant both)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the figures are for 2)")
     parser.add_argument("--model", choices=("wan", "mmdit"), default="wan",
                         help="wan: the Phantom-Wan default; mmdit: the paper's MMDiT on the wan recipe's latents")
@@ -47,13 +62,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="--model mmdit: VAE and CLIP references, VAE only, or CLIP only")
     args = parser.parse_args(argv)
     valid = STAGES if args.model == "wan" else MMDIT_STAGES
-    everything = [s for s in valid if args.model == "wan" or args.variant == "both" or s != "export"]
+    everything = [s for s in valid if args.model == "wan" or args.variant == "both" or s not in DEFAULT_ONLY]
     stages = [s.strip() for s in (args.stages or ",".join(everything)).split(",") if s.strip()]
     bad = [s for s in stages if s not in valid]
     if bad:
         parser.error(f"--stages: unknown {bad} for --model {args.model}; valid stages are {', '.join(valid)}")
-    if args.model == "mmdit" and "export" in stages and args.variant != "both":
-        parser.error(f"--stages export: the MMDiT default is the variant both; --variant is {args.variant}")
+    if args.model == "mmdit" and args.variant != "both" and (mine := [s for s in stages if s in DEFAULT_ONLY]):
+        parser.error(f"--stages {','.join(mine)}: the MMDiT default's stages, for the variant both; --variant is "
+                     f"{args.variant}")
     if len(stages) > 1:
         return run_apart(args, [s for s in valid if s in stages])
     torch.set_num_threads(args.threads)
@@ -107,13 +123,55 @@ def run_mmdit(work: str, stages: list[str], variant: str) -> int:
         elif stage == "clip_features":
             mmdit_default.stage_clip_features(work)
         elif stage == "export":
-            mmdit_default.stage_mmdit_export(work, variant)
+            mmdit_default.stage_mmdit_export(work, variant, dit=Path(work) / MOTION_DIR / "c.safetensors")
+        elif stage in ("motion_cache", "motion", "cooldown"):
+            status = run_motion(Path(work), stage)
+            if status:
+                return status
         else:
             counts = mmdit_default.parameter_counts()
             print(f"parameters: {', '.join(f'{k} {v:,}' for k, v in counts.items())}", flush=True)
             mmdit_default.stage_mmdit(work, variant, progress=progress)
         print(f"== stage {stage} done in {time.perf_counter() - t0:.0f} s", flush=True)
     return 0
+
+
+def run_motion(work: Path, stage: str) -> int:
+    """One motion stage in ``work/MOTION_DIR`` through ``tools.motion_run`` (its exit status); a stage whose output
+    is complete is skipped, and ``motion`` / ``cooldown`` resume from their latest checkpoint.
+
+    Raises ``FileNotFoundError`` naming the earlier stage's missing file."""
+    from phantom_core.loading.disk import atomic_write
+    from phantom_core.world.clip_model import CLIP_STAGE_FILE
+    from phantom_core.world.default_model import TEXT_STAGE_FILE, VAE_STAGE_FILE
+    from tools import motion_run
+
+    motion = work / MOTION_DIR
+    needed = {"motion_cache": [work / VAE_STAGE_FILE, work / TEXT_STAGE_FILE],
+              "motion": [motion / "cache_done.json", work / "mmdit_both.safetensors", work / CLIP_STAGE_FILE],
+              "cooldown": [motion / "b.safetensors", work / CLIP_STAGE_FILE]}[stage]
+    for path in needed:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: run the stages before {stage} first (python -m "
+                                    f"tools.train_default --work {work} --model mmdit)")
+    clip = ["--clip", "--clip-vision", str(work / CLIP_STAGE_FILE)]
+    if stage == "motion_cache":
+        if (motion / "cache_done.json").is_file():
+            return 0
+        motion.mkdir(parents=True, exist_ok=True)
+        for source in needed:  # the cache encodes with the folder's VAE and umT5, not the shipped ones
+            (motion / source.name).write_bytes(source.read_bytes())
+        status = motion_run.main(["cache", "--work", str(motion), *MOTION_CACHE])
+        with atomic_write(motion / "cache_done.json") as tmp:
+            tmp.write_text(json.dumps({"motion_run cache": MOTION_CACHE}), encoding="utf-8")
+        return status
+    out = motion / ("b" if stage == "motion" else "c")
+    if out.with_suffix(".safetensors").is_file():
+        return 0
+    init = work / "mmdit_both.safetensors" if stage == "motion" else motion / "b.safetensors"
+    settings = MOTION_TRAIN if stage == "motion" else COOLDOWN
+    return motion_run.main(["train", "--work", str(motion), "--init", str(init), *clip, *settings, "--resume",
+                            "--out", str(out)])
 
 
 if __name__ == "__main__":

@@ -223,9 +223,10 @@ def train_mmdit_default(work: str | Path, variant: str = "both", progress: ClipP
     return stage_mmdit(work, variant, progress, vae_dropout)
 
 
-def stage_mmdit_export(work: str | Path, variant: str = "both") -> dict[str, Path]:
-    """Copy the trained MMDiT (``mmdit_<variant>.safetensors``, the shipped default is ``both``) and the world CLIP
-    tower into ``phantom_core/tiny/trained/`` (atomically; what ``install_trained_mmdit_default`` installs).
+def stage_mmdit_export(work: str | Path, variant: str = "both", dit: str | Path | None = None) -> dict[str, Path]:
+    """Copy the trained MMDiT (``dit``, default ``mmdit_<variant>.safetensors``; the shipped default is ``both``
+    after ``tools.train_default``'s motion stages, which give their file) and the world CLIP tower into
+    ``phantom_core/tiny/trained/`` (atomically; what ``install_trained_mmdit_default`` installs).
 
     The MMDiT learned on latents of ``work``'s VAE and umT5, and the default ships with the Phantom-Wan default's:
     raises ``ValueError`` naming both files unless they are byte-identical (export the Phantom-Wan default from this
@@ -237,7 +238,8 @@ def stage_mmdit_export(work: str | Path, variant: str = "both") -> dict[str, Pat
 
     check_variant(variant)
     work = Path(work)
-    sources = {"dit": work / f"mmdit_{variant}.safetensors", "clip_vision": work / CLIP_STAGE_FILE}
+    sources = {"dit": Path(dit) if dit else work / f"mmdit_{variant}.safetensors",
+               "clip_vision": work / CLIP_STAGE_FILE}
     for path in sources.values():
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: run the MMDiT stages first (python -m tools.train_default "

@@ -95,10 +95,14 @@ def test_cache_train_probe_stop_on_time_and_resume(tmp_path):
     model = PhantomMMDiT(MMDIT_PRESETS["world"], device="meta").to_empty(device="cpu")
     model.init_weights(torch.Generator().manual_seed(0))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(both))
-    clipped = tmp_path / "clipped"
-    assert main(["train", "--work", str(work), "--init", str(both), "--clip", "--batch", "2", "--steps", "2",
-                 "--every", "2", "--probe", "2", "--threads", "2", "--out", str(clipped)]) == 0
+    clipped, tower_file = tmp_path / "clipped", tmp_path / "own_clip.safetensors"
+    shutil.copyfile(TRAINED_DIR / CLIP_FILE, tower_file)  # --clip-vision: a tower of its own (train_default's)
+    assert main(["train", "--work", str(work), "--init", str(both), "--clip", "--clip-vision", str(tower_file),
+                 "--batch", "2", "--steps", "2", "--every", "2", "--probe", "2", "--threads", "2",
+                 "--out", str(clipped)]) == 0
     assert [row["step"] for row in json.loads((tmp_path / "clipped_curve.json").read_text())] == [2]
+    (_, ckpt), = list_checkpoints(f"{clipped}_run/checkpoints")
+    assert json.loads((ckpt / CONFIG_FILE).read_text())["clip_vision"] == str(tower_file)
     data = training_latents([work], clip=True)
     held = clip_feature_table(work / "held_out")
     assert len(held) == 4 and all(name.startswith("world_test_") for name in held)
@@ -136,6 +140,12 @@ def test_bad_options_are_refused(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--work", "w", "--out", "r", "--pooled"])
     assert "--pooled adds the pooled vectors to an --init MMDiT; from scratch, give --network" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--work", "w", "--out", "r", "--clip-vision", "t.safetensors"])
+    assert "--clip-vision names the CLIP tower of --clip; give --clip too" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--work", "w", "--out", "r", "--clip", "--clip-vision", "missing.safetensors"])
+    assert "--clip-vision: missing.safetensors is not a file" in capsys.readouterr().err
 
 
 def fake_cache(work, refs: int, count: int, dropped: torch.Tensor) -> None:

@@ -35,7 +35,8 @@ from tools.make_workflows import (
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_MODES = {"fixed", "increment", "decrement", "randomize"}
-NAMES = ["phantom_1ref", "phantom_4ref", "phantom_2ref_rephrase", "phantom_train_lora", "phantom_mmdit_1ref"]
+NAMES = ["phantom_1ref", "phantom_4ref", "phantom_2ref_rephrase", "phantom_train_lora", "phantom_mmdit_1ref",
+         "phantom_mmdit_2ref"]
 # model files a workflow names before they are shipped: the server cannot list them yet
 UNSHIPPED = set() if trained_mmdit_shipped() else set(MMDIT_FILES.values())
 SEED_NAMES = ("seed", "noise_seed")  # INT widgets the frontend gives a control widget even when not asked to
