@@ -40,6 +40,7 @@ STAGES = ("text", "vae", "latents", "dit", "export")
 MMDIT_STAGES = ("clip", "clip_features", "mmdit", "motion_cache", "motion", "cooldown", "export")
 DEFAULT_ONLY = ("motion_cache", "motion", "cooldown", "export")  # the MMDiT default's stages (--variant both)
 MOTION_DIR = "motion"  # <work>/motion: the motion stage's cache and runs (tools.motion_run)
+MOTION_RUNS = {"motion": "b", "cooldown": "c"}  # stage -> its run in <work>/motion (the file: <name>.safetensors)
 MOTION_CACHE = ["--travel", "0.5", "--samples", "600", "--subjects", "1", "--held-out", "48"]
 MOTION_TRAIN = ["--pooled", "--every", "250", "--probe", "16", "--seed", "5", "--steps", "5000"]
 COOLDOWN = ["--every", "400", "--probe", "16", "--seed", "6", "--lr", "2e-4", "--schedule", "cosine",
@@ -123,7 +124,7 @@ def run_mmdit(work: str, stages: list[str], variant: str) -> int:
         elif stage == "clip_features":
             mmdit_default.stage_clip_features(work)
         elif stage == "export":
-            mmdit_default.stage_mmdit_export(work, variant, dit=Path(work) / MOTION_DIR / "c.safetensors")
+            mmdit_default.stage_mmdit_export(work, variant, dit=motion_output(Path(work), "cooldown"))
         elif stage in ("motion_cache", "motion", "cooldown"):
             status = run_motion(Path(work), stage)
             if status:
@@ -134,6 +135,11 @@ def run_mmdit(work: str, stages: list[str], variant: str) -> int:
             mmdit_default.stage_mmdit(work, variant, progress=progress)
         print(f"== stage {stage} done in {time.perf_counter() - t0:.0f} s", flush=True)
     return 0
+
+
+def motion_output(work: Path, stage: str) -> Path:
+    """The file the training run of ``stage`` (a key of ``MOTION_RUNS``) leaves when it is done."""
+    return work / MOTION_DIR / f"{MOTION_RUNS[stage]}.safetensors"
 
 
 def run_motion(work: Path, stage: str) -> int:
@@ -149,7 +155,7 @@ def run_motion(work: Path, stage: str) -> int:
     motion = work / MOTION_DIR
     needed = {"motion_cache": [work / VAE_STAGE_FILE, work / TEXT_STAGE_FILE],
               "motion": [motion / "cache_done.json", work / "mmdit_both.safetensors", work / CLIP_STAGE_FILE],
-              "cooldown": [motion / "b.safetensors", work / CLIP_STAGE_FILE]}[stage]
+              "cooldown": [motion_output(work, "motion"), work / CLIP_STAGE_FILE]}[stage]
     for path in needed:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: run the stages before {stage} first (python -m "
@@ -162,16 +168,16 @@ def run_motion(work: Path, stage: str) -> int:
         for source in needed:  # the cache encodes with the folder's VAE and umT5, not the shipped ones
             (motion / source.name).write_bytes(source.read_bytes())
         status = motion_run.main(["cache", "--work", str(motion), *MOTION_CACHE])
-        with atomic_write(motion / "cache_done.json") as tmp:
-            tmp.write_text(json.dumps({"motion_run cache": MOTION_CACHE}), encoding="utf-8")
+        if status == 0:  # only a finished cache is marked done
+            with atomic_write(motion / "cache_done.json") as tmp:
+                tmp.write_text(json.dumps({"motion_run cache": MOTION_CACHE}), encoding="utf-8")
         return status
-    out = motion / ("b" if stage == "motion" else "c")
-    if out.with_suffix(".safetensors").is_file():
+    if motion_output(work, stage).is_file():
         return 0
-    init = work / "mmdit_both.safetensors" if stage == "motion" else motion / "b.safetensors"
+    init = work / "mmdit_both.safetensors" if stage == "motion" else motion_output(work, "motion")
     settings = MOTION_TRAIN if stage == "motion" else COOLDOWN
     return motion_run.main(["train", "--work", str(motion), "--init", str(init), *clip, *settings, "--resume",
-                            "--out", str(out)])
+                            "--out", str(motion / MOTION_RUNS[stage])])
 
 
 if __name__ == "__main__":
