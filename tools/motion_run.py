@@ -121,16 +121,17 @@ def cache(args: argparse.Namespace) -> None:
 
 def training_latents(works: list[Path], clip: bool = False):
     """The training caches of ``works`` (``cache``'s ``W/latents``) as one in-memory dataset; ``clip``: each sample
-    with its references' CLIP features (``clip_features`` must have run on every cache).
+    with its references' CLIP features from its own cache's table (``clip_features`` must have run on every cache;
+    the caches' sample names repeat, so one table for all would hand a sample another cache's references).
 
     Raises:
-        ValueError: a cache whose dropped-prompt context differs from the first's (another text encoder), or one
-            with no index.
+        ValueError: a cache whose dropped-prompt context differs from the first's (another text encoder), one
+            with no index, or (``clip``) a sample without features.
     """
-    from phantom_core.training.cache import CachedLatents
+    from phantom_core.training.cache import CachedLatents, InMemoryLatents
     from phantom_core.world.default_model import LATENT_INDEX, latent_files
 
-    files, dropped = [], None
+    parts, dropped = [], None
     for work in works:
         if not (work / LATENT_INDEX).is_file():
             raise ValueError(f"--work / --mix {work}: no {LATENT_INDEX}; run `motion_run cache --work {work}` first")
@@ -140,13 +141,16 @@ def training_latents(works: list[Path], clip: bool = False):
         elif context.shape != dropped.shape or not torch.allclose(context, dropped, rtol=1e-4, atol=1e-5):
             raise ValueError(f"--mix {work}: its dropped-prompt context differs from {works[0]}'s (another text "
                              "encoder); mix caches made with the same umT5")
-        files += more
-    data = CachedLatents(files, dropped, in_memory=True)
+        parts.append(more)
     if not clip:
-        return data
+        return CachedLatents([f for more in parts for f in more], dropped, in_memory=True)
     from phantom_core.world.mmdit_default import clip_feature_table, with_clip_features
 
-    return with_clip_features(data, {k: v for work in works for k, v in clip_feature_table(work).items()})
+    samples = []
+    for work, more in zip(works, parts):
+        data = with_clip_features(CachedLatents(more, dropped, in_memory=True), clip_feature_table(work))
+        samples += [data[i] for i in range(len(data))]
+    return InMemoryLatents(samples, dropped)
 
 
 def clip_features(work: Path, mix: list[Path], clip: Path) -> None:

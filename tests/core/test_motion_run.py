@@ -148,12 +148,13 @@ def test_bad_options_are_refused(capsys):
     assert "--clip-vision: missing.safetensors is not a file" in capsys.readouterr().err
 
 
-def fake_cache(work, refs: int, count: int, dropped: torch.Tensor) -> None:
-    """``count`` cache files with ``refs`` reference latents each, and the index ``motion_run cache`` writes."""
+def fake_cache(work, refs: int, count: int, dropped: torch.Tensor, stem: str = "") -> None:
+    """``count`` cache files with ``refs`` reference latents each (named ``<stem>_<i>``, by default ``s<refs>_<i>``),
+    and the index ``motion_run cache`` writes."""
     folder = work / "latents"
     folder.mkdir(parents=True)
     save_file({"context": dropped}, str(folder / "dropped-x.safetensors"))
-    names = [f"s{refs}_{i}.safetensors" for i in range(count)]
+    names = [f"{stem or f's{refs}'}_{i}.safetensors" for i in range(count)]
     for i, name in enumerate(names):
         save_file({"latents": torch.full((4, 2, 4, 4), float(i)), "ref_latents": torch.zeros(4, refs, 4, 4),
                    "context": torch.zeros(3, 8)}, str(folder / name), metadata={"name": name})
@@ -175,3 +176,23 @@ def test_mixed_caches_train_as_one_set_and_a_foreign_cache_is_refused(tmp_path, 
     with pytest.raises(SystemExit):
         main(["train", "--work", str(tmp_path / "one"), "--mix", str(tmp_path / "none"), "--out", "r"])
     assert "none: no latents/index.json; run `motion_run cache --work" in capsys.readouterr().err
+
+
+def test_mixed_caches_with_the_same_sample_names_keep_their_own_clip_features(tmp_path):
+    """motion_run's caches draw the same indices from the same seed, so their sample names repeat: each sample must
+    get the CLIP features of its own cache's references (one table for all gave a two-subject sample's features,
+    2 references, to a one-subject sample: the MMDiT refused the batch)."""
+    from phantom_core.world.mmdit_default import FEATURES_DIR
+
+    dropped = torch.randn(5, 8)
+    for refs, count in ((1, 3), (2, 2)):
+        work = tmp_path / f"refs{refs}"
+        fake_cache(work, refs, count, dropped, stem="sample")  # sample_0, sample_1, ... in both caches
+        (work / FEATURES_DIR).mkdir()
+        save_file({f"sample_{i}.safetensors": torch.full((refs, 3, 4), 10.0 * refs + i) for i in range(count)},
+                  str(work / FEATURES_DIR / "part_0000.safetensors"))
+    data = training_latents([tmp_path / "refs1", tmp_path / "refs2"], clip=True)
+    assert len(data) == 5
+    for i, (refs, index) in enumerate([(1, 0), (1, 1), (1, 2), (2, 0), (2, 1)]):
+        assert data[i].ref_latents.shape[1] == data[i].ref_clip.shape[0] == refs
+        torch.testing.assert_close(data[i].ref_clip, torch.full((refs, 3, 4), 10.0 * refs + index), rtol=0, atol=0)
