@@ -75,7 +75,8 @@ train-default: env emoji-font
 
 # The second embedded default, the paper's MMDiT trained in the same world (phantom_core.world.mmdit_default): the
 # world CLIP, the references' CLIP features, the MMDiT (VAE and CLIP references) on train-default's latents, its motion
-# stage (tools.motion_run: a one-subject cache whose subjects travel farther, pooled vectors, a cool-down with EMA),
+# stages (tools.motion_run: a one-subject cache whose subjects travel farther, pooled vectors, a cool-down with EMA,
+# then the same on one- and two-subject scenes mixed),
 # then its export beside the Phantom-Wan default's VAE and umT5 (refused unless they are byte-identical, which running
 # train-default first on the same folder ensures); resumable like train-default. Runs with --model default-mmdit.
 train-default-mmdit: train-default

@@ -2,20 +2,22 @@
 
     python -m tools.train_default [--work build/default] [--stages text,vae,latents,dit,export] [--threads 2]
     python -m tools.train_default --model mmdit [--variant both|vae|clip]
-        [--stages clip,clip_features,mmdit,motion_cache,motion,cooldown,export]
+        [--stages clip,clip_features,mmdit,motion_cache,motion,cooldown,pairs_cache,pairs,pairs_cooldown,export]
 
 ``--model mmdit`` trains the paper's MMDiT in a work folder that already holds the Phantom-Wan recipe's text, vae and
 latents stages: the world CLIP, the references' CLIP features, then the MMDiT variant (``--variant``: VAE and CLIP
 references, VAE only, CLIP only; ``phantom_core.world.mmdit_default``). The default (variant ``both`` only) then has
-its motion stage, with ``tools.motion_run`` in ``<work>/motion`` (docs/WORLD.md, MODEL_CARD_MMDIT.md step 4):
+its motion stages, with ``tools.motion_run`` in ``<work>/motion`` (docs/WORLD.md, MODEL_CARD_MMDIT.md step 4):
 ``motion_cache`` renders and encodes 600 one-subject scenes whose subjects travel 0.5 of the frame (and 48 held-out
 ones for the probe) with the folder's own VAE and umT5, ``motion`` gives the MMDiT its pooled text and reference
 vectors and trains it on them (``MOTION_TRAIN``: constant learning rate, CLIP features from the folder's CLIP,
 probing the motion word every 250 steps), ``cooldown`` goes on at a falling learning rate and keeps the EMA of the
-weights (``COOLDOWN``). Its ``export`` (variant ``both`` only) copies that MMDiT and the world CLIP tower into
-``phantom_core/tiny/trained/`` as the second embedded default (``generate --model default-mmdit``), and refuses
-unless the folder's VAE and umT5 are the shipped Phantom-Wan default's own (``make train-default-mmdit`` runs ``make
-train-default`` first, so they are).
+weights (``COOLDOWN``); ``pairs_cache`` renders 450 two-subject scenes in ``<work>/motion_pairs``, and ``pairs`` and
+``pairs_cooldown`` do the same two runs again on both caches mixed (``PAIRS_TRAIN``, then ``COOLDOWN``), so that two
+subjects each keep a motion of their own (``MOTION_RUNS`` chains the runs). Its ``export`` (variant ``both`` only)
+copies the last run's MMDiT and the world CLIP tower into ``phantom_core/tiny/trained/`` as the second embedded
+default (``generate --model default-mmdit``), and refuses unless the folder's VAE and umT5 are the shipped Phantom-Wan
+default's own (``make train-default-mmdit`` runs ``make train-default`` first, so they are).
 
 Each stage leaves its files in ``--work`` and is skipped when they are complete, and the VAE and DiT stages
 resume from their latest checkpoint, so an interrupted run continues where it stopped. The VAE and DiT stages draw
@@ -37,14 +39,24 @@ from pathlib import Path
 import torch
 
 STAGES = ("text", "vae", "latents", "dit", "export")
-MMDIT_STAGES = ("clip", "clip_features", "mmdit", "motion_cache", "motion", "cooldown", "export")
-DEFAULT_ONLY = ("motion_cache", "motion", "cooldown", "export")  # the MMDiT default's stages (--variant both)
-MOTION_DIR = "motion"  # <work>/motion: the motion stage's cache and runs (tools.motion_run)
-MOTION_RUNS = {"motion": "b", "cooldown": "c"}  # stage -> its run in <work>/motion (the file: <name>.safetensors)
+MMDIT_STAGES = ("clip", "clip_features", "mmdit", "motion_cache", "motion", "cooldown", "pairs_cache", "pairs",
+                "pairs_cooldown", "export")
+MOTION_STAGES = ("motion_cache", "motion", "cooldown", "pairs_cache", "pairs", "pairs_cooldown")
+DEFAULT_ONLY = (*MOTION_STAGES, "export")  # the MMDiT default's stages (--variant both)
+MOTION_DIR = "motion"  # <work>/motion: the motion stages' one-subject cache and their runs (tools.motion_run)
+PAIRS_DIR = "motion_pairs"  # <work>/motion_pairs: the two-subject cache that joins the one-subject one
 MOTION_CACHE = ["--travel", "0.5", "--samples", "600", "--subjects", "1", "--held-out", "48"]
+PAIRS_CACHE = ["--travel", "0.5", "--samples", "450", "--subjects", "2", "--held-out", "8"]
+CACHES = {"motion_cache": (MOTION_DIR, MOTION_CACHE), "pairs_cache": (PAIRS_DIR, PAIRS_CACHE)}
 MOTION_TRAIN = ["--pooled", "--every", "250", "--probe", "16", "--seed", "5", "--steps", "5000"]
+PAIRS_TRAIN = ["--every", "250", "--probe", "16", "--seed", "7", "--steps", "6000"]
 COOLDOWN = ["--every", "400", "--probe", "16", "--seed", "6", "--lr", "2e-4", "--schedule", "cosine",
             "--ema", "0.998", "--steps", "800"]
+# training stage -> (its run in <work>/motion: the file <name>.safetensors, the stage it starts from (None: the
+# MMDiT stage's mmdit_both.safetensors), its settings, whether the two-subject cache joins the one-subject one)
+MOTION_RUNS = {"motion": ("b", None, MOTION_TRAIN, False), "cooldown": ("c", "motion", COOLDOWN, False),
+               "pairs": ("d", "cooldown", PAIRS_TRAIN, True), "pairs_cooldown": ("e", "pairs", COOLDOWN, True)}
+SHIPPED_RUN = "pairs_cooldown"  # the training stage whose file export ships
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,8 +136,8 @@ def run_mmdit(work: str, stages: list[str], variant: str) -> int:
         elif stage == "clip_features":
             mmdit_default.stage_clip_features(work)
         elif stage == "export":
-            mmdit_default.stage_mmdit_export(work, variant, dit=motion_output(Path(work), "cooldown"))
-        elif stage in ("motion_cache", "motion", "cooldown"):
+            mmdit_default.stage_mmdit_export(work, variant, dit=motion_output(Path(work), SHIPPED_RUN))
+        elif stage in MOTION_STAGES:
             status = run_motion(Path(work), stage)
             if status:
                 return status
@@ -139,12 +151,14 @@ def run_mmdit(work: str, stages: list[str], variant: str) -> int:
 
 def motion_output(work: Path, stage: str) -> Path:
     """The file the training run of ``stage`` (a key of ``MOTION_RUNS``) leaves when it is done."""
-    return work / MOTION_DIR / f"{MOTION_RUNS[stage]}.safetensors"
+    return work / MOTION_DIR / f"{MOTION_RUNS[stage][0]}.safetensors"
 
 
 def run_motion(work: Path, stage: str) -> int:
-    """One motion stage in ``work/MOTION_DIR`` through ``tools.motion_run`` (its exit status); a stage whose output
-    is complete is skipped, and ``motion`` / ``cooldown`` resume from their latest checkpoint.
+    """One motion stage (``MOTION_STAGES``) through ``tools.motion_run`` (its exit status): a cache stage renders
+    and encodes ``CACHES[stage]`` in its folder of ``work`` with the folder's own VAE and umT5, a training stage runs
+    ``MOTION_RUNS[stage]`` in ``work/MOTION_DIR`` with the folder's CLIP tower. A stage whose output is complete is
+    skipped, and a training stage resumes from its latest checkpoint.
 
     Raises ``FileNotFoundError`` naming the earlier stage's missing file."""
     from phantom_core.loading.disk import atomic_write
@@ -152,32 +166,37 @@ def run_motion(work: Path, stage: str) -> int:
     from phantom_core.world.default_model import TEXT_STAGE_FILE, VAE_STAGE_FILE
     from tools import motion_run
 
-    motion = work / MOTION_DIR
-    needed = {"motion_cache": [work / VAE_STAGE_FILE, work / TEXT_STAGE_FILE],
-              "motion": [motion / "cache_done.json", work / "mmdit_both.safetensors", work / CLIP_STAGE_FILE],
-              "cooldown": [motion_output(work, "motion"), work / CLIP_STAGE_FILE]}[stage]
+    motion, pairs = work / MOTION_DIR, work / PAIRS_DIR
+    if stage in CACHES:
+        folder, settings = CACHES[stage]
+        needed = [work / VAE_STAGE_FILE, work / TEXT_STAGE_FILE]
+    else:
+        run, start, settings, mixed = MOTION_RUNS[stage]
+        init = motion_output(work, start) if start else work / "mmdit_both.safetensors"
+        needed = [motion / "cache_done.json", *([pairs / "cache_done.json"] if mixed else []), init,
+                  work / CLIP_STAGE_FILE]
     for path in needed:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: run the stages before {stage} first (python -m "
                                     f"tools.train_default --work {work} --model mmdit)")
-    clip = ["--clip", "--clip-vision", str(work / CLIP_STAGE_FILE)]
-    if stage == "motion_cache":
-        if (motion / "cache_done.json").is_file():
+    if stage in CACHES:
+        cache = work / folder
+        if (cache / "cache_done.json").is_file():
             return 0
-        motion.mkdir(parents=True, exist_ok=True)
+        cache.mkdir(parents=True, exist_ok=True)
         for source in needed:  # the cache encodes with the folder's VAE and umT5, not the shipped ones
-            (motion / source.name).write_bytes(source.read_bytes())
-        status = motion_run.main(["cache", "--work", str(motion), *MOTION_CACHE])
+            (cache / source.name).write_bytes(source.read_bytes())
+        status = motion_run.main(["cache", "--work", str(cache), *settings])
         if status == 0:  # only a finished cache is marked done
-            with atomic_write(motion / "cache_done.json") as tmp:
-                tmp.write_text(json.dumps({"motion_run cache": MOTION_CACHE}), encoding="utf-8")
+            with atomic_write(cache / "cache_done.json") as tmp:
+                tmp.write_text(json.dumps({"motion_run cache": settings}), encoding="utf-8")
         return status
     if motion_output(work, stage).is_file():
         return 0
-    init = work / "mmdit_both.safetensors" if stage == "motion" else motion_output(work, "motion")
-    settings = MOTION_TRAIN if stage == "motion" else COOLDOWN
-    return motion_run.main(["train", "--work", str(motion), "--init", str(init), *clip, *settings, "--resume",
-                            "--out", str(motion / MOTION_RUNS[stage])])
+    clip = ["--clip", "--clip-vision", str(work / CLIP_STAGE_FILE)]
+    mix = ["--mix", str(pairs)] if mixed else []
+    return motion_run.main(["train", "--work", str(motion), *mix, "--init", str(init), *clip, *settings, "--resume",
+                            "--out", str(motion / run)])
 
 
 if __name__ == "__main__":

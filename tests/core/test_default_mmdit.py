@@ -114,7 +114,7 @@ def test_train_default_runs_the_export_stage_for_the_variant_both_only(monkeypat
     monkeypatch.setattr("phantom_core.world.mmdit_default.stage_mmdit_export",
                         lambda w, v, dit=None: calls.append((w, v, dit)))
     assert train_default.main(["--work", "w", "--model", "mmdit", "--stages", "export", "--threads", "1"]) == 0
-    assert calls == [("w", "both", Path("w") / "motion" / "c.safetensors")]  # the motion stage's cool-down
+    assert calls == [("w", "both", Path("w") / "motion" / "e.safetensors")]  # the two-subject stage's cool-down
     with pytest.raises(SystemExit):
         train_default.main(["--model", "mmdit", "--variant", "vae", "--stages", "export"])
     assert "export" in train_default.MMDIT_STAGES

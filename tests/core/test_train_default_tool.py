@@ -47,3 +47,66 @@ def test_unknown_stage_is_refused_before_anything_runs(monkeypatch: pytest.Monke
     with pytest.raises(SystemExit):
         train_default.main(["--stages", "latents,nope"])
     assert fake.commands == []
+
+
+# ---------------------------------------------------------------------------------------------- motion stages
+
+
+def motion_folder(tmp_path):
+    """A work folder with what the MMDiT default's motion stages start from (stand-in bytes: motion_run is faked)."""
+    from phantom_core.world.clip_model import CLIP_STAGE_FILE
+    from phantom_core.world.default_model import TEXT_STAGE_FILE, VAE_STAGE_FILE
+
+    for name in (VAE_STAGE_FILE, TEXT_STAGE_FILE, CLIP_STAGE_FILE, "mmdit_both.safetensors"):
+        (tmp_path / name).write_bytes(name.encode())
+    return tmp_path
+
+
+def fake_motion_run(monkeypatch: pytest.MonkeyPatch, status: int = 0) -> list[list[str]]:
+    from tools import motion_run
+
+    calls: list[list[str]] = []
+
+    def main(argv: list[str]) -> int:
+        calls.append(argv)
+        if argv[0] == "train" and status == 0:  # a finished run leaves its file
+            (train_default.Path(argv[argv.index("--out") + 1] + ".safetensors")).write_bytes(b"run")
+        return status
+
+    monkeypatch.setattr(motion_run, "main", main)
+    return calls
+
+
+def test_motion_stages_chain_their_runs_and_the_pairs_mix_in_the_two_subject_cache(tmp_path, monkeypatch):
+    work, calls = motion_folder(tmp_path), fake_motion_run(monkeypatch)
+    for stage in train_default.MOTION_STAGES:
+        assert train_default.run_motion(work, stage) == 0
+    motion, pairs = work / train_default.MOTION_DIR, work / train_default.PAIRS_DIR
+    assert [c[:3] for c in calls[:1]] == [["cache", "--work", str(motion)]]
+    from phantom_core.world.default_model import TEXT_STAGE_FILE, VAE_STAGE_FILE
+
+    for folder in (motion, pairs):  # each cache encodes with the folder's own VAE and umT5
+        assert all((folder / n).read_bytes() == (work / n).read_bytes() for n in (VAE_STAGE_FILE, TEXT_STAGE_FILE))
+    trains = {c[c.index("--out") + 1].rsplit("/", 1)[-1]: c for c in calls if c[0] == "train"}
+    assert sorted(trains) == ["b", "c", "d", "e"]
+    assert trains["b"][trains["b"].index("--init") + 1] == str(work / "mmdit_both.safetensors")
+    for run, start in (("c", "b"), ("d", "c"), ("e", "d")):  # each run starts from the one before
+        assert trains[run][trains[run].index("--init") + 1] == str(motion / f"{start}.safetensors")
+    assert all("--mix" not in trains[r] for r in "bc")
+    assert all(trains[r][trains[r].index("--mix") + 1] == str(pairs) for r in "de")
+    assert all("--resume" in c and "--clip-vision" in c for c in trains.values())
+    assert [c for c in calls if c[0] == "cache"][1][:3] == ["cache", "--work", str(pairs)]
+    assert (pairs / "cache_done.json").is_file()
+    count = len(calls)
+    for stage in train_default.MOTION_STAGES:  # every output is there: nothing runs again
+        assert train_default.run_motion(work, stage) == 0
+    assert len(calls) == count
+
+
+def test_a_failed_cache_is_not_marked_done_and_a_missing_input_is_named(tmp_path, monkeypatch):
+    work, calls = motion_folder(tmp_path), fake_motion_run(monkeypatch, status=2)
+    assert train_default.run_motion(work, "pairs_cache") == 2
+    assert not (work / train_default.PAIRS_DIR / "cache_done.json").exists()
+    with pytest.raises(FileNotFoundError, match="cache_done.json is missing: run the stages before pairs first"):
+        train_default.run_motion(work, "pairs")
+    assert len(calls) == 1
