@@ -7,7 +7,7 @@
 ``--model mmdit`` trains the paper's MMDiT in a work folder that already holds the Phantom-Wan recipe's text, vae and
 latents stages: the world CLIP, the references' CLIP features, then the MMDiT variant (``--variant``: VAE and CLIP
 references, VAE only, CLIP only; ``phantom_core.world.mmdit_default``). The default (variant ``both`` only) then has
-its motion stages, with ``tools.motion_run`` in ``<work>/motion`` (docs/WORLD.md, MODEL_CARD_MMDIT.md step 4):
+its motion stages, with ``tools.motion_run`` in ``<work>/motion`` (docs/WORLD.md, MODEL_CARD_MMDIT.md steps 4-5):
 ``motion_cache`` renders and encodes 600 one-subject scenes whose subjects travel 0.5 of the frame (and 48 held-out
 ones for the probe) with the folder's own VAE and umT5, ``motion`` gives the MMDiT its pooled text and reference
 vectors and trains it on them (``MOTION_TRAIN``: constant learning rate, CLIP features from the folder's CLIP,
