@@ -39,9 +39,8 @@ from pathlib import Path
 import torch
 
 STAGES = ("text", "vae", "latents", "dit", "export")
-MMDIT_STAGES = ("clip", "clip_features", "mmdit", "motion_cache", "motion", "cooldown", "pairs_cache", "pairs",
-                "pairs_cooldown", "export")
 MOTION_STAGES = ("motion_cache", "motion", "cooldown", "pairs_cache", "pairs", "pairs_cooldown")
+MMDIT_STAGES = ("clip", "clip_features", "mmdit", *MOTION_STAGES, "export")
 DEFAULT_ONLY = (*MOTION_STAGES, "export")  # the MMDiT default's stages (--variant both)
 MOTION_DIR = "motion"  # <work>/motion: the motion stages' one-subject cache and their runs (tools.motion_run)
 PAIRS_DIR = "motion_pairs"  # <work>/motion_pairs: the two-subject cache that joins the one-subject one
@@ -166,38 +165,37 @@ def run_motion(work: Path, stage: str) -> int:
     from phantom_core.world.default_model import TEXT_STAGE_FILE, VAE_STAGE_FILE
     from tools import motion_run
 
-    motion, pairs = work / MOTION_DIR, work / PAIRS_DIR
+    def require(*paths: Path) -> None:
+        for path in paths:
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing: run the stages before {stage} first (python -m "
+                                        f"tools.train_default --work {work} --model mmdit)")
+
     if stage in CACHES:
         folder, settings = CACHES[stage]
-        needed = [work / VAE_STAGE_FILE, work / TEXT_STAGE_FILE]
-    else:
-        run, start, settings, mixed = MOTION_RUNS[stage]
-        init = motion_output(work, start) if start else work / "mmdit_both.safetensors"
-        needed = [motion / "cache_done.json", *([pairs / "cache_done.json"] if mixed else []), init,
-                  work / CLIP_STAGE_FILE]
-    for path in needed:
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: run the stages before {stage} first (python -m "
-                                    f"tools.train_default --work {work} --model mmdit)")
-    if stage in CACHES:
+        encoders = [work / VAE_STAGE_FILE, work / TEXT_STAGE_FILE]
+        require(*encoders)
         cache = work / folder
         if (cache / "cache_done.json").is_file():
             return 0
         cache.mkdir(parents=True, exist_ok=True)
-        for source in needed:  # the cache encodes with the folder's VAE and umT5, not the shipped ones
+        for source in encoders:  # the cache encodes with the folder's VAE and umT5, not the shipped ones
             (cache / source.name).write_bytes(source.read_bytes())
         status = motion_run.main(["cache", "--work", str(cache), *settings])
         if status == 0:  # only a finished cache is marked done
             with atomic_write(cache / "cache_done.json") as tmp:
                 tmp.write_text(json.dumps({"motion_run cache": settings}), encoding="utf-8")
         return status
+    motion, pairs = work / MOTION_DIR, work / PAIRS_DIR
+    run, start, settings, mixed = MOTION_RUNS[stage]
+    init = motion_output(work, start) if start else work / "mmdit_both.safetensors"
+    require(motion / "cache_done.json", *([pairs / "cache_done.json"] if mixed else []), init, work / CLIP_STAGE_FILE)
     if motion_output(work, stage).is_file():
         return 0
     clip = ["--clip", "--clip-vision", str(work / CLIP_STAGE_FILE)]
     mix = ["--mix", str(pairs)] if mixed else []
     return motion_run.main(["train", "--work", str(motion), *mix, "--init", str(init), *clip, *settings, "--resume",
                             "--out", str(motion / run)])
-
 
 if __name__ == "__main__":
     sys.exit(main())

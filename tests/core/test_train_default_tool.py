@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -70,7 +71,7 @@ def fake_motion_run(monkeypatch: pytest.MonkeyPatch, status: int = 0) -> list[li
     def main(argv: list[str]) -> int:
         calls.append(argv)
         if argv[0] == "train" and status == 0:  # a finished run leaves its file
-            (train_default.Path(argv[argv.index("--out") + 1] + ".safetensors")).write_bytes(b"run")
+            Path(argv[argv.index("--out") + 1] + ".safetensors").write_bytes(b"run")
         return status
 
     monkeypatch.setattr(motion_run, "main", main)
@@ -82,7 +83,7 @@ def test_motion_stages_chain_their_runs_and_the_pairs_mix_in_the_two_subject_cac
     for stage in train_default.MOTION_STAGES:
         assert train_default.run_motion(work, stage) == 0
     motion, pairs = work / train_default.MOTION_DIR, work / train_default.PAIRS_DIR
-    assert [c[:3] for c in calls[:1]] == [["cache", "--work", str(motion)]]
+    assert calls[0][:3] == ["cache", "--work", str(motion)]
     from phantom_core.world.default_model import TEXT_STAGE_FILE, VAE_STAGE_FILE
 
     for folder in (motion, pairs):  # each cache encodes with the folder's own VAE and umT5
