@@ -43,6 +43,17 @@ def examples_dir() -> Path:
     return EXAMPLES_DIR
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads() -> Iterator[None]:
+    """torch's CPU thread count put back after every test: a test calling a tool's ``main`` that sets it (e.g.
+    ``--threads 1``) would otherwise change the float rounding of every test after it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def single_thread() -> Iterator[None]:
     """torch on one CPU thread for the test: the trainer's micro models take milliseconds per step, and two

@@ -173,6 +173,9 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
                      help="the guidance passes of a step as one batched forward: auto (default: batched unless the "
                           "batch would not fit the free GPU memory, then one at a time), on, off (a third of the "
                           "activation memory, slower); the video is the same to within float rounding")
+    run.add_argument("--threads", type=int, default=None, metavar="N",
+                     help="torch's CPU thread count (default: the one recorded in the --from-sidecar sidecar, else "
+                          "torch's own); a video made on the CPU regenerates bit for bit only with the same count")
     run.add_argument("--block-swap", type=int, default=0, metavar="N",
                      help="keep the last N DiT blocks on the CPU and stream each to the GPU just before it runs "
                           "(less GPU memory, slower steps; 0 = off; at most the block count: 30 for 1.3B, 40 for 14B)")
@@ -238,9 +241,10 @@ def _check_device(flag: str, value: str) -> str:
 
 
 def _runtime_args(args: argparse.Namespace, recorded: dict[str, Any]) -> dict[str, Any]:
-    """``dtype`` / ``compute_dtype`` / ``device`` / ``text_encoder_device`` / ``attention`` / ``compiled`` of
-    ``generate_to_file``: an option given > the sidecar's ``runtime`` (``recorded``) > the defaults (auto; cuda when
-    available; attention None, i.e. ``$PHANTOM_ATTENTION`` or auto; not compiled)."""
+    """``dtype`` / ``compute_dtype`` / ``device`` / ``text_encoder_device`` / ``attention`` / ``compiled`` /
+    ``threads`` of ``generate_to_file``: an option given > the sidecar's ``runtime`` (``recorded``) > the defaults
+    (auto; cuda when available; attention None, i.e. ``$PHANTOM_ATTENTION`` or auto; not compiled; torch's threads).
+    Raises ``ValueError`` naming ``--threads`` for a count below 1."""
     device = _check_device("--device", args.device or recorded.get("device") or _default_device())
     te_device = args.text_encoder_device or recorded.get("text_encoder_device")
     out: dict[str, Any] = {"device": device,
@@ -253,6 +257,10 @@ def _runtime_args(args: argparse.Namespace, recorded: dict[str, Any]) -> dict[st
     attention = args.attention or recorded.get("attention")
     out["attention"] = None if attention is None else check_attention(attention, "--attention")
     out["compiled"] = bool(recorded.get("compiled", False) if args.compiled is None else args.compiled)
+    threads = args.threads if args.threads is not None else recorded.get("threads")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ValueError(f"--threads: got {threads!r}; expected a positive number of CPU threads")
+    out["threads"] = threads
     return out
 
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -323,7 +324,7 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
                      parallel: ParallelRun | None = None, attention: str | None = None,
                      compiled: bool = False, block_swap: int = 0, batch_passes: bool | str = "auto",
                      clip_vision_path: str | os.PathLike | None = None,
-                     clip_output: ClipOutput = "tokens") -> tuple[Path, Path]:
+                     clip_output: ClipOutput = "tokens", threads: int | None = None) -> tuple[Path, Path]:
     """Generate a video from model files and write ``out_path`` (MP4, atomic) plus its JSON sidecar.
 
     Order: validate the output path and the references, load all three models (every bad file fails here,
@@ -348,6 +349,8 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
             :func:`generate` (recorded in the sidecar's ``runtime``).
         clip_vision_path / clip_output: the CLIP vision tower of an MMDiT with a CLIP branch (:func:`load_clip_tower`)
             and its features (:func:`generate`), recorded in the sidecar's ``models["clip_vision"]``.
+        threads: torch's CPU thread count for this call (:func:`cpu_threads`; None: as it is), recorded in the
+            sidecar's ``runtime["threads"]``: on the CPU the float reductions, hence the video's bits, depend on it.
     Returns:
         ``(mp4_path, sidecar_path)``: the files written (by rank 0; the other ranks return the same paths).
     Raises:
@@ -361,6 +364,47 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
     if attention is not None:
         check_attention(attention)  # unknown or not installed: refused before any model loads
     check_batch_passes(batch_passes)
+    with cpu_threads(threads):
+        return _generate_to_file(dit_path, vae_path, text_encoder_path, ref_paths, settings, out, images,
+                                 dtype=dtype, device=device, compute_dtype=compute_dtype,
+                                 text_encoder_device=text_encoder_device, progress=progress, callback=callback,
+                                 sidecar_path=sidecar_path, tokenizer_path=tokenizer_path, loras=loras,
+                                 parallel=parallel, attention=attention, compiled=compiled, block_swap=block_swap,
+                                 batch_passes=batch_passes, clip_vision_path=clip_vision_path,
+                                 clip_output=clip_output)
+
+
+def cpu_threads_checked(threads: int | None) -> int | None:
+    """``threads`` when None or a positive int; else ``ValueError`` naming ``threads``."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads: got {threads!r}; expected a positive number of CPU threads (or None: as set)")
+    return threads
+
+
+@contextmanager
+def cpu_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op CPU thread count set to ``threads`` inside the block and restored after it (None: left
+    as it is). Raises ``ValueError`` for a count below 1."""
+    previous = torch.get_num_threads()
+    if cpu_threads_checked(threads) is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
+                      text_encoder_path: str | os.PathLike, ref_paths: Sequence[str | os.PathLike],
+                      settings: GenerationSettings, out: Path, images: list[Image.Image], *, dtype: torch.dtype | None,
+                      device: torch.device | str, compute_dtype: torch.dtype | None,
+                      text_encoder_device: torch.device | str | None, progress: bool,
+                      callback: StepCallback | None, sidecar_path: str | os.PathLike | None,
+                      tokenizer_path: str | os.PathLike | None, loras: Sequence[tuple[str | os.PathLike, float]],
+                      parallel: ParallelRun | None, attention: str | None, compiled: bool, block_swap: int,
+                      batch_passes: bool | str, clip_vision_path: str | os.PathLike | None,
+                      clip_output: ClipOutput) -> tuple[Path, Path]:
+    """:func:`generate_to_file` once its inputs are checked and the thread count is set."""
     runtime = {"dtype": dtype, "compute_dtype": compute_dtype, "device": device,
                "text_encoder_device": text_encoder_device}
     dit, vae, text_encoder = load_models(dit_path, vae_path, text_encoder_path, tokenizer_path=tokenizer_path,
@@ -388,7 +432,8 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
                                                                        attention=attention, compiled=compiled,
                                                                        attention_used=backend,
                                                                        batch_passes=BATCH_PASSES_NAMES.get(
-                                                                           batch_passes, batch_passes)),
+                                                                           batch_passes, batch_passes),
+                                                                       threads=torch.get_num_threads()),
                            out_path=out, seconds=seconds, tokenizer_path=tokenizer_path, loras=loras,
                            clip_vision_path=clip_vision_path, clip_output=clip_output)
     if parallel is not None:

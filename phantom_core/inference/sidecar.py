@@ -6,6 +6,7 @@ Format (``"format": "phantom-generation"``, ``"format_version": 1``), UTF-8 JSON
      "output": {"path", "bytes", "sha256"} of the MP4,
      "seed": the seed actually used (never -1), "settings": GenerationSettings.to_json(),
      "runtime": {"dtype", "compute_dtype", "device", "text_encoder_device", "attention", "compiled", "batch_passes",
+                 "threads": torch's CPU thread count,
                  "resolved": {role: precision, "attention": the back-end the DiT's attention ran with}},
      "models": {"dit" | "vae" | "text_encoder" | "tokenizer": {"path", "files": [{"path", "bytes", "sha256"}]},
                 "clip_vision": {"path", "files", "clip_output": "tokens" | "pooled"}},  (the last: an MMDiT's only)
@@ -108,14 +109,18 @@ def dtype_name(dtype: torch.dtype | None) -> str:
 def runtime_record(dtype: torch.dtype | None, compute_dtype: torch.dtype | None, device: torch.device | str,
                    text_encoder_device: torch.device | str | None, models: Sequence[Any] = (),
                    attention: str = "auto", compiled: bool = False,
-                   attention_used: str | None = None, batch_passes: str = "auto") -> dict[str, Any]:
+                   attention_used: str | None = None, batch_passes: str = "auto",
+                   threads: int | None = None) -> dict[str, Any]:
     """The sidecar's ``"runtime"``: the choices as given (``"auto"`` / null for the defaults, so a regeneration
     decides the same way; ``attention`` the back-end choice in effect, ``compiled`` whether the DiT's blocks were
     compiled, ``batch_passes`` auto / on / off) and, with ``models`` (DiT, VAE, text encoder), what they resolved
-    to, plus ``attention_used`` (the back-end ``attention`` meant on that device) when given."""
+    to, plus ``attention_used`` (the back-end ``attention`` meant on that device) when given; ``threads``: torch's
+    CPU thread count (a CPU video is the same bit for bit only with the same count), recorded when given."""
     record = {"dtype": dtype_name(dtype), "compute_dtype": dtype_name(compute_dtype), "device": str(device),
               "text_encoder_device": None if text_encoder_device is None else str(text_encoder_device),
               "attention": attention, "compiled": bool(compiled), "batch_passes": batch_passes}
+    if threads is not None:
+        record["threads"] = int(threads)
     if models:
         record["resolved"] = {role: model_precision(m) for role, m in zip(("dit", "vae", "text_encoder"), models)}
         if attention_used is not None:

@@ -88,7 +88,9 @@ def test_generate_python_api_is_seeded(files):
 # ---------------------------------------------------------------------------------------------- generate CLI
 
 
-def test_cli_sidecar_and_bit_exact_regeneration(files, capsys):
+def test_cli_sidecar_and_bit_exact_regeneration(files, capsys, single_thread):
+    # one thread here, torch's default (the machine's cores) in the fresh process below unless the sidecar's
+    # recorded count is applied: on the CPU the float reductions, hence the video's bits, depend on it
     out = files["root"] / "run1" / "video.mp4"
     argv = ["generate", *model_args(files), "--prompt", "two things", "--preset", "paper", *SMALL,
             "--seed", "-1", "--out", str(out)]
@@ -111,6 +113,7 @@ def test_cli_sidecar_and_bit_exact_regeneration(files, capsys):
     assert {k: runtime[k] for k in ("dtype", "compute_dtype", "device", "text_encoder_device")} == {
         "dtype": "auto", "compute_dtype": "auto", "device": "cpu", "text_encoder_device": None}
     assert runtime["resolved"]["dit"] == {"weights": "float32", "compute": "float32", "device": "cpu"}
+    assert runtime["threads"] == torch.get_num_threads() == 1
     assert record["versions"]["torch"] == torch.__version__
     assert read_sidecar(sidecar)["settings"].seed == record["seed"]
     # regenerate in a fresh process from the sidecar alone
@@ -122,14 +125,15 @@ def test_cli_sidecar_and_bit_exact_regeneration(files, capsys):
     assert first.shape == (5, 32, 32, 3)
     assert first.std() > 5  # a real, non-constant video
     assert np.array_equal(first, second)
-    assert json.loads(again.with_suffix(".json").read_text())["seed"] == record["seed"]
+    regenerated = json.loads(again.with_suffix(".json").read_text())
+    assert regenerated["seed"] == record["seed"] and regenerated["runtime"]["threads"] == 1
 
 
 def test_from_sidecar_precedence_and_changed_files(files, tmp_path):
     record = {
         "format": "phantom-generation", "format_version": 1, "seed": 5,
         "settings": GenerationSettings("from sidecar", width=32, height=32, frames=5, steps=9, seed=5).to_json(),
-        "runtime": {"dtype": "float32", "device": "cpu"},
+        "runtime": {"dtype": "float32", "device": "cpu", "threads": 3},
         "models": {r: {"path": str(files[r]), "files": [{"path": str(files[r]), "bytes": files[r].stat().st_size,
                                                          "sha256": sha256(files[r])}]}
                    for r in ("dit", "vae", "text_encoder")},
@@ -145,6 +149,11 @@ def test_from_sidecar_precedence_and_changed_files(files, tmp_path):
     # explicit option > preset > sidecar
     assert (st.steps, st.solver, st.w_img, st.prompt, st.seed) == (4, "euler", 3.0, "from sidecar", 5)
     assert kw["ref_paths"] == [str(files["ref0"])] and kw["dit_path"] == str(files["dit"])
+    assert kw["threads"] == 3  # the recorded CPU thread count, unless --threads is given
+    assert resolve_generate_args(parse(["generate", "--from-sidecar", str(side), "--out", "x.mp4",
+                                        "--threads", "2"]))["threads"] == 2
+    with pytest.raises(ValueError, match="--threads: got 0"):
+        resolve_generate_args(parse(["generate", "--from-sidecar", str(side), "--out", "x.mp4", "--threads", "0"]))
     record["references"][0]["sha256"] = "0" * 64
     side.write_text(json.dumps(record))
     with pytest.raises(ValueError, match="ref0.png has changed"):
