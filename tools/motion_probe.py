@@ -1,6 +1,7 @@
 """Does a trained world DiT read the motion word of its prompt? A probe that needs no sampling.
 
     python -m tools.motion_probe --work build/default [--dit build/default/dit.safetensors] [--samples 24]
+    python -m tools.motion_probe --binding --work TWO_SUBJECT_CACHE --dit FILE [--samples 24]
 
 For single-subject training triplets of a latent cache (``tools.train_default``'s ``latents`` stage, its captions in
 the files' metadata), the DiT's one-step clean estimate ``x0 = x_t - sigma v`` (rectified flow, Phantom Eq. 3) is
@@ -23,6 +24,12 @@ means). Two more columns say how much a word changes the estimate at all, ``||x0
 (``red`` -> ``green`` -> ``blue`` -> ...). A model that hears the motion word but does not turn it into a direction
 shows a motion change well above 0 with an effect near 0.
 The MMDiT is probed as it was trained (its cached CLIP features with its VAE reference latents).
+
+``--binding`` probes two-subject triplets instead (``binding_probe``): the same one-step estimates with the prompt,
+with every motion reversed and with the two clauses' motions swapped; each subject's displacement is measured in its
+half of the frame. ``heard`` (does reversing the words move the subjects at all) and the binding ``effect`` (does
+swapping the clauses swap the subjects' motions: the truth's displacement when each subject follows its own clause,
+0 when the model cannot tell which clause is whose, negative when it swaps them) are in latent px, beside the truth.
 """
 
 from __future__ import annotations
@@ -38,11 +45,14 @@ REVERSED = {"left": "right", "right": "left", "up": "down", "down": "up"}
 AXIS_SIGN = {"left": (0, -1.0), "right": (0, 1.0), "up": (1, -1.0), "down": (1, 1.0)}  # (x=0 / y=1, sign)
 
 
-def latent_path(x0: Tensor) -> Tensor:
+def latent_path(x0: Tensor, region: Tensor | None = None) -> Tensor:
     """``[F, 2]`` (x, y) centroid per latent frame, in latent px, of ``|x0 - median|`` (``x0`` ``[C, F, h, w]``; the
-    median per frame and channel over space: the flat background)."""
+    median per frame and channel over space: the flat background), counting only ``region`` (bool ``[h, w]``) when
+    given."""
     median = x0.flatten(2).median(dim=2).values[..., None, None]  # (C, F, 1, 1)
     weight = (x0 - median).abs().sum(0)  # (F, h, w)
+    if region is not None:
+        weight = weight * region
     _, h, w = weight.shape
     ys = torch.arange(h, dtype=weight.dtype)[:, None]
     xs = torch.arange(w, dtype=weight.dtype)[None]
@@ -137,6 +147,140 @@ def probe(dit, encode, samples, sigmas=(0.95, 0.85, 0.7), seed: int = 0, draws: 
     return out
 
 
+UNIT = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0), "still": (0.0, 0.0)}
+
+
+def pair_motions(caption: str) -> tuple[str, str] | None:
+    """The two motions of a two-subject caption the binding probe can read, else None: at least one subject moves
+    and every moving one is on the same axis (``left`` / ``right`` with each other or ``still``; ``up`` / ``down``
+    likewise), so that the two subjects' paths stay apart across that axis (the anchored layout puts the first
+    subject named above the second, on a diagonal: ``world.render``)."""
+    from phantom_core.world.grammar import parse_prompt
+
+    try:
+        subjects = parse_prompt(caption).subjects
+    except ValueError:
+        return None
+    if len(subjects) != 2:
+        return None
+    motions = (subjects[0].motion, subjects[1].motion)
+    axes = {AXIS_SIGN[m][0] for m in motions if m != "still"}
+    return motions if len(axes) == 1 else None
+
+
+def swap_motions(caption: str) -> str:
+    """A two-subject caption (``world.grammar``) with its two clauses' motions exchanged (subjects, sizes and the
+    background kept)."""
+    return _with_motions(caption, lambda motions: motions[::-1])
+
+
+def reverse_motions(caption: str) -> str:
+    """A caption (``world.grammar``) with every clause's motion reversed (``still`` kept)."""
+    return _with_motions(caption, lambda motions: [REVERSED.get(m, m) for m in motions])
+
+
+def _with_motions(caption: str, change) -> str:
+    from dataclasses import replace
+
+    from phantom_core.world.grammar import format_prompt, parse_prompt
+
+    scene = parse_prompt(caption)
+    motions = change([s.motion for s in scene.subjects])
+    return format_prompt(replace(scene, subjects=tuple(replace(s, motion=m) for s, m in zip(scene.subjects, motions))))
+
+
+def subject_regions(truth: Tensor, motions: tuple[str, str]) -> list[Tensor]:
+    """Boolean ``[h, w]`` masks of the two subjects' halves of the latent frame, first subject first: the frame is
+    split across the moving axis (top / bottom for left-right motions, left / right for up-down ones; the world's
+    layouts keep two subjects apart across it) and the halves are assigned so that ``truth``'s (``[C, F, h, w]``)
+    displacement in them follows ``motions`` best (the data's own video says where each subject is: the anchored
+    layout puts the first subject higher, but a path is centred on its anchor and a crowded scene falls back to a
+    free layout, so no fixed rule holds)."""
+    _, _, h, w = truth.shape
+    ys, xs = torch.arange(h)[:, None].expand(h, w), torch.arange(w)[None].expand(h, w)
+    axis = next(AXIS_SIGN[m][0] for m in motions if m != "still")
+    half = ys < h / 2 if axis == 0 else xs < w / 2
+    units = [torch.tensor(UNIT[m]) for m in motions]
+    a, b = region_displacement(truth, half), region_displacement(truth, ~half)
+    return [half, ~half] if a @ units[0] + b @ units[1] >= b @ units[0] + a @ units[1] else [~half, half]
+
+
+def region_displacement(x0: Tensor, region: Tensor) -> Tensor:
+    """First-to-last latent frame displacement ``(dx, dy)`` in latent px of the centroid of ``|x0 - median|``
+    (``x0`` ``[C, F, h, w]``, median per frame and channel over the whole frame) inside ``region`` ``[h, w]``."""
+    path = latent_path(x0, region)
+    return path[-1] - path[0]
+
+
+def binding_score(own: Tensor, swapped: Tensor, motion: str, other: str) -> float:
+    """How far a subject's estimated displacement follows its own clause when the clauses' motions are swapped:
+    ``(d_own - d_swapped) . (u - u') / |u - u'|^2`` with ``u`` / ``u'`` the unit directions of its own and the
+    other clause's motion (``still``: 0). A subject whose estimate moves as its clause says scores the displacement
+    itself (the truth's, for a perfect model); one that does not hear which clause is its own scores 0, and one
+    whose motion is swapped with the other subject's scores minus the displacement."""
+    direction = torch.tensor(UNIT[motion]) - torch.tensor(UNIT[other])
+    return float((own - swapped) @ direction / direction.square().sum())
+
+
+@torch.no_grad()
+def binding_probe(dit, encode, samples, sigmas=(0.95, 0.85), seed: int = 0, draws: int = 1) -> dict[float, dict]:
+    """Does the DiT bind each clause's motion to its own subject? Per sigma over two-subject ``samples``
+    (``(caption, (motion 1, motion 2), LatentSample)``, see :func:`pair_motions`), the one-step estimate ``x0 = x_t -
+    sigma v`` (mean of ``draws``, the same noise for every prompt) with the prompt, with every motion reversed
+    (:func:`reverse_motions`) and, where the two motions differ, with them swapped between the clauses
+    (:func:`swap_motions`); each subject's displacement is measured in its half (:func:`subject_regions`).
+
+    Returns per sigma: ``truth`` (the truth's mean displacement of the moving subjects along their motion, latent
+    px); ``heard`` (the moving subjects' mean ``(d_prompt - d_reversed) . u / 2``: does the DiT move them at all as
+    the words say; without binding, a model that moves both subjects alike still hears a motion where the other
+    subject stays still or moves the same way); over the samples whose motions differ, ``first`` / ``second`` (the
+    mean :func:`binding_score` of the first / second subject), ``effect`` (their mean), ``share`` (% of them where
+    both subjects score above 0) and ``pairs`` (how many). Raises ``ValueError`` for ``draws < 1`` or no samples."""
+    if draws < 1:
+        raise ValueError(f"draws is {draws}; it must be >= 1")
+    if not samples:
+        raise ValueError("binding probe: no two-subject samples it can read (pair_motions)")
+    gen = torch.Generator().manual_seed(seed)
+    rows = {s: {"truth": [], "heard": [], "first": [], "second": [], "both": []} for s in sigmas}
+    for caption, motions, sample in samples:
+        contexts = {"own": encode(caption), "reversed": encode(reverse_motions(caption))}
+        if motions[0] != motions[1]:
+            contexts["swapped"] = encode(swap_motions(caption))
+        extra = {} if sample.ref_clip is None else {"ref_clip": sample.ref_clip[None]}
+        x0 = sample.latents[None]
+        regions = subject_regions(sample.latents, motions)
+        for sigma in sigmas:
+            t = torch.tensor([sigma * 1000.0])
+            mean = dict.fromkeys(contexts, 0.0)
+            for _ in range(draws):
+                x_t = (1 - sigma) * x0 + sigma * torch.randn(x0.shape, generator=gen)
+                for tag, context in contexts.items():
+                    v = dit(x_t, t, context[None], sample.ref_latents[None], **extra)
+                    mean[tag] = mean[tag] + (x_t - sigma * v)[0] / draws
+            r, scores = rows[sigma], []
+            for k, region in enumerate(regions):
+                motion, other = motions[k], motions[1 - k]
+                own = region_displacement(mean["own"], region)
+                if motion != "still":
+                    unit = torch.tensor(UNIT[motion])
+                    r["truth"].append(float(region_displacement(sample.latents, region) @ unit))
+                    r["heard"].append(float((own - region_displacement(mean["reversed"], region)) @ unit / 2))
+                if "swapped" in mean:
+                    scores.append(binding_score(own, region_displacement(mean["swapped"], region), motion, other))
+            if scores:
+                r["first"].append(scores[0])
+                r["second"].append(scores[1])
+                r["both"].append(float(min(scores) > 0))
+    out = {}
+    for sigma, r in rows.items():
+        first, second = torch.tensor(r["first"]), torch.tensor(r["second"])
+        mean = {k: float(torch.tensor(r[k]).mean()) for k in ("truth", "heard", "both")}
+        out[sigma] = {"truth": mean["truth"], "heard": mean["heard"], "first": float(first.mean()),
+                      "second": float(second.mean()), "effect": float((first + second).mean() / 2),
+                      "share": mean["both"] * 100, "pairs": len(r["first"])}
+    return out
+
+
 def token_roles(tokenizer, caption: str) -> list[str]:
     """Per umT5 token of ``caption`` (``wan.umt5.tokenize_prompt``'s ids, ``</s>`` last): ``"motion"`` for the
     pieces of the word after ``moves``, ``"background"`` for the word before ``background``, else ``"other"``."""
@@ -187,6 +331,12 @@ def token_gradients(dit, tokenizer, samples, sigma: float = 0.9, seed: int = 0) 
 def cache_samples(work: Path, count: int, clip_features: bool = False):
     """Up to ``count`` single-subject moving triplets of ``work``'s latent cache: ``(caption, motion, sample)``;
     ``clip_features``: with the references' CLIP features of the MMDiT stages (``world.mmdit_default``)."""
+    return _picked(work, count, clip_features, single_motion)
+
+
+def _picked(work: Path, count: int, clip_features: bool, motion_of):
+    """Up to ``count`` ``(caption, motion_of(caption), sample)`` of ``work``'s latent cache, in order, where
+    ``motion_of`` is not None."""
     from dataclasses import replace
 
     from safetensors import safe_open
@@ -197,17 +347,24 @@ def cache_samples(work: Path, count: int, clip_features: bool = False):
     data, picked = cached_latents(work), []
     table = clip_feature_table(work) if clip_features else {}
     for index in range(len(data)):
+        if len(picked) == count:
+            break
         with safe_open(str(data.files[index]), framework="pt") as f:
             caption = f.metadata().get("caption", "")
-        motion = single_motion(caption)
+        motion = motion_of(caption)
         if motion is not None:
             sample = data[index]
             if clip_features:
                 sample = replace(sample, ref_clip=table[sample.name])
             picked.append((caption, motion, sample))
-        if len(picked) == count:
-            break
     return picked
+
+
+def cache_pair_samples(work: Path, count: int, clip_features: bool = False):
+    """Up to ``count`` two-subject triplets of ``work``'s latent cache whose clauses the binding probe can swap:
+    ``(caption, (motion 1, motion 2), sample)`` (:func:`pair_motions`); ``clip_features`` as in
+    :func:`cache_samples`."""
+    return _picked(work, count, clip_features, pair_motions)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dit", default=None, help="the DiT or MMDiT to probe (default: <work>/dit.safetensors)")
     p.add_argument("--samples", type=int, default=24, help="single-subject moving triplets (default 24)")
     p.add_argument("--draws", type=int, default=4, help="one-step estimates averaged per sample and sigma (default 4)")
+    p.add_argument("--binding", action="store_true",
+                   help="probe binding instead, on --work's two-subject triplets (binding_probe: the clauses' motions "
+                        "swapped)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -229,7 +389,21 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{path} does not exist (--work is a tools.train_default folder with its latents stage)")
     dit = load_any_dit(dit_path).eval()
     text_encoder = load_text_encoder(work / "umt5.safetensors")
-    samples = cache_samples(work, args.samples, clip_features=getattr(dit.config, "clip_dim", 0) > 0)
+    clip = getattr(dit.config, "clip_dim", 0) > 0
+    if args.binding:
+        pairs = cache_pair_samples(work, args.samples, clip_features=clip)
+        if not pairs:
+            p.error(f"{work}/latents has no two-subject triplet whose clauses can be swapped")
+        results = binding_probe(dit, lambda caption: text_encoder.encode([caption])[0], pairs, draws=args.draws)
+        print(f"{dit_path}: {len(pairs)} two-subject triplets, the clauses' motions swapped; each subject's "
+              f"displacement score in latent px (truth: the moving subjects'), {args.draws} draws")
+        print(f"{'sigma':>6} {'truth':>7} {'heard':>7} {'first':>7} {'second':>7} {'effect':>7} {'both %':>7} "
+              f"{'pairs':>6}")
+        for sigma, r in results.items():
+            print(f"{sigma:>6.2f} {r['truth']:>7.2f} {r['heard']:>7.2f} {r['first']:>7.2f} {r['second']:>7.2f} "
+                  f"{r['effect']:>7.2f} {r['share']:>7.1f} {r['pairs']:>6}")
+        return 0
+    samples = cache_samples(work, args.samples, clip_features=clip)
     if not samples:
         p.error(f"{work}/latents has no single-subject moving triplet")
     if args.draws < 1:

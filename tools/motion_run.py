@@ -1,10 +1,10 @@
 """Does a world DiT learn the motion word? Train one on a world cache and probe it as it learns (GPU or CPU).
 
-    python -m tools.motion_run cache --work W [--travel 0.5] [--samples 1500] [--subjects 1] [--held-out 48]
+    python -m tools.motion_run cache --work W [--travel 0.5] [--samples 1500] [--first 0] [--subjects 1] [--held-out 48]
         [--device cuda]
     python -m tools.motion_run train --work W [--mix W2 ...] --network mmdit-pooled [--init FILE] [--batch 32]
         [--seconds 300] [--every 500] [--dropout TEXT REFERENCE] [--schedule cosine] [--ema 0.998] [--clip]
-        [--pooled] [--resume] [--device cuda] --out RUN
+        [--pooled] [--text-positions] [--resume] [--device cuda] --out RUN
 
 ``cache`` renders the world's triplets (``WorldConfig.travel``: how far the subjects move) in ``--workers`` processes
 and encodes them with the shipped world VAE and umT5 (``phantom_core/tiny/trained``; the VAE on ``--device``, the
@@ -17,24 +17,27 @@ atomically, and no chunk starts after ``--deadline`` seconds: a run stopped earl
 ``train`` trains ``--network`` (``tools.motion_toy.build_network``: ``phantom-wan``, ``mmdit``, ``mmdit-pos``,
 ``mmdit-pooled``) from scratch, or ``--init`` (any DiT or MMDiT file), on ``W``'s training triplets and those of each
 ``--mix`` cache (say a two-subject cache beside a one-subject one), with the general trainer (the world recipe's
-``DIT_TRAIN``: shift 5, text / reference dropout 0.2 / 0.1, at a constant learning rate after its warm-up, so that a
-run stopped by ``--seconds`` ends where it would have gone on; ``--dropout`` replaces the two dropouts). A cool-down
-run instead gives ``--schedule cosine`` (the learning rate falls to 0 at ``--steps``) and ``--ema DECAY`` (the
-trainer's average of the weights, ``training.ema``, becomes the final file; the probes read the current weights, and a
-run with ``--ema`` refuses ``--seconds``, which would end it without the average). ``--clip`` trains the paper's
-*both* network (an ``--init`` MMDiT with a CLIP branch, e.g. the shipped ``default-mmdit``; Phantom Eq. 1 and 2): each
-cache's references are rendered again from its index and encoded by the shipped world CLIP, or ``--clip-vision``'s
+``DIT_TRAIN``: shift 5, text / reference dropout 0.2 / 0.1, at a constant learning rate after its warm-up, so that a run
+stopped by ``--seconds`` ends where it would have gone on; ``--dropout`` replaces the two dropouts). A cool-down run
+instead gives ``--schedule cosine`` (the learning rate falls to 0 at ``--steps``) and ``--ema DECAY`` (the trainer's
+average of the weights, ``training.ema``, becomes the final file; the probes read the current weights, and a run with
+``--ema`` refuses ``--seconds``, which would end it without the average). ``--clip`` trains the paper's *both* network
+(an ``--init`` MMDiT with a CLIP branch, e.g. the shipped ``default-mmdit``; Phantom Eq. 1 and 2): each cache's
+references are rendered again from its index and encoded by the shipped world CLIP, or ``--clip-vision``'s
 (``mmdit_default.stage_clip_features``, resumable, cached beside the latents: one tower per cache), the recipe's
 VAE-reference dropout 0.7 applies, and the probe feeds the features too. ``--pooled`` gives the ``--init`` MMDiT the
 pooled text and reference vectors (``mmdit_default.with_pooled_vectors`` from seed 0: zero at first, so the run starts
-from the file's own velocity). Every ``--every`` steps and at the end it runs ``tools.motion_probe.probe`` (sigma 0.95
-and 0.85, 2 draws) on ``--probe`` moving single-subject triplets of the training cache and of the held-out cache and
-prints the text effect (latent px; the truth's displacement beside it). It writes ``RUN.safetensors`` (the trainer's
-file), ``RUN_fp16.safetensors`` (a half-size copy: a device machine returns files up to 16 MiB) and ``RUN_curve.json``
-(every probe so far, rewritten atomically after each). The trainer writes a checkpoint (``RUN_run/checkpoints``, the
-latest kept) at every probe, so a run stopped by ``--seconds`` or killed goes on with ``--resume`` (the same command)
-from its last probe, with the same data order, noise and optimiser state; the curve keeps the rows up to that step
-(``seconds`` in a row counts from the start of the invocation that measured it). docs/WORLD.md has what it measured.
+from the file's own velocity), ``--text-positions`` the learned text positions (``with_text_positions``, zero too).
+Every ``--every`` steps and at the end it runs ``tools.motion_probe.probe`` (sigma 0.95 and 0.85, 2 draws) on
+``--probe`` moving single-subject triplets of the training cache and of the held-out cache and prints the text effect
+(latent px; the truth's displacement beside it), and where ``--work`` or a ``--mix`` cache has two-subject triplets,
+``motion_probe.binding_probe`` on ``--probe`` of them (the first such cache's). It writes ``RUN.safetensors`` (the
+trainer's file), ``RUN_fp16.safetensors`` (a half-size copy: a device machine returns files up to 16 MiB) and
+``RUN_curve.json`` (every probe so far, rewritten atomically after each). The trainer writes a checkpoint
+(``RUN_run/checkpoints``, the latest kept) at every probe, so a run stopped by ``--seconds`` or killed goes on with
+``--resume`` (the same command) from its last probe, with the same data order, noise and optimiser state; the curve
+keeps the rows up to that step (``seconds`` in a row counts from the start of the invocation that measured it).
+docs/WORLD.md has what it measured.
 """
 
 from __future__ import annotations
@@ -100,10 +103,11 @@ def cache(args: argparse.Namespace) -> None:
 
     started, fmt = time.perf_counter(), recipe.WORLD.video
     held = [("test", HELD_OUT_SEED, i, args.travel, 1) for i in range(args.held_out)]
-    chunks = [(work / "held_out" / recipe.LATENT_DIR, 1, held)] + [
+    end = args.first + args.samples
+    chunks = [(work / "held_out" / recipe.LATENT_DIR, 1, held)] * bool(held) + [
         (work / recipe.LATENT_DIR, args.subjects, [("train", recipe.RECIPE_SEED + 4, i, args.travel, args.subjects)
-                                    for i in range(a, min(a + CHUNK, args.samples))])
-        for a in range(0, args.samples, CHUNK)]
+                                    for i in range(a, min(a + CHUNK, end))])
+        for a in range(args.first, end, CHUNK)]
     files: dict[Path, list[str]] = {}
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for folder, subjects, jobs in chunks:
@@ -181,7 +185,7 @@ def train_run(args: argparse.Namespace, data) -> list[dict]:
     from phantom_core.training.model import save_output
     from phantom_core.wan.umt5 import load_text_encoder
     from phantom_core.world.default_model import DIT_TRAIN
-    from tools.motion_probe import cache_samples, probe
+    from tools.motion_probe import binding_probe, cache_pair_samples, cache_samples, probe
     from tools.motion_toy import build_network, dropout_settings
 
     work, device, out = Path(args.work), torch.device(args.device), Path(args.out)
@@ -190,6 +194,10 @@ def train_run(args: argparse.Namespace, data) -> list[dict]:
         from phantom_core.world.mmdit_default import with_pooled_vectors
 
         model = with_pooled_vectors(model).train()  # seed 0: the vectors do not depend on --seed
+    if args.text_positions:
+        from phantom_core.world.mmdit_default import with_text_positions
+
+        model = with_text_positions(model).train()
     settings = {**DIT_TRAIN, "dit": args.init or f"motion-run:{args.network}", "device": args.device,
                 "precision": "fp32", "batch_size": args.batch, "steps": args.steps, "lr_schedule": args.schedule,
                 "learning_rate": args.lr, "ema_decay": args.ema, "checkpoint_every": args.every,
@@ -205,6 +213,9 @@ def train_run(args: argparse.Namespace, data) -> list[dict]:
     text_encoder = load_text_encoder(work / "umt5.safetensors")
     sets = {"train": cache_samples(work, args.probe, args.clip),
             "held": cache_samples(work / "held_out", args.probe, args.clip)}
+    pairs = []  # two-subject triplets for the binding probe: those of the first cache that has them
+    for folder in (work, *map(Path, args.mix)):
+        pairs = pairs or cache_pair_samples(folder, args.probe, args.clip)
     contexts: dict[str, torch.Tensor] = {}
 
     def encode(caption: str) -> torch.Tensor:
@@ -233,12 +244,19 @@ def train_run(args: argparse.Namespace, data) -> list[dict]:
         for tag, samples in sets.items():
             found = probe(dit, encode, samples, sigmas=PROBE_SIGMAS, draws=2)
             row[tag] = {str(s): {k: round(v, 3) for k, v in r.items()} for s, r in found.items()}
+        if pairs:
+            found = binding_probe(dit, encode, pairs, sigmas=PROBE_SIGMAS, draws=2)
+            row["binding"] = {str(s): {k: round(v, 3) for k, v in r.items()} for s, r in found.items()}
         model.train()
         curve.append(row)
         write_curve()
         text = "; ".join(f"{tag} effect {r['0.95']['effect']:.2f} of {r['0.95']['truth']:.2f} at sigma 0.95 "
                          f"(share {r['0.95']['share']:.0f}%), {r['0.85']['effect']:.2f} at 0.85"
                          for tag, r in ((t, row[t]) for t in sets))
+        if pairs:
+            b = row["binding"]["0.95"]
+            text += (f"; two subjects at sigma 0.95: heard {b['heard']:.2f}, binding {b['effect']:.2f} of "
+                     f"{b['truth']:.2f} (both right {b['share']:.0f}%)")
         print(f"step {step} ({row['seconds']:.0f} s): {text}", flush=True)
 
     def callback(step: int, total: int, loss: float) -> None:
@@ -278,7 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--samples", type=int, default=1000, help="training triplets (default %(default)s)")
     c.add_argument("--subjects", type=int, choices=(1, 2, 3), default=None,
                    help="subjects in every training scene (default: the world's mix of 1-3)")
-    c.add_argument("--held-out", type=int, default=48, help="held-out single-subject triplets (default %(default)s)")
+    c.add_argument("--first", type=int, default=0, metavar="N",
+                   help="the world's index of the first training scene (default 0): --first 450 beside a cache of "
+                        "450 scenes gives other scenes of the same world")
+    c.add_argument("--held-out", type=int, default=48,
+                   help="held-out single-subject triplets (default %(default)s; 0: none, for a --mix cache)")
     c.add_argument("--workers", type=int, default=2, help="rendering processes (default %(default)s)")
     c.add_argument("--deadline", type=float, default=float("inf"), help="seconds after which no chunk starts")
     c.add_argument("--device", default="cpu", help="where the VAE encodes (default %(default)s)")
@@ -302,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="write the EMA of the weights with this decay as the final file (default: none)")
     t.add_argument("--pooled", action="store_true",
                    help="add the pooled text and reference vectors to an --init MMDiT (zero at first: it starts as it)")
+    t.add_argument("--text-positions", action="store_true",
+                   help="give the --init MMDiT learned text positions (mmdit_default.with_text_positions; zero at "
+                        "first)")
     t.add_argument("--clip", action="store_true",
                    help="the references' CLIP features too (the shipped world CLIP; an --init with a CLIP branch)")
     t.add_argument("--clip-vision", type=Path, default=None, metavar="FILE",
@@ -318,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
             check_travel(args.travel)
         except ValueError as err:
             p.error(f"--travel: {err}")
+        for name, low in (("samples", 1), ("first", 0), ("held_out", 0), ("workers", 1)):
+            if getattr(args, name) < low:
+                p.error(f"--{name.replace('_', '-')} is {getattr(args, name)}; it must be >= {low}")
         cache(args)
         return 0
     for name in ("batch", "steps", "every", "probe"):
@@ -327,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(message)
     if args.pooled and not args.init:
         p.error("--pooled adds the pooled vectors to an --init MMDiT; from scratch, give --network mmdit-pooled")
+    if args.text_positions and not args.init:
+        p.error("--text-positions adds learned text positions to an --init MMDiT; give --init")
     if args.ema and args.seconds != float("inf"):
         p.error("--ema with --seconds: a run stopped on time has no final average; give --steps instead")
     if args.clip_vision is not None and not args.clip:

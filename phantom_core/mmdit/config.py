@@ -11,6 +11,8 @@ from dataclasses import dataclass, replace
 
 from phantom_core.wan.rope import rope_axis_pairs
 
+MAX_CLIP_REFERENCES = 4  # rows of clip_index_embed (MMDiTConfig.text_positions): Phantom's 1-4 references
+
 
 @dataclass(frozen=True)
 class MMDiTConfig:
@@ -39,6 +41,13 @@ class MMDiTConfig:
             (``r_embedder``: Linear, SiLU, Linear of the mean of all reference VAE tokens), so every adaLN
             modulation knows the subjects' overall appearance (colour) before attention has learnt to fetch it;
             False: the references reach the video tokens through attention only. Stored as the ``r_embedder`` keys.
+        text_positions: learned absolute positions in the text stream, whose tokens are otherwise not rotated (as
+            SD3 and Flux leave their text): ``text_pos_embed`` ``(text_len, dim)`` added to the text tokens and
+            ``clip_index_embed`` ``(MAX_CLIP_REFERENCES, dim)`` added to every CLIP token of reference k, so the
+            blocks can tell which clause a word is in and which reference a CLIP token is from. umT5-XXL writes its
+            context into every token; the 0.1 M-parameter world umT5 gives a motion word the same features in
+            either clause (cosine 0.999, docs/WORLD.md), so without them the world MMDiT cannot bind a motion to its
+            subject. Zero-initialised; False: none (the stored keys say which).
     """
 
     dim: int
@@ -56,6 +65,7 @@ class MMDiTConfig:
     pos_embed_max: int = 0
     pooled_text: bool = False
     pooled_reference: bool = False
+    text_positions: bool = False
     eps: float = 1e-6
     rope_theta: float = 10000.0
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from phantom_core.log import logger
+from phantom_core.mmdit.config import MAX_CLIP_REFERENCES
 from phantom_core.wan.dit import check_velocity_inputs
 
 if TYPE_CHECKING:
@@ -28,7 +29,8 @@ def check_mmdit_inputs(cfg: MMDiTConfig, x: Tensor, t: Tensor, context: Tensor, 
     Raises:
         ValueError: ``x`` not ``(B, in_dim, F, H, W)``; ``t`` not ``(B,)``; ``context`` not ``(B, L, text_dim)``;
             ``ref_latents`` not ``(B, in_dim, N, H, W)``; ``ref_clip`` not ``(B, N, T, clip_dim)`` or given to a
-            model without a CLIP branch; the two reference inputs with different N.
+            model without a CLIP branch, or with more than ``MAX_CLIP_REFERENCES`` references to a model with
+            ``text_positions``; the two reference inputs with different N.
     """
     ref_latents, ref_clip = _none_if_empty(ref_latents, 2), _none_if_empty(ref_clip, 1)
     check_velocity_inputs(x, t, context, ref_latents, cfg.in_dim, cfg.text_dim)
@@ -40,6 +42,9 @@ def check_mmdit_inputs(cfg: MMDiTConfig, x: Tensor, t: Tensor, context: Tensor, 
         if ref_clip.ndim != 4 or ref_clip.shape[0] != B or ref_clip.shape[3] != cfg.clip_dim or ref_clip.shape[2] < 1:
             raise ValueError(f"ref_clip has shape {tuple(ref_clip.shape)}; expected ({B}, N, T, {cfg.clip_dim}): "
                              "T >= 1 CLIP tokens (or 1 pooled embedding) per reference")
+        if cfg.text_positions and ref_clip.shape[1] > MAX_CLIP_REFERENCES:
+            raise ValueError(f"ref_clip holds {ref_clip.shape[1]} references; this MMDiT's reference index "
+                             f"embedding (text_positions) has {MAX_CLIP_REFERENCES}: give 1 to {MAX_CLIP_REFERENCES}")
     if ref_latents is not None and ref_clip is not None and ref_latents.shape[2] != ref_clip.shape[1]:
         raise ValueError(f"ref_latents hold {ref_latents.shape[2]} references but ref_clip holds "
                          f"{ref_clip.shape[1]}; give both for the same references")

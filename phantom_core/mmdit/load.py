@@ -62,7 +62,8 @@ def infer_mmdit_config(sd: dict[str, Tensor]) -> MMDiTConfig:
 
     ``num_heads = dim // head_dim`` with ``head_dim`` the length of the per-head qk-norm weight; ``clip_dim`` 0 when
     there is no ``clip_embedder``; ``pos_embed_max`` the side of the ``pos_embed`` table, 0 without one;
-    ``pooled_text`` / ``pooled_reference`` whether there is a ``y_embedder`` / ``r_embedder``; ``window`` and
+    ``pooled_text`` / ``pooled_reference`` whether there is a ``y_embedder`` / ``r_embedder``; ``text_positions``
+    whether there is a ``text_pos_embed``; ``window`` and
     ``text_len`` from the ``window_size`` / ``text_len`` buffers.
     Returns the ``MMDIT_PRESETS`` object when one is equal.
 
@@ -91,7 +92,7 @@ def infer_mmdit_config(sd: dict[str, Tensor]) -> MMDiTConfig:
         clip_dim=key_shape(sd, "clip_embedder.1.weight", 2, "MMDiT")[1] if "clip_embedder.1.weight" in sd else 0,
         window=_ints(sd, "window_size", 3), freq_dim=key_shape(sd, "t_embedder.mlp.0.weight", 2, "MMDiT")[1],
         pos_embed_max=_pos_embed_side(sd, dim), pooled_text="y_embedder.mlp.0.weight" in sd,
-        pooled_reference="r_embedder.mlp.0.weight" in sd,
+        pooled_reference="r_embedder.mlp.0.weight" in sd, text_positions="text_pos_embed" in sd,
     )
     return next((preset for preset in MMDIT_PRESETS.values() if preset == config), config)
 

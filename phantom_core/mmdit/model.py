@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from phantom_core.log import logger
 from phantom_core.mmdit.blocks import FinalLayer, JointBlock
-from phantom_core.mmdit.config import MMDiTConfig
+from phantom_core.mmdit.config import MAX_CLIP_REFERENCES, MMDiTConfig
 from phantom_core.mmdit.inputs import check_mmdit_inputs
 from phantom_core.mmdit.positions import cropped_table, frame_table, sincos_table
 from phantom_core.mmdit.windows import WindowPlan, window_plan
@@ -87,6 +87,10 @@ class PhantomMMDiT(nn.Module):
         if cfg.pooled_reference:  # the same MLP over the mean reference token
             self.r_embedder = nn.Module()
             self.r_embedder.mlp = nn.Sequential(ops.Linear(D, D, **kw), nn.SiLU(), ops.Linear(D, D, **kw))
+        if cfg.text_positions:  # learned absolute positions of the text stream (zero at first)
+            self.text_pos_embed = nn.Parameter(torch.zeros(cfg.text_len, D, **kw))
+            if cfg.clip_dim:
+                self.clip_index_embed = nn.Parameter(torch.zeros(MAX_CLIP_REFERENCES, D, **kw))
         if cfg.clip_dim:  # Wan2.1 I2V's image projection: LayerNorm, Linear, GELU, Linear
             self.clip_embedder = nn.Sequential(
                 ops.LayerNorm(cfg.clip_dim, eps=1e-5, **kw), ops.Linear(cfg.clip_dim, D, **kw),
@@ -174,6 +178,9 @@ class PhantomMMDiT(nn.Module):
             nn.init.ones_(norm.weight)
             if getattr(norm, "bias", None) is not None:
                 nn.init.zeros_(norm.bias)
+        for name in ("text_pos_embed", "clip_index_embed"):  # text_positions: zero, as with_text_positions adds them
+            if hasattr(self, name):
+                nn.init.zeros_(getattr(self, name))
         self.window_size.copy_(torch.tensor(self.config.window))
         self.text_len.fill_(self.config.text_len)
         if self.config.pos_embed_max:
@@ -210,16 +217,22 @@ class PhantomMMDiT(nn.Module):
 
     def _embed_context(self, context: Tensor, ref_clip: Tensor | None) -> Tensor:
         """Text ``(B, L, text_dim)`` zero-padded / truncated to ``text_len`` -> ``(B, text_len, D)``, then the CLIP
-        reference tokens ``(B, N, T, clip_dim)`` -> ``(B, N * T, D)`` appended: ``F_T = F_text (+) F_ref,c``."""
+        reference tokens ``(B, N, T, clip_dim)`` -> ``(B, N * T, D)`` appended: ``F_T = F_text (+) F_ref,c``; with
+        ``config.text_positions`` the text's position and each reference's index embeddings are added."""
         n = self.config.text_len
         if context.shape[1] > n:
             logger.warning("text context has %d tokens; truncating to %d", context.shape[1], n)
             context = context[:, :n]
         context = F.pad(context, (0, 0, 0, n - context.shape[1]))  # (B, text_len, text_dim)
         ctx = self.context_embedder(context.to(self.compute_dtype))  # (B, text_len, D)
+        if self.config.text_positions:
+            ctx = ctx + self.text_pos_embed.to(ctx.dtype)
         if ref_clip is None:
             return ctx
         clip = self.clip_embedder(ref_clip.to(self.compute_dtype).flatten(1, 2))  # (B, N * T, D)
+        if self.config.text_positions:  # reference k's index on each of its T tokens
+            n, t = ref_clip.shape[1:3]
+            clip = (clip.unflatten(1, (n, t)) + self.clip_index_embed[:n, None].to(clip.dtype)).flatten(1, 2)
         return torch.cat([ctx, clip], dim=1)  # (B, text_len + N * T, D)
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor, ref_latents: Tensor | None = None,

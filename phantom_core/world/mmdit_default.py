@@ -272,19 +272,39 @@ def with_pooled_vectors(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modul
     Raises:
         ValueError: ``model`` is not a ``PhantomMMDiT``, or has the vectors already.
     """
-    from phantom_core.mmdit.model import PhantomMMDiT
-
-    if not isinstance(model, PhantomMMDiT):
-        raise ValueError(f"model is a {type(model).__name__}; pooled vectors are an MMDiT's (PhantomMMDiT)")
-    if model.config.pooled_text or model.config.pooled_reference:
-        raise ValueError("model already has pooled vectors (pooled_text / pooled_reference)")
-    out = PhantomMMDiT(replace(model.config, pooled_text=True, pooled_reference=True), device="meta")
-    out = out.to_empty(device="cpu")
-    out.init_weights(torch.Generator().manual_seed(seed))
-    missing, unexpected = out.load_state_dict({k: v.float() for k, v in model.state_dict().items()}, strict=False)
-    if unexpected or any(not k.startswith(("y_embedder.", "r_embedder.")) for k in missing):
-        raise ValueError(f"model's weights do not fit its config: missing {missing}, unexpected {unexpected}")
+    out = _extended(model, "pooled vectors", ("pooled_text", "pooled_reference"), ("y_embedder.", "r_embedder."), seed)
     for mlp in (out.y_embedder.mlp, out.r_embedder.mlp):
         torch.nn.init.zeros_(mlp[2].weight)
         torch.nn.init.zeros_(mlp[2].bias)
+    return out
+
+
+def with_text_positions(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the MMDiT ``model`` (float32, CPU) with learned positions in its text stream
+    (``MMDiTConfig.text_positions``: the text tokens' position embedding and the CLIP tokens' reference index
+    embedding), both zero, so the copy computes exactly what ``model`` computes until training moves them (the
+    world umT5 gives a motion word the same features in either clause: docs/WORLD.md).
+
+    Raises:
+        ValueError: ``model`` is not a ``PhantomMMDiT``, or has the positions already.
+    """
+    return _extended(model, "text positions", ("text_positions",), ("text_pos_embed", "clip_index_embed"), 0)
+
+
+def _extended(model: torch.nn.Module, what: str, flags: tuple[str, ...], prefixes: tuple[str, ...],
+              seed: int) -> torch.nn.Module:
+    """A float32 CPU copy of the MMDiT ``model`` with the config ``flags`` (together: ``what``) switched on: its
+    weights loaded, the new ones (keys starting with ``prefixes``) as ``init_weights`` from ``seed`` makes them.
+    ``ValueError`` for a model that is not a ``PhantomMMDiT`` or has one of the flags already."""
+    from phantom_core.mmdit.model import PhantomMMDiT
+
+    if not isinstance(model, PhantomMMDiT):
+        raise ValueError(f"model is a {type(model).__name__}; {what} are an MMDiT's (PhantomMMDiT)")
+    if any(getattr(model.config, flag) for flag in flags):
+        raise ValueError(f"model already has {what} ({' / '.join(flags)})")
+    out = PhantomMMDiT(replace(model.config, **dict.fromkeys(flags, True)), device="meta").to_empty(device="cpu")
+    out.init_weights(torch.Generator().manual_seed(seed))
+    missing, unexpected = out.load_state_dict({k: v.float() for k, v in model.state_dict().items()}, strict=False)
+    if unexpected or any(not k.startswith(prefixes) for k in missing):
+        raise ValueError(f"model's weights do not fit its config: missing {missing}, unexpected {unexpected}")
     return out

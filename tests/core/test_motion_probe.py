@@ -8,12 +8,17 @@ import torch
 
 from phantom_core.training.cache import LatentSample
 from tools.motion_probe import (
+    binding_probe,
     change_background,
     displacement,
     latent_path,
+    pair_motions,
     probe,
     reverse_motion,
+    reverse_motions,
     single_motion,
+    subject_regions,
+    swap_motions,
     token_gradients,
     token_roles,
 )
@@ -144,3 +149,92 @@ def test_token_roles_and_gradient_shares():
     shares = token_gradients(motion_reader, sp, [(caption, "left", sample)])
     assert shares["motion"] == pytest.approx(100.0, abs=1e-3) and shares["background"] == pytest.approx(0.0, abs=1e-6)
     assert shares["uniform"] == pytest.approx(100.0 / len(roles))
+
+
+def two_blobs(motions: tuple[str, str], vertical: bool, step: float = 1.0) -> torch.Tensor:
+    """``[16, F, h, w]``: two 3 x 3 squares of 2.0 on 0.3, each moving ``step`` latent px a frame as its motion says
+    (``still``: at rest). ``vertical``: up-down motions, the first square in the left half and the second in the
+    right; else left-right motions, the first in the top half and the second in the bottom (the anchored layout's
+    first subject is the higher one)."""
+    x = torch.full((16, FRAMES, SIDE, SIDE), 0.3)
+    starts = ((3, 6), (10, 6)) if vertical else ((6, 3), (6, 10))  # (x, y) of each square's corner at rest
+    units = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}
+    for (x0, y0), motion in zip(starts, motions):
+        dx, dy = units[motion]
+        for f in range(FRAMES):
+            cx, cy = x0 + round(dx * step * (f - 2)), y0 + round(dy * step * (f - 2))  # centred on its start
+            x[:, f, cy:cy + 3, cx:cx + 3] = 2.0
+    return x
+
+
+class PairDiT:
+    """A velocity model whose clean estimate is ``two_blobs`` of the motions its context encodes (context[0, 0, :2]
+    as indices into MOTIONS): ``bound`` (each subject its own clause's), ``swapped`` (each the other clause's) or
+    ``deaf`` (both at rest, whatever the words)."""
+
+    MOTIONS = ("left", "right", "up", "down", "still")
+
+    def __init__(self, mode: str, vertical: bool):
+        self.mode, self.vertical = mode, vertical
+
+    def __call__(self, x, t, context, ref_latents):
+        sigma = float(t[0]) / 1000.0
+        motions = tuple(self.MOTIONS[int(i)] for i in context[0, 0, :2])
+        motions = {"bound": motions, "swapped": motions[::-1], "deaf": ("still", "still")}[self.mode]
+        return (x - two_blobs(motions, self.vertical)[None]) / sigma
+
+
+def pair_encoder():
+    """``encode(caption)``: a context whose first two values index the caption's two motions in PairDiT.MOTIONS."""
+    from phantom_core.world.grammar import parse_prompt
+
+    def encode(caption: str) -> torch.Tensor:
+        context = torch.zeros(4, 8)
+        context[0, :2] = torch.tensor([float(PairDiT.MOTIONS.index(s.motion)) for s in parse_prompt(caption).subjects])
+        return context
+
+    return encode
+
+
+def test_pair_captions():
+    caption = "a cat moves left and a small red star stays still on a blue background"
+    assert pair_motions(caption) == ("left", "still")
+    assert swap_motions(caption) == "a cat stays still and a small red star moves left on a blue background"
+    assert reverse_motions(caption) == "a cat moves right and a small red star stays still on a blue background"
+    assert pair_motions("a cat moves up and a dog moves down on a red background") == ("up", "down")
+    assert pair_motions("a cat moves up and a dog moves up on a red background") == ("up", "up")  # heard, not bound
+    assert pair_motions("a cat moves up and a dog moves left on a red background") is None  # two axes
+    assert pair_motions("a cat stays still and a dog stays still on a red background") is None  # nothing moves
+    assert pair_motions("a cat moves up on a red background") is None  # one subject
+    assert pair_motions("not a world prompt") is None
+
+
+@pytest.mark.parametrize("vertical", [False, True])
+def test_binding_probe_tells_a_bound_dit_from_a_swapped_and_a_deaf_one(vertical):
+    pairs = [("right", "left"), ("still", "left"), ("right", "still")] if not vertical else \
+        [("up", "down"), ("down", "still"), ("still", "up")]
+    captions = [f"a cat {'stays still' if a == 'still' else 'moves ' + a} and a dog "
+                f"{'stays still' if b == 'still' else 'moves ' + b} on a red background" for a, b in pairs]
+    encode = pair_encoder()
+    samples = [(c, m, LatentSample("s", two_blobs(m, vertical), torch.zeros(16, 2, SIDE, SIDE), encode(c)))
+               for c, m in zip(captions, pairs)]
+    regions = subject_regions(samples[0][2].latents, pairs[0])
+    assert regions[0].sum() == regions[1].sum() == SIDE * SIDE // 2 and not (regions[0] & regions[1]).any()
+    results = {mode: binding_probe(PairDiT(mode, vertical), encode, samples, sigmas=(0.9,))[0.9]
+               for mode in ("bound", "swapped", "deaf")}
+    truth = 4.0  # 4 frames x 1 latent px
+    assert results["bound"]["truth"] == pytest.approx(truth, abs=1e-3)
+    bound, swapped, deaf = results["bound"], results["swapped"], results["deaf"]
+    assert bound["first"] == pytest.approx(truth, abs=1e-3) and bound["second"] == pytest.approx(truth, abs=1e-3)
+    assert bound["share"] == 100.0 and bound["pairs"] == 3
+    assert bound["heard"] == pytest.approx(truth, abs=1e-3)
+    assert swapped["effect"] == pytest.approx(-truth, abs=1e-3) and swapped["share"] == 0.0
+    assert deaf["effect"] == pytest.approx(0.0, abs=1e-4) and deaf["heard"] == pytest.approx(0.0, abs=1e-4)
+    assert deaf["share"] == 0.0
+
+
+def test_binding_probe_refuses_nothing_to_read():
+    with pytest.raises(ValueError, match="no two-subject samples"):
+        binding_probe(PairDiT("bound", False), pair_encoder(), [], sigmas=(0.9,))
+    with pytest.raises(ValueError, match="draws is 0"):
+        binding_probe(PairDiT("bound", False), pair_encoder(), [], sigmas=(0.9,), draws=0)

@@ -134,12 +134,19 @@ def test_bad_options_are_refused(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--work", "w", "--out", "r", "--ema", "0.99", "--seconds", "60"])
     assert "--ema with --seconds: a run stopped on time has no final average" in capsys.readouterr().err
+    for flag, value, low in (("--first", "-1", 0), ("--samples", "0", 1), ("--held-out", "-2", 0)):
+        with pytest.raises(SystemExit):
+            main(["cache", "--work", "w", flag, value])
+        assert f"{flag} is {value}; it must be >= {low}" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["cache", "--work", "w", "--subjects", "4"])
     assert "--subjects: invalid choice: 4" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--work", "w", "--out", "r", "--pooled"])
     assert "--pooled adds the pooled vectors to an --init MMDiT; from scratch, give --network" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--work", "w", "--out", "r", "--text-positions"])
+    assert "--text-positions adds learned text positions to an --init MMDiT; give --init" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--work", "w", "--out", "r", "--clip-vision", "t.safetensors"])
     assert "--clip-vision names the CLIP tower of --clip; give --clip too" in capsys.readouterr().err

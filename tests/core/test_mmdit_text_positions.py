@@ -1,0 +1,86 @@
+"""The MMDiT's learned text positions (``MMDiTConfig.text_positions``): without them the text stream is a set (its
+tokens are not rotated), so the velocity cannot depend on the order of the prompt's tokens or of the references'
+CLIP tokens; with them it can. ``with_text_positions`` adds them at zero (the same velocity), checkpoints carry them,
+and a reference beyond the index table is refused."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from phantom_core.mmdit.config import MAX_CLIP_REFERENCES, MMDIT_PRESETS
+from phantom_core.mmdit.load import infer_mmdit_config, load_mmdit
+from phantom_core.mmdit.model import PhantomMMDiT
+from phantom_core.world.mmdit_default import with_text_positions
+
+CFG = replace(MMDIT_PRESETS["world"], num_layers=2)
+
+
+def _model(config, seed: int = 0) -> PhantomMMDiT:
+    """``config`` initialised as for training, then every weight moved off its init (adaLN-Zero would make the
+    velocity 0 and hide any dependence)."""
+    model = PhantomMMDiT(config, device="meta").to_empty(device="cpu")
+    model.init_weights(torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed + 1)
+    for p in model.parameters():
+        p.data.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def _inputs(refs: int = 2):
+    g = torch.Generator().manual_seed(5)
+    return (torch.randn(1, 16, 3, 16, 16, generator=g), torch.tensor([700.0]),
+            torch.randn(1, 6, CFG.text_dim, generator=g), torch.randn(1, 16, refs, 16, 16, generator=g),
+            torch.randn(1, refs, 3, CFG.clip_dim, generator=g))
+
+
+@torch.no_grad()
+def test_only_text_positions_make_the_velocity_depend_on_token_and_reference_order():
+    """Reversing the prompt's tokens, or the order of the CLIP features alone (the VAE references kept), leaves the
+    velocity of a model without positions the same (1e-5: a set), and changes that of one with them (> 1e-3)."""
+    x, t, context, refs, clip = _inputs()
+    plain, placed = _model(CFG), _model(replace(CFG, text_positions=True))
+    for model, changes in ((plain, False), (placed, True)):
+        base = model(x, t, context, refs, ref_clip=clip)
+        for other in (model(x, t, context.flip(1), refs, ref_clip=clip), model(x, t, context, refs,
+                                                                                ref_clip=clip.flip(1))):
+            gap = float((base - other).abs().max())
+            assert (gap > 1e-3) if changes else (gap < 1e-5), gap
+
+
+def test_with_text_positions_starts_as_the_model_learns_and_round_trips():
+    x, t, context, refs, clip = _inputs()
+    model = _model(CFG)
+    placed = with_text_positions(model)
+    assert placed.config == replace(CFG, text_positions=True)
+    assert placed.text_pos_embed.shape == (CFG.text_len, CFG.dim)
+    assert placed.clip_index_embed.shape == (MAX_CLIP_REFERENCES, CFG.dim)
+    with torch.no_grad():
+        want, got = model(x, t, context, refs, ref_clip=clip), placed(x, t, context, refs, ref_clip=clip)
+    assert float(want.abs().mean()) > 1e-2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # zero embeddings: the same velocity
+    placed.train()
+    placed(x, t, context, refs, ref_clip=clip).square().mean().backward()
+    assert float(placed.text_pos_embed.grad.abs().sum()) > 0 and float(placed.clip_index_embed.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match=r"already has text positions \(text_positions\)"):
+        with_text_positions(placed)
+    with pytest.raises(ValueError, match="text positions are an MMDiT's"):
+        with_text_positions(torch.nn.Linear(2, 2))
+    # the stored keys say it: inferred, loaded with the same weights
+    sd = {k: v.clone() for k, v in placed.state_dict().items()}
+    sd["text_pos_embed"].normal_()
+    assert infer_mmdit_config(sd) == replace(CFG, text_positions=True)
+    assert not infer_mmdit_config(model.state_dict()).text_positions
+    loaded = load_mmdit(sd)
+    torch.testing.assert_close(loaded.text_pos_embed, sd["text_pos_embed"], rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_a_reference_beyond_the_index_table_is_refused():
+    x, t, context, refs, clip = _inputs(refs=MAX_CLIP_REFERENCES + 1)
+    with pytest.raises(ValueError, match=f"ref_clip holds {MAX_CLIP_REFERENCES + 1} references; this MMDiT's "
+                                         "reference index embedding"):
+        _model(replace(CFG, text_positions=True))(x, t, context, refs, ref_clip=clip)
+    assert _model(CFG)(x, t, context, refs, ref_clip=clip).shape == x.shape  # no table, no limit here
