@@ -26,10 +26,11 @@ shows a motion change well above 0 with an effect near 0.
 The MMDiT is probed as it was trained (its cached CLIP features with its VAE reference latents).
 
 ``--binding`` probes two-subject triplets instead (``binding_probe``): the same one-step estimates with the prompt,
-with every motion reversed and with the two clauses' motions swapped; each subject's displacement is measured in its
-half of the frame. ``heard`` (does reversing the words move the subjects at all) and the binding ``effect`` (does
-swapping the clauses swap the subjects' motions: the truth's displacement when each subject follows its own clause,
-0 when the model cannot tell which clause is whose, negative when it swaps them) are in latent px, beside the truth.
+with the two clauses' motions swapped, and with both clauses told one motion and then its reverse; each subject's
+displacement is measured in its half of the frame. ``heard`` (what the words move when both subjects are told the
+same: no binding needed) and the binding ``effect`` (does swapping the clauses swap the subjects' motions: the
+truth's displacement when each subject follows its own clause, 0 when the model cannot tell which clause is whose,
+negative when it swaps them) are in latent px, beside the truth.
 """
 
 from __future__ import annotations
@@ -174,9 +175,9 @@ def swap_motions(caption: str) -> str:
     return _with_motions(caption, lambda motions: motions[::-1])
 
 
-def reverse_motions(caption: str) -> str:
-    """A caption (``world.grammar``) with every clause's motion reversed (``still`` kept)."""
-    return _with_motions(caption, lambda motions: [REVERSED.get(m, m) for m in motions])
+def same_motions(caption: str, motion: str) -> str:
+    """A caption (``world.grammar``) with every clause's motion set to ``motion``."""
+    return _with_motions(caption, lambda motions: [motion] * len(motions))
 
 
 def _with_motions(caption: str, change) -> str:
@@ -226,16 +227,17 @@ def binding_score(own: Tensor, swapped: Tensor, motion: str, other: str) -> floa
 def binding_probe(dit, encode, samples, sigmas=(0.95, 0.85), seed: int = 0, draws: int = 1) -> dict[float, dict]:
     """Does the DiT bind each clause's motion to its own subject? Per sigma over two-subject ``samples``
     (``(caption, (motion 1, motion 2), LatentSample)``, see :func:`pair_motions`), the one-step estimate ``x0 = x_t -
-    sigma v`` (mean of ``draws``, the same noise for every prompt) with the prompt, with every motion reversed
-    (:func:`reverse_motions`) and, where the two motions differ, with them swapped between the clauses
-    (:func:`swap_motions`); each subject's displacement is measured in its half (:func:`subject_regions`).
+    sigma v`` (mean of ``draws``, the same noise for every prompt) with the prompt and, where the two motions differ,
+    with them swapped between the clauses (:func:`swap_motions`); as the control that needs no binding, with both
+    clauses given the first moving subject's motion ``m`` and both given its reverse (:func:`same_motions`). Each
+    subject's displacement is measured in its half (:func:`subject_regions`).
 
     Returns per sigma: ``truth`` (the truth's mean displacement of the moving subjects along their motion, latent
-    px); ``heard`` (the moving subjects' mean ``(d_prompt - d_reversed) . u / 2``: does the DiT move them at all as
-    the words say; without binding, a model that moves both subjects alike still hears a motion where the other
-    subject stays still or moves the same way); over the samples whose motions differ, ``first`` / ``second`` (the
-    mean :func:`binding_score` of the first / second subject), ``effect`` (their mean), ``share`` (% of them where
-    both subjects score above 0) and ``pairs`` (how many). Raises ``ValueError`` for ``draws < 1`` or no samples."""
+    px); ``heard`` (the control: both subjects' mean ``(d_all m - d_all reversed) . u(m) / 2``, what the words move
+    when every subject is told the same); over the samples whose motions differ, ``first`` / ``second`` (the mean
+    :func:`binding_score` of the first / second subject), ``effect`` (their mean), ``share`` (% of them where both
+    subjects score above 0) and ``pairs`` (how many). A model that hears the words but cannot tell which clause is
+    whose has ``heard`` well above 0 and ``effect`` near 0. Raises ``ValueError`` for ``draws < 1`` or no samples."""
     if draws < 1:
         raise ValueError(f"draws is {draws}; it must be >= 1")
     if not samples:
@@ -243,7 +245,9 @@ def binding_probe(dit, encode, samples, sigmas=(0.95, 0.85), seed: int = 0, draw
     gen = torch.Generator().manual_seed(seed)
     rows = {s: {"truth": [], "heard": [], "first": [], "second": [], "both": []} for s in sigmas}
     for caption, motions, sample in samples:
-        contexts = {"own": encode(caption), "reversed": encode(reverse_motions(caption))}
+        moving = next(m for m in motions if m != "still")
+        contexts = {"own": encode(caption), "same": encode(same_motions(caption, moving)),
+                    "reversed": encode(same_motions(caption, REVERSED[moving]))}
         if motions[0] != motions[1]:
             contexts["swapped"] = encode(swap_motions(caption))
         extra = {} if sample.ref_clip is None else {"ref_clip": sample.ref_clip[None]}
@@ -262,9 +266,9 @@ def binding_probe(dit, encode, samples, sigmas=(0.95, 0.85), seed: int = 0, draw
                 motion, other = motions[k], motions[1 - k]
                 own = region_displacement(mean["own"], region)
                 if motion != "still":
-                    unit = torch.tensor(UNIT[motion])
-                    r["truth"].append(float(region_displacement(sample.latents, region) @ unit))
-                    r["heard"].append(float((own - region_displacement(mean["reversed"], region)) @ unit / 2))
+                    r["truth"].append(float(region_displacement(sample.latents, region) @ torch.tensor(UNIT[motion])))
+                told = region_displacement(mean["same"], region) - region_displacement(mean["reversed"], region)
+                r["heard"].append(float(told @ torch.tensor(UNIT[moving]) / 2))
                 if "swapped" in mean:
                     scores.append(binding_score(own, region_displacement(mean["swapped"], region), motion, other))
             if scores:

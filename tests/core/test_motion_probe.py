@@ -15,7 +15,7 @@ from tools.motion_probe import (
     pair_motions,
     probe,
     reverse_motion,
-    reverse_motions,
+    same_motions,
     single_motion,
     subject_regions,
     swap_motions,
@@ -200,7 +200,7 @@ def test_pair_captions():
     caption = "a cat moves left and a small red star stays still on a blue background"
     assert pair_motions(caption) == ("left", "still")
     assert swap_motions(caption) == "a cat stays still and a small red star moves left on a blue background"
-    assert reverse_motions(caption) == "a cat moves right and a small red star stays still on a blue background"
+    assert same_motions(caption, "up") == "a cat moves up and a small red star moves up on a blue background"
     assert pair_motions("a cat moves up and a dog moves down on a red background") == ("up", "down")
     assert pair_motions("a cat moves up and a dog moves up on a red background") == ("up", "up")  # heard, not bound
     assert pair_motions("a cat moves up and a dog moves left on a red background") is None  # two axes
