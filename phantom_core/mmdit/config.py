@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 from phantom_core.wan.rope import rope_axis_pairs
 
 MAX_CLIP_REFERENCES = 4  # rows of clip_index_embed (MMDiTConfig.text_positions): Phantom's 1-4 references
+TEXT_POSITION_SCALE = 0.3  # the sin-cos start of the text positions (RMS 0.21), against ~0.8 for the world
+# MMDiT's text tokens: there from the first step, not drowning the words
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,10 @@ class MMDiTConfig:
             blocks can tell which clause a word is in and which reference a CLIP token is from. umT5-XXL writes its
             context into every token; the 0.1 M-parameter world umT5 gives a motion word the same features in
             either clause (cosine 0.999, docs/WORLD.md), so without them the world MMDiT cannot bind a motion to its
-            subject. Zero-initialised; False: none (the stored keys say which).
+            subject. ``init_weights`` starts them as the Transformer's 1-D sin-cos table of positions ``0 ..
+            text_len - 1`` (the CLIP indices: the positions after the text, where the stream appends them) times
+            ``TEXT_POSITION_SCALE``, so that nearby words can find each other from the first step; False: none (the
+            stored keys say which).
     """
 
     dim: int

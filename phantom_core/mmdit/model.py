@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from phantom_core.log import logger
 from phantom_core.mmdit.blocks import FinalLayer, JointBlock
-from phantom_core.mmdit.config import MAX_CLIP_REFERENCES, MMDiTConfig
+from phantom_core.mmdit.config import MAX_CLIP_REFERENCES, TEXT_POSITION_SCALE, MMDiTConfig
 from phantom_core.mmdit.inputs import check_mmdit_inputs
 from phantom_core.mmdit.positions import cropped_table, frame_table, sincos_table
 from phantom_core.mmdit.windows import WindowPlan, window_plan
@@ -178,13 +178,25 @@ class PhantomMMDiT(nn.Module):
             nn.init.ones_(norm.weight)
             if getattr(norm, "bias", None) is not None:
                 nn.init.zeros_(norm.bias)
-        for name in ("text_pos_embed", "clip_index_embed"):  # text_positions: zero, as with_text_positions adds them
-            if hasattr(self, name):
-                nn.init.zeros_(getattr(self, name))
+        if self.config.text_positions:
+            self.set_text_positions(TEXT_POSITION_SCALE)
         self.window_size.copy_(torch.tensor(self.config.window))
         self.text_len.fill_(self.config.text_len)
         if self.config.pos_embed_max:
             self.pos_embed.copy_(sincos_table(self.config.pos_embed_max, self.config.dim)[None])
+
+    @torch.no_grad()
+    def set_text_positions(self, scale: float) -> None:
+        """Set the learned text positions (``config.text_positions``) to ``scale`` times the 1-D sin-cos table
+        (``positions.frame_table``): rows ``0 .. text_len - 1`` for the text tokens, the next rows for the CLIP
+        references' indices (they follow the text in the stream). ``scale`` 0 makes the model compute what it
+        computes without them. Raises ``ValueError`` for a model without them."""
+        if not self.config.text_positions:
+            raise ValueError("this MMDiT has no text positions (MMDiTConfig.text_positions is False)")
+        table = frame_table(self.config.text_len + MAX_CLIP_REFERENCES, self.config.dim) * scale
+        self.text_pos_embed.copy_(table[: self.config.text_len])
+        if hasattr(self, "clip_index_embed"):
+            self.clip_index_embed.copy_(table[self.config.text_len:])
 
     def _norms(self) -> list[nn.Module]:
         """The affine norms: the q / k RMSNorms of every stream and the CLIP projection's LayerNorm."""

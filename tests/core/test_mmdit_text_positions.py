@@ -1,7 +1,7 @@
 """The MMDiT's learned text positions (``MMDiTConfig.text_positions``): without them the text stream is a set (its
 tokens are not rotated), so the velocity cannot depend on the order of the prompt's tokens or of the references'
-CLIP tokens; with them it can. ``with_text_positions`` adds them at zero (the same velocity), checkpoints carry them,
-and a reference beyond the index table is refused."""
+CLIP tokens; with them it can. ``with_text_positions`` adds them as a scaled sin-cos table (at scale 0: the same
+velocity), checkpoints carry them, and a reference beyond the index table is refused."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from phantom_core.mmdit.config import MAX_CLIP_REFERENCES, MMDIT_PRESETS
+from phantom_core.mmdit.config import MAX_CLIP_REFERENCES, MMDIT_PRESETS, TEXT_POSITION_SCALE
 from phantom_core.mmdit.load import infer_mmdit_config, load_mmdit
 from phantom_core.mmdit.model import PhantomMMDiT
+from phantom_core.mmdit.positions import frame_table
 from phantom_core.world.mmdit_default import with_text_positions
 
 CFG = replace(MMDIT_PRESETS["world"], num_layers=2)
@@ -50,17 +51,20 @@ def test_only_text_positions_make_the_velocity_depend_on_token_and_reference_ord
             assert (gap > 1e-3) if changes else (gap < 1e-5), gap
 
 
-def test_with_text_positions_starts_as_the_model_learns_and_round_trips():
+def test_with_text_positions_starts_from_the_scaled_table_learns_and_round_trips():
     x, t, context, refs, clip = _inputs()
     model = _model(CFG)
-    placed = with_text_positions(model)
+    silent, placed = with_text_positions(model, scale=0.0), with_text_positions(model)
     assert placed.config == replace(CFG, text_positions=True)
-    assert placed.text_pos_embed.shape == (CFG.text_len, CFG.dim)
-    assert placed.clip_index_embed.shape == (MAX_CLIP_REFERENCES, CFG.dim)
+    table = frame_table(CFG.text_len + MAX_CLIP_REFERENCES, CFG.dim) * TEXT_POSITION_SCALE
+    torch.testing.assert_close(placed.text_pos_embed.detach(), table[: CFG.text_len], rtol=0, atol=0)
+    torch.testing.assert_close(placed.clip_index_embed.detach(), table[CFG.text_len:], rtol=0, atol=0)
     with torch.no_grad():
-        want, got = model(x, t, context, refs, ref_clip=clip), placed(x, t, context, refs, ref_clip=clip)
+        want = model(x, t, context, refs, ref_clip=clip)
+        got, moved = silent(x, t, context, refs, ref_clip=clip), placed(x, t, context, refs, ref_clip=clip)
     assert float(want.abs().mean()) > 1e-2
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # zero embeddings: the same velocity
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # scale 0: the same velocity
+    assert float((moved - want).abs().max()) > 1e-3  # the default scale: the blocks notice the positions
     placed.train()
     placed(x, t, context, refs, ref_clip=clip).square().mean().backward()
     assert float(placed.text_pos_embed.grad.abs().sum()) > 0 and float(placed.clip_index_embed.grad.abs().sum()) > 0
@@ -68,6 +72,8 @@ def test_with_text_positions_starts_as_the_model_learns_and_round_trips():
         with_text_positions(placed)
     with pytest.raises(ValueError, match="text positions are an MMDiT's"):
         with_text_positions(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="this MMDiT has no text positions"):
+        model.set_text_positions(0.1)
     # the stored keys say it: inferred, loaded with the same weights
     sd = {k: v.clone() for k, v in placed.state_dict().items()}
     sd["text_pos_embed"].normal_()
