@@ -96,6 +96,21 @@ def change_background(caption: str) -> str:
     return format_prompt(replace(scene, background=names[(names.index(scene.background) + 1) % len(names)]))
 
 
+def mean_estimates(dit, sample, contexts: dict, sigma: float, draws: int, gen: torch.Generator) -> dict:
+    """Per tag of ``contexts`` (``{tag: context [L, D]}``), the mean over ``draws`` of the one-step clean estimate
+    ``x0 = x_t - sigma v`` (rectified flow, Phantom Eq. 3) of ``sample`` (a ``LatentSample``; its CLIP features when
+    it has them) at ``sigma``: ``[C, F, h, w]``. Every tag sees the same noise draws (from ``gen``)."""
+    extra = {} if sample.ref_clip is None else {"ref_clip": sample.ref_clip[None]}
+    x0, t = sample.latents[None], torch.tensor([sigma * 1000.0])
+    mean = dict.fromkeys(contexts, 0.0)
+    for _ in range(draws):
+        x_t = (1 - sigma) * x0 + sigma * torch.randn(x0.shape, generator=gen)
+        for tag, context in contexts.items():
+            v = dit(x_t, t, context[None], sample.ref_latents[None], **extra)
+            mean[tag] = mean[tag] + (x_t - sigma * v)[0] / draws
+    return mean
+
+
 @torch.no_grad()
 def probe(dit, encode, samples, sigmas=(0.95, 0.85, 0.7), seed: int = 0, draws: int = 1,
           controls: bool = False) -> dict[float, dict[str, float]]:
@@ -118,16 +133,8 @@ def probe(dit, encode, samples, sigmas=(0.95, 0.85, 0.7), seed: int = 0, draws: 
         contexts = {"own": sample.context, "reversed": encode(reverse_motion(caption, motion))}
         if controls:
             contexts["background"] = encode(change_background(caption))
-        extra = {} if sample.ref_clip is None else {"ref_clip": sample.ref_clip[None]}
-        x0 = sample.latents[None]
         for sigma in sigmas:
-            t = torch.tensor([sigma * 1000.0])
-            mean = dict.fromkeys(contexts, 0.0)
-            for _ in range(draws):
-                x_t = (1 - sigma) * x0 + sigma * torch.randn(x0.shape, generator=gen)
-                for tag, context in contexts.items():
-                    v = dit(x_t, t, context[None], sample.ref_latents[None], **extra)
-                    mean[tag] = mean[tag] + (x_t - sigma * v)[0] / draws
+            mean = mean_estimates(dit, sample, contexts, sigma, draws, gen)
             r = rows[sigma]
             r["truth"].append(displacement(sample.latents, motion))
             r["own"].append(displacement(mean["own"], motion))
@@ -250,17 +257,9 @@ def binding_probe(dit, encode, samples, sigmas=(0.95, 0.85), seed: int = 0, draw
                     "reversed": encode(same_motions(caption, REVERSED[moving]))}
         if motions[0] != motions[1]:
             contexts["swapped"] = encode(swap_motions(caption))
-        extra = {} if sample.ref_clip is None else {"ref_clip": sample.ref_clip[None]}
-        x0 = sample.latents[None]
         regions = subject_regions(sample.latents, motions)
         for sigma in sigmas:
-            t = torch.tensor([sigma * 1000.0])
-            mean = dict.fromkeys(contexts, 0.0)
-            for _ in range(draws):
-                x_t = (1 - sigma) * x0 + sigma * torch.randn(x0.shape, generator=gen)
-                for tag, context in contexts.items():
-                    v = dit(x_t, t, context[None], sample.ref_latents[None], **extra)
-                    mean[tag] = mean[tag] + (x_t - sigma * v)[0] / draws
+            mean = mean_estimates(dit, sample, contexts, sigma, draws, gen)
             r, scores = rows[sigma], []
             for k, region in enumerate(regions):
                 motion, other = motions[k], motions[1 - k]
