@@ -31,7 +31,7 @@ from the file's own velocity), ``--text-positions`` the learned text positions (
 Every ``--every`` steps and at the end it runs ``tools.motion_probe.probe`` (sigma 0.95 and 0.85, 2 draws) on
 ``--probe`` moving single-subject triplets of the training cache and of the held-out cache and prints the text effect
 (latent px; the truth's displacement beside it), and where ``--work`` or a ``--mix`` cache has two-subject triplets,
-``motion_probe.binding_probe`` on ``--probe`` of them (the first such cache's). It writes ``RUN.safetensors`` (the
+``binding_probe.binding_probe`` on ``--probe`` of them (the first such cache's). It writes ``RUN.safetensors`` (the
 trainer's file), ``RUN_fp16.safetensors`` (a half-size copy: a device machine returns files up to 16 MiB) and
 ``RUN_curve.json`` (every probe so far, rewritten atomically after each). The trainer writes a checkpoint
 (``RUN_run/checkpoints``, the latest kept) at every probe, so a run stopped by ``--seconds`` or killed goes on with
@@ -185,7 +185,8 @@ def train_run(args: argparse.Namespace, data) -> list[dict]:
     from phantom_core.training.model import save_output
     from phantom_core.wan.umt5 import load_text_encoder
     from phantom_core.world.default_model import DIT_TRAIN
-    from tools.motion_probe import binding_probe, cache_pair_samples, cache_samples, probe
+    from tools.binding_probe import binding_probe, cache_pair_samples
+    from tools.motion_probe import cache_samples, probe
     from tools.motion_toy import build_network, dropout_settings
 
     work, device, out = Path(args.work), torch.device(args.device), Path(args.out)

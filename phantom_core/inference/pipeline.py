@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ from phantom_core.inference.sidecar import (
     runtime_record,
     write_sidecar,
 )
+from phantom_core.inference.threads import cpu_threads
 from phantom_core.loading.fp8 import CastLinear, default_compute_dtype, is_fp8
 from phantom_core.log import logger
 from phantom_core.lora.apply import apply_loras
@@ -349,8 +349,8 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
             :func:`generate` (recorded in the sidecar's ``runtime``).
         clip_vision_path / clip_output: the CLIP vision tower of an MMDiT with a CLIP branch (:func:`load_clip_tower`)
             and its features (:func:`generate`), recorded in the sidecar's ``models["clip_vision"]``.
-        threads: torch's CPU thread count for this call (:func:`cpu_threads`; None: as it is), recorded in the
-            sidecar's ``runtime["threads"]``: on the CPU the float reductions, hence the video's bits, depend on it.
+        threads: torch's CPU thread count for the call (``inference.threads``; None: as it is), recorded in the
+            sidecar's ``runtime["threads"]``.
     Returns:
         ``(mp4_path, sidecar_path)``: the files written (by rank 0; the other ranks return the same paths).
     Raises:
@@ -365,78 +365,36 @@ def generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
         check_attention(attention)  # unknown or not installed: refused before any model loads
     check_batch_passes(batch_passes)
     with cpu_threads(threads):
-        return _generate_to_file(dit_path, vae_path, text_encoder_path, ref_paths, settings, out, images,
-                                 dtype=dtype, device=device, compute_dtype=compute_dtype,
-                                 text_encoder_device=text_encoder_device, progress=progress, callback=callback,
-                                 sidecar_path=sidecar_path, tokenizer_path=tokenizer_path, loras=loras,
-                                 parallel=parallel, attention=attention, compiled=compiled, block_swap=block_swap,
-                                 batch_passes=batch_passes, clip_vision_path=clip_vision_path,
-                                 clip_output=clip_output)
+        runtime = {"dtype": dtype, "compute_dtype": compute_dtype, "device": device,
+                   "text_encoder_device": text_encoder_device}
+        dit, vae, text_encoder = load_models(dit_path, vae_path, text_encoder_path, tokenizer_path=tokenizer_path,
+                                             loras=loras, compiled=compiled, block_swap=block_swap, **runtime)
+        attention, backend = attention_choice(attention, dit)
+        tower = None if clip_vision_path is None else load_clip_tower(clip_vision_path, device=device)
 
+        def on_step(step: int, total: int, x0_pred: Tensor) -> None:
+            if progress:
+                log_progress(step, total, x0_pred)
+            if callback is not None:
+                callback(step, total, x0_pred)
 
-def cpu_threads_checked(threads: int | None) -> int | None:
-    """``threads`` when None or a positive int; else ``ValueError`` naming ``threads``."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads: got {threads!r}; expected a positive number of CPU threads (or None: as set)")
-    return threads
-
-
-@contextmanager
-def cpu_threads(threads: int | None) -> Iterator[None]:
-    """torch's intra-op CPU thread count set to ``threads`` inside the block and restored after it (None: left
-    as it is). Raises ``ValueError`` for a count below 1."""
-    previous = torch.get_num_threads()
-    if cpu_threads_checked(threads) is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _generate_to_file(dit_path: str | os.PathLike, vae_path: str | os.PathLike,
-                      text_encoder_path: str | os.PathLike, ref_paths: Sequence[str | os.PathLike],
-                      settings: GenerationSettings, out: Path, images: list[Image.Image], *, dtype: torch.dtype | None,
-                      device: torch.device | str, compute_dtype: torch.dtype | None,
-                      text_encoder_device: torch.device | str | None, progress: bool,
-                      callback: StepCallback | None, sidecar_path: str | os.PathLike | None,
-                      tokenizer_path: str | os.PathLike | None, loras: Sequence[tuple[str | os.PathLike, float]],
-                      parallel: ParallelRun | None, attention: str | None, compiled: bool, block_swap: int,
-                      batch_passes: bool | str, clip_vision_path: str | os.PathLike | None,
-                      clip_output: ClipOutput) -> tuple[Path, Path]:
-    """:func:`generate_to_file` once its inputs are checked and the thread count is set."""
-    runtime = {"dtype": dtype, "compute_dtype": compute_dtype, "device": device,
-               "text_encoder_device": text_encoder_device}
-    dit, vae, text_encoder = load_models(dit_path, vae_path, text_encoder_path, tokenizer_path=tokenizer_path,
-                                         loras=loras, compiled=compiled, block_swap=block_swap, **runtime)
-    attention, backend = attention_choice(attention, dit)
-    tower = None if clip_vision_path is None else load_clip_tower(clip_vision_path, device=device)
-
-    def on_step(step: int, total: int, x0_pred: Tensor) -> None:
-        if progress:
-            log_progress(step, total, x0_pred)
-        if callback is not None:
-            callback(step, total, x0_pred)
-
-    started = time.perf_counter()
-    video = generate(dit, vae, text_encoder, images, settings, callback=on_step, parallel=parallel,
-                     attention=attention, batch_passes=batch_passes, clip_vision=tower,
-                     clip_output=clip_output)  # (1, 3, T, H, W)
-    seconds = time.perf_counter() - started
-    side = Path(sidecar_path) if sidecar_path is not None else default_sidecar_path(out)
-    if video is None:  # a rank other than 0 under torchrun: it writes nothing
+        started = time.perf_counter()
+        video = generate(dit, vae, text_encoder, images, settings, callback=on_step, parallel=parallel,
+                         attention=attention, batch_passes=batch_passes, clip_vision=tower,
+                         clip_output=clip_output)  # (1, 3, T, H, W)
+        seconds = time.perf_counter() - started
+        side = Path(sidecar_path) if sidecar_path is not None else default_sidecar_path(out)
+        if video is None:  # a rank other than 0 under torchrun: it writes nothing
+            return out, side
+        write_mp4(to_uint8_frames(video), out, fps=settings.fps, quality=settings.quality)
+        ran = runtime_record(**runtime, models=(dit, vae, text_encoder), attention=attention, compiled=compiled,
+                             attention_used=backend, batch_passes=BATCH_PASSES_NAMES.get(batch_passes, batch_passes),
+                             threads=torch.get_num_threads())
+        record = build_sidecar(settings, dit_path=dit_path, vae_path=vae_path, text_encoder_path=text_encoder_path,
+                               ref_paths=ref_paths, runtime=ran, out_path=out, seconds=seconds,
+                               tokenizer_path=tokenizer_path, loras=loras, clip_vision_path=clip_vision_path,
+                               clip_output=clip_output)
+        if parallel is not None:
+            record["runtime"]["parallel"] = parallel.describe()
+        write_sidecar(record, side)
         return out, side
-    write_mp4(to_uint8_frames(video), out, fps=settings.fps, quality=settings.quality)
-    record = build_sidecar(settings, dit_path=dit_path, vae_path=vae_path, text_encoder_path=text_encoder_path,
-                           ref_paths=ref_paths, runtime=runtime_record(**runtime, models=(dit, vae, text_encoder),
-                                                                       attention=attention, compiled=compiled,
-                                                                       attention_used=backend,
-                                                                       batch_passes=BATCH_PASSES_NAMES.get(
-                                                                           batch_passes, batch_passes),
-                                                                       threads=torch.get_num_threads()),
-                           out_path=out, seconds=seconds, tokenizer_path=tokenizer_path, loras=loras,
-                           clip_vision_path=clip_vision_path, clip_output=clip_output)
-    if parallel is not None:
-        record["runtime"]["parallel"] = parallel.describe()
-    write_sidecar(record, side)
-    return out, side

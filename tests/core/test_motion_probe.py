@@ -7,18 +7,14 @@ import pytest
 import torch
 
 from phantom_core.training.cache import LatentSample
+from tools.binding_probe import binding_probe, pair_motions, same_motions, subject_regions, swap_motions
 from tools.motion_probe import (
-    binding_probe,
     change_background,
     displacement,
     latent_path,
-    pair_motions,
     probe,
     reverse_motion,
-    same_motions,
     single_motion,
-    subject_regions,
-    swap_motions,
     token_gradients,
     token_roles,
 )
