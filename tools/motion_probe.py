@@ -25,12 +25,7 @@ means). Two more columns say how much a word changes the estimate at all, ``||x0
 shows a motion change well above 0 with an effect near 0.
 The MMDiT is probed as it was trained (its cached CLIP features with its VAE reference latents).
 
-``--binding`` probes two-subject triplets instead (``tools.binding_probe``): the same one-step estimates with the prompt,
-with the two clauses' motions swapped, and with both clauses told one motion and then its reverse; each subject's
-displacement is measured in its half of the frame. ``heard`` (what the words move when both subjects are told the
-same: no binding needed) and the binding ``effect`` (does swapping the clauses swap the subjects' motions: the
-truth's displacement when each subject follows its own clause, 0 when the model cannot tell which clause is whose,
-negative when it swaps them) are in latent px, beside the truth.
+``--binding`` probes whether two subjects each follow their own clause instead (``tools.binding_probe``).
 """
 
 from __future__ import annotations
