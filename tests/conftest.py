@@ -60,10 +60,8 @@ def single_thread() -> Iterator[None]:
     threads spin-waiting on a shared, loaded machine make each step ten times slower."""
     import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # _restore_torch_threads puts the count back
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from tools.motion_probe import AXIS_SIGN, REVERSED, latent_path, mean_estimates, picked_samples
 
-UNIT = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0), "still": (0.0, 0.0)}
+# motion -> its unit direction (x, y) in latent px, from motion_probe's (axis, sign); still: none
+UNIT = {"still": (0.0, 0.0)} | {m: (sign, 0.0) if axis == 0 else (0.0, sign) for m, (axis, sign) in AXIS_SIGN.items()}
 
 
 def pair_motions(caption: str) -> tuple[str, str] | None:
@@ -149,7 +150,7 @@ def binding_probe(dit, encode, samples, sigmas=(0.95, 0.85), seed: int = 0, draw
 
 
 def cache_pair_samples(work: Path, count: int, clip_features: bool = False):
-    """Up to ``count`` two-subject triplets of ``work``'s latent cache whose clauses the binding probe can swap:
+    """Up to ``count`` two-subject triplets of ``work``'s latent cache that the binding probe can read:
     ``(caption, (motion 1, motion 2), sample)`` (:func:`pair_motions`); ``clip_features`` as in
     :func:`cache_samples`."""
     return picked_samples(work, count, clip_features, pair_motions)

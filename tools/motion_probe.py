@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
 
         pairs = cache_pair_samples(work, args.samples, clip_features=clip)
         if not pairs:
-            p.error(f"{work}/latents has no two-subject triplet whose clauses can be swapped")
+            p.error(f"{work}/latents has no two-subject triplet the binding probe can read (pair_motions)")
         results = binding_probe(dit, lambda caption: text_encoder.encode([caption])[0], pairs, draws=args.draws)
         print(f"{dit_path}: {len(pairs)} two-subject triplets, the clauses' motions swapped; each subject's "
               f"displacement score in latent px (truth: the moving subjects'), {args.draws} draws")

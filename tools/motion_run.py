@@ -27,12 +27,12 @@ references are rendered again from its index and encoded by the shipped world CL
 (``mmdit_default.stage_clip_features``, resumable, cached beside the latents: one tower per cache), the recipe's
 VAE-reference dropout 0.7 applies, and the probe feeds the features too. ``--pooled`` gives the ``--init`` MMDiT the
 pooled text and reference vectors (``mmdit_default.with_pooled_vectors`` from seed 0: zero at first, so the run starts
-from the file's own velocity), ``--text-positions`` the learned text positions (``with_text_positions``, zero too).
-Every ``--every`` steps and at the end it runs ``tools.motion_probe.probe`` (sigma 0.95 and 0.85, 2 draws) on
-``--probe`` moving single-subject triplets of the training cache and of the held-out cache and prints the text effect
-(latent px; the truth's displacement beside it), and where ``--work`` or a ``--mix`` cache has two-subject triplets,
-``binding_probe.binding_probe`` on ``--probe`` of them (the first such cache's). It writes ``RUN.safetensors`` (the
-trainer's file), ``RUN_fp16.safetensors`` (a half-size copy: a device machine returns files up to 16 MiB) and
+from the file's own velocity), ``--text-positions`` the learned text positions (``with_text_positions``: a scaled
+sin-cos start). Every ``--every`` steps and at the end it runs ``tools.motion_probe.probe`` (sigma 0.95 and 0.85, 2
+draws) on ``--probe`` moving single-subject triplets of the training cache and of the held-out cache and prints the text
+effect (latent px; the truth's displacement beside it), and where ``--work`` or a ``--mix`` cache has two-subject
+triplets, ``binding_probe.binding_probe`` on ``--probe`` of them (the first such cache's). It writes ``RUN.safetensors``
+(the trainer's file), ``RUN_fp16.safetensors`` (a half-size copy: a device machine returns files up to 16 MiB) and
 ``RUN_curve.json`` (every probe so far, rewritten atomically after each). The trainer writes a checkpoint
 (``RUN_run/checkpoints``, the latest kept) at every probe, so a run stopped by ``--seconds`` or killed goes on with
 ``--resume`` (the same command) from its last probe, with the same data order, noise and optimiser state; the curve
@@ -326,8 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--pooled", action="store_true",
                    help="add the pooled text and reference vectors to an --init MMDiT (zero at first: it starts as it)")
     t.add_argument("--text-positions", action="store_true",
-                   help="give the --init MMDiT learned text positions (mmdit_default.with_text_positions; zero at "
-                        "first)")
+                   help="give the --init MMDiT learned text positions (mmdit_default.with_text_positions: a sin-cos "
+                        "table x 0.3 to start)")
     t.add_argument("--clip", action="store_true",
                    help="the references' CLIP features too (the shipped world CLIP; an --init with a CLIP branch)")
     t.add_argument("--clip-vision", type=Path, default=None, metavar="FILE",

@@ -59,6 +59,7 @@ from phantom_core.inference.pipeline import generate_to_file
 from phantom_core.inference.rephrasing import REPHRASE_PREFIX, SIDECAR_REPHRASE_KEY, add_to_sidecar, rephrase_settings
 from phantom_core.inference.settings import GenerationSettings, resolve_seed
 from phantom_core.inference.sidecar import changed_files, default_sidecar_path, dtype_name, read_sidecar
+from phantom_core.inference.threads import cpu_threads_checked
 from phantom_core.loading.fp8 import COMPUTE_DTYPES, WEIGHT_DTYPES
 from phantom_core.references import MAX_REFERENCES, REFERENCE_MODES
 from phantom_core.rephrase.cli import add_rephrase_backend_arguments
@@ -257,10 +258,8 @@ def _runtime_args(args: argparse.Namespace, recorded: dict[str, Any]) -> dict[st
     attention = args.attention or recorded.get("attention")
     out["attention"] = None if attention is None else check_attention(attention, "--attention")
     out["compiled"] = bool(recorded.get("compiled", False) if args.compiled is None else args.compiled)
-    threads = args.threads if args.threads is not None else recorded.get("threads")
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise ValueError(f"--threads: got {threads!r}; expected a positive number of CPU threads")
-    out["threads"] = threads
+    out["threads"] = cpu_threads_checked(args.threads if args.threads is not None else recorded.get("threads"),
+                                         "--threads")
     return out
 
 

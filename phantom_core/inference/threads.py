@@ -9,10 +9,10 @@ from contextlib import contextmanager
 import torch
 
 
-def cpu_threads_checked(threads: int | None) -> int | None:
-    """``threads`` when None or a positive int; else ``ValueError`` naming ``threads``."""
+def cpu_threads_checked(threads: int | None, name: str = "threads") -> int | None:
+    """``threads`` when None or a positive int; else ``ValueError`` naming ``name`` (say ``--threads``)."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads: got {threads!r}; expected a positive number of CPU threads (or None: as set)")
+        raise ValueError(f"{name}: got {threads!r}; expected a positive number of CPU threads")
     return threads
 
 

@@ -87,7 +87,7 @@ class PhantomMMDiT(nn.Module):
         if cfg.pooled_reference:  # the same MLP over the mean reference token
             self.r_embedder = nn.Module()
             self.r_embedder.mlp = nn.Sequential(ops.Linear(D, D, **kw), nn.SiLU(), ops.Linear(D, D, **kw))
-        if cfg.text_positions:  # learned absolute positions of the text stream (zero at first)
+        if cfg.text_positions:  # learned absolute positions of the text stream (init_weights: sin-cos start)
             self.text_pos_embed = nn.Parameter(torch.zeros(cfg.text_len, D, **kw))
             if cfg.clip_dim:
                 self.clip_index_embed = nn.Parameter(torch.zeros(MAX_CLIP_REFERENCES, D, **kw))
