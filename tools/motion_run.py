@@ -4,7 +4,7 @@
         [--device cuda]
     python -m tools.motion_run train --work W [--mix W2 ...] --network mmdit-pooled [--init FILE] [--batch 32]
         [--seconds 300] [--every 500] [--dropout TEXT REFERENCE] [--schedule cosine] [--ema 0.998] [--clip]
-        [--pooled] [--text-positions] [--resume] [--device cuda] --out RUN
+        [--pooled] [--text-positions] [--reference-index] [--resume] [--device cuda] --out RUN
 
 ``cache`` renders the world's triplets (``WorldConfig.travel``: how far the subjects move) in ``--workers`` processes
 and encodes them with the shipped world VAE and umT5 (``phantom_core/tiny/trained``; the VAE on ``--device``, the
@@ -28,7 +28,8 @@ references are rendered again from its index and encoded by the shipped world CL
 VAE-reference dropout 0.7 applies, and the probe feeds the features too. ``--pooled`` gives the ``--init`` MMDiT the
 pooled text and reference vectors (``mmdit_default.with_pooled_vectors`` from seed 0: zero at first, so the run starts
 from the file's own velocity), ``--text-positions`` the learned text positions (``with_text_positions``: a scaled
-sin-cos start). Every ``--every`` steps and at the end it runs ``tools.motion_probe.probe`` (sigma 0.95 and 0.85, 2
+sin-cos start), ``--reference-index`` a learned index on each reference's VAE tokens (``with_reference_index``).
+Every ``--every`` steps and at the end it runs ``tools.motion_probe.probe`` (sigma 0.95 and 0.85, 2
 draws) on ``--probe`` moving single-subject triplets of the training cache and of the held-out cache and prints the text
 effect (latent px; the truth's displacement beside it), and where ``--work`` or a ``--mix`` cache has two-subject
 triplets, ``binding_probe.binding_probe`` on ``--probe`` of them (the first such cache's). It writes ``RUN.safetensors``
@@ -199,6 +200,10 @@ def train_run(args: argparse.Namespace, data) -> list[dict]:
         from phantom_core.world.mmdit_default import with_text_positions
 
         model = with_text_positions(model).train()
+    if args.reference_index:
+        from phantom_core.world.mmdit_default import with_reference_index
+
+        model = with_reference_index(model).train()
     settings = {**DIT_TRAIN, "dit": args.init or f"motion-run:{args.network}", "device": args.device,
                 "precision": "fp32", "batch_size": args.batch, "steps": args.steps, "lr_schedule": args.schedule,
                 "learning_rate": args.lr, "ema_decay": args.ema, "checkpoint_every": args.every,
@@ -328,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--text-positions", action="store_true",
                    help="give the --init MMDiT learned text positions (mmdit_default.with_text_positions: a sin-cos "
                         "table x 0.3 to start)")
+    t.add_argument("--reference-index", action="store_true",
+                   help="give the --init MMDiT a learned index on each reference's VAE tokens "
+                        "(mmdit_default.with_reference_index: its CLIP index embedding's values to start)")
     t.add_argument("--clip", action="store_true",
                    help="the references' CLIP features too (the shipped world CLIP; an --init with a CLIP branch)")
     t.add_argument("--clip-vision", type=Path, default=None, metavar="FILE",
@@ -356,8 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(message)
     if args.pooled and not args.init:
         p.error("--pooled adds the pooled vectors to an --init MMDiT; from scratch, give --network mmdit-pooled")
-    if args.text_positions and not args.init:
-        p.error("--text-positions adds learned text positions to an --init MMDiT; give --init")
+    for flag in ("text_positions", "reference_index"):
+        if getattr(args, flag) and not args.init:
+            p.error(f"--{flag.replace('_', '-')} adds to an --init MMDiT; give --init")
     if args.ema and args.seconds != float("inf"):
         p.error("--ema with --seconds: a run stopped on time has no final average; give --steps instead")
     if args.clip_vision is not None and not args.clip:

@@ -11,7 +11,8 @@ from dataclasses import dataclass, replace
 
 from phantom_core.wan.rope import rope_axis_pairs
 
-MAX_CLIP_REFERENCES = 4  # rows of clip_index_embed (MMDiTConfig.text_positions): Phantom's 1-4 references
+# rows of clip_index_embed / ref_index_embed (MMDiTConfig.text_positions / reference_index): Phantom's 1-4 references
+MAX_CLIP_REFERENCES = 4
 TEXT_POSITION_SCALE = 0.3  # the sin-cos start of the text positions (RMS 0.21), against ~0.8 for the world
 # MMDiT's text tokens: there from the first step, not drowning the words
 
@@ -53,6 +54,11 @@ class MMDiTConfig:
             text_len - 1`` (the CLIP indices: the positions after the text, where the stream appends them) times
             ``TEXT_POSITION_SCALE``, so that nearby words can find each other from the first step; False: none (the
             stored keys say which).
+        reference_index: a learned index added to every VAE token of reference k (``ref_index_embed``
+            ``(MAX_CLIP_REFERENCES, dim)``), so a video token that copies a reference's appearance also carries
+            which reference it is (RoPE's time index ``f + k`` tells references apart in the attention scores
+            only, not in what attention returns); with ``text_positions`` it starts as the same rows as
+            ``clip_index_embed``, so reference k carries one index vector in both streams. False: none.
     """
 
     dim: int
@@ -71,6 +77,7 @@ class MMDiTConfig:
     pooled_text: bool = False
     pooled_reference: bool = False
     text_positions: bool = False
+    reference_index: bool = False
     eps: float = 1e-6
     rope_theta: float = 10000.0
 

@@ -30,7 +30,8 @@ def check_mmdit_inputs(cfg: MMDiTConfig, x: Tensor, t: Tensor, context: Tensor, 
         ValueError: ``x`` not ``(B, in_dim, F, H, W)``; ``t`` not ``(B,)``; ``context`` not ``(B, L, text_dim)``;
             ``ref_latents`` not ``(B, in_dim, N, H, W)``; ``ref_clip`` not ``(B, N, T, clip_dim)`` or given to a
             model without a CLIP branch, or with more than ``MAX_CLIP_REFERENCES`` references to a model with
-            ``text_positions``; the two reference inputs with different N.
+            ``text_positions``; more than ``MAX_CLIP_REFERENCES`` reference latents to a model with
+            ``reference_index``; the two reference inputs with different N.
     """
     ref_latents, ref_clip = _none_if_empty(ref_latents, 2), _none_if_empty(ref_clip, 1)
     check_velocity_inputs(x, t, context, ref_latents, cfg.in_dim, cfg.text_dim)
@@ -45,6 +46,9 @@ def check_mmdit_inputs(cfg: MMDiTConfig, x: Tensor, t: Tensor, context: Tensor, 
         if cfg.text_positions and ref_clip.shape[1] > MAX_CLIP_REFERENCES:
             raise ValueError(f"ref_clip holds {ref_clip.shape[1]} references; this MMDiT's reference index "
                              f"embedding (text_positions) has {MAX_CLIP_REFERENCES}: give 1 to {MAX_CLIP_REFERENCES}")
+    if cfg.reference_index and ref_latents is not None and ref_latents.shape[2] > MAX_CLIP_REFERENCES:
+        raise ValueError(f"ref_latents hold {ref_latents.shape[2]} references; this MMDiT's reference index embedding "
+                         f"(reference_index) has {MAX_CLIP_REFERENCES}: give 1 to {MAX_CLIP_REFERENCES}")
     if ref_latents is not None and ref_clip is not None and ref_latents.shape[2] != ref_clip.shape[1]:
         raise ValueError(f"ref_latents hold {ref_latents.shape[2]} references but ref_clip holds "
                          f"{ref_clip.shape[1]}; give both for the same references")

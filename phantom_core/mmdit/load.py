@@ -63,7 +63,7 @@ def infer_mmdit_config(sd: dict[str, Tensor]) -> MMDiTConfig:
     ``num_heads = dim // head_dim`` with ``head_dim`` the length of the per-head qk-norm weight; ``clip_dim`` 0 when
     there is no ``clip_embedder``; ``pos_embed_max`` the side of the ``pos_embed`` table, 0 without one;
     ``pooled_text`` / ``pooled_reference`` whether there is a ``y_embedder`` / ``r_embedder``; ``text_positions``
-    whether there is a ``text_pos_embed``; ``window`` and
+    / ``reference_index`` whether there is a ``text_pos_embed`` / ``ref_index_embed``; ``window`` and
     ``text_len`` from the ``window_size`` / ``text_len`` buffers.
     Returns the ``MMDIT_PRESETS`` object when one is equal.
 
@@ -93,6 +93,7 @@ def infer_mmdit_config(sd: dict[str, Tensor]) -> MMDiTConfig:
         window=_ints(sd, "window_size", 3), freq_dim=key_shape(sd, "t_embedder.mlp.0.weight", 2, "MMDiT")[1],
         pos_embed_max=_pos_embed_side(sd, dim), pooled_text="y_embedder.mlp.0.weight" in sd,
         pooled_reference="r_embedder.mlp.0.weight" in sd, text_positions="text_pos_embed" in sd,
+        reference_index="ref_index_embed" in sd,
     )
     return next((preset for preset in MMDIT_PRESETS.values() if preset == config), config)
 

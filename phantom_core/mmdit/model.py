@@ -12,7 +12,9 @@ Token streams and their positions (3-D RoPE, Wan convention, ``phantom_core.wan.
   ``(f, h, w)``, counted from 0; they never depend on the references;
 - reference VAE tokens ``F_ref,v``: each reference latent patchified alone by the same Conv3d, reference ``k``
   (0-based) at positions ``(f + k, y, x)``, i.e. the time indices right after the video, as Phantom-Wan appends
-  its references on the time axis; they share the video stream's weights;
+  its references on the time axis; they share the video stream's weights; with ``config.reference_index`` a
+  learned index vector of reference ``k`` is added to its tokens (RoPE alone tells references apart in the
+  attention scores, not in what attention returns);
 - text tokens (umT5 features zero-padded to ``text_len``, then a Linear) and CLIP reference tokens (each
   reference's CLIP features through an MLP to the model width): the text stream, no rotation (position 0 on
   every axis, as Flux's ``txt_ids``).
@@ -91,6 +93,8 @@ class PhantomMMDiT(nn.Module):
             self.text_pos_embed = nn.Parameter(torch.zeros(cfg.text_len, D, **kw))
             if cfg.clip_dim:
                 self.clip_index_embed = nn.Parameter(torch.zeros(MAX_CLIP_REFERENCES, D, **kw))
+        if cfg.reference_index:  # learned index of each reference's VAE tokens (init_weights: sin-cos start)
+            self.ref_index_embed = nn.Parameter(torch.zeros(MAX_CLIP_REFERENCES, D, **kw))
         if cfg.clip_dim:  # Wan2.1 I2V's image projection: LayerNorm, Linear, GELU, Linear
             self.clip_embedder = nn.Sequential(
                 ops.LayerNorm(cfg.clip_dim, eps=1e-5, **kw), ops.Linear(cfg.clip_dim, D, **kw),
@@ -178,7 +182,7 @@ class PhantomMMDiT(nn.Module):
             nn.init.ones_(norm.weight)
             if getattr(norm, "bias", None) is not None:
                 nn.init.zeros_(norm.bias)
-        if self.config.text_positions:
+        if self.config.text_positions or self.config.reference_index:
             self.set_text_positions(TEXT_POSITION_SCALE)
         self.window_size.copy_(torch.tensor(self.config.window))
         self.text_len.fill_(self.config.text_len)
@@ -189,14 +193,19 @@ class PhantomMMDiT(nn.Module):
     def set_text_positions(self, scale: float) -> None:
         """Set the learned text positions (``config.text_positions``) to ``scale`` times the 1-D sin-cos table
         (``positions.frame_table``): rows ``0 .. text_len - 1`` for the text tokens, the next rows for the CLIP
-        references' indices (they follow the text in the stream). ``scale`` 0 makes the model compute what it
-        computes without them. Raises ``ValueError`` for a model without them."""
-        if not self.config.text_positions:
-            raise ValueError("this MMDiT has no text positions (MMDiTConfig.text_positions is False)")
+        references' indices (they follow the text in the stream), and those same rows for the VAE references' indices
+        (``config.reference_index``). ``scale`` 0 makes the model compute what it computes without them. Raises
+        ``ValueError`` for a model with neither."""
+        if not (self.config.text_positions or self.config.reference_index):
+            raise ValueError("this MMDiT has no text positions or reference index (MMDiTConfig.text_positions and "
+                             "reference_index are False)")
         table = frame_table(self.config.text_len + MAX_CLIP_REFERENCES, self.config.dim) * scale
-        self.text_pos_embed.copy_(table[: self.config.text_len])
+        if self.config.text_positions:
+            self.text_pos_embed.copy_(table[: self.config.text_len])
         if hasattr(self, "clip_index_embed"):
             self.clip_index_embed.copy_(table[self.config.text_len:])
+        if self.config.reference_index:
+            self.ref_index_embed.copy_(table[self.config.text_len:])
 
     def _norms(self) -> list[nn.Module]:
         """The affine norms: the q / k RMSNorms of every stream and the CLIP projection's LayerNorm."""
@@ -277,6 +286,9 @@ class PhantomMMDiT(nn.Module):
         if n_refs:
             refs = rearrange(ref_latents.to(x.dtype), "b c n h w -> (b n) c 1 h w")
             ref_tokens, _ = self._patchify(refs, frames=False)  # (B * N, h * w, D)
+            if cfg.reference_index:  # reference k's index on each of its tokens; rows in (b n) order
+                index = self.ref_index_embed[:n_refs].to(ref_tokens.dtype).repeat(x.shape[0], 1)  # (B * N, D)
+                ref_tokens = ref_tokens + index[:, None]
             tokens = torch.cat([tokens, ref_tokens.unflatten(0, (x.shape[0], n_refs)).flatten(1, 2)], dim=1)
         # 3. RoPE of the video stream: video grid (f, h, w), reference k at time index f + k
         f, h, w = grid

@@ -297,6 +297,25 @@ def with_text_positions(model: torch.nn.Module, scale: float = TEXT_POSITION_SCA
     return out
 
 
+def with_reference_index(model: torch.nn.Module, scale: float = TEXT_POSITION_SCALE) -> torch.nn.Module:
+    """A copy of the MMDiT ``model`` (float32, CPU) with a learned index on each reference's VAE tokens
+    (``MMDiTConfig.reference_index``: ``ref_index_embed``), so that a video token which copies a reference's look
+    also carries which reference (and so which clause) it is. It starts as the model's own trained
+    ``clip_index_embed`` where it has one (reference k carries one index vector in both streams), else as ``scale``
+    times the sin-cos rows ``set_text_positions`` gives the CLIP indices.
+
+    Raises:
+        ValueError: ``model`` is not a ``PhantomMMDiT``, or has the index already.
+    """
+    out = _extended(model, "a reference index", ("reference_index",), ("ref_index_embed",), 0)
+    with torch.no_grad():
+        if hasattr(model, "clip_index_embed"):
+            out.ref_index_embed.copy_(model.clip_index_embed.float())
+        else:  # init_weights set the sin-cos rows at TEXT_POSITION_SCALE
+            out.ref_index_embed.mul_(scale / TEXT_POSITION_SCALE)
+    return out
+
+
 def _extended(model: torch.nn.Module, what: str, flags: tuple[str, ...], prefixes: tuple[str, ...],
               seed: int) -> torch.nn.Module:
     """A float32 CPU copy of the MMDiT ``model`` with the config ``flags`` (together: ``what``) switched on: its

@@ -14,7 +14,7 @@ from phantom_core.mmdit.config import MAX_CLIP_REFERENCES, MMDIT_PRESETS, TEXT_P
 from phantom_core.mmdit.load import infer_mmdit_config, load_mmdit
 from phantom_core.mmdit.model import PhantomMMDiT
 from phantom_core.mmdit.positions import frame_table
-from phantom_core.world.mmdit_default import with_text_positions
+from phantom_core.world.mmdit_default import with_reference_index, with_text_positions
 
 CFG = replace(MMDIT_PRESETS["world"], num_layers=2)
 
@@ -90,3 +90,38 @@ def test_a_reference_beyond_the_index_table_is_refused():
                                          "reference index embedding"):
         _model(replace(CFG, text_positions=True))(x, t, context, refs, ref_clip=clip)
     assert _model(CFG)(x, t, context, refs, ref_clip=clip).shape == x.shape  # no table, no limit here
+
+
+def test_reference_index_is_per_reference_batched_learned_and_inferred():
+    """``MMDiTConfig.reference_index``: ``with_reference_index`` starts each VAE reference's index as the CLIP
+    reference index of the same k (so one vector names reference k in both streams); a batch of two gives what each
+    sample gives alone (1e-5: the rows follow the ``(b n)`` order); it learns, is inferred from its key, and more
+    reference latents than its table are refused."""
+    x, t, context, refs, clip = _inputs()
+    placed = with_text_positions(_model(CFG))
+    with torch.no_grad():
+        placed.clip_index_embed.normal_()
+    indexed = with_reference_index(placed)
+    assert indexed.config == replace(CFG, text_positions=True, reference_index=True)
+    torch.testing.assert_close(indexed.ref_index_embed.detach(), placed.clip_index_embed.detach(), rtol=0, atol=0)
+    with torch.no_grad():
+        want = placed(x, t, context, refs, ref_clip=clip)
+        got = indexed(x, t, context, refs, ref_clip=clip)
+        assert float((got - want).abs().max()) > 1e-3  # the index reaches the velocity
+        pair = indexed(torch.cat([x, x.flip(3)]), t.expand(2), torch.cat([context, context.flip(1)]),
+                       torch.cat([refs, refs.flip(2)]), ref_clip=torch.cat([clip, clip.flip(1)]))
+        alone = indexed(x.flip(3), t, context.flip(1), refs.flip(2), ref_clip=clip.flip(1))
+    torch.testing.assert_close(pair, torch.cat([got, alone]), rtol=1e-5, atol=1e-5)
+    indexed.train()
+    indexed(x, t, context, refs, ref_clip=clip).square().mean().backward()
+    assert float(indexed.ref_index_embed.grad.abs().sum()) > 0
+    sd = indexed.state_dict()
+    assert infer_mmdit_config(sd).reference_index and not infer_mmdit_config(placed.state_dict()).reference_index
+    with pytest.raises(ValueError, match=r"already has a reference index \(reference_index\)"):
+        with_reference_index(indexed)
+    vae_only = with_reference_index(_model(replace(CFG, clip_dim=0)), scale=0.0)  # no CLIP index: the table x scale
+    assert float(vae_only.ref_index_embed.detach().abs().max()) == 0.0
+    x, t, context, refs, _ = _inputs(refs=MAX_CLIP_REFERENCES + 1)
+    with torch.no_grad(), pytest.raises(ValueError, match=f"ref_latents hold {MAX_CLIP_REFERENCES + 1} references; "
+                                                          "this MMDiT's reference index embedding"):
+        vae_only(x, t, context, refs)

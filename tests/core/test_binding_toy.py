@@ -1,0 +1,91 @@
+"""tools.binding_toy: its geometry (each square moves as its clause says, in its half; the references are the squares
+in clause order), its measure (an oracle that binds scores the truth, a bag-of-words one 0, a swapping one minus the
+truth), the layouts, and a short run through the real trainer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tools.binding_probe import region_displacement
+from tools.binding_toy import BLOB, FRAMES, HELD_OUT, SIZE, STEP, draw, main, measure, prompt, run, toy_pair
+
+
+def test_each_square_moves_as_its_clause_says_in_its_half_and_the_references_follow_clause_order():
+    colours = torch.stack([torch.full((16,), 1.0), torch.full((16,), -2.0)])
+    for top in (0, 1):
+        x0, refs, halves = toy_pair(("left", "right"), top, colours, (0, 0, 0, 0))
+        assert x0.shape == (16, FRAMES, SIZE, SIZE) and refs.shape == (16, 2, SIZE, SIZE)
+        for k, sign in enumerate((-1, 1)):
+            inside = x0[0] * halves[k]
+            assert int((inside == colours[k, 0]).sum()) == FRAMES * BLOB * BLOB  # whole in every frame, its half
+            assert float(region_displacement(x0, halves[k])[0]) == pytest.approx(sign * STEP * (FRAMES - 1), abs=1.0)
+            assert float(refs[0, k].sum()) == pytest.approx(float(colours[k, 0]) * BLOB * BLOB)
+        assert bool(halves[top][0, 0]) and not bool(halves[1 - top][0, 0])  # square `top` in the top half
+
+
+def test_draw_is_deterministic_and_the_layouts_differ_as_documented():
+    assert prompt(("left", "right")) == "a thing moves left and a thing moves right on a blue background"
+    a, b = draw(40, seed=3), draw(40, seed=3)
+    assert [m for m, *_ in a] == [m for m, *_ in b] and all(torch.equal(x, y) for (_, x, *_), (_, y, *_) in zip(a, b))
+    assert {m for m, *_ in a} == {(p, q) for p in ("left", "right") for q in ("left", "right")}
+    tops = {bool(h[0][0, 0]) for *_, h in a}
+    assert tops == {True, False}  # random: the first clause's square is on top or bottom
+    assert {bool(h[0][0, 0]) for *_, h in draw(20, seed=3, layout="anchored")} == {True}
+    assert all(m[0] != m[1] for m, *_ in draw(HELD_OUT, seed=4, differ=True))
+    with pytest.raises(ValueError, match="layout is 'diagonal'; valid: random, anchored"):
+        draw(2, seed=0, layout="diagonal")
+
+
+class _Oracle(torch.nn.Module):
+    """Predicts the velocity towards the toy video its context describes: clause k's motion for reference k's square
+    (``mode="binds"``), the clauses swapped (``"swaps"``), or both squares still (``"deaf"``). Squares are found by
+    their reference's colour; the context carries the two motions as 0 / 1 (left / right)."""
+
+    def __init__(self, mode: str, cases):
+        super().__init__()
+        self.mode, self.cases = mode, cases
+
+    def forward(self, x, t, context, refs):
+        motions = tuple(("left", "right")[int(v)] for v in context[0, :2, 0])
+        if self.mode == "swaps":
+            motions = motions[::-1]
+        case = next(c for c in self.cases if torch.equal(c[2], refs[0]))
+        colours = refs[0][:, :, SIZE // 2, SIZE // 2].T  # (2, 16)
+        top = 0 if bool(case[3][0][0, 0]) else 1
+        x0, _, _ = toy_pair(motions, top, colours, (0, 0, 0, 0))
+        if self.mode == "deaf":
+            x0 = x0[:, FRAMES // 2:FRAMES // 2 + 1].expand_as(x0)
+        sigma = float(t[0]) / 1000
+        return (x - x0[None]) / sigma
+
+
+def test_measure_scores_binding_swapping_and_deafness():
+    def encode(text):
+        words = text.split(" moves ")[1:]
+        return torch.tensor([[float(w.startswith("right"))] * 4 for w in words] + [[0.0] * 4])
+
+    cases = draw(6, seed=5, differ=True)
+    rows = {mode: measure(_Oracle(mode, cases), encode, cases, sigmas=(0.9,))[0.9] for mode in ("binds", "swaps",
+                                                                                                "deaf")}
+    truth = rows["binds"]["truth"]
+    assert truth == pytest.approx(STEP * (FRAMES - 1), abs=1.0)
+    assert rows["binds"]["binding"] == pytest.approx(truth, abs=1.0)  # the jitter moves the oracle's path a little
+    assert rows["swaps"]["binding"] == pytest.approx(-truth, abs=1.0)
+    assert abs(rows["deaf"]["binding"]) < 1e-5 and abs(rows["deaf"]["heard"]) < 1e-5
+    assert rows["binds"]["heard"] == pytest.approx(truth, abs=1.0) and rows["swaps"]["heard"] == pytest.approx(
+        truth, abs=1.0)  # both told one motion: no binding needed
+    assert rows["binds"]["own"] < rows["binds"]["swapped"]
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_a_short_run_goes_through_the_trainer_with_the_index_tables(capsys):
+    lines = []
+    final = run(steps=2, every=1, layout="anchored", text_positions=True, reference_index=True, threads=1,
+                report=lines.append)
+    assert len(lines) == 2 and lines[-1].startswith("binding toy (anchored, text positions, reference index, plain)")
+    assert set(final) == {0.95, 0.8} and all(0 < r["own"] < 10 and "binding" in r for r in final.values())
+    assert final[0.8]["truth"] == pytest.approx(STEP * (FRAMES - 1), abs=1.0)
+    with pytest.raises(SystemExit):
+        main(["--steps", "0"])
+    assert "--steps is 0; it must be >= 1" in capsys.readouterr().err

@@ -1,0 +1,201 @@
+"""Can a network learn whose motion is whose when that is all there is to learn? A binding check in latent space.
+
+    python -m tools.binding_toy [--layout random|anchored] [--text-positions] [--reference-index] [--umt5 FILE]
+        [--steps 1000] [--every 100] [--threads 2]
+
+The world MMDiT hears a motion word but cannot tell which subject it belongs to (``tools.binding_probe``,
+docs/WORLD.md). This check asks whether a network *can* learn that, apart from the world's data, as
+``tools.motion_toy`` asks it of the word. Every video latent ``[16, 5, 16, 16]`` is zero except two
+``BLOB`` x ``BLOB`` latent-px squares, each of its own random 16-channel colour, one in the top half of the frame
+and one in the bottom half (jittered by up to ``JITTER`` latent px), each moving ``STEP`` latent px per latent frame
+left or right as its clause says: ``a thing moves <m1> and a thing moves <m2> on a blue background`` (the world
+umT5, or ``--umt5``'s). The references are the two squares alone, centred, in clause order. Subjects are called
+``thing``, so only the clauses' order binds a motion to a reference (the world grammar's rule when words do not).
+``--layout anchored`` puts the first clause's square on top, as the world's anchored layout mostly does (then the
+half alone can bind); ``random`` (default) puts it on top or bottom at random, so a network must find each
+reference's square to bind.
+
+The network is the world MMDiT without CLIP (``world-vae``: RoPE, window attention) from scratch, optionally with
+learned text positions (``MMDiTConfig.text_positions``) and a learned index on each reference's VAE tokens
+(``reference_index``), trained by the project's trainer with ``motion_toy``'s recipe (``--plain``: constant learning
+rate, no warm-up, no dropout; the default here, since the question is what can be learnt, not how fast the recipe
+learns it) on ``SAMPLES`` pre-drawn samples. Every ``--every`` steps it prints, on ``HELD_OUT`` fixed held-out
+samples whose two motions differ and the same noise, at sigma 0.95 and 0.8: the velocity loss with the prompt and
+with the two clauses' motions swapped, the ``binding`` effect (``binding_probe.binding_score`` per square in its half:
+the truth's displacement for a network that binds, 0 for one that cannot tell the clauses apart, negative when it
+swaps them) and ``heard`` (both clauses told one motion against its reverse: what the words move without binding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from tools.binding_probe import binding_score, region_displacement
+from tools.motion_toy import BLOB, FRAMES, JITTER, PLAIN, SIZE, STEP, TOY_TRAIN, VECTORS
+
+SAMPLES, HELD_OUT = 512, 16
+LAYOUTS = ("random", "anchored")
+MOTIONS = ("left", "right")
+
+
+def prompt(motions: tuple[str, ...]) -> str:
+    return " and ".join(f"a thing moves {m}" for m in motions) + " on a blue background"
+
+
+def toy_pair(motions: tuple[str, str], top: int, colours: Tensor, jitter: tuple[int, int, int, int]):
+    """``(latents [16, FRAMES, SIZE, SIZE], ref_latents [16, 2, SIZE, SIZE], halves)``, float32: square ``k``
+    (``colours[k]``, ``[16]``) moving ``motions[k]`` in the top half when ``k == top``, else the bottom half; the
+    references are the squares alone, centred, in clause order; ``halves`` are the ``[SIZE, SIZE]`` boolean masks
+    of square 0's and square 1's halves."""
+    x0, refs, half = torch.zeros(16, FRAMES, SIZE, SIZE), torch.zeros(16, 2, SIZE, SIZE), BLOB // 2
+    rows = torch.arange(SIZE)[:, None].expand(SIZE, SIZE)
+    halves = []
+    for k, motion in enumerate(motions):
+        cy = (SIZE // 4 if k == top else 3 * SIZE // 4) + jitter[2 * k + 1]
+        cx = SIZE // 2 + jitter[2 * k]
+        for f in range(FRAMES):
+            x = round(cx + VECTORS[motion][0] * (f - FRAMES // 2) * STEP) - half
+            x0[:, f, cy - half:cy + half, x:x + BLOB] = colours[k][:, None, None]
+        refs[:, k, SIZE // 2 - half:SIZE // 2 + half, SIZE // 2 - half:SIZE // 2 + half] = colours[k][:, None, None]
+        halves.append(rows < SIZE // 2 if k == top else rows >= SIZE // 2)
+    return x0, refs, halves
+
+
+def draw(count: int, seed: int, layout: str = "random", differ: bool = False):
+    """``count`` ``(motions, latents, ref_latents, halves)`` from ``seed``: motions, colours, jitters and (``random``
+    layout) which square is on top; ``differ``: only pairs whose two motions differ. ``ValueError`` for a
+    ``layout`` not in ``LAYOUTS``."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout is {layout!r}; valid: {', '.join(LAYOUTS)}")
+    gen, out = torch.Generator().manual_seed(seed), []
+    while len(out) < count:
+        motions = tuple(MOTIONS[int(i)] for i in torch.randint(2, (2,), generator=gen))
+        jitter = tuple(int(v) for v in torch.randint(-JITTER, JITTER + 1, (4,), generator=gen))
+        top = int(torch.randint(2, (1,), generator=gen)) if layout == "random" else 0
+        colours = torch.randn(2, 16, generator=gen) * 1.5
+        if not differ or motions[0] != motions[1]:
+            out.append((motions, *toy_pair(motions, top, colours, jitter)))
+    return out
+
+
+@torch.no_grad()
+def measure(model, encode, cases, sigmas=(0.95, 0.8), seed: int = 9) -> dict[float, dict]:
+    """Per sigma over ``cases`` (``draw(..., differ=True)``): the mean velocity loss with the prompt (``own``) and
+    with the clauses' motions swapped (``swapped``), the ``binding`` effect and ``heard`` control (latent px, see
+    the module) and the ``truth`` displacement. The noisy input and loss are the trainer's (``training.objective``)."""
+    from phantom_core.training.objective import noisy_latents, velocity_target, video_mse
+
+    was_training, gen = model.training, torch.Generator().manual_seed(seed)
+    model.eval()
+    out = {}
+    for sigma in sigmas:
+        rows = dict.fromkeys(("own", "swapped", "binding", "heard", "truth"), 0.0)
+        for motions, x0, refs, halves in cases:
+            noise = torch.randn((1, *x0.shape), generator=gen)
+            x_t = noisy_latents(x0[None], noise, torch.tensor([sigma]))
+            texts = {"own": prompt(motions), "swapped": prompt(motions[::-1]),
+                     "same": prompt((motions[0],) * 2), "reversed": prompt((motions[1],) * 2)}
+            est = {}
+            for tag, text in texts.items():
+                v = model(x_t, torch.tensor([sigma * 1000.0]), encode(text)[None], refs[None])
+                if tag in ("own", "swapped"):
+                    rows[tag] += float(video_mse(v, velocity_target(x0[None], noise))) / len(cases)
+                est[tag] = (x_t - sigma * v)[0]
+            unit = torch.tensor([float(VECTORS[motions[0]][0]), 0.0])
+            for k, half in enumerate(halves):
+                shift = {tag: region_displacement(e, half) for tag, e in est.items()}
+                score = binding_score(shift["own"], shift["swapped"], motions[k], motions[1 - k])
+                rows["binding"] += score / (2 * len(cases))
+                rows["heard"] += float((shift["same"] - shift["reversed"]) @ unit) / (4 * len(cases))
+                rows["truth"] += float(region_displacement(x0, half)[0] * VECTORS[motions[k]][0]) / (2 * len(cases))
+        out[sigma] = rows
+    model.train(was_training)
+    return out
+
+
+def build(text_positions: bool, reference_index: bool, seed: int) -> torch.nn.Module:
+    """The world MMDiT without CLIP (``world-vae``) from scratch (SD3 init from ``seed``), float32, CPU."""
+    from phantom_core.mmdit.config import MMDIT_PRESETS
+    from phantom_core.mmdit.model import PhantomMMDiT
+
+    config = replace(MMDIT_PRESETS["world-vae"], text_positions=text_positions, reference_index=reference_index)
+    model = PhantomMMDiT(config, device="meta").to_empty(device="cpu")
+    model.init_weights(torch.Generator().manual_seed(seed))
+    return model
+
+
+def run(steps: int, every: int, layout: str = "random", text_positions: bool = False, reference_index: bool = False,
+        umt5: str | None = None, seed: int = 0, threads: int = 2, plain: bool = True, report=print) -> dict:
+    """Train the toy's network for ``steps`` and return the final ``measure``; ``report`` gets a line every
+    ``every`` steps. ``umt5``: a world umT5 file instead of the shipped one."""
+    from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
+    from phantom_core.tiny.default import TRAINED_DIR
+    from phantom_core.training.cache import InMemoryLatents, LatentSample
+    from phantom_core.training.config import TrainConfig
+    from phantom_core.training.loop import train
+    from phantom_core.wan.umt5 import load_text_encoder
+
+    torch.set_num_threads(threads)
+    text_encoder = load_text_encoder(umt5 or TRAINED_DIR / "phantom_world_umt5.safetensors")
+    contexts: dict[str, Tensor] = {}
+
+    def encode(text: str) -> Tensor:
+        if text not in contexts:
+            contexts[text] = text_encoder.encode([text])[0]
+        return contexts[text]
+
+    dataset = InMemoryLatents([LatentSample(f"toy_{k}", x0, refs, encode(prompt(motions)))
+                               for k, (motions, x0, refs, _) in enumerate(draw(SAMPLES, seed, layout))],
+                              encode(WAN_NEGATIVE_PROMPT))
+    held_out = draw(HELD_OUT, seed + 1000, layout, differ=True)
+    model = build(text_positions, reference_index, seed)
+    name = f"binding toy ({layout}{', text positions' * text_positions}{', reference index' * reference_index}" \
+           f"{', umT5 ' + str(umt5) if umt5 else ''}{', plain' * plain})"
+    start, final = time.time(), {}
+
+    def line(step: int, total: int, loss: float) -> None:
+        nonlocal final
+        if step % every == 0 or step == total:
+            final = measure(model, encode, held_out)
+            cells = " | ".join(f"sigma {s}: loss {r['own']:.4f} / swapped {r['swapped']:.4f}, binding "
+                               f"{r['binding']:.2f}, heard {r['heard']:.2f} of {r['truth']:.2f}"
+                               for s, r in final.items())
+            report(f"{name} step {step}/{total} ({time.time() - start:.0f} s, train loss {loss:.4f}): {cells}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = {**TOY_TRAIN, **(PLAIN if plain else {})}
+        config = TrainConfig(**settings, steps=steps, seed=seed, dit="toy:binding", out=f"{tmp}/toy.safetensors",
+                             run_dir=f"{tmp}/run", dropped_prompt=WAN_NEGATIVE_PROMPT)
+        train(config, dataset=dataset, model=model, callback=line)
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.binding_toy", description=__doc__.split("\n")[0])
+    p.add_argument("--layout", choices=LAYOUTS, default="random")
+    p.add_argument("--text-positions", action="store_true", help="learned text positions (MMDiTConfig)")
+    p.add_argument("--reference-index", action="store_true", help="a learned index on each reference's VAE tokens")
+    p.add_argument("--umt5", default=None, metavar="FILE", help="a world umT5 file (default: the shipped one)")
+    p.add_argument("--recipe", action="store_true", help="the world recipe's warm-up, cosine and dropouts")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    p.add_argument("--every", type=int, default=100, help="measure every N steps (default 100)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    for flag in ("steps", "every", "threads"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} is {getattr(args, flag)}; it must be >= 1")
+    run(args.steps, args.every, args.layout, args.text_positions, args.reference_index, args.umt5, args.seed,
+        args.threads, plain=not args.recipe, report=lambda s: print(s, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
