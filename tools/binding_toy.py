@@ -1,7 +1,7 @@
 """Can a network learn whose motion is whose when that is all there is to learn? A binding check in latent space.
 
     python -m tools.binding_toy [--layout random|anchored] [--text-positions] [--reference-index] [--umt5 FILE]
-        [--steps 1000] [--every 100] [--threads 2]
+        [--clause-marks SCALE] [--steps 1000] [--every 100] [--threads 2]
 
 The world MMDiT hears a motion word but cannot tell which subject it belongs to (``tools.binding_probe``,
 docs/WORLD.md). This check asks whether a network *can* learn that, apart from the world's data, as
@@ -120,6 +120,40 @@ def measure(model, encode, cases, sigmas=(0.95, 0.8), seed: int = 9) -> dict[flo
     return out
 
 
+def clause_labels(tokenizer, text: str) -> list[int]:
+    """Per umT5 token of a world prompt (``wan.umt5.tokenize_prompt``'s ids, ``</s>`` last): ``k`` (1-based) for the
+    tokens of the ``k``-th subject clause (``world.grammar``: ``[article] [size] <words> moves <m>``, the joining
+    ``and`` not included), 0 for the rest (``and``, the background phrase, ``</s>``, anything outside the grammar).
+    A piece's leading space does not count as its text."""
+    from phantom_core.world.grammar import _CLAUSE, _ENDING
+
+    pieces = tokenizer.encode(text, return_type="proto").pieces
+    labels = [0] * (len(pieces) + 1)
+    ending = _ENDING.match(text)
+    if ending is None:
+        return labels
+    for k, clause in enumerate(_CLAUSE.finditer(ending["clauses"]), start=1):
+        a = clause.start()
+        b = a + len(clause.group(0).removesuffix(" and "))
+        for i, piece in enumerate(pieces):
+            begin = piece.begin + (text[piece.begin:piece.begin + 1] == " ")
+            if begin < b and piece.end > a:
+                labels[i] = k
+    return labels
+
+
+def clause_marks(tokenizer, text: str, context: Tensor, scale: float, seed: int = 3) -> Tensor:
+    """``context`` ``[L, D]`` with ``scale`` times a fixed random vector of clause ``k`` (norm ``sqrt(D)``, as the
+    world umT5's tokens; drawn from ``seed``) added to the tokens of clause ``k`` (``clause_labels``): an ideal text
+    encoder whose every token says which clause it is in, to ask whether that is what binding lacks."""
+    labels = torch.tensor(clause_labels(tokenizer, text))[: context.shape[0]]
+    d = context.shape[1]
+    marks = torch.randn(4, d, generator=torch.Generator().manual_seed(seed))
+    marks = marks / marks.norm(dim=1, keepdim=True) * d**0.5
+    marks[0] = 0
+    return context + scale * marks[labels]
+
+
 def build(text_positions: bool, reference_index: bool, seed: int) -> torch.nn.Module:
     """The world MMDiT without CLIP (``world-vae``) from scratch (SD3 init from ``seed``), float32, CPU."""
     from phantom_core.mmdit.config import MMDIT_PRESETS
@@ -132,9 +166,11 @@ def build(text_positions: bool, reference_index: bool, seed: int) -> torch.nn.Mo
 
 
 def run(steps: int, every: int, layout: str = "random", text_positions: bool = False, reference_index: bool = False,
-        umt5: str | None = None, seed: int = 0, threads: int = 2, plain: bool = True, report=print) -> dict:
+        umt5: str | None = None, seed: int = 0, threads: int = 2, plain: bool = True, marks: float = 0.0,
+        report=print) -> dict:
     """Train the toy's network for ``steps`` and return the final ``measure``; ``report`` gets a line every
-    ``every`` steps. ``umt5``: a world umT5 file instead of the shipped one."""
+    ``every`` steps. ``umt5``: a world umT5 file instead of the shipped one; ``marks``: ``clause_marks``' scale
+    (0: none)."""
     from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
     from phantom_core.tiny.default import TRAINED_DIR
     from phantom_core.training.cache import InMemoryLatents, LatentSample
@@ -148,7 +184,8 @@ def run(steps: int, every: int, layout: str = "random", text_positions: bool = F
 
     def encode(text: str) -> Tensor:
         if text not in contexts:
-            contexts[text] = text_encoder.encode([text])[0]
+            context = text_encoder.encode([text])[0]
+            contexts[text] = clause_marks(text_encoder.tokenizer, text, context, marks) if marks else context
         return contexts[text]
 
     dataset = InMemoryLatents([LatentSample(f"toy_{k}", x0, refs, encode(prompt(motions)))
@@ -157,7 +194,8 @@ def run(steps: int, every: int, layout: str = "random", text_positions: bool = F
     held_out = draw(HELD_OUT, seed + 1000, layout, differ=True)
     model = build(text_positions, reference_index, seed)
     name = f"binding toy ({layout}{', text positions' * text_positions}{', reference index' * reference_index}" \
-           f"{', umT5 ' + str(umt5) if umt5 else ''}{', plain' * plain})"
+           f"{', umT5 ' + str(umt5) if umt5 else ''}" \
+           f"{f', clause marks x {marks}' if marks else ''}{', plain' * plain})"
     start, final = time.time(), {}
 
     def line(step: int, total: int, loss: float) -> None:
@@ -183,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-positions", action="store_true", help="learned text positions (MMDiTConfig)")
     p.add_argument("--reference-index", action="store_true", help="a learned index on each reference's VAE tokens")
     p.add_argument("--umt5", default=None, metavar="FILE", help="a world umT5 file (default: the shipped one)")
+    p.add_argument("--clause-marks", type=float, default=0.0, metavar="SCALE",
+                   help="add SCALE x a fixed vector per clause to its tokens' umT5 features (an ideal clause-aware "
+                        "text encoder; default 0: none)")
     p.add_argument("--recipe", action="store_true", help="the world recipe's warm-up, cosine and dropouts")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
     p.add_argument("--every", type=int, default=100, help="measure every N steps (default 100)")
@@ -193,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag) < 1:
             p.error(f"--{flag} is {getattr(args, flag)}; it must be >= 1")
     run(args.steps, args.every, args.layout, args.text_positions, args.reference_index, args.umt5, args.seed,
-        args.threads, plain=not args.recipe, report=lambda s: print(s, flush=True))
+        args.threads, plain=not args.recipe, marks=args.clause_marks, report=lambda s: print(s, flush=True))
     return 0
 
 

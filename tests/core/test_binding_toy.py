@@ -89,3 +89,33 @@ def test_a_short_run_goes_through_the_trainer_with_the_index_tables(capsys):
     with pytest.raises(SystemExit):
         main(["--steps", "0"])
     assert "--steps is 0; it must be >= 1" in capsys.readouterr().err
+
+
+def test_clause_labels_mark_each_clause_and_the_marks_follow_them():
+    """Each subject clause's tokens get its 1-based index (the joining ``and``, the background phrase and ``</s>``
+    get 0); ``clause_marks`` adds one fixed vector per clause, of the tokens' norm times the scale, to those tokens
+    only; a prompt outside the grammar is all 0."""
+    from phantom_core.tiny.default import TRAINED_DIR
+    from phantom_core.wan.umt5 import load_text_encoder
+    from tools.binding_toy import clause_labels, clause_marks
+
+    text_encoder = load_text_encoder(TRAINED_DIR / "phantom_world_umt5.safetensors")
+    sp = text_encoder.tokenizer
+    text = "a small red star stays still and an egg moves up and a large cat moves down on a white background"
+    labels = clause_labels(sp, text)
+    pieces = sp.encode(text, return_type="proto").pieces
+    assert len(labels) == len(text_encoder.tokenize([text])[0]) and labels[-1] == 0
+    words = {k: "".join(p.piece for p, x in zip(pieces, labels) if x == k).replace("\u2581", " ").strip()
+             for k in range(4)}
+    assert words == {1: "a small red star stays still", 2: "an egg moves up", 3: "a large cat moves down",
+                     0: "and and on a white background"}
+    assert set(clause_labels(sp, "two cats dance")) == {0}
+    context = text_encoder.encode([text])[0]
+    marked = clause_marks(sp, text, context, 0.5)
+    added = marked - context
+    norms = added.norm(dim=1)
+    label = torch.tensor(labels)
+    assert float(norms[label == 0].max()) == 0.0
+    torch.testing.assert_close(norms[label > 0], torch.full_like(norms[label > 0], 0.5 * context.shape[1] ** 0.5))
+    torch.testing.assert_close(added[label == 2][0], added[label == 2][-1], rtol=0, atol=1e-5)  # one vector a clause
+    assert float((added[label == 1][0] - added[label == 2][0]).norm()) > 1.0  # another for the next clause
