@@ -1,7 +1,7 @@
 """Can a network learn whose motion is whose when that is all there is to learn? A binding check in latent space.
 
     python -m tools.binding_toy [--layout random|anchored] [--text-positions] [--reference-index] [--umt5 FILE]
-        [--clause-marks SCALE] [--steps 1000] [--every 100] [--threads 2]
+        [--clause-marks SCALE] [--names] [--steps 1000] [--every 100] [--threads 2]
 
 The world MMDiT hears a motion word but cannot tell which subject it belongs to (``tools.binding_probe``,
 docs/WORLD.md). This check asks whether a network *can* learn that, apart from the world's data, as
@@ -33,10 +33,12 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from phantom_core.world.grammar import article_for
 from tools.binding_probe import binding_score, region_displacement
 from tools.motion_toy import BLOB, FRAMES, JITTER, PLAIN, SIZE, STEP, TOY_TRAIN, VECTORS
 
@@ -45,8 +47,21 @@ LAYOUTS = ("random", "anchored")
 MOTIONS = ("left", "right")
 
 
-def prompt(motions: tuple[str, ...]) -> str:
-    return " and ".join(f"a thing moves {m}" for m in motions) + " on a blue background"
+class Case(NamedTuple):
+    """One toy sample: each clause's motion, the latents ``[16, FRAMES, SIZE, SIZE]``, the references ``[16, 2,
+    SIZE, SIZE]``, the squares' halves (``[SIZE, SIZE]`` boolean, clause order) and each clause's subject words."""
+
+    motions: tuple[str, str]
+    latents: Tensor
+    refs: Tensor
+    halves: list[Tensor]
+    words: tuple[str, str] = ("thing", "thing")
+
+
+def prompt(motions: tuple[str, ...], words: tuple[str, ...] | None = None) -> str:
+    """``a <words> moves <m1> and a <words> moves <m2> on a blue background`` (words: ``thing`` by default)."""
+    words = words or ("thing",) * len(motions)
+    return " and ".join(f"{article_for(w)} {w} moves {m}" for w, m in zip(words, motions)) + " on a blue background"
 
 
 def toy_pair(motions: tuple[str, str], top: int, colours: Tensor, jitter: tuple[int, int, int, int]):
@@ -68,21 +83,32 @@ def toy_pair(motions: tuple[str, str], top: int, colours: Tensor, jitter: tuple[
     return x0, refs, halves
 
 
-def draw(count: int, seed: int, layout: str = "random", differ: bool = False):
-    """``count`` ``(motions, latents, ref_latents, halves)`` from ``seed``: motions, colours, jitters and (``random``
-    layout) which square is on top; ``differ``: only pairs whose two motions differ. ``ValueError`` for a
-    ``layout`` not in ``LAYOUTS``."""
+def draw(count: int, seed: int, layout: str = "random", differ: bool = False, names: bool = False) -> list[Case]:
+    """``count`` ``Case``s from ``seed``: motions, colours, jitters and (``random`` layout) which square is on top;
+    ``differ``: only pairs whose two motions differ; ``names``: each clause's subject words are a random training
+    subject's name of the world (``world.subjects``; 1 to 9 umT5 pieces, unrelated to the square's colour), so the
+    clauses' words sit at other positions in every prompt, as in the world, instead of ``thing``. ``ValueError``
+    for a ``layout`` not in ``LAYOUTS``."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout is {layout!r}; valid: {', '.join(LAYOUTS)}")
+    pool = _names() if names else ("thing",)
     gen, out = torch.Generator().manual_seed(seed), []
     while len(out) < count:
         motions = tuple(MOTIONS[int(i)] for i in torch.randint(2, (2,), generator=gen))
         jitter = tuple(int(v) for v in torch.randint(-JITTER, JITTER + 1, (4,), generator=gen))
         top = int(torch.randint(2, (1,), generator=gen)) if layout == "random" else 0
         colours = torch.randn(2, 16, generator=gen) * 1.5
+        words = tuple(pool[int(i)] for i in torch.randint(len(pool), (2,), generator=gen))
         if not differ or motions[0] != motions[1]:
-            out.append((motions, *toy_pair(motions, top, colours, jitter)))
+            out.append(Case(motions, *toy_pair(motions, top, colours, jitter), words))
     return out
+
+
+def _names() -> tuple[str, ...]:
+    from phantom_core.world.default_model import RECIPE_SOURCES
+    from phantom_core.world.subjects import split_subjects
+
+    return tuple(sorted({s.name for s in split_subjects("train", RECIPE_SOURCES)}))
 
 
 @torch.no_grad()
@@ -97,11 +123,11 @@ def measure(model, encode, cases, sigmas=(0.95, 0.8), seed: int = 9) -> dict[flo
     out = {}
     for sigma in sigmas:
         rows = dict.fromkeys(("own", "swapped", "binding", "heard", "truth"), 0.0)
-        for motions, x0, refs, halves in cases:
+        for motions, x0, refs, halves, words in cases:
             noise = torch.randn((1, *x0.shape), generator=gen)
             x_t = noisy_latents(x0[None], noise, torch.tensor([sigma]))
-            texts = {"own": prompt(motions), "swapped": prompt(motions[::-1]),
-                     "same": prompt((motions[0],) * 2), "reversed": prompt((motions[1],) * 2)}
+            texts = {"own": prompt(motions, words), "swapped": prompt(motions[::-1], words),
+                     "same": prompt((motions[0],) * 2, words), "reversed": prompt((motions[1],) * 2, words)}
             est = {}
             for tag, text in texts.items():
                 v = model(x_t, torch.tensor([sigma * 1000.0]), encode(text)[None], refs[None])
@@ -167,10 +193,10 @@ def build(text_positions: bool, reference_index: bool, seed: int) -> torch.nn.Mo
 
 def run(steps: int, every: int, layout: str = "random", text_positions: bool = False, reference_index: bool = False,
         umt5: str | None = None, seed: int = 0, threads: int = 2, plain: bool = True, marks: float = 0.0,
-        report=print) -> dict:
+        names: bool = False, report=print) -> dict:
     """Train the toy's network for ``steps`` and return the final ``measure``; ``report`` gets a line every
     ``every`` steps. ``umt5``: a world umT5 file instead of the shipped one; ``marks``: ``clause_marks``' scale
-    (0: none)."""
+    (0: none); ``names``: ``draw``'s."""
     from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
     from phantom_core.tiny.default import TRAINED_DIR
     from phantom_core.training.cache import InMemoryLatents, LatentSample
@@ -188,14 +214,14 @@ def run(steps: int, every: int, layout: str = "random", text_positions: bool = F
             contexts[text] = clause_marks(text_encoder.tokenizer, text, context, marks) if marks else context
         return contexts[text]
 
-    dataset = InMemoryLatents([LatentSample(f"toy_{k}", x0, refs, encode(prompt(motions)))
-                               for k, (motions, x0, refs, _) in enumerate(draw(SAMPLES, seed, layout))],
+    dataset = InMemoryLatents([LatentSample(f"toy_{k}", c.latents, c.refs, encode(prompt(c.motions, c.words)))
+                               for k, c in enumerate(draw(SAMPLES, seed, layout, names=names))],
                               encode(WAN_NEGATIVE_PROMPT))
-    held_out = draw(HELD_OUT, seed + 1000, layout, differ=True)
+    held_out = draw(HELD_OUT, seed + 1000, layout, differ=True, names=names)
     model = build(text_positions, reference_index, seed)
-    name = f"binding toy ({layout}{', text positions' * text_positions}{', reference index' * reference_index}" \
-           f"{', umT5 ' + str(umt5) if umt5 else ''}" \
-           f"{f', clause marks x {marks}' if marks else ''}{', plain' * plain})"
+    parts = [layout, "names" * names, "text positions" * text_positions, "reference index" * reference_index,
+             f"umT5 {umt5}" * bool(umt5), f"clause marks x {marks}" * bool(marks), "plain" * plain]
+    name = f"binding toy ({', '.join(p for p in parts if p)})"
     start, final = time.time(), {}
 
     def line(step: int, total: int, loss: float) -> None:
@@ -224,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clause-marks", type=float, default=0.0, metavar="SCALE",
                    help="add SCALE x a fixed vector per clause to its tokens' umT5 features (an ideal clause-aware "
                         "text encoder; default 0: none)")
+    p.add_argument("--names", action="store_true",
+                   help="world subject names instead of 'thing' (clauses at other positions in every prompt)")
     p.add_argument("--recipe", action="store_true", help="the world recipe's warm-up, cosine and dropouts")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
     p.add_argument("--every", type=int, default=100, help="measure every N steps (default 100)")
@@ -234,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag) < 1:
             p.error(f"--{flag} is {getattr(args, flag)}; it must be >= 1")
     run(args.steps, args.every, args.layout, args.text_positions, args.reference_index, args.umt5, args.seed,
-        args.threads, plain=not args.recipe, marks=args.clause_marks, report=lambda s: print(s, flush=True))
+        args.threads, plain=not args.recipe, marks=args.clause_marks, names=args.names,
+        report=lambda s: print(s, flush=True))
     return 0
 
 

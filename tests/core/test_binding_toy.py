@@ -27,12 +27,18 @@ def test_each_square_moves_as_its_clause_says_in_its_half_and_the_references_fol
 def test_draw_is_deterministic_and_the_layouts_differ_as_documented():
     assert prompt(("left", "right")) == "a thing moves left and a thing moves right on a blue background"
     a, b = draw(40, seed=3), draw(40, seed=3)
-    assert [m for m, *_ in a] == [m for m, *_ in b] and all(torch.equal(x, y) for (_, x, *_), (_, y, *_) in zip(a, b))
-    assert {m for m, *_ in a} == {(p, q) for p in ("left", "right") for q in ("left", "right")}
-    tops = {bool(h[0][0, 0]) for *_, h in a}
+    assert [c.motions for c in a] == [c.motions for c in b] and all(torch.equal(x.latents, y.latents)
+                                                                    for x, y in zip(a, b))
+    assert {c.motions for c in a} == {(p, q) for p in ("left", "right") for q in ("left", "right")}
+    assert {c.words for c in a} == {("thing", "thing")}
+    tops = {bool(c.halves[0][0, 0]) for c in a}
     assert tops == {True, False}  # random: the first clause's square is on top or bottom
-    assert {bool(h[0][0, 0]) for *_, h in draw(20, seed=3, layout="anchored")} == {True}
-    assert all(m[0] != m[1] for m, *_ in draw(HELD_OUT, seed=4, differ=True))
+    assert {bool(c.halves[0][0, 0]) for c in draw(20, seed=3, layout="anchored")} == {True}
+    assert all(c.motions[0] != c.motions[1] for c in draw(HELD_OUT, seed=4, differ=True))
+    named = draw(20, seed=3, names=True)
+    assert [c.motions for c in named] == [c.motions for c in a[:20]]  # the same draws, other words
+    assert len({w for c in named for w in c.words}) > 20 and "thing" not in {w for c in named for w in c.words}
+    assert prompt(("up", "left"), ("owl", "red cat")) == "an owl moves up and a red cat moves left on a blue background"
     with pytest.raises(ValueError, match="layout is 'diagonal'; valid: random, anchored"):
         draw(2, seed=0, layout="diagonal")
 
