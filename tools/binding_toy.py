@@ -1,7 +1,7 @@
 """Can a network learn whose motion is whose when that is all there is to learn? A binding check in latent space.
 
     python -m tools.binding_toy [--layout random|anchored] [--text-positions] [--reference-index] [--umt5 FILE]
-        [--clause-marks SCALE] [--names] [--steps 1000] [--every 100] [--threads 2]
+        [--clause-marks SCALE] [--names] [--speed 1.5] [--late STEPS] [--steps 1000] [--every 100] [--threads 2]
 
 The world MMDiT hears a motion word but cannot tell which subject it belongs to (``tools.binding_probe``,
 docs/WORLD.md). This check asks whether a network *can* learn that, apart from the world's data, as
@@ -40,7 +40,7 @@ from torch import Tensor
 
 from phantom_core.world.grammar import article_for
 from tools.binding_probe import binding_score, region_displacement
-from tools.motion_toy import BLOB, FRAMES, JITTER, PLAIN, SIZE, STEP, TOY_TRAIN, VECTORS
+from tools.motion_toy import BLOB, FRAMES, JITTER, MAX_SPEED, PLAIN, SIZE, STEP, TOY_TRAIN, VECTORS
 
 SAMPLES, HELD_OUT = 512, 16
 LAYOUTS = ("random", "anchored")
@@ -64,11 +64,12 @@ def prompt(motions: tuple[str, ...], words: tuple[str, ...] | None = None) -> st
     return " and ".join(f"{article_for(w)} {w} moves {m}" for w, m in zip(words, motions)) + " on a blue background"
 
 
-def toy_pair(motions: tuple[str, str], top: int, colours: Tensor, jitter: tuple[int, int, int, int]):
+def toy_pair(motions: tuple[str, str], top: int, colours: Tensor, jitter: tuple[int, int, int, int],
+             speed: float = STEP):
     """``(latents [16, FRAMES, SIZE, SIZE], ref_latents [16, 2, SIZE, SIZE], halves)``, float32: square ``k``
     (``colours[k]``, ``[16]``) moving ``motions[k]`` in the top half when ``k == top``, else the bottom half; the
     references are the squares alone, centred, in clause order; ``halves`` are the ``[SIZE, SIZE]`` boolean masks
-    of square 0's and square 1's halves."""
+    of square 0's and square 1's halves. ``speed``: latent px per latent frame."""
     x0, refs, half = torch.zeros(16, FRAMES, SIZE, SIZE), torch.zeros(16, 2, SIZE, SIZE), BLOB // 2
     rows = torch.arange(SIZE)[:, None].expand(SIZE, SIZE)
     halves = []
@@ -76,18 +77,20 @@ def toy_pair(motions: tuple[str, str], top: int, colours: Tensor, jitter: tuple[
         cy = (SIZE // 4 if k == top else 3 * SIZE // 4) + jitter[2 * k + 1]
         cx = SIZE // 2 + jitter[2 * k]
         for f in range(FRAMES):
-            x = round(cx + VECTORS[motion][0] * (f - FRAMES // 2) * STEP) - half
+            x = round(cx + VECTORS[motion][0] * (f - FRAMES // 2) * speed) - half
             x0[:, f, cy - half:cy + half, x:x + BLOB] = colours[k][:, None, None]
         refs[:, k, SIZE // 2 - half:SIZE // 2 + half, SIZE // 2 - half:SIZE // 2 + half] = colours[k][:, None, None]
         halves.append(rows < SIZE // 2 if k == top else rows >= SIZE // 2)
     return x0, refs, halves
 
 
-def draw(count: int, seed: int, layout: str = "random", differ: bool = False, names: bool = False) -> list[Case]:
+def draw(count: int, seed: int, layout: str = "random", differ: bool = False, names: bool = False,
+         speed: float = STEP) -> list[Case]:
     """``count`` ``Case``s from ``seed``: motions, colours, jitters and (``random`` layout) which square is on top;
     ``differ``: only pairs whose two motions differ; ``names``: each clause's subject words are a random training
     subject's name of the world (``world.subjects``; 1 to 9 umT5 pieces, unrelated to the square's colour), so the
-    clauses' words sit at other positions in every prompt, as in the world, instead of ``thing``. ``ValueError``
+    clauses' words sit at other positions in every prompt, as in the world, instead of ``thing``; ``speed``:
+    ``toy_pair``'s. ``ValueError``
     for a ``layout`` not in ``LAYOUTS``."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout is {layout!r}; valid: {', '.join(LAYOUTS)}")
@@ -100,7 +103,7 @@ def draw(count: int, seed: int, layout: str = "random", differ: bool = False, na
         colours = torch.randn(2, 16, generator=gen) * 1.5
         words = tuple(pool[int(i)] for i in torch.randint(len(pool), (2,), generator=gen))
         if not differ or motions[0] != motions[1]:
-            out.append(Case(motions, *toy_pair(motions, top, colours, jitter), words))
+            out.append(Case(motions, *toy_pair(motions, top, colours, jitter, speed), words))
     return out
 
 
@@ -193,10 +196,12 @@ def build(text_positions: bool, reference_index: bool, seed: int) -> torch.nn.Mo
 
 def run(steps: int, every: int, layout: str = "random", text_positions: bool = False, reference_index: bool = False,
         umt5: str | None = None, seed: int = 0, threads: int = 2, plain: bool = True, marks: float = 0.0,
-        names: bool = False, report=print) -> dict:
+        names: bool = False, speed: float = STEP, late: int = 0, report=print) -> dict:
     """Train the toy's network for ``steps`` and return the final ``measure``; ``report`` gets a line every
     ``every`` steps. ``umt5``: a world umT5 file instead of the shipped one; ``marks``: ``clause_marks``' scale
-    (0: none); ``names``: ``draw``'s."""
+    (0: none); ``names``, ``speed``: ``draw``'s; ``late``: first train that many steps without the text positions
+    and the reference index (a network that has learnt the prompt as a bag of words, as the world's shipped MMDiT),
+    then add them (``mmdit_default.with_text_positions`` / ``with_reference_index``) and train ``steps`` more."""
     from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
     from phantom_core.tiny.default import TRAINED_DIR
     from phantom_core.training.cache import InMemoryLatents, LatentSample
@@ -215,14 +220,15 @@ def run(steps: int, every: int, layout: str = "random", text_positions: bool = F
         return contexts[text]
 
     dataset = InMemoryLatents([LatentSample(f"toy_{k}", c.latents, c.refs, encode(prompt(c.motions, c.words)))
-                               for k, c in enumerate(draw(SAMPLES, seed, layout, names=names))],
+                               for k, c in enumerate(draw(SAMPLES, seed, layout, names=names, speed=speed))],
                               encode(WAN_NEGATIVE_PROMPT))
-    held_out = draw(HELD_OUT, seed + 1000, layout, differ=True, names=names)
-    model = build(text_positions, reference_index, seed)
+    held_out = draw(HELD_OUT, seed + 1000, layout, differ=True, names=names, speed=speed)
+    model = build(text_positions and not late, reference_index and not late, seed)
     parts = [layout, "names" * names, "text positions" * text_positions, "reference index" * reference_index,
-             f"umT5 {umt5}" * bool(umt5), f"clause marks x {marks}" * bool(marks), "plain" * plain]
+             f"umT5 {umt5}" * bool(umt5), f"clause marks x {marks}" * bool(marks), f"speed {speed}" * (speed != STEP),
+             f"added after {late} steps" * bool(late), "plain" * plain]
     name = f"binding toy ({', '.join(p for p in parts if p)})"
-    start, final = time.time(), {}
+    start, final, phase = time.time(), {}, ["bag of words: " * bool(late)]
 
     def line(step: int, total: int, loss: float) -> None:
         nonlocal final
@@ -231,13 +237,23 @@ def run(steps: int, every: int, layout: str = "random", text_positions: bool = F
             cells = " | ".join(f"sigma {s}: loss {r['own']:.4f} / swapped {r['swapped']:.4f}, binding "
                                f"{r['binding']:.2f}, heard {r['heard']:.2f} of {r['truth']:.2f}"
                                for s, r in final.items())
-            report(f"{name} step {step}/{total} ({time.time() - start:.0f} s, train loss {loss:.4f}): {cells}")
+            report(f"{name} {phase[0]}step {step}/{total} ({time.time() - start:.0f} s, train loss {loss:.4f}): "
+                   f"{cells}")
 
     with tempfile.TemporaryDirectory() as tmp:
         settings = {**TOY_TRAIN, **(PLAIN if plain else {})}
-        config = TrainConfig(**settings, steps=steps, seed=seed, dit="toy:binding", out=f"{tmp}/toy.safetensors",
-                             run_dir=f"{tmp}/run", dropped_prompt=WAN_NEGATIVE_PROMPT)
-        train(config, dataset=dataset, model=model, callback=line)
+        for n, tag in ((late, "bag"), (steps, "main")):
+            if not n:
+                continue
+            if tag == "main" and late:
+                from phantom_core.world.mmdit_default import with_reference_index, with_text_positions
+
+                model = with_text_positions(model) if text_positions else model
+                model = (with_reference_index(model) if reference_index else model).train()
+                phase[0] = "then with them: "
+            config = TrainConfig(**settings, steps=n, seed=seed, dit="toy:binding", out=f"{tmp}/{tag}.safetensors",
+                                 run_dir=f"{tmp}/{tag}", dropped_prompt=WAN_NEGATIVE_PROMPT)
+            train(config, dataset=dataset, model=model, callback=line)
     return final
 
 
@@ -252,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
                         "text encoder; default 0: none)")
     p.add_argument("--names", action="store_true",
                    help="world subject names instead of 'thing' (clauses at other positions in every prompt)")
+    p.add_argument("--speed", type=float, default=STEP,
+                   help=f"latent px each square moves per latent frame (default {STEP}; the world's subjects ~0.5)")
+    p.add_argument("--late", type=int, default=0, metavar="STEPS",
+                   help="train STEPS steps without the text positions / reference index first, then add them")
     p.add_argument("--recipe", action="store_true", help="the world recipe's warm-up, cosine and dropouts")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
     p.add_argument("--every", type=int, default=100, help="measure every N steps (default 100)")
@@ -261,9 +281,15 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("steps", "every", "threads"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} is {getattr(args, flag)}; it must be >= 1")
+    if args.late < 0 or (args.late and not (args.text_positions or args.reference_index)):
+        p.error(f"--late is {args.late}; it must be >= 0, and a late start needs --text-positions or "
+                "--reference-index to add")
+    if not 0 < args.speed <= MAX_SPEED:
+        p.error(f"--speed is {args.speed}; it must be > 0 and <= {MAX_SPEED} (faster carries a square out of its "
+                "half of the frame)")
     run(args.steps, args.every, args.layout, args.text_positions, args.reference_index, args.umt5, args.seed,
         args.threads, plain=not args.recipe, marks=args.clause_marks, names=args.names,
-        report=lambda s: print(s, flush=True))
+        speed=args.speed, late=args.late, report=lambda s: print(s, flush=True))
     return 0
 
 
