@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from typing import NamedTuple
@@ -40,7 +39,7 @@ from torch import Tensor
 
 from phantom_core.world.grammar import article_for
 from tools.binding_probe import binding_score, region_displacement
-from tools.motion_toy import BLOB, FRAMES, JITTER, MAX_SPEED, PLAIN, SIZE, STEP, TOY_TRAIN, VECTORS
+from tools.motion_toy import BLOB, FRAMES, JITTER, MAX_SPEED, PLAIN, SIZE, STEP, TOY_TRAIN, VECTORS, train_toy
 
 SAMPLES, HELD_OUT = 512, 16
 LAYOUTS = ("random", "anchored")
@@ -205,8 +204,6 @@ def run(steps: int, every: int, layout: str = "random", text_positions: bool = F
     from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
     from phantom_core.tiny.default import TRAINED_DIR
     from phantom_core.training.cache import InMemoryLatents, LatentSample
-    from phantom_core.training.config import TrainConfig
-    from phantom_core.training.loop import train
     from phantom_core.wan.umt5 import load_text_encoder
 
     torch.set_num_threads(threads)
@@ -240,20 +237,17 @@ def run(steps: int, every: int, layout: str = "random", text_positions: bool = F
             report(f"{name} {phase[0]}step {step}/{total} ({time.time() - start:.0f} s, train loss {loss:.4f}): "
                    f"{cells}")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = {**TOY_TRAIN, **(PLAIN if plain else {})}
-        for n, tag in ((late, "bag"), (steps, "main")):
-            if not n:
-                continue
-            if tag == "main" and late:
-                from phantom_core.world.mmdit_default import with_reference_index, with_text_positions
+    settings = {**TOY_TRAIN, **(PLAIN if plain else {})}
+    for n, tag in ((late, "bag"), (steps, "main")):
+        if not n:
+            continue
+        if tag == "main" and late:
+            from phantom_core.world.mmdit_default import with_reference_index, with_text_positions
 
-                model = with_text_positions(model) if text_positions else model
-                model = (with_reference_index(model) if reference_index else model).train()
-                phase[0] = "then with them: "
-            config = TrainConfig(**settings, steps=n, seed=seed, dit="toy:binding", out=f"{tmp}/{tag}.safetensors",
-                                 run_dir=f"{tmp}/{tag}", dropped_prompt=WAN_NEGATIVE_PROMPT)
-            train(config, dataset=dataset, model=model, callback=line)
+            model = with_text_positions(model) if text_positions else model
+            model = (with_reference_index(model) if reference_index else model).train()
+            phase[0] = "then with them: "
+        train_toy(model, dataset, settings, n, seed, "toy:binding", line)
     return final
 
 

@@ -259,8 +259,6 @@ def run(network: str, steps: int, every: int, seed: int = 0, threads: int = 2, r
     from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
     from phantom_core.tiny.default import TRAINED_DIR
     from phantom_core.training.cache import InMemoryLatents, LatentSample
-    from phantom_core.training.config import TrainConfig
-    from phantom_core.training.loop import train
     from phantom_core.wan.umt5 import load_text_encoder
 
     torch.set_num_threads(threads)
@@ -291,12 +289,23 @@ def run(network: str, steps: int, every: int, seed: int = 0, threads: int = 2, r
             name += f" (dropout {dropout[0]} / {dropout[1]})" if dropout is not None else ""
             report(f"{name} step {step}/{total} ({time.time() - start:.0f} s, train loss {loss:.4f}): {cells}")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = {**TOY_TRAIN, **(PLAIN if plain else {}), **dropout_settings(dropout), "device": device}
-        config = TrainConfig(**settings, steps=steps, seed=seed, dit=f"toy:{network}", out=f"{tmp}/toy.safetensors",
-                             run_dir=f"{tmp}/run", dropped_prompt=WAN_NEGATIVE_PROMPT)
-        train(config, dataset=dataset, model=model, callback=line)
+    settings = {**TOY_TRAIN, **(PLAIN if plain else {}), **dropout_settings(dropout), "device": device}
+    train_toy(model, dataset, settings, steps, seed, f"toy:{network}", line)
     return final
+
+
+def train_toy(model, dataset, settings: dict, steps: int, seed: int, name: str, callback) -> None:
+    """``steps`` of the project's trainer (``training.loop.train``) on ``model`` in place, with the trainer
+    ``settings`` (``TOY_TRAIN`` and the like), its files in a temporary folder that is removed after; ``callback(step,
+    total, loss)`` after every step; ``name`` is the config's ``dit`` label."""
+    from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
+    from phantom_core.training.config import TrainConfig
+    from phantom_core.training.loop import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = TrainConfig(**settings, steps=steps, seed=seed, dit=name, out=f"{tmp}/toy.safetensors",
+                             run_dir=f"{tmp}/run", dropped_prompt=WAN_NEGATIVE_PROMPT)
+        train(config, dataset=dataset, model=model, callback=callback)
 
 
 def main(argv: list[str] | None = None) -> int:
