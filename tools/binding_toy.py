@@ -24,6 +24,14 @@ samples whose two motions differ and the same noise, at sigma 0.95 and 0.8: the 
 with the two clauses' motions swapped, the ``binding`` effect (``binding_probe.binding_score`` per square in its half:
 the truth's displacement for a network that binds, 0 for one that cannot tell the clauses apart, negative when it
 swaps them) and ``heard`` (both clauses told one motion against its reverse: what the words move without binding).
+
+Variants: ``--names`` calls each subject by a random training subject's name of the world instead of ``thing`` (the
+clauses' words then sit at other positions in every prompt, as in the world); ``--speed`` sets how far the squares
+move (latent px per latent frame; 1.5 by default, about 1.0 in the travel-0.5 world); ``--clause-marks S`` adds a
+fixed vector per clause to its tokens' features (``clause_marks``: an ideal clause-aware text encoder); ``--late N``
+trains N steps without the positions and the index first (a bag-of-words network, as the world's runs start from),
+then adds them; ``--recipe`` uses the world recipe's warm-up, cosine schedule and dropouts instead of the plain loop.
+docs/WORLD.md (eleventh session) has what it measured.
 """
 
 from __future__ import annotations
