@@ -364,9 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(message)
     if args.pooled and not args.init:
         p.error("--pooled adds the pooled vectors to an --init MMDiT; from scratch, give --network mmdit-pooled")
-    for flag in ("text_positions", "reference_index"):
+    for flag, what in (("text_positions", "learned text positions"), ("reference_index", "a learned reference index")):
         if getattr(args, flag) and not args.init:
-            p.error(f"--{flag.replace('_', '-')} adds to an --init MMDiT; give --init")
+            p.error(f"--{flag.replace('_', '-')} adds {what} to an --init MMDiT; give --init")
     if args.ema and args.seconds != float("inf"):
         p.error("--ema with --seconds: a run stopped on time has no final average; give --steps instead")
     if args.clip_vision is not None and not args.clip:

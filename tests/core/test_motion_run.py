@@ -148,6 +148,9 @@ def test_bad_options_are_refused(capsys):
         main(["train", "--work", "w", "--out", "r", "--text-positions"])
     assert "--text-positions adds learned text positions to an --init MMDiT; give --init" in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        main(["train", "--work", "w", "--out", "r", "--reference-index"])
+    assert "--reference-index adds a learned reference index to an --init MMDiT; give --init" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         main(["train", "--work", "w", "--out", "r", "--clip-vision", "t.safetensors"])
     assert "--clip-vision names the CLIP tower of --clip; give --clip too" in capsys.readouterr().err
     with pytest.raises(SystemExit):
