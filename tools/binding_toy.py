@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -47,7 +46,19 @@ from torch import Tensor
 
 from phantom_core.world.grammar import article_for
 from tools.binding_probe import binding_score, region_displacement
-from tools.motion_toy import BLOB, FRAMES, JITTER, MAX_SPEED, PLAIN, SIZE, STEP, TOY_TRAIN, VECTORS, train_toy
+from tools.motion_toy import (
+    BLOB,
+    FRAMES,
+    JITTER,
+    MAX_SPEED,
+    PLAIN,
+    SIZE,
+    STEP,
+    TOY_TRAIN,
+    VECTORS,
+    build_network,
+    train_toy,
+)
 
 SAMPLES, HELD_OUT = 512, 16
 LAYOUTS = ("random", "anchored")
@@ -161,8 +172,10 @@ def clause_labels(tokenizer, text: str) -> list[int]:
     tokens of the ``k``-th subject clause (``world.grammar``: ``[article] [size] <words> moves <m>``, the joining
     ``and`` not included), 0 for the rest (``and``, the background phrase, ``</s>``, anything outside the grammar).
     A piece's leading space does not count as its text."""
+    from phantom_core.wan.umt5 import clean_prompt
     from phantom_core.world.grammar import _CLAUSE, _ENDING
 
+    text = clean_prompt(text)  # as tokenize_prompt does
     pieces = tokenizer.encode(text, return_type="proto").pieces
     labels = [0] * (len(pieces) + 1)
     ending = _ENDING.match(text)
@@ -188,17 +201,6 @@ def clause_marks(tokenizer, text: str, context: Tensor, scale: float, seed: int 
     marks = marks / marks.norm(dim=1, keepdim=True) * d**0.5
     marks[0] = 0
     return context + scale * marks[labels]
-
-
-def build(text_positions: bool, reference_index: bool, seed: int) -> torch.nn.Module:
-    """The world MMDiT without CLIP (``world-vae``) from scratch (SD3 init from ``seed``), float32, CPU."""
-    from phantom_core.mmdit.config import MMDIT_PRESETS
-    from phantom_core.mmdit.model import PhantomMMDiT
-
-    config = replace(MMDIT_PRESETS["world-vae"], text_positions=text_positions, reference_index=reference_index)
-    model = PhantomMMDiT(config, device="meta").to_empty(device="cpu")
-    model.init_weights(torch.Generator().manual_seed(seed))
-    return model
 
 
 def run(steps: int, every: int, layout: str = "random", text_positions: bool = False, reference_index: bool = False,
@@ -228,12 +230,13 @@ def run(steps: int, every: int, layout: str = "random", text_positions: bool = F
                                for k, c in enumerate(draw(SAMPLES, seed, layout, names=names, speed=speed))],
                               encode(WAN_NEGATIVE_PROMPT))
     held_out = draw(HELD_OUT, seed + 1000, layout, differ=True, names=names, speed=speed)
-    model = build(text_positions and not late, reference_index and not late, seed)
+    model = build_network("mmdit", seed, text_positions=text_positions and not late,
+                          reference_index=reference_index and not late)
     parts = [layout, "names" * names, "text positions" * text_positions, "reference index" * reference_index,
              f"umT5 {umt5}" * bool(umt5), f"clause marks x {marks}" * bool(marks), f"speed {speed}" * (speed != STEP),
              f"added after {late} steps" * bool(late), "plain" * plain]
     name = f"binding toy ({', '.join(p for p in parts if p)})"
-    start, final, phase = time.time(), {}, ["bag of words: " * bool(late)]
+    start, final, phase = time.time(), {}, "bag of words: " * bool(late)
 
     def line(step: int, total: int, loss: float) -> None:
         nonlocal final
@@ -242,20 +245,18 @@ def run(steps: int, every: int, layout: str = "random", text_positions: bool = F
             cells = " | ".join(f"sigma {s}: loss {r['own']:.4f} / swapped {r['swapped']:.4f}, binding "
                                f"{r['binding']:.2f}, heard {r['heard']:.2f} of {r['truth']:.2f}"
                                for s, r in final.items())
-            report(f"{name} {phase[0]}step {step}/{total} ({time.time() - start:.0f} s, train loss {loss:.4f}): "
+            report(f"{name} {phase}step {step}/{total} ({time.time() - start:.0f} s, train loss {loss:.4f}): "
                    f"{cells}")
 
     settings = {**TOY_TRAIN, **(PLAIN if plain else {})}
-    for n, tag in ((late, "bag"), (steps, "main")):
-        if not n:
-            continue
-        if tag == "main" and late:
-            from phantom_core.world.mmdit_default import with_reference_index, with_text_positions
+    if late:
+        from phantom_core.world.mmdit_default import with_reference_index, with_text_positions
 
-            model = with_text_positions(model) if text_positions else model
-            model = (with_reference_index(model) if reference_index else model).train()
-            phase[0] = "then with them: "
-        train_toy(model, dataset, settings, n, seed, "toy:binding", line)
+        train_toy(model, dataset, settings, late, seed, "toy:binding", line)
+        model = with_text_positions(model) if text_positions else model
+        model = (with_reference_index(model) if reference_index else model).train()
+        phase = "then with them: "
+    train_toy(model, dataset, settings, steps, seed, "toy:binding", line)
     return final
 
 
@@ -271,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--names", action="store_true",
                    help="world subject names instead of 'thing' (clauses at other positions in every prompt)")
     p.add_argument("--speed", type=float, default=STEP,
-                   help=f"latent px each square moves per latent frame (default {STEP}; the world's subjects ~0.5)")
+                   help=f"latent px each square moves per latent frame (default {STEP}; the travel-0.5 "
+                        "world's subjects about 1.0)")
     p.add_argument("--late", type=int, default=0, metavar="STEPS",
                    help="train STEPS steps without the text positions / reference index first, then add them")
     p.add_argument("--recipe", action="store_true", help="the world recipe's warm-up, cosine and dropouts")

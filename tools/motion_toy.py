@@ -130,11 +130,12 @@ def direction_of(text: str) -> str:
     return text.split(" moves ")[1].split(" ")[0]
 
 
-def build_network(name: str, seed: int = 0) -> torch.nn.Module:
-    """A from-scratch network (upstream Wan / SD3 init from ``seed``), float32, on the CPU.
+def build_network(name: str, seed: int = 0, **changes) -> torch.nn.Module:
+    """A from-scratch network (upstream Wan / SD3 init from ``seed``), float32, on the CPU; ``changes``: fields of an
+    MMDiT network's ``MMDiTConfig`` to set (say ``text_positions=True``).
 
     Raises:
-        ValueError: ``name`` not in ``NETWORKS``.
+        ValueError: ``name`` not in ``NETWORKS``, or ``changes`` for the Phantom-Wan network.
     """
     from phantom_core.mmdit.config import MMDIT_PRESETS
     from phantom_core.mmdit.model import PhantomMMDiT
@@ -143,6 +144,8 @@ def build_network(name: str, seed: int = 0) -> torch.nn.Module:
     if name not in NETWORKS:
         raise ValueError(f"network is {name!r}; valid: {', '.join(NETWORKS)}")
     if name == "phantom-wan":
+        if changes:
+            raise ValueError(f"config changes {sorted(changes)} are for an MMDiT network, not {name!r}")
         model = PhantomWanDiT(DIT_PRESETS["world"], device="meta")
     else:
         config = MMDIT_PRESETS["world-vae"]
@@ -150,7 +153,7 @@ def build_network(name: str, seed: int = 0) -> torch.nn.Module:
             config = replace(config, pos_embed_max=SIZE)
         elif name == "mmdit-pooled":
             config = replace(config, pooled_text=True, pooled_reference=True)
-        model = PhantomMMDiT(config, device="meta")
+        model = PhantomMMDiT(replace(config, **changes), device="meta")
     model = model.to_empty(device="cpu")
     model.init_weights(torch.Generator().manual_seed(seed))
     return model

@@ -160,6 +160,11 @@ def test_the_networks_and_their_position_tables(name, positions, pooled):
     assert sum(p.numel() for p in model.parameters()) > 4_000_000  # the world presets, not a miniature
     with pytest.raises(ValueError, match="valid: phantom-wan, mmdit, mmdit-pos, mmdit-pooled"):
         build_network("wan")
+    if name == "phantom-wan":
+        with pytest.raises(ValueError, match=r"config changes \['text_positions'\] are for an MMDiT network"):
+            build_network(name, text_positions=True)
+    else:
+        assert build_network(name, text_positions=True).config.text_positions
 
 
 @pytest.mark.usefixtures("single_thread")
