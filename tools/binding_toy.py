@@ -1,7 +1,8 @@
 """Can a network learn whose motion is whose when that is all there is to learn? A binding check in latent space.
 
     python -m tools.binding_toy [--layout random|anchored] [--text-positions] [--reference-index] [--umt5 FILE]
-        [--clause-marks SCALE] [--names] [--speed 1.5] [--late STEPS] [--steps 1000] [--every 100] [--threads 2]
+        [--clause-marks SCALE] [--names] [--speed 1.5] [--late STEPS] [--temporal-weight W]
+        [--steps 1000] [--every 100] [--threads 2]
 
 The world MMDiT hears a motion word but cannot tell which subject it belongs to (``tools.binding_probe``,
 docs/WORLD.md). This check asks whether a network *can* learn that, apart from the world's data, as
@@ -30,7 +31,9 @@ clauses' words then sit at other positions in every prompt, as in the world); ``
 move (latent px per latent frame; 1.5 by default, about 1.0 in the travel-0.5 world); ``--clause-marks S`` adds a
 fixed vector per clause to its tokens' features (``clause_marks``: an ideal clause-aware text encoder); ``--late N``
 trains N steps without the positions and the index first (a bag-of-words network, as the world's runs start from),
-then adds them; ``--recipe`` uses the world recipe's warm-up, cosine schedule and dropouts instead of the plain loop.
+then adds them; ``--temporal-weight W`` adds W times ``training.objective.temporal_mse`` to the loss (the error of the
+clean estimate's change between frames: where the squares move); ``--recipe`` uses the world recipe's warm-up,
+cosine schedule and dropouts instead of the plain loop.
 docs/WORLD.md (eleventh session) has what it measured.
 """
 
@@ -205,12 +208,13 @@ def clause_marks(tokenizer, text: str, context: Tensor, scale: float, seed: int 
 
 def run(steps: int, every: int, layout: str = "random", text_positions: bool = False, reference_index: bool = False,
         umt5: str | None = None, seed: int = 0, threads: int = 2, plain: bool = True, marks: float = 0.0,
-        names: bool = False, speed: float = STEP, late: int = 0, report=print) -> dict:
+        names: bool = False, speed: float = STEP, late: int = 0, temporal: float = 0.0, report=print) -> dict:
     """Train the toy's network for ``steps`` and return the final ``measure``; ``report`` gets a line every
     ``every`` steps. ``umt5``: a world umT5 file instead of the shipped one; ``marks``: ``clause_marks``' scale
     (0: none); ``names``, ``speed``: ``draw``'s; ``late``: first train that many steps without the text positions
     and the reference index (a network that has learnt the prompt as a bag of words, as the world's shipped MMDiT),
-    then add them (``mmdit_default.with_text_positions`` / ``with_reference_index``) and train ``steps`` more."""
+    then add them (``mmdit_default.with_text_positions`` / ``with_reference_index``) and train ``steps`` more;
+    ``temporal``: the trainer's ``temporal_weight`` (0: the plain loss)."""
     from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
     from phantom_core.tiny.default import TRAINED_DIR
     from phantom_core.training.cache import InMemoryLatents, LatentSample
@@ -234,7 +238,7 @@ def run(steps: int, every: int, layout: str = "random", text_positions: bool = F
                           reference_index=reference_index and not late)
     parts = [layout, "names" * names, "text positions" * text_positions, "reference index" * reference_index,
              f"umT5 {umt5}" * bool(umt5), f"clause marks x {marks}" * bool(marks), f"speed {speed}" * (speed != STEP),
-             f"added after {late} steps" * bool(late), "plain" * plain]
+             f"added after {late} steps" * bool(late), f"temporal weight {temporal}" * bool(temporal), "plain" * plain]
     name = f"binding toy ({', '.join(p for p in parts if p)})"
     start, final, phase = time.time(), {}, "bag of words: " * bool(late)
 
@@ -248,7 +252,7 @@ def run(steps: int, every: int, layout: str = "random", text_positions: bool = F
             report(f"{name} {phase}step {step}/{total} ({time.time() - start:.0f} s, train loss {loss:.4f}): "
                    f"{cells}")
 
-    settings = {**TOY_TRAIN, **(PLAIN if plain else {})}
+    settings = {**TOY_TRAIN, **(PLAIN if plain else {}), "temporal_weight": temporal}
     if late:
         from phantom_core.world.mmdit_default import with_reference_index, with_text_positions
 
@@ -276,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
                         "world's subjects about 1.0)")
     p.add_argument("--late", type=int, default=0, metavar="STEPS",
                    help="train STEPS steps without the text positions / reference index first, then add them")
+    p.add_argument("--temporal-weight", type=float, default=0.0, metavar="W",
+                   help="add W x the MSE of the clean estimate's frame-to-frame change "
+                        "(training.objective.temporal_mse)")
     p.add_argument("--recipe", action="store_true", help="the world recipe's warm-up, cosine and dropouts")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
     p.add_argument("--every", type=int, default=100, help="measure every N steps (default 100)")
@@ -291,9 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.speed <= MAX_SPEED:
         p.error(f"--speed is {args.speed}; it must be > 0 and <= {MAX_SPEED} (faster carries a square out of its "
                 "half of the frame)")
+    if not 0 <= args.temporal_weight <= 1000:
+        p.error(f"--temporal-weight is {args.temporal_weight}; it must be in [0, 1000] (0: the plain loss)")
     run(args.steps, args.every, args.layout, args.text_positions, args.reference_index, args.umt5, args.seed,
         args.threads, plain=not args.recipe, marks=args.clause_marks, names=args.names,
-        speed=args.speed, late=args.late, report=lambda s: print(s, flush=True))
+        speed=args.speed, late=args.late, temporal=args.temporal_weight, report=lambda s: print(s, flush=True))
     return 0
 
 

@@ -4,7 +4,7 @@
         [--device cuda]
     python -m tools.motion_run train --work W [--mix W2 ...] --network mmdit-pooled [--init FILE] [--batch 32]
         [--seconds 300] [--every 500] [--dropout TEXT REFERENCE] [--schedule cosine] [--ema 0.998] [--clip]
-        [--pooled] [--text-positions] [--reference-index] [--resume] [--device cuda] --out RUN
+        [--pooled] [--text-positions] [--reference-index] [--temporal-weight W] [--resume] [--device cuda] --out RUN
 
 ``cache`` renders the world's triplets (``WorldConfig.travel``: how far the subjects move) in ``--workers`` processes
 and encodes them with the shipped world VAE and umT5 (``phantom_core/tiny/trained``; the VAE on ``--device``, the
@@ -29,6 +29,8 @@ VAE-reference dropout 0.7 applies, and the probe feeds the features too. ``--poo
 pooled text and reference vectors (``mmdit_default.with_pooled_vectors`` from seed 0: zero at first, so the run starts
 from the file's own velocity), ``--text-positions`` the learned text positions (``with_text_positions``: a scaled
 sin-cos start), ``--reference-index`` a learned index on each reference's VAE tokens (``with_reference_index``).
+``--temporal-weight W`` adds W times ``training.objective.temporal_mse`` (the error of the clean estimate's change
+from frame to frame, where a subject's motion is) to the plain velocity loss.
 Every ``--every`` steps and at the end it runs ``tools.motion_probe.probe`` (sigma 0.95 and 0.85, 2
 draws) on ``--probe`` moving single-subject triplets of the training cache and of the held-out cache and prints the text
 effect (latent px; the truth's displacement beside it), and where ``--work`` or a ``--mix`` cache has two-subject
@@ -207,7 +209,7 @@ def train_run(args: argparse.Namespace, data) -> list[dict]:
     settings = {**DIT_TRAIN, "dit": args.init or f"motion-run:{args.network}", "device": args.device,
                 "precision": "fp32", "batch_size": args.batch, "steps": args.steps, "lr_schedule": args.schedule,
                 "learning_rate": args.lr, "ema_decay": args.ema, "checkpoint_every": args.every,
-                "keep_checkpoints": 1, "seed": args.seed}
+                "keep_checkpoints": 1, "seed": args.seed, "temporal_weight": args.temporal_weight}
     settings.update(dropout_settings(args.dropout))
     if args.clip:  # the paper's both network: CLIP features in the text stream, the VAE-reference dropout
         from phantom_core.world.mmdit_default import CLIP_OUTPUT, MMDIT_VAE_DROPOUT
@@ -340,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the references' CLIP features too (the shipped world CLIP; an --init with a CLIP branch)")
     t.add_argument("--clip-vision", type=Path, default=None, metavar="FILE",
                    help="--clip: the world CLIP tower (default: the shipped one; tools.train_default gives its own)")
+    t.add_argument("--temporal-weight", type=float, default=0.0, metavar="W",
+                   help="add W x the MSE of the clean estimate's frame-to-frame change to the loss "
+                        "(training.objective.temporal_mse; default 0: the plain loss)")
     t.add_argument("--resume", action="store_true",
                    help="go on from the run's latest checkpoint (written at every probe), if it has one")
     t.add_argument("--seed", type=int, default=11079)
@@ -360,8 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("batch", "steps", "every", "probe"):
         if getattr(args, name) < 1:
             p.error(f"--{name} is {getattr(args, name)}; it must be >= 1")
-    if (message := TRAIN_RANGES["ema_decay"].error("--ema", args.ema)) is not None:
-        p.error(message)
+    for flag, value, field in (("--ema", args.ema, "ema_decay"), ("--temporal-weight", args.temporal_weight,
+                                                                  "temporal_weight")):
+        if (message := TRAIN_RANGES[field].error(flag, value)) is not None:
+            p.error(message)
     if args.pooled and not args.init:
         p.error("--pooled adds the pooled vectors to an --init MMDiT; from scratch, give --network mmdit-pooled")
     for flag, what in (("text_positions", "learned text positions"), ("reference_index", "a learned reference index")):

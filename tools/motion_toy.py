@@ -7,7 +7,8 @@ whether a network *can*, apart from the world's data: a toy latent world with no
 video latent ``[16, 5, 16, 16]`` is zero (the background) except one ``BLOB`` x ``BLOB`` latent-px square of one fixed
 16-channel colour, whose path is centred on the frame's middle (jittered by up to ``JITTER`` latent px per axis) and
 which moves ``STEP`` latent px per latent frame in the prompted direction (6 px, 0.375 of the frame, over the clip;
-``--speed`` sets it: the world's subjects move about 0.5, 2 latent px over the clip);
+``--speed`` sets it: the subjects of the travel-0.3 world move about 0.5, 2 latent px over the clip, those of the
+travel-0.5 world, where the shipped MMDiT trained last, about 1.0, 4 latent px);
 the reference is the same square, centred, on zero. The prompt, ``a thing moves <direction> on a blue background``,
 goes through the shipped world umT5. So the reference and the prompt's other words are the same for every sample,
 and only the motion word tells where the square is in each frame. With ``--variety`` the world is less bare: each
@@ -323,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plain", action="store_true", help="constant learning rate, no warm-up, no dropout")
     p.add_argument("--device", default="cpu", help="the trainer's device: cpu (default), cuda, cuda:1, ...")
     p.add_argument("--speed", type=float, default=STEP,
-                   help=f"latent px the square moves per latent frame (default {STEP}; the world's subjects ~0.5)")
+                   help=f"latent px the square moves per latent frame (default {STEP}; the travel-0.5 world's "
+                        "subjects ~1.0, the travel-0.3 world's ~0.5)")
     p.add_argument("--dropout", type=float, nargs=2, metavar=("TEXT", "REFERENCE"), action=DropoutOption,
                    help="text and reference dropout probabilities instead of the recipe's (or --plain's zeros)")
     args = p.parse_args(argv)

@@ -136,6 +136,8 @@ class TrainConfig:
                                            "CLIP features)")
     vae_references: bool = _f(True, "give the model the references' VAE latents (false: the paper's CLIP-only "
                                     "ablation, an MMDiT with a CLIP branch)")
+    temporal_weight: float = _f(0.0, "weight of a term added to the velocity MSE: the MSE of the frame-to-frame "
+                                     "change of the clean estimate (objective.temporal_mse; 0: the paper's plain loss)")
     dropped_prompt: str = _f("", "the prompt a dropped text becomes ('' = empty, the unconditional context)")
     seed: int = _f(0, "seed of the data order, noise, timesteps, dropout and a from-scratch init")
     # -- output
@@ -202,6 +204,7 @@ TRAIN_RANGES: dict[str, Range] = {
     "text_dropout": Range(0.0, 1.0, meaning="a probability"),
     "reference_dropout": Range(0.0, 1.0, meaning="a probability"),
     "vae_reference_dropout": Range(0.0, 1.0, meaning="a probability"),
+    "temporal_weight": Range(0.0, 1000.0, meaning="weight of the temporal term, 0 = the plain loss"),
     "seed": Range(0, 2**63 - 1, 1, "the run seed"),
     "checkpoint_every": Range(1, 10**8, 1, "steps between checkpoints"),
     "keep_checkpoints": Range(0, 10**6, 1, "0 keeps all"),

@@ -188,7 +188,7 @@ def _train(config: TrainConfig, ctx: DistContext, dataset: LatentDataset | None,
                                                   config.reference_dropout, config.vae_reference_dropout,
                                                   config.vae_references)
             with gradient_sync(trained, micro == config.grad_accum - 1), autocast():
-                loss = flow_matching_loss(trained, x0, refs, context, sigma, noise, ref_clip)
+                loss = flow_matching_loss(trained, x0, refs, context, sigma, noise, ref_clip, config.temporal_weight)
                 (loss / config.grad_accum).backward()
             loss_sum += float(loss.detach())
         grad_norm = _clip_gradients(params, config.max_grad_norm)

@@ -166,8 +166,34 @@ def video_mse(prediction: Tensor, target: Tensor) -> Tensor:
     return torch.mean((prediction.float() - target[:, :, :frames].float()) ** 2)
 
 
+def temporal_mse(prediction: Tensor, target: Tensor, sigma: Tensor) -> Tensor:
+    """Mean squared error of the frame-to-frame change of the clean estimate, in float32.
+
+    The clean estimate of a velocity ``v`` at ``x_t`` is ``x0_hat = x_t - sigma v`` (paper Eq. 3-4), so its error
+    is ``x0_hat - x0 = -sigma (v - v_target)`` and this term is ``mean((diff_F(sigma (v - v_target)))^2)``, the
+    differences taken between consecutive latent frames. An error that is the same in every frame (a wrong
+    background, a wrong static subject) cancels in it; what remains is an error in what changes over the clip: where
+    a moving subject is in each frame. Weighted by ``sigma^2`` it is a clean-estimate error, so it does not grow
+    with the noise-prediction error of low sigmas as a velocity difference would. Not in the Phantom paper: a
+    motion-weighted term for small worlds in which the motion is a small share of the plain loss (docs/WORLD.md).
+
+    Args:
+        prediction: ``[B, 16, F, h, w]`` predicted velocity of the video frames.
+        target: ``[B, 16, F (+ N), h, w]`` velocity target (a reference tail is cut, as ``video_mse`` does).
+        sigma: ``[B]`` noise levels in [0, 1].
+    Returns:
+        A scalar float32 tensor; 0 for a one-frame video (no change to measure).
+    """
+    frames = prediction.shape[2]
+    if frames < 2:
+        return prediction.float().sum() * 0.0
+    s = sigma.float().view(-1, 1, 1, 1, 1)  # (B, 1, 1, 1, 1)
+    error = s * (prediction.float() - target[:, :, :frames].float())  # (B, 16, F, h, w): x0 - x0_hat
+    return torch.mean(torch.diff(error, dim=2) ** 2)
+
+
 def flow_matching_loss(model: VelocityModel, x0: Tensor, ref_latents: Tensor | None, context: Tensor, sigma: Tensor,
-                       noise: Tensor, ref_clip: Tensor | None = None) -> Tensor:
+                       noise: Tensor, ref_clip: Tensor | None = None, temporal_weight: float = 0.0) -> Tensor:
     """The training loss of one batch (paper Eq. 3-4): noise the video, predict its velocity, MSE on the video.
 
     Args:
@@ -180,11 +206,14 @@ def flow_matching_loss(model: VelocityModel, x0: Tensor, ref_latents: Tensor | N
         sigma: ``[B]`` float noise levels in [0, 1]; the model sees ``1000 * sigma`` (as sampling).
         noise: ``[B, 16, F, h, w]`` standard normal noise.
         ref_clip: ``[B, N, T, C]`` CLIP features of the references (after dropout), or None (not passed).
+        temporal_weight: the weight of ``temporal_mse`` added to the MSE (0: the plain loss, the paper's).
     Returns:
-        The scalar float32 MSE (differentiable).
+        The scalar float32 loss (differentiable).
     """
     x_t = noisy_latents(x0, noise, sigma)  # (B, 16, F, h, w)
     t = sigma.float() * NUM_TRAIN_TIMESTEPS  # (B,) in [0, 1000]
     extra = {} if ref_clip is None else {"ref_clip": ref_clip}
     prediction = model(x_t, t, context, ref_latents, **extra)  # (B, 16, F, h, w), video frames only
-    return video_mse(prediction, velocity_target(x0, noise))
+    target = velocity_target(x0, noise)
+    loss = video_mse(prediction, target)
+    return loss + temporal_weight * temporal_mse(prediction, target, sigma) if temporal_weight else loss

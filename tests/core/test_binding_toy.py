@@ -87,18 +87,20 @@ def test_measure_scores_binding_swapping_and_deafness():
 @pytest.mark.usefixtures("single_thread")
 def test_a_short_run_goes_through_the_trainer_and_adds_the_index_tables_late(capsys):
     """One step as a bag of words, then the text positions and the reference index added and one step more (at a
-    slower speed: the truth follows it); bad options are refused naming the flag."""
+    slower speed: the truth follows it, and the temporal term in the loss); bad options are refused naming the
+    flag."""
     lines = []
     final = run(steps=1, every=1, layout="anchored", text_positions=True, reference_index=True, threads=1,
-                speed=1.0, late=1, report=lines.append)
+                speed=1.0, late=1, temporal=0.5, report=lines.append)
     assert len(lines) == 2 and "bag of words: step 1/1" in lines[0] and "then with them: step 1/1" in lines[1]
     assert lines[0].startswith("binding toy (anchored, text positions, reference index, speed 1.0, added after 1 "
-                               "steps, plain)")
+                               "steps, temporal weight 0.5, plain)")
     assert set(final) == {0.95, 0.8} and all(0 < r["own"] < 10 and "binding" in r for r in final.values())
     assert final[0.8]["truth"] == pytest.approx(1.0 * (FRAMES - 1), abs=1.0)
     for argv, message in ((["--steps", "0"], "--steps is 0; it must be >= 1"),
                           (["--late", "5"], "--late is 5; it must be >= 0, and a late start needs --text-positions"),
-                          (["--speed", "3"], "--speed is 3.0; it must be > 0 and <= 2.5")):
+                          (["--speed", "3"], "--speed is 3.0; it must be > 0 and <= 2.5"),
+                          (["--temporal-weight", "-2"], "--temporal-weight is -2.0; it must be in [0, 1000]")):
         with pytest.raises(SystemExit):
             main(argv)
         assert message in capsys.readouterr().err

@@ -134,6 +134,9 @@ def test_bad_options_are_refused(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--work", "w", "--out", "r", "--ema", "0.99", "--seconds", "60"])
     assert "--ema with --seconds: a run stopped on time has no final average" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--work", "w", "--out", "r", "--temporal-weight", "-1"])
+    assert "--temporal-weight: got -1.0; expected a number from 0.0 to 1000.0" in capsys.readouterr().err
     for flag, value, low in (("--first", "-1", 0), ("--samples", "0", 1), ("--held-out", "-2", 0)):
         with pytest.raises(SystemExit):
             main(["cache", "--work", "w", flag, value])

@@ -17,6 +17,7 @@ from phantom_core.training.objective import (
     drop_conditions,
     flow_matching_loss,
     noisy_latents,
+    temporal_mse,
     velocity_target,
     video_mse,
 )
@@ -194,3 +195,42 @@ def test_training_works_after_sampling_under_inference_mode():
     model.enable_gradient_checkpointing()
     flow_matching_loss(model, x0, refs, context, torch.tensor([0.5]), noise).backward()
     assert model.blocks[0].self_attn.q.weight.grad is not None
+
+
+def test_the_temporal_term_is_the_clean_estimates_frame_to_frame_error_and_ignores_a_static_error():
+    """``temporal_mse`` against its definition: ``x0_hat = x_t - sigma v`` (Eq. 3-4), the MSE of the difference
+    between consecutive latent frames of ``x0_hat - x0``; an error that is the same in every frame costs nothing,
+    one that moves between frames does; a reference tail in the target is cut; one frame gives 0."""
+    gen = torch.Generator().manual_seed(8)
+    x0, noise = torch.randn(2, 16, 4, 3, 3, generator=gen), torch.randn(2, 16, 4, 3, 3, generator=gen)
+    sigma = torch.tensor([0.9, 0.4])
+    x_t, target = noisy_latents(x0, noise, sigma), velocity_target(x0, noise)
+    prediction = target + 0.3 * torch.randn(target.shape, generator=gen)
+    x0_hat = x_t - sigma.view(-1, 1, 1, 1, 1) * prediction
+    by_definition = torch.mean((x0_hat[:, :, 1:] - x0_hat[:, :, :-1] - (x0[:, :, 1:] - x0[:, :, :-1])) ** 2)
+    torch.testing.assert_close(temporal_mse(prediction, target, sigma), by_definition, rtol=1e-5, atol=1e-7)
+    tail = torch.cat([target, 50 * torch.ones(2, 16, 2, 3, 3)], dim=2)  # the reference tail, upstream's layout
+    torch.testing.assert_close(temporal_mse(prediction, tail, sigma), by_definition, rtol=1e-5, atol=1e-7)
+    static = target + torch.randn(2, 16, 1, 3, 3, generator=gen)  # the same error in every frame
+    assert float(temporal_mse(static, target, sigma)) < 1e-10
+    assert float(video_mse(static, target)) > 0.5  # while the plain MSE sees it
+    assert float(temporal_mse(prediction[:, :, :1], target[:, :, :1], sigma)) == 0.0
+
+
+def test_the_temporal_weight_adds_its_term_to_the_loss_and_is_validated():
+    model = micro_dit(seed=2)
+    gen = torch.Generator().manual_seed(9)
+    x0, refs = torch.randn(2, 16, 3, 4, 4, generator=gen), torch.randn(2, 16, 1, 4, 4, generator=gen)
+    context, noise = torch.randn(2, 3, 32, generator=gen), torch.randn(2, 16, 3, 4, 4, generator=gen)
+    sigma = torch.tensor([0.7, 0.95])
+    with torch.no_grad():
+        v = model(noisy_latents(x0, noise, sigma), sigma * 1000, context, refs)
+        plain = flow_matching_loss(model, x0, refs, context, sigma, noise)
+        weighted = flow_matching_loss(model, x0, refs, context, sigma, noise, temporal_weight=2.5)
+    target = velocity_target(x0, noise)
+    torch.testing.assert_close(weighted, video_mse(v, target) + 2.5 * temporal_mse(v, target, sigma), rtol=1e-5,
+                               atol=1e-7)
+    assert float(weighted) > float(plain) * 1.01
+    assert TrainConfig(temporal_weight=1.0).temporal_weight == 1.0
+    with pytest.raises(ValueError, match="temporal_weight"):
+        TrainConfig(temporal_weight=-1.0)
