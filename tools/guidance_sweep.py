@@ -1,12 +1,16 @@
 """Sweep Phantom's two guidance scales (paper Eq. 5: ``w_img``, ``w_text``) on a world model, same cases each time.
 
-    python -m tools.guidance_sweep [--model default | --dit D --vae V --text-encoder T]
-        [--w-img 1,3,5,7.5] [--w-text 1,3,5,7.5] [--quick 8] [--steps 20] [--out docs/guidance_sweep.md]
+    python -m tools.guidance_sweep [--model default|default-mmdit | --dit D --vae V --text-encoder T [--clip-vision C]]
+        [--w-img 1,3,5,7.5] [--w-text 1,3,5,7.5] [--quick 8 | --cases-single 24 --cases-multi 12] [--travel 0.5]
+        [--steps 20] [--out docs/guidance_sweep.md]
 
 Each (w_img, w_text) pair samples the same held-out world cases (``world.cases``, cross-pair references) from the
 same seeds and is scored by ``world.evaluate``; the table (markdown) and the raw summaries (JSON beside it) say
 how subject fidelity and prompt following move with each scale. Every other sampling setting is the official
-recipe's (UniPC, shift 5) unless given.
+recipe's (UniPC, shift 5) unless given. ``--travel`` runs the cases of a world whose subjects travel that fraction of
+the frame (``evaluate --travel``; the shipped MMDiT default trained last at 0.5); an MMDiT with a CLIP branch reads its
+references' CLIP features (``default-mmdit``: the shipped tower and ``TRAINED_MMDIT_CLIP_OUTPUT``; a ``--dit``:
+``--clip-vision`` and ``--clip-output``).
 """
 
 from __future__ import annotations
@@ -28,37 +32,86 @@ def scales(text: str, name: str) -> list[float]:
     return values
 
 
+def load(args: argparse.Namespace, folder: str):
+    """(DiT, VAE, text encoder, CLIP tower or None, CLIP output) of ``args``' model (an embedded default installed in
+    ``folder``, or the files given). Raises ``ValueError`` naming what is missing."""
+    from phantom_core.inference.pipeline import check_clip_vision, load_clip_tower, load_models
+    from phantom_core.tiny.default import (
+        TRAINED_MMDIT_CLIP_OUTPUT,
+        install_trained_default,
+        install_trained_mmdit_default,
+    )
+
+    if args.model:
+        install = {"default": install_trained_default, "default-mmdit": install_trained_mmdit_default}[args.model]
+        try:
+            files = {k: str(v) for k, v in install(folder).items()}
+        except FileNotFoundError as err:
+            raise ValueError(f"--model {args.model}: {err}") from err
+        clip_output = TRAINED_MMDIT_CLIP_OUTPUT
+    else:
+        files = {"dit": args.dit, "vae": args.vae, "text_encoder": args.text_encoder}
+        files.update({"clip_vision": args.clip_vision} if args.clip_vision else {})
+        clip_output = args.clip_output
+    dit, vae, text_encoder = load_models(files["dit"], files["vae"], files["text_encoder"], device="cpu")
+    clip = load_clip_tower(files["clip_vision"]) if files.get("clip_vision") else None
+    check_clip_vision(dit, clip, clip_output)
+    return dit, vae, text_encoder, clip, clip_output
+
+
 def main(argv: list[str] | None = None) -> int:
-    from phantom_core.inference.pipeline import load_models
-    from phantom_core.tiny.default import install_trained_default
     from phantom_core.world.baselines import model_producer
     from phantom_core.world.cases import CaseSet
     from phantom_core.world.evaluate import COMPARISON_COLUMNS, comparison_markdown, evaluate, write_comparison
+    from phantom_core.world.render import MAX_TRAVEL, TRAVEL_FRACTION, check_travel
+    from phantom_core.world.sample import WorldConfig
 
     p = argparse.ArgumentParser(prog="python -m tools.guidance_sweep", description=__doc__.split("\n")[0])
-    p.add_argument("--model", choices=["default"], help="the trained embedded default (phantom_core/tiny/trained)")
+    p.add_argument("--model", choices=["default", "default-mmdit"],
+                   help="a trained embedded default (phantom_core/tiny/trained): Phantom-Wan or the paper's MMDiT")
     p.add_argument("--dit"), p.add_argument("--vae"), p.add_argument("--text-encoder")
+    p.add_argument("--clip-vision", help="the CLIP tower of an MMDiT --dit with a CLIP branch")
+    p.add_argument("--clip-output", choices=("tokens", "pooled"), default="tokens")
     p.add_argument("--w-img", default="1,3,5,7.5"), p.add_argument("--w-text", default="1,3,5,7.5")
-    p.add_argument("--quick", type=int, default=8, help="N single- and N/2 two-subject cases (default 8)")
+    p.add_argument("--quick", type=int, default=None,
+                   help="N single- and N/2 two-subject cases (default 8 unless --cases-single / --cases-multi)")
+    p.add_argument("--cases-single", type=int, default=None, metavar="N")
+    p.add_argument("--cases-multi", type=int, default=None, metavar="N")
+    p.add_argument("--travel", type=float, default=TRAVEL_FRACTION,
+                   help=f"the world's travel, in (0, {MAX_TRAVEL}] (default %(default)s)")
     p.add_argument("--steps", type=int, default=20), p.add_argument("--shift", type=float, default=5.0)
     p.add_argument("--out", default="docs/guidance_sweep.md", help="markdown table; JSON beside it")
     args = p.parse_args(argv)
     try:
         grid = [(wi, wt) for wi in scales(args.w_img, "--w-img") for wt in scales(args.w_text, "--w-text")]
+        check_travel(args.travel)
     except ValueError as err:
         p.error(str(err))
     if bool(args.model) == bool(args.dit and args.vae and args.text_encoder):
-        p.error("give --model default, or all of --dit, --vae and --text-encoder")
+        p.error("give --model default|default-mmdit, or all of --dit, --vae and --text-encoder")
+    if args.model and args.clip_vision:
+        p.error("--clip-vision goes with --dit; --model default-mmdit brings its own tower")
+    explicit = args.cases_single is not None or args.cases_multi is not None
+    if explicit and args.quick is not None:
+        p.error("give --quick or --cases-single / --cases-multi, not both")
+    counts = [v for v in (args.quick, args.cases_single, args.cases_multi) if v is not None]
+    if any(v < 0 for v in counts) or (explicit and not (args.cases_single or args.cases_multi)):
+        p.error("case counts must be >= 0, and at least one case")
     with tempfile.TemporaryDirectory(prefix="phantom-sweep-") as folder:
-        files = install_trained_default(folder) if args.model else {
-            "dit": args.dit, "vae": args.vae, "text_encoder": args.text_encoder}
-        dit, vae, text_encoder = load_models(files["dit"], files["vae"], files["text_encoder"], device="cpu")
-    cases = CaseSet().quick(args.quick)
+        try:
+            dit, vae, text_encoder, clip, clip_output = load(args, folder)
+        except ValueError as err:
+            p.error(str(err))
+    config = WorldConfig(travel=args.travel)
+    if explicit:
+        cases = CaseSet(single=args.cases_single or 0, multi=args.cases_multi or 0, config=config)
+    else:
+        cases = CaseSet(config=config).quick(8 if args.quick is None else args.quick)
     rows = []
     for w_img, w_text in grid:
         t0 = time.perf_counter()
-        producer = model_producer(dit, vae, text_encoder, steps=args.steps, shift=args.shift, w_img=w_img,
-                                  w_text=w_text)
+        producer = model_producer(dit, vae, text_encoder, clip_vision=clip, clip_output=clip_output,
+                                  steps=args.steps, shift=args.shift, w_img=w_img, w_text=w_text)
         result = evaluate(producer, cases, name=f"w_img {w_img:g} w_text {w_text:g}", keep=0)
         rows.append({"w_img": w_img, "w_text": w_text, **result.summary()})
         print(f"w_img {w_img:g} w_text {w_text:g}: " + ", ".join(
@@ -67,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m tools.guidance_sweep " + " ".join(argv if argv is not None else sys.argv[1:])
     table = comparison_markdown(["w_img", "w_text"], [([f"{r['w_img']:g}", f"{r['w_text']:g}"], r["all"])
                                                       for r in rows], command.strip())
-    out = write_comparison(args.out, table, {"command": command.strip(), "cases": len(cases), "rows": rows})
+    out = write_comparison(args.out, table, {"command": command.strip(), "cases": len(cases), "travel": args.travel,
+                                             "rows": rows})
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
 
