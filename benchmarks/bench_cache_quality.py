@@ -8,7 +8,12 @@ evaluations are counted exactly (the cache's counters; the window's passes per s
 ``uncached evaluations / evaluations`` whatever else the machine is doing (the default's guidance, w_img = w_text = 3,
 needs two passes a step, not three: ``sampling.guidance.guidance_weights``). Everything is measured side by side in one run.
 
-    .venv/bin/python -m benchmarks.bench_cache_quality [--quick 6] [--out docs/speed_quality.png]
+    .venv/bin/python -m benchmarks.bench_cache_quality [--model default|default-mmdit] [--travel 0.5] [--quick 6]
+        [--out docs/speed_quality.png]
+
+``--model default-mmdit`` measures the paper's MMDiT default instead (its references' CLIP features from the shipped
+world CLIP, ``TRAINED_MMDIT_CLIP_OUTPUT``); ``--travel`` runs the cases of a world whose subjects travel that
+fraction of the frame (the MMDiT default trained last at 0.5).
 """
 
 from __future__ import annotations
@@ -24,18 +29,24 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from phantom_core.inference.pipeline import load_models
+from phantom_core.inference.pipeline import load_clip_tower, load_models
 from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
+from phantom_core.mmdit.clip import encode_clip_references
 from phantom_core.references import encode_references
 from phantom_core.sampling.cache import StepCache
 from phantom_core.sampling.guidance import guidance_weights
 from phantom_core.sampling.loop import sample_from_seed
-from phantom_core.tiny.default import TRAINED_SAMPLING, install_trained_default
+from phantom_core.tiny.default import (
+    TRAINED_MMDIT_CLIP_OUTPUT,
+    TRAINED_SAMPLING,
+    install_trained_default,
+    install_trained_mmdit_default,
+)
 from phantom_core.video_io import to_uint8_frames
 from phantom_core.wan.latents import latent_shape
 from phantom_core.world.cases import CaseSet
 from phantom_core.world.evaluate import evaluate
-from phantom_core.world.render import VideoFormat
+from phantom_core.world.render import MAX_TRAVEL, TRAVEL_FRACTION, VideoFormat, check_travel
 from phantom_core.world.sample import WorldConfig
 
 OFFICIAL = dict(steps=50, shift=5.0, solver="unipc", **TRAINED_SAMPLING)  # the default's own guidance
@@ -63,10 +74,14 @@ def window_passes(steps: int, window: tuple[float, float], w_img: float, w_text:
                for i in range(steps))
 
 
-def run(cases: CaseSet, device: str) -> dict[str, dict]:
+def run(cases: CaseSet, device: str, model: str = "default") -> dict[str, dict]:
+    """Every setting of ``SETTINGS`` on every case, for the embedded default ``model`` (``default`` or
+    ``default-mmdit``); returns the table's rows by setting name."""
+    install = {"default": install_trained_default, "default-mmdit": install_trained_mmdit_default}[model]
     with tempfile.TemporaryDirectory(prefix="phantom-bench-") as folder:
-        files = install_trained_default(folder)
+        files = install(folder)
         dit, vae, text_encoder = load_models(files["dit"], files["vae"], files["text_encoder"], device=device)
+        clip_vision = load_clip_tower(files["clip_vision"], device=device) if "clip_vision" in files else None
     samples = list(cases)
     fmt = samples[0].config.video
     videos: dict[str, list[np.ndarray]] = {name: [] for name in SETTINGS}
@@ -76,13 +91,15 @@ def run(cases: CaseSet, device: str) -> dict[str, dict]:
         with torch.no_grad():
             context, context_neg = text_encoder.encode([sample.prompt, WAN_NEGATIVE_PROMPT])
             refs = encode_references(vae, list(sample.references), fmt.width, fmt.height, "letterbox").to(device)
+            ref_clip = None if clip_vision is None else encode_clip_references(
+                clip_vision, list(sample.references), TRAINED_MMDIT_CLIP_OUTPUT).to(device)  # (1, N, T, C)
             for name, s in SETTINGS.items():
                 cache = StepCache(s["cache"]) if s["cache"] > 0 else None
                 started = time.perf_counter()
                 latents = sample_from_seed(dit, sample.index, latent_shape(fmt.frames, fmt.height, fmt.width), refs,
                                            context[None].to(device), context_neg[None].to(device), **OFFICIAL,
                                            image_guidance_window=s["window"], cache=cache,
-                                           model_dtype=dit.compute_dtype)
+                                           model_dtype=dit.compute_dtype, ref_clip=ref_clip)
                 seconds[name] += time.perf_counter() - started
                 evals[name] += cache.computed if cache is not None else window_passes(50, s["window"], OFFICIAL["w_img"], OFFICIAL["w_text"])
                 videos[name].append(to_uint8_frames(vae.decode(latents)))
@@ -156,15 +173,23 @@ def markdown(rows: dict[str, dict], cases: int, command: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=("default", "default-mmdit"), default="default",
+                        help="the embedded default to measure (default: %(default)s, the Phantom-Wan one)")
+    parser.add_argument("--travel", type=float, default=TRAVEL_FRACTION,
+                        help=f"the world's travel, in (0, {MAX_TRAVEL}] (default %(default)s)")
     parser.add_argument("--quick", type=int, default=6, help="N single- and N/2 two-subject held-out cases")
     parser.add_argument("--out", type=Path, default=Path("output/bench_cache_quality.png"))
     parser.add_argument("--json", type=Path, default=Path("output/bench_cache_quality.json"))
     parser.add_argument("--md", type=Path, help="also write the table as Markdown (docs/speed_quality.md)")
     args = parser.parse_args()
+    try:
+        check_travel(args.travel)
+    except ValueError as err:
+        parser.error(f"--travel: {err}")
     torch.manual_seed(0)
-    config = WorldConfig(video=VideoFormat())
+    config = WorldConfig(video=VideoFormat(), travel=args.travel)
     cases = list(CaseSet(config=config).quick(args.quick))
-    rows = run(cases, "cpu")
+    rows = run(cases, "cpu", args.model)
     print(f"{'setting':28s} {'evals':>6s} {'speed-up':>8s} {'PSNR vs uncached':>16s} {'motion %':>8s} "
           f"{'background %':>12s} {'subject PSNR':>12s} {'s/video':>8s}")
     for name, r in rows.items():
@@ -176,7 +201,8 @@ def main() -> None:
     args.json.write_text(json.dumps(rows, indent=1), encoding="utf-8")
     print(f"wrote {args.out} and {args.json}")
     if args.md is not None:
-        command = f"python -m benchmarks.bench_cache_quality --quick {args.quick} --out {args.out} --json {args.json}"
+        command = (f"python -m benchmarks.bench_cache_quality --model {args.model} --travel {args.travel} --quick "
+                   f"{args.quick} --out {args.out} --json {args.json}")
         args.md.write_text(markdown(rows, len(cases), command + f" --md {args.md}"), encoding="utf-8")
         print(f"wrote {args.md}")
 
