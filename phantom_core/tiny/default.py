@@ -59,8 +59,9 @@ TRAINED_MMDIT_FILES = {"dit": "diffusion_models/phantom_world_mmdit.safetensors"
                        "clip_vision": "clip_vision/phantom_world_clip.safetensors"}
 TRAINED_MMDIT_CLIP_OUTPUT = "tokens"  # the CLIP features it was trained on (world.mmdit_default.CLIP_OUTPUT)
 TRAINED_FORMAT = {"width": 128, "height": 128, "frames": 17}  # the world the default was trained in (fps 16)
-# the default's guidance scales (paper Eq. 5), from the sweep in docs/guidance_sweep.md (`tools.guidance_sweep`):
-# the official 5 / 7.5 extrapolate what this small model has learned; 3 / 3 followed prompts best
+# the defaults' guidance scales (paper Eq. 5), from the sweeps in docs/guidance_sweep.md and, for the MMDiT default,
+# docs/guidance_sweep_mmdit.md (`tools.guidance_sweep`): the official 5 / 7.5 extrapolate what these small models have
+# learned; 3 / 3 followed prompts best in both
 TRAINED_SAMPLING = {"w_img": 3.0, "w_text": 3.0}
 SEED = 11079  # fixed: the default must be byte-identical everywhere (arXiv 2502.11079)
 
