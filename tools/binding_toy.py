@@ -265,6 +265,8 @@ def run(steps: int, every: int, layout: str = "random", text_positions: bool = F
 
 
 def main(argv: list[str] | None = None) -> int:
+    from phantom_core.training.config import TRAIN_RANGES
+
     p = argparse.ArgumentParser(prog="python -m tools.binding_toy", description=__doc__.split("\n")[0])
     p.add_argument("--layout", choices=LAYOUTS, default="random")
     p.add_argument("--text-positions", action="store_true", help="learned text positions (MMDiTConfig)")
@@ -298,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.speed <= MAX_SPEED:
         p.error(f"--speed is {args.speed}; it must be > 0 and <= {MAX_SPEED} (faster carries a square out of its "
                 "half of the frame)")
-    if not 0 <= args.temporal_weight <= 1000:
-        p.error(f"--temporal-weight is {args.temporal_weight}; it must be in [0, 1000] (0: the plain loss)")
+    if (message := TRAIN_RANGES["temporal_weight"].error("--temporal-weight", args.temporal_weight)) is not None:
+        p.error(message)
     run(args.steps, args.every, args.layout, args.text_positions, args.reference_index, args.umt5, args.seed,
         args.threads, plain=not args.recipe, marks=args.clause_marks, names=args.names,
         speed=args.speed, late=args.late, temporal=args.temporal_weight, report=lambda s: print(s, flush=True))

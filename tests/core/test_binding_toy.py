@@ -100,7 +100,7 @@ def test_a_short_run_goes_through_the_trainer_and_adds_the_index_tables_late(cap
     for argv, message in ((["--steps", "0"], "--steps is 0; it must be >= 1"),
                           (["--late", "5"], "--late is 5; it must be >= 0, and a late start needs --text-positions"),
                           (["--speed", "3"], "--speed is 3.0; it must be > 0 and <= 2.5"),
-                          (["--temporal-weight", "-2"], "--temporal-weight is -2.0; it must be in [0, 1000]")):
+                          (["--temporal-weight", "-2"], "--temporal-weight: got -2.0; expected a number from 0.0 to 1000.0")):
         with pytest.raises(SystemExit):
             main(argv)
         assert message in capsys.readouterr().err
