@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from phantom_core.inference.cli_models import embedded_files
 from phantom_core.inference.pipeline import load_clip_tower, load_models
 from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
 from phantom_core.mmdit.clip import encode_clip_references
@@ -36,12 +36,7 @@ from phantom_core.references import encode_references
 from phantom_core.sampling.cache import StepCache
 from phantom_core.sampling.guidance import guidance_weights
 from phantom_core.sampling.loop import sample_from_seed
-from phantom_core.tiny.default import (
-    TRAINED_MMDIT_CLIP_OUTPUT,
-    TRAINED_SAMPLING,
-    install_trained_default,
-    install_trained_mmdit_default,
-)
+from phantom_core.tiny.default import TRAINED_MMDIT_CLIP_OUTPUT, TRAINED_SAMPLING
 from phantom_core.video_io import to_uint8_frames
 from phantom_core.wan.latents import latent_shape
 from phantom_core.world.cases import CaseSet
@@ -77,11 +72,9 @@ def window_passes(steps: int, window: tuple[float, float], w_img: float, w_text:
 def run(cases: CaseSet, device: str, model: str = "default") -> dict[str, dict]:
     """Every setting of ``SETTINGS`` on every case, for the embedded default ``model`` (``default`` or
     ``default-mmdit``); returns the table's rows by setting name."""
-    install = {"default": install_trained_default, "default-mmdit": install_trained_mmdit_default}[model]
-    with tempfile.TemporaryDirectory(prefix="phantom-bench-") as folder:
-        files = install(folder)
-        dit, vae, text_encoder = load_models(files["dit"], files["vae"], files["text_encoder"], device=device)
-        clip_vision = load_clip_tower(files["clip_vision"], device=device) if "clip_vision" in files else None
+    files = embedded_files(model)  # the shipped files; ValueError naming any that are missing
+    dit, vae, text_encoder = load_models(files["dit"], files["vae"], files["text_encoder"], device=device)
+    clip_vision = load_clip_tower(files["clip_vision"], device=device) if "clip_vision" in files else None
     samples = list(cases)
     fmt = samples[0].config.video
     videos: dict[str, list[np.ndarray]] = {name: [] for name in SETTINGS}

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
+from dataclasses import replace
 
 
 def scales(text: str, name: str) -> list[float]:
@@ -32,26 +32,17 @@ def scales(text: str, name: str) -> list[float]:
     return values
 
 
-def load(args: argparse.Namespace, folder: str):
-    """(DiT, VAE, text encoder, CLIP tower or None, CLIP output) of ``args``' model (an embedded default installed in
-    ``folder``, or the files given). Raises ``ValueError`` naming what is missing."""
+def load(args: argparse.Namespace):
+    """(DiT, VAE, text encoder, CLIP tower or None, CLIP output) of ``args``' model: an embedded default's shipped
+    files (``cli_models.embedded_files``), or the files given. Raises ``ValueError`` naming what is missing."""
+    from phantom_core.inference.cli_models import embedded_files
     from phantom_core.inference.pipeline import check_clip_vision, load_clip_tower, load_models
-    from phantom_core.tiny.default import (
-        TRAINED_MMDIT_CLIP_OUTPUT,
-        install_trained_default,
-        install_trained_mmdit_default,
-    )
+    from phantom_core.tiny.default import TRAINED_MMDIT_CLIP_OUTPUT
 
     if args.model:
-        install = {"default": install_trained_default, "default-mmdit": install_trained_mmdit_default}[args.model]
-        try:
-            files = {k: str(v) for k, v in install(folder).items()}
-        except FileNotFoundError as err:
-            raise ValueError(f"--model {args.model}: {err}") from err
-        clip_output = TRAINED_MMDIT_CLIP_OUTPUT
+        files, clip_output = embedded_files(args.model), TRAINED_MMDIT_CLIP_OUTPUT
     else:
-        files = {"dit": args.dit, "vae": args.vae, "text_encoder": args.text_encoder}
-        files.update({"clip_vision": args.clip_vision} if args.clip_vision else {})
+        files = {"dit": args.dit, "vae": args.vae, "text_encoder": args.text_encoder, "clip_vision": args.clip_vision}
         clip_output = args.clip_output
     dit, vae, text_encoder = load_models(files["dit"], files["vae"], files["text_encoder"], device="cpu")
     clip = load_clip_tower(files["clip_vision"]) if files.get("clip_vision") else None
@@ -60,6 +51,7 @@ def load(args: argparse.Namespace, folder: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from phantom_core.mmdit.clip import CLIP_OUTPUTS
     from phantom_core.world.baselines import model_producer
     from phantom_core.world.cases import CaseSet
     from phantom_core.world.evaluate import COMPARISON_COLUMNS, comparison_markdown, evaluate, write_comparison
@@ -71,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="a trained embedded default (phantom_core/tiny/trained): Phantom-Wan or the paper's MMDiT")
     p.add_argument("--dit"), p.add_argument("--vae"), p.add_argument("--text-encoder")
     p.add_argument("--clip-vision", help="the CLIP tower of an MMDiT --dit with a CLIP branch")
-    p.add_argument("--clip-output", choices=("tokens", "pooled"), default="tokens")
+    p.add_argument("--clip-output", choices=CLIP_OUTPUTS, default=CLIP_OUTPUTS[0])
     p.add_argument("--w-img", default="1,3,5,7.5"), p.add_argument("--w-text", default="1,3,5,7.5")
     p.add_argument("--quick", type=int, default=None,
                    help="N single- and N/2 two-subject cases (default 8 unless --cases-single / --cases-multi)")
@@ -82,11 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20), p.add_argument("--shift", type=float, default=5.0)
     p.add_argument("--out", default="docs/guidance_sweep.md", help="markdown table; JSON beside it")
     args = p.parse_args(argv)
-    try:
-        grid = [(wi, wt) for wi in scales(args.w_img, "--w-img") for wt in scales(args.w_text, "--w-text")]
-        check_travel(args.travel)
-    except ValueError as err:
-        p.error(str(err))
     if bool(args.model) == bool(args.dit and args.vae and args.text_encoder):
         p.error("give --model default|default-mmdit, or all of --dit, --vae and --text-encoder")
     if args.model and args.clip_vision:
@@ -94,19 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     explicit = args.cases_single is not None or args.cases_multi is not None
     if explicit and args.quick is not None:
         p.error("give --quick or --cases-single / --cases-multi, not both")
-    counts = [v for v in (args.quick, args.cases_single, args.cases_multi) if v is not None]
-    if any(v < 0 for v in counts) or (explicit and not (args.cases_single or args.cases_multi)):
-        p.error("case counts must be >= 0, and at least one case")
-    with tempfile.TemporaryDirectory(prefix="phantom-sweep-") as folder:
-        try:
-            dit, vae, text_encoder, clip, clip_output = load(args, folder)
-        except ValueError as err:
-            p.error(str(err))
-    config = WorldConfig(travel=args.travel)
-    if explicit:
-        cases = CaseSet(single=args.cases_single or 0, multi=args.cases_multi or 0, config=config)
-    else:
-        cases = CaseSet(config=config).quick(8 if args.quick is None else args.quick)
+    try:
+        grid = [(wi, wt) for wi in scales(args.w_img, "--w-img") for wt in scales(args.w_text, "--w-text")]
+        check_travel(args.travel)
+        cases = CaseSet(config=WorldConfig(travel=args.travel))  # CaseSet checks the counts
+        cases = (replace(cases, single=args.cases_single or 0, multi=args.cases_multi or 0) if explicit
+                 else cases.quick(8 if args.quick is None else args.quick))
+        dit, vae, text_encoder, clip, clip_output = load(args)
+    except ValueError as err:
+        p.error(str(err))
     rows = []
     for w_img, w_text in grid:
         t0 = time.perf_counter()

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from phantom_core.tiny.default import TRAINED_DIR, TRAINED_MMDIT_FILES
+from phantom_core.tiny.default import trained_mmdit_shipped
 from tools import guidance_sweep
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -18,8 +18,9 @@ pytestmark = pytest.mark.usefixtures("single_thread")
     (["--model", "default-mmdit", "--clip-vision", "c.safetensors"], "--clip-vision goes with --dit"),
     (["--model", "default", "--travel", "0.9"], "travel"),
     (["--model", "default", "--w-text", "0,3"], "--w-text"),
-    (["--model", "default", "--cases-single", "0", "--cases-multi", "0"], "at least one case"),
+    (["--model", "default", "--cases-single", "0", "--cases-multi", "0"], "need >= 1 case"),
     (["--dit", "d.safetensors"], "give --model"),
+    (["--model", "default", "--quick", "0"], "quick: got 0"),
 ])
 def test_bad_options_are_refused_by_name(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -27,8 +28,7 @@ def test_bad_options_are_refused_by_name(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not all((TRAINED_DIR / name.split("/")[-1]).is_file() for name in TRAINED_MMDIT_FILES.values()),
-                    reason="the MMDiT default is not shipped in this checkout")
+@pytest.mark.skipif(not trained_mmdit_shipped(), reason="the MMDiT default is not shipped in this checkout")
 def test_a_sweep_of_the_mmdit_default_scores_each_pair_on_the_same_cases(tmp_path):
     out = tmp_path / "sweep.md"
     assert guidance_sweep.main(["--model", "default-mmdit", "--cases-single", "1", "--cases-multi", "0",
