@@ -42,6 +42,7 @@ from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
 from phantom_core.tiny.default import (
     TRAINED_MMDIT_CLIP_OUTPUT,
     TRAINED_MMDIT_FILES,
+    TRAINED_MMDIT_SPEED,
     TRAINED_SAMPLING,
     trained_mmdit_shipped,
 )
@@ -177,7 +178,8 @@ def describe(num_refs: int, rephrase: bool = False, train: bool = False, mmdit: 
              links={"model": model, "positive": (4, 0), "negative": (5, 0), "reference_latents": (22 if mmdit else 21, 0)},
              widgets={"width": width, "height": height, "frames": SIZE["frames"], "steps": 50, "shift": 5.0,
                       "solver": "unipc", **TRAINED_SAMPLING, "seed": 42, "preset": "custom",
-                      "image_guidance_start": 0.0, "image_guidance_end": 1.0, "cache_threshold": 0.0,
+                      "image_guidance_start": 0.0, "image_guidance_end": 1.0,
+                      "cache_threshold": TRAINED_MMDIT_SPEED["cache_threshold"] if mmdit else 0.0,
                       "attention": "auto", "compile": False, "batch_passes": "auto"},
              ui_after={"seed": ["fixed"]}, size=(320, 490)),
         Node(31, "PhantomDecode", "Phantom Decode", [("images", "IMAGE")],

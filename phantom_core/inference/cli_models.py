@@ -7,8 +7,9 @@ tower of an MMDiT with a CLIP branch (``--clip-vision``, ``--clip-output``).
                            world CLIP tower (``TRAINED_MMDIT_FILES``), the Phantom-Wan default's VAE and umT5, the
                            CLIP tokens it was trained on (``TRAINED_MMDIT_CLIP_OUTPUT``)
 
-Both run at their world's format (``TRAINED_FORMAT``) with the default's guidance (``TRAINED_SAMPLING``) unless an
-option (or ``--from-sidecar``'s settings) says otherwise.
+Both run at their world's format (``TRAINED_FORMAT``) with the default's guidance (``TRAINED_SAMPLING``), and the
+MMDiT default with its step cache (``TRAINED_MMDIT_SPEED``), unless an option (or ``--from-sidecar``'s settings) says
+otherwise.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from phantom_core.tiny.default import (
     TRAINED_FORMAT,
     TRAINED_MMDIT_CLIP_OUTPUT,
     TRAINED_MMDIT_FILES,
+    TRAINED_MMDIT_SPEED,
     TRAINED_SAMPLING,
 )
 
@@ -68,10 +70,10 @@ def embedded_files(model: str) -> dict[str, str]:
 def resolve_model_files(args: argparse.Namespace, files: dict[str, Any], values: dict[str, Any],
                         recorded_clip_output: str | None = None) -> tuple[dict[str, Any], str]:
     """Fill ``files`` (role -> path, in place; a ``--from-sidecar`` sidecar's already there) from ``--model`` or the
-    file options given. Returns ``(values, clip_output)``: the settings with an embedded default's format and
-    guidance under those given, and the CLIP features to use (an option > the embedded default's > the sidecar's
-    ``recorded_clip_output`` > tokens). Raises ``ValueError`` for ``--model`` with file options, or an embedded
-    default that is not shipped."""
+    file options given. Returns ``(values, clip_output)``: the settings with an embedded default's format,
+    guidance (and the MMDiT default's step cache) under those given, and the CLIP features to use (an option > the
+    embedded default's > the sidecar's ``recorded_clip_output`` > tokens). Raises ``ValueError`` for ``--model``
+    with file options, or an embedded default that is not shipped."""
     given = [flag for role, flag in FILE_FLAGS if getattr(args, role)]
     if args.model and given:
         raise ValueError(f"--model {args.model} names the embedded default's files; drop {', '.join(given)} "
@@ -80,6 +82,7 @@ def resolve_model_files(args: argparse.Namespace, files: dict[str, Any], values:
     model = args.model or (None if args.from_sidecar or given else "default")
     if model is not None:
         files.update({"clip_vision": None, **embedded_files(model)})  # no CLIP tower a sidecar named
-        values = {**TRAINED_FORMAT, **TRAINED_SAMPLING, **values}
+        speed = TRAINED_MMDIT_SPEED if model == "default-mmdit" else {}
+        values = {**TRAINED_FORMAT, **TRAINED_SAMPLING, **speed, **values}
         recorded_clip_output = TRAINED_MMDIT_CLIP_OUTPUT if model == "default-mmdit" else None
     return values, args.clip_output or recorded_clip_output or CLIP_OUTPUTS[0]
