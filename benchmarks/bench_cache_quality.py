@@ -3,7 +3,8 @@
 For each held-out world case (``world.cases``, cross-pair references) the trained embedded default samples the
 video once uncached (50 UniPC steps, shift 5, the default's own guidance TRAINED_SAMPLING, 3 passes a step) and once
 per setting; each setting is scored against that uncached video (PSNR over the whole clip, dB; SSIM per frame) and
-with the world's metrics (motion accuracy, background accuracy, subject PSNR against the ground truth). DiT pass
+with the world's metrics (motion accuracy, background accuracy, subject PSNR against the ground truth) and the share
+of subject tracks whose measured motion differs from the uncached video's (``changed_percent``). DiT pass
 evaluations are counted exactly (the cache's counters; the window's passes per step), so the speed-up is
 ``uncached evaluations / evaluations`` whatever else the machine is doing (the default's guidance, w_img = w_text = 3,
 needs two passes a step, not three: ``sampling.guidance.guidance_weights``). Everything is measured side by side in one run.
@@ -41,6 +42,7 @@ from phantom_core.video_io import to_uint8_frames
 from phantom_core.wan.latents import latent_shape
 from phantom_core.world.cases import CaseSet
 from phantom_core.world.evaluate import evaluate
+from phantom_core.world.metrics import CaseScore
 from phantom_core.world.render import MAX_TRAVEL, TRAVEL_FRACTION, VideoFormat, check_travel
 from phantom_core.world.sample import WorldConfig
 
@@ -97,19 +99,36 @@ def run(cases: CaseSet, device: str, model: str = "default") -> dict[str, dict]:
                 evals[name] += cache.computed if cache is not None else window_passes(50, s["window"], OFFICIAL["w_img"], OFFICIAL["w_text"])
                 videos[name].append(to_uint8_frames(vae.decode(latents)))
         print(f"case {k + 1}/{len(samples)} done", flush=True)
-    out = {}
-    for name in SETTINGS:
+    out, tracks = {}, {}
+    for name in SETTINGS:  # "uncached" first: the other settings' tracks are compared with its
         by_index = {s.index: v for s, v in zip(samples, videos[name])}
         result = evaluate(lambda sample, table=by_index: table[sample.index], samples, name=name, keep=0)
         summary = result.summary()["all"]
+        tracks[name] = measured_motions(result.scores)
         out[name] = {"evaluations_per_video": evals[name] / len(samples),
                      "speedup": evals["uncached"] / evals[name],
                      "seconds_per_video": seconds[name] / len(samples),
                      "psnr_vs_uncached": float(np.mean([psnr(v, u) for v, u in zip(videos[name],
                                                                                     videos["uncached"])])),
-                     "motion_accuracy": summary["motion_accuracy"], "background_accuracy":
-                         summary["background_accuracy"], "subject_psnr": summary["psnr"]}
+                     "motion_accuracy": summary["motion_accuracy"],
+                     "motion_changed": changed_percent(tracks[name], tracks["uncached"]),
+                     "background_accuracy": summary["background_accuracy"], "subject_psnr": summary["psnr"]}
     return out
+
+
+def measured_motions(scores: list[CaseScore]) -> list[str]:
+    """The motion measured for every subject track (``SubjectScore.measured``), cases in order."""
+    return [subject.measured for case in scores for subject in case.subjects]
+
+
+def changed_percent(tracks: list[str], reference: list[str]) -> float:
+    """% of subject tracks whose measured motion differs from ``reference``'s (the uncached videos'): what a setting
+    changes in the motion metric, whichever way, unlike the accuracy's net difference. Raises ``ValueError`` when the
+    two lists differ in length (not the same cases)."""
+    if len(tracks) != len(reference) or not tracks:
+        raise ValueError(f"tracks: {len(tracks)} against {len(reference)} of the uncached videos; expected the same "
+                         "cases, at least one")
+    return 100.0 * sum(a != b for a, b in zip(tracks, reference)) / len(tracks)
 
 
 def plot(rows: dict[str, dict], path: Path) -> None:
@@ -146,6 +165,7 @@ def plot(rows: dict[str, dict], path: Path) -> None:
 
 COLUMNS = (("evaluations_per_video", "DiT evaluations / video", "{:.1f}"), ("speedup", "speed-up", "{:.2f}x"),
            ("psnr_vs_uncached", "PSNR vs uncached (dB)", "{:.1f}"), ("motion_accuracy", "motion %", "{:.1f}"),
+           ("motion_changed", "tracks changed %", "{:.1f}"),
            ("background_accuracy", "background %", "{:.1f}"), ("subject_psnr", "subject PSNR (dB)", "{:.2f}"),
            ("seconds_per_video", "s / video (CPU)", "{:.2f}"))
 
@@ -184,11 +204,11 @@ def main() -> None:
     cases = list(CaseSet(config=config).quick(args.quick))
     rows = run(cases, "cpu", args.model)
     print(f"{'setting':28s} {'evals':>6s} {'speed-up':>8s} {'PSNR vs uncached':>16s} {'motion %':>8s} "
-          f"{'background %':>12s} {'subject PSNR':>12s} {'s/video':>8s}")
+          f"{'changed %':>9s} {'background %':>12s} {'subject PSNR':>12s} {'s/video':>8s}")
     for name, r in rows.items():
         print(f"{name:28s} {r['evaluations_per_video']:6.1f} {r['speedup']:8.2f} {r['psnr_vs_uncached']:16.2f} "
-              f"{r['motion_accuracy']:8.1f} {r['background_accuracy']:12.1f} {r['subject_psnr']:12.2f} "
-              f"{r['seconds_per_video']:8.2f}")
+              f"{r['motion_accuracy']:8.1f} {r['motion_changed']:9.1f} {r['background_accuracy']:12.1f} "
+              f"{r['subject_psnr']:12.2f} {r['seconds_per_video']:8.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, args.out)
     args.json.write_text(json.dumps(rows, indent=1), encoding="utf-8")
