@@ -95,7 +95,8 @@ SETTING_OPTIONS: dict[str, tuple[str, type, str]] = {
     "image_guidance_end": ("--image-guidance-end", float, "fraction of the steps where it ends; w_img = 1 outside "
                                                           "(default 1: every step, as official)"),
     "cache_threshold": ("--cache-threshold", float, "reuse each guidance pass across steps while its predicted "
-                                                    "change stays under this (EasyCache rule; default 0 = off)"),
+                                                    "change stays under this (EasyCache rule; default 0 = off, "
+                                                    "0.2 with --model default-mmdit)"),
 }
 
 
@@ -145,7 +146,8 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--sidecar", metavar="JSON", help="where to write the sidecar (default: the MP4's name, .json)")
     p.add_argument("--preset", choices=list(SAMPLER_PRESETS), help="sampler preset: official (UniPC, w_img 5) or "
                                                                    "paper (Euler, w_img 3)")
-    settings = p.add_argument_group("generation settings (default: the official Phantom-Wan values)")
+    settings = p.add_argument_group("generation settings (default: the official Phantom-Wan values; with an "
+                                    "embedded default, its own format, guidance and step cache)")
     for field, (flag, kind, text) in SETTING_OPTIONS.items():
         choices = {"solver": SOLVERS, "ref_mode": REFERENCE_MODES}.get(field)
         settings.add_argument(flag, dest=field, type=kind, default=None, choices=choices, help=text)
