@@ -96,7 +96,7 @@ SETTING_OPTIONS: dict[str, tuple[str, type, str]] = {
                                                           "(default 1: every step, as official)"),
     "cache_threshold": ("--cache-threshold", float, "reuse each guidance pass across steps while its predicted "
                                                     "change stays under this (EasyCache rule; default 0 = off, "
-                                                    "0.2 with --model default-mmdit)"),
+                                                    "0.1 with --model default-mmdit)"),
 }
 
 

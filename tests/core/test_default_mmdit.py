@@ -153,7 +153,7 @@ def test_default_mmdit_names_its_files_or_says_how_to_make_them(stand_ins, train
     assert kw["vae_path"] == str(trained_dir / "phantom_world_vae.safetensors")
     s = kw["settings"]  # the default's format and guidance unless given
     assert (s.width, s.height, s.frames, s.w_img, s.w_text) == (128, 128, 17, *embedded.TRAINED_SAMPLING.values())
-    assert s.cache_threshold == embedded.TRAINED_MMDIT_SPEED["cache_threshold"] == 0.2  # its measured step cache
+    assert s.cache_threshold == embedded.TRAINED_MMDIT_SPEED["cache_threshold"] == 0.1  # its measured step cache
     assert resolve([*argv, "--cache-threshold", "0"])["settings"].cache_threshold == 0.0  # an option still wins
     with pytest.raises(ValueError, match="--model default-mmdit names the embedded default's files; drop --clip-vision"):
         resolve([*argv, "--clip-vision", "c.safetensors"])
@@ -162,7 +162,7 @@ def test_default_mmdit_names_its_files_or_says_how_to_make_them(stand_ins, train
 def test_explicit_clip_vision_and_output(reference):
     plain = resolve(["--ref", str(reference), "--prompt", "x", "--out", "v.mp4"])  # no file: the Phantom-Wan default
     assert plain["clip_vision_path"] is None and plain["dit_path"].endswith("phantom_world_dit.safetensors")
-    assert plain["settings"].cache_threshold == 0.0  # the Phantom-Wan default runs uncached (29.4 dB at 0.2)
+    assert plain["settings"].cache_threshold == 0.0  # the Phantom-Wan default runs uncached
     kw = resolve(["--dit", "m.safetensors", "--vae", "v.safetensors", "--text-encoder", "t.safetensors",
                   "--clip-vision", "c.safetensors", "--clip-output", "pooled", "--ref", str(reference), "--prompt",
                   "x", "--out", "v.mp4"])

@@ -36,7 +36,7 @@ def test_mmdit_variant_wiring(stem: str) -> None:
     assert api[sampler]["inputs"]["reference_latents"] == [clip_enc, 0] and api[sampler]["inputs"]["model"] == [dit, 0]
     # the default's guidance and its measured step cache (docs/speed_quality_mmdit.md), as `generate` uses them
     inputs = api[sampler]["inputs"]
-    assert (inputs["w_img"], inputs["w_text"], inputs["cache_threshold"]) == (3.0, 3.0, 0.2)
+    assert (inputs["w_img"], inputs["w_text"], inputs["cache_threshold"]) == (3.0, 3.0, 0.1)
     images = [k for k in api[refs]["inputs"] if k.startswith("image_")]
     assert len(images) == WORKFLOWS[stem].num_refs and len(by_class(api, "LoadImage")) == WORKFLOWS[stem].num_refs
     order = {n["id"]: n["order"] for n in load(stem)["nodes"]}
