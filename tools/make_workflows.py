@@ -178,9 +178,9 @@ def describe(num_refs: int, rephrase: bool = False, train: bool = False, mmdit: 
              links={"model": model, "positive": (4, 0), "negative": (5, 0), "reference_latents": (22 if mmdit else 21, 0)},
              widgets={"width": width, "height": height, "frames": SIZE["frames"], "steps": 50, "shift": 5.0,
                       "solver": "unipc", **TRAINED_SAMPLING, "seed": 42, "preset": "custom",
-                      "image_guidance_start": 0.0, "image_guidance_end": 1.0,
-                      "cache_threshold": TRAINED_MMDIT_SPEED["cache_threshold"] if mmdit else 0.0,
-                      "attention": "auto", "compile": False, "batch_passes": "auto"},
+                      "image_guidance_start": 0.0, "image_guidance_end": 1.0, "cache_threshold": 0.0,
+                      "attention": "auto", "compile": False, "batch_passes": "auto",
+                      **(TRAINED_MMDIT_SPEED if mmdit else {})},  # the MMDiT default's step cache, as `generate`'s
              ui_after={"seed": ["fixed"]}, size=(320, 490)),
         Node(31, "PhantomDecode", "Phantom Decode", [("images", "IMAGE")],
              sockets=[("vae", "PHANTOM_VAE"), ("latent", "LATENT")], links={"vae": (2, 0), "latent": (30, 0)},

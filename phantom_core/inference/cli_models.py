@@ -82,7 +82,7 @@ def resolve_model_files(args: argparse.Namespace, files: dict[str, Any], values:
     model = args.model or (None if args.from_sidecar or given else "default")
     if model is not None:
         files.update({"clip_vision": None, **embedded_files(model)})  # no CLIP tower a sidecar named
-        speed = TRAINED_MMDIT_SPEED if model == "default-mmdit" else {}
-        values = {**TRAINED_FORMAT, **TRAINED_SAMPLING, **speed, **values}
-        recorded_clip_output = TRAINED_MMDIT_CLIP_OUTPUT if model == "default-mmdit" else None
+        mmdit = model == "default-mmdit"
+        values = {**TRAINED_FORMAT, **TRAINED_SAMPLING, **(TRAINED_MMDIT_SPEED if mmdit else {}), **values}
+        recorded_clip_output = TRAINED_MMDIT_CLIP_OUTPUT if mmdit else None
     return values, args.clip_output or recorded_clip_output or CLIP_OUTPUTS[0]
