@@ -38,7 +38,7 @@ from phantom_core.world.vae_batches import VAEData, subject_clip_batches, vae_ba
 RECIPE_SEED = 11079
 RECIPE_SOURCES = ("emoji", "photo", "shape")  # the default needs the emoji font: `make emoji-font`
 # For runs on a bigger machine (docs/WORLD.md; the committed defaults used none of them): PHANTOM_WORLD_TRAVEL makes
-# the subjects move farther (``WorldConfig.travel``, up to 0.5; a new --work folder: the latents record it),
+# the subjects move farther (``WorldConfig.travel``, up to 0.75; a new --work folder: the latents record it),
 # PHANTOM_LATENT_WORKERS encodes the latents in more processes, PHANTOM_DIT_DEVICE trains the DiT stages on a GPU
 WORLD = WorldConfig(video=VideoFormat(), pair_mode="cross", sources=RECIPE_SOURCES,
                     travel=float(os.environ.get("PHANTOM_WORLD_TRAVEL", TRAVEL_FRACTION)))

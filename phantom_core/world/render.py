@@ -5,8 +5,9 @@ The world's physics (what a model must learn, and what ``evaluate`` checks):
 - a subject's longer side is ``SIZE_FRACTIONS[size]`` of the frame's shorter side (small 0.22, normal 0.3,
   large 0.42), its aspect kept;
 - a moving subject travels ``TRAVEL_FRACTION`` (0.3; ``WorldConfig.travel`` sets another, up to ``MAX_TRAVEL``) of
-  the frame's width (left / right) or height (up / down) at constant speed from the first frame to the last; a still
-  one stays put;
+  the frame's width (left / right) or height (up / down) at constant speed from the first frame to the last, or, where
+  its path would not fit inside the frame at its size, as far as it fits (frame side minus its box side: only above
+  0.5, e.g. a large subject at 0.75 travels 0.58); a still one stays put;
 - where it is (``layout``): ``"anchored"`` (the world's default) centres the k-th subject's path on the k-th
   anchor of ``ANCHORS[n]`` (n subjects: the frame's centre for one; for more, the main diagonal from the top
   left, else the other diagonal from the top right: the first subject named is always the highest) moved by a
@@ -33,7 +34,7 @@ from phantom_core.world.grammar import BACKGROUND_COLOURS, Scene
 
 SIZE_FRACTIONS = {"small": 0.22, "normal": 0.3, "large": 0.42}
 TRAVEL_FRACTION = 0.3
-MAX_TRAVEL = 0.5  # a large subject (0.42 of the frame) still fits its whole path inside the frame
+MAX_TRAVEL = 0.75  # up to 0.5 every subject's whole path fits; above it a subject goes as far as fits (travel_px)
 GAP_PX = 2
 LAYOUT_TRIES = 200
 LAYOUT_MODES = ("anchored", "free")
@@ -102,16 +103,21 @@ def check_travel(travel: float) -> float:
     return float(travel)
 
 
-def travel_px(motion: str, fmt: VideoFormat, travel: float = TRAVEL_FRACTION) -> tuple[float, float]:
-    """(dx, dy) px from the first frame to the last for ``motion``, moving ``travel`` of the frame's side."""
+def travel_px(motion: str, fmt: VideoFormat, travel: float = TRAVEL_FRACTION,
+              box: tuple[int, int] | None = None) -> tuple[float, float]:
+    """(dx, dy) px from the first frame to the last for ``motion``, moving ``travel`` of the frame's side; with the
+    subject's ``box`` (w, h) px, at most the frame's side minus the box's (the whole path inside the frame)."""
     ux, uy = _DIRECTIONS[motion]
-    return ux * travel * fmt.width, uy * travel * fmt.height
+    dx, dy = travel * fmt.width, travel * fmt.height
+    if box is not None:
+        dx, dy = min(dx, max(0.0, fmt.width - box[0])), min(dy, max(0.0, fmt.height - box[1]))
+    return ux * dx, uy * dy
 
 
 def trajectory(start: tuple[float, float], motion: str, fmt: VideoFormat,
-               travel: float = TRAVEL_FRACTION) -> np.ndarray:
-    """int64 ``[T, 2]``: the box's top-left corner (x, y) in each frame, rounded to whole px."""
-    dx, dy = travel_px(motion, fmt, travel)
+               travel: float = TRAVEL_FRACTION, box: tuple[int, int] | None = None) -> np.ndarray:
+    """int64 ``[T, 2]``: the box's top-left corner (x, y) in each frame, rounded to whole px (``travel_px``)."""
+    dx, dy = travel_px(motion, fmt, travel, box)
     s = np.linspace(0.0, 1.0, fmt.frames)[:, None]  # (T, 1)
     return np.round(np.array(start) + s * np.array([dx, dy])).astype(np.int64)  # (T, 2)
 
@@ -131,7 +137,7 @@ def layout(scene: Scene, cutouts: list[Image.Image], fmt: VideoFormat, rng: np.r
     sizes = [subject_box_size(c, s.size, fmt) for c, s in zip(cutouts, scene.subjects)]
     ranges = []  # per subject: (x_lo, x_hi, y_lo, y_hi) of the start corner, (dx, dy) travel
     for (w, h), clause in zip(sizes, scene.subjects):
-        dx, dy = travel_px(clause.motion, fmt, travel)
+        dx, dy = travel_px(clause.motion, fmt, travel, (w, h))
         x_lo, x_hi = max(0.0, -dx), fmt.width - w - max(0.0, dx)
         y_lo, y_hi = max(0.0, -dy), fmt.height - h - max(0.0, dy)
         if x_hi < x_lo or y_hi < y_lo:
@@ -151,7 +157,7 @@ def layout(scene: Scene, cutouts: list[Image.Image], fmt: VideoFormat, rng: np.r
                 start = (min(max(x, x_lo), x_hi), min(max(y, y_lo), y_hi))
             else:
                 start = (rng.uniform(x_lo, x_hi), rng.uniform(y_lo, y_hi))
-            corner = trajectory(start, clause.motion, fmt, travel)  # (T, 2)
+            corner = trajectory(start, clause.motion, fmt, travel, (w, h))  # (T, 2)
             boxes.append(np.concatenate([corner, corner + np.array([w, h])], axis=1))  # (T, 4)
         stacked = np.stack(boxes)  # (S, T, 4)
         if not _any_overlap(stacked):

@@ -47,8 +47,8 @@ def test_travel_option_makes_faster_cases_and_is_recorded(tmp_path, capsys):
                  "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "metrics.json").read_text())
     assert report["world"]["travel"] == 0.5 and report["summary"]["all"]["motion_accuracy"] == 100.0
-    assert main(["evaluate", "--baseline", "truth", "--travel", "0.7", *SMALL_CLI]) == 2
-    assert "travel: got 0.7; expected a fraction of the frame in (0, 0.5]" in capsys.readouterr().err
+    assert main(["evaluate", "--baseline", "truth", "--travel", "0.8", *SMALL_CLI]) == 2
+    assert "travel: got 0.8; expected a fraction of the frame in (0, 0.75]" in capsys.readouterr().err
 
 
 def test_bad_options_fail_with_a_message(capsys):

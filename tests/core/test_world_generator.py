@@ -10,7 +10,7 @@ from PIL import Image
 
 from phantom_core.world.grammar import BACKGROUND_COLOURS
 from phantom_core.world.metrics import classify_motion, prepared_references, subject_templates
-from phantom_core.world.render import MAX_TRAVEL, SIZE_FRACTIONS, TRAVEL_FRACTION, VideoFormat
+from phantom_core.world.render import MAX_TRAVEL, SIZE_FRACTIONS, TRAVEL_FRACTION, VideoFormat, travel_px
 from phantom_core.world.sample import WorldConfig, make_sample
 from phantom_core.world.tracking import FrameSpectrum, track, tracking_pad
 from tests.support.world import SMALL, small_sample
@@ -71,9 +71,22 @@ def test_render_track_and_recover_the_prompted_motion(index, travel):
         assert classify_motion(truth.centres[k], fmt.width, fmt.height) == truth.motions[k]
         shift = truth.centres[k, -1] - truth.centres[k, 0]
         expected = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}[truth.motions[k]]
-        np.testing.assert_allclose(shift, np.array(expected) * travel * np.array([fmt.width, fmt.height]), atol=1.0)
-        side = max(truth.boxes[k, 0, 2:] - truth.boxes[k, 0, :2])
+        box = truth.boxes[k, 0, 2:] - truth.boxes[k, 0, :2]  # (w, h) px
+        room = np.array([fmt.width, fmt.height]) - box  # a path longer than this would leave the frame
+        path = np.minimum(travel * np.array([fmt.width, fmt.height]), room)
+        np.testing.assert_allclose(shift, np.array(expected) * path, atol=1.0)
+        assert (truth.boxes[k, :, :2] >= 0).all() and (truth.boxes[k, :, 2] <= fmt.width).all()
+        assert (truth.boxes[k, :, 3] <= fmt.height).all()
+        side = max(box)
         assert abs(side - SIZE_FRACTIONS[truth.sizes[k]] * min(fmt.width, fmt.height)) <= 1.0
+
+
+def test_a_path_longer_than_fits_goes_as_far_as_the_subject_fits():
+    fmt = VideoFormat()
+    assert travel_px("left", fmt, 0.5, (54, 40)) == (-64.0, 0.0)  # up to 0.5 every subject's path fits
+    assert travel_px("left", fmt, 0.75, (54, 40)) == (-74.0, 0.0)  # 0.75 x 128 = 96 px, the room is 128 - 54
+    assert travel_px("down", fmt, 0.75, (20, 38)) == (0.0, 90.0)
+    assert travel_px("up", fmt, 0.75) == (0.0, -96.0)  # no box: the fraction alone
 
 
 @pytest.mark.parametrize("travel", [0, -0.1, MAX_TRAVEL + 0.01, True, "0.3"])
