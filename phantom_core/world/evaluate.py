@@ -11,6 +11,7 @@ over the single- and two-subject cases apart:
     trajectory_error    mean trajectory error over subjects, % of the frame
     background_accuracy % of cases whose border colour is the prompted background
     swap_rate           % of cases of several subjects with a swap (two-subject cases)
+    placement_accuracy  % of cases of several subjects with every subject where its own path is (``metrics``)
     copy_paste_rate     % of cases with a subject that copies its reference's context
     static_rate         % of subjects prompted to move that stay still
     stability           mean appearance stability over subjects (SSIM of consecutive frames)
@@ -42,6 +43,7 @@ SUMMARY_ROWS: tuple[tuple[str, str, str], ...] = (  # key, label, format
     ("trajectory_error", "trajectory error (% of frame)", "{:.2f}"),
     ("background_accuracy", "background accuracy (%)", "{:.1f}"),
     ("swap_rate", "two-subject swap rate (%)", "{:.1f}"),
+    ("placement_accuracy", "two-subject placement (%)", "{:.1f}"),
     ("copy_paste_rate", "copy-paste rate (%)", "{:.1f}"),
     ("static_rate", "static rate (%)", "{:.1f}"),
     ("stability", "appearance stability (SSIM)", "{:.3f}"),
@@ -117,6 +119,7 @@ def _group(scores: list[CaseScore]) -> dict[str, float | None]:
         "trajectory_error": _mean([s.trajectory_error for s in subjects]),
         "background_accuracy": _percent([c.background_correct for c in scores]),
         "swap_rate": _percent([c.swapped for c in scores if len(c.subjects) > 1]),
+        "placement_accuracy": _percent([bool(c.placed) for c in scores if len(c.subjects) > 1]),
         "copy_paste_rate": _percent([c.copy_paste for c in scores]),
         "static_rate": _percent([s.static for s in moving]),
         "stability": _mean([s.stability for s in subjects]),
@@ -148,7 +151,7 @@ def format_table(result: Evaluation) -> str:
 
 def _case_record(sample: WorldSample, score: CaseScore) -> dict[str, Any]:
     return {"index": sample.index, "prompt": sample.prompt, "background": score.background,
-            "measured_background": score.measured_background, "swapped": score.swapped,
+            "measured_background": score.measured_background, "swapped": score.swapped, "placed": score.placed,
             "copy_paste": score.copy_paste, "presence": [_finite(score.presence_start), _finite(score.presence_end)],
             "subjects": [
                 {"name": name, "prompted": s.prompted, "measured": s.measured, "psnr": _finite(s.psnr),

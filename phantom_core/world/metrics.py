@@ -17,6 +17,11 @@
 - **swap** (scenes of several subjects): some subject k performs another subject j's prompted motion instead of
   its own while j does not perform it (the motion went to the wrong subject; a subject that merely stays still
   beside a still one is static, not swapped).
+- **placement** (scenes of several subjects): each subject's tracked path lies where its own true path does:
+  matching the tracked mean centres to the true ones (x in units of width, y of height) by the least total distance
+  gives every subject its own. In the anchored layout the first subject named is the highest, so a subject drawn with
+  another's look in its place fails it; with a swap, it says whether the looks (placement wrong) or the motions
+  (placement right) went to the wrong place.
 - **copy-paste**: the reference template matches the output better than the truth template (mean peak NCC over
   the frames) and at least ``COPY_MIN_NCC``: the output shows the reference's context (white surround, its scale,
   pose or lighting) rather than the prompt's. **static**: a subject prompted to move measures ``still``.
@@ -33,6 +38,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import permutations
 
 import numpy as np
 
@@ -88,6 +94,7 @@ class CaseScore:
     measured_background: str
     presence_start: float = float("nan")
     presence_end: float = float("nan")
+    placed: bool | None = None  # several subjects: each where its own path is (``placement_kept``); None for one
 
     @property
     def background_correct(self) -> bool:
@@ -235,6 +242,22 @@ def is_swapped(prompted: tuple[str, ...] | list[str], measured: list[str], k: in
     return any(measured[k] == prompted[j] and measured[j] != prompted[j] for j in range(len(prompted)) if j != k)
 
 
+def placement_kept(tracked: list[np.ndarray], truth_centres: np.ndarray, width: int, height: int) -> bool | None:
+    """Several subjects: True when assigning the tracked paths to the true ones by least total distance between
+    mean centres (x / ``width``, y / ``height``) gives every subject its own (ties count for it); None for one.
+
+    ``tracked``: per subject, float ``[T, 2]`` (x, y) px; ``truth_centres``: float ``[S, T, 2]`` px.
+    """
+    if len(tracked) < 2:
+        return None
+    scale = np.array([width, height], dtype=np.float64)
+    ours = [np.asarray(c, dtype=np.float64).mean(axis=0) / scale for c in tracked]
+    theirs = [c.mean(axis=0) / scale for c in np.asarray(truth_centres, dtype=np.float64)]
+    cost = np.array([[np.linalg.norm(o - t) for t in theirs] for o in ours])  # (S, S)
+    own = float(np.trace(cost))
+    return all(own <= sum(cost[k, j] for k, j in enumerate(perm)) + 1e-12 for perm in permutations(range(len(ours))))
+
+
 def _copy_paste(track_: Track) -> bool:
     reference, truth = float(track_.reference_peak.mean()), float(track_.truth_peak.mean())
     return reference > truth and reference >= COPY_MIN_NCC
@@ -257,9 +280,10 @@ def score_video(output: np.ndarray, sample: WorldSample,
     surround = border_colour(output)
     pairs = [(cut.over(surround), ref_t) for cut, ref_t in templates]
     spectrum = FrameSpectrum(output, tracking_pad([t for pair in pairs for t in pair]), surround)
-    rows = []
+    rows, tracked = [], []
     for k, (truth_t, ref_t) in enumerate(pairs):
         track_ = track(spectrum, truth_t, ref_t)
+        tracked.append(track_.centres)
         motion = classify_motion(track_.centres, fmt.width, fmt.height)
         error = (track_.centres - truth.centres[k]) / np.array([fmt.width, fmt.height])  # (T, 2)
         error = 100.0 * float(np.linalg.norm(error - error.mean(axis=0), axis=1).mean())
@@ -269,4 +293,5 @@ def score_video(output: np.ndarray, sample: WorldSample,
     subjects = [SubjectScore(truth.motions[k], motion, psnr, ssim, error, stability, copied,
                              is_swapped(truth.motions, measured, k))
                 for k, (motion, psnr, ssim, error, stability, copied) in enumerate(rows)]
-    return CaseScore(tuple(subjects), truth.background, _named_background(surround), *presence(output, sample.video))
+    return CaseScore(tuple(subjects), truth.background, _named_background(surround), *presence(output, sample.video),
+                     placed=placement_kept(tracked, truth.centres, fmt.width, fmt.height))

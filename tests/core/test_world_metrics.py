@@ -15,8 +15,10 @@ from phantom_core.world.metrics import (
     classify_motion,
     is_swapped,
     masked_psnr,
+    placement_kept,
     score_video,
 )
+from phantom_core.world.render import layout, render_video
 from phantom_core.world.tracking import FrameSpectrum
 from tests.support.world import rerender, small_sample, swapped_motions
 
@@ -27,6 +29,7 @@ def test_ground_truth_scores_perfectly():
     summary = summarize([score_video(truth_video(s), s) for s in CASES])["all"]
     assert summary["motion_accuracy"] == 100.0 and summary["background_accuracy"] == 100.0
     assert summary["swap_rate"] == 0.0 and summary["copy_paste_rate"] == 0.0 and summary["static_rate"] == 0.0
+    assert summary["placement_accuracy"] == 100.0
     assert summary["psnr"] == PSNR_CAP
     assert summary["ssim"] == pytest.approx(1.0, abs=1e-9) and summary["stability"] == pytest.approx(1.0, abs=1e-9)
     assert summary["trajectory_error"] == pytest.approx(0.0, abs=1e-9)
@@ -62,6 +65,29 @@ def test_swapped_motions_show_as_a_swap(case):
     assert score.swapped
     assert [s.measured for s in score.subjects] == [case.truth.motions[1], case.truth.motions[0]]
     assert score.background_correct and not score.copy_paste
+
+
+@pytest.mark.parametrize("case", [s for s in CASES if len(s.subjects) == 2], ids=lambda s: str(s.index))
+def test_looks_drawn_in_each_others_places_fail_placement_not_the_swap(case):
+    """The other half of binding: each subject keeps its own motion, but the second one named is drawn where the
+    anchored layout puts the first (on top), so the tracked looks are in each other's places."""
+    reordered = replace(case.scene, subjects=case.scene.subjects[::-1])
+    cutouts = [s.image() for s in case.subjects][::-1]
+    boxes = layout(reordered, cutouts, case.config.video, np.random.default_rng(0))
+    video = render_video(reordered, cutouts, boxes, case.config.video)[0]
+    score = score_video(video, case)
+    assert score.placed is False and not score.swapped
+    assert [s.measured for s in score.subjects] == list(case.truth.motions)
+    assert score_video(truth_video(case), case).placed is True
+
+
+def test_placement_rule():
+    truth = np.array([[[30.0, 30.0]] * 3, [[90.0, 90.0]] * 3])  # (S=2, T=3, 2) px in a 128 x 128 frame
+    assert placement_kept([truth[0] + 5, truth[1] - 5], truth, 128, 128) is True
+    assert placement_kept([truth[1], truth[0]], truth, 128, 128) is False
+    assert placement_kept([truth[0]], truth[:1], 128, 128) is None  # one subject: nothing to place
+    three = np.concatenate([truth, [[[30.0, 90.0]] * 3]])
+    assert placement_kept([three[0], three[2], three[1]], three, 128, 128) is False
 
 
 def test_wrong_background_is_measured_as_wrong():
