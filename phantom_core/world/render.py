@@ -141,7 +141,7 @@ def layout(scene: Scene, cutouts: list[Image.Image], fmt: VideoFormat, rng: np.r
         x_lo, x_hi = max(0.0, -dx), fmt.width - w - max(0.0, dx)
         y_lo, y_hi = max(0.0, -dy), fmt.height - h - max(0.0, dy)
         if x_hi < x_lo or y_hi < y_lo:
-            return None  # the subject cannot travel that far inside the frame at this size
+            return None  # the subject is larger than the frame (travel_px keeps any other path inside it)
         ranges.append((x_lo, x_hi, y_lo, y_hi, dx, dy))
     anchor_sets = ANCHORS.get(len(sizes), ()) if mode == "anchored" else ()
     tries = ANCHOR_TRIES * len(anchor_sets)

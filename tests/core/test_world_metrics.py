@@ -18,7 +18,6 @@ from phantom_core.world.metrics import (
     placement_kept,
     score_video,
 )
-from phantom_core.world.render import layout, render_video
 from phantom_core.world.tracking import FrameSpectrum
 from tests.support.world import rerender, small_sample, swapped_motions
 
@@ -72,10 +71,7 @@ def test_looks_drawn_in_each_others_places_fail_placement_not_the_swap(case):
     """The other half of binding: each subject keeps its own motion, but the second one named is drawn where the
     anchored layout puts the first (on top), so the tracked looks are in each other's places."""
     reordered = replace(case.scene, subjects=case.scene.subjects[::-1])
-    cutouts = [s.image() for s in case.subjects][::-1]
-    boxes = layout(reordered, cutouts, case.config.video, np.random.default_rng(0))
-    video = render_video(reordered, cutouts, boxes, case.config.video)[0]
-    score = score_video(video, case)
+    score = score_video(rerender(case, reordered, cutouts=[s.image() for s in case.subjects][::-1]), case)
     assert score.placed is False and not score.swapped
     assert [s.measured for s in score.subjects] == list(case.truth.motions)
     assert score_video(truth_video(case), case).placed is True

@@ -18,9 +18,10 @@ def small_sample(index: int, count: int | None = None, split: str = "test", seed
     return make_sample(split, seed, index, SMALL, count=count)
 
 
-def rerender(sample: WorldSample, scene: Scene, seed: int = 0) -> np.ndarray:
-    """A video of ``scene`` with the sample's subjects (a fresh layout): uint8 ``[T, H, W, 3]``."""
-    cutouts = [s.image() for s in sample.subjects]
+def rerender(sample: WorldSample, scene: Scene, seed: int = 0, cutouts: list | None = None) -> np.ndarray:
+    """A video of ``scene`` with the sample's subjects, or ``cutouts`` (one per clause of ``scene``), in a fresh
+    layout: uint8 ``[T, H, W, 3]``."""
+    cutouts = [s.image() for s in sample.subjects] if cutouts is None else cutouts
     for attempt in range(20):
         boxes = layout(scene, cutouts, sample.config.video, np.random.default_rng([seed, attempt]))
         if boxes is not None:
