@@ -1,7 +1,7 @@
 """Can a network learn whose motion is whose when that is all there is to learn? A binding check in latent space.
 
     python -m tools.binding_toy [--layout random|anchored] [--text-positions] [--reference-index] [--umt5 FILE]
-        [--clause-marks SCALE] [--names] [--speed 1.5] [--late STEPS] [--temporal-weight W]
+        [--clause-marks SCALE] [--names] [--speed 1.5] [--late STEPS] [--temporal-weight W] [--pooled]
         [--steps 1000] [--every 100] [--threads 2]
 
 The world MMDiT hears a motion word but cannot tell which subject it belongs to (``tools.binding_probe``,
@@ -33,8 +33,11 @@ fixed vector per clause to its tokens' features (``clause_marks``: an ideal clau
 trains N steps without the positions and the index first (a bag-of-words network, as the world's runs start from),
 then adds them; ``--temporal-weight W`` adds W times ``training.objective.temporal_mse`` to the loss (the error of the
 clean estimate's change between frames: where the squares move); ``--recipe`` uses the world recipe's warm-up,
-cosine schedule and dropouts instead of the plain loop.
-docs/WORLD.md (eleventh session) has what it measured.
+cosine schedule and dropouts instead of the plain loop; ``--pooled`` adds the world default's pooled prompt and
+reference vectors to the timestep conditioning. Every measure also prints ``placed`` (``placement_score``): with the
+``anchored`` layout the references' order alone says which colour belongs on top, so it asks whether a network
+places two references' looks by order (``random``: nothing to learn, about 0).
+docs/WORLD.md (eleventh and fifteenth sessions) has what it measured.
 """
 
 from __future__ import annotations
@@ -139,14 +142,16 @@ def _names() -> tuple[str, ...]:
 def measure(model, encode, cases, sigmas=(0.95, 0.8), seed: int = 9) -> dict[float, dict]:
     """Per sigma over ``cases`` (``draw(..., differ=True)``): the mean velocity loss with the prompt (``own``) and
     with the clauses' motions swapped (``swapped``), the ``binding`` effect and ``heard`` control (latent px, see
-    the module) and the ``truth`` displacement. The noisy input and loss are the trainer's (``training.objective``)."""
+    the module), the ``truth`` displacement, and ``placed`` (``placement_score``: whether each square's place takes
+    its own reference's colour; meaningful for the ``anchored`` layout, where the order alone says which reference
+    is on top). The noisy input and loss are the trainer's (``training.objective``)."""
     from phantom_core.training.objective import noisy_latents, velocity_target, video_mse
 
     was_training, gen = model.training, torch.Generator().manual_seed(seed)
     model.eval()
     out = {}
     for sigma in sigmas:
-        rows = dict.fromkeys(("own", "swapped", "binding", "heard", "truth"), 0.0)
+        rows = dict.fromkeys(("own", "swapped", "binding", "heard", "truth", "placed"), 0.0)
         for motions, x0, refs, halves, words in cases:
             noise = torch.randn((1, *x0.shape), generator=gen)
             x_t = noisy_latents(x0[None], noise, torch.tensor([sigma]))
@@ -165,9 +170,28 @@ def measure(model, encode, cases, sigmas=(0.95, 0.8), seed: int = 9) -> dict[flo
                 rows["binding"] += score / (2 * len(cases))
                 rows["heard"] += float((shift["same"] - shift["reversed"]) @ unit) / (4 * len(cases))
                 rows["truth"] += float(region_displacement(x0, half)[0] * VECTORS[motions[k]][0]) / (2 * len(cases))
+            rows["placed"] += placement_score(est["own"], refs, halves) / len(cases)
         out[sigma] = rows
     model.train(was_training)
     return out
+
+
+def placement_score(estimate: Tensor, refs: Tensor, halves: list[Tensor]) -> float:
+    """Whether each square's half of the frame in ``estimate`` (``[16, FRAMES, SIZE, SIZE]``, a clean estimate) takes
+    its own reference's colour, averaged over the two squares: with ``m`` the estimate's mean over square ``k``'s
+    half (every frame; the toy's background is 0, so ``m`` is the square's colour times its share of the half), ``c``
+    / ``o`` the colours of reference ``k`` / the other (``refs`` ``[16, 2, SIZE, SIZE]``, centre pixels), the score
+    is ``(cos(m, c) - cos(m, o)) / (1 - cos(c, o))``: 1 for the own colour at any strength, -1 for the other's (the
+    looks drawn in each other's places), 0 for an even mix of both, about 0 for nothing there. It does not depend on
+    where in its half the square is, so not on its motion. The world's ``metrics.placement_kept`` asks the same of
+    tracked videos."""
+    score = 0.0
+    for k, half in enumerate(halves):
+        m = estimate[:, :, half].mean((1, 2))
+        c, o = refs[:, k, SIZE // 2, SIZE // 2], refs[:, 1 - k, SIZE // 2, SIZE // 2]
+        cos = torch.nn.functional.cosine_similarity
+        score += float((cos(m, c, dim=0) - cos(m, o, dim=0)) / (1 - cos(c, o, dim=0))) / 2
+    return score
 
 
 def clause_labels(tokenizer, text: str) -> list[int]:
@@ -208,13 +232,16 @@ def clause_marks(tokenizer, text: str, context: Tensor, scale: float, seed: int 
 
 def run(steps: int, every: int, layout: str = "random", text_positions: bool = False, reference_index: bool = False,
         umt5: str | None = None, seed: int = 0, threads: int = 2, plain: bool = True, marks: float = 0.0,
-        names: bool = False, speed: float = STEP, late: int = 0, temporal: float = 0.0, report=print) -> dict:
+        names: bool = False, speed: float = STEP, late: int = 0, temporal: float = 0.0, pooled: bool = False,
+        report=print) -> dict:
     """Train the toy's network for ``steps`` and return the final ``measure``; ``report`` gets a line every
     ``every`` steps. ``umt5``: a world umT5 file instead of the shipped one; ``marks``: ``clause_marks``' scale
     (0: none); ``names``, ``speed``: ``draw``'s; ``late``: first train that many steps without the text positions
     and the reference index (a network that has learnt the prompt as a bag of words, as the world's shipped MMDiT),
     then add them (``mmdit_default.with_text_positions`` / ``with_reference_index``) and train ``steps`` more;
-    ``temporal``: the trainer's ``temporal_weight`` (0: the plain loss)."""
+    ``temporal``: the trainer's ``temporal_weight`` (0: the plain loss); ``pooled``: the world default's global
+    vectors of the prompt and of the references in the timestep conditioning (``MMDiTConfig.pooled_text`` /
+    ``pooled_reference``)."""
     from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
     from phantom_core.tiny.default import TRAINED_DIR
     from phantom_core.training.cache import InMemoryLatents, LatentSample
@@ -235,8 +262,10 @@ def run(steps: int, every: int, layout: str = "random", text_positions: bool = F
                               encode(WAN_NEGATIVE_PROMPT))
     held_out = draw(HELD_OUT, seed + 1000, layout, differ=True, names=names, speed=speed)
     model = build_network("mmdit", seed, text_positions=text_positions and not late,
-                          reference_index=reference_index and not late)
+                          reference_index=reference_index and not late, pooled_text=pooled,
+                          pooled_reference=pooled)
     parts = [layout, "names" * names, "text positions" * text_positions, "reference index" * reference_index,
+             "pooled vectors" * pooled,
              f"umT5 {umt5}" * bool(umt5), f"clause marks x {marks}" * bool(marks), f"speed {speed}" * (speed != STEP),
              f"added after {late} steps" * bool(late), f"temporal weight {temporal}" * bool(temporal), "plain" * plain]
     name = f"binding toy ({', '.join(p for p in parts if p)})"
@@ -247,7 +276,8 @@ def run(steps: int, every: int, layout: str = "random", text_positions: bool = F
         if step % every == 0 or step == total:
             final = measure(model, encode, held_out)
             cells = " | ".join(f"sigma {s}: loss {r['own']:.4f} / swapped {r['swapped']:.4f}, binding "
-                               f"{r['binding']:.2f}, heard {r['heard']:.2f} of {r['truth']:.2f}"
+                               f"{r['binding']:.2f}, heard {r['heard']:.2f} of {r['truth']:.2f}, "
+                               f"placed {r['placed']:.2f}"
                                for s, r in final.items())
             report(f"{name} {phase}step {step}/{total} ({time.time() - start:.0f} s, train loss {loss:.4f}): "
                    f"{cells}")
@@ -271,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layout", choices=LAYOUTS, default="random")
     p.add_argument("--text-positions", action="store_true", help="learned text positions (MMDiTConfig)")
     p.add_argument("--reference-index", action="store_true", help="a learned index on each reference's VAE tokens")
+    p.add_argument("--pooled", action="store_true",
+                   help="the world default's pooled prompt and reference vectors in the timestep conditioning")
     p.add_argument("--umt5", default=None, metavar="FILE", help="a world umT5 file (default: the shipped one)")
     p.add_argument("--clause-marks", type=float, default=0.0, metavar="SCALE",
                    help="add SCALE x a fixed vector per clause to its tokens' umT5 features (an ideal clause-aware "
@@ -304,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(message)
     run(args.steps, args.every, args.layout, args.text_positions, args.reference_index, args.umt5, args.seed,
         args.threads, plain=not args.recipe, marks=args.clause_marks, names=args.names,
-        speed=args.speed, late=args.late, temporal=args.temporal_weight, report=lambda s: print(s, flush=True))
+        speed=args.speed, late=args.late, temporal=args.temporal_weight, pooled=args.pooled,
+        report=lambda s: print(s, flush=True))
     return 0
 
 

@@ -2,6 +2,7 @@
 
     python -m tools.motion_probe --work build/default [--dit build/default/dit.safetensors] [--samples 24]
     python -m tools.motion_probe --binding --work TWO_SUBJECT_CACHE --dit FILE [--samples 24]
+    python -m tools.motion_probe --encodings --work CACHE --dit MMDIT_WITH_CLIP [--samples 24]
 
 For single-subject training triplets of a latent cache (``tools.train_default``'s ``latents`` stage, its captions in
 the files' metadata), the DiT's one-step clean estimate ``x0 = x_t - sigma v`` (rectified flow, Phantom Eq. 3) is
@@ -25,7 +26,9 @@ means). Two more columns say how much a word changes the estimate at all, ``||x0
 shows a motion change well above 0 with an effect near 0.
 The MMDiT is probed as it was trained (its cached CLIP features with its VAE reference latents).
 
-``--binding`` probes whether two subjects each follow their own clause instead (``tools.binding_probe``).
+``--binding`` probes whether two subjects each follow their own clause instead (``tools.binding_probe``);
+``--encodings`` which of an MMDiT's two reference encodings (VAE latents, CLIP features) it reads
+(``encoding_probe``).
 """
 
 from __future__ import annotations
@@ -150,6 +153,39 @@ def probe(dit, encode, samples, sigmas=(0.95, 0.85, 0.7), seed: int = 0, draws: 
     return out
 
 
+@torch.no_grad()
+def encoding_probe(dit, samples, sigmas=(0.95, 0.6, 0.3), seed: int = 0) -> dict[float, dict[str, float]]:
+    """Which encoding of the references does an MMDiT read (Phantom Eq. 1-2: CLIP features in the text stream, VAE
+    latents in the video stream)? Per sigma over ``samples`` (``(caption, motion, LatentSample)`` with CLIP
+    features, at least two), the one-step estimate with the sample's own references and with those of the next
+    sample (cyclically) in their place: its VAE latents alone (``vae``), its CLIP features alone (``clip``), both
+    (``both``); each change ``||x0(own) - x0(swapped)|| / ||x0(own) - truth||`` in %, the mean over the samples, on
+    the same noise. A model that reads the look from one encoding only has a change near 0 for the other.
+
+    Raises ``ValueError`` for fewer than two samples or a sample without CLIP features."""
+    from dataclasses import replace
+
+    if len(samples) < 2 or any(s.ref_clip is None for _, _, s in samples):
+        raise ValueError(f"encoding probe: needs two or more samples with CLIP features, got {len(samples)} "
+                         f"({sum(s.ref_clip is None for _, _, s in samples)} without)")
+    gen, out = torch.Generator().manual_seed(seed), {}
+    for sigma in sigmas:
+        rows = {"vae": 0.0, "clip": 0.0, "both": 0.0}
+        for k, (_, _, sample) in enumerate(samples):
+            other = samples[(k + 1) % len(samples)][2]
+            state = gen.get_state()
+            own = mean_estimates(dit, sample, {"own": sample.context}, sigma, 1, gen)["own"]
+            error = float((own - sample.latents).norm().clamp_min(1e-8))
+            for tag, changed in (("vae", replace(sample, ref_latents=other.ref_latents)),
+                                 ("clip", replace(sample, ref_clip=other.ref_clip)),
+                                 ("both", replace(sample, ref_latents=other.ref_latents, ref_clip=other.ref_clip))):
+                x0 = mean_estimates(dit, changed, {"own": sample.context}, sigma, 1,
+                                    torch.Generator().set_state(state))["own"]
+                rows[tag] += float((own - x0).norm()) / error * 100 / len(samples)
+        out[sigma] = rows
+    return out
+
+
 def token_roles(tokenizer, caption: str) -> list[str]:
     """Per umT5 token of ``caption`` (``wan.umt5.tokenize_prompt``'s ids, ``</s>`` last): ``"motion"`` for the
     pieces of the word after ``moves``, ``"background"`` for the word before ``background``, else ``"other"``."""
@@ -241,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--binding", action="store_true",
                    help="probe binding instead, on --work's two-subject triplets (binding_probe: the clauses' motions "
                         "swapped)")
+    p.add_argument("--encodings", action="store_true",
+                   help="which reference encoding an MMDiT with a CLIP branch reads (encoding_probe), instead")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -252,6 +290,16 @@ def main(argv: list[str] | None = None) -> int:
     dit = load_any_dit(dit_path).eval()
     text_encoder = load_text_encoder(work / "umt5.safetensors")
     clip = getattr(dit.config, "clip_dim", 0) > 0
+    if args.encodings:
+        if not clip:
+            p.error(f"--encodings: {dit_path} has no CLIP branch; it reads its VAE reference latents alone")
+        results = encoding_probe(dit, cache_samples(work, args.samples, clip_features=True))
+        print(f"{dit_path}: change of the one-step estimate, in % of its error, when another triplet's reference "
+              "encoding replaces the own")
+        print(f"{'sigma':>6} {'VAE':>7} {'CLIP':>7} {'both':>7}")
+        for sigma, r in results.items():
+            print(f"{sigma:>6.2f} {r['vae']:>7.1f} {r['clip']:>7.1f} {r['both']:>7.1f}")
+        return 0
     if args.binding:
         from tools.binding_probe import binding_probe, cache_pair_samples
 

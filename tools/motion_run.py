@@ -4,7 +4,8 @@
         [--device cuda]
     python -m tools.motion_run train --work W [--mix W2 ...] --network mmdit-pooled [--init FILE] [--batch 32]
         [--seconds 300] [--every 500] [--dropout TEXT REFERENCE] [--schedule cosine] [--ema 0.998] [--clip]
-        [--pooled] [--text-positions] [--reference-index] [--temporal-weight W] [--resume] [--device cuda] --out RUN
+        [--encoding-dropout VAE CLIP] [--pooled] [--text-positions] [--reference-index] [--temporal-weight W]
+        [--resume] [--device cuda] --out RUN
 
 ``cache`` renders the world's triplets (``WorldConfig.travel``: how far the subjects move) in ``--workers`` processes
 and encodes them with the shipped world VAE and umT5 (``phantom_core/tiny/trained``; the VAE on ``--device``, the
@@ -25,21 +26,22 @@ average of the weights, ``training.ema``, becomes the final file; the probes rea
 (an ``--init`` MMDiT with a CLIP branch, e.g. the shipped ``default-mmdit``; Phantom Eq. 1 and 2): each cache's
 references are rendered again from its index and encoded by the shipped world CLIP, or ``--clip-vision``'s
 (``mmdit_default.stage_clip_features``, resumable, cached beside the latents: one tower per cache), the recipe's
-VAE-reference dropout 0.7 applies, and the probe feeds the features too. ``--pooled`` gives the ``--init`` MMDiT the
+VAE-reference dropout 0.7 applies (``--encoding-dropout VAE CLIP`` sets it and the trainer's
+``clip_reference_dropout``), and the probe feeds the features too. ``--pooled`` gives the ``--init`` MMDiT the
 pooled text and reference vectors (``mmdit_default.with_pooled_vectors`` from seed 0: zero at first, so the run starts
 from the file's own velocity), ``--text-positions`` the learned text positions (``with_text_positions``: a scaled
 sin-cos start), ``--reference-index`` a learned index on each reference's VAE tokens (``with_reference_index``).
 ``--temporal-weight W`` adds W times ``training.objective.temporal_mse`` (the error of the clean estimate's change
 from frame to frame, where a subject's motion is) to the plain velocity loss.
-Every ``--every`` steps and at the end it runs ``tools.motion_probe.probe`` (sigma 0.95 and 0.85, 2
-draws) on ``--probe`` moving single-subject triplets of the training cache and of the held-out cache and prints the text
-effect (latent px; the truth's displacement beside it), and where ``--work`` or a ``--mix`` cache has two-subject
-triplets, ``binding_probe.binding_probe`` on ``--probe`` of them (the first such cache's). It writes ``RUN.safetensors``
-(the trainer's file), ``RUN_fp16.safetensors`` (a half-size copy: a device machine returns files up to 16 MiB) and
-``RUN_curve.json`` (every probe so far, rewritten atomically after each). The trainer writes a checkpoint
-(``RUN_run/checkpoints``, the latest kept) at every probe, so a run stopped by ``--seconds`` or killed goes on with
-``--resume`` (the same command) from its last probe, with the same data order, noise and optimiser state; the curve
-keeps the rows up to that step (``seconds`` in a row counts from the start of the invocation that measured it).
+Every ``--every`` steps and at the end it runs ``tools.motion_probe.probe`` (sigma 0.95 and 0.85, 2 draws) on
+``--probe`` moving single-subject triplets of the training cache and of the held-out cache and prints the text effect
+(latent px; the truth's displacement beside it), and where ``--work`` or a ``--mix`` cache has two-subject triplets,
+``binding_probe``'s ``binding_probe`` and ``placement_probe`` on ``--probe`` of them (the first such cache's). It writes
+``RUN.safetensors`` (the trainer's file), ``RUN_fp16.safetensors`` (a half-size copy: a device machine returns files
+up to 16 MiB) and ``RUN_curve.json`` (every probe so far, rewritten atomically after each). The trainer writes a
+checkpoint (``RUN_run/checkpoints``, the latest kept) at every probe, so a run stopped by ``--seconds`` or killed goes
+on with ``--resume`` (the same command) from its last probe, with the same data order, noise and optimiser state; the
+curve keeps the rows up to that step (``seconds`` in a row counts from the start of the invocation that measured it).
 docs/WORLD.md has what it measured.
 """
 
@@ -52,6 +54,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -69,17 +72,6 @@ def render(job: tuple[str, int, int, float, int | None]):
     split, seed, index, travel, subjects = job
     torch.set_num_threads(1)
     return next(_raw_samples([index], replace(WORLD, travel=travel), split, seed, subjects))
-
-
-class DeviceVAE:
-    """A VAE that encodes on ``device`` and returns float32 latents on the CPU (not an ``nn.Module``, so
-    ``references.encode_references`` hands it CPU pixels)."""
-
-    def __init__(self, vae, device: torch.device) -> None:
-        self.vae, self.device = vae.to(device), device
-
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(video.to(self.device)).float().cpu()
 
 
 def cache(args: argparse.Namespace) -> None:
@@ -100,9 +92,10 @@ def cache(args: argparse.Namespace) -> None:
     load, fingerprints = recipe._encoders(work)
     device = torch.device(args.device)
 
-    def encoders():
-        vae, text_encoder = load()
-        return DeviceVAE(vae, device), text_encoder
+    def encoders():  # the VAE encodes on --device and gives float32 latents back on the CPU; not an nn.Module, so
+        vae, text_encoder = load()  # references.encode_references hands it CPU pixels
+        vae = vae.to(device)
+        return SimpleNamespace(encode=lambda video: vae.encode(video.to(device)).float().cpu()), text_encoder
 
     started, fmt = time.perf_counter(), recipe.WORLD.video
     held = [("test", HELD_OUT_SEED, i, args.travel, 1) for i in range(args.held_out)]
@@ -188,24 +181,18 @@ def train_run(args: argparse.Namespace, data) -> list[dict]:
     from phantom_core.training.model import save_output
     from phantom_core.wan.umt5 import load_text_encoder
     from phantom_core.world.default_model import DIT_TRAIN
-    from tools.binding_probe import binding_probe, cache_pair_samples
+    from tools.binding_probe import binding_probe, cache_pair_samples, placement_probe
     from tools.motion_probe import cache_samples, probe
     from tools.motion_toy import build_network, dropout_settings
 
     work, device, out = Path(args.work), torch.device(args.device), Path(args.out)
     model = load_any_dit(args.init).float().train() if args.init else build_network(args.network, args.seed)
-    if args.pooled:  # before the trainer, which restores a --resume checkpoint into this model
-        from phantom_core.world.mmdit_default import with_pooled_vectors
+    from phantom_core.world import mmdit_default as extras
 
-        model = with_pooled_vectors(model).train()  # seed 0: the vectors do not depend on --seed
-    if args.text_positions:
-        from phantom_core.world.mmdit_default import with_text_positions
-
-        model = with_text_positions(model).train()
-    if args.reference_index:
-        from phantom_core.world.mmdit_default import with_reference_index
-
-        model = with_reference_index(model).train()
+    for flag, add in (("pooled", extras.with_pooled_vectors), ("text_positions", extras.with_text_positions),
+                      ("reference_index", extras.with_reference_index)):  # pooled: seed 0, whatever --seed
+        if getattr(args, flag):  # before the trainer, which restores a --resume checkpoint into this model
+            model = add(model).train()
     settings = {**DIT_TRAIN, "dit": args.init or f"motion-run:{args.network}", "device": args.device,
                 "precision": "fp32", "batch_size": args.batch, "steps": args.steps, "lr_schedule": args.schedule,
                 "learning_rate": args.lr, "ema_decay": args.ema, "checkpoint_every": args.every,
@@ -214,8 +201,9 @@ def train_run(args: argparse.Namespace, data) -> list[dict]:
     if args.clip:  # the paper's both network: CLIP features in the text stream, the VAE-reference dropout
         from phantom_core.world.mmdit_default import CLIP_OUTPUT, MMDIT_VAE_DROPOUT
 
-        settings.update(clip_vision=str(args.clip_vision), clip_output=CLIP_OUTPUT,
-                        vae_reference_dropout=MMDIT_VAE_DROPOUT)
+        vae, clip = args.encoding_dropout or (MMDIT_VAE_DROPOUT, 0.0)
+        settings.update(clip_vision=str(args.clip_vision), clip_output=CLIP_OUTPUT, vae_reference_dropout=vae,
+                        clip_reference_dropout=clip)
     config = load_config(None, **settings, out=str(out.with_suffix(".safetensors")), run_dir=f"{out}_run",
                          resume=args.resume, dropped_prompt=WAN_NEGATIVE_PROMPT)
     text_encoder = load_text_encoder(work / "umt5.safetensors")
@@ -253,8 +241,9 @@ def train_run(args: argparse.Namespace, data) -> list[dict]:
             found = probe(dit, encode, samples, sigmas=PROBE_SIGMAS, draws=2)
             row[tag] = {str(s): {k: round(v, 3) for k, v in r.items()} for s, r in found.items()}
         if pairs:
-            found = binding_probe(dit, encode, pairs, sigmas=PROBE_SIGMAS, draws=2)
-            row["binding"] = {str(s): {k: round(v, 3) for k, v in r.items()} for s, r in found.items()}
+            for key, found in (("binding", binding_probe(dit, encode, pairs, sigmas=PROBE_SIGMAS, draws=2)),
+                               ("placement", placement_probe(dit, pairs, sigmas=PROBE_SIGMAS, draws=2))):
+                row[key] = {str(s): {k: round(v, 3) for k, v in r.items()} for s, r in found.items()}
         model.train()
         curve.append(row)
         write_curve()
@@ -262,9 +251,10 @@ def train_run(args: argparse.Namespace, data) -> list[dict]:
                          f"(share {r['0.95']['share']:.0f}%), {r['0.85']['effect']:.2f} at 0.85"
                          for tag, r in ((t, row[t]) for t in sets))
         if pairs:
-            b = row["binding"]["0.95"]
+            b, q = row["binding"]["0.95"], row["placement"]["0.95"]
             text += (f"; two subjects at sigma 0.95: heard {b['heard']:.2f}, binding {b['effect']:.2f} of "
-                     f"{b['truth']:.2f} (both right {b['share']:.0f}%)")
+                     f"{b['truth']:.2f} (both right {b['share']:.0f}%), placement {q['placed']:.2f} (order "
+                     f"{q['order']:.1f}% of the error, closer {q['closer']:.0f}%)")
         print(f"step {step} ({row['seconds']:.0f} s): {text}", flush=True)
 
     def callback(step: int, total: int, loss: float) -> None:
@@ -340,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(mmdit_default.with_reference_index: its CLIP index embedding's values to start)")
     t.add_argument("--clip", action="store_true",
                    help="the references' CLIP features too (the shipped world CLIP; an --init with a CLIP branch)")
+    t.add_argument("--encoding-dropout", type=float, nargs=2, metavar=("VAE", "CLIP"), default=None,
+                   help="--clip: the probabilities that a sample's VAE latents / CLIP features alone are zeroed (one "
+                        "draw, never both; default: the paper's 0.7 / 0)")
     t.add_argument("--clip-vision", type=Path, default=None, metavar="FILE",
                    help="--clip: the world CLIP tower (default: the shipped one; tools.train_default gives its own)")
     t.add_argument("--temporal-weight", type=float, default=0.0, metavar="W",
@@ -376,8 +369,11 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{flag.replace('_', '-')} adds {what} to an --init MMDiT; give --init")
     if args.ema and args.seconds != float("inf"):
         p.error("--ema with --seconds: a run stopped on time has no final average; give --steps instead")
-    if args.clip_vision is not None and not args.clip:
-        p.error("--clip-vision names the CLIP tower of --clip; give --clip too")
+    for flag, given in (("--clip-vision", args.clip_vision is not None), ("--encoding-dropout", args.encoding_dropout)):
+        if given and not args.clip:
+            p.error(f"{flag} is for the CLIP features of --clip; give --clip too")
+    if args.encoding_dropout and not (min(args.encoding_dropout) >= 0 and sum(args.encoding_dropout) <= 1):
+        p.error(f"--encoding-dropout is {args.encoding_dropout}; two probabilities >= 0 whose sum is at most 1")
     if args.clip:
         from phantom_core.tiny.default import TRAINED_DIR
 

@@ -29,8 +29,10 @@ reference twice: VAE latents and CLIP features (``clip_vision``: the tower's fil
 latents). ``reference_dropout`` (the ``v_neg`` condition) zeroes both, as the sampler's ``v_neg`` pass does;
 ``vae_reference_dropout`` (the paper's 0.7) zeroes the VAE latents alone, on a draw of its own (independent of the
 nested text / reference draw, so the ``v_img`` condition still sees VAE latents as often as the others), and keeps
-the CLIP features: it needs them. ``vae_references = false`` gives the model no VAE reference latents at all (the
-paper's "CLIP only" ablation); a model without a CLIP branch (``clip_dim`` 0) is the "VAE only" one.
+the CLIP features: it needs them. ``clip_reference_dropout`` zeroes the CLIP features alone, at the other end of
+that draw (never both); not the paper's, it makes a model read the VAE latents, whose order RoPE tells apart, when
+the CLIP tokens alone would carry the look. ``vae_references = false`` gives the model no VAE reference latents at
+all (the paper's "CLIP only" ablation); a model without a CLIP branch (``clip_dim`` 0) is the "VAE only" one.
 """
 
 from __future__ import annotations
@@ -134,6 +136,9 @@ class TrainConfig:
     vae_reference_dropout: float = _f(0.0, "probability, on a draw of its own, that a sample's VAE reference "
                                            "latents are zeroed while its CLIP features stay (the paper: 0.7; needs "
                                            "CLIP features)")
+    clip_reference_dropout: float = _f(0.0, "probability, on the VAE drop's draw, that a sample's CLIP features "
+                                            "are zeroed while its VAE latents stay, never both (not the paper's; "
+                                            "needs CLIP features; with vae_reference_dropout at most 1)")
     vae_references: bool = _f(True, "give the model the references' VAE latents (false: the paper's CLIP-only "
                                     "ablation, an MMDiT with a CLIP branch)")
     temporal_weight: float = _f(0.0, "weight of a term added to the velocity MSE: the MSE of the frame-to-frame "
@@ -204,6 +209,7 @@ TRAIN_RANGES: dict[str, Range] = {
     "text_dropout": Range(0.0, 1.0, meaning="a probability"),
     "reference_dropout": Range(0.0, 1.0, meaning="a probability"),
     "vae_reference_dropout": Range(0.0, 1.0, meaning="a probability"),
+    "clip_reference_dropout": Range(0.0, 1.0, meaning="a probability"),
     "temporal_weight": Range(0.0, 1000.0, meaning="weight of the temporal term, 0 = the plain loss"),
     "seed": Range(0, 2**63 - 1, 1, "the run seed"),
     "checkpoint_every": Range(1, 10**8, 1, "steps between checkpoints"),
@@ -243,6 +249,10 @@ def validate_config(c: TrainConfig) -> None:
                           ("lr_schedule", LR_SCHEDULES), ("precision", PRECISIONS), ("validation_solver", SOLVERS),
                           ("clip_output", CLIP_OUTPUT_CHOICES)):
         _check(getattr(c, name) in options, name, getattr(c, name), " | ".join(options))
+    _check(c.vae_reference_dropout + c.clip_reference_dropout <= 1, "clip_reference_dropout", c.clip_reference_dropout,
+           f"at most 1 - vae_reference_dropout ({1 - c.vae_reference_dropout:g}): one draw drops one encoding")
+    _check(not (c.clip_reference_dropout and not c.vae_references), "clip_reference_dropout",
+           c.clip_reference_dropout, "0 without VAE references (vae_references false)")
     _check(not (c.ema_decay and c.fsdp), "ema_decay", c.ema_decay, "0 with fsdp (an FSDP rank holds shards)")
     _check(len(c.validation_references) <= 4, "validation_references", c.validation_references, "0 to 4 images")
     if c.validate_every:

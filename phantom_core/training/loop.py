@@ -80,7 +80,7 @@ last checkpoint is kept)."""
 IN_MEMORY_BYTES = 1 << 30  # a latent cache smaller than this is loaded into memory once
 RESUME_FIXED = ("mode", "lora_rank", "lora_alpha", "lora_targets", "batch_size", "grad_accum", "seed",
                 "timesteps", "text_dropout", "reference_dropout", "width", "height", "frames", "clip_output",
-                "vae_reference_dropout", "vae_references", "ema_decay")
+                "vae_reference_dropout", "vae_references", "ema_decay", "clip_reference_dropout")
 
 
 @dataclass
@@ -183,10 +183,10 @@ def _train(config: TrainConfig, ctx: DistContext, dataset: LatentDataset | None,
             context, refs = drop_conditions(context, refs, dropped, drop_u, config.text_dropout,
                                             config.reference_dropout)
             ref_clip = torch.stack([s.ref_clip for s in batch]).to(ctx.device).float() if use_clip else None
-            if use_clip or config.vae_reference_dropout or not config.vae_references:
+            if use_clip or config.vae_reference_dropout or not config.vae_references or config.clip_reference_dropout:
                 refs, ref_clip = reference_inputs(refs, ref_clip, drop_u, torch.tensor([d.vae_drop_u for d in draws]),
                                                   config.reference_dropout, config.vae_reference_dropout,
-                                                  config.vae_references)
+                                                  config.vae_references, config.clip_reference_dropout)
             with gradient_sync(trained, micro == config.grad_accum - 1), autocast():
                 loss = flow_matching_loss(trained, x0, refs, context, sigma, noise, ref_clip, config.temporal_weight)
                 (loss / config.grad_accum).backward()

@@ -120,14 +120,18 @@ def drop_conditions(context: Tensor, ref_latents: Tensor, dropped_context: Tenso
 
 
 def reference_inputs(ref_latents: Tensor, ref_clip: Tensor | None, drop_u: Tensor, vae_drop_u: Tensor,
-                     reference_dropout: float, vae_reference_dropout: float = 0.0, vae_references: bool = True
-                     ) -> tuple[Tensor | None, Tensor | None]:
+                     reference_dropout: float, vae_reference_dropout: float = 0.0, vae_references: bool = True,
+                     clip_reference_dropout: float = 0.0) -> tuple[Tensor | None, Tensor | None]:
     """The references a model with CLIP features sees, after ``drop_conditions`` dropped the VAE latents.
 
     - ``ref_clip`` is zeroed for the samples whose VAE latents ``drop_conditions`` zeroed (``drop_u <
       reference_dropout``): the ``v_neg`` pass's input, both encodings zero, as the sampler gives it;
     - the VAE latents alone are zeroed where ``vae_drop_u < vae_reference_dropout`` (the paper's 0.7; a draw of
       its own), the CLIP features kept;
+    - the CLIP features alone are zeroed where ``vae_drop_u >= 1 - clip_reference_dropout`` (the same draw's other
+      end, so no sample loses both encodings to these two: their sum must be at most 1), the VAE latents kept (not
+      the paper's: a model that can read a reference's look from CLIP tokens alone need never learn the VAE
+      tokens, which are the ones whose order RoPE tells apart; docs/WORLD.md, fifteenth session);
     - ``vae_references=False`` (the CLIP-only ablation) gives the model no VAE latents (None).
 
     Args:
@@ -137,15 +141,23 @@ def reference_inputs(ref_latents: Tensor, ref_clip: Tensor | None, drop_u: Tenso
         ``(ref_latents or None, ref_clip or None)``, new tensors.
     Raises:
         ValueError: ``vae_reference_dropout > 0`` or ``vae_references=False`` without CLIP features: the model
-            would see no reference at all.
+            would see no reference at all; ``clip_reference_dropout > 0`` without CLIP features or without VAE
+            latents, or with ``vae_reference_dropout + clip_reference_dropout > 1``.
     """
     if ref_clip is None and (vae_reference_dropout > 0 or not vae_references):
         raise ValueError(f"vae_reference_dropout is {vae_reference_dropout} and vae_references {vae_references}, "
                          "but the samples have no CLIP features (clip_vision) for a model with a CLIP branch: "
                          "without them the VAE latents are the only reference")
+    if clip_reference_dropout > 0 and (ref_clip is None or not vae_references
+                                       or vae_reference_dropout + clip_reference_dropout > 1):
+        raise ValueError(f"clip_reference_dropout is {clip_reference_dropout}: it needs CLIP features and VAE "
+                         f"references (vae_references is {vae_references}, CLIP features "
+                         f"{'given' if ref_clip is not None else 'missing'}), and vae_reference_dropout "
+                         f"({vae_reference_dropout}) + clip_reference_dropout at most 1")
     if ref_clip is not None:
         drop_both = (drop_u < reference_dropout).to(ref_clip.device).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-        ref_clip = torch.where(drop_both, 0.0, ref_clip)
+        drop_clip = (vae_drop_u >= 1 - clip_reference_dropout).to(ref_clip.device).view(-1, 1, 1, 1)
+        ref_clip = torch.where(drop_both | drop_clip, 0.0, ref_clip)  # u < 1: p 0 drops none
     if not vae_references:
         return None, ref_clip
     drop_vae = (vae_drop_u < vae_reference_dropout).to(ref_latents.device).view(-1, 1, 1, 1, 1)  # (B, 1, 1, 1, 1)

@@ -45,8 +45,9 @@ def test_draw_is_deterministic_and_the_layouts_differ_as_documented():
 
 class _Oracle(torch.nn.Module):
     """Predicts the velocity towards the toy video its context describes: clause k's motion for reference k's square
-    (``mode="binds"``), the clauses swapped (``"swaps"``), or both squares still (``"deaf"``). Squares are found by
-    their reference's colour; the context carries the two motions as 0 / 1 (left / right)."""
+    (``mode="binds"``), the clauses swapped (``"swaps"``), both squares still (``"deaf"``), or each reference's
+    square (and its clause's motion) in the other's half (``"misplaces"``). Squares are found by their reference's
+    colour; the context carries the two motions as 0 / 1 (left / right)."""
 
     def __init__(self, mode: str, cases):
         super().__init__()
@@ -59,6 +60,7 @@ class _Oracle(torch.nn.Module):
         case = next(c for c in self.cases if torch.equal(c[2], refs[0]))
         colours = refs[0][:, :, SIZE // 2, SIZE // 2].T  # (2, 16)
         top = 0 if bool(case[3][0][0, 0]) else 1
+        top = 1 - top if self.mode == "misplaces" else top
         x0, _, _ = toy_pair(motions, top, colours, (0, 0, 0, 0))
         if self.mode == "deaf":
             x0 = x0[:, FRAMES // 2:FRAMES // 2 + 1].expand_as(x0)
@@ -66,14 +68,14 @@ class _Oracle(torch.nn.Module):
         return (x - x0[None]) / sigma
 
 
-def test_measure_scores_binding_swapping_and_deafness():
+def test_measure_scores_binding_swapping_deafness_and_placement():
     def encode(text):
         words = text.split(" moves ")[1:]
         return torch.tensor([[float(w.startswith("right"))] * 4 for w in words] + [[0.0] * 4])
 
     cases = draw(6, seed=5, differ=True)
-    rows = {mode: measure(_Oracle(mode, cases), encode, cases, sigmas=(0.9,))[0.9] for mode in ("binds", "swaps",
-                                                                                                "deaf")}
+    rows = {mode: measure(_Oracle(mode, cases), encode, cases, sigmas=(0.9,))[0.9]
+            for mode in ("binds", "swaps", "deaf", "misplaces")}
     truth = rows["binds"]["truth"]
     assert truth == pytest.approx(STEP * (FRAMES - 1), abs=1.0)
     assert rows["binds"]["binding"] == pytest.approx(truth, abs=1.0)  # the jitter moves the oracle's path a little
@@ -82,6 +84,11 @@ def test_measure_scores_binding_swapping_and_deafness():
     assert rows["binds"]["heard"] == pytest.approx(truth, abs=1.0) and rows["swaps"]["heard"] == pytest.approx(
         truth, abs=1.0)  # both told one motion: no binding needed
     assert rows["binds"]["own"] < rows["binds"]["swapped"]
+    # each place takes its own reference's colour (the oracle's path misses the jittered truth by a few px) or the
+    # other's; placement does not depend on the motions
+    for mode in ("binds", "swaps", "deaf"):
+        assert 0.5 < rows[mode]["placed"] <= 1.0 + 1e-5
+    assert -1.0 - 1e-5 <= rows["misplaces"]["placed"] < -0.5
 
 
 @pytest.mark.usefixtures("single_thread")
@@ -91,11 +98,12 @@ def test_a_short_run_goes_through_the_trainer_and_adds_the_index_tables_late(cap
     flag."""
     lines = []
     final = run(steps=1, every=1, layout="anchored", text_positions=True, reference_index=True, threads=1,
-                speed=1.0, late=1, temporal=0.5, report=lines.append)
+                speed=1.0, late=1, temporal=0.5, pooled=True, report=lines.append)
     assert len(lines) == 2 and "bag of words: step 1/1" in lines[0] and "then with them: step 1/1" in lines[1]
-    assert lines[0].startswith("binding toy (anchored, text positions, reference index, speed 1.0, added after 1 "
-                               "steps, temporal weight 0.5, plain)")
-    assert set(final) == {0.95, 0.8} and all(0 < r["own"] < 10 and "binding" in r for r in final.values())
+    assert lines[0].startswith("binding toy (anchored, text positions, reference index, pooled vectors, speed 1.0, "
+                               "added after 1 steps, temporal weight 0.5, plain)")
+    assert "placed " in lines[1]
+    assert set(final) == {0.95, 0.8} and all(0 < r["own"] < 10 and -1 <= r["placed"] <= 1 for r in final.values())
     assert final[0.8]["truth"] == pytest.approx(1.0 * (FRAMES - 1), abs=1.0)
     for argv, message in ((["--steps", "0"], "--steps is 0; it must be >= 1"),
                           (["--late", "5"], "--late is 5; it must be >= 0, and a late start needs --text-positions"),

@@ -7,10 +7,18 @@ import pytest
 import torch
 
 from phantom_core.training.cache import LatentSample
-from tools.binding_probe import binding_probe, pair_motions, same_motions, subject_regions, swap_motions
+from tools.binding_probe import (
+    binding_probe,
+    pair_motions,
+    placement_probe,
+    same_motions,
+    subject_regions,
+    swap_motions,
+)
 from tools.motion_probe import (
     change_background,
     displacement,
+    encoding_probe,
     latent_path,
     probe,
     reverse_motion,
@@ -234,3 +242,72 @@ def test_binding_probe_refuses_nothing_to_read():
         binding_probe(PairDiT("bound", False), pair_encoder(), [], sigmas=(0.9,))
     with pytest.raises(ValueError, match="draws is 0"):
         binding_probe(PairDiT("bound", False), pair_encoder(), [], sigmas=(0.9,), draws=0)
+
+
+def two_looks(colours: torch.Tensor) -> torch.Tensor:
+    """``[16, F, h, w]``: ``two_blobs``' left-right layout at rest, the top square in ``colours[0]`` and the bottom one
+    in ``colours[1]`` (``[2, 16]``)."""
+    x = torch.zeros(16, FRAMES, SIDE, SIDE)
+    for (cx, cy), colour in zip(((6, 3), (6, 10)), colours):
+        x[:, :, cy:cy + 3, cx:cx + 3] = colour[:, None, None, None]
+    return x
+
+
+class LookDiT:
+    """A velocity model whose clean estimate draws its references' looks (each reference latent's mean per channel)
+    at the two places: reference k on top when ``ordered`` (as the truth), the other way round when ``reversed``,
+    their average in both when ``bag``. Takes the CLIP features too and ignores them."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def __call__(self, x, t, context, ref_latents, ref_clip=None):
+        looks = ref_latents[0].mean((2, 3)).T  # (2, 16)
+        looks = {"ordered": looks, "reversed": looks.flip(0), "bag": looks.mean(0).expand(2, 16)}[self.mode]
+        return (x - two_looks(looks)[None]) / (float(t[0]) / 1000.0)
+
+
+def test_placement_probe_tells_an_ordered_dit_from_a_reversed_and_a_bag_of_references():
+    gen = torch.Generator().manual_seed(3)
+    samples = []
+    for k in range(3):
+        colours = torch.randn(2, 16, generator=gen)
+        refs = colours.T[:, :, None, None].expand(16, 2, SIDE, SIDE).clone()
+        samples.append(("caption", ("left", "right"), LatentSample(f"s{k}", two_looks(colours), refs, torch.zeros(4, 8),
+                                                                     torch.randn(2, 3, 8, generator=gen))))
+    results = {mode: placement_probe(LookDiT(mode), samples, sigmas=(0.9,), draws=2)[0.9]
+               for mode in ("ordered", "reversed", "bag")}
+    assert results["ordered"]["placed"] == pytest.approx(1.0, abs=1e-4) and results["ordered"]["closer"] == 100.0
+    assert results["reversed"]["placed"] == pytest.approx(-1.0, abs=1e-4) and results["reversed"]["closer"] == 0.0
+    assert results["ordered"]["order"] > 100  # an exact estimate: the order's change is far above its (rounding) error
+    assert results["bag"]["order"] == pytest.approx(0.0, abs=1e-6) and results["bag"]["placed"] == 0.0
+    with pytest.raises(ValueError, match="no two-subject samples"):
+        placement_probe(LookDiT("bag"), [], sigmas=(0.9,))
+    with pytest.raises(ValueError, match="draws is 0"):
+        placement_probe(LookDiT("bag"), samples, sigmas=(0.9,), draws=0)
+
+
+class OneEncodingDiT:
+    """A velocity model whose clean estimate is a flat latent of its CLIP features' mean (``reads="clip"``) or of its
+    VAE reference latents' mean (``"vae"``), the other encoding ignored."""
+
+    def __init__(self, reads: str):
+        self.reads = reads
+
+    def __call__(self, x, t, context, ref_latents, ref_clip=None):
+        level = (ref_clip if self.reads == "clip" else ref_latents).mean()
+        return (x - torch.full_like(x, float(level))) / (float(t[0]) / 1000.0)
+
+
+def test_encoding_probe_names_the_encoding_a_dit_reads():
+    gen = torch.Generator().manual_seed(4)
+    samples = [("caption", "left", LatentSample(f"s{k}", torch.zeros(16, FRAMES, SIDE, SIDE),
+                                                 torch.randn(16, 1, SIDE, SIDE, generator=gen) + k,
+                                                 torch.zeros(4, 8), torch.randn(1, 3, 8, generator=gen) - k))
+               for k in range(3)]
+    for reads, other in (("clip", "vae"), ("vae", "clip")):
+        rows = encoding_probe(OneEncodingDiT(reads), samples, sigmas=(0.9,))[0.9]
+        assert rows[other] == pytest.approx(0.0, abs=1e-4)
+        assert rows[reads] > 10.0 and rows["both"] == pytest.approx(rows[reads], rel=1e-4)
+    with pytest.raises(ValueError, match="needs two or more samples with CLIP features, got 1"):
+        encoding_probe(OneEncodingDiT("vae"), samples[:1])

@@ -98,11 +98,13 @@ def test_cache_train_probe_stop_on_time_and_resume(tmp_path):
     clipped, tower_file = tmp_path / "clipped", tmp_path / "own_clip.safetensors"
     shutil.copyfile(TRAINED_DIR / CLIP_FILE, tower_file)  # --clip-vision: a tower of its own (train_default's)
     assert main(["train", "--work", str(work), "--init", str(both), "--clip", "--clip-vision", str(tower_file),
-                 "--batch", "2", "--steps", "2", "--every", "2", "--probe", "2", "--threads", "2",
-                 "--out", str(clipped)]) == 0
+                 "--encoding-dropout", "0.3", "0.5", "--batch", "2", "--steps", "2", "--every", "2", "--probe", "2",
+                 "--threads", "2", "--out", str(clipped)]) == 0
     assert [row["step"] for row in json.loads((tmp_path / "clipped_curve.json").read_text())] == [2]
     (_, ckpt), = list_checkpoints(f"{clipped}_run/checkpoints")
-    assert json.loads((ckpt / CONFIG_FILE).read_text())["clip_vision"] == str(tower_file)
+    saved = json.loads((ckpt / CONFIG_FILE).read_text())
+    assert saved["clip_vision"] == str(tower_file)
+    assert (saved["vae_reference_dropout"], saved["clip_reference_dropout"]) == (0.3, 0.5)
     data = training_latents([work], clip=True)
     held = clip_feature_table(work / "held_out")
     assert len(held) == 4 and all(name.startswith("world_test_") for name in held)
@@ -153,9 +155,14 @@ def test_bad_options_are_refused(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--work", "w", "--out", "r", "--reference-index"])
     assert "--reference-index adds a learned reference index to an --init MMDiT; give --init" in capsys.readouterr().err
+    for extra, flag in ((["--clip-vision", "t.safetensors"], "--clip-vision"),
+                        (["--encoding-dropout", "0.3", "0.5"], "--encoding-dropout")):
+        with pytest.raises(SystemExit):
+            main(["train", "--work", "w", "--out", "r", *extra])
+        assert f"{flag} is for the CLIP features of --clip; give --clip too" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["train", "--work", "w", "--out", "r", "--clip-vision", "t.safetensors"])
-    assert "--clip-vision names the CLIP tower of --clip; give --clip too" in capsys.readouterr().err
+        main(["train", "--work", "w", "--out", "r", "--clip", "--encoding-dropout", "0.7", "0.4"])
+    assert "--encoding-dropout is [0.7, 0.4]; two probabilities >= 0 whose sum is at most 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--work", "w", "--out", "r", "--clip", "--clip-vision", "missing.safetensors"])
     assert "--clip-vision: missing.safetensors is not a file" in capsys.readouterr().err

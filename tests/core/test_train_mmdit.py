@@ -4,6 +4,7 @@ references' CLIP features cached and fed, dropout of both encodings, and the fin
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -107,6 +108,37 @@ def test_reference_dropout_zeroes_both_encodings_and_vae_dropout_only_the_latent
     assert none is None and feats[0].abs().max() == 0
     with pytest.raises(ValueError, match="no CLIP features"):
         reference_inputs(dropped_refs, None, drop_u, vae_u, 0.1, 0.7)
+
+
+def test_clip_dropout_zeroes_the_clip_features_alone_at_the_other_end_of_the_vae_draw():
+    gen = torch.Generator().manual_seed(1)
+    refs, clip = torch.randn(4, 16, 2, 4, 4, generator=gen), torch.randn(4, 2, 3, 8, generator=gen)
+    drop_u = torch.tensor([0.5, 0.5, 0.5, 0.05], dtype=torch.float64)  # the last: v_neg (reference_dropout 0.1)
+    vae_u = torch.tensor([0.1, 0.5, 0.9, 0.5])
+    refs_in = refs.clone()
+    refs_in[3] = 0  # as drop_conditions leaves the v_neg sample
+    lat, feats = reference_inputs(refs_in, clip, drop_u, vae_u, 0.1, 0.3, clip_reference_dropout=0.4)
+    assert lat[0].abs().max() == 0 and torch.equal(feats[0], clip[0])  # u 0.1 < 0.3: the VAE latents alone
+    assert torch.equal(lat[1], refs[1]) and torch.equal(feats[1], clip[1])  # 0.3 <= u < 0.6: both kept
+    assert torch.equal(lat[2], refs[2]) and feats[2].abs().max() == 0  # u 0.9 >= 1 - 0.4: the CLIP features alone
+    assert lat[3].abs().max() == 0 and feats[3].abs().max() == 0  # v_neg: both, whatever the draw
+    for u in torch.linspace(0, 0.999, 50):  # never both to the two encoding dropouts, even at a sum of 1
+        lat, feats = reference_inputs(refs, clip, drop_u[:1], u[None], 0.1, 0.6, clip_reference_dropout=0.4)
+        assert lat.abs().max() > 0 or feats.abs().max() > 0
+    for kwargs, detail in ((dict(ref_clip=None, vae_reference_dropout=0.0), "CLIP features missing"),
+                           (dict(vae_references=False), "vae_references is False"),
+                           (dict(vae_reference_dropout=0.7), "vae_reference_dropout (0.7) + clip_reference_dropout")):
+        args = dict(ref_latents=refs, ref_clip=clip, drop_u=drop_u, vae_drop_u=vae_u, reference_dropout=0.1,
+                    vae_reference_dropout=0.3, clip_reference_dropout=0.4) | kwargs
+        with pytest.raises(ValueError, match="clip_reference_dropout is 0.4: it needs CLIP features") as err:
+            reference_inputs(**args)
+        assert detail in str(err.value)
+    for overrides, message in ((dict(vae_reference_dropout=0.7, clip_reference_dropout=0.4),
+                                "clip_reference_dropout is 0.4; valid: at most 1 - vae_reference_dropout"),
+                               (dict(vae_references=False, clip_reference_dropout=0.4),
+                                "valid: 0 without VAE references")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_config(None, **overrides)
 
 
 def test_the_loop_feeds_zeroed_features_and_no_vae_latents_to_the_clip_only_variant(tmp_path):
