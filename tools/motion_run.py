@@ -4,8 +4,8 @@
         [--device cuda]
     python -m tools.motion_run train --work W [--mix W2 ...] --network mmdit-pooled [--init FILE] [--batch 32]
         [--seconds 300] [--every 500] [--dropout TEXT REFERENCE] [--schedule cosine] [--ema 0.998] [--clip]
-        [--encoding-dropout VAE CLIP] [--pooled] [--text-positions] [--reference-index] [--temporal-weight W]
-        [--resume] [--device cuda] --out RUN
+        [--encoding-dropout VAE CLIP] [--pooled] [--text-positions] [--reference-index] [--key-mask T]
+        [--temporal-weight W] [--resume] [--device cuda] --out RUN
 
 ``cache`` renders the world's triplets (``WorldConfig.travel``: how far the subjects move) in ``--workers`` processes
 and encodes them with the shipped world VAE and umT5 (``phantom_core/tiny/trained``; the VAE on ``--device``, the
@@ -27,22 +27,22 @@ average of the weights, ``training.ema``, becomes the final file; the probes rea
 references are rendered again from its index and encoded by the shipped world CLIP, or ``--clip-vision``'s
 (``mmdit_default.stage_clip_features``, resumable, cached beside the latents: one tower per cache), the recipe's
 VAE-reference dropout 0.7 applies (``--encoding-dropout VAE CLIP`` sets it and the trainer's
-``clip_reference_dropout``), and the probe feeds the features too. ``--pooled`` gives the ``--init`` MMDiT the
-pooled text and reference vectors (``mmdit_default.with_pooled_vectors`` from seed 0: zero at first, so the run starts
-from the file's own velocity), ``--text-positions`` the learned text positions (``with_text_positions``: a scaled
-sin-cos start), ``--reference-index`` a learned index on each reference's VAE tokens (``with_reference_index``).
-``--temporal-weight W`` adds W times ``training.objective.temporal_mse`` (the error of the clean estimate's change
-from frame to frame, where a subject's motion is) to the plain velocity loss.
-Every ``--every`` steps and at the end it runs ``tools.motion_probe.probe`` (sigma 0.95 and 0.85, 2 draws) on
-``--probe`` moving single-subject triplets of the training cache and of the held-out cache and prints the text effect
-(latent px; the truth's displacement beside it), and where ``--work`` or a ``--mix`` cache has two-subject triplets,
-``binding_probe``'s ``binding_probe`` and ``placement_probe`` on ``--probe`` of them (the first such cache's). It writes
-``RUN.safetensors`` (the trainer's file), ``RUN_fp16.safetensors`` (a half-size copy: a device machine returns files
-up to 16 MiB) and ``RUN_curve.json`` (every probe so far, rewritten atomically after each). The trainer writes a
-checkpoint (``RUN_run/checkpoints``, the latest kept) at every probe, so a run stopped by ``--seconds`` or killed goes
-on with ``--resume`` (the same command) from its last probe, with the same data order, noise and optimiser state; the
-curve keeps the rows up to that step (``seconds`` in a row counts from the start of the invocation that measured it).
-docs/WORLD.md has what it measured.
+``clip_reference_dropout``), and the probe feeds the features too. ``--pooled`` gives the ``--init`` MMDiT the pooled
+text and reference vectors (``mmdit_default.with_pooled_vectors`` from seed 0: zero at first, so the run starts from the
+file's own velocity), ``--text-positions`` the learned text positions (``with_text_positions``: a scaled sin-cos start),
+``--reference-index`` a learned index on each reference's VAE tokens (``with_reference_index``), ``--key-mask T`` keeps
+each reference's letterbox out of the keys (``with_reference_key_mask``). ``--temporal-weight W`` adds W times
+``training.objective.temporal_mse`` (the error of the clean estimate's change from frame to frame, where a subject's
+motion is) to the plain velocity loss. Every ``--every`` steps and at the end it runs ``tools.motion_probe.probe``
+(sigma 0.95 and 0.85, 2 draws) on ``--probe`` moving single-subject triplets of the training cache and of the held-out
+cache and prints the text effect (latent px; the truth's displacement beside it), and where ``--work`` or a ``--mix``
+cache has two-subject triplets, ``binding_probe``'s ``binding_probe`` and ``placement_probe`` on ``--probe`` of them
+(the first such cache's). It writes ``RUN.safetensors`` (the trainer's file), ``RUN_fp16.safetensors`` (a half-size
+copy: a device machine returns files up to 16 MiB) and ``RUN_curve.json`` (every probe so far, rewritten atomically
+after each). The trainer writes a checkpoint (``RUN_run/checkpoints``, the latest kept) at every probe, so a run stopped
+by ``--seconds`` or killed goes on with ``--resume`` (the same command) from its last probe, with the same data order,
+noise and optimiser state; the curve keeps the rows up to that step (``seconds`` in a row counts from the start of the
+invocation that measured it). docs/WORLD.md has what it measured.
 """
 
 from __future__ import annotations
@@ -65,8 +65,7 @@ PROBE_SIGMAS = (0.95, 0.85)
 
 
 def render(job: tuple[str, int, int, float, int | None]):
-    """Worker: ``(split, seed, index, travel, subjects)`` -> the recipe's ``RawSample`` of that world with
-    ``subjects`` subjects (None: the world's mix)."""
+    """Worker: ``(split, seed, index, travel, subjects)`` -> that world's ``RawSample`` (subjects None: the mix)."""
     from phantom_core.world.default_model import WORLD, _raw_samples
 
     split, seed, index, travel, subjects = job
@@ -163,8 +162,8 @@ def clip_features(work: Path, mix: list[Path], clip: Path) -> None:
     stage_clip_features(work / "held_out", clip, split="test", seed=HELD_OUT_SEED)
 
 
-class _Stop(Exception):
-    """Raised by the training callback when ``--seconds`` have passed; carries the step reached."""
+class _Stop(Exception):  # raised by the training callback when --seconds have passed; carries the step reached
+    pass
 
 
 def train_run(args: argparse.Namespace, data) -> list[dict]:
@@ -193,6 +192,7 @@ def train_run(args: argparse.Namespace, data) -> list[dict]:
                       ("reference_index", extras.with_reference_index)):  # pooled: seed 0, whatever --seed
         if getattr(args, flag):  # before the trainer, which restores a --resume checkpoint into this model
             model = add(model).train()
+    model = extras.with_reference_key_mask(model, args.key_mask).train() if args.key_mask else model
     settings = {**DIT_TRAIN, "dit": args.init or f"motion-run:{args.network}", "device": args.device,
                 "precision": "fp32", "batch_size": args.batch, "steps": args.steps, "lr_schedule": args.schedule,
                 "learning_rate": args.lr, "ema_decay": args.ema, "checkpoint_every": args.every,
@@ -328,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--reference-index", action="store_true",
                    help="give the --init MMDiT a learned index on each reference's VAE tokens "
                         "(mmdit_default.with_reference_index: its CLIP index embedding's values to start)")
+    t.add_argument("--key-mask", type=float, default=0.0, metavar="T",
+                   help="keep the references' letterbox out of the --init MMDiT's keys (with_reference_key_mask)")
     t.add_argument("--clip", action="store_true",
                    help="the references' CLIP features too (the shipped world CLIP; an --init with a CLIP branch)")
     t.add_argument("--encoding-dropout", type=float, nargs=2, metavar=("VAE", "CLIP"), default=None,
@@ -358,13 +360,16 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("batch", "steps", "every", "probe"):
         if getattr(args, name) < 1:
             p.error(f"--{name} is {getattr(args, name)}; it must be >= 1")
+    if not 0 <= args.key_mask < 1:
+        p.error(f"--key-mask is {args.key_mask}; a fraction in [0, 1) of each reference's largest patch distance")
     for flag, value, field in (("--ema", args.ema, "ema_decay"), ("--temporal-weight", args.temporal_weight,
                                                                   "temporal_weight")):
         if (message := TRAIN_RANGES[field].error(flag, value)) is not None:
             p.error(message)
     if args.pooled and not args.init:
         p.error("--pooled adds the pooled vectors to an --init MMDiT; from scratch, give --network mmdit-pooled")
-    for flag, what in (("text_positions", "learned text positions"), ("reference_index", "a learned reference index")):
+    for flag, what in (("text_positions", "learned text positions"), ("reference_index", "a learned reference index"),
+                       ("key_mask", "a reference key mask")):
         if getattr(args, flag) and not args.init:
             p.error(f"--{flag.replace('_', '-')} adds {what} to an --init MMDiT; give --init")
     if args.ema and args.seconds != float("inf"):

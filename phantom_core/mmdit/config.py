@@ -59,6 +59,15 @@ class MMDiTConfig:
             which reference it is (RoPE's time index ``f + k`` tells references apart in the attention scores
             only, not in what attention returns); with ``text_positions`` it starts as the same rows as
             ``clip_index_embed``, so reference k carries one index vector in both streams. False: none.
+        reference_key_mask: keep each reference's background out of the attention's keys
+            (``windows.reference_key_keep``): a reference VAE token whose latent patch lies within
+            ``reference_key_mask`` times the largest such distance of its reference's median patch (the dominant
+            background: the white letterbox Phantom's pipeline puts every reference on) is a key for no query, in
+            every block; the other tokens, the video's and the text stream's stay keys. A reference of all zeros
+            (dropped in training, or the ``v_neg`` pass) is masked whole. 0 (the default): off. In the world
+            MMDiT 93% of the attention to the reference VAE tokens landed on the letterbox, a content-free sink, and
+            another subject's latents moved the estimate by 4% of its error (docs/WORLD.md); with the keys masked,
+            19-27%. Stored as the float buffer ``reference_key_mask`` (absent when 0).
     """
 
     dim: int
@@ -78,6 +87,7 @@ class MMDiTConfig:
     pooled_reference: bool = False
     text_positions: bool = False
     reference_index: bool = False
+    reference_key_mask: float = 0.0
     eps: float = 1e-6
     rope_theta: float = 10000.0
 
@@ -91,6 +101,9 @@ class MMDiTConfig:
         if self.pos_embed_max and self.dim % 4:
             raise ValueError(f"MMDiTConfig.dim {self.dim} is not divisible by 4, which the 2-D sin-cos position "
                              "table (pos_embed_max > 0) needs")
+        if not 0.0 <= self.reference_key_mask < 1.0:
+            raise ValueError(f"MMDiTConfig.reference_key_mask is {self.reference_key_mask}; it must be in [0, 1) (a "
+                             "fraction of each reference's largest patch distance from its median patch; 0: off)")
         if self.clip_dim < 0:
             raise ValueError(f"MMDiTConfig.clip_dim is {self.clip_dim}; it must be >= 0 (0: no CLIP branch)")
         if self.dim % self.num_heads:

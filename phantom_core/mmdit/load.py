@@ -57,6 +57,17 @@ def _pos_embed_side(sd: dict[str, Tensor], dim: int) -> int:
     return side
 
 
+def _key_mask(sd: dict[str, Tensor]) -> float:
+    """The value of the ``reference_key_mask`` buffer (a float32 scalar), 0.0 without one."""
+    value = sd.get("reference_key_mask")
+    if value is None:
+        return 0.0
+    if not value.is_floating_point() or value.numel() != 1 or value.device.type == "meta":
+        raise ValueError(f"MMDiT state dict: reference_key_mask is {value.dtype} {tuple(value.shape)} on "
+                         f"{value.device}; expected one float with its value")
+    return float(value.reshape(()))
+
+
 def infer_mmdit_config(sd: dict[str, Tensor]) -> MMDiTConfig:
     """The architecture of a Phantom MMDiT from its tensor shapes (and its two integer buffers).
 
@@ -64,7 +75,7 @@ def infer_mmdit_config(sd: dict[str, Tensor]) -> MMDiTConfig:
     there is no ``clip_embedder``; ``pos_embed_max`` the side of the ``pos_embed`` table, 0 without one;
     ``pooled_text`` / ``pooled_reference`` whether there is a ``y_embedder`` / ``r_embedder``; ``text_positions``
     / ``reference_index`` whether there is a ``text_pos_embed`` / ``ref_index_embed``; ``window`` and
-    ``text_len`` from the ``window_size`` / ``text_len`` buffers.
+    ``text_len`` from the ``window_size`` / ``text_len`` buffers, ``reference_key_mask`` from its buffer (0 without).
     Returns the ``MMDIT_PRESETS`` object when one is equal.
 
     Raises:
@@ -93,7 +104,7 @@ def infer_mmdit_config(sd: dict[str, Tensor]) -> MMDiTConfig:
         window=_ints(sd, "window_size", 3), freq_dim=key_shape(sd, "t_embedder.mlp.0.weight", 2, "MMDiT")[1],
         pos_embed_max=_pos_embed_side(sd, dim), pooled_text="y_embedder.mlp.0.weight" in sd,
         pooled_reference="r_embedder.mlp.0.weight" in sd, text_positions="text_pos_embed" in sd,
-        reference_index="ref_index_embed" in sd,
+        reference_index="ref_index_embed" in sd, reference_key_mask=_key_mask(sd),
     )
     return next((preset for preset in MMDIT_PRESETS.values() if preset == config), config)
 

@@ -21,11 +21,13 @@ Token streams and their positions (3-D RoPE, Wan convention, ``phantom_core.wan.
 
 Every block runs :func:`phantom_core.mmdit.windows.window_joint_attention`: the video tokens in windows of
 ``config.window`` tokens (shifted by half a window in odd blocks), ``[F_ref,v, F_T]`` appended to every window,
-their outputs averaged over the windows. The output head reads the video tokens only.
+their outputs averaged over the windows; with ``config.reference_key_mask`` each reference's background tokens (its
+white letterbox) are left out of the keys. The output head reads the video tokens only.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -39,7 +41,7 @@ from phantom_core.mmdit.blocks import FinalLayer, JointBlock
 from phantom_core.mmdit.config import MAX_CLIP_REFERENCES, TEXT_POSITION_SCALE, MMDiTConfig
 from phantom_core.mmdit.inputs import check_mmdit_inputs
 from phantom_core.mmdit.positions import cropped_table, frame_table, sincos_table
-from phantom_core.mmdit.windows import WindowPlan, window_plan
+from phantom_core.mmdit.windows import WindowPlan, reference_key_keep, window_plan
 from phantom_core.wan.dit import pad_to_patch, run_fp32, sinusoidal_embedding, xavier_init_
 from phantom_core.wan.rope import rope_table
 
@@ -109,6 +111,8 @@ class PhantomMMDiT(nn.Module):
         self.register_buffer("text_len", torch.tensor(cfg.text_len, dtype=torch.int64, device=where))
         if cfg.pos_embed_max:  # SD3's fixed absolute table, saved with the weights (its size tells pos_embed_max)
             self.register_buffer("pos_embed", sincos_table(cfg.pos_embed_max, D)[None].to(where))
+        if cfg.reference_key_mask:  # the letterbox key mask's threshold (mmdit.load.infer_mmdit_config reads it)
+            self.register_buffer("reference_key_mask", torch.tensor(cfg.reference_key_mask, device=where))
         self.gradient_checkpointing = False
 
     @property
@@ -159,8 +163,8 @@ class PhantomMMDiT(nn.Module):
         pw)`` view; timestep MLP N(0, 0.02^2); the pooled-text and pooled-reference MLPs Xavier as every Linear;
         adaLN-Zero: every ``adaLN_modulation`` Linear and the final ``linear`` zero, so each block starts as the
         identity and the first velocity is 0; norm weights one, biases zero.
-        Refills ``window_size`` / ``text_len`` (and the fixed ``pos_embed``) from the config (``to_empty`` leaves
-        buffers undefined).
+        Refills ``window_size`` / ``text_len`` (and ``pos_embed``, ``reference_key_mask``) from the config
+        (``to_empty`` leaves buffers undefined).
         For a model built with ``device="meta"`` and allocated with ``to_empty(device=...)``.
 
         Raises:
@@ -188,6 +192,8 @@ class PhantomMMDiT(nn.Module):
         self.text_len.fill_(self.config.text_len)
         if self.config.pos_embed_max:
             self.pos_embed.copy_(sincos_table(self.config.pos_embed_max, self.config.dim)[None])
+        if self.config.reference_key_mask:
+            self.reference_key_mask.fill_(self.config.reference_key_mask)
 
     @torch.no_grad()
     def set_text_positions(self, scale: float) -> None:
@@ -303,6 +309,10 @@ class PhantomMMDiT(nn.Module):
         ctx = self._embed_context(context, ref_clip)  # (B, text_len + N * T, D)
         # 6. joint blocks over the windows of the video grid alone (the seam a step cache wraps)
         plans = tuple(window_plan(grid, cfg.window, shifted, tokens.device) for shifted in (False, True))
+        if cfg.reference_key_mask and n_refs:  # each reference's background tokens are no key (config docstring)
+            keep = reference_key_keep(ref_latents, cfg.patch_size, cfg.reference_key_mask)  # (B, Lr)
+            keep = torch.cat([keep, keep.new_ones(keep.shape[0], ctx.shape[1])], dim=1)  # (B, Lr + Lt + Lc)
+            plans = tuple(replace(plan, key_keep=keep) for plan in plans)
         tokens = self.run_blocks(tokens, ctx, c, cos, sin, plans)  # (B, Lv + Lr, D)
         # 7. output layer on the video tokens only, unpatchify, crop the patch padding
         out = self.final_layer(tokens[:, : f * h * w], c)  # (B, Lv, pt * ph * pw * C)

@@ -18,7 +18,10 @@ holds padding or tokens from the opposite border. An axis one window covers enti
 hence one window over the whole grid is exactly full joint attention in every block.
 
 Windows of one shape are batched into a single attention call (at most 27 shapes: first, middle and last segment of
-each axis), run by the selected back-end (``phantom_core.wan.attention``: sdpa, flash, sage or math).
+each axis), run by the selected back-end (``phantom_core.wan.attention``: sdpa, flash, sage or math). A plan with a
+key mask (``WindowPlan.key_keep``, ``MMDiTConfig.reference_key_mask``: each reference's background tokens,
+:func:`reference_key_keep`) runs PyTorch SDPA with a boolean mask whatever the back-end, since flash and sage
+take no arbitrary mask.
 """
 
 from __future__ import annotations
@@ -28,9 +31,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor
 
 from phantom_core.wan.attention import attention
+from phantom_core.wan.dit import pad_to_patch
 
 
 @dataclass(frozen=True)
@@ -40,11 +46,14 @@ class WindowPlan:
     ``groups``: one int64 tensor ``(n_windows, tokens_per_window)`` per window shape, each row the flat indices
     (``(t * h + y) * w + x``) of one window's tokens in grid order; together the rows cover every video token once.
     ``count``: number of windows in all groups. ``n_video``: tokens in the grid (``f * h * w``).
+    ``key_keep``: None (every token is a key), or ``(B, n_injected)`` bool, False for an injected token that no
+    query may attend to (``window_plan`` never sets it; ``dataclasses.replace`` a cached plan per forward).
     """
 
     groups: tuple[Tensor, ...]
     count: int
     n_video: int
+    key_keep: Tensor | None = None
 
 
 def axis_segments(n: int, size: int, shifted: bool) -> list[tuple[int, int]]:
@@ -108,9 +117,12 @@ def window_joint_attention(q: Tensor, k: Tensor, v: Tensor, plan: WindowPlan) ->
     - injected token ``i``: ``(1 / n_windows) * sum_j out_j[i]``, the mean over all windows, each window weighted
       equally whatever its size.
 
+    With ``plan.key_keep`` the injected tokens it marks False are left out of every window's keys (their own
+    queries still attend to the rest); the window's video tokens are always keys, so no row is empty.
+
     Args:
         q, k, v: ``(B, n_video + n_injected, H, d)``; q and k already normalised and rotated (RoPE).
-        plan: from :func:`window_plan` for the video grid.
+        plan: from :func:`window_plan` for the video grid (``key_keep``, if set, ``(B, n_injected)`` bool).
 
     Returns:
         ``(B, n_video + n_injected, H * d)`` in the dtype of ``q``.
@@ -128,8 +140,48 @@ def window_joint_attention(q: Tensor, k: Tensor, v: Tensor, plan: WindowPlan) ->
             win = full[:, idx]  # (B, n_windows, Lw, H, d)
             tails = tail.unsqueeze(1).expand(B, n_win, *tail.shape[1:])  # (B, n_windows, n_injected, H, d)
             parts.append(torch.cat([win, tails], dim=2).flatten(0, 1))  # (B * n_windows, Lw + n_injected, H, d)
-        out = attention(*parts).flatten(2).unflatten(0, (B, n_win))  # (B, n_windows, Lw + n_injected, H * d)
+        if plan.key_keep is None:
+            out = attention(*parts)  # (B * n_windows, Lw + n_injected, H, d)
+        else:
+            keep = torch.cat([plan.key_keep.new_ones(B, lw), plan.key_keep], dim=1)  # (B, Lw + n_injected)
+            out = masked_attention(*parts, keep.repeat_interleave(n_win, dim=0))  # rows in (b, window) order
+        out = out.flatten(2).unflatten(0, (B, n_win))  # (B, n_windows, Lw + n_injected, H * d)
         out_video[:, idx.reshape(-1)] = out[:, :, :lw].reshape(B, n_win * lw, H * d)
         injected_sum += out[:, :, lw:].float().sum(dim=1)  # (B, n_injected, H * d)
     injected = (injected_sum / plan.count).to(q.dtype)  # (B, n_injected, H * d)
     return torch.cat([out_video, injected], dim=1)  # (B, n_video + n_injected, H * d)
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor) -> Tensor:
+    """Attention over the keys ``keep`` marks: ``q, k, v`` ``(B, L, H, d)``, ``keep`` ``(B, L)`` bool (at least one
+    True per row) -> ``(B, L, H, d)``: ``softmax`` over the kept keys only (PyTorch SDPA with a boolean mask, on any
+    back-end selection: flash and sage take no arbitrary mask)."""
+    mask = keep[:, None, None, :]  # (B, 1, 1, L): the same keys for every head and query
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)  # (B, L, H, d)
+
+
+def reference_key_keep(ref_latents: Tensor, patch_size: tuple[int, int, int], threshold: float) -> Tensor:
+    """Which reference VAE tokens stay keys under ``MMDiTConfig.reference_key_mask`` (``threshold``).
+
+    Each reference latent is cut into the model's patches (as its tokens are: padded to the patch, one token per
+    patch), and a token's distance is the L2 norm of its patch minus the reference's median patch (the per-value
+    median over its patches, torch's lower median): the median patch is the reference's dominant background, the
+    white letterbox of a prepared reference. A token is kept when its distance exceeds ``threshold`` times the
+    reference's largest distance; so an all-zero reference (dropped, or the ``v_neg`` pass) keeps none.
+
+    Args:
+        ref_latents: ``(B, C, N, H, W)`` reference latents (one frame each), any float dtype (computed in fp32).
+        patch_size: the model's ``(t, h, w)`` patch.
+        threshold: in [0, 1).
+
+    Returns:
+        ``(B, N * h * w)`` bool, in the order of the reference tokens (reference-major, then the token grid).
+    """
+    B, _, N = ref_latents.shape[:3]
+    refs = rearrange(ref_latents.float(), "b c n h w -> (b n) c 1 h w")
+    patches = rearrange(pad_to_patch(refs, patch_size), "r c (f pf) (h ph) (w pw) -> r (f h w) (c pf ph pw)",
+                        pf=patch_size[0], ph=patch_size[1], pw=patch_size[2])  # (B * N, h * w, patch values)
+    dist = (patches - patches.median(dim=1, keepdim=True).values).norm(dim=-1)  # (B * N, h * w)
+    keep = dist > threshold * dist.amax(dim=1, keepdim=True).clamp_min(1e-6)  # (B * N, h * w)
+    return keep.reshape(B, -1)  # (B, N * h * w)

@@ -316,6 +316,30 @@ def with_reference_index(model: torch.nn.Module, scale: float = TEXT_POSITION_SC
     return out
 
 
+def with_reference_key_mask(model: torch.nn.Module, threshold: float) -> torch.nn.Module:
+    """A float32 CPU copy of the MMDiT ``model`` whose references' background tokens are no keys
+    (``MMDiTConfig.reference_key_mask`` = ``threshold``: the white letterbox, which took 93% of the world MMDiT's
+    attention to its VAE reference tokens, docs/WORLD.md). No weight changes; the velocity does wherever there
+    are references.
+
+    Raises:
+        ValueError: ``model`` is not a ``PhantomMMDiT``, has a key mask already, or ``threshold`` is outside
+            ``(0, 1)``.
+    """
+    from phantom_core.mmdit.model import PhantomMMDiT
+
+    if not isinstance(model, PhantomMMDiT):
+        raise ValueError(f"model is a {type(model).__name__}; a reference key mask is an MMDiT's (PhantomMMDiT)")
+    if model.config.reference_key_mask:
+        raise ValueError(f"model already has a reference key mask ({model.config.reference_key_mask})")
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold is {threshold}; the reference key mask takes a fraction in (0, 1)")
+    out = PhantomMMDiT(replace(model.config, reference_key_mask=threshold), device="meta").to_empty(device="cpu")
+    sd = {k: v.float() for k, v in model.state_dict().items()}
+    out.load_state_dict({**sd, "reference_key_mask": torch.tensor(threshold)})
+    return out
+
+
 def _extended(model: torch.nn.Module, what: str, flags: tuple[str, ...], prefixes: tuple[str, ...],
               seed: int) -> torch.nn.Module:
     """A float32 CPU copy of the MMDiT ``model`` with the config ``flags`` (together: ``what``) switched on: its
