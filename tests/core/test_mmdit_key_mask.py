@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from phantom_core.mmdit.config import MMDIT_PRESETS, MMDiTConfig
+from phantom_core.mmdit.config import MMDIT_PRESETS
 from phantom_core.mmdit.load import infer_mmdit_config, load_mmdit
-from phantom_core.mmdit.model import PhantomMMDiT
 from phantom_core.mmdit.windows import axis_segments, reference_key_keep, window_joint_attention, window_plan
 from phantom_core.world.mmdit_default import with_reference_key_mask
+from tests.support.weights import trained_like_mmdit
 
 CFG = replace(MMDIT_PRESETS["tiny"], reference_key_mask=0.25)
 
@@ -86,16 +86,6 @@ def test_masked_window_attention_equals_a_loop_that_leaves_the_masked_keys_out()
         assert (got - window_joint_attention(q, k, v, window_plan(grid, window, shifted))).abs().max() > 1e-3
 
 
-def _model(config: MMDiTConfig, seed: int = 0) -> PhantomMMDiT:
-    """Initialised as for training, then every weight moved off its init (adaLN-Zero would make the velocity 0)."""
-    model = PhantomMMDiT(config, device="meta").to_empty(device="cpu")
-    model.init_weights(torch.Generator().manual_seed(seed))
-    g = torch.Generator().manual_seed(seed + 1)
-    for p in model.parameters():
-        p.data.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
-
-
 def _inputs() -> tuple[Tensor, ...]:
     g = torch.Generator().manual_seed(7)
     return (torch.randn(2, 16, 3, 16, 16, generator=g), torch.tensor([700.0, 300.0]),
@@ -107,8 +97,8 @@ def test_a_masked_background_token_cannot_reach_the_video_but_an_unmasked_one_ca
     """Changing one background patch of a reference (it stays background: the median and the mask are unchanged)
     changes the video's velocity by <= 1e-6 rel with the mask (float rounding), by > 1e-4 without it; the same
     change on a subject patch reaches the video with the mask (> 5e-5 rel)."""
-    masked = _model(CFG)
-    plain = _model(replace(CFG, reference_key_mask=0.0))
+    masked = trained_like_mmdit(CFG)
+    plain = trained_like_mmdit(replace(CFG, reference_key_mask=0.0))
     x, t, ctx = _inputs()
     refs, _ = _references()
     moved = refs.clone()
@@ -130,13 +120,13 @@ def test_with_the_mask_an_all_zero_reference_is_no_reference():
     x, t, ctx = _inputs()
     zeros = torch.zeros(2, 16, 2, 16, 16)
     for config, close in ((CFG, True), (replace(CFG, reference_key_mask=0.0), False)):
-        model = _model(config)
+        model = trained_like_mmdit(config)
         none, zero = model(x, t, ctx), model(x, t, ctx, zeros)
         assert (((zero - none).abs().max() / none.abs().max()).item() < 1e-5) == close
 
 
 def test_the_mask_round_trips_through_a_checkpoint_and_the_config_refuses_bad_values():
-    model = _model(CFG)
+    model = trained_like_mmdit(CFG)
     sd = model.state_dict()
     assert float(sd["reference_key_mask"]) == 0.25
     assert infer_mmdit_config(sd).reference_key_mask == 0.25
@@ -153,7 +143,7 @@ def test_the_mask_round_trips_through_a_checkpoint_and_the_config_refuses_bad_va
 
 @torch.no_grad()
 def test_with_reference_key_mask_keeps_the_weights_and_changes_the_velocity_only_with_references():
-    plain = _model(replace(CFG, reference_key_mask=0.0))
+    plain = trained_like_mmdit(replace(CFG, reference_key_mask=0.0))
     masked = with_reference_key_mask(plain, 0.25).eval()
     assert masked.config.reference_key_mask == 0.25
     x, t, ctx = _inputs()

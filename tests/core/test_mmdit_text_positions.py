@@ -12,22 +12,11 @@ import torch
 
 from phantom_core.mmdit.config import MAX_CLIP_REFERENCES, MMDIT_PRESETS, TEXT_POSITION_SCALE
 from phantom_core.mmdit.load import infer_mmdit_config, load_mmdit
-from phantom_core.mmdit.model import PhantomMMDiT
 from phantom_core.mmdit.positions import frame_table
 from phantom_core.world.mmdit_default import with_reference_index, with_text_positions
+from tests.support.weights import trained_like_mmdit
 
 CFG = replace(MMDIT_PRESETS["world"], num_layers=2)
-
-
-def _model(config, seed: int = 0) -> PhantomMMDiT:
-    """``config`` initialised as for training, then every weight moved off its init (adaLN-Zero would make the
-    velocity 0 and hide any dependence)."""
-    model = PhantomMMDiT(config, device="meta").to_empty(device="cpu")
-    model.init_weights(torch.Generator().manual_seed(seed))
-    g = torch.Generator().manual_seed(seed + 1)
-    for p in model.parameters():
-        p.data.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def _inputs(refs: int = 2):
@@ -42,7 +31,7 @@ def test_only_text_positions_make_the_velocity_depend_on_token_and_reference_ord
     """Reversing the prompt's tokens, or the order of the CLIP features alone (the VAE references kept), leaves the
     velocity of a model without positions the same (1e-5: a set), and changes that of one with them (> 1e-3)."""
     x, t, context, refs, clip = _inputs()
-    plain, placed = _model(CFG), _model(replace(CFG, text_positions=True))
+    plain, placed = trained_like_mmdit(CFG), trained_like_mmdit(replace(CFG, text_positions=True))
     for model, changes in ((plain, False), (placed, True)):
         base = model(x, t, context, refs, ref_clip=clip)
         for other in (model(x, t, context.flip(1), refs, ref_clip=clip), model(x, t, context, refs,
@@ -53,7 +42,7 @@ def test_only_text_positions_make_the_velocity_depend_on_token_and_reference_ord
 
 def test_with_text_positions_starts_from_the_scaled_table_learns_and_round_trips():
     x, t, context, refs, clip = _inputs()
-    model = _model(CFG)
+    model = trained_like_mmdit(CFG)
     silent, placed = with_text_positions(model, scale=0.0), with_text_positions(model)
     assert placed.config == replace(CFG, text_positions=True)
     table = frame_table(CFG.text_len + MAX_CLIP_REFERENCES, CFG.dim) * TEXT_POSITION_SCALE
@@ -88,8 +77,8 @@ def test_a_reference_beyond_the_index_table_is_refused():
     x, t, context, refs, clip = _inputs(refs=MAX_CLIP_REFERENCES + 1)
     with pytest.raises(ValueError, match=f"ref_clip holds {MAX_CLIP_REFERENCES + 1} references; this MMDiT's "
                                          "reference index embedding"):
-        _model(replace(CFG, text_positions=True))(x, t, context, refs, ref_clip=clip)
-    assert _model(CFG)(x, t, context, refs, ref_clip=clip).shape == x.shape  # no table, no limit here
+        trained_like_mmdit(replace(CFG, text_positions=True))(x, t, context, refs, ref_clip=clip)
+    assert trained_like_mmdit(CFG)(x, t, context, refs, ref_clip=clip).shape == x.shape  # no table, no limit here
 
 
 def test_reference_index_is_per_reference_batched_learned_and_inferred():
@@ -98,7 +87,7 @@ def test_reference_index_is_per_reference_batched_learned_and_inferred():
     sample gives alone (1e-5: the rows follow the ``(b n)`` order); it learns, is inferred from its key, and more
     reference latents than its table are refused."""
     x, t, context, refs, clip = _inputs()
-    placed = with_text_positions(_model(CFG))
+    placed = with_text_positions(trained_like_mmdit(CFG))
     with torch.no_grad():
         placed.clip_index_embed.normal_()
     indexed = with_reference_index(placed)
@@ -119,7 +108,7 @@ def test_reference_index_is_per_reference_batched_learned_and_inferred():
     assert infer_mmdit_config(sd).reference_index and not infer_mmdit_config(placed.state_dict()).reference_index
     with pytest.raises(ValueError, match=r"already has a reference index \(reference_index\)"):
         with_reference_index(indexed)
-    vae_only = with_reference_index(_model(replace(CFG, clip_dim=0)), scale=0.0)  # no CLIP index: the table x scale
+    vae_only = with_reference_index(trained_like_mmdit(replace(CFG, clip_dim=0)), scale=0.0)  # no CLIP index: the table x scale
     assert float(vae_only.ref_index_embed.detach().abs().max()) == 0.0
     x, t, context, refs, _ = _inputs(refs=MAX_CLIP_REFERENCES + 1)
     with torch.no_grad(), pytest.raises(ValueError, match=f"ref_latents hold {MAX_CLIP_REFERENCES + 1} references; "

@@ -42,11 +42,11 @@ def random_state_dict(model: nn.Module, seed: int = 0, scale: float = 0.1) -> di
     """``model``'s state dict (a meta-device build will do) with every float tensor random, float32: norm weights
     (``*norm*`` / ``.ln_*`` / the MMDiT's ``clip_embedder.0`` LayerNorm) ~ ``1 + N(0, (2 scale)^2)``, everything
     else, zero-initialised heads included, ~ ``N(0, scale^2)``; integer buffers (the MMDiT's ``window_size`` /
-    ``text_len``) kept as they are."""
+    ``text_len``) and the MMDiT's ``reference_key_mask`` threshold kept as they are."""
     g = torch.Generator().manual_seed(seed)
     sd = {}
     for key, v in model.state_dict().items():
-        if not v.is_floating_point():
+        if not v.is_floating_point() or key == "reference_key_mask":
             sd[key] = v.clone()
             continue
         r = torch.randn(v.shape, generator=g)
@@ -61,3 +61,17 @@ def random_dit_state_dict(config, seed: int = 0) -> dict[str, Tensor]:
     from phantom_core.wan.dit import PhantomWanDiT
 
     return random_state_dict(PhantomWanDiT(config, device="meta"), seed)
+
+
+def trained_like_mmdit(config, seed: int = 0):
+    """A ``PhantomMMDiT(config)`` in eval mode, initialised as for training (``init_weights`` from ``seed``), then
+    every parameter moved by N(0, 0.05^2) (seed + 1), so that adaLN-Zero's zero gates and head do not make the
+    velocity 0 and hide what a test looks for."""
+    from phantom_core.mmdit.model import PhantomMMDiT
+
+    model = PhantomMMDiT(config, device="meta").to_empty(device="cpu")
+    model.init_weights(torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed + 1)
+    for p in model.parameters():
+        p.data.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
