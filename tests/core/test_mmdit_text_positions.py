@@ -108,7 +108,8 @@ def test_reference_index_is_per_reference_batched_learned_and_inferred():
     assert infer_mmdit_config(sd).reference_index and not infer_mmdit_config(placed.state_dict()).reference_index
     with pytest.raises(ValueError, match=r"already has a reference index \(reference_index\)"):
         with_reference_index(indexed)
-    vae_only = with_reference_index(trained_like_mmdit(replace(CFG, clip_dim=0)), scale=0.0)  # no CLIP index: the table x scale
+    # no CLIP index: the table x scale
+    vae_only = with_reference_index(trained_like_mmdit(replace(CFG, clip_dim=0)), scale=0.0)
     assert float(vae_only.ref_index_embed.detach().abs().max()) == 0.0
     x, t, context, refs, _ = _inputs(refs=MAX_CLIP_REFERENCES + 1)
     with torch.no_grad(), pytest.raises(ValueError, match=f"ref_latents hold {MAX_CLIP_REFERENCES + 1} references; "
