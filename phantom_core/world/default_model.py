@@ -5,11 +5,9 @@ Stages (each resumable; ``tools/train_default.py`` runs them in order, ``make tr
 
 1. ``text``: a umT5-style sentencepiece tokenizer trained on the world's grammar (``world.corpus``) and a
    random, frozen tiny umT5 (``TEXT_ENCODER_PRESETS["tiny"]``): the DiT learns to read its features.
-2. ``vae``: the tiny Wan2.1 VAE (``VAE_PRESETS["tiny"]``), ``training.vae``, in two phases: 64 x 64 crops of
-   5-frame world clips (the first frame alone and one 4-frame chunk, as the causal encoder sees them) and single
-   frames (references, video frames); then whole 17-frame clips at 32 x 32 (every later chunk) with some of the
-   first kind; then ``calibrate_latents`` on held-in clips; phase 3 trains the decoder alone on whole 17-frame
-   clips; phase 4 (off unless ``PHANTOM_VAE_SUBJECT_STEPS`` > 0) the whole VAE on subject-centred 9-frame clips.
+2. ``vae``: a Wan2.1-architecture VAE from scratch with ``training.vae``, then ``calibrate_latents`` on held-in
+   clips (``world.vae_recipe``: recipe ``phased``, the committed default's tiny VAE in three phases, or
+   ``subjects``, a wider VAE on subject-centred clips; ``PHANTOM_VAE_RECIPE``).
 3. ``latents``: ``LATENT_SAMPLES`` training triplets encoded once with that VAE and umT5 (one cache file each).
 4. ``dit``: ``DIT_PRESETS["world"]`` from the upstream init, full training with the general trainer
    (``training.loop.train``), on the cached latents.
@@ -25,7 +23,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from phantom_core.log import logger
 from phantom_core.training.config import cpu_bf16_fast
@@ -33,7 +30,6 @@ from phantom_core.world.dataset import sample_tensors
 from phantom_core.world.render import TRAVEL_FRACTION, VideoFormat
 from phantom_core.world.sample import WorldConfig, make_sample
 from phantom_core.world.subjects import split_subjects
-from phantom_core.world.vae_batches import VAEData, subject_clip_batches, vae_batches
 
 RECIPE_SEED = 11079
 RECIPE_SOURCES = ("emoji", "photo", "shape")  # the default needs the emoji font: `make emoji-font`
@@ -48,33 +44,8 @@ DIT_DEVICE = os.environ.get("PHANTOM_DIT_DEVICE", "cpu")
 
 # ---------------------------------------------------------------- stages (tools/train_default.py runs them)
 TEXT_STAGE_FILE = "umt5.safetensors"
-VAE_RUN, VAE_STAGE_FILE = "vae_run", "vae.safetensors"
+VAE_STAGE_FILE = "vae.safetensors"  # the vae stage (world.vae_recipe)
 # PHANTOM_VAE_STEPS / PHANTOM_LATENT_SAMPLES / PHANTOM_DIT_STEPS shrink a run for a quick check of the recipe
-VAE_TRAIN = dict(steps=int(os.environ.get("PHANTOM_VAE_STEPS", 1800)), learning_rate=1e-3, warmup_steps=50,
-                 kl_weight=1e-4, seed=RECIPE_SEED, checkpoint_every=100)
-VAE_LONG_RUN = "vae_run_long"
-VAE_LONG_TRAIN = dict(steps=int(os.environ.get("PHANTOM_VAE_LONG_STEPS", 350)), learning_rate=3e-4, warmup_steps=20,
-                      kl_weight=1e-4, seed=RECIPE_SEED + 1, checkpoint_every=50)
-CALIBRATION_CLIPS = 32
-# the committed default is "tiny"; "world" (wider, one residual block per stage) is its candidate successor
-VAE_PRESET = os.environ.get("PHANTOM_VAE_PRESET", "tiny")
-# Phase 3 fine-tunes the decoder alone (the encoder, hence every cached latent, stays as it is) on whole 17-frame
-# clips at 64 x 64: after phase 2, subjects faded from frame ~8 on in the decoded clips (the VAE ceiling's
-# subject PSNR was 11.2 dB, its motion accuracy 67%)
-VAE_PHASE2_FILE, VAE_DECODER_RUN = "vae_phase2.safetensors", "vae_run_decoder"
-VAE_DECODER_TRAIN = dict(steps=int(os.environ.get("PHANTOM_VAE_DECODER_STEPS", 500)), learning_rate=5e-4,
-                         warmup_steps=20, kl_weight=0.0, seed=RECIPE_SEED + 8, checkpoint_every=50,
-                         decoder_only=True, latent_noise=0.05)
-# Phase 4 (off in the committed recipe: PHANTOM_VAE_SUBJECT_STEPS=400 turns it on) trains the whole VAE on
-# subject-centred 9-frame clips at 64 x 64 (subject_clip_batches), then calibrates again: after phase 3 the VAE's own
-# reconstruction of held-out clips lost small subjects from frame ~4 on. Measured (docs/WORLD.md): 400 steps raise
-# the ceiling's motion accuracy from 71% to 83%, but DiTs trained on its latents (600 triplets fp32, and 1,800
-# triplets bf16 with 4,200 steps) scored no better, so the committed default keeps the phase-3 VAE
-VAE_PHASE3_FILE, VAE_SUBJECT_RUN = "vae_phase3.safetensors", "vae_run_subjects"
-VAE_SUBJECT_TRAIN = dict(steps=int(os.environ.get("PHANTOM_VAE_SUBJECT_STEPS", 0)), learning_rate=3e-4,
-                         warmup_steps=20, kl_weight=1e-4, seed=RECIPE_SEED + 10, checkpoint_every=50,
-                         latent_noise=0.05)
-
 
 def stage_text(work: str | Path) -> Path:
     """The world tokenizer (grammar corpus + the negative prompts, 512 pieces) and a frozen random tiny umT5."""
@@ -94,29 +65,12 @@ def stage_text(work: str | Path) -> Path:
     return write_text_encoder_checkpoint(path, random_text_encoder_state_dict(spec, seed=RECIPE_SEED + 2), spiece)
 
 
-def long_clip_batches():
-    """Phase-2 batches: 17-frame clips at 32 x 32 (every causal chunk of a training video) plus phase-1-like
-    5-frame clips and single frames at 64 x 64, so that the first chunks and the references stay as good."""
-    long = vae_batches(VAEData(clips=4, clip_frames=17, frames=2, crop=32, seed=RECIPE_SEED + 5), WORLD)
-    short = vae_batches(VAEData(clips=2, clip_frames=5, frames=2, crop=64, seed=RECIPE_SEED + 6), WORLD)
-    return lambda step: long(step) + short(step)
-
-
-def _calibration_clips() -> list[Tensor]:
-    """Full-size training clips and their references, for ``calibrate_latents`` (seed distinct from training)."""
-    pool = split_subjects("train", RECIPE_SOURCES)
-    out = []
-    for i in range(CALIBRATION_CLIPS):
-        item = sample_tensors(make_sample("train", RECIPE_SEED + 3, i, WORLD, pool=pool))
-        out += [item.video[None], item.references[:, :, None]]
-    return out
-
-
 StageProgress = Callable[[int, int, str], None]
 """``progress(step, total, note)`` after each optimizer step (1-based), e.g. a progress bar; None logs every 10."""
 
 
-def _reporter(name: str, progress: StageProgress | None) -> StageProgress:
+def reporter(name: str, progress: StageProgress | None) -> StageProgress:
+    """``progress`` itself, or (None) a reporter that logs every 10th step of stage ``name``."""
     def report(step: int, total: int, note: str) -> None:
         if progress is not None:
             progress(step, total, note)
@@ -125,81 +79,14 @@ def _reporter(name: str, progress: StageProgress | None) -> StageProgress:
     return report
 
 
-def _save_vae(vae, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    from phantom_core.loading.disk import atomic_write
-
-    with atomic_write(path) as tmp:
-        save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(tmp), metadata={"format": "pt"})
-
-
-def decoder_clip_batches():
-    """Phase-3 batches: two whole 17-frame clips, 64 x 64 crops (only video frames: references are never decoded)."""
-    clips = vae_batches(VAEData(clips=2, clip_frames=17, frames=1, crop=64, seed=RECIPE_SEED + 9), WORLD)
-    return lambda step: clips(step)[:1]
-
-
 def stage_vae(work: str | Path, progress: StageProgress | None = None) -> Path:
-    """Train, calibrate and write the tiny VAE (upstream Wan2.1 keys) to ``<work>/vae.safetensors``: phases 1-2
-    and the calibration (``vae_phase2.safetensors``), phase 3 (the decoder alone, ``vae_phase3.safetensors``),
-    phase 4 when ``PHANTOM_VAE_SUBJECT_STEPS`` > 0 (subject-centred 9-frame clips, the whole VAE) and a new
-    calibration."""
-    from phantom_core.training.vae import VAETrainConfig, calibrate_latents, train_vae
-    from phantom_core.wan.vae import load_vae
+    """Train, calibrate and write the world VAE (upstream Wan2.1 keys) to ``<work>/vae.safetensors`` with
+    ``world.vae_recipe`` (``PHANTOM_VAE_RECIPE``: ``phased``, the committed default's, or ``subjects``); resumable.
+    Raises ``ValueError`` for an unknown recipe."""
+    from phantom_core.world.vae_recipe import train_world_vae
 
-    work = Path(work)
-    path = work / VAE_STAGE_FILE
-    if path.is_file():
-        return path
-    report = _reporter("vae", progress)
-
-    def on_step(step: int, total: int, parts: dict) -> None:
-        report(step, total, f"loss {parts['loss']:.4f} psnr clips {parts['psnr_0']:.2f} dB")
-
-    phase2, phase3 = work / VAE_PHASE2_FILE, work / VAE_PHASE3_FILE
-    if not phase3.is_file():
-        if not phase2.is_file():
-            _save_vae(_vae_phases_1_2(work, progress), phase2)
-        vae = load_vae(str(phase2)).requires_grad_(True)
-        train_vae(vae, decoder_clip_batches(), VAETrainConfig(**VAE_DECODER_TRAIN), work / VAE_DECODER_RUN, on_step)
-        _save_vae(vae, phase3)
-    vae = load_vae(str(phase3)).requires_grad_(True)
-    if VAE_SUBJECT_TRAIN["steps"] == 0:  # phase 4 off: the phase-3 VAE is the stage's file
-        _save_vae(vae, path)
-        return path
-    phase4 = subject_clip_batches(VAEData(clips=3, clip_frames=9, frames=2, crop=64, seed=RECIPE_SEED + 10), WORLD)
-    train_vae(vae, phase4, VAETrainConfig(**VAE_SUBJECT_TRAIN), work / VAE_SUBJECT_RUN, on_step)
-    with torch.no_grad():
-        mean, std = calibrate_latents(vae, _calibration_clips())
-    logger.info("vae phase-4 calibration: normalized latents had |mean| %.3f, std %.3f", mean.abs().mean(), std.mean())
-    _save_vae(vae, path)
-    return path
-
-
-def _vae_phases_1_2(work: Path, progress: StageProgress | None):
-    """Phases 1 and 2 from PyTorch's default init (``init_for_training``), then ``calibrate_latents``."""
-    from phantom_core.training.vae import VAETrainConfig, calibrate_latents, init_for_training, train_vae
-    from phantom_core.wan.vae import VAE_PRESETS, WanVAE
-
-    torch.manual_seed(RECIPE_SEED)
-    vae = WanVAE(VAE_PRESETS[VAE_PRESET])  # PyTorch's default init, from the seed
-    init_for_training(vae, RECIPE_SEED)
-
-    report = _reporter("vae", progress)
-
-    def on_step(step: int, total: int, parts: dict) -> None:
-        report(step, total, f"loss {parts['loss']:.4f} psnr clips {parts['psnr_0']:.2f} dB frames "
-                            f"{parts['psnr_1']:.2f} dB")
-
-    phase1 = vae_batches(VAEData(seed=RECIPE_SEED + 1), WORLD)
-    train_vae(vae, phase1, VAETrainConfig(**VAE_TRAIN), work / VAE_RUN, on_step)
-    # 2. whole 17-frame clips: the causal chunks after the second (measured before this phase, on a 17-frame
-    # clip: 20.9 dB on frame 0, 16.7 dB on frame 5, 7-9 dB from frame 7 on: chunks never seen in phase 1)
-    train_vae(vae, long_clip_batches(), VAETrainConfig(**VAE_LONG_TRAIN), work / VAE_LONG_RUN, on_step)
-    mean, std = calibrate_latents(vae, _calibration_clips())
-    logger.info("vae calibration: normalized latents had |mean| %.3f, std %.3f", mean.abs().mean(), std.mean())
-    return vae
+    path = Path(work) / VAE_STAGE_FILE
+    return path if path.is_file() else train_world_vae(Path(work), path, progress)
 
 
 LATENT_DIR, LATENT_INDEX = "latents", "latents/index.json"
@@ -349,7 +236,7 @@ def stage_dit(work: str | Path, progress: StageProgress | None = None) -> Path:
     if path.is_file():
         return path
     data = cached_latents(work)
-    report = _reporter("dit", progress)
+    report = reporter("dit", progress)
     phase1 = work / DIT_PHASE1_FILE
     phases = ((DIT_TRAIN, phase1, DIT_RUN), ({**DIT_LONG_TRAIN, "dit": str(phase1)}, path, DIT_LONG_RUN))
     for settings, out, run in phases:
