@@ -103,9 +103,7 @@ def train_world_vae(work: Path, path: Path, progress: StageProgress | None = Non
     def on_step(step: int, total: int, parts: dict) -> None:
         report(step, total, f"loss {parts['loss']:.4f} psnr clips {parts['psnr_0']:.2f} dB")
 
-    vae = _phased(work, on_step) if recipe == "phased" else _subjects(work, on_step)
-    if vae is not None:
-        save_vae(vae, path)
+    save_vae(_phased(work, on_step) if recipe == "phased" else _subjects(work, on_step), path)
     return path
 
 
