@@ -131,12 +131,9 @@ def _phased(work: Path, on_step):
 
 def _phases_1_2(work: Path, on_step):
     """Recipe ``phased``, phases 1 and 2 from PyTorch's default init (``init_for_training``), then the calibration."""
-    from phantom_core.training.vae import VAETrainConfig, init_for_training, train_vae
-    from phantom_core.wan.vae import VAE_PRESETS, WanVAE
+    from phantom_core.training.vae import VAETrainConfig, train_vae
 
-    torch.manual_seed(RECIPE_SEED)
-    vae = WanVAE(VAE_PRESETS[VAE_PRESET])  # PyTorch's default init, from the seed
-    init_for_training(vae, RECIPE_SEED)
+    vae = _fresh_vae(VAE_PRESET)
     phase1 = vae_batches(VAEData(seed=RECIPE_SEED + 1), WORLD)
     train_vae(vae, phase1, VAETrainConfig(**VAE_TRAIN), work / VAE_RUN, on_step)
     # 2. whole 17-frame clips: the causal chunks after the second (measured before this phase, on a 17-frame
@@ -149,15 +146,13 @@ def _phases_1_2(work: Path, on_step):
 def _subjects(work: Path, on_step):
     """Recipe ``subjects`` (module docstring): phase A (``vae_subjects_a``, before any calibration), phase B, the
     calibration."""
-    from phantom_core.training.vae import VAETrainConfig, init_for_training, train_vae
-    from phantom_core.wan.vae import VAE_PRESETS, WanVAE, load_vae
+    from phantom_core.training.vae import VAETrainConfig, train_vae
+    from phantom_core.wan.vae import load_vae
 
     world = replace(WORLD, travel=SUBJECT_TRAVEL)
     phase_a = work / SUBJECTS_A_FILE
     if not phase_a.is_file():
-        torch.manual_seed(RECIPE_SEED)
-        vae = WanVAE(VAE_PRESETS[SUBJECTS_PRESET])
-        init_for_training(vae, RECIPE_SEED)
+        vae = _fresh_vae(SUBJECTS_PRESET)
         batches = subject_clip_batches(SUBJECTS_A_DATA, world)
         train_vae(vae, batches, VAETrainConfig(**SUBJECTS_A_TRAIN), work / SUBJECTS_A_RUN, on_step)
         save_vae(vae, phase_a)
@@ -165,6 +160,17 @@ def _subjects(work: Path, on_step):
     batches = subject_clip_batches(SUBJECTS_B_DATA, world)
     train_vae(vae, batches, VAETrainConfig(**SUBJECTS_B_TRAIN), work / SUBJECTS_B_RUN, on_step)
     _calibrate(vae, "subjects")
+    return vae
+
+
+def _fresh_vae(preset: str):
+    """``VAE_PRESETS[preset]`` with PyTorch's default init from ``RECIPE_SEED``, then ``init_for_training``."""
+    from phantom_core.training.vae import init_for_training
+    from phantom_core.wan.vae import VAE_PRESETS, WanVAE
+
+    torch.manual_seed(RECIPE_SEED)
+    vae = WanVAE(VAE_PRESETS[preset])
+    init_for_training(vae, RECIPE_SEED)
     return vae
 
 

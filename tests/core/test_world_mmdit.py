@@ -79,15 +79,11 @@ def test_clip_features_of_cached_triplets_are_those_of_their_regenerated_referen
 def test_pooled_vectors_start_as_the_model_and_then_train():
     from dataclasses import replace
 
-    from phantom_core.mmdit.model import PhantomMMDiT
     from phantom_core.world.mmdit_default import with_pooled_vectors
+    from tests.support.weights import trained_like_mmdit
 
-    config = replace(MMDIT_PRESETS["world"], num_layers=2)
-    model = PhantomMMDiT(config, device="meta").to_empty(device="cpu")
-    model.init_weights(torch.Generator().manual_seed(0))
-    g = torch.Generator().manual_seed(1)
-    for p in model.parameters():  # trained-like weights: adaLN and the final layer away from zero
-        p.data.add_(0.05 * torch.randn(p.shape, generator=g))
+    model = trained_like_mmdit(replace(MMDIT_PRESETS["world"], num_layers=2))  # adaLN and final layer off zero
+    g = torch.Generator().manual_seed(2)
     x, t, context = torch.randn(2, 16, 5, 16, 16, generator=g), torch.tensor([900.0, 300.0]), torch.randn(2, 7, 64)
     refs, clip = torch.randn(2, 16, 1, 16, 16, generator=g), torch.randn(2, 1, 17, 128, generator=g)
     pooled = with_pooled_vectors(model, seed=3)
