@@ -59,7 +59,8 @@ DEFAULT_FILES = {  # the trained embedded default (phantom_core/tiny/trained/, M
     "vae": "phantom_world_vae.safetensors",
     "text_encoder": "phantom_world_umt5.safetensors",
 }
-# the MMDiT default (beside DEFAULT_FILES' VAE and umT5): phantom_world_mmdit / phantom_world_clip
+# the MMDiT default (beside DEFAULT_FILES' umT5): phantom_world_mmdit, phantom_world_clip and its VAE (today the same
+# file as DEFAULT_FILES')
 MMDIT_FILES = {role: Path(relative).name for role, relative in TRAINED_MMDIT_FILES.items()}
 # the default's world: 128 x 128 px, 17 frames at 16 fps (phantom_core.world); real Phantom-Wan: 832 x 480 x 81
 SIZE = {"width": 128, "height": 128, "frames": 17}
@@ -146,7 +147,7 @@ def describe(num_refs: int, rephrase: bool = False, train: bool = False, mmdit: 
              widgets={"dit_name": (MMDIT_FILES if mmdit else DEFAULT_FILES)["dit"], "weight_dtype": "default",
                       "block_swap": 0}, size=(400, 130)),
         Node(2, "PhantomVAELoader", "Phantom VAE Loader", [("vae", "PHANTOM_VAE")],
-             widgets={"vae_name": DEFAULT_FILES["vae"]}, size=(400, 80)),
+             widgets={"vae_name": (MMDIT_FILES if mmdit else DEFAULT_FILES)["vae"]}, size=(400, 80)),
         Node(3, "PhantomTextEncoderLoader", "Phantom Text Encoder Loader", [("text_encoder", "PHANTOM_TEXT_ENCODER")],
              widgets={"text_encoder_name": DEFAULT_FILES["text_encoder"], "tokenizer": "embedded", "device": "default"},
              size=(400, 130)),

@@ -1,19 +1,20 @@
 """Does a world DiT learn the motion word? Train one on a world cache and probe it as it learns (GPU or CPU).
 
     python -m tools.motion_run cache --work W [--travel 0.5] [--samples 1500] [--first 0] [--subjects 1] [--held-out 48]
-        [--device cuda]
+        [--vae FILE] [--device cuda]
     python -m tools.motion_run train --work W [--mix W2 ...] --network mmdit-pooled [--init FILE] [--batch 32]
         [--seconds 300] [--every 500] [--dropout TEXT REFERENCE] [--schedule cosine] [--ema 0.998] [--clip]
         [--encoding-dropout VAE CLIP] [--pooled] [--text-positions] [--reference-index] [--key-mask T]
         [--temporal-weight W] [--resume] [--device cuda] --out RUN
 
-``cache`` renders the world's triplets (``WorldConfig.travel``: how far the subjects move) in ``--workers`` processes
-and encodes them with the shipped world VAE and umT5 (``phantom_core/tiny/trained``; the VAE on ``--device``, the
-umT5 in float32 on the CPU, as sampling runs it): ``W/latents`` (training subjects, the recipe's seed) and
-``W/held_out/latents`` (single-subject scenes of held-out subjects), each with ``index.json`` as
-``default_model.stage_latents`` writes it. ``--subjects N`` gives every training scene N subjects instead of the
-world's mix of one to three (recorded in the index). Training samples go in chunks of 150, each chunk's index written
-atomically, and no chunk starts after ``--deadline`` seconds: a run stopped early keeps a usable cache.
+``cache`` (``tools.motion_cache``) renders the world's triplets (``WorldConfig.travel``: how far the subjects move) in
+``--workers`` processes and encodes them with the shipped world VAE (or ``--vae``'s, e.g. ``TRAINED_NEXT_VAE``) and
+umT5 (``phantom_core/tiny/trained``, copied into ``W``; the VAE on ``--device``, the umT5 in float32 on the CPU, as
+sampling runs it): ``W/latents`` (training subjects, the recipe's seed) and ``W/held_out/latents`` (single-subject
+scenes of held-out subjects), each with ``index.json`` as ``default_model.stage_latents`` writes it. ``--subjects N``
+gives every training scene N subjects instead of the world's mix of one to three (recorded in the index). Training
+samples go in chunks of 150, each chunk's index written atomically, and no chunk starts after ``--deadline`` seconds:
+a run stopped early keeps a usable cache.
 
 ``train`` trains ``--network`` (``tools.motion_toy.build_network``: ``phantom-wan``, ``mmdit``, ``mmdit-pos``,
 ``mmdit-pooled``) from scratch, or ``--init`` (any DiT or MMDiT file), on ``W``'s training triplets and those of each
@@ -49,73 +50,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
-CHUNK = 150
+from tools.motion_cache import HELD_OUT_SEED, cache, vae_error
+
 CLIP_FILE = "phantom_world_clip.safetensors"  # the shipped world CLIP (phantom_core/tiny/trained)
-HELD_OUT_SEED = 777
 PROBE_SIGMAS = (0.95, 0.85)
-
-
-def render(job: tuple[str, int, int, float, int | None]):
-    """Worker: ``(split, seed, index, travel, subjects)`` -> that world's ``RawSample`` (subjects None: the mix)."""
-    from phantom_core.world.default_model import WORLD, _raw_samples
-
-    split, seed, index, travel, subjects = job
-    torch.set_num_threads(1)
-    return next(_raw_samples([index], replace(WORLD, travel=travel), split, seed, subjects))
-
-
-def cache(args: argparse.Namespace) -> None:
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
-    from phantom_core.tiny.default import TRAINED_DIR
-    from phantom_core.training.cache import build_cache
-    from phantom_core.world import default_model as recipe
-
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    for name, shipped in ((recipe.VAE_STAGE_FILE, "phantom_world_vae.safetensors"),
-                          (recipe.TEXT_STAGE_FILE, "phantom_world_umt5.safetensors")):
-        if not (work / name).is_file():
-            shutil.copyfile(TRAINED_DIR / shipped, work / name)
-    load, fingerprints = recipe._encoders(work)
-    device = torch.device(args.device)
-
-    def encoders():  # the VAE encodes on --device and gives float32 latents back on the CPU; not an nn.Module, so
-        vae, text_encoder = load()  # references.encode_references hands it CPU pixels
-        vae = vae.to(device)
-        return SimpleNamespace(encode=lambda video: vae.encode(video.to(device)).float().cpu()), text_encoder
-
-    started, fmt = time.perf_counter(), recipe.WORLD.video
-    held = [("test", HELD_OUT_SEED, i, args.travel, 1) for i in range(args.held_out)]
-    end = args.first + args.samples
-    chunks = [(work / "held_out" / recipe.LATENT_DIR, 1, held)] * bool(held) + [
-        (work / recipe.LATENT_DIR, args.subjects, [("train", recipe.RECIPE_SEED + 4, i, args.travel, args.subjects)
-                                    for i in range(a, min(a + CHUNK, end))])
-        for a in range(args.first, end, CHUNK)]
-    files: dict[Path, list[str]] = {}
-    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for folder, subjects, jobs in chunks:
-            if files.get(folder) and time.perf_counter() - started > args.deadline:
-                print(f"deadline: {len(files[folder])} training samples cached", flush=True)
-                break
-            data, bad = build_cache(pool.map(render, jobs, chunksize=4), folder, encoders=encoders,
-                                    fingerprints=fingerprints, frames=fmt.frames, width=fmt.width,
-                                    height=fmt.height, dropped_prompt=WAN_NEGATIVE_PROMPT)
-            files.setdefault(folder, []).extend(p.name for p in data.files)
-            recipe.write_latent_index(folder, files[folder], args.travel, subjects)
-            print(f"{folder}: {len(files[folder])} cached, {len(bad)} skipped, "
-                  f"{time.perf_counter() - started:.0f} s", flush=True)
 
 
 def training_latents(works: list[Path], clip: bool = False):
@@ -302,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--workers", type=int, default=2, help="rendering processes (default %(default)s)")
     c.add_argument("--deadline", type=float, default=float("inf"), help="seconds after which no chunk starts")
     c.add_argument("--device", default="cpu", help="where the VAE encodes (default %(default)s)")
+    c.add_argument("--vae", type=Path, default=None, metavar="FILE", help="encode with this world VAE (default: the "
+                   "shipped default's); a --work holding another VAE's latents is refused")
     t = sub.add_parser("train", help="train a DiT on the cache, probing the motion word as it learns")
     t.add_argument("--work", required=True)
     t.add_argument("--mix", nargs="+", default=[], metavar="WORK",
@@ -355,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, low in (("samples", 1), ("first", 0), ("held_out", 0), ("workers", 1)):
             if getattr(args, name) < low:
                 p.error(f"--{name.replace('_', '-')} is {getattr(args, name)}; it must be >= {low}")
+        if (message := vae_error(args.vae, Path(args.work))) is not None:
+            p.error(message)
         cache(args)
         return 0
     for name in ("batch", "steps", "every", "probe"):

@@ -3,8 +3,8 @@ tower of an MMDiT with a CLIP branch (``--clip-vision``, ``--clip-output``).
 
     --model default        the trained Phantom-Wan default (phantom_core/tiny/trained/, MODEL_CARD.md); also what
                            runs when no model file is given (and no --from-sidecar)
-    --model default-mmdit  the paper's MMDiT trained in the same world (``make train-default-mmdit``): its DiT and
-                           world CLIP tower (``TRAINED_MMDIT_FILES``), the Phantom-Wan default's VAE and umT5, the
+    --model default-mmdit  the paper's MMDiT trained in the same world (``make train-default-mmdit``): its DiT,
+                           world CLIP tower and VAE (``TRAINED_MMDIT_FILES``), the Phantom-Wan default's umT5, the
                            CLIP tokens it was trained on (``TRAINED_MMDIT_CLIP_OUTPUT``)
 
 Both run at their world's format (``TRAINED_FORMAT``) with the default's guidance (``TRAINED_SAMPLING``), and the

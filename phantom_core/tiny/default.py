@@ -9,8 +9,9 @@ into a ComfyUI-style models folder; the demo, the shipped workflows and ``evalua
     <models_dir>/text_encoders/phantom_world_umt5.safetensors      TEXT_ENCODER_PRESETS["tiny"] + world tokenizer
 
 ``install_trained_mmdit_default`` does the same for the second default, the paper's MMDiT trained in the same world
-on the same VAE and umT5 latents (``make train-default-mmdit``, ``world.mmdit_default``), once it is shipped
-(``trained_mmdit_shipped``): its DiT and the world CLIP tower it reads, beside the Phantom-Wan default's VAE and umT5:
+(``make train-default-mmdit``, ``world.mmdit_default``), once it is shipped (``trained_mmdit_shipped``): its DiT, the
+world CLIP tower it reads and the VAE of its latents (``TRAINED_MMDIT_FILES["vae"]``: today the Phantom-Wan default's
+file), beside the Phantom-Wan default's umT5:
 
     <models_dir>/diffusion_models/phantom_world_mmdit.safetensors  MMDIT_PRESETS["world"] (VAE and CLIP references)
     <models_dir>/clip_vision/phantom_world_clip.safetensors         CLIP_VISION_PRESETS["world"], open_clip keys
@@ -54,9 +55,16 @@ TEXT_ENCODER_FILE = "text_encoders/phantom_tiny_umt5.safetensors"
 TRAINED_DIR = Path(__file__).resolve().parent / "trained"
 TRAINED_FILES = {"dit": "diffusion_models/phantom_world_dit.safetensors", "vae": "vae/phantom_world_vae.safetensors",
                  "text_encoder": "text_encoders/phantom_world_umt5.safetensors"}
-# the MMDiT default: its own DiT and CLIP tower; the VAE and umT5 are TRAINED_FILES' (it learned on their latents)
+# the MMDiT default: its own DiT, CLIP tower and VAE role (the VAE whose latents it learned on: today the Phantom-Wan
+# default's file, so the two must stay byte-identical; a VAE of its own once an MMDiT trained on one ships, e.g.
+# TRAINED_NEXT_VAE); the umT5 is always TRAINED_FILES'
 TRAINED_MMDIT_FILES = {"dit": "diffusion_models/phantom_world_mmdit.safetensors",
-                       "clip_vision": "clip_vision/phantom_world_clip.safetensors"}
+                       "clip_vision": "clip_vision/phantom_world_clip.safetensors",
+                       "vae": "vae/phantom_world_vae.safetensors"}
+# the `subjects` VAE recipe's file (world.vae_recipe; MODEL_CARD.md): committed ahead of the DiTs that will learn on
+# its latents, so a training chain longer than one session starts from it (`motion_run cache --vae`); no shipped
+# default reads it yet
+TRAINED_NEXT_VAE = "vae/phantom_world_vae_subjects.safetensors"
 TRAINED_MMDIT_CLIP_OUTPUT = "tokens"  # the CLIP features it was trained on (world.mmdit_default.CLIP_OUTPUT)
 TRAINED_FORMAT = {"width": 128, "height": 128, "frames": 17}  # the world the default was trained in (fps 16)
 # the defaults' guidance scales (paper Eq. 5), from the sweeps in docs/guidance_sweep.md and, for the MMDiT default,
@@ -202,15 +210,15 @@ def trained_mmdit_shipped() -> bool:
 
 
 def install_trained_mmdit_default(models_dir: str | os.PathLike) -> dict[str, Path]:
-    """Copy the trained MMDiT default (its DiT and CLIP tower, and the Phantom-Wan default's VAE and umT5 it was
-    trained with) into a ComfyUI-style models folder (skipping byte-identical files).
+    """Copy the trained MMDiT default (its DiT, CLIP tower and VAE, ``TRAINED_MMDIT_FILES``, and the Phantom-Wan
+    default's umT5 it was trained with) into a ComfyUI-style models folder (skipping byte-identical files).
 
     Returns:
         ``{"dit": path, "clip_vision": path, "vae": path, "text_encoder": path}``.
     Raises:
         FileNotFoundError: naming the files missing from ``phantom_core/tiny/trained/`` (``make train-default-mmdit``
-            makes the MMDiT's, ``make train-default`` the VAE and umT5).
+            makes the MMDiT's, ``make train-default`` the umT5).
     """
-    shared = {role: TRAINED_FILES[role] for role in ("vae", "text_encoder")}
+    shared = {"text_encoder": TRAINED_FILES["text_encoder"]}
     paths = _install_trained(models_dir, TRAINED_MMDIT_FILES, "MMDiT default", "make train-default-mmdit")
     return {**paths, **_install_trained(models_dir, shared, "default", "make train-default")}

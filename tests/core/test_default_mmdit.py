@@ -1,6 +1,6 @@
 """The second embedded default, the paper's MMDiT trained in the miniature world (``default-mmdit``): its export
-(``world.mmdit_default.stage_mmdit_export``, refused unless the work folder's VAE and umT5 are the shipped
-Phantom-Wan default's), its installation, ``generate --model default-mmdit`` / ``--clip-vision`` and the sidecar
+(``world.mmdit_default.stage_mmdit_export``, refused unless the work folder's umT5, and its VAE while the MMDiT
+default has none of its own, are the shipped Phantom-Wan default's), its installation, ``generate --model default-mmdit`` / ``--clip-vision`` and the sidecar
 that records the CLIP tower, and ``evaluate --model default-mmdit``.
 
 The trained files need not exist: ``TRAINED_DIR`` is pointed at a temporary folder holding tiny random stand-ins
@@ -107,6 +107,22 @@ def test_export_copies_the_mmdit_and_its_clip_tower_when_they_match(tmp_path, st
     (work / "mmdit_both.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="mmdit_both.safetensors is missing.*--model mmdit"):
         stage_mmdit_export(work)
+
+
+def test_a_vae_of_the_mmdits_own_is_exported_installed_and_run(tmp_path, stand_ins, trained_dir, monkeypatch):
+    monkeypatch.setitem(embedded.TRAINED_MMDIT_FILES, "vae", "vae/own_vae.safetensors")
+    work = work_folder(tmp_path, stand_ins)
+    with pytest.raises(ValueError, match=r"umt5.safetensors.*phantom_world_umt5"):
+        stage_mmdit_export(work)  # the umT5 stays the Phantom-Wan default's
+    assert not (trained_dir / "own_vae.safetensors").exists()
+    ship(trained_dir, stand_ins, ("text_encoder",))  # no Phantom-Wan VAE shipped: the MMDiT's own is what counts
+    out = stage_mmdit_export(work)
+    assert set(out) == {"dit", "clip_vision", "vae"} and out["vae"] == trained_dir / "own_vae.safetensors"
+    assert out["vae"].read_bytes() == (work / "vae.safetensors").read_bytes() and embedded.trained_mmdit_shipped()
+    files = embedded.install_trained_mmdit_default(tmp_path / "models")
+    assert files["vae"] == tmp_path / "models" / "vae" / "own_vae.safetensors"
+    assert files["text_encoder"].name == "phantom_world_umt5.safetensors"
+    assert cli_models.embedded_files("default-mmdit")["vae"] == str(trained_dir / "own_vae.safetensors")
 
 
 def test_train_default_runs_the_export_stage_for_the_variant_both_only(monkeypatch):

@@ -22,6 +22,7 @@ from phantom_core.training.checkpoint import CONFIG_FILE, STATE_FILE, WEIGHTS_FI
 from phantom_core.world.default_model import WORLD, _raw_samples
 from phantom_core.world.mmdit_default import CLIP_OUTPUT, FEATURES_DIR, clip_feature_table, stage_clip_features
 from phantom_core.world.subjects import available_sources
+from tools.motion_cache import vae_error
 from tools.motion_run import CLIP_FILE, main, training_latents
 
 pytestmark = pytest.mark.skipif("emoji" not in available_sources(),
@@ -31,8 +32,10 @@ pytestmark = pytest.mark.skipif("emoji" not in available_sources(),
 @pytest.mark.slow  # ~50 s on two CPU cores: 10 triplets of 17 frames at 128 px go through the world VAE
 def test_cache_train_probe_stop_on_time_and_resume(tmp_path):
     work, run = tmp_path / "w", tmp_path / "run"
+    vae = TRAINED_DIR / "phantom_world_vae.safetensors"  # --vae: the latents' VAE is copied into the work folder
     assert main(["cache", "--work", str(work), "--travel", "0.5", "--samples", "6", "--subjects", "1",
-                 "--held-out", "4", "--workers", "1"]) == 0
+                 "--held-out", "4", "--workers", "1", "--vae", str(vae)]) == 0
+    assert (work / "vae.safetensors").read_bytes() == vae.read_bytes()
     index = json.loads((work / "latents" / "index.json").read_text())
     assert len(index["files"]) == 6 and index["world"] == {"travel": 0.5, "subjects": 1}
     assert all(f.get_slice("ref_latents").get_shape()[1] == 1 for f in
@@ -118,6 +121,23 @@ def test_cache_train_probe_stop_on_time_and_resume(tmp_path):
     shutil.rmtree(work / "held_out" / FEATURES_DIR)
     with pytest.raises(ValueError, match="regenerates as .* rebuild the latent cache, or give its split and seed"):
         stage_clip_features(work / "held_out", TRAINED_DIR / CLIP_FILE, split="test")
+
+
+def test_a_cache_holds_one_vaes_latents(tmp_path, capsys):
+    work, ours, other = tmp_path / "w", tmp_path / "ours.safetensors", tmp_path / "other.safetensors"
+    with pytest.raises(SystemExit):
+        main(["cache", "--work", str(work), "--vae", str(ours)])
+    assert f"--vae: {ours} is not a file" in capsys.readouterr().err
+    work.mkdir()
+    ours.write_bytes(b"ours")
+    other.write_bytes(b"other")
+    assert vae_error(ours, work) is None and vae_error(None, work) is None  # an empty folder takes any VAE
+    shutil.copyfile(ours, work / "vae.safetensors")
+    assert vae_error(ours, work) is None  # the same VAE: the cache goes on
+    with pytest.raises(SystemExit):
+        main(["cache", "--work", str(work), "--vae", str(other)])
+    assert f"{work / 'vae.safetensors'} holds another VAE" in capsys.readouterr().err
+    assert (work / "vae.safetensors").read_bytes() == b"ours"  # nothing replaced
 
 
 def test_bad_options_are_refused(capsys):

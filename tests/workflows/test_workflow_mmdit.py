@@ -25,10 +25,11 @@ def test_mmdit_variant_wiring(stem: str) -> None:
     (dit,), (vae,), (text,), (clip,), (clip_enc,), (refs,), (enc,), (sampler,) = (by_class(api, t) for t in (
         "PhantomDiTLoader", "PhantomVAELoader", "PhantomTextEncoderLoader", "PhantomCLIPVisionLoader",
         "PhantomCLIPEncodeReferences", "PhantomReferences", "PhantomEncodeReferences", "PhantomSampler"))
-    # the MMDiT default's own DiT and CLIP tower, the Phantom-Wan default's VAE and umT5 (its latents' encoders)
+    # the MMDiT default's own DiT, CLIP tower and VAE (its latents' encoder: today the Phantom-Wan default's file),
+    # the Phantom-Wan default's umT5
     assert api[dit]["inputs"]["dit_name"] == MMDIT_FILES["dit"] == "phantom_world_mmdit.safetensors"
     assert api[clip]["inputs"]["clip_vision_name"] == MMDIT_FILES["clip_vision"] == "phantom_world_clip.safetensors"
-    assert api[vae]["inputs"]["vae_name"] == DEFAULT_FILES["vae"]
+    assert api[vae]["inputs"]["vae_name"] == MMDIT_FILES["vae"]
     assert api[text]["inputs"]["text_encoder_name"] == DEFAULT_FILES["text_encoder"]
     c = api[clip_enc]["inputs"]
     assert (c["clip_vision"], c["references"], c["reference_latents"]) == ([clip, 0], [refs, 0], [enc, 0])

@@ -25,6 +25,7 @@ from tests.support.prompts import TINY_MODELS
 from tests.support.workflow_files import by_class, load, saved_frames
 from tools.comfy_launcher import ComfyServer
 from tools.make_workflows import (
+    DEFAULT_FILES,
     INPUTS_DIR,
     MMDIT_FILES,
     TEMPLATES_DIR,
@@ -38,7 +39,7 @@ CONTROL_MODES = {"fixed", "increment", "decrement", "randomize"}
 NAMES = ["phantom_1ref", "phantom_4ref", "phantom_2ref_rephrase", "phantom_train_lora", "phantom_mmdit_1ref",
          "phantom_mmdit_2ref"]
 # model files a workflow names before they are shipped: the server cannot list them yet
-UNSHIPPED = set() if trained_mmdit_shipped() else set(MMDIT_FILES.values())
+UNSHIPPED = set() if trained_mmdit_shipped() else set(MMDIT_FILES.values()) - set(DEFAULT_FILES.values())
 SEED_NAMES = ("seed", "noise_seed")  # INT widgets the frontend gives a control widget even when not asked to
 
 
