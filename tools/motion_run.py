@@ -5,7 +5,7 @@
     python -m tools.motion_run train --work W [--mix W2 ...] --network mmdit-pooled [--init FILE] [--batch 32]
         [--seconds 300] [--every 500] [--dropout TEXT REFERENCE] [--schedule cosine] [--ema 0.998] [--clip]
         [--encoding-dropout VAE CLIP] [--pooled] [--text-positions] [--reference-index] [--key-mask T]
-        [--temporal-weight W] [--resume] [--device cuda] --out RUN
+        [--temporal-weight W] [--precision bf16] [--resume] [--device cuda] --out RUN
 
 ``cache`` (``tools.motion_cache``) renders the world's triplets (``WorldConfig.travel``: how far the subjects move) in
 ``--workers`` processes and encodes them with the shipped world VAE (or ``--vae``'s, e.g. ``TRAINED_NEXT_VAE``) and
@@ -43,7 +43,9 @@ copy: a device machine returns files up to 16 MiB) and ``RUN_curve.json`` (every
 after each). The trainer writes a checkpoint (``RUN_run/checkpoints``, the latest kept) at every probe, so a run stopped
 by ``--seconds`` or killed goes on with ``--resume`` (the same command) from its last probe, with the same data order,
 noise and optimiser state; the curve keeps the rows up to that step (``seconds`` in a row counts from the start of the
-invocation that measured it). docs/WORLD.md has what it measured.
+invocation that measured it). ``--precision bf16`` trains under the trainer's bf16 autocast (the weights and files stay
+float32; faster where the CPU has AVX512-BF16 or AMX, ``training.config.cpu_bf16_fast``). docs/WORLD.md has what it
+measured.
 """
 
 from __future__ import annotations
@@ -138,9 +140,10 @@ def train_run(args: argparse.Namespace, data) -> list[dict]:
             model = add(model).train()
     model = extras.with_reference_key_mask(model, args.key_mask).train() if args.key_mask else model
     settings = {**DIT_TRAIN, "dit": args.init or f"motion-run:{args.network}", "device": args.device,
-                "precision": "fp32", "batch_size": args.batch, "steps": args.steps, "lr_schedule": args.schedule,
-                "learning_rate": args.lr, "ema_decay": args.ema, "checkpoint_every": args.every,
-                "keep_checkpoints": 1, "seed": args.seed, "temporal_weight": args.temporal_weight}
+                "precision": args.precision, "batch_size": args.batch, "steps": args.steps,
+                "lr_schedule": args.schedule, "learning_rate": args.lr, "ema_decay": args.ema,
+                "checkpoint_every": args.every, "keep_checkpoints": 1, "seed": args.seed,
+                "temporal_weight": args.temporal_weight}
     settings.update(dropout_settings(args.dropout))
     if args.clip:  # the paper's both network: CLIP features in the text stream, the VAE-reference dropout
         from phantom_core.world.mmdit_default import CLIP_OUTPUT, MMDIT_VAE_DROPOUT
@@ -289,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--resume", action="store_true",
                    help="go on from the run's latest checkpoint (written at every probe), if it has one")
     t.add_argument("--seed", type=int, default=11079)
+    t.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: the trainer's bf16 autocast (faster on a CPU with AVX512-BF16 or AMX, "
+                        "training.config.cpu_bf16_fast; on CUDA) (default %(default)s)")
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--device", default="cpu")
     t.add_argument("--out", required=True, help="the run's path without suffix")

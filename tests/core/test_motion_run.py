@@ -42,10 +42,11 @@ def test_cache_train_probe_stop_on_time_and_resume(tmp_path):
                (safe_open(str(work / "latents" / name), framework="pt") for name in index["files"]))
     held = json.loads((work / "held_out" / "latents" / "index.json").read_text())
     assert len(held["files"]) == 4 and held["world"] == {"travel": 0.5, "subjects": 1}
-    # --seconds 0: the run stops after its first step, probed there, and still writes its files
+    # --seconds 0: the run stops after its first step, probed there, and still writes its files (float32 weights
+    # under --precision bf16's autocast)
     assert main(["train", "--work", str(work), "--network", "mmdit-pooled", "--batch", "1", "--steps", "5",
                  "--every", "1", "--probe", "2", "--seconds", "0", "--threads", "2", "--dropout", "0", "0",
-                 "--out", str(run)]) == 0
+                 "--precision", "bf16", "--out", str(run)]) == 0
     curve = json.loads((tmp_path / "run_curve.json").read_text())
     assert [row["step"] for row in curve] == [1]
     for tag in ("train", "held"):
@@ -54,6 +55,7 @@ def test_cache_train_probe_stop_on_time_and_resume(tmp_path):
         assert abs(at["effect"]) < at["truth"] and 0.0 <= at["share"] <= 100.0
     with safe_open(str(run.with_suffix(".safetensors")), framework="pt") as f:
         assert f.metadata()["steps"] == "1"
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
     full, half = load_any_dit(run.with_suffix(".safetensors")), load_any_dit(f"{run}_fp16.safetensors")
     for (name, a), b in zip(full.state_dict().items(), half.state_dict().values()):
         torch.testing.assert_close(b.float(), a.float(), rtol=1e-3, atol=1e-4, msg=name)
@@ -163,6 +165,9 @@ def test_bad_options_are_refused(capsys):
         with pytest.raises(SystemExit):
             main(["cache", "--work", "w", flag, value])
         assert f"{flag} is {value}; it must be >= {low}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--work", "w", "--out", "r", "--precision", "fp16"])
+    assert "--precision: invalid choice: 'fp16'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["cache", "--work", "w", "--subjects", "4"])
     assert "--subjects: invalid choice: 4" in capsys.readouterr().err
