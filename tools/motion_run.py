@@ -44,8 +44,8 @@ after each). The trainer writes a checkpoint (``RUN_run/checkpoints``, the lates
 by ``--seconds`` or killed goes on with ``--resume`` (the same command) from its last probe, with the same data order,
 noise and optimiser state; the curve keeps the rows up to that step (``seconds`` in a row counts from the start of the
 invocation that measured it). ``--precision bf16`` trains under the trainer's bf16 autocast (the weights and files stay
-float32; faster where the CPU has AVX512-BF16 or AMX, ``training.config.cpu_bf16_fast``). docs/WORLD.md has what it
-measured.
+float32; for a GPU: on a 2-core CPU with AVX512-BF16 the world MMDiT at batch 8 ran no faster than in fp32, 0.84 s a
+step against 0.83). docs/WORLD.md has what it measured.
 """
 
 from __future__ import annotations
@@ -293,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="go on from the run's latest checkpoint (written at every probe), if it has one")
     t.add_argument("--seed", type=int, default=11079)
     t.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="bf16: the trainer's bf16 autocast (faster on a CPU with AVX512-BF16 or AMX, "
-                        "training.config.cpu_bf16_fast; on CUDA) (default %(default)s)")
+                   help="bf16: the trainer's bf16 autocast, for a GPU (the world MMDiT ran no faster with it on "
+                        "a CPU with AVX512-BF16) (default %(default)s)")
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--device", default="cpu")
     t.add_argument("--out", required=True, help="the run's path without suffix")
