@@ -55,7 +55,8 @@ def test_cache_train_probe_stop_on_time_and_resume(tmp_path):
         assert abs(at["effect"]) < at["truth"] and 0.0 <= at["share"] <= 100.0
     with safe_open(str(run.with_suffix(".safetensors")), framework="pt") as f:
         assert f.metadata()["steps"] == "1"
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+        floats = {f.get_slice(k).get_dtype() for k in f.keys()} - {"I64"}  # integer buffers aside
+        assert floats == {"F32"}, floats
     full, half = load_any_dit(run.with_suffix(".safetensors")), load_any_dit(f"{run}_fp16.safetensors")
     for (name, a), b in zip(full.state_dict().items(), half.state_dict().values()):
         torch.testing.assert_close(b.float(), a.float(), rtol=1e-3, atol=1e-4, msg=name)
