@@ -28,6 +28,8 @@ def render(job: tuple[str, int, int, float, int | None]):
 
 
 def cache(args: argparse.Namespace) -> None:
+    """``motion_run cache``: copy the VAE (``args.vae`` or the shipped one) and umT5 into ``args.work`` unless there,
+    then render and encode the held-out and training triplets chunk by chunk (each chunk's index written at once)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
