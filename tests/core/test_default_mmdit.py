@@ -1,7 +1,8 @@
 """The second embedded default, the paper's MMDiT trained in the miniature world (``default-mmdit``): its export
 (``world.mmdit_default.stage_mmdit_export``, refused unless the work folder's umT5, and its VAE while the MMDiT
-default has none of its own, are the shipped Phantom-Wan default's), its installation, ``generate --model default-mmdit`` / ``--clip-vision`` and the sidecar
-that records the CLIP tower, and ``evaluate --model default-mmdit``.
+default has none of its own, are the shipped Phantom-Wan default's), its installation, ``generate --model
+default-mmdit`` / ``--clip-vision`` and the sidecar that records the CLIP tower, and ``evaluate --model
+default-mmdit``.
 
 The trained files need not exist: ``TRAINED_DIR`` is pointed at a temporary folder holding tiny random stand-ins
 (``MMDIT_PRESETS["tiny"]``, ``CLIP_VISION_PRESETS["tiny"]``, the tiny default's VAE and umT5) under the shipped
