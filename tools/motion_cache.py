@@ -34,14 +34,15 @@ def cache(args: argparse.Namespace) -> None:
     from concurrent.futures import ProcessPoolExecutor
 
     from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
-    from phantom_core.tiny.default import TRAINED_DIR
+    from phantom_core.tiny.default import TRAINED_DIR, TRAINED_FILES
     from phantom_core.training.cache import build_cache
     from phantom_core.world import default_model as recipe
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    for name, source in ((recipe.VAE_STAGE_FILE, args.vae or TRAINED_DIR / "phantom_world_vae.safetensors"),
-                         (recipe.TEXT_STAGE_FILE, TRAINED_DIR / "phantom_world_umt5.safetensors")):
+    shipped = {role: TRAINED_DIR / Path(relative).name for role, relative in TRAINED_FILES.items()}
+    for name, source in ((recipe.VAE_STAGE_FILE, args.vae or shipped["vae"]),
+                         (recipe.TEXT_STAGE_FILE, shipped["text_encoder"])):
         if not (work / name).is_file():
             shutil.copyfile(source, work / name)
     load, fingerprints = recipe._encoders(work)
@@ -76,8 +77,13 @@ def cache(args: argparse.Namespace) -> None:
 
 def vae_error(vae: Path | None, work: Path) -> str | None:
     """Why ``cache --vae`` cannot encode ``work`` with ``vae`` (not a file; ``work`` holds another VAE's latents)."""
-    held = work / "vae.safetensors"  # default_model.VAE_STAGE_FILE: the VAE whose latents are cached there
-    if vae is None or vae.is_file() and not (held.is_file() and held.read_bytes() != vae.read_bytes()):
+    from phantom_core.world.default_model import VAE_STAGE_FILE
+
+    if vae is None:
         return None
-    return f"--vae: {vae} is not a file" if not vae.is_file() else f"--vae: {held} holds another VAE (the latents in " \
-        f"{work} are its); give a new --work for {vae}'s"
+    if not vae.is_file():
+        return f"--vae: {vae} is not a file"
+    held = work / VAE_STAGE_FILE  # the VAE whose latents are cached there
+    if held.is_file() and held.read_bytes() != vae.read_bytes():
+        return f"--vae: {held} holds another VAE (the latents in {work} are its); give a new --work for {vae}'s"
+    return None
