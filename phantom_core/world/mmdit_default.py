@@ -241,11 +241,10 @@ def stage_mmdit_export(work: str | Path, variant: str = "both", dit: str | Path 
     check_variant(variant)
     work = Path(work)
     sources = {"dit": Path(dit) if dit else work / f"mmdit_{variant}.safetensors",
-               "clip_vision": work / CLIP_STAGE_FILE, "vae": work / VAE_STAGE_FILE}
-    own_vae = Path(TRAINED_MMDIT_FILES["vae"]).name != Path(TRAINED_FILES["vae"]).name
-    shared = {"text_encoder": TEXT_STAGE_FILE} if own_vae else {"vae": VAE_STAGE_FILE, "text_encoder": TEXT_STAGE_FILE}
-    if not own_vae:
-        del sources["vae"]
+               "clip_vision": work / CLIP_STAGE_FILE}
+    shared = {"vae": VAE_STAGE_FILE, "text_encoder": TEXT_STAGE_FILE}  # checked in this order
+    if Path(TRAINED_MMDIT_FILES["vae"]).name != Path(TRAINED_FILES["vae"]).name:  # a VAE of the MMDiT's own
+        sources["vae"] = work / shared.pop("vae")
     for path in sources.values():
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: run the MMDiT stages first (python -m tools.train_default "
