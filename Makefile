@@ -76,8 +76,9 @@ train-default: env emoji-font
 # The second embedded default, the paper's MMDiT trained in the same world (phantom_core.world.mmdit_default): the
 # world CLIP, the references' CLIP features, the MMDiT (VAE and CLIP references) on train-default's latents, its motion
 # stages (tools.motion_run: a one-subject cache whose subjects travel farther, pooled vectors, a cool-down with EMA,
-# then the same on one- and two-subject scenes mixed),
-# then its export beside the Phantom-Wan default's VAE and umT5 (refused unless they are byte-identical, which running
-# train-default first on the same folder ensures); resumable like train-default. Runs with --model default-mmdit.
+# then the same on one- and two-subject scenes mixed), a VAE of its own (recipe subjects) and a fine-tune on that
+# VAE's latents, then its export with that VAE beside the Phantom-Wan default's umT5 (refused unless byte-identical,
+# which running train-default first on the same folder ensures); resumable like train-default. About 7.5 hours on two
+# cores. Runs with --model default-mmdit.
 train-default-mmdit: train-default
 	$(PY) -m tools.train_default --work build/default --model mmdit --variant both

@@ -2,7 +2,8 @@
 
     python -m tools.train_default [--work build/default] [--stages text,vae,latents,dit,export] [--threads 2]
     python -m tools.train_default --model mmdit [--variant both|vae|clip]
-        [--stages clip,clip_features,mmdit,motion_cache,motion,cooldown,pairs_cache,pairs,pairs_cooldown,export]
+        [--stages clip,clip_features,mmdit,motion_cache,motion,cooldown,pairs_cache,pairs,pairs_cooldown,
+                  next_vae,next_cache,next_pairs_cache,next,next_cooldown,export]
 
 ``--model mmdit`` trains the paper's MMDiT in a work folder that already holds the Phantom-Wan recipe's text, vae and
 latents stages: the world CLIP, the references' CLIP features, then the MMDiT variant (``--variant``: VAE and CLIP
@@ -14,10 +15,14 @@ vectors and trains it on them (``MOTION_TRAIN``: constant learning rate, CLIP fe
 probing the motion word every 250 steps), ``cooldown`` goes on at a falling learning rate and keeps the EMA of the
 weights (``COOLDOWN``); ``pairs_cache`` renders 450 two-subject scenes in ``<work>/motion_pairs``, and ``pairs`` and
 ``pairs_cooldown`` do the same two runs again on both caches mixed (``PAIRS_TRAIN``, then ``COOLDOWN``), so that two
-subjects each keep a motion of their own (``MOTION_RUNS`` chains the runs). Its ``export`` (variant ``both`` only)
-copies the last run's MMDiT and the world CLIP tower into ``phantom_core/tiny/trained/`` as the second embedded
-default (``generate --model default-mmdit``), and refuses unless the folder's VAE and umT5 are the shipped Phantom-Wan
-default's own (``make train-default-mmdit`` runs ``make train-default`` first, so they are).
+subjects each keep a motion of their own (``MOTION_RUNS`` chains the runs). Then the MMDiT moves to a VAE of its own:
+``next_vae`` trains the ``subjects`` VAE recipe in ``<work>/next`` (``world.vae_recipe``; sharper subjects), the
+``next_cache`` / ``next_pairs_cache`` stages encode 600 one-subject and 240 two-subject scenes with it in
+``<work>/next``, and ``next`` / ``next_cooldown`` fine-tune the two-subject stage's file on them (``NEXT_TRAIN``,
+``NEXT_COOLDOWN``). Its ``export`` (variant ``both`` only) copies the last run's MMDiT, the world CLIP tower and the
+next VAE into ``phantom_core/tiny/trained/`` as the second embedded default (``generate --model default-mmdit``),
+and refuses unless the folder's umT5 is the shipped Phantom-Wan default's own (``make train-default-mmdit`` runs
+``make train-default`` first, so it is).
 
 Each stage leaves its files in ``--work`` and is skipped when they are complete, and the VAE and DiT stages
 resume from their latest checkpoint, so an interrupted run continues where it stopped. The VAE and DiT stages draw
@@ -39,23 +44,40 @@ from pathlib import Path
 import torch
 
 STAGES = ("text", "vae", "latents", "dit", "export")
-MOTION_STAGES = ("motion_cache", "motion", "cooldown", "pairs_cache", "pairs", "pairs_cooldown")
+NEXT_STAGES = ("next_vae", "next_cache", "next_pairs_cache", "next", "next_cooldown")
+MOTION_STAGES = ("motion_cache", "motion", "cooldown", "pairs_cache", "pairs", "pairs_cooldown", *NEXT_STAGES)
 MMDIT_STAGES = ("clip", "clip_features", "mmdit", *MOTION_STAGES, "export")
 DEFAULT_ONLY = (*MOTION_STAGES, "export")  # the MMDiT default's stages (--variant both)
 MOTION_DIR = "motion"  # <work>/motion: the motion stages' one-subject cache and their runs (tools.motion_run)
 PAIRS_DIR = "motion_pairs"  # <work>/motion_pairs: the two-subject cache that joins the one-subject one
+NEXT_DIR = "next"  # <work>/next: the MMDiT default's own VAE (recipe NEXT_VAE_RECIPE) and its caches and runs
+NEXT_VAE_RECIPE = "subjects"  # world.vae_recipe: the MMDiT default's VAE (TRAINED_MMDIT_FILES["vae"])
 MOTION_CACHE = ["--travel", "0.5", "--samples", "600", "--subjects", "1", "--held-out", "48"]
 PAIRS_CACHE = ["--travel", "0.5", "--samples", "450", "--subjects", "2", "--held-out", "8"]
-CACHES = {"motion_cache": (MOTION_DIR, MOTION_CACHE), "pairs_cache": (PAIRS_DIR, PAIRS_CACHE)}
+NEXT_PAIRS_CACHE = ["--travel", "0.5", "--samples", "240", "--subjects", "2", "--held-out", "8"]
+# cache stage -> (its folder in <work>, its settings, the folder of the VAE it encodes with: <work> or <work>/next)
+CACHES = {"motion_cache": (MOTION_DIR, MOTION_CACHE, "."), "pairs_cache": (PAIRS_DIR, PAIRS_CACHE, "."),
+          "next_cache": (f"{NEXT_DIR}/{MOTION_DIR}", MOTION_CACHE, NEXT_DIR),
+          "next_pairs_cache": (f"{NEXT_DIR}/{PAIRS_DIR}", NEXT_PAIRS_CACHE, NEXT_DIR)}
 MOTION_TRAIN = ["--pooled", "--every", "250", "--probe", "16", "--seed", "5", "--steps", "5000"]
 PAIRS_TRAIN = ["--every", "250", "--probe", "16", "--seed", "7", "--steps", "6000"]
 COOLDOWN = ["--every", "400", "--probe", "16", "--seed", "6", "--lr", "2e-4", "--schedule", "cosine",
             "--ema", "0.998", "--steps", "800"]
-# training stage -> (its run in <work>/motion: the file <name>.safetensors, the stage it starts from (None: the
-# MMDiT stage's mmdit_both.safetensors), its settings, whether the two-subject cache joins the one-subject one)
-MOTION_RUNS = {"motion": ("b", None, MOTION_TRAIN, False), "cooldown": ("c", "motion", COOLDOWN, False),
-               "pairs": ("d", "cooldown", PAIRS_TRAIN, True), "pairs_cooldown": ("e", "pairs", COOLDOWN, True)}
-SHIPPED_RUN = "pairs_cooldown"  # the training stage whose file export ships
+# the fine-tune on the next VAE's latents (2026-12-07): the shipped run stopped at its 3,600 s budget on the 2-core
+# AMD EPYC, at step 3,844 (the constant learning rate makes that the same run as --steps 3844)
+NEXT_TRAIN = ["--every", "1000", "--probe", "16", "--seed", "31", "--steps", "3844"]
+NEXT_COOLDOWN = ["--every", "400", "--probe", "16", "--seed", "32", "--lr", "2e-4", "--schedule", "cosine",
+                 "--ema", "0.998", "--steps", "600"]
+# training stage -> (its run: the file <name>.safetensors in its one-subject cache's folder, the stage it starts
+# from (None: the MMDiT stage's mmdit_both.safetensors), its settings, its one-subject cache stage, the two-subject
+# cache stage mixed in or None)
+MOTION_RUNS = {"motion": ("b", None, MOTION_TRAIN, "motion_cache", None),
+               "cooldown": ("c", "motion", COOLDOWN, "motion_cache", None),
+               "pairs": ("d", "cooldown", PAIRS_TRAIN, "motion_cache", "pairs_cache"),
+               "pairs_cooldown": ("e", "pairs", COOLDOWN, "motion_cache", "pairs_cache"),
+               "next": ("f", "pairs_cooldown", NEXT_TRAIN, "next_cache", "next_pairs_cache"),
+               "next_cooldown": ("g", "next", NEXT_COOLDOWN, "next_cache", "next_pairs_cache")}
+SHIPPED_RUN = "next_cooldown"  # the training stage whose file export ships, with the VAE of its caches
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,7 +157,12 @@ def run_mmdit(work: str, stages: list[str], variant: str) -> int:
         elif stage == "clip_features":
             mmdit_default.stage_clip_features(work)
         elif stage == "export":
-            mmdit_default.stage_mmdit_export(work, variant, dit=motion_output(Path(work), SHIPPED_RUN))
+            mmdit_default.stage_mmdit_export(work, variant, dit=motion_output(Path(work), SHIPPED_RUN),
+                                             vae=cache_vae(Path(work), MOTION_RUNS[SHIPPED_RUN][3]))
+        elif stage == "next_vae":
+            from phantom_core.world.default_model import stage_vae
+
+            stage_vae(Path(work) / NEXT_DIR, progress, recipe=NEXT_VAE_RECIPE)
         elif stage in MOTION_STAGES:
             status = run_motion(Path(work), stage)
             if status:
@@ -149,20 +176,30 @@ def run_mmdit(work: str, stages: list[str], variant: str) -> int:
 
 
 def motion_output(work: Path, stage: str) -> Path:
-    """The file the training run of ``stage`` (a key of ``MOTION_RUNS``) leaves when it is done."""
-    return work / MOTION_DIR / f"{MOTION_RUNS[stage][0]}.safetensors"
+    """The file the training run of ``stage`` (a key of ``MOTION_RUNS``) leaves when it is done: in the folder of
+    its one-subject cache."""
+    run, _, _, cache, _ = MOTION_RUNS[stage]
+    return work / CACHES[cache][0] / f"{run}.safetensors"
+
+
+def cache_vae(work: Path, cache: str) -> Path:
+    """The VAE file the cache stage ``cache`` (a key of ``CACHES``) encodes with: ``work``'s or ``work/NEXT_DIR``'s."""
+    from phantom_core.world.default_model import VAE_STAGE_FILE
+
+    return work / CACHES[cache][2] / VAE_STAGE_FILE
 
 
 def run_motion(work: Path, stage: str) -> int:
-    """One motion stage (``MOTION_STAGES``) through ``tools.motion_run`` (its exit status): a cache stage renders
-    and encodes ``CACHES[stage]`` in its folder of ``work`` with the folder's own VAE and umT5, a training stage runs
-    ``MOTION_RUNS[stage]`` in ``work/MOTION_DIR`` with the folder's CLIP tower. A stage whose output is complete is
+    """One motion stage (``MOTION_STAGES`` but ``next_vae``) through ``tools.motion_run`` (its exit status): a cache
+    stage renders and encodes ``CACHES[stage]`` in its folder of ``work`` with the folder's umT5 and its VAE (``work``'s
+    own, or ``work/NEXT_DIR``'s for the ``next`` caches), a training stage runs ``MOTION_RUNS[stage]`` in its
+    one-subject cache's folder with ``work``'s CLIP tower. A stage whose output is complete is
     skipped, and a training stage resumes from its latest checkpoint.
 
     Raises ``FileNotFoundError`` naming the earlier stage's missing file."""
     from phantom_core.loading.disk import atomic_write
     from phantom_core.world.clip_model import CLIP_STAGE_FILE
-    from phantom_core.world.default_model import TEXT_STAGE_FILE, VAE_STAGE_FILE
+    from phantom_core.world.default_model import TEXT_STAGE_FILE
     from tools import motion_run
 
     def require(*paths: Path) -> None:
@@ -172,8 +209,8 @@ def run_motion(work: Path, stage: str) -> int:
                                         f"tools.train_default --work {work} --model mmdit)")
 
     if stage in CACHES:
-        folder, settings = CACHES[stage]
-        encoders = [work / VAE_STAGE_FILE, work / TEXT_STAGE_FILE]
+        folder, settings, _ = CACHES[stage]
+        encoders = [cache_vae(work, stage), work / TEXT_STAGE_FILE]
         require(*encoders)
         cache = work / folder
         if (cache / "cache_done.json").is_file():
@@ -186,16 +223,18 @@ def run_motion(work: Path, stage: str) -> int:
             with atomic_write(cache / "cache_done.json") as tmp:
                 tmp.write_text(json.dumps({"motion_run cache": settings}), encoding="utf-8")
         return status
-    motion, pairs = work / MOTION_DIR, work / PAIRS_DIR
-    run, start, settings, mixed = MOTION_RUNS[stage]
+    run, start, settings, single, mixed = MOTION_RUNS[stage]
+    motion = work / CACHES[single][0]
     init = motion_output(work, start) if start else work / "mmdit_both.safetensors"
-    require(motion / "cache_done.json", *([pairs / "cache_done.json"] if mixed else []), init, work / CLIP_STAGE_FILE)
+    caches = [motion] + ([work / CACHES[mixed][0]] if mixed else [])
+    require(*(c / "cache_done.json" for c in caches), init, work / CLIP_STAGE_FILE)
     if motion_output(work, stage).is_file():
         return 0
     clip = ["--clip", "--clip-vision", str(work / CLIP_STAGE_FILE)]
-    mix = ["--mix", str(pairs)] if mixed else []
+    mix = ["--mix", str(caches[1])] if mixed else []
     return motion_run.main(["train", "--work", str(motion), *mix, "--init", str(init), *clip, *settings, "--resume",
                             "--out", str(motion / run)])
+
 
 if __name__ == "__main__":
     sys.exit(main())

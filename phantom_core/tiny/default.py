@@ -10,11 +10,12 @@ into a ComfyUI-style models folder; the demo, the shipped workflows and ``evalua
 
 ``install_trained_mmdit_default`` does the same for the second default, the paper's MMDiT trained in the same world
 (``make train-default-mmdit``, ``world.mmdit_default``), once it is shipped (``trained_mmdit_shipped``): its DiT, the
-world CLIP tower it reads and the VAE of its latents (``TRAINED_MMDIT_FILES["vae"]``: today the Phantom-Wan default's
-file), beside the Phantom-Wan default's umT5:
+world CLIP tower it reads and the VAE of its latents (``TRAINED_MMDIT_FILES["vae"]``: ``TRAINED_NEXT_VAE``, the
+``subjects`` recipe's), beside the Phantom-Wan default's umT5:
 
     <models_dir>/diffusion_models/phantom_world_mmdit.safetensors  MMDIT_PRESETS["world"] (VAE and CLIP references)
     <models_dir>/clip_vision/phantom_world_clip.safetensors         CLIP_VISION_PRESETS["world"], open_clip keys
+    <models_dir>/vae/phantom_world_vae_subjects.safetensors        VAE_PRESETS["world"], upstream Wan2.1 VAE keys
 
 The random-weight tiny default below is what the tests use (and ``evaluate --baseline untrained``):
 
@@ -55,16 +56,14 @@ TEXT_ENCODER_FILE = "text_encoders/phantom_tiny_umt5.safetensors"
 TRAINED_DIR = Path(__file__).resolve().parent / "trained"
 TRAINED_FILES = {"dit": "diffusion_models/phantom_world_dit.safetensors", "vae": "vae/phantom_world_vae.safetensors",
                  "text_encoder": "text_encoders/phantom_world_umt5.safetensors"}
-# the MMDiT default: its own DiT, CLIP tower and VAE role (the VAE whose latents it learned on: today the Phantom-Wan
-# default's file, so the two must stay byte-identical; a VAE of its own once an MMDiT trained on one ships, e.g.
-# TRAINED_NEXT_VAE); the umT5 is always TRAINED_FILES'
+# the `subjects` VAE recipe's file (world.vae_recipe; MODEL_CARD.md): sharper subjects than TRAINED_FILES' VAE; the
+# MMDiT default learned its last steps on its latents, so it is the MMDiT default's VAE
+TRAINED_NEXT_VAE = "vae/phantom_world_vae_subjects.safetensors"
+# the MMDiT default: its own DiT, CLIP tower and VAE (the VAE whose latents it learned on last: TRAINED_NEXT_VAE since
+# 2026-12-07; while it named TRAINED_FILES' VAE, the two had to stay byte-identical); the umT5 is always TRAINED_FILES'
 TRAINED_MMDIT_FILES = {"dit": "diffusion_models/phantom_world_mmdit.safetensors",
                        "clip_vision": "clip_vision/phantom_world_clip.safetensors",
-                       "vae": "vae/phantom_world_vae.safetensors"}
-# the `subjects` VAE recipe's file (world.vae_recipe; MODEL_CARD.md): committed ahead of the DiTs that will learn on
-# its latents, so a training chain longer than one session starts from it (`motion_run cache --vae`); no shipped
-# default reads it yet
-TRAINED_NEXT_VAE = "vae/phantom_world_vae_subjects.safetensors"
+                       "vae": TRAINED_NEXT_VAE}
 TRAINED_MMDIT_CLIP_OUTPUT = "tokens"  # the CLIP features it was trained on (world.mmdit_default.CLIP_OUTPUT)
 TRAINED_FORMAT = {"width": 128, "height": 128, "frames": 17}  # the world the default was trained in (fps 16)
 # the defaults' guidance scales (paper Eq. 5), from the sweeps in docs/guidance_sweep.md and, for the MMDiT default,

@@ -79,14 +79,14 @@ def reporter(name: str, progress: StageProgress | None) -> StageProgress:
     return report
 
 
-def stage_vae(work: str | Path, progress: StageProgress | None = None) -> Path:
+def stage_vae(work: str | Path, progress: StageProgress | None = None, recipe: str | None = None) -> Path:
     """Train, calibrate and write the world VAE (upstream Wan2.1 keys) to ``<work>/vae.safetensors`` with
-    ``world.vae_recipe`` (``PHANTOM_VAE_RECIPE``: ``phased``, the committed default's, or ``subjects``); resumable.
-    Raises ``ValueError`` for an unknown recipe."""
+    ``world.vae_recipe``'s ``recipe`` (``phased``, the Phantom-Wan default's, or ``subjects``, the MMDiT default's;
+    default ``PHANTOM_VAE_RECIPE``, else ``phased``); resumable. Raises ``ValueError`` for an unknown recipe."""
     from phantom_core.world.vae_recipe import train_world_vae
 
     path = Path(work) / VAE_STAGE_FILE
-    return path if path.is_file() else train_world_vae(Path(work), path, progress)
+    return path if path.is_file() else train_world_vae(Path(work), path, progress, recipe)
 
 
 LATENT_DIR, LATENT_INDEX = "latents", "latents/index.json"

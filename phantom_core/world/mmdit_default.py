@@ -224,16 +224,18 @@ def train_mmdit_default(work: str | Path, variant: str = "both", progress: ClipP
     return stage_mmdit(work, variant, progress, vae_dropout)
 
 
-def stage_mmdit_export(work: str | Path, variant: str = "both", dit: str | Path | None = None) -> dict[str, Path]:
+def stage_mmdit_export(work: str | Path, variant: str = "both", dit: str | Path | None = None,
+                       vae: str | Path | None = None) -> dict[str, Path]:
     """Copy the trained MMDiT (``dit``, default ``mmdit_<variant>.safetensors``; the shipped default is ``both``
     after ``tools.train_default``'s motion stages, which give their file), the world CLIP tower and the VAE of its
     latents into ``phantom_core/tiny/trained/`` (atomically; what ``install_trained_mmdit_default`` installs).
 
-    The MMDiT learned on latents of ``work``'s VAE and umT5. The umT5 is always the shipped Phantom-Wan default's, and
-    so is the VAE while ``TRAINED_MMDIT_FILES["vae"]`` names that default's file: raises ``ValueError`` naming both
-    files unless each such file is byte-identical to ``work``'s (export the Phantom-Wan default from this folder
-    first: ``python -m tools.train_default --work <work> --stages export``). A VAE file of the MMDiT's own is written
-    from ``work``'s. Raises ``FileNotFoundError`` naming a missing stage file."""
+    The MMDiT learned on latents of ``vae`` (default ``work``'s ``vae.safetensors``) and ``work``'s umT5. The umT5 is
+    always the shipped Phantom-Wan default's, and so is the VAE while ``TRAINED_MMDIT_FILES["vae"]`` names that
+    default's file: raises ``ValueError`` naming both files unless each such file is byte-identical to the one the
+    MMDiT learned with (export the Phantom-Wan default from this folder first: ``python -m tools.train_default --work
+    <work> --stages export``). A VAE of the MMDiT's own is written from ``vae``. Raises ``FileNotFoundError`` naming a
+    missing stage file."""
     from phantom_core.loading.disk import atomic_write
     from phantom_core.tiny.default import TRAINED_DIR, TRAINED_FILES, TRAINED_MMDIT_FILES
     from phantom_core.world.default_model import TEXT_STAGE_FILE, VAE_STAGE_FILE
@@ -242,15 +244,15 @@ def stage_mmdit_export(work: str | Path, variant: str = "both", dit: str | Path 
     work = Path(work)
     sources = {"dit": Path(dit) if dit else work / f"mmdit_{variant}.safetensors",
                "clip_vision": work / CLIP_STAGE_FILE}
-    shared = {"vae": VAE_STAGE_FILE, "text_encoder": TEXT_STAGE_FILE}  # checked in this order
+    shared = {"vae": Path(vae) if vae else work / VAE_STAGE_FILE, "text_encoder": work / TEXT_STAGE_FILE}  # in order
     if Path(TRAINED_MMDIT_FILES["vae"]).name != Path(TRAINED_FILES["vae"]).name:  # a VAE of the MMDiT's own
-        sources["vae"] = work / shared.pop("vae")
+        sources["vae"] = shared.pop("vae")
     for path in sources.values():
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: run the MMDiT stages first (python -m tools.train_default "
                                     f"--work {work} --model mmdit --variant {variant})")
-    for role, stage_file in shared.items():
-        ours, shipped = work / stage_file, TRAINED_DIR / Path(TRAINED_FILES[role]).name
+    for role, ours in shared.items():
+        shipped = TRAINED_DIR / Path(TRAINED_FILES[role]).name
         if not (ours.is_file() and shipped.is_file() and ours.read_bytes() == shipped.read_bytes()):
             raise ValueError(f"the MMDiT in {work} was trained on {ours}, which is not byte-identical to the shipped "
                              f"Phantom-Wan default's {shipped}, and the MMDiT default ships with that one: export the "

@@ -94,10 +94,13 @@ def vae_recipe() -> str:
     return name
 
 
-def train_world_vae(work: Path, path: Path, progress: StageProgress | None = None) -> Path:
-    """Train, calibrate and write the world VAE (upstream Wan2.1 keys) to ``path`` with ``vae_recipe()``'s recipe,
-    its phases' runs and files in ``work``; resumable. Raises ``ValueError`` for an unknown recipe."""
-    recipe = vae_recipe()
+def train_world_vae(work: Path, path: Path, progress: StageProgress | None = None, recipe: str | None = None) -> Path:
+    """Train, calibrate and write the world VAE (upstream Wan2.1 keys) to ``path`` with ``recipe`` (a key of
+    ``VAE_RECIPES``; default ``vae_recipe()``, from ``PHANTOM_VAE_RECIPE``), its phases' runs and files in ``work``;
+    resumable. Raises ``ValueError`` for an unknown recipe."""
+    recipe = vae_recipe() if recipe is None else recipe
+    if recipe not in VAE_RECIPES:
+        raise ValueError(f"recipe: got {recipe!r}; valid recipes are {', '.join(VAE_RECIPES)}")
     report = reporter("vae", progress)
 
     def on_step(step: int, total: int, parts: dict) -> None:

@@ -86,6 +86,13 @@ def work_folder(tmp_path: Path, stand_ins: dict[str, Path]) -> Path:
     return work
 
 
+@pytest.fixture
+def shared_vae(monkeypatch) -> None:
+    """The MMDiT default sharing the Phantom-Wan default's VAE file (as it did until 2026-12-07)."""
+    monkeypatch.setitem(embedded.TRAINED_MMDIT_FILES, "vae", embedded.TRAINED_FILES["vae"])
+
+
+@pytest.mark.usefixtures("shared_vae")
 def test_export_refuses_a_vae_or_umt5_other_than_the_shipped_ones(tmp_path, stand_ins, trained_dir):
     work = work_folder(tmp_path, stand_ins)
     with pytest.raises(ValueError, match=r"vae.safetensors.*not byte-identical.*phantom_world_vae.*--stages export"):
@@ -97,6 +104,7 @@ def test_export_refuses_a_vae_or_umt5_other_than_the_shipped_ones(tmp_path, stan
     assert not embedded.trained_mmdit_shipped()  # nothing copied
 
 
+@pytest.mark.usefixtures("shared_vae")
 def test_export_copies_the_mmdit_and_its_clip_tower_when_they_match(tmp_path, stand_ins, trained_dir):
     work = work_folder(tmp_path, stand_ins)
     ship(trained_dir, stand_ins, ("vae", "text_encoder"))
@@ -110,28 +118,36 @@ def test_export_copies_the_mmdit_and_its_clip_tower_when_they_match(tmp_path, st
         stage_mmdit_export(work)
 
 
-def test_a_vae_of_the_mmdits_own_is_exported_installed_and_run(tmp_path, stand_ins, trained_dir, monkeypatch):
-    monkeypatch.setitem(embedded.TRAINED_MMDIT_FILES, "vae", "vae/own_vae.safetensors")
+def test_a_vae_of_the_mmdits_own_is_exported_installed_and_run(tmp_path, stand_ins, trained_dir):
+    own = Path(embedded.TRAINED_NEXT_VAE).name
+    assert embedded.TRAINED_MMDIT_FILES["vae"] == embedded.TRAINED_NEXT_VAE != embedded.TRAINED_FILES["vae"]
     work = work_folder(tmp_path, stand_ins)
     with pytest.raises(ValueError, match=r"umt5.safetensors.*phantom_world_umt5"):
         stage_mmdit_export(work)  # the umT5 stays the Phantom-Wan default's
-    assert not (trained_dir / "own_vae.safetensors").exists()
+    assert not (trained_dir / own).exists()
     ship(trained_dir, stand_ins, ("text_encoder",))  # no Phantom-Wan VAE shipped: the MMDiT's own is what counts
     out = stage_mmdit_export(work)
-    assert set(out) == {"dit", "clip_vision", "vae"} and out["vae"] == trained_dir / "own_vae.safetensors"
+    assert set(out) == {"dit", "clip_vision", "vae"} and out["vae"] == trained_dir / own
     assert out["vae"].read_bytes() == (work / "vae.safetensors").read_bytes() and embedded.trained_mmdit_shipped()
     files = embedded.install_trained_mmdit_default(tmp_path / "models")
-    assert files["vae"] == tmp_path / "models" / "vae" / "own_vae.safetensors"
+    assert files["vae"] == tmp_path / "models" / "vae" / own
     assert files["text_encoder"].name == "phantom_world_umt5.safetensors"
-    assert cli_models.embedded_files("default-mmdit")["vae"] == str(trained_dir / "own_vae.safetensors")
+    assert cli_models.embedded_files("default-mmdit")["vae"] == str(trained_dir / own)
+    other = tmp_path / "next_vae.safetensors"  # vae=: the VAE of the caches the last run learned on
+    other.write_bytes(b"another VAE")
+    assert stage_mmdit_export(work, vae=other)["vae"].read_bytes() == b"another VAE"
+    with pytest.raises(FileNotFoundError, match="missing.safetensors is missing"):
+        stage_mmdit_export(work, vae=tmp_path / "missing.safetensors")
+    assert (trained_dir / own).read_bytes() == b"another VAE"  # the failed export left the file as it was
 
 
 def test_train_default_runs_the_export_stage_for_the_variant_both_only(monkeypatch):
     calls = []
     monkeypatch.setattr("phantom_core.world.mmdit_default.stage_mmdit_export",
-                        lambda w, v, dit=None: calls.append((w, v, dit)))
+                        lambda w, v, dit=None, vae=None: calls.append((w, v, dit, vae)))
     assert train_default.main(["--work", "w", "--model", "mmdit", "--stages", "export", "--threads", "1"]) == 0
-    assert calls == [("w", "both", Path("w") / "motion" / "e.safetensors")]  # the two-subject stage's cool-down
+    # the cool-down on the next VAE's latents, with that VAE
+    assert calls == [("w", "both", Path("w") / "next" / "motion" / "g.safetensors", Path("w") / "next" / "vae.safetensors")]
     with pytest.raises(SystemExit):
         train_default.main(["--model", "mmdit", "--variant", "vae", "--stages", "export"])
     assert "export" in train_default.MMDIT_STAGES
@@ -167,7 +183,7 @@ def test_default_mmdit_names_its_files_or_says_how_to_make_them(stand_ins, train
     assert (kw["dit_path"], kw["clip_vision_path"], kw["clip_output"]) == (
         str(trained_dir / "phantom_world_mmdit.safetensors"), str(trained_dir / "phantom_world_clip.safetensors"),
         "tokens")
-    assert kw["vae_path"] == str(trained_dir / "phantom_world_vae.safetensors")
+    assert kw["vae_path"] == str(trained_dir / shipped_name("vae"))  # the MMDiT default's own VAE
     s = kw["settings"]  # the default's format and guidance unless given
     assert (s.width, s.height, s.frames, s.w_img, s.w_text) == (128, 128, 17, *embedded.TRAINED_SAMPLING.values())
     assert s.cache_threshold == embedded.TRAINED_MMDIT_SPEED["cache_threshold"] == 0.1  # its measured step cache

@@ -58,9 +58,14 @@ def motion_folder(tmp_path):
     from phantom_core.world.clip_model import CLIP_STAGE_FILE
     from phantom_core.world.default_model import TEXT_STAGE_FILE, VAE_STAGE_FILE
 
-    for name in (VAE_STAGE_FILE, TEXT_STAGE_FILE, CLIP_STAGE_FILE, "mmdit_both.safetensors"):
+    for name in (VAE_STAGE_FILE, TEXT_STAGE_FILE, CLIP_STAGE_FILE, "mmdit_both.safetensors",
+                 f"{train_default.NEXT_DIR}/{VAE_STAGE_FILE}"):  # the next_vae stage's file
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(name.encode())
     return tmp_path
+
+
+CACHE_AND_RUN_STAGES = [s for s in train_default.MOTION_STAGES if s != "next_vae"]  # those run_motion runs
 
 
 def fake_motion_run(monkeypatch: pytest.MonkeyPatch, status: int = 0) -> list[list[str]]:
@@ -80,26 +85,35 @@ def fake_motion_run(monkeypatch: pytest.MonkeyPatch, status: int = 0) -> list[li
 
 def test_motion_stages_chain_their_runs_and_the_pairs_mix_in_the_two_subject_cache(tmp_path, monkeypatch):
     work, calls = motion_folder(tmp_path), fake_motion_run(monkeypatch)
-    for stage in train_default.MOTION_STAGES:
+    for stage in CACHE_AND_RUN_STAGES:
         assert train_default.run_motion(work, stage) == 0
     motion, pairs = work / train_default.MOTION_DIR, work / train_default.PAIRS_DIR
-    assert calls[0][:3] == ["cache", "--work", str(motion)]
+    next_motion, next_pairs = (work / train_default.NEXT_DIR / d for d in (train_default.MOTION_DIR,
+                                                                          train_default.PAIRS_DIR))
+    assert [c[:3] for c in calls if c[0] == "cache"] == [["cache", "--work", str(f)] for f in
+                                                         (motion, pairs, next_motion, next_pairs)]
     from phantom_core.world.default_model import TEXT_STAGE_FILE, VAE_STAGE_FILE
 
-    for folder in (motion, pairs):  # each cache encodes with the folder's own VAE and umT5
-        assert all((folder / n).read_bytes() == (work / n).read_bytes() for n in (VAE_STAGE_FILE, TEXT_STAGE_FILE))
+    for folder, vae_folder in ((motion, work), (pairs, work), (next_motion, work / "next"), (next_pairs, work / "next")):
+        assert (folder / VAE_STAGE_FILE).read_bytes() == (vae_folder / VAE_STAGE_FILE).read_bytes()
+        assert (folder / TEXT_STAGE_FILE).read_bytes() == (work / TEXT_STAGE_FILE).read_bytes()  # one umT5 always
+        assert (folder / "cache_done.json").is_file()
+    assert (next_motion / VAE_STAGE_FILE).read_bytes() != (motion / VAE_STAGE_FILE).read_bytes()
     trains = {c[c.index("--out") + 1].rsplit("/", 1)[-1]: c for c in calls if c[0] == "train"}
-    assert sorted(trains) == ["b", "c", "d", "e"]
+    assert sorted(trains) == ["b", "c", "d", "e", "f", "g"]
     assert trains["b"][trains["b"].index("--init") + 1] == str(work / "mmdit_both.safetensors")
-    for run, start in (("c", "b"), ("d", "c"), ("e", "d")):  # each run starts from the one before
-        assert trains[run][trains[run].index("--init") + 1] == str(motion / f"{start}.safetensors")
+    for run, start, folder in (("c", "b", motion), ("d", "c", motion), ("e", "d", motion), ("f", "e", motion),
+                               ("g", "f", next_motion)):  # each run starts from the one before
+        assert trains[run][trains[run].index("--init") + 1] == str(folder / f"{start}.safetensors")
     assert all("--mix" not in trains[r] for r in "bc")
     assert all(trains[r][trains[r].index("--mix") + 1] == str(pairs) for r in "de")
+    assert all(trains[r][trains[r].index("--mix") + 1] == str(next_pairs) for r in "fg")
+    assert all(trains[r][trains[r].index("--work") + 1] == str(next_motion) for r in "fg")
     assert all("--resume" in c and "--clip-vision" in c for c in trains.values())
-    assert [c for c in calls if c[0] == "cache"][1][:3] == ["cache", "--work", str(pairs)]
-    assert (pairs / "cache_done.json").is_file()
+    assert train_default.motion_output(work, train_default.SHIPPED_RUN) == next_motion / "g.safetensors"
+    assert train_default.cache_vae(work, "next_cache") == work / "next" / VAE_STAGE_FILE
     count = len(calls)
-    for stage in train_default.MOTION_STAGES:  # every output is there: nothing runs again
+    for stage in CACHE_AND_RUN_STAGES:  # every output is there: nothing runs again
         assert train_default.run_motion(work, stage) == 0
     assert len(calls) == count
 
