@@ -125,3 +125,27 @@ def test_a_failed_cache_is_not_marked_done_and_a_missing_input_is_named(tmp_path
     with pytest.raises(FileNotFoundError, match="cache_done.json is missing: run the stages before pairs first"):
         train_default.run_motion(work, "pairs")
     assert len(calls) == 1
+
+
+def test_next_vae_trains_the_subjects_recipe_in_the_next_folder(tmp_path, monkeypatch):
+    from phantom_core.world import default_model
+
+    calls = []
+
+    def stage_vae(work, progress=None, recipe=None):
+        calls.append((work, recipe))
+
+    monkeypatch.setattr(default_model, "stage_vae", stage_vae)
+    argv = ["--work", str(tmp_path), "--model", "mmdit", "--stages", "next_vae", "--threads", "1"]
+    assert train_default.main(argv) == 0
+    assert calls == [(tmp_path / train_default.NEXT_DIR, "subjects")]  # no PHANTOM_VAE_RECIPE needed
+    with pytest.raises(SystemExit):  # the MMDiT default's stage, not a variant's
+        train_default.main([*argv, "--variant", "vae"])
+
+
+def test_an_unknown_vae_recipe_is_refused_naming_the_valid_ones(tmp_path):
+    from phantom_core.world.vae_recipe import train_world_vae
+
+    with pytest.raises(ValueError, match="recipe: got 'sharp'; valid recipes are phased, subjects"):
+        train_world_vae(tmp_path, tmp_path / "vae.safetensors", recipe="sharp")
+    assert list(tmp_path.iterdir()) == []
