@@ -1,6 +1,6 @@
-"""The committed next world VAE (``TRAINED_NEXT_VAE``: world.vae_recipe's ``subjects`` recipe, committed ahead of the
-DiTs that will learn on its latents): it loads as the preset its recipe names and reconstructs held-out world cases
-better than the shipped default's VAE (subject PSNR 16.5 dB against 11.3 dB on these 6 cases), every subject's motion
+"""The committed next world VAE (``TRAINED_NEXT_VAE``: world.vae_recipe's ``subjects`` recipe, the MMDiT default's
+VAE since 2026-12-07): it loads as the preset its recipe names and reconstructs held-out world cases
+better than the Phantom-Wan default's VAE (subject PSNR 16.5 dB against 11.3 dB on these 6 cases), every subject's motion
 kept (the shipped VAE turns one of them); a check that fails if the file stops being the trained one. docs/WORLD.md
 has the 72-case figures."""
 
