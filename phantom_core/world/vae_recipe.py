@@ -86,21 +86,21 @@ SUBJECTS_B_TRAIN = dict(steps=int(os.environ.get("PHANTOM_VAE_LONG_STEPS", 600))
                         warmup_steps=20, kl_weight=1e-4, seed=RECIPE_SEED + 14, checkpoint_every=50)
 
 
-def vae_recipe() -> str:
-    """``PHANTOM_VAE_RECIPE`` (default ``phased``); ``ValueError`` naming the valid recipes otherwise."""
-    name = os.environ.get("PHANTOM_VAE_RECIPE", "phased")
+def vae_recipe(recipe: str | None = None) -> str:
+    """``recipe``, else ``PHANTOM_VAE_RECIPE`` (default ``phased``); ``ValueError`` naming the input that gave it and
+    the valid recipes (``VAE_RECIPES``) otherwise."""
+    given = "recipe" if recipe is not None else "PHANTOM_VAE_RECIPE"
+    name = recipe if recipe is not None else os.environ.get("PHANTOM_VAE_RECIPE", "phased")
     if name not in VAE_RECIPES:
-        raise ValueError(f"PHANTOM_VAE_RECIPE: got {name!r}; valid recipes are {', '.join(VAE_RECIPES)}")
+        raise ValueError(f"{given}: got {name!r}; valid recipes are {', '.join(VAE_RECIPES)}")
     return name
 
 
 def train_world_vae(work: Path, path: Path, progress: StageProgress | None = None, recipe: str | None = None) -> Path:
-    """Train, calibrate and write the world VAE (upstream Wan2.1 keys) to ``path`` with ``recipe`` (a key of
-    ``VAE_RECIPES``; default ``vae_recipe()``, from ``PHANTOM_VAE_RECIPE``), its phases' runs and files in ``work``;
-    resumable. Raises ``ValueError`` for an unknown recipe."""
-    recipe = vae_recipe() if recipe is None else recipe
-    if recipe not in VAE_RECIPES:
-        raise ValueError(f"recipe: got {recipe!r}; valid recipes are {', '.join(VAE_RECIPES)}")
+    """Train, calibrate and write the world VAE (upstream Wan2.1 keys) to ``path`` with ``vae_recipe(recipe)``'s
+    recipe (``recipe``, else ``PHANTOM_VAE_RECIPE``), its phases' runs and files in ``work``; resumable. Raises
+    ``ValueError`` for an unknown recipe."""
+    recipe = vae_recipe(recipe)
     report = reporter("vae", progress)
 
     def on_step(step: int, total: int, parts: dict) -> None:
