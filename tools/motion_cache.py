@@ -34,13 +34,13 @@ def cache(args: argparse.Namespace) -> None:
     from concurrent.futures import ProcessPoolExecutor
 
     from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
-    from phantom_core.tiny.default import TRAINED_DIR, TRAINED_FILES
+    from phantom_core.tiny.default import TRAINED_FILES, trained_file
     from phantom_core.training.cache import build_cache
     from phantom_core.world import default_model as recipe
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    shipped = {role: TRAINED_DIR / Path(relative).name for role, relative in TRAINED_FILES.items()}
+    shipped = {role: trained_file(relative) for role, relative in TRAINED_FILES.items()}
     for name, source in ((recipe.VAE_STAGE_FILE, args.vae or shipped["vae"]),
                          (recipe.TEXT_STAGE_FILE, shipped["text_encoder"])):
         if not (work / name).is_file():

@@ -15,18 +15,17 @@ otherwise.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from phantom_core.mmdit.clip import CLIP_OUTPUTS
 from phantom_core.tiny.default import (
-    TRAINED_DIR,
     TRAINED_FILES,
     TRAINED_FORMAT,
     TRAINED_MMDIT_CLIP_OUTPUT,
     TRAINED_MMDIT_FILES,
     TRAINED_MMDIT_SPEED,
     TRAINED_SAMPLING,
+    trained_file,
 )
 
 EMBEDDED_MODELS = ("default", "default-mmdit")
@@ -58,7 +57,7 @@ def embedded_files(model: str) -> dict[str, str]:
     """Role -> shipped file of the embedded default ``model`` (``default``: dit, vae, text_encoder; ``default-mmdit``:
     those and clip_vision). Raises ``ValueError`` naming the missing files when ``default-mmdit`` is not shipped."""
     roles = dict(TRAINED_FILES) if model == "default" else {**TRAINED_FILES, **TRAINED_MMDIT_FILES}
-    paths = {role: TRAINED_DIR / Path(relative).name for role, relative in roles.items()}
+    paths = {role: trained_file(relative) for role, relative in roles.items()}
     missing = [str(path) for path in paths.values() if not path.is_file()]
     if missing:
         make = "make train-default-mmdit" if model == "default-mmdit" else "make train-default"

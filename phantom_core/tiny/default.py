@@ -174,18 +174,24 @@ def write_tiny_default(models_dir: str | os.PathLike) -> dict[str, Path]:
     return paths
 
 
+def trained_file(relative: str | os.PathLike) -> Path:
+    """The committed copy of a trained default's file: ``TRAINED_DIR / <its file name>``, where ``relative`` is the
+    file's path under a ComfyUI models folder (a value of ``TRAINED_FILES`` / ``TRAINED_MMDIT_FILES``). The path may
+    not exist (a checkout without the weights); ``TRAINED_DIR`` is read at each call."""
+    return TRAINED_DIR / Path(relative).name
+
+
 def _install_trained(models_dir: str | os.PathLike, files: dict[str, str], what: str, make: str) -> dict[str, Path]:
     """Copy ``TRAINED_DIR / <file name>`` of each of ``files`` (role -> path under the models folder) into
     ``models_dir``, skipping byte-identical files; raises ``FileNotFoundError`` naming every missing file."""
-    missing = [str(TRAINED_DIR / Path(relative).name) for relative in files.values()
-               if not (TRAINED_DIR / Path(relative).name).is_file()]
+    missing = [str(trained_file(relative)) for relative in files.values() if not trained_file(relative).is_file()]
     if missing:
         raise FileNotFoundError(f"the trained {what}'s files are missing: {', '.join(missing)}; `{make}` trains and "
                                 "exports them (or restore them from git)")
     root, paths = Path(models_dir), {}
     for name, relative in files.items():
         path = root / relative
-        written = _install(path, (TRAINED_DIR / Path(relative).name).read_bytes())
+        written = _install(path, trained_file(relative).read_bytes())
         logger.info("trained %s %s: %s %s", what, name, "wrote" if written else "up to date", path)
         paths[name] = path
     return paths
@@ -205,7 +211,7 @@ def install_trained_default(models_dir: str | os.PathLike) -> dict[str, Path]:
 
 def trained_mmdit_shipped() -> bool:
     """Whether the MMDiT default's own files (``TRAINED_MMDIT_FILES``) are in ``phantom_core/tiny/trained/``."""
-    return all((TRAINED_DIR / Path(relative).name).is_file() for relative in TRAINED_MMDIT_FILES.values())
+    return all(trained_file(relative).is_file() for relative in TRAINED_MMDIT_FILES.values())
 
 
 def install_trained_mmdit_default(models_dir: str | os.PathLike) -> dict[str, Path]:

@@ -252,12 +252,12 @@ def stage_export(work: str | Path) -> dict[str, Path]:
     """Copy the finished files into ``phantom_core/tiny/trained/`` (atomically; what ``install_trained_default``
     installs) and print their sizes."""
     from phantom_core.loading.disk import atomic_write
-    from phantom_core.tiny.default import TRAINED_DIR, TRAINED_FILES
+    from phantom_core.tiny.default import TRAINED_FILES, trained_file
 
     work, out = Path(work), {}
     sources = {"dit": work / DIT_STAGE_FILE, "vae": work / VAE_STAGE_FILE, "text_encoder": work / TEXT_STAGE_FILE}
     for name, relative in TRAINED_FILES.items():
-        target = TRAINED_DIR / Path(relative).name
+        target = trained_file(relative)
         target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(target) as tmp:
             tmp.write_bytes(sources[name].read_bytes())

@@ -237,7 +237,7 @@ def stage_mmdit_export(work: str | Path, variant: str = "both", dit: str | Path 
     <work> --stages export``). A VAE of the MMDiT's own is written from ``vae``. Raises ``FileNotFoundError`` naming a
     missing stage file."""
     from phantom_core.loading.disk import atomic_write
-    from phantom_core.tiny.default import TRAINED_DIR, TRAINED_FILES, TRAINED_MMDIT_FILES
+    from phantom_core.tiny.default import TRAINED_FILES, TRAINED_MMDIT_FILES, trained_file
     from phantom_core.world.default_model import TEXT_STAGE_FILE, VAE_STAGE_FILE
 
     check_variant(variant)
@@ -252,7 +252,7 @@ def stage_mmdit_export(work: str | Path, variant: str = "both", dit: str | Path 
             raise FileNotFoundError(f"{path} is missing: run the MMDiT stages first (python -m tools.train_default "
                                     f"--work {work} --model mmdit --variant {variant})")
     for role, ours in shared.items():
-        shipped = TRAINED_DIR / Path(TRAINED_FILES[role]).name
+        shipped = trained_file(TRAINED_FILES[role])
         if not (ours.is_file() and shipped.is_file() and ours.read_bytes() == shipped.read_bytes()):
             raise ValueError(f"the MMDiT in {work} was trained on {ours}, which is not byte-identical to the shipped "
                              f"Phantom-Wan default's {shipped}, and the MMDiT default ships with that one: export the "
@@ -260,7 +260,7 @@ def stage_mmdit_export(work: str | Path, variant: str = "both", dit: str | Path 
                              "--stages export), or train the MMDiT in the folder the shipped default came from")
     out = {}
     for role, source in sources.items():
-        target = TRAINED_DIR / Path(TRAINED_MMDIT_FILES[role]).name
+        target = trained_file(TRAINED_MMDIT_FILES[role])
         target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(target) as tmp:
             tmp.write_bytes(source.read_bytes())

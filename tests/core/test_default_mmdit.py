@@ -53,11 +53,10 @@ def shipped_name(role: str) -> str:
 
 @pytest.fixture
 def trained_dir(tmp_path, monkeypatch) -> Path:
-    """An empty ``TRAINED_DIR`` (where every reader looks for the shipped files)."""
+    """An empty ``TRAINED_DIR`` (every reader finds the shipped files through ``trained_file``, which reads it)."""
     folder = tmp_path / "trained"
     folder.mkdir()
     monkeypatch.setattr(embedded, "TRAINED_DIR", folder)
-    monkeypatch.setattr(cli_models, "TRAINED_DIR", folder)
     return folder
 
 

@@ -7,12 +7,11 @@ has the 72-case figures."""
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from phantom_core.tiny.default import TRAINED_DIR, TRAINED_FILES, TRAINED_NEXT_VAE
+from phantom_core.tiny.default import TRAINED_FILES, TRAINED_NEXT_VAE, trained_file
 from phantom_core.wan.vae import VAE_PRESETS, load_vae
 from phantom_core.world import vae_recipe
 from phantom_core.world.baselines import vae_reconstruction
@@ -29,9 +28,9 @@ MIN_GAIN_DB = 1.0  # 72 held-out cases: 13.28 dB against 10.17 dB (docs/WORLD.md
 
 
 def test_the_next_vae_keeps_every_held_out_motion_and_beats_the_shipped_vae() -> None:
-    next_vae = load_vae(str(TRAINED_DIR / Path(TRAINED_NEXT_VAE).name)).eval()
+    next_vae = load_vae(str(trained_file(TRAINED_NEXT_VAE))).eval()
     assert next_vae.config == VAE_PRESETS[vae_recipe.SUBJECTS_PRESET]
-    shipped = load_vae(str(TRAINED_DIR / Path(TRAINED_FILES["vae"]).name)).eval()
+    shipped = load_vae(str(trained_file(TRAINED_FILES["vae"]))).eval()
     # the first 5 one-subject cases (3 still, 2 moving up) and a two-subject one (left, down)
     cases = list(CaseSet(single=5, multi=1, config=replace(WorldConfig(), travel=vae_recipe.SUBJECT_TRAVEL)))
     ours, theirs = ([score_video(produce(s), s) for s in cases] for produce in map(vae_reconstruction,
