@@ -1,0 +1,133 @@
+"""One table from several ``evaluate`` reports: the models side by side on the same held-out cases.
+
+    python -m tools.compare_evals LABEL=DIR_OR_METRICS_JSON [LABEL=...] [--group all|single|multi]
+        [--out docs/ablation_mmdit.md] [--title "..."]
+
+Each argument names a row and an ``evaluate --out`` folder (or its ``metrics.json``). The reports must score the
+same cases the same way: equal ``world`` (size, frames, fps, travel), ``case_set`` (counts, seed), held-out
+``pool`` signature and prompt form; otherwise ``ValueError`` names the field and both reports, since a table over
+different cases compares nothing. The sampler settings (steps, shift, solver, w_img, w_text) may differ and are
+shown per row. The VAE's own reconstruction (each report's ``ceiling``) is a row of its own, once per distinct
+ceiling (one per VAE). ``--out`` writes the markdown and the rows as JSON beside it (``.json``), atomically; without
+it the table is printed. Columns: ``world.evaluate.SUMMARY_ROWS`` (the ``evaluate`` table's metrics), of ``--group``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+GROUPS = ("all", "single", "multi")
+MATCHED = ("world", "case_set", "pool")  # report fields that must be equal across the compared reports
+
+
+def load_report(path: str | Path) -> dict[str, Any]:
+    """The ``evaluate`` report at ``path`` (a folder with ``metrics.json``, or the file). Raises
+    ``FileNotFoundError`` naming the path when there is none, ``ValueError`` when it lacks a summary."""
+    path = Path(path)
+    file = path / "metrics.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no evaluate report at {path} (an `evaluate --out` folder or its metrics.json)")
+    report = json.loads(file.read_text(encoding="utf-8"))
+    if not isinstance(report.get("summary"), dict):
+        raise ValueError(f"{file} is not an evaluate report (no 'summary')")
+    return report
+
+
+def _prompt_form(report: dict[str, Any]) -> str:
+    return (report.get("options") or {}).get("prompt_form") or "named"
+
+
+def check_comparable(reports: dict[str, dict[str, Any]]) -> None:
+    """Raise ``ValueError`` naming the field and the two labels where two reports did not score the same cases
+    (``MATCHED`` fields, the prompt form)."""
+    (first, ref), *rest = reports.items()
+    for label, report in rest:
+        for key in MATCHED:
+            if report.get(key) != ref.get(key):
+                raise ValueError(f"{label!r} and {first!r} were scored on different cases: {key} "
+                                 f"{report.get(key)} against {ref.get(key)}; evaluate both with the same options")
+        if _prompt_form(report) != _prompt_form(ref):
+            raise ValueError(f"{label!r} and {first!r} used different prompt forms: {_prompt_form(report)!r} "
+                             f"against {_prompt_form(ref)!r}")
+
+
+def _sampling(report: dict[str, Any]) -> str:
+    s = report.get("sampling") or {}
+    parts = [f"{k} {s[k]:g}" if isinstance(s.get(k), (int, float)) else f"{k} {s[k]}"
+             for k in ("steps", "w_img", "w_text", "shift", "solver") if s.get(k) is not None]
+    return ", ".join(parts) or "model defaults"
+
+
+def comparison(reports: dict[str, dict[str, Any]], group: str = "all") -> tuple[str, list[dict[str, Any]]]:
+    """``(markdown table, rows)``: one column per model and per distinct VAE ceiling, one line per metric of
+    ``SUMMARY_ROWS`` in ``group`` (``all``, ``single``, ``multi``). Raises ``ValueError`` for an unknown group or
+    reports that are not comparable (``check_comparable``)."""
+    from phantom_core.world.evaluate import SUMMARY_ROWS
+
+    if group not in GROUPS:
+        raise ValueError(f"group is {group!r}; valid: {', '.join(GROUPS)}")
+    check_comparable(reports)
+    columns: list[tuple[str, dict[str, Any]]] = [(label, r["summary"].get(group) or {}) for label, r in reports.items()]
+    ceilings: list[dict[str, Any]] = []
+    for report in reports.values():
+        ceiling = (report.get("ceiling") or {}).get(group)
+        if ceiling and ceiling not in ceilings:
+            ceilings.append(ceiling)
+    for i, ceiling in enumerate(ceilings):
+        columns.append(("VAE ceiling" if len(ceilings) == 1 else f"VAE ceiling {i + 1}", ceiling))
+    lines = ["| metric | " + " | ".join(label for label, _ in columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for key, label, fmt in SUMMARY_ROWS:
+        cells = [fmt.format(s[key]) if s.get(key) is not None else "-" for _, s in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    rows = [{"label": label, "sampling": _sampling(r), "seconds": r.get("seconds"),
+             "dit": (r.get("options") or {}).get("dit"), group: r["summary"].get(group)}
+            for label, r in reports.items()]
+    return "\n".join(lines) + "\n", rows
+
+
+def _parse_pair(text: str) -> tuple[str, str]:
+    label, sep, path = text.partition("=")
+    if not sep or not label or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: give LABEL=PATH (an evaluate --out folder or its metrics.json)")
+    return label, path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.compare_evals", description=__doc__.split("\n\n")[0])
+    p.add_argument("reports", nargs="+", type=_parse_pair, metavar="LABEL=PATH")
+    p.add_argument("--group", choices=GROUPS, default="all", help="cases to summarise (default %(default)s)")
+    p.add_argument("--title", default="", help="a heading above the table")
+    p.add_argument("--out", default=None, help="markdown file to write (JSON beside it); default: print")
+    args = p.parse_args(argv)
+    labels = [label for label, _ in args.reports]
+    if len(set(labels)) != len(labels):
+        p.error(f"labels must differ: {labels}")
+    try:
+        reports = {label: load_report(path) for label, path in args.reports}
+        table, rows = comparison(reports, args.group)
+    except (OSError, ValueError) as exc:
+        print(f"compare_evals: {exc}", file=sys.stderr)
+        return 2
+    first = next(iter(reports.values()))
+    cases = first["case_set"]
+    head = (f"{cases['single']} one-subject and {cases['multi']} two-subject held-out cases (seed {cases['seed']}), "
+            f"travel {first['world'].get('travel')}, group '{args.group}'. Sampling per model: "
+            + "; ".join(f"{r['label']}: {r['sampling']}" for r in rows) + ".")
+    markdown = (f"## {args.title}\n\n" if args.title else "") + head + "\n\n" + table
+    if args.out is None:
+        print(markdown)
+        return 0
+    from phantom_core.world.evaluate import write_comparison
+
+    command = "python -m tools.compare_evals " + " ".join(f"{label}={path}" for label, path in args.reports)
+    out = write_comparison(args.out, markdown, {"command": command, "group": args.group, "rows": rows})
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
