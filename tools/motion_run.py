@@ -17,22 +17,24 @@ samples go in chunks of 150, each chunk's index written atomically, and no chunk
 a run stopped early keeps a usable cache.
 
 ``train`` trains ``--network`` (``tools.motion_toy.build_network``: ``phantom-wan``, ``mmdit``, ``mmdit-pos``,
-``mmdit-pooled``) from scratch, or ``--init`` (any DiT or MMDiT file), on ``W``'s training triplets and those of each
-``--mix`` cache (say a two-subject cache beside a one-subject one), with the general trainer (the world recipe's
-``DIT_TRAIN``: shift 5, text / reference dropout 0.2 / 0.1, at a constant learning rate after its warm-up, so that a run
-stopped by ``--seconds`` ends where it would have gone on; ``--dropout`` replaces the two dropouts). A cool-down run
-instead gives ``--schedule cosine`` (the learning rate falls to 0 at ``--steps``) and ``--ema DECAY`` (the trainer's
-average of the weights, ``training.ema``, becomes the final file; the probes read the current weights, and a run with
-``--ema`` refuses ``--seconds``, which would end it without the average). ``--clip`` trains the paper's *both* network
-(an ``--init`` MMDiT with a CLIP branch, e.g. the shipped ``default-mmdit``; Phantom Eq. 1 and 2): each cache's
-references are rendered again from its index and encoded by the shipped world CLIP, or ``--clip-vision``'s
-(``mmdit_default.stage_clip_features``, resumable, cached beside the latents: one tower per cache), the recipe's
-VAE-reference dropout 0.7 applies (``--encoding-dropout VAE CLIP`` sets it and the trainer's
-``clip_reference_dropout``), and the probe feeds the features too. ``--pooled`` gives the ``--init`` MMDiT the pooled
-text and reference vectors (``mmdit_default.with_pooled_vectors`` from seed 0: zero at first, so the run starts from the
-file's own velocity), ``--text-positions`` the learned text positions (``with_text_positions``: a scaled sin-cos start),
-``--reference-index`` a learned index on each reference's VAE tokens (``with_reference_index``), ``--key-mask T`` keeps
-each reference's letterbox out of the keys (``with_reference_key_mask``). ``--temporal-weight W`` adds W times
+``mmdit-pooled``, ``mmdit-clip-pooled``) from scratch, or ``--init`` (any DiT or MMDiT file), on ``W``'s training
+triplets and those of each ``--mix`` cache (say a two-subject cache beside a one-subject one), with the general trainer
+(the world recipe's ``DIT_TRAIN``: shift 5, text / reference dropout 0.2 / 0.1, at a constant learning rate after its
+warm-up, so that a run stopped by ``--seconds`` ends where it would have gone on; ``--dropout`` replaces the two
+dropouts). A cool-down run instead gives ``--schedule cosine`` (the learning rate falls to 0 at ``--steps``) and ``--ema
+DECAY`` (the trainer's average of the weights, ``training.ema``, becomes the final file; the probes read the current
+weights, and a run with ``--ema`` refuses ``--seconds``, which would end it without the average). ``--clip`` trains the
+paper's *both* network (an ``--init`` MMDiT with a CLIP branch, e.g. the shipped ``default-mmdit``, or from scratch
+``--network mmdit-clip-pooled``; Phantom Eq. 1 and 2): each cache's references are rendered again from its index and
+encoded by the shipped world CLIP, or ``--clip-vision``'s (``mmdit_default.stage_clip_features``, resumable, cached
+beside the latents: one tower per cache), the recipe's VAE-reference dropout 0.7 applies (``--encoding-dropout VAE
+CLIP`` sets it and the trainer's ``clip_reference_dropout``), and the probe feeds the features too. ``--pooled`` gives
+the ``--init`` MMDiT the pooled text and reference vectors (``mmdit_default.with_pooled_vectors`` from seed 0: zero at
+first, so the run starts from the file's own velocity), ``--text-positions`` the learned text positions
+(``with_text_positions``: a scaled sin-cos start), ``--reference-index`` a learned index on each reference's VAE tokens
+(``with_reference_index``), ``--key-mask T`` keeps each reference's letterbox out of the keys
+(``with_reference_key_mask``); from scratch the last three are fields of the fresh MMDiT's config from its first step
+(``start_model``; ``--pooled`` is then the network's name). ``--temporal-weight W`` adds W times
 ``training.objective.temporal_mse`` (the error of the clean estimate's change from frame to frame, where a subject's
 motion is) to the plain velocity loss. Every ``--every`` steps and at the end it runs ``tools.motion_probe.probe``
 (sigma 0.95 and 0.85, 2 draws) on ``--probe`` moving single-subject triplets of the training cache and of the held-out
@@ -112,6 +114,28 @@ class _Stop(Exception):  # raised by the training callback when --seconds have p
     pass
 
 
+def start_model(args: argparse.Namespace) -> torch.nn.Module:
+    """The network a run starts from (float32, CPU, in train mode), before the trainer restores a ``--resume``
+    checkpoint into it: ``--init``'s file with ``--pooled`` / ``--text-positions`` / ``--reference-index`` /
+    ``--key-mask`` added (``mmdit_default.with_*``: the file's velocity kept where they start at zero), or a fresh
+    ``--network`` from ``--seed`` with those fields in its config from the first step (``init_weights``' sin-cos
+    start for the positions and the index). Raises ``ValueError`` for the Phantom-Wan network with MMDiT fields."""
+    from phantom_core.mmdit.load import load_any_dit
+    from phantom_core.world import mmdit_default as extras
+    from tools.motion_toy import build_network
+
+    if not args.init:
+        changes = {k: True for k in ("text_positions", "reference_index") if getattr(args, k)}
+        changes.update({"reference_key_mask": args.key_mask} if args.key_mask else {})
+        return build_network(args.network, args.seed, **changes).train()
+    model = load_any_dit(args.init).float().train()
+    for flag, add in (("pooled", extras.with_pooled_vectors), ("text_positions", extras.with_text_positions),
+                      ("reference_index", extras.with_reference_index)):  # pooled: seed 0, whatever --seed
+        if getattr(args, flag):
+            model = add(model).train()
+    return extras.with_reference_key_mask(model, args.key_mask).train() if args.key_mask else model
+
+
 def train_run(args: argparse.Namespace, data) -> list[dict]:
     """Train on ``data`` (``training_latents``) and probe as the module says; returns the probe curve (also
     written to ``RUN_curve.json``)."""
@@ -119,7 +143,6 @@ def train_run(args: argparse.Namespace, data) -> list[dict]:
 
     from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
     from phantom_core.loading.disk import atomic_write
-    from phantom_core.mmdit.load import load_any_dit
     from phantom_core.training.checkpoint import list_checkpoints
     from phantom_core.training.config import load_config
     from phantom_core.training.loop import train
@@ -128,17 +151,10 @@ def train_run(args: argparse.Namespace, data) -> list[dict]:
     from phantom_core.world.default_model import DIT_TRAIN
     from tools.binding_probe import binding_probe, cache_pair_samples, placement_probe
     from tools.motion_probe import cache_samples, probe
-    from tools.motion_toy import build_network, dropout_settings
+    from tools.motion_toy import dropout_settings
 
     work, device, out = Path(args.work), torch.device(args.device), Path(args.out)
-    model = load_any_dit(args.init).float().train() if args.init else build_network(args.network, args.seed)
-    from phantom_core.world import mmdit_default as extras
-
-    for flag, add in (("pooled", extras.with_pooled_vectors), ("text_positions", extras.with_text_positions),
-                      ("reference_index", extras.with_reference_index)):  # pooled: seed 0, whatever --seed
-        if getattr(args, flag):  # before the trainer, which restores a --resume checkpoint into this model
-            model = add(model).train()
-    model = extras.with_reference_key_mask(model, args.key_mask).train() if args.key_mask else model
+    model = start_model(args)
     settings = {**DIT_TRAIN, "dit": args.init or f"motion-run:{args.network}", "device": args.device,
                 "precision": args.precision, "batch_size": args.batch, "steps": args.steps,
                 "lr_schedule": args.schedule, "learning_rate": args.lr, "ema_decay": args.ema,
@@ -272,15 +288,16 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--pooled", action="store_true",
                    help="add the pooled text and reference vectors to an --init MMDiT (zero at first: it starts as it)")
     t.add_argument("--text-positions", action="store_true",
-                   help="give the --init MMDiT learned text positions (mmdit_default.with_text_positions: a sin-cos "
+                   help="learned text positions in the MMDiT (mmdit_default.with_text_positions: a sin-cos "
                         "table x 0.3 to start)")
     t.add_argument("--reference-index", action="store_true",
-                   help="give the --init MMDiT a learned index on each reference's VAE tokens "
-                        "(mmdit_default.with_reference_index: its CLIP index embedding's values to start)")
+                   help="a learned index on each reference's VAE tokens "
+                        "(--init: mmdit_default.with_reference_index, its CLIP index embedding's values to start)")
     t.add_argument("--key-mask", type=float, default=0.0, metavar="T",
-                   help="keep the references' letterbox out of the --init MMDiT's keys (with_reference_key_mask)")
+                   help="keep the references' letterbox out of the MMDiT's keys (with_reference_key_mask)")
     t.add_argument("--clip", action="store_true",
-                   help="the references' CLIP features too (the shipped world CLIP; an --init with a CLIP branch)")
+                   help="the references' CLIP features too (the shipped world CLIP; an --init with a CLIP branch, "
+                        "or --network mmdit-clip-pooled)")
     t.add_argument("--encoding-dropout", type=float, nargs=2, metavar=("VAE", "CLIP"), default=None,
                    help="--clip: the probabilities that a sample's VAE latents / CLIP features alone are zeroed (one "
                         "draw, never both; default: the paper's 0.7 / 0)")
@@ -322,10 +339,10 @@ def main(argv: list[str] | None = None) -> int:
             p.error(message)
     if args.pooled and not args.init:
         p.error("--pooled adds the pooled vectors to an --init MMDiT; from scratch, give --network mmdit-pooled")
-    for flag, what in (("text_positions", "learned text positions"), ("reference_index", "a learned reference index"),
-                       ("key_mask", "a reference key mask")):
-        if getattr(args, flag) and not args.init:
-            p.error(f"--{flag.replace('_', '-')} adds {what} to an --init MMDiT; give --init")
+    mmdit_fields = [f"--{flag.replace('_', '-')}" for flag in ("text_positions", "reference_index", "key_mask")
+                    if getattr(args, flag)]
+    if mmdit_fields and not args.init and args.network == "phantom-wan":
+        p.error(f"{', '.join(mmdit_fields)}: MMDiT fields; the phantom-wan network has none (give an MMDiT --network)")
     if args.ema and args.seconds != float("inf"):
         p.error("--ema with --seconds: a run stopped on time has no final average; give --steps instead")
     for flag, given in (("--clip-vision", args.clip_vision is not None), ("--encoding-dropout", args.encoding_dropout)):
@@ -339,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         args.clip_vision = args.clip_vision or TRAINED_DIR / CLIP_FILE
         if not args.clip_vision.is_file():
             p.error(f"--clip-vision: {args.clip_vision} is not a file (a world CLIP tower, .safetensors)")
+        if not args.init and args.network != "mmdit-clip-pooled":
+            p.error(f"--clip from scratch needs a CLIP branch: --network mmdit-clip-pooled, not {args.network}")
     try:
         if args.clip:
             clip_features(Path(args.work), [Path(m) for m in args.mix], args.clip_vision)

@@ -31,7 +31,9 @@ at 0). ``--network``:
 - ``mmdit-pos``: the same with SD3's sin-cos position table and the frame-index table (``pos_embed_max`` 16);
 - ``mmdit-pooled``: ``mmdit`` with the global conditioning vectors (``MMDiTConfig.pooled_text`` and
   ``pooled_reference``: the mean prompt token and the mean reference token, each through an MLP, added to the
-  timestep's adaLN vector).
+  timestep's adaLN vector);
+- ``mmdit-clip-pooled``: ``mmdit-pooled`` with the CLIP branch (the ``world`` preset: the paper's *both* network, the
+  shipped ``default-mmdit``'s layout; ``tools.motion_run train --clip`` trains it from scratch on CLIP features).
 
 ``--variety colour`` or ``background`` varies one of the two only. Each measure also prints the **floors** of the
 loss: the Bayes-optimal predictor's (``posterior_x0``), with the word and without it. A network far above the
@@ -52,7 +54,7 @@ from torch import Tensor
 from phantom_core.world.grammar import BACKGROUND_COLOURS
 from tools.motion_probe import displacement, reverse_motion
 
-NETWORKS = ("phantom-wan", "mmdit", "mmdit-pos", "mmdit-pooled")
+NETWORKS = ("phantom-wan", "mmdit", "mmdit-pos", "mmdit-pooled", "mmdit-clip-pooled")
 DIRECTIONS = ("left", "right", "up", "down")
 VECTORS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 SIZE, FRAMES, BLOB, STEP, JITTER = 16, 5, 4, 1.5, 1  # latent px; STEP per latent frame
@@ -149,10 +151,10 @@ def build_network(name: str, seed: int = 0, **changes) -> torch.nn.Module:
             raise ValueError(f"config changes {sorted(changes)} are for an MMDiT network, not {name!r}")
         model = PhantomWanDiT(DIT_PRESETS["world"], device="meta")
     else:
-        config = MMDIT_PRESETS["world-vae"]
+        config = MMDIT_PRESETS["world" if name == "mmdit-clip-pooled" else "world-vae"]
         if name == "mmdit-pos":
             config = replace(config, pos_embed_max=SIZE)
-        elif name == "mmdit-pooled":
+        elif name in ("mmdit-pooled", "mmdit-clip-pooled"):
             config = replace(config, pooled_text=True, pooled_reference=True)
         model = PhantomMMDiT(replace(config, **changes), device="meta")
     model = model.to_empty(device="cpu")

@@ -111,6 +111,14 @@ def test_cache_train_probe_stop_on_time_and_resume(tmp_path):
     saved = json.loads((ckpt / CONFIG_FILE).read_text())
     assert saved["clip_vision"] == str(tower_file)
     assert (saved["vae_reference_dropout"], saved["clip_reference_dropout"]) == (0.3, 0.5)
+    # from scratch: the both network with the key mask, the reference index and text positions from step one
+    scratch = tmp_path / "scratch"
+    assert main(["train", "--work", str(work), "--network", "mmdit-clip-pooled", "--clip", "--text-positions",
+                 "--reference-index", "--key-mask", "0.25", "--batch", "2", "--steps", "2", "--every", "2", "--probe",
+                 "2", "--threads", "2", "--out", str(scratch)]) == 0
+    cfg = load_any_dit(scratch.with_suffix(".safetensors")).config
+    assert cfg.clip_dim > 0 and cfg.pooled_reference and cfg.text_positions and cfg.reference_index
+    assert cfg.reference_key_mask == pytest.approx(0.25)
     data = training_latents([work], clip=True)
     held = clip_feature_table(work / "held_out")
     assert len(held) == 4 and all(name.startswith("world_test_") for name in held)
@@ -176,11 +184,12 @@ def test_bad_options_are_refused(capsys):
         main(["train", "--work", "w", "--out", "r", "--pooled"])
     assert "--pooled adds the pooled vectors to an --init MMDiT; from scratch, give --network" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["train", "--work", "w", "--out", "r", "--text-positions"])
-    assert "--text-positions adds learned text positions to an --init MMDiT; give --init" in capsys.readouterr().err
+        main(["train", "--work", "w", "--out", "r", "--network", "phantom-wan", "--text-positions", "--key-mask", "0.2"])
+    assert "--text-positions, --key-mask: MMDiT fields; the phantom-wan network has none" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["train", "--work", "w", "--out", "r", "--reference-index"])
-    assert "--reference-index adds a learned reference index to an --init MMDiT; give --init" in capsys.readouterr().err
+        main(["train", "--work", "w", "--out", "r", "--network", "mmdit-pooled", "--clip"])
+    assert "--clip from scratch needs a CLIP branch: --network mmdit-clip-pooled, not mmdit-pooled" in \
+        capsys.readouterr().err
     for extra, flag in ((["--clip-vision", "t.safetensors"], "--clip-vision"),
                         (["--encoding-dropout", "0.3", "0.5"], "--encoding-dropout")):
         with pytest.raises(SystemExit):
@@ -192,6 +201,27 @@ def test_bad_options_are_refused(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--work", "w", "--out", "r", "--clip", "--clip-vision", "missing.safetensors"])
     assert "--clip-vision: missing.safetensors is not a file" in capsys.readouterr().err
+
+
+def test_from_scratch_the_mmdit_fields_are_in_the_config_from_the_first_step():
+    import argparse
+
+    from tools.motion_run import start_model
+
+    args = argparse.Namespace(init="", network="mmdit-clip-pooled", seed=3, pooled=False, text_positions=True,
+                              reference_index=True, key_mask=0.25)
+    model = start_model(args)
+    cfg = model.config
+    assert cfg.clip_dim == MMDIT_PRESETS["world"].clip_dim > 0 and cfg.pooled_text and cfg.pooled_reference
+    assert cfg.text_positions and cfg.reference_index and cfg.reference_key_mask == 0.25
+    assert float(model.reference_key_mask) == 0.25 and model.training
+    assert float(model.ref_index_embed.abs().max()) > 0  # init_weights' sin-cos start, not zeros
+    again = start_model(args)  # the seed decides the weights
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+    plain = start_model(argparse.Namespace(**{**vars(args), "text_positions": False, "reference_index": False,
+                                              "key_mask": 0.0}))
+    assert not (plain.config.text_positions or plain.config.reference_index or plain.config.reference_key_mask)
 
 
 def fake_cache(work, refs: int, count: int, dropped: torch.Tensor, stem: str = "") -> None:
