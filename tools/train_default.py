@@ -1,6 +1,7 @@
 """`make train-default`: train the embedded default in the miniature world, from scratch, resumably.
 
     python -m tools.train_default [--work build/default] [--stages text,vae,latents,dit,export] [--threads 2]
+        [--pairs cross|in]
     python -m tools.train_default --model mmdit [--variant both|vae|clip]
         [--stages clip,clip_features,mmdit,motion_cache,motion,cooldown,pairs_cache,pairs,pairs_cooldown,
                   next_vae,next_cache,next_pairs_cache,next,next_cooldown,export]
@@ -23,6 +24,10 @@ subjects each keep a motion of their own (``MOTION_RUNS`` chains the runs). Then
 next VAE into ``phantom_core/tiny/trained/`` as the second embedded default (``generate --model default-mmdit``),
 and refuses unless the folder's umT5 is the shipped Phantom-Wan default's own (``make train-default-mmdit`` runs
 ``make train-default`` first, so it is).
+
+``--pairs in`` makes the latents stage encode in-pair triplets (each reference a crop of a frame of its video,
+background included) instead of the recipe's cross-pair ones, for Phantom-Data's comparison (docs/WORLD.md); a
+folder's cache keeps the mode it was built with (another is refused).
 
 Each stage leaves its files in ``--work`` and is skipped when they are complete, and the VAE and DiT stages
 resume from their latest checkpoint, so an interrupted run continues where it stopped. The VAE and DiT stages draw
@@ -94,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="wan: the Phantom-Wan default; mmdit: the paper's MMDiT on the wan recipe's latents")
     parser.add_argument("--variant", choices=("both", "vae", "clip"), default="both",
                         help="--model mmdit: VAE and CLIP references, VAE only, or CLIP only")
+    parser.add_argument("--pairs", choices=recipe.PAIR_MODES, default="cross",
+                        help="the latents stage's references: cross-pair (the recipe's) or in-pair, a crop of the "
+                             "video (Phantom-Data's comparison, docs/WORLD.md); a folder keeps one mode")
     args = parser.parse_args(argv)
     valid = STAGES if args.model == "wan" else MMDIT_STAGES
     everything = [s for s in valid if args.model == "wan" or args.variant == "both" or s not in DEFAULT_ONLY]
@@ -115,11 +123,17 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             print(f"== stage {stage}", flush=True)  # a command-line tool: its report goes to stdout
             run = getattr(recipe, f"stage_{stage}")
-            if stage in ("vae", "dit"):
-                bar = TextProgressBar(sys.stderr, label=stage, unit="step")
-                run(args.work, progress=lambda step, total, note, bar=bar: bar(step - 1, total, note=note))
-            else:
-                run(args.work)
+            try:
+                if stage == "latents":
+                    run(args.work, pair_mode=args.pairs)
+                elif stage in ("vae", "dit"):
+                    bar = TextProgressBar(sys.stderr, label=stage, unit="step")
+                    run(args.work, progress=lambda step, total, note, bar=bar: bar(step - 1, total, note=note))
+                else:
+                    run(args.work)
+            except ValueError as err:  # a work folder that holds another world's files: nothing was changed
+                print(f"train_default: stage {stage}: {err}", file=sys.stderr, flush=True)
+                return 2
             print(f"== stage {stage} done in {time.perf_counter() - t0:.0f} s", flush=True)
     return 0
 
@@ -131,7 +145,8 @@ def run_apart(args: argparse.Namespace, stages: list[str]) -> int:
     latents stage (5.7 GB resident) and 1.23 s in a fresh one, same settings."""
     for stage in stages:
         command = [sys.executable, "-m", "tools.train_default", "--work", args.work, "--stages", stage,
-                   "--threads", str(args.threads), "--model", args.model, "--variant", args.variant]
+                   "--threads", str(args.threads), "--model", args.model, "--variant", args.variant,
+                   "--pairs", args.pairs]
         status = subprocess.run(command, check=False).returncode
         if status != 0:
             print(f"== stage {stage} failed (exit status {status}); rerun the same command to resume", flush=True)

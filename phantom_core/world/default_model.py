@@ -90,6 +90,7 @@ def stage_vae(work: str | Path, progress: StageProgress | None = None, recipe: s
 
 
 LATENT_DIR, LATENT_INDEX = "latents", "latents/index.json"
+PAIR_MODES = ("cross", "in")  # the references of the latents stage: the recipe's cross-pair, or in-pair (Phantom-Data)
 LATENT_SAMPLES = int(os.environ.get("PHANTOM_LATENT_SAMPLES", 600))
 # The committed default was trained in fp32. PHANTOM_DIT_PRECISION=bf16 computes the DiT's steps ~2.4x faster where
 # the CPU has AVX512-BF16 or AMX (training.config.cpu_bf16_fast; measured on the 2-core EPYC: 0.48 s against 1.15 s
@@ -134,10 +135,13 @@ def _raw_samples(indices, config: WorldConfig = WORLD, split: str = "train", see
         yield RawSample(f"{prefix}_{i:05d}", item.video, sample.references, sample.prompt)
 
 
-def write_latent_index(latent_dir: Path, files: list[str], travel: float, subjects: int | None = None) -> Path:
+def write_latent_index(latent_dir: Path, files: list[str], travel: float, subjects: int | None = None,
+                       pairs: str | None = None) -> Path:
     """Write ``latent_dir/index.json`` atomically (what ``cached_latents`` reads): the cache ``files`` in order, the
     newest dropped prompt's context file in ``latent_dir``, and the world's ``travel`` (and ``subjects``, the
-    subjects per scene when every scene has that many; None: the world's mix, not recorded). Returns its path."""
+    subjects per scene when every scene has that many; None: the world's mix, not recorded; and ``pairs``, the
+    references' pair mode, ``cross`` or ``in``; None: not recorded, which readers take as ``cross``). Returns its
+    path."""
     import json
 
     from phantom_core.loading.disk import atomic_write
@@ -146,6 +150,7 @@ def write_latent_index(latent_dir: Path, files: list[str], travel: float, subjec
     index = latent_dir / "index.json"
     with atomic_write(index) as tmp:
         world = {"travel": travel} if subjects is None else {"travel": travel, "subjects": subjects}
+        world.update({} if pairs is None else {"pairs": pairs})
         tmp.write_text(json.dumps({"files": files, "dropped": dropped, "world": world}), encoding="utf-8")
     return index
 
@@ -171,8 +176,9 @@ def stage_latents(work: str | Path, workers: int = LATENT_WORKERS, samples: int 
     """Encode ``samples`` training triplets (``pair_mode`` references: the recipe's cross-pair, or in-pair for
     the Phantom-Data comparison) once (``training.cache``; resumable: what is cached stays), in ``workers``
     single-threaded processes, and write ``latents/index.json`` (the cache files in order, the dropped prompt's
-    context file, the world's travel). Raises ``ValueError`` when ``work`` already holds latents of another travel
-    than ``WORLD``'s (``PHANTOM_WORLD_TRAVEL``)."""
+    context file, the world's travel, the pair mode). Raises ``ValueError`` for an unknown ``pair_mode``, and when
+    ``work`` already holds latents of another travel than ``WORLD``'s (``PHANTOM_WORLD_TRAVEL``) or of another pair
+    mode (an index without one holds cross-pair latents)."""
     import json
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -181,13 +187,19 @@ def stage_latents(work: str | Path, workers: int = LATENT_WORKERS, samples: int 
     from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
     from phantom_core.training.cache import build_cache
 
+    if pair_mode not in PAIR_MODES:
+        raise ValueError(f"pair mode is {pair_mode!r}; valid: {', '.join(PAIR_MODES)}")
     work = Path(work)
     index = work / LATENT_INDEX
     if index.is_file():
-        cached = json.loads(index.read_text(encoding="utf-8")).get("world", {}).get("travel", TRAVEL_FRACTION)
+        world = json.loads(index.read_text(encoding="utf-8")).get("world", {})
+        cached = world.get("travel", TRAVEL_FRACTION)
         if cached != WORLD.travel:
             raise ValueError(f"{index}: latents of a world whose subjects travel {cached} of the frame, but "
                              f"PHANTOM_WORLD_TRAVEL asks for {WORLD.travel}; use another --work folder")
+        if world.get("pairs", "cross") != pair_mode:
+            raise ValueError(f"{index}: {world.get('pairs', 'cross')}-pair latents, but {pair_mode}-pair ones were "
+                             "asked for; use another --work folder")
         return index
     (work / LATENT_DIR).mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -201,7 +213,7 @@ def stage_latents(work: str | Path, workers: int = LATENT_WORKERS, samples: int 
                             height=fmt.height, dropped_prompt=WAN_NEGATIVE_PROMPT)
     if bad:
         raise ValueError(f"{len(bad)} world samples could not be encoded: {bad[:3]}")
-    return write_latent_index(work / LATENT_DIR, [p.name for p in data.files], WORLD.travel)
+    return write_latent_index(work / LATENT_DIR, [p.name for p in data.files], WORLD.travel, pairs=pair_mode)
 
 
 def latent_files(work: str | Path) -> tuple[list[Path], torch.Tensor]:
