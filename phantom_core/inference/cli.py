@@ -103,21 +103,25 @@ SETTING_OPTIONS: dict[str, tuple[str, type, str]] = {
 class TextProgressBar:
     """``callback(step, total, x0)`` drawing ``sampling [#####-----] 3/6 1.20 s/step`` on a text stream.
 
-    The rate is measured between step callbacks (model loading and encoding before the first step do not count).
-    ``label`` and ``unit`` name what is counted (``evaluate`` draws ``cases [###---] 3/300 2.10 s/case``); ``note``
-    (e.g. training's ``loss 0.1234``) is appended to the line.
+    The rate is measured between step callbacks (model loading and encoding before the first step do not count);
+    a count that starts again (a step not after the last one, or another total: the next phase of a training stage)
+    restarts the measure, so each phase shows its own rate. ``label`` and ``unit`` name what is counted
+    (``evaluate`` draws ``cases [###---] 3/300 2.10 s/case``); ``note`` (e.g. training's ``loss 0.1234``) is
+    appended to the line.
     """
 
     def __init__(self, stream: TextIO | None = None, width: int = 30, label: str = "sampling",
                  unit: str = "step") -> None:
         self.stream, self.width, self.label, self.unit = stream or sys.stderr, width, label, unit
-        self.first: float | None = None  # time of the first callback
+        self.first: float | None = None  # time of the first callback (of this count)
         self.first_done = 0
+        self.last: tuple[int, int] | None = None  # (done, total) of the last callback
 
     def __call__(self, step: int, total: int, x0_pred: Any = None, note: str = "") -> None:
         now, done = time.perf_counter(), step + 1
-        if self.first is None:
+        if self.first is None or self.last is None or done <= self.last[0] or total != self.last[1]:
             self.first, self.first_done = now, done
+        self.last = (done, total)
         filled = round(self.width * done / total)
         rate = f" {(now - self.first) / (done - self.first_done):.2f} s/{self.unit}" if done > self.first_done else ""
         note = f" {note}" if note else ""
