@@ -2,6 +2,8 @@
 
 - ``truth_video``: the ground truth itself (the metrics' sanity check: it must score perfectly);
 - ``noise_video``: uniform noise from the sample's seed and index (it must score badly);
+- ``empty_video``: the prompted background alone, every frame, no subject: the floor of subject fidelity (what a
+  model that draws the right background and no subject scores in the subject's region) and of motion;
 - ``paste_video``: "paste the reference, static, in the centre": each reference's subject with its surround, cut
   from the prepared reference (letterboxed on white) at the reference's scale, pasted on white in the centre of
   its strip of the frame (the frame split into N equal vertical strips; shrunk only when it does not fit), the
@@ -34,6 +36,11 @@ def truth_video(sample: WorldSample) -> np.ndarray:
 def noise_video(sample: WorldSample) -> np.ndarray:
     rng = np.random.default_rng([sample.seed, sample.index, 7])
     return rng.integers(0, 256, size=sample.video.shape, dtype=np.uint8)
+
+
+def empty_video(sample: WorldSample) -> np.ndarray:
+    """The empty-scene baseline (module docstring): uint8 ``[T, H, W, 3]`` of the truth's background colour."""
+    return np.broadcast_to(np.asarray(sample.truth.background_rgb, dtype=np.uint8), sample.video.shape).copy()
 
 
 def paste_video(sample: WorldSample) -> np.ndarray:

@@ -7,10 +7,12 @@
     python -m phantom_core evaluate --dit D --vae V --text-encoder T [--steps 50 --w-img 5 --w-text 7.5 ...]
     python -m phantom_core evaluate --dit MMDIT --vae V --text-encoder T --clip-vision C [--clip-output tokens]
     python -m phantom_core evaluate --baseline truth --quick 4  # sanity: the ground truth scores perfectly
+    python -m phantom_core evaluate --baseline empty            # the prompted background alone, no subject
 
 Prints the table, writes ``<out>/metrics.json`` and ``<out>/contact_sheet.png`` (default ``output/evaluate/<name>``).
-``--baseline truth`` and ``noise`` check the metrics themselves (perfect and bad scores). The VAE ceiling column is
-the model's VAE (or ``--vae`` with a baseline) reconstructing the ground truth.
+``--baseline truth`` and ``noise`` check the metrics themselves (perfect and bad scores); ``empty`` (the
+background alone) is the floor a model's subject fidelity must clear to show it draws subjects at all. The VAE
+ceiling column is the model's VAE (or ``--vae`` with a baseline) reconstructing the ground truth.
 
 ``--dit`` takes a Phantom-Wan DiT or the paper's MMDiT (told apart by its keys). An MMDiT with a CLIP branch needs
 ``--clip-vision``, the CLIP vision file it was trained with, and ``--clip-output`` when it was trained on the pooled
@@ -32,6 +34,7 @@ import torch
 from phantom_core.mmdit.clip import CLIP_OUTPUTS
 from phantom_core.world.baselines import (
     VideoProducer,
+    empty_video,
     model_producer,
     noise_video,
     paste_video,
@@ -46,7 +49,7 @@ from phantom_core.world.sample import WorldConfig
 from phantom_core.world.sheet import contact_sheet, save_png
 from phantom_core.world.subjects import available_sources, pool_signature, split_subjects
 
-BASELINES = ("paste", "untrained", "truth", "noise")
+BASELINES = ("paste", "empty", "untrained", "truth", "noise")
 SAMPLING_OPTIONS = (("steps", "--steps", int), ("shift", "--shift", float), ("solver", "--solver", str),
                     ("w_img", "--w-img", float), ("w_text", "--w-text", float),
                     ("negative_prompt", "--negative-prompt", str))
@@ -57,7 +60,8 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p = subparsers.add_parser("evaluate", help="measure a model or a baseline in the miniature world",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what to evaluate (one of)")
-    what.add_argument("--baseline", choices=BASELINES, help="paste | untrained | truth | noise")
+    what.add_argument("--baseline", choices=BASELINES, help="paste | empty (the background alone: the floor of subject "
+                      "fidelity) | untrained | truth | noise")
     what.add_argument("--model", choices=["default", "default-mmdit"],
                       help="a trained embedded default (phantom_core/tiny/trained): Phantom-Wan or the paper's MMDiT")
     what.add_argument("--dit", metavar="PATH", help="Phantom-Wan DiT or MMDiT file (with --vae and --text-encoder)")
@@ -128,12 +132,13 @@ def _producer(args: argparse.Namespace, device: str, folder: str) -> tuple[str, 
                          "--dit/--vae/--text-encoder")
     if (args.clip_vision or args.clip_only) and not args.dit:
         raise ValueError("evaluate: --clip-vision and --clip-only go with --dit (an MMDiT with a CLIP branch)")
-    if args.baseline in ("paste", "truth", "noise"):
+    if args.baseline in ("paste", "empty", "truth", "noise"):
         vae = None
         if args.vae:
             from phantom_core.wan.vae import load_vae
             vae = load_vae(args.vae, dtype=torch.float32, device=device)
-        return args.baseline, {"paste": paste_video, "truth": truth_video, "noise": noise_video}[args.baseline], vae
+        return args.baseline, {"paste": paste_video, "empty": empty_video, "truth": truth_video,
+                               "noise": noise_video}[args.baseline], vae
     if args.dit and not (args.vae and args.text_encoder):
         raise ValueError("evaluate: --dit needs --vae and --text-encoder")
     dit, vae, text_encoder, clip_path, clip_output = _load(args, device, folder)

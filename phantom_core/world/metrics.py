@@ -8,8 +8,10 @@
   skimage.metrics' ``structural_similarity`` (Wang et al. 2004, 7x7 windows) gives the SSIM map.
 - **motion direction**: the displacement from the mean centre of the first ``k = max(1, T // 8)`` frames to that
   of the last ``k``; ``still`` when it is below ``STILL_FRACTION`` (0.1) of the frame on both axes (in units of
-  width and height), else the axis with the larger relative displacement and its sign. Correct when it equals the
-  prompt's motion.
+  width and height), else the axis with the larger relative displacement and its sign; ``absent`` when the output
+  is flat where the subject was tracked (every channel's pixel std under ``FLAT_STD``, 2 of 255, in the fidelity
+  region) in at least half of the frames: nothing drawn there, so no motion, ``still`` included, can be right.
+  Correct when it equals the prompt's motion.
 - **trajectory error** (% of the frame): the mean distance between the tracked and the true centres after removing
   their mean offset (start positions are free), x in units of width and y of height, times 100.
 - **background**: the per-channel median of a border band (``BORDER_FRACTION`` of the shorter side, all frames),
@@ -19,12 +21,13 @@
   beside a still one is static, not swapped).
 - **placement** (scenes of several subjects): each subject's tracked path lies where its own true path does:
   matching the tracked mean centres to the true ones (x in units of width, y of height) by the least total distance
-  gives every subject its own. In the anchored layout the first subject named is the highest, so a subject drawn with
-  another's look in its place fails it; with a swap, it says whether the looks (placement wrong) or the motions
-  (placement right) went to the wrong place.
+  gives every subject its own (never when a subject is ``absent``). In the anchored layout the first subject named
+  is the highest, so a subject drawn with another's look in its place fails it; with a swap, it says whether the
+  looks (placement wrong) or the motions (placement right) went to the wrong place.
 - **copy-paste**: the reference template matches the output better than the truth template (mean peak NCC over
   the frames) and at least ``COPY_MIN_NCC``: the output shows the reference's context (white surround, its scale,
-  pose or lighting) rather than the prompt's. **static**: a subject prompted to move measures ``still``.
+  pose or lighting) rather than the prompt's. **static**: a subject prompted to move measures ``still`` (or is
+  ``absent``).
 - **appearance stability**: SSIM between the tracked subject regions of consecutive frames (ground-truth mask of
   frame 0), averaged; 1 = unchanged.
 - **subject presence** (first / last frames, % of the truth's): the share of a frame's pixels farther than
@@ -59,6 +62,8 @@ from phantom_core.world.tracking import (
 
 PSNR_CAP = 100.0
 STILL_FRACTION = 0.1
+ABSENT = "absent"  # the measured motion of a subject where the output draws nothing (module docstring)
+FLAT_STD = 2.0  # pixel std (0..255) under which a region is flat
 BORDER_FRACTION = 0.08
 BACKGROUND_TOLERANCE = 60.0
 COPY_MIN_NCC = 0.6
@@ -82,7 +87,7 @@ class SubjectScore:
 
     @property
     def static(self) -> bool:
-        return self.prompted != "still" and self.measured == "still"
+        return self.prompted != "still" and self.measured in ("still", ABSENT)
 
 
 @dataclass(frozen=True)
@@ -211,8 +216,10 @@ def masked_ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     return float(full.mean(axis=2)[mask].mean())
 
 
-def _fidelity(output: np.ndarray, sample: WorldSample, k: int, centres: np.ndarray) -> tuple[float, float, float]:
-    """(PSNR, SSIM, stability) of subject ``k`` at its tracked ``centres`` (module docstring)."""
+def _fidelity(output: np.ndarray, sample: WorldSample, k: int,
+              centres: np.ndarray) -> tuple[float, float, float, float]:
+    """(PSNR, SSIM, stability, drawn) of subject ``k`` at its tracked ``centres`` (module docstring); ``drawn``: the
+    share of frames whose region there is not flat (some channel's pixel std at least ``FLAT_STD``)."""
     truth, video = sample.truth, sample.video
     shape = video.shape[1:3]
     psnrs, ssims, crops = [], [], []
@@ -228,10 +235,12 @@ def _fidelity(output: np.ndarray, sample: WorldSample, k: int, centres: np.ndarr
         psnrs.append(masked_psnr(crop, video[t, gy0:gy1, gx0:gx1], mask))
         ssims.append(masked_ssim(crop, video[t, gy0:gy1, gx0:gx1], mask))
         crops.append((crop, mask))
+    drawn = float(np.mean([crop.reshape(-1, 3).std(axis=0).max() >= FLAT_STD for crop, _ in crops]))
     first_mask = crops[0][1]
     stability = [masked_ssim(crops[t][0], crops[t + 1][0], first_mask) for t in range(len(crops) - 1)
                  if crops[t][0].shape == crops[t + 1][0].shape == first_mask.shape + (3,)]
-    return float(np.mean(psnrs)), float(np.nanmean(ssims)), float(np.mean(stability)) if stability else float("nan")
+    return (float(np.mean(psnrs)), float(np.nanmean(ssims)), float(np.mean(stability)) if stability else float("nan"),
+            drawn)
 
 
 def is_swapped(prompted: tuple[str, ...] | list[str], measured: list[str], k: int) -> bool:
@@ -284,14 +293,17 @@ def score_video(output: np.ndarray, sample: WorldSample,
     for k, (truth_t, ref_t) in enumerate(pairs):
         track_ = track(spectrum, truth_t, ref_t)
         tracked.append(track_.centres)
-        motion = classify_motion(track_.centres, fmt.width, fmt.height)
         error = (track_.centres - truth.centres[k]) / np.array([fmt.width, fmt.height])  # (T, 2)
         error = 100.0 * float(np.linalg.norm(error - error.mean(axis=0), axis=1).mean())
-        psnr, ssim, stability = _fidelity(output, sample, k, track_.centres)
+        psnr, ssim, stability, drawn = _fidelity(output, sample, k, track_.centres)
+        motion = classify_motion(track_.centres, fmt.width, fmt.height) if drawn > 0.5 else ABSENT
         rows.append((motion, psnr, ssim, error, stability, _copy_paste(track_)))
     measured = [row[0] for row in rows]
     subjects = [SubjectScore(truth.motions[k], motion, psnr, ssim, error, stability, copied,
                              is_swapped(truth.motions, measured, k))
                 for k, (motion, psnr, ssim, error, stability, copied) in enumerate(rows)]
+    placed = placement_kept(tracked, truth.centres, fmt.width, fmt.height)
+    if placed and ABSENT in measured:  # a subject found nowhere is in no place, its own or another's
+        placed = False
     return CaseScore(tuple(subjects), truth.background, _named_background(surround), *presence(output, sample.video),
-                     placed=placement_kept(tracked, truth.centres, fmt.width, fmt.height))
+                     placed=placed)

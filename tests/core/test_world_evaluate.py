@@ -51,6 +51,19 @@ def test_travel_option_makes_faster_cases_and_is_recorded(tmp_path, capsys):
     assert "travel: got 0.8; expected a fraction of the frame in (0, 0.75]" in capsys.readouterr().err
 
 
+def test_empty_scene_baseline_gets_the_background_and_nothing_else(tmp_path):
+    """The background alone: every background right, and nothing else: every subject absent (no motion right, a
+    prompted 'stays still' included; no placement), and a subject PSNR that is the floor a model must clear."""
+    assert main(["evaluate", "--baseline", "empty", "--quick", "4", *SMALL_CLI, "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    summary = report["summary"]["all"]
+    assert summary["background_accuracy"] == 100.0 and summary["copy_paste_rate"] == 0.0
+    assert summary["motion_accuracy"] == 0.0 and summary["placement_accuracy"] == 0.0
+    assert summary["static_rate"] == 100.0 and summary["psnr"] < 30.0
+    subjects = [s for case in report["cases"] for s in case["subjects"]]
+    assert {s["measured"] for s in subjects} == {"absent"} and any(s["prompted"] == "still" for s in subjects)
+
+
 def test_bad_options_fail_with_a_message(capsys):
     assert main(["evaluate", *SMALL_CLI]) == 2
     assert "exactly one of" in capsys.readouterr().err
