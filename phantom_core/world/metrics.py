@@ -17,8 +17,8 @@
 - **background**: the per-channel median of a border band (``BORDER_FRACTION`` of the shorter side, all frames),
   classified as the nearest background colour within ``BACKGROUND_TOLERANCE`` (RGB distance) or ``other``.
 - **swap** (scenes of several subjects): some subject k performs another subject j's prompted motion instead of
-  its own while j does not perform it (the motion went to the wrong subject; a subject that merely stays still
-  beside a still one is static, not swapped).
+  its own while j, drawn, does not perform it (the motion went to the wrong subject; a subject that merely stays
+  still beside a still or an ``absent`` one is static, not swapped).
 - **placement** (scenes of several subjects): each subject's tracked path lies where its own true path does:
   matching the tracked mean centres to the true ones (x in units of width, y of height) by the least total distance
   gives every subject its own (never when a subject is ``absent``). In the anchored layout the first subject named
@@ -244,11 +244,13 @@ def _fidelity(output: np.ndarray, sample: WorldSample, k: int,
 
 
 def is_swapped(prompted: tuple[str, ...] | list[str], measured: list[str], k: int) -> bool:
-    """Subject ``k`` performs the prompted motion of another subject ``j`` instead of its own, and ``j`` does not
-    perform it (the motion went from ``j`` to ``k``)."""
+    """Subject ``k`` performs the prompted motion of another subject ``j`` instead of its own, and ``j``, drawn,
+    does not perform it (the motion went from ``j`` to ``k``; a ``j`` that is ``ABSENT`` lost its subject, not its
+    motion)."""
     if measured[k] == prompted[k]:
         return False
-    return any(measured[k] == prompted[j] and measured[j] != prompted[j] for j in range(len(prompted)) if j != k)
+    return any(measured[k] == prompted[j] and measured[j] not in (prompted[j], ABSENT)
+               for j in range(len(prompted)) if j != k)
 
 
 def placement_kept(tracked: list[np.ndarray], truth_centres: np.ndarray, width: int, height: int) -> bool | None:

@@ -123,6 +123,8 @@ def test_swap_rule():
     assert is_swapped(("left", "up"), ["up", "right"], 0)  # took the other's motion; the other lost it
     assert not is_swapped(("left", "still"), ["still", "still"], 0)  # static, not swapped
     assert not is_swapped(("left", "up"), ["left", "left"], 1)  # 1 copies 0's motion, but 0 keeps it
+    assert not is_swapped(("left", "still"), ["still", "absent"], 0)  # static beside a subject drawn nowhere
+    assert is_swapped(("left", "still"), ["still", "left"], 0)  # ... but a drawn one that took its motion: a swap
 
 
 def test_masked_psnr_and_background_classes():
