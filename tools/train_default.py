@@ -88,6 +88,7 @@ SHIPPED_RUN = "next_cooldown"  # the training stage whose file export ships, wit
 def main(argv: list[str] | None = None) -> int:
     from phantom_core.inference.cli import TextProgressBar
     from phantom_core.world import default_model as recipe
+    from phantom_core.world.pairs import PAIR_MODES
 
     parser = argparse.ArgumentParser(prog="python -m tools.train_default", description=__doc__.split("\n")[0])
     parser.add_argument("--work", default="build/default", help="folder of the runs and intermediate files")
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="wan: the Phantom-Wan default; mmdit: the paper's MMDiT on the wan recipe's latents")
     parser.add_argument("--variant", choices=("both", "vae", "clip"), default="both",
                         help="--model mmdit: VAE and CLIP references, VAE only, or CLIP only")
-    parser.add_argument("--pairs", choices=recipe.PAIR_MODES, default="cross",
+    parser.add_argument("--pairs", choices=PAIR_MODES, default="cross",
                         help="the latents stage's references: cross-pair (the recipe's) or in-pair, a crop of the "
                              "video (Phantom-Data's comparison, docs/WORLD.md); a folder keeps one mode")
     args = parser.parse_args(argv)

@@ -90,7 +90,6 @@ def stage_vae(work: str | Path, progress: StageProgress | None = None, recipe: s
 
 
 LATENT_DIR, LATENT_INDEX = "latents", "latents/index.json"
-PAIR_MODES = ("cross", "in")  # the references of the latents stage: the recipe's cross-pair, or in-pair (Phantom-Data)
 LATENT_SAMPLES = int(os.environ.get("PHANTOM_LATENT_SAMPLES", 600))
 # The committed default was trained in fp32. PHANTOM_DIT_PRECISION=bf16 computes the DiT's steps ~2.4x faster where
 # the CPU has AVX512-BF16 or AMX (training.config.cpu_bf16_fast; measured on the 2-core EPYC: 0.48 s against 1.15 s
@@ -186,6 +185,7 @@ def stage_latents(work: str | Path, workers: int = LATENT_WORKERS, samples: int 
 
     from phantom_core.inference.settings import WAN_NEGATIVE_PROMPT
     from phantom_core.training.cache import build_cache
+    from phantom_core.world.pairs import PAIR_MODES
 
     if pair_mode not in PAIR_MODES:
         raise ValueError(f"pair mode is {pair_mode!r}; valid: {', '.join(PAIR_MODES)}")
