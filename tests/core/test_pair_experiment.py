@@ -33,8 +33,9 @@ def test_pair_experiment_trains_both_and_only_the_references_differ(tmp_path, mo
     assert "| in-pair |" in out.read_text() and "| cross-pair |" in out.read_text()
     inpair, cross = (recipe.cached_latents(tmp_path / "work" / m) for m in ("in", "cross"))
     assert len(inpair) == len(cross) == 8
-    index = json.loads((tmp_path / "work" / "cross" / recipe.LATENT_INDEX).read_text())
-    assert index["world"] == {"travel": recipe.WORLD.travel}
+    for mode in ("in", "cross"):  # each cache records its world and its pair mode
+        index = json.loads((tmp_path / "work" / mode / recipe.LATENT_INDEX).read_text())
+        assert index["world"] == {"travel": recipe.WORLD.travel, "pairs": mode}
     # the same seeds: the same videos and prompts; only the references are in-pair or cross-pair
     torch.testing.assert_close(inpair[0].latents, cross[0].latents, atol=1e-5, rtol=0)
     torch.testing.assert_close(inpair[0].context, cross[0].context, atol=0, rtol=0)
