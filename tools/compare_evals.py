@@ -3,13 +3,14 @@
     python -m tools.compare_evals LABEL=DIR_OR_METRICS_JSON [LABEL=...] [--group all|single|multi]
         [--out docs/ablation_mmdit.md] [--title "..."]
 
-Each argument names a row and an ``evaluate --out`` folder (or its ``metrics.json``). The reports must score the
+Each argument names a column and an ``evaluate --out`` folder (or its ``metrics.json``). The reports must score the
 same cases the same way: equal ``world`` (size, frames, fps, travel), ``case_set`` (counts, seed), held-out
 ``pool`` signature and prompt form; otherwise ``ValueError`` names the field and both reports, since a table over
 different cases compares nothing. The sampler settings (steps, shift, solver, w_img, w_text) may differ and are
-shown per row. The VAE's own reconstruction (each report's ``ceiling``) is a row of its own, once per distinct
-ceiling (one per VAE). ``--out`` writes the markdown and the rows as JSON beside it (``.json``), atomically; without
-it the table is printed. Columns: ``world.evaluate.SUMMARY_ROWS`` (the ``evaluate`` table's metrics), of ``--group``.
+shown per model above the table. The VAE's own reconstruction (each report's ``ceiling``) is a column of its own,
+once per distinct ceiling (one per VAE). ``--out`` writes the markdown and the per-model records as JSON beside it
+(``.json``), atomically; without it the table is printed. Rows: ``world.evaluate.SUMMARY_ROWS`` (the ``evaluate``
+table's metrics), of ``--group``.
 """
 
 from __future__ import annotations

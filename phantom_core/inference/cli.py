@@ -119,7 +119,7 @@ class TextProgressBar:
 
     def __call__(self, step: int, total: int, x0_pred: Any = None, note: str = "") -> None:
         now, done = time.perf_counter(), step + 1
-        if self.first is None or self.last is None or done <= self.last[0] or total != self.last[1]:
+        if self.last is None or done <= self.last[0] or total != self.last[1]:
             self.first, self.first_done = now, done
         self.last = (done, total)
         filled = round(self.width * done / total)

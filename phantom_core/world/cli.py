@@ -49,6 +49,8 @@ from phantom_core.world.sample import WorldConfig
 from phantom_core.world.sheet import contact_sheet, save_png
 from phantom_core.world.subjects import available_sources, pool_signature, split_subjects
 
+FILE_FREE_BASELINES: dict[str, VideoProducer] = {"paste": paste_video, "empty": empty_video, "truth": truth_video,
+                                                  "noise": noise_video}  # baselines that need no model file
 BASELINES = ("paste", "empty", "untrained", "truth", "noise")
 SAMPLING_OPTIONS = (("steps", "--steps", int), ("shift", "--shift", float), ("solver", "--solver", str),
                     ("w_img", "--w-img", float), ("w_text", "--w-text", float),
@@ -132,13 +134,12 @@ def _producer(args: argparse.Namespace, device: str, folder: str) -> tuple[str, 
                          "--dit/--vae/--text-encoder")
     if (args.clip_vision or args.clip_only) and not args.dit:
         raise ValueError("evaluate: --clip-vision and --clip-only go with --dit (an MMDiT with a CLIP branch)")
-    if args.baseline in ("paste", "empty", "truth", "noise"):
+    if args.baseline in FILE_FREE_BASELINES:
         vae = None
         if args.vae:
             from phantom_core.wan.vae import load_vae
             vae = load_vae(args.vae, dtype=torch.float32, device=device)
-        return args.baseline, {"paste": paste_video, "empty": empty_video, "truth": truth_video,
-                               "noise": noise_video}[args.baseline], vae
+        return args.baseline, FILE_FREE_BASELINES[args.baseline], vae
     if args.dit and not (args.vae and args.text_encoder):
         raise ValueError("evaluate: --dit needs --vae and --text-encoder")
     dit, vae, text_encoder, clip_path, clip_output = _load(args, device, folder)

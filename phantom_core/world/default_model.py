@@ -193,12 +193,12 @@ def stage_latents(work: str | Path, workers: int = LATENT_WORKERS, samples: int 
     index = work / LATENT_INDEX
     if index.is_file():
         world = json.loads(index.read_text(encoding="utf-8")).get("world", {})
-        cached = world.get("travel", TRAVEL_FRACTION)
+        cached, pairs = world.get("travel", TRAVEL_FRACTION), world.get("pairs", "cross")
         if cached != WORLD.travel:
             raise ValueError(f"{index}: latents of a world whose subjects travel {cached} of the frame, but "
                              f"PHANTOM_WORLD_TRAVEL asks for {WORLD.travel}; use another --work folder")
-        if world.get("pairs", "cross") != pair_mode:
-            raise ValueError(f"{index}: {world.get('pairs', 'cross')}-pair latents, but {pair_mode}-pair ones were "
+        if pairs != pair_mode:
+            raise ValueError(f"{index}: {pairs}-pair latents, but {pair_mode}-pair ones were "
                              "asked for; use another --work folder")
         return index
     (work / LATENT_DIR).mkdir(parents=True, exist_ok=True)
