@@ -8,6 +8,8 @@
     python -m phantom_core evaluate --dit MMDIT --vae V --text-encoder T --clip-vision C [--clip-output tokens]
     python -m phantom_core evaluate --baseline truth --quick 4  # sanity: the ground truth scores perfectly
     python -m phantom_core evaluate --baseline empty            # the prompted background alone, no subject
+    python -m phantom_core evaluate ... --save-outputs --out D  # keep every output video (world/saved.py)
+    python -m phantom_core evaluate --rescore D                 # score D's saved videos again (current metrics)
 
 Prints the table, writes ``<out>/metrics.json`` and ``<out>/contact_sheet.png`` (default ``output/evaluate/<name>``).
 ``--baseline truth`` and ``noise`` check the metrics themselves (perfect and bad scores); ``empty`` (the
@@ -19,6 +21,11 @@ ceiling column is the model's VAE (or ``--vae`` with a baseline) reconstructing 
 embedding; the "VAE only" MMDiT (no CLIP branch, ``MMDIT_PRESETS["world-vae"]``) and the Phantom-Wan DiT need none
 (and ignore one, with a warning). The "CLIP only" MMDiT (trained without VAE reference tokens; its keys are those of
 ``both``) needs ``--clip-only`` too: it then gets the references' CLIP features and no VAE latents.
+
+``--rescore D`` makes no video: it rebuilds the cases of ``D/metrics.json`` (world, case set; the subject pool must
+be the same) and scores the videos that run saved (``--save-outputs``), and the ceiling's if it saved one, with the
+metrics as they are now; ``--quick N`` scores a subset; the report goes to ``D`` unless ``--out`` says otherwise and
+keeps the original run's options, sampling and device, with ``rescored`` added.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from phantom_core.world.evaluate import evaluate, format_table, report_dict
 from phantom_core.world.grammar import PROMPT_FORMS
 from phantom_core.world.render import MAX_TRAVEL, TRAVEL_FRACTION, VideoFormat
 from phantom_core.world.sample import WorldConfig
+from phantom_core.world.saved import load_case, read_report, report_world, save_case
 from phantom_core.world.sheet import contact_sheet, save_png
 from phantom_core.world.subjects import available_sources, pool_signature, split_subjects
 
@@ -77,6 +85,8 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
                       help="the paper's CLIP-only ablation MMDiT (--dit): the references reach it through CLIP alone, "
                            "no VAE reference latents, as it was trained (python -m tools.train_default --model mmdit "
                            "--variant clip)")
+    what.add_argument("--rescore", metavar="DIR", help="no model: score the videos saved in DIR by a run with "
+                      "--save-outputs again, with the current metrics, on its cases")
     cases = p.add_argument_group("cases")
     cases.add_argument("--quick", type=int, metavar="N", help="only the first N single- and N/2 two-subject cases")
     cases.add_argument("--cases-single", type=int, default=CASES_SINGLE, metavar="N", help="default %(default)s")
@@ -98,6 +108,8 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--out", metavar="DIR", help="where metrics.json and contact_sheet.png go "
                                                "(default output/evaluate/<name>)")
     p.add_argument("--sheet-cases", type=int, default=6, metavar="N", help="cases on the contact sheet (default 6)")
+    p.add_argument("--save-outputs", action="store_true", help="keep every case's output video (and the ceiling's) "
+                   "in <out>/outputs/, compressed (about 0.1-0.3 MB a case at 128 px), for --rescore")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=run_evaluate)
     return p
@@ -130,8 +142,8 @@ def _producer(args: argparse.Namespace, device: str, folder: str) -> tuple[str, 
     """(report name, producer, VAE for the ceiling or None) for the options given."""
     chosen = [bool(args.baseline), bool(args.model), bool(args.dit or args.text_encoder)]
     if sum(chosen) != 1:
-        raise ValueError("evaluate: give exactly one of --baseline, --model default|default-mmdit, or "
-                         "--dit/--vae/--text-encoder")
+        raise ValueError("evaluate: give exactly one of --baseline, --model default|default-mmdit, "
+                         "--dit/--vae/--text-encoder, or --rescore DIR")
     if (args.clip_vision or args.clip_only) and not args.dit:
         raise ValueError("evaluate: --clip-vision and --clip-only go with --dit (an MMDiT with a CLIP branch)")
     if args.baseline in FILE_FREE_BASELINES:
@@ -175,31 +187,64 @@ def _clip_tower(args: argparse.Namespace, clip_path: str | None, dit: Any, devic
     return load_clip_tower(clip_path, device=device) if clip_path else None
 
 
+def _rescore_cases(args: argparse.Namespace) -> tuple[CaseSet, dict[str, Any], VideoProducer, VideoProducer | None]:
+    """(cases, original report, saved-output producer, saved-ceiling producer or None) of ``--rescore DIR``.
+    Raises ``ValueError`` when a model or baseline option is given too, or the subject pool is not the report's."""
+    given = [flag for flag, value in (("--baseline", args.baseline), ("--model", args.model), ("--dit", args.dit),
+                                      ("--vae", args.vae), ("--text-encoder", args.text_encoder),
+                                      ("--clip-vision", args.clip_vision), ("--clip-only", args.clip_only),
+                                      ("--save-outputs", args.save_outputs)) if value]
+    if given:
+        raise ValueError(f"evaluate --rescore: makes no video, so it takes no {', '.join(given)}")
+    folder = args.rescore
+    report = read_report(folder)
+    config = report_world(report)
+    held_out = split_subjects("test", config.sources)
+    if pool_signature(held_out) != report["pool"]["signature"]:
+        raise ValueError(f"evaluate --rescore: {folder} was evaluated on another held-out subject pool (signature "
+                         f"{report['pool']['signature']}, now {pool_signature(held_out)}): its cases cannot be rebuilt")
+    counts = report["case_set"]
+    cases = CaseSet(single=counts["single"], multi=counts["multi"], seed=counts["seed"], config=config)
+    ceiling = (lambda sample: load_case(folder, sample, "ceiling")) if report.get("ceiling") else None
+    return cases, report, (lambda sample: load_case(folder, sample)), ceiling
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
-    """Run the evaluation; print the table and the paths written. Returns 0."""
+    """Run the evaluation (or ``--rescore``); print the table and the paths written. Returns 0."""
     # imported here: they load the pipeline and ffmpeg, needed only when the command runs
     from phantom_core.inference.cli import TextProgressBar
     from phantom_core.inference.sidecar import write_sidecar
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    config = WorldConfig(video=VideoFormat(width=args.size, height=args.size, frames=args.frames), travel=args.travel)
-    cases = CaseSet(single=args.cases_single, multi=args.cases_multi, seed=args.case_seed, config=config)
+    if args.rescore:
+        cases, report, producer, ceiling = _rescore_cases(args)
+        name, config = report["name"], cases.config
+    else:
+        config = WorldConfig(video=VideoFormat(width=args.size, height=args.size, frames=args.frames),
+                             travel=args.travel)
+        cases = CaseSet(single=args.cases_single, multi=args.cases_multi, seed=args.case_seed, config=config)
+        with tempfile.TemporaryDirectory(prefix="phantom-evaluate-") as folder:
+            name, producer, vae = _producer(args, device, folder)
+        ceiling = vae_reconstruction(vae) if vae is not None else None
     cases = cases.quick(args.quick) if args.quick is not None else cases
-    held_out = split_subjects("test", config.sources)
-    with tempfile.TemporaryDirectory(prefix="phantom-evaluate-") as folder:
-        name, producer, vae = _producer(args, device, folder)
+    out = Path(args.out or args.rescore or Path("output") / "evaluate" / name)
     bar = None if args.no_progress else TextProgressBar(sys.stderr, label="cases", unit="case")
-    result = evaluate(producer, cases, name=name, ceiling=vae_reconstruction(vae) if vae is not None else None,
-                      keep=args.sheet_cases, progress=(lambda done, total: bar(done - 1, total)) if bar else None)
-    out = Path(args.out) if args.out else Path("output") / "evaluate" / name
-    options = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
-    info = {"options": options, "device": device,
-            "world": {"width": args.size, "height": args.size, "frames": args.frames, "fps": config.video.fps,
-                      "travel": config.travel},
-            "case_set": {"single": cases.single, "multi": cases.multi, "seed": cases.seed},
-            "pool": {"sources": list(available_sources()), "held_out_subjects": len(held_out),
-                     "signature": pool_signature(held_out)},
-            "sampling": {key: getattr(args, key) for key, _, _ in SAMPLING_OPTIONS}}
+    result = evaluate(producer, cases, name=name, ceiling=ceiling, keep=args.sheet_cases,
+                      progress=(lambda done, total: bar(done - 1, total)) if bar else None,
+                      on_case=(lambda *case: save_case(out, *case)) if args.save_outputs else None)
+    if args.rescore:
+        info = {key: report[key] for key in ("options", "device", "world", "pool", "sampling") if key in report}
+        info["rescored"] = {"from": str(args.rescore), "sampling_seconds": report.get("seconds")}
+    else:
+        held_out = split_subjects("test", config.sources)
+        options = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+        info = {"options": options, "device": device,
+                "world": {"width": config.video.width, "height": config.video.height, "frames": config.video.frames,
+                          "fps": config.video.fps, "travel": config.travel},
+                "pool": {"sources": list(available_sources()), "held_out_subjects": len(held_out),
+                         "signature": pool_signature(held_out)},
+                "sampling": {key: getattr(args, key) for key, _, _ in SAMPLING_OPTIONS}}
+    info["case_set"] = {"single": cases.single, "multi": cases.multi, "seed": cases.seed}
     json_path = write_sidecar(report_dict(result, info), out / "metrics.json")
     sheet_path = save_png(contact_sheet(result.kept), out / "contact_sheet.png") if result.kept else None
     print(format_table(result))

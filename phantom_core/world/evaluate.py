@@ -72,10 +72,12 @@ class Evaluation:
 
 def evaluate(producer: VideoProducer, cases: Iterable[WorldSample], *, name: str = "model",
              ceiling: VideoProducer | None = None, keep: int = 6,
-             progress: Callable[[int, int], None] | None = None) -> Evaluation:
+             progress: Callable[[int, int], None] | None = None,
+             on_case: Callable[[WorldSample, np.ndarray, np.ndarray | None], None] | None = None) -> Evaluation:
     """Score ``producer`` on every case (module docstring); keep the first ``keep`` outputs (half of them from
-    two-subject cases when there are any). ``progress(done, total)`` after each case; ``cases`` may be a
-    ``CaseSet`` (made one at a time) or any iterable of samples."""
+    two-subject cases when there are any). ``progress(done, total)`` after each case; ``on_case(sample, output,
+    ceiling video or None)`` too (``saved.save_case`` keeps them); ``cases`` may be a ``CaseSet`` (made one at a
+    time) or any iterable of samples."""
     cases = cases if hasattr(cases, "__len__") else list(cases)
     total = len(cases)  # type: ignore[arg-type]
     result = Evaluation(name, ceiling=[] if ceiling is not None else None)
@@ -86,8 +88,11 @@ def evaluate(producer: VideoProducer, cases: Iterable[WorldSample], *, name: str
         output = producer(sample)
         result.scores.append(score_video(output, sample, templates))
         result.records.append(_case_record(sample, result.scores[-1]))
-        if ceiling is not None:
-            result.ceiling.append(score_video(ceiling(sample), sample, templates))
+        reconstruction = ceiling(sample) if ceiling is not None else None
+        if reconstruction is not None:
+            result.ceiling.append(score_video(reconstruction, sample, templates))
+        if on_case is not None:
+            on_case(sample, output, reconstruction)
         multi = len(sample.subjects) > 1
         if (multi and kept_multi < keep // 2) or (not multi and kept_single < keep - keep // 2):
             result.kept.append((sample, output, result.scores[-1]))

@@ -1,0 +1,83 @@
+"""Saved evaluation outputs: score a model's videos again without making them again.
+
+``evaluate --save-outputs`` keeps every case's output video (and the VAE ceiling's reconstruction, when there is
+one) in ``<out>/outputs/case_<index>.npz``; ``evaluate --rescore DIR`` scores those files again with the metrics of
+the code that runs it, on the same cases (rebuilt from ``DIR/metrics.json``: world, case set, pool), and writes a
+new ``metrics.json`` and contact sheet. A change to the metrics then costs seconds per case set instead of the
+minutes (or hours) that sampling took.
+
+File format: ``numpy.savez_compressed`` with ``output`` (uint8 [T, H, W, 3], the model's video as ``evaluate``
+scored it) and optionally ``ceiling`` (the same shape); each file is written atomically as its case finishes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from phantom_core.loading.disk import atomic_write
+from phantom_core.world.render import VideoFormat
+from phantom_core.world.sample import WorldConfig, WorldSample
+
+OUTPUTS_FOLDER = "outputs"
+
+
+def case_file(folder: str | Path, index: int) -> Path:
+    """``<folder>/outputs/case_<index, at least 5 digits>.npz``: where ``save_case`` writes that sample index."""
+    return Path(folder) / OUTPUTS_FOLDER / f"case_{index:05d}.npz"
+
+
+def save_case(folder: str | Path, sample: WorldSample, output: np.ndarray, ceiling: np.ndarray | None) -> Path:
+    """Write one case's output (and ceiling video, or None) to ``case_file(folder, sample.index)`` atomically.
+    Both are uint8 [T, H, W, 3]; raises ``ValueError`` for another dtype or rank."""
+    arrays = {"output": output} if ceiling is None else {"output": output, "ceiling": ceiling}
+    for key, video in arrays.items():
+        if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
+            raise ValueError(f"save_case: {key} must be uint8 [T, H, W, 3]; got {video.dtype} {tuple(video.shape)}")
+    path = case_file(folder, sample.index)
+    with atomic_write(path, suffix=".npz") as tmp, open(tmp, "wb") as handle:
+        np.savez_compressed(handle, **arrays)
+    return path
+
+
+def load_case(folder: str | Path, sample: WorldSample, key: str = "output") -> np.ndarray:
+    """The saved ``key`` video (``output`` or ``ceiling``) of ``sample``'s case, uint8 [T, H, W, 3]. Raises
+    ``ValueError`` naming the file when it is missing or lacks ``key``, or when its shape is not the case's."""
+    path = case_file(folder, sample.index)
+    if not path.is_file():
+        raise ValueError(f"evaluate --rescore: {path} is missing; only an evaluation run with --save-outputs can be "
+                         "scored again, on the cases it ran")
+    with np.load(path) as data:
+        if key not in data.files:
+            raise ValueError(f"evaluate --rescore: {path} holds {sorted(data.files)}, no {key!r}")
+        video = data[key]
+    expected = tuple(sample.video.shape)
+    if video.shape != expected:
+        raise ValueError(f"evaluate --rescore: {path}: {key} is {tuple(video.shape)}; the case is {expected}")
+    return video
+
+
+def read_report(folder: str | Path) -> dict[str, Any]:
+    """``<folder>/metrics.json`` of a saved evaluation. Raises ``ValueError`` when it is missing, is not an
+    evaluation report, or the run kept no outputs (no ``--save-outputs``)."""
+    path = Path(folder) / "metrics.json"
+    if not path.is_file():
+        raise ValueError(f"evaluate --rescore: no {path}; give the --out folder of an evaluation run with "
+                         "--save-outputs")
+    report = json.loads(path.read_text(encoding="utf-8"))
+    if not {"world", "case_set", "pool"} <= report.keys():
+        raise ValueError(f"evaluate --rescore: {path} is not an evaluate report (no world / case_set / pool)")
+    if not (Path(folder) / OUTPUTS_FOLDER).is_dir():
+        raise ValueError(f"evaluate --rescore: {folder} has no {OUTPUTS_FOLDER}/ folder; that run did not use "
+                         "--save-outputs, so its videos must be made again")
+    return report
+
+
+def report_world(report: dict[str, Any]) -> WorldConfig:
+    """The ``WorldConfig`` of a report's ``world`` entry (size, frames, fps, travel)."""
+    world = report["world"]
+    video = VideoFormat(width=world["width"], height=world["height"], frames=world["frames"], fps=world["fps"])
+    return WorldConfig(video=video, travel=world["travel"])

@@ -1,0 +1,93 @@
+"""``evaluate --save-outputs`` and ``--rescore``: saved videos scored again, from the files, on the same cases."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from phantom_core.__main__ import main
+from phantom_core.world.cases import CaseSet
+from phantom_core.world.sample import WorldConfig
+from phantom_core.world.saved import case_file, load_case, report_world, save_case
+from tests.core.test_world_evaluate import SMALL_CLI
+from tests.support.world import SMALL
+
+
+def _saved_paste_run(folder) -> dict:
+    assert main(["evaluate", "--baseline", "paste", "--quick", "2", *SMALL_CLI, "--save-outputs",
+                 "--out", str(folder)]) == 0
+    return json.loads((folder / "metrics.json").read_text())
+
+
+def _cases(report: dict) -> list:
+    counts = report["case_set"]
+    return list(CaseSet(single=counts["single"], multi=counts["multi"], seed=counts["seed"],
+                        config=report_world(report)))
+
+
+def test_rescore_reproduces_the_run_and_reads_the_saved_files(tmp_path):
+    run = tmp_path / "paste"
+    report = _saved_paste_run(run)
+    cases = _cases(report)
+    assert sorted(p.name for p in (run / "outputs").iterdir()) == sorted(case_file(run, s.index).name for s in cases)
+    assert main(["evaluate", "--rescore", str(run), "--out", str(tmp_path / "again"), "--no-progress"]) == 0
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    for key, value in report["summary"]["all"].items():  # same videos, same metrics: equal to float rounding
+        assert again["summary"]["all"][key] == pytest.approx(value, abs=1e-9), key
+    assert again["options"] == report["options"] and again["rescored"]["from"] == str(run)
+    assert again["case_set"] == report["case_set"] and again["name"] == "paste"
+
+    # the rescore scores what the files hold: put the ground truth in their place and it scores perfectly
+    for sample in cases:
+        save_case(run, sample, sample.video, None)
+    assert main(["evaluate", "--rescore", str(run), "--no-progress"]) == 0  # default --out: the run's folder
+    truth = json.loads((run / "metrics.json").read_text())["summary"]["all"]
+    assert report["summary"]["all"]["motion_accuracy"] < 100.0
+    assert truth["motion_accuracy"] == 100.0 and truth["psnr"] == pytest.approx(100.0)
+
+
+def test_rescore_scores_a_saved_ceiling_and_quick_takes_a_subset(tmp_path):
+    run = tmp_path / "paste"
+    report = _saved_paste_run(run)
+    cases = _cases(report)
+    for sample in cases:  # a "ceiling" that is the truth itself, saved beside each output
+        save_case(run, sample, load_case(run, sample), sample.video)
+    report["ceiling"] = report["summary"]  # the run had a ceiling
+    (run / "metrics.json").write_text(json.dumps(report))
+    assert main(["evaluate", "--rescore", str(run), "--quick", "1", "--out", str(tmp_path / "q"),
+                 "--no-progress"]) == 0
+    quick = json.loads((tmp_path / "q" / "metrics.json").read_text())
+    assert quick["case_set"] == {"single": 1, "multi": 1, "seed": report["case_set"]["seed"]}
+    assert quick["summary"]["all"]["cases"] == 2 and quick["ceiling"]["all"]["motion_accuracy"] == 100.0
+
+
+def test_rescore_refuses_what_it_cannot_score(tmp_path, capsys):
+    plain = tmp_path / "plain"
+    assert main(["evaluate", "--baseline", "paste", "--quick", "1", *SMALL_CLI, "--out", str(plain)]) == 0
+    assert main(["evaluate", "--rescore", str(plain), "--no-progress"]) == 2
+    assert "did not use --save-outputs" in capsys.readouterr().err
+    assert main(["evaluate", "--rescore", str(tmp_path / "nothing"), "--no-progress"]) == 2
+    assert "no " in capsys.readouterr().err
+    run = tmp_path / "paste"
+    report = _saved_paste_run(run)
+    assert main(["evaluate", "--rescore", str(run), "--baseline", "truth", "--no-progress"]) == 2
+    assert "takes no --baseline" in capsys.readouterr().err
+    case_file(run, _cases(report)[-1].index).unlink()
+    assert main(["evaluate", "--rescore", str(run), "--no-progress"]) == 2
+    assert "case_1000000.npz is missing" in capsys.readouterr().err
+    report["pool"]["signature"] = "0" * 16
+    (run / "metrics.json").write_text(json.dumps(report))
+    assert main(["evaluate", "--rescore", str(run), "--no-progress"]) == 2
+    assert "another held-out subject pool" in capsys.readouterr().err
+
+
+def test_save_case_takes_uint8_videos_only(tmp_path):
+    sample = next(iter(CaseSet(single=1, multi=0, config=WorldConfig(video=SMALL.video))))
+    with pytest.raises(ValueError, match="uint8"):
+        save_case(tmp_path, sample, sample.video.astype(np.float32), None)
+    with pytest.raises(ValueError, match="no 'ceiling'"):
+        save_case(tmp_path, sample, sample.video, None)
+        load_case(tmp_path, sample, "ceiling")
+    assert not list((tmp_path / "outputs").glob(".*"))  # no temporary file left behind
