@@ -53,7 +53,16 @@ from phantom_core.world.evaluate import evaluate, format_table, report_dict
 from phantom_core.world.grammar import PROMPT_FORMS
 from phantom_core.world.render import MAX_TRAVEL, TRAVEL_FRACTION, VideoFormat
 from phantom_core.world.sample import WorldConfig
-from phantom_core.world.saved import load_case, read_report, report_world, save_case
+from phantom_core.world.saved import (
+    case_file,
+    load_case,
+    open_outputs,
+    read_report,
+    report_world,
+    resumed_producer,
+    run_identity,
+    save_case,
+)
 from phantom_core.world.sheet import contact_sheet, save_png
 from phantom_core.world.subjects import available_sources, pool_signature, split_subjects
 
@@ -110,6 +119,8 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--sheet-cases", type=int, default=6, metavar="N", help="cases on the contact sheet (default 6)")
     p.add_argument("--save-outputs", action="store_true", help="keep every case's output video (and the ceiling's) "
                    "in <out>/outputs/, compressed (about 0.1-0.3 MB a case at 128 px), for --rescore")
+    p.add_argument("--resume", action="store_true", help="with --save-outputs: continue the run saved in --out, "
+                   "reusing its saved cases (only when the model files, sampling and world are the same)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=run_evaluate)
     return p
@@ -193,7 +204,7 @@ def _rescore_cases(args: argparse.Namespace) -> tuple[CaseSet, dict[str, Any], V
     given = [flag for flag, value in (("--baseline", args.baseline), ("--model", args.model), ("--dit", args.dit),
                                       ("--vae", args.vae), ("--text-encoder", args.text_encoder),
                                       ("--clip-vision", args.clip_vision), ("--clip-only", args.clip_only),
-                                      ("--save-outputs", args.save_outputs)) if value]
+                                      ("--save-outputs", args.save_outputs), ("--resume", args.resume)) if value]
     if given:
         raise ValueError(f"evaluate --rescore: makes no video, so it takes no {', '.join(given)}")
     folder = args.rescore
@@ -216,6 +227,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from phantom_core.inference.sidecar import write_sidecar
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.resume and not (args.save_outputs or args.rescore):
+        raise ValueError("evaluate --resume continues a run with --save-outputs; add --save-outputs")
+    options = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     if args.rescore:
         cases, report, producer, ceiling = _rescore_cases(args)
         name, config = report["name"], cases.config
@@ -228,16 +242,19 @@ def run_evaluate(args: argparse.Namespace) -> int:
         ceiling = vae_reconstruction(vae) if vae is not None else None
     cases = cases.quick(args.quick) if args.quick is not None else cases
     out = Path(args.out or args.rescore or Path("output") / "evaluate" / name)
+    if args.save_outputs:
+        open_outputs(out, run_identity(options, device), args.resume)
+        producer, ceiling = resumed_producer(out, producer), resumed_producer(out, ceiling, "ceiling")
     bar = None if args.no_progress else TextProgressBar(sys.stderr, label="cases", unit="case")
     result = evaluate(producer, cases, name=name, ceiling=ceiling, keep=args.sheet_cases,
                       progress=(lambda done, total: bar(done - 1, total)) if bar else None,
-                      on_case=(lambda *case: save_case(out, *case)) if args.save_outputs else None)
+                      on_case=(lambda sample, *videos: None if case_file(out, sample.index).is_file()
+                               else save_case(out, sample, *videos)) if args.save_outputs else None)
     if args.rescore:
         info = {key: report[key] for key in ("options", "device", "world", "pool", "sampling") if key in report}
         info["rescored"] = {"from": str(args.rescore), "sampling_seconds": report.get("seconds")}
     else:
         held_out = split_subjects("test", config.sources)
-        options = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
         info = {"options": options, "device": device,
                 "world": {"width": config.video.width, "height": config.video.height, "frames": config.video.frames,
                           "fps": config.video.fps, "travel": config.travel},

@@ -6,6 +6,11 @@ the code that runs it, on the same cases (rebuilt from ``DIR/metrics.json``: wor
 new ``metrics.json`` and contact sheet. A change to the metrics then costs seconds per case set instead of the
 minutes (or hours) that sampling took.
 
+``--save-outputs --resume`` continues an interrupted run in the same ``--out``: ``outputs/run.json`` records what
+makes a case's video (``run_identity``: the model options, sampling, world, prompt form, device and the sha256 of
+every model file), and a resumed run reuses the saved cases only when that record is the same; the case counts are
+not part of it, so a run of the first 48 cases can also be extended to more.
+
 File format: ``numpy.savez_compressed`` with ``output`` (uint8 [T, H, W, 3], the model's video as ``evaluate``
 scored it) and optionally ``ceiling`` (the same shape); each file is written atomically as its case finishes.
 """
@@ -18,11 +23,17 @@ from typing import Any
 
 import numpy as np
 
+from phantom_core.inference.sidecar import file_sha256
 from phantom_core.loading.disk import atomic_write
+from phantom_core.log import logger
 from phantom_core.world.render import VideoFormat
 from phantom_core.world.sample import WorldConfig, WorldSample
 
 OUTPUTS_FOLDER = "outputs"
+RUN_FILE = "run.json"
+NOT_IDENTITY = frozenset({"out", "no_progress", "sheet_cases", "save_outputs", "resume", "quick", "cases_single",
+                          "cases_multi", "rescore", "device", "func", "command"})  # options that leave a case's video
+MODEL_FILE_OPTIONS = ("dit", "vae", "text_encoder", "tokenizer", "clip_vision")
 
 
 def case_file(folder: str | Path, index: int) -> Path:
@@ -81,3 +92,60 @@ def report_world(report: dict[str, Any]) -> WorldConfig:
     world = report["world"]
     video = VideoFormat(width=world["width"], height=world["height"], frames=world["frames"], fps=world["fps"])
     return WorldConfig(video=video, travel=world["travel"])
+
+
+def run_identity(options: dict[str, Any], device: str) -> dict[str, Any]:
+    """What decides a case's output video: ``options`` (``evaluate``'s, by name) except ``NOT_IDENTITY``, the
+    resolved ``device``, and ``files``: the sha256 of each model file option given (of every shipped trained file
+    for ``--model``). JSON-ready."""
+    identity: dict[str, Any] = {k: options[k] for k in sorted(options) if k not in NOT_IDENTITY}
+    identity["device"] = device
+    files = {flag: file_sha256(options[flag]) for flag in MODEL_FILE_OPTIONS if options.get(flag)}
+    if options.get("model"):
+        from phantom_core.tiny.default import TRAINED_DIR
+
+        files.update({path.name: file_sha256(path) for path in sorted(TRAINED_DIR.glob("*.safetensors"))})
+    identity["files"] = files
+    return json.loads(json.dumps(identity))
+
+
+def open_outputs(folder: str | Path, identity: dict[str, Any], resume: bool) -> int:
+    """Make ``<folder>/outputs`` ready for ``save_case``; returns how many cases are saved there already.
+
+    A new folder gets ``run.json`` (``identity``). An existing one is continued only with ``resume`` and the same
+    identity. Raises ``ValueError`` for saved outputs without ``resume`` (they are never overwritten silently) or of
+    a run whose identity differs (naming the options that differ).
+    """
+    run_file = Path(folder) / OUTPUTS_FOLDER / RUN_FILE
+    if run_file.is_file():
+        if not resume:
+            raise ValueError(f"evaluate --save-outputs: {run_file.parent} holds the videos of an earlier run; add "
+                             "--resume to continue it (its saved cases are reused), or give another --out")
+        saved = json.loads(run_file.read_text(encoding="utf-8"))
+        differ = sorted(k for k in saved.keys() | identity.keys() if saved.get(k) != identity.get(k))
+        if differ:
+            raise ValueError(f"evaluate --resume: {run_file.parent} was made with other {', '.join(differ)} (see "
+                             f"{run_file}); its videos cannot be mixed with this run's: give another --out")
+        done = len(list(run_file.parent.glob("case_*.npz")))
+        logger.info("evaluate --resume: %d cases saved in %s are reused", done, run_file.parent)
+        return done
+    with atomic_write(run_file) as tmp:
+        tmp.write_text(json.dumps(identity, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+def resumed_producer(folder: str | Path, producer: Any, key: str = "output") -> Any:
+    """A producer that returns ``sample``'s saved ``key`` video when its case file holds one, else calls
+    ``producer(sample)`` (``None`` stays ``None``: no ceiling)."""
+    if producer is None:
+        return None
+
+    def produce(sample: WorldSample) -> np.ndarray:
+        path = case_file(folder, sample.index)
+        if path.is_file():
+            with np.load(path) as data:
+                if key in data.files:
+                    return data[key]
+        return producer(sample)
+
+    return produce

@@ -10,7 +10,7 @@ import pytest
 from phantom_core.__main__ import main
 from phantom_core.world.cases import CaseSet
 from phantom_core.world.sample import WorldConfig
-from phantom_core.world.saved import case_file, load_case, report_world, save_case
+from phantom_core.world.saved import case_file, load_case, report_world, run_identity, save_case
 from tests.core.test_world_evaluate import SMALL_CLI
 from tests.support.world import SMALL
 
@@ -31,7 +31,8 @@ def test_rescore_reproduces_the_run_and_reads_the_saved_files(tmp_path):
     run = tmp_path / "paste"
     report = _saved_paste_run(run)
     cases = _cases(report)
-    assert sorted(p.name for p in (run / "outputs").iterdir()) == sorted(case_file(run, s.index).name for s in cases)
+    saved = sorted(p.name for p in (run / "outputs").glob("case_*"))
+    assert saved == sorted(case_file(run, s.index).name for s in cases)
     assert main(["evaluate", "--rescore", str(run), "--out", str(tmp_path / "again"), "--no-progress"]) == 0
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
     for key, value in report["summary"]["all"].items():  # same videos, same metrics: equal to float rounding
@@ -91,3 +92,33 @@ def test_save_case_takes_uint8_videos_only(tmp_path):
         save_case(tmp_path, sample, sample.video, None)
         load_case(tmp_path, sample, "ceiling")
     assert not list((tmp_path / "outputs").glob(".*"))  # no temporary file left behind
+
+
+def test_resume_reuses_saved_cases_of_the_same_run_only(tmp_path, capsys):
+    run = tmp_path / "paste"
+    report = _saved_paste_run(run)  # --quick 2: 2 single-subject cases and 1 two-subject case
+    first = _cases(report)[0]
+    save_case(run, first, first.video, None)  # a saved case that a resumed run must reuse, not make again
+    again = ["evaluate", "--baseline", "paste", "--quick", "4", *SMALL_CLI, "--save-outputs", "--out", str(run)]
+    assert main(again) == 2
+    assert "add --resume to continue it" in capsys.readouterr().err
+    assert main([*again, "--travel", "0.5", "--resume"]) == 2
+    assert "was made with other travel" in capsys.readouterr().err
+    assert main([*again, "--resume"]) == 0  # extended from 3 cases to 6
+    resumed = json.loads((run / "metrics.json").read_text())
+    assert resumed["summary"]["all"]["cases"] == 6 and len(list((run / "outputs").glob("case_*.npz"))) == 6
+    assert resumed["cases"][0]["subjects"][0]["psnr"] == pytest.approx(100.0)  # the reused truth
+    assert resumed["cases"][1]["subjects"][0]["psnr"] == pytest.approx(report["cases"][1]["subjects"][0]["psnr"])
+    assert main(["evaluate", "--baseline", "paste", "--quick", "1", *SMALL_CLI, "--resume"]) == 2
+    assert "add --save-outputs" in capsys.readouterr().err
+
+
+def test_run_identity_names_model_files_by_content_and_ignores_counts(tmp_path):
+    dit = tmp_path / "dit.safetensors"
+    dit.write_bytes(b"first")
+    options = {"dit": str(dit), "steps": 50, "cases_single": 48, "quick": None, "out": "x"}
+    before = run_identity(options, "cpu")
+    assert "cases_single" not in before and "out" not in before and before["steps"] == 50
+    assert run_identity({**options, "cases_single": 200, "out": "y"}, "cpu") == before
+    dit.write_bytes(b"retrained")  # same path, another file: not the same run
+    assert run_identity(options, "cpu")["files"]["dit"] != before["files"]["dit"]
