@@ -118,7 +118,7 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
                                                "(default output/evaluate/<name>)")
     p.add_argument("--sheet-cases", type=int, default=6, metavar="N", help="cases on the contact sheet (default 6)")
     p.add_argument("--save-outputs", action="store_true", help="keep every case's output video (and the ceiling's) "
-                   "in <out>/outputs/, compressed (about 0.1-0.3 MB a case at 128 px), for --rescore")
+                   "in <out>/outputs/, compressed (about 0.5 MB a case at 128 px, ceiling included), for --rescore")
     p.add_argument("--resume", action="store_true", help="with --save-outputs: continue the run saved in --out, "
                    "reusing its saved cases (only when the model files, sampling and world are the same)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

@@ -32,7 +32,8 @@ from phantom_core.world.sample import WorldConfig, WorldSample
 OUTPUTS_FOLDER = "outputs"
 RUN_FILE = "run.json"
 NOT_IDENTITY = frozenset({"out", "no_progress", "sheet_cases", "save_outputs", "resume", "quick", "cases_single",
-                          "cases_multi", "rescore", "device", "func", "command"})  # options that leave a case's video
+                          "cases_multi", "rescore", "device", "verbose", "func",
+                          "command"})  # options that leave a case's video as it is
 MODEL_FILE_OPTIONS = ("dit", "vae", "text_encoder", "tokenizer", "clip_vision")
 
 
