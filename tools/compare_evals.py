@@ -11,18 +11,27 @@ shown per model above the table. The VAE's own reconstruction (each report's ``c
 once per distinct ceiling (one per VAE). ``--out`` writes the markdown and the per-model records as JSON beside it
 (``.json``), atomically; without it the table is printed. Rows: ``world.evaluate.SUMMARY_ROWS`` (the ``evaluate``
 table's metrics), of ``--group``.
+
+Below it, the fidelity differences paired case by case against the first column (``paired_differences``): with
+72 cases a 0.3 dB gap between two columns may be the cases' spread, not the models'; the paired table says which
+gaps are larger than their 95% interval.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 GROUPS = ("all", "single", "multi")
 MATCHED = ("world", "case_set", "pool")  # report fields that must be equal across the compared reports
+PAIRED = (("psnr", "subject PSNR (dB)", "{:+.2f} ± {:.2f}"), ("ssim", "subject SSIM", "{:+.3f} ± {:.3f}"))
+Z95 = 1.96  # two-sided 95% normal quantile
 
 
 def load_report(path: str | Path) -> dict[str, Any]:
@@ -90,6 +99,48 @@ def comparison(reports: dict[str, dict[str, Any]], group: str = "all") -> tuple[
     return "\n".join(lines) + "\n", rows
 
 
+def case_values(report: dict[str, Any], key: str, group: str = "all") -> dict[int, float]:
+    """``{case index: mean of its subjects' key}`` over ``report["cases"]`` of ``group`` (``single``: one subject,
+    ``multi``: two or more); subjects without a value (``None``: no subject region) are left out, and a case
+    with none at all is absent."""
+    values: dict[int, float] = {}
+    for case in report.get("cases") or []:
+        count = len(case["subjects"])
+        if (group == "single" and count != 1) or (group == "multi" and count < 2):
+            continue
+        finite = [s[key] for s in case["subjects"] if s.get(key) is not None]
+        if finite:
+            values[case["index"]] = float(np.mean(finite))
+    return values
+
+
+def paired_differences(reports: dict[str, dict[str, Any]], group: str = "all") -> tuple[str, list[dict[str, Any]]]:
+    """``(markdown, rows)``: for each report after the first and each metric of ``PAIRED``, the mean over the
+    cases both scored of (its case value - the first report's), ``case_values``, with the half-width of a 95%
+    interval (``Z95`` standard errors of the mean, sample standard deviation; NaN below two cases). A gap whose
+    interval excludes 0 is marked ``*``. The mean of case means weighs a two-subject case once, as the summary's
+    mean over subjects does not, so the difference may differ a little from the summaries' difference."""
+    (base_label, base), *rest = reports.items()
+    header = "| paired against " + base_label + " | " + " | ".join(label for _, label, _ in PAIRED) + " | cases |"
+    lines = [header, "|" + "---|" * (len(PAIRED) + 2)]
+    rows = []
+    for label, report in rest:
+        row: dict[str, Any] = {"label": label, "against": base_label}
+        cells, count = [], 0
+        for key, _, fmt in PAIRED:
+            mine, theirs = case_values(report, key, group), case_values(base, key, group)
+            common = sorted(mine.keys() & theirs.keys())
+            diff = np.array([mine[i] - theirs[i] for i in common])
+            mean = float(diff.mean()) if len(diff) else math.nan
+            half = Z95 * float(diff.std(ddof=1)) / math.sqrt(len(diff)) if len(diff) > 1 else math.nan
+            row[key] = {"mean": mean, "half_width_95": half, "cases": len(common)}
+            count = max(count, len(common))
+            cells.append(fmt.format(mean, half) + (" *" if abs(mean) > half else ""))
+        rows.append(row)
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {count} |")
+    return "\n".join(lines) + "\n", rows
+
+
 def _parse_pair(text: str) -> tuple[str, str]:
     label, sep, path = text.partition("=")
     if not sep or not label or not path:
@@ -110,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         reports = {label: load_report(path) for label, path in args.reports}
         table, rows = comparison(reports, args.group)
+        paired, paired_rows = paired_differences(reports, args.group) if len(reports) > 1 else ("", [])
     except (OSError, ValueError) as exc:
         print(f"compare_evals: {exc}", file=sys.stderr)
         return 2
@@ -119,13 +171,17 @@ def main(argv: list[str] | None = None) -> int:
             f"travel {first['world'].get('travel')}, group '{args.group}'. Sampling per model: "
             + "; ".join(f"{r['label']}: {r['sampling']}" for r in rows) + ".")
     markdown = (f"## {args.title}\n\n" if args.title else "") + head + "\n\n" + table
+    if paired:
+        markdown += ("\nPer-case differences against the first column, mean ± the half-width of its 95% interval "
+                     "(* where the interval excludes 0):\n\n" + paired)
     if args.out is None:
         print(markdown)
         return 0
     from phantom_core.world.evaluate import write_comparison
 
     command = "python -m tools.compare_evals " + " ".join(f"{label}={path}" for label, path in args.reports)
-    out = write_comparison(args.out, markdown, {"command": command, "group": args.group, "rows": rows})
+    out = write_comparison(args.out, markdown, {"command": command, "group": args.group, "rows": rows,
+                                                       "paired": paired_rows})
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
 

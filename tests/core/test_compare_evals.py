@@ -56,3 +56,32 @@ def test_bad_arguments_are_named(argv, message, capsys):
 def test_a_missing_report_is_named(tmp_path, capsys):
     assert compare_evals.main([f"x={tmp_path / 'none'}"]) == 2
     assert "no evaluate report" in capsys.readouterr().err
+
+
+def _report(psnrs: list[list[float | None]]) -> dict:
+    cases = [{"index": i, "subjects": [{"psnr": p, "ssim": None if p is None else p / 100} for p in case]}
+             for i, case in enumerate(psnrs)]
+    return {"summary": {"all": {}}, "cases": cases}
+
+
+def test_paired_differences_are_case_by_case_with_a_95_interval():
+    import statistics
+
+    base = _report([[10.0], [12.0], [8.0, 9.0], [7.0]])
+    other = _report([[11.0], [12.5], [9.0, None], [None]])  # case 3 has no value: left out of the pairs
+    _, rows = compare_evals.paired_differences({"base": base, "other": other})
+    diffs = [1.0, 0.5, 9.0 - 8.5]
+    psnr = rows[0]["psnr"]
+    assert psnr["cases"] == 3 and psnr["mean"] == pytest.approx(statistics.mean(diffs), abs=1e-12)
+    assert psnr["half_width_95"] == pytest.approx(1.96 * statistics.stdev(diffs) / 3 ** 0.5, abs=1e-12)
+    _, single = compare_evals.paired_differences({"base": base, "other": other}, "single")
+    assert single[0]["psnr"]["cases"] == 2  # the two-subject case is not in the single group
+
+
+def test_paired_table_marks_a_real_gap(reports, tmp_path):
+    out = tmp_path / "p.md"
+    assert compare_evals.main([f"paste={reports / 'paste'}", f"truth={reports / 'truth'}", "--out", str(out)]) == 0
+    line = next(row for row in out.read_text().splitlines() if row.startswith("| truth |"))
+    assert line.split("|")[2].strip().endswith("*")  # the truth is far above the pasted reference in PSNR
+    paired = json.loads(out.with_suffix(".json").read_text())["paired"]
+    assert paired[0]["psnr"]["mean"] > 10.0 and paired[0]["psnr"]["cases"] == 3
