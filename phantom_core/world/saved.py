@@ -18,6 +18,7 @@ scored it) and optionally ``ceiling`` (the same shape); each file is written ato
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ NOT_IDENTITY = frozenset({"out", "no_progress", "sheet_cases", "save_outputs", "
                           "cases_multi", "rescore", "device", "verbose", "func",
                           "command"})  # options that leave a case's video as it is
 MODEL_FILE_OPTIONS = ("dit", "vae", "text_encoder", "tokenizer", "clip_vision")
+Producer = Callable[[WorldSample], np.ndarray]  # a sample -> its uint8 [T, H, W, 3] video (baselines.VideoProducer)
 
 
 def case_file(folder: str | Path, index: int) -> Path:
@@ -114,10 +116,13 @@ def open_outputs(folder: str | Path, identity: dict[str, Any], resume: bool) -> 
     """Make ``<folder>/outputs`` ready for ``save_case``; returns how many cases are saved there already.
 
     A new folder gets ``run.json`` (``identity``). An existing one is continued only with ``resume`` and the same
-    identity. Raises ``ValueError`` for saved outputs without ``resume`` (they are never overwritten silently) or of
-    a run whose identity differs (naming the options that differ).
+    identity. Raises ``ValueError`` for saved outputs without ``resume`` (they are never overwritten silently), of
+    a run whose identity differs (naming the options that differ), or without a ``run.json`` to compare.
     """
     run_file = Path(folder) / OUTPUTS_FOLDER / RUN_FILE
+    if not run_file.is_file() and any(run_file.parent.glob("case_*.npz")):
+        raise ValueError(f"evaluate --save-outputs: {run_file.parent} holds saved cases but no {RUN_FILE}, so "
+                         "nothing says which run made them: give another --out")
     if run_file.is_file():
         if not resume:
             raise ValueError(f"evaluate --save-outputs: {run_file.parent} holds the videos of an earlier run; add "
@@ -135,7 +140,7 @@ def open_outputs(folder: str | Path, identity: dict[str, Any], resume: bool) -> 
     return 0
 
 
-def resumed_producer(folder: str | Path, producer: Any, key: str = "output") -> Any:
+def resumed_producer(folder: str | Path, producer: Producer | None, key: str = "output") -> Producer | None:
     """A producer that returns ``sample``'s saved ``key`` video when its case file holds one, else calls
     ``producer(sample)`` (``None`` stays ``None``: no ceiling)."""
     if producer is None:

@@ -122,3 +122,12 @@ def test_run_identity_names_model_files_by_content_and_ignores_counts(tmp_path):
     assert run_identity({**options, "cases_single": 200, "out": "y"}, "cpu") == before
     dit.write_bytes(b"retrained")  # same path, another file: not the same run
     assert run_identity(options, "cpu")["files"]["dit"] != before["files"]["dit"]
+
+
+def test_saved_cases_of_an_unknown_run_are_never_reused(tmp_path, capsys):
+    run = tmp_path / "paste"
+    _saved_paste_run(run)
+    (run / "outputs" / "run.json").unlink()
+    assert main(["evaluate", "--baseline", "paste", "--quick", "2", *SMALL_CLI, "--save-outputs", "--resume",
+                 "--out", str(run)]) == 2
+    assert "no run.json" in capsys.readouterr().err
