@@ -252,7 +252,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
                                else save_case(out, sample, *videos)) if args.save_outputs else None)
     if args.rescore:
         info = {key: report[key] for key in ("options", "device", "world", "pool", "sampling") if key in report}
-        info["rescored"] = {"from": str(args.rescore), "sampling_seconds": report.get("seconds")}
+        sampled = (report.get("rescored") or {}).get("sampling_seconds", report.get("seconds"))  # rescored again
+        info["rescored"] = {"from": str(args.rescore), "sampling_seconds": sampled}
     else:
         held_out = split_subjects("test", config.sources)
         info = {"options": options, "device": device,

@@ -44,7 +44,11 @@ def test_rescore_reproduces_the_run_and_reads_the_saved_files(tmp_path):
     for sample in cases:
         save_case(run, sample, sample.video, None)
     assert main(["evaluate", "--rescore", str(run), "--no-progress"]) == 0  # default --out: the run's folder
-    truth = json.loads((run / "metrics.json").read_text())["summary"]["all"]
+    in_place = json.loads((run / "metrics.json").read_text())
+    assert main(["evaluate", "--rescore", str(run), "--no-progress"]) == 0  # a rescore of a rescore
+    twice = json.loads((run / "metrics.json").read_text())
+    assert twice["rescored"]["sampling_seconds"] == in_place["rescored"]["sampling_seconds"] == report["seconds"]
+    truth = twice["summary"]["all"]
     assert report["summary"]["all"]["motion_accuracy"] < 100.0
     assert truth["motion_accuracy"] == 100.0 and truth["psnr"] == pytest.approx(100.0)
 
