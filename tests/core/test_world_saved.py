@@ -11,8 +11,9 @@ from phantom_core.__main__ import main
 from phantom_core.world.cases import CaseSet
 from phantom_core.world.sample import WorldConfig
 from phantom_core.world.saved import case_file, load_case, report_world, run_identity, save_case
-from tests.core.test_world_evaluate import SMALL_CLI
 from tests.support.world import SMALL
+
+SMALL_CLI = ["--size", "64", "--frames", "9", "--no-progress"]
 
 
 def _saved_paste_run(folder) -> dict:
