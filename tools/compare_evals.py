@@ -117,28 +117,34 @@ def case_values(report: dict[str, Any], key: str, group: str = "all") -> dict[in
 def paired_differences(reports: dict[str, dict[str, Any]], group: str = "all") -> tuple[str, list[dict[str, Any]]]:
     """``(markdown, rows)``: for each report after the first and each metric of ``PAIRED``, the mean over the
     cases both scored of (its case value - the first report's), ``case_values``, with the half-width of a 95%
-    interval (``Z95`` standard errors of the mean, sample standard deviation; NaN below two cases). A gap whose
+    interval (``Z95`` standard errors of the mean, sample standard deviation; below two cases "nan" in the table and
+    None in the rows, which go to JSON). A gap whose
     interval excludes 0 is marked ``*``. The mean of case means weighs a two-subject case once, as the summary's
     mean over subjects does not, so the difference may differ a little from the summaries' difference."""
     (base_label, base), *rest = reports.items()
     header = "| paired against " + base_label + " | " + " | ".join(label for _, label, _ in PAIRED) + " | cases |"
     lines = [header, "|" + "---|" * (len(PAIRED) + 2)]
     rows = []
+    base_values = {key: case_values(base, key, group) for key, _, _ in PAIRED}
     for label, report in rest:
         row: dict[str, Any] = {"label": label, "against": base_label}
         cells, count = [], 0
         for key, _, fmt in PAIRED:
-            mine, theirs = case_values(report, key, group), case_values(base, key, group)
+            mine, theirs = case_values(report, key, group), base_values[key]
             common = sorted(mine.keys() & theirs.keys())
             diff = np.array([mine[i] - theirs[i] for i in common])
             mean = float(diff.mean()) if len(diff) else math.nan
             half = Z95 * float(diff.std(ddof=1)) / math.sqrt(len(diff)) if len(diff) > 1 else math.nan
-            row[key] = {"mean": mean, "half_width_95": half, "cases": len(common)}
+            row[key] = {"mean": _or_none(mean), "half_width_95": _or_none(half), "cases": len(common)}
             count = max(count, len(common))
             cells.append(fmt.format(mean, half) + (" *" if abs(mean) > half else ""))
         rows.append(row)
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {count} |")
     return "\n".join(lines) + "\n", rows
+
+
+def _or_none(value: float) -> float | None:
+    return None if math.isnan(value) else value
 
 
 def _parse_pair(text: str) -> tuple[str, str]:

@@ -54,14 +54,13 @@ from phantom_core.world.grammar import PROMPT_FORMS
 from phantom_core.world.render import MAX_TRAVEL, TRAVEL_FRACTION, VideoFormat
 from phantom_core.world.sample import WorldConfig
 from phantom_core.world.saved import (
-    case_file,
+    case_saver,
     load_case,
     open_outputs,
     read_report,
     report_world,
     resumed_producer,
     run_identity,
-    save_case,
 )
 from phantom_core.world.sheet import contact_sheet, save_png
 from phantom_core.world.subjects import available_sources, pool_signature, split_subjects
@@ -248,8 +247,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     bar = None if args.no_progress else TextProgressBar(sys.stderr, label="cases", unit="case")
     result = evaluate(producer, cases, name=name, ceiling=ceiling, keep=args.sheet_cases,
                       progress=(lambda done, total: bar(done - 1, total)) if bar else None,
-                      on_case=(lambda sample, *videos: None if case_file(out, sample.index).is_file()
-                               else save_case(out, sample, *videos)) if args.save_outputs else None)
+                      on_case=case_saver(out) if args.save_outputs else None)
     if args.rescore:
         info = {key: report[key] for key in ("options", "device", "world", "pool", "sampling") if key in report}
         sampled = (report.get("rescored") or {}).get("sampling_seconds", report.get("seconds"))  # rescored again

@@ -57,6 +57,15 @@ def save_case(folder: str | Path, sample: WorldSample, output: np.ndarray, ceili
     return path
 
 
+def case_saver(folder: str | Path) -> Callable[..., Path | None]:
+    """``evaluate``'s ``on_case`` hook for ``--save-outputs``: ``save_case`` for a case not saved yet; a case
+    already in ``folder`` (reused by ``--resume``) is left as it is (returns None)."""
+    def save(sample: WorldSample, output: np.ndarray, ceiling: np.ndarray | None = None) -> Path | None:
+        return None if case_file(folder, sample.index).is_file() else save_case(folder, sample, output, ceiling)
+
+    return save
+
+
 def load_case(folder: str | Path, sample: WorldSample, key: str = "output") -> np.ndarray:
     """The saved ``key`` video (``output`` or ``ceiling``) of ``sample``'s case, uint8 [T, H, W, 3]. Raises
     ``ValueError`` naming the file when it is missing or lacks ``key``, or when its shape is not the case's."""
@@ -64,14 +73,19 @@ def load_case(folder: str | Path, sample: WorldSample, key: str = "output") -> n
     if not path.is_file():
         raise ValueError(f"evaluate --rescore: {path} is missing; only an evaluation run with --save-outputs can be "
                          "scored again, on the cases it ran")
-    with np.load(path) as data:
-        if key not in data.files:
-            raise ValueError(f"evaluate --rescore: {path} holds {sorted(data.files)}, no {key!r}")
-        video = data[key]
+    video, keys = _read_saved(path, key)
+    if video is None:
+        raise ValueError(f"evaluate --rescore: {path} holds {keys}, no {key!r}")
     expected = tuple(sample.video.shape)
     if video.shape != expected:
         raise ValueError(f"evaluate --rescore: {path}: {key} is {tuple(video.shape)}; the case is {expected}")
     return video
+
+
+def _read_saved(path: Path, key: str) -> tuple[np.ndarray | None, list[str]]:
+    """``(video or None, the keys the file holds)``: ``key``'s array of an existing case file (None when absent)."""
+    with np.load(path) as data:
+        return (data[key] if key in data.files else None), sorted(data.files)
 
 
 def read_report(folder: str | Path) -> dict[str, Any]:
@@ -148,10 +162,7 @@ def resumed_producer(folder: str | Path, producer: Producer | None, key: str = "
 
     def produce(sample: WorldSample) -> np.ndarray:
         path = case_file(folder, sample.index)
-        if path.is_file():
-            with np.load(path) as data:
-                if key in data.files:
-                    return data[key]
-        return producer(sample)
+        video = _read_saved(path, key)[0] if path.is_file() else None
+        return producer(sample) if video is None else video
 
     return produce

@@ -85,3 +85,12 @@ def test_paired_table_marks_a_real_gap(reports, tmp_path):
     assert line.split("|")[2].strip().endswith("*")  # the truth is far above the pasted reference in PSNR
     paired = json.loads(out.with_suffix(".json").read_text())["paired"]
     assert paired[0]["psnr"]["mean"] > 10.0 and paired[0]["psnr"]["cases"] == 3
+
+
+def test_paired_rows_of_one_case_have_no_interval_and_stay_json():
+    base, other = _report([[10.0], [8.0]]), _report([[11.0], [None]])  # one case in common
+    table, rows = compare_evals.paired_differences({"base": base, "other": other})
+    psnr = rows[0]["psnr"]
+    assert psnr["cases"] == 1 and psnr["mean"] == pytest.approx(1.0, abs=1e-12) and psnr["half_width_95"] is None
+    assert json.loads(json.dumps(rows, allow_nan=False))[0]["psnr"]["half_width_95"] is None
+    assert "nan" in table and "*" not in table.splitlines()[-1]  # no interval: no gap is claimed
