@@ -49,7 +49,7 @@ from phantom_core.world.baselines import (
     vae_reconstruction,
 )
 from phantom_core.world.cases import CASES_MULTI, CASES_SINGLE, EVAL_SEED, CaseSet
-from phantom_core.world.evaluate import evaluate, format_table, report_dict
+from phantom_core.world.evaluate import evaluate, format_confusion, format_table, report_dict
 from phantom_core.world.grammar import PROMPT_FORMS
 from phantom_core.world.render import MAX_TRAVEL, TRAVEL_FRACTION, VideoFormat
 from phantom_core.world.sample import WorldConfig
@@ -264,5 +264,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     json_path = write_sidecar(report_dict(result, info), out / "metrics.json")
     sheet_path = save_png(contact_sheet(result.kept), out / "contact_sheet.png") if result.kept else None
     print(format_table(result))
+    if confusion := format_confusion(result):
+        print(confusion)
     print(f"wrote {json_path}" + (f" and {sheet_path}" if sheet_path else ""))
     return 0

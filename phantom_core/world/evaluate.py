@@ -17,6 +17,9 @@ over the single- and two-subject cases apart:
     stability           mean appearance stability over subjects (SSIM of consecutive frames)
     presence_start/end  mean subject presence over cases in the first / last frames, % of the truth's (100: as much
                         subject as the truth; a subject that fades falls from start to end; ``metrics``)
+
+``motion_confusion`` counts subjects by prompted and measured motion (which words a model misreads, and as what);
+``format_confusion`` prints it after the table and the JSON report keeps it.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ import numpy as np
 
 from phantom_core.log import logger
 from phantom_core.world.baselines import VideoProducer
-from phantom_core.world.metrics import CaseScore, score_video, subject_templates
+from phantom_core.world.grammar import MOTIONS
+from phantom_core.world.metrics import ABSENT, CaseScore, score_video, subject_templates
 from phantom_core.world.sample import WorldSample
 
 SUMMARY_ROWS: tuple[tuple[str, str, str], ...] = (  # key, label, format
@@ -154,6 +158,37 @@ def format_table(result: Evaluation) -> str:
     return "\n".join(lines)
 
 
+def motion_confusion(scores: list[CaseScore]) -> dict[str, dict[str, dict[str, int]]]:
+    """``{"single" | "multi": {prompted motion: {measured motion: subjects}}}`` over the one- and several-subject
+    cases apart; prompted motions are ``grammar.MOTIONS``, measured ones those plus ``metrics.ABSENT``; zero counts
+    are left out (a group with no cases is ``{}``)."""
+    groups: dict[str, dict[str, dict[str, int]]] = {"single": {}, "multi": {}}
+    for case in scores:
+        table = groups["multi" if len(case.subjects) > 1 else "single"]
+        for subject in case.subjects:
+            row = table.setdefault(subject.prompted, {})
+            row[subject.measured] = row.get(subject.measured, 0) + 1
+    return groups
+
+
+def format_confusion(result: Evaluation) -> str:
+    """Plain-text motion confusion tables (``motion_confusion``): a row per prompted motion, a column per measured
+    one, then the row's subjects and ``match``, the % measured as prompted. Empty when there are no cases."""
+    columns = [*MOTIONS, ABSENT]
+    lines = []
+    for group, title in (("single", "1 subject"), ("multi", "2+ subjects")):
+        table = motion_confusion(result.scores)[group]
+        if not table:
+            continue
+        lines += [f"motion, {title}: prompted (rows) x measured (columns)",
+                  f"{'':8s}" + "".join(f"{c:>8s}" for c in columns) + f"{'total':>8s}{'match':>8s}"]
+        for prompted in [m for m in MOTIONS if m in table] + sorted(set(table) - set(MOTIONS)):
+            row, total = table[prompted], sum(table[prompted].values())
+            cells = "".join(f"{row.get(c, 0):>8d}" for c in columns)
+            lines.append(f"{prompted:8s}{cells}{total:>8d}{100.0 * row.get(prompted, 0) / total:>7.0f}%")
+    return "\n".join(lines)
+
+
 def _case_record(sample: WorldSample, score: CaseScore) -> dict[str, Any]:
     return {"index": sample.index, "prompt": sample.prompt, "background": score.background,
             "measured_background": score.measured_background, "swapped": score.swapped, "placed": score.placed,
@@ -170,9 +205,11 @@ def _finite(value: float) -> float | None:
 
 
 def report_dict(result: Evaluation, info: dict[str, Any]) -> dict[str, Any]:
-    """The JSON report: ``info`` (settings, pool, command), summaries, ceiling and per-case records."""
+    """The JSON report: ``info`` (settings, pool, command), summaries, ceiling, ``motion_confusion`` and per-case
+    records."""
     return {**info, "name": result.name, "seconds": round(result.seconds, 2), "summary": result.summary(),
-            "ceiling": result.ceiling_summary(), "cases": result.records}
+            "ceiling": result.ceiling_summary(), "motion_confusion": motion_confusion(result.scores),
+            "cases": result.records}
 
 
 COMPARISON_COLUMNS = (("psnr", "subject PSNR (dB)", "{:.2f}"), ("motion_accuracy", "motion (%)", "{:.1f}"),
