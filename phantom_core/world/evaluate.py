@@ -174,10 +174,10 @@ def motion_confusion(scores: list[CaseScore]) -> dict[str, dict[str, dict[str, i
 def format_confusion(result: Evaluation) -> str:
     """Plain-text motion confusion tables (``motion_confusion``): a row per prompted motion, a column per measured
     one, then the row's subjects and ``match``, the % measured as prompted. Empty when there are no cases."""
-    columns = [*MOTIONS, ABSENT]
+    columns, confusion = [*MOTIONS, ABSENT], motion_confusion(result.scores)
     lines = []
     for group, title in (("single", "1 subject"), ("multi", "2+ subjects")):
-        table = motion_confusion(result.scores)[group]
+        table = confusion[group]
         if not table:
             continue
         lines += [f"motion, {title}: prompted (rows) x measured (columns)",
