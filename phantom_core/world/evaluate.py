@@ -12,7 +12,10 @@ over the single- and two-subject cases apart:
     background_accuracy % of cases whose border colour is the prompted background
     swap_rate           % of cases of several subjects with a swap (two-subject cases)
     placement_accuracy  % of cases of several subjects with every subject where its own path is (``metrics``)
-    copy_paste_rate     % of cases with a subject that copies its reference's context
+    copy_paste_rate     % of cases that copy their references' context (a subject's, or the white surround as the
+                        background: ``metrics``)
+    surround_rate       % of cases whose background is the references' white surround against the prompt (a part of
+                        copy-paste)
     static_rate         % of subjects prompted to move that stay still
     stability           mean appearance stability over subjects (SSIM of consecutive frames)
     presence_start/end  mean subject presence over cases in the first / last frames, % of the truth's (100: as much
@@ -49,6 +52,7 @@ SUMMARY_ROWS: tuple[tuple[str, str, str], ...] = (  # key, label, format
     ("swap_rate", "two-subject swap rate (%)", "{:.1f}"),
     ("placement_accuracy", "two-subject placement (%)", "{:.1f}"),
     ("copy_paste_rate", "copy-paste rate (%)", "{:.1f}"),
+    ("surround_rate", "  of it, white surround (%)", "{:.1f}"),
     ("static_rate", "static rate (%)", "{:.1f}"),
     ("stability", "appearance stability (SSIM)", "{:.3f}"),
     ("presence_start", "presence, first frames (%)", "{:.1f}"),
@@ -130,6 +134,7 @@ def _group(scores: list[CaseScore]) -> dict[str, float | None]:
         "swap_rate": _percent([c.swapped for c in scores if len(c.subjects) > 1]),
         "placement_accuracy": _percent([bool(c.placed) for c in scores if len(c.subjects) > 1]),
         "copy_paste_rate": _percent([c.copy_paste for c in scores]),
+        "surround_rate": _percent([c.surround_copied for c in scores]),
         "static_rate": _percent([s.static for s in moving]),
         "stability": _mean([s.stability for s in subjects]),
         "presence_start": _mean([c.presence_start for c in scores]),
@@ -192,7 +197,8 @@ def format_confusion(result: Evaluation) -> str:
 def _case_record(sample: WorldSample, score: CaseScore) -> dict[str, Any]:
     return {"index": sample.index, "prompt": sample.prompt, "background": score.background,
             "measured_background": score.measured_background, "swapped": score.swapped, "placed": score.placed,
-            "copy_paste": score.copy_paste, "presence": [_finite(score.presence_start), _finite(score.presence_end)],
+            "copy_paste": score.copy_paste, "surround_copied": score.surround_copied,
+            "presence": [_finite(score.presence_start), _finite(score.presence_end)],
             "subjects": [
                 {"name": name, "prompted": s.prompted, "measured": s.measured, "psnr": _finite(s.psnr),
                  "ssim": _finite(s.ssim), "trajectory_error": _finite(s.trajectory_error),

@@ -24,9 +24,12 @@
   gives every subject its own (never when a subject is ``absent``). In the anchored layout the first subject named
   is the highest, so a subject drawn with another's look in its place fails it; with a swap, it says whether the
   looks (placement wrong) or the motions (placement right) went to the wrong place.
-- **copy-paste**: the reference template matches the output better than the truth template (mean peak NCC over
-  the frames) and at least ``COPY_MIN_NCC``: the output shows the reference's context (white surround, its scale,
-  pose or lighting) rather than the prompt's. **static**: a subject prompted to move measures ``still`` (or is
+- **copy-paste**: a case copies its references' context rather than following the prompt when some subject's
+  reference template matches the output better than its truth template (mean peak NCC over the frames) and at least
+  ``COPY_MIN_NCC`` (its scale, pose, lighting or white surround around the subject), or when the output's background
+  measures the references' white letterbox (``REFERENCE_SURROUND``) where the prompt asks for another colour
+  (``surround_copied``; since 2026-12-07: an in-pair model painted every case white and the template rule, which
+  needs a subject drawn, counted 1 of 72). **static**: a subject prompted to move measures ``still`` (or is
   ``absent``).
 - **appearance stability**: SSIM between the tracked subject regions of consecutive frames (ground-truth mask of
   frame 0), averaged; 1 = unchanged.
@@ -67,6 +70,7 @@ FLAT_STD = 2.0  # pixel std (0..255) under which a region is flat
 BORDER_FRACTION = 0.08
 BACKGROUND_TOLERANCE = 60.0
 COPY_MIN_NCC = 0.6
+REFERENCE_SURROUND = "white"  # the colour references are letterboxed on (``prepared_references``, the pipeline's)
 FIDELITY_PAD = 3
 PRESENCE_DISTANCE = 48.0
 PRESENCE_MIN = 0.005
@@ -110,8 +114,13 @@ class CaseScore:
         return any(s.swapped for s in self.subjects)
 
     @property
+    def surround_copied(self) -> bool:
+        """The output's background is the references' white surround where the prompt asks for another colour."""
+        return self.measured_background == REFERENCE_SURROUND != self.background
+
+    @property
     def copy_paste(self) -> bool:
-        return any(s.copy_paste for s in self.subjects)
+        return self.surround_copied or any(s.copy_paste for s in self.subjects)
 
 
 def prepared_references(sample: WorldSample) -> list[np.ndarray]:

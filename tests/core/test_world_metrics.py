@@ -147,3 +147,15 @@ def test_ncc_agrees_with_skimage():
     theirs = match_template(image[0], template)[..., 0]
     np.testing.assert_allclose(ours, theirs, atol=1e-6)
     assert np.unravel_index(ours.argmax(), ours.shape) == (10, 5)
+
+
+def test_the_references_white_surround_as_background_is_copy_paste():
+    case = next(c for c in CASES if c.scene.background != "white")
+    painted = score_video(rerender(case, replace(case.scene, background="white")), case)
+    assert painted.measured_background == "white" and painted.surround_copied and painted.copy_paste
+    other = next(c for c in ("red", "blue", "black") if c != case.scene.background)
+    wrong = score_video(rerender(case, replace(case.scene, background=other)), case)
+    assert not wrong.background_correct and not wrong.surround_copied and not wrong.copy_paste  # wrong, not copied
+    told = replace(painted, background="white")  # the same video, had the prompt asked for white
+    assert told.background_correct and not told.surround_copied and not told.copy_paste
+    assert summarize([painted, wrong])["all"]["surround_rate"] == 50.0
