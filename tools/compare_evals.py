@@ -118,9 +118,9 @@ def paired_differences(reports: dict[str, dict[str, Any]], group: str = "all") -
     """``(markdown, rows)``: for each report after the first and each metric of ``PAIRED``, the mean over the
     cases both scored of (its case value - the first report's), ``case_values``, with the half-width of a 95%
     interval (``Z95`` standard errors of the mean, sample standard deviation; below two cases "nan" in the table and
-    None in the rows, which go to JSON). A gap whose
-    interval excludes 0 is marked ``*``. The mean of case means weighs a two-subject case once, as the summary's
-    mean over subjects does not, so the difference may differ a little from the summaries' difference."""
+    None in the rows, which go to JSON). A gap whose interval excludes 0 is marked ``*``. The mean of case means
+    weighs a two-subject case once, as the summary's mean over subjects does not, so the difference may differ a
+    little from the summaries' difference."""
     (base_label, base), *rest = reports.items()
     header = "| paired against " + base_label + " | " + " | ".join(label for _, label, _ in PAIRED) + " | cases |"
     lines = [header, "|" + "---|" * (len(PAIRED) + 2)]

@@ -187,7 +187,7 @@ def format_confusion(result: Evaluation) -> str:
             continue
         lines += [f"motion, {title}: prompted (rows) x measured (columns)",
                   f"{'':8s}" + "".join(f"{c:>8s}" for c in columns) + f"{'total':>8s}{'match':>8s}"]
-        for prompted in [m for m in MOTIONS if m in table] + sorted(set(table) - set(MOTIONS)):
+        for prompted in (m for m in MOTIONS if m in table):  # a prompt's motion is one of MOTIONS (grammar)
             row, total = table[prompted], sum(table[prompted].values())
             cells = "".join(f"{row.get(c, 0):>8d}" for c in columns)
             lines.append(f"{prompted:8s}{cells}{total:>8d}{100.0 * row.get(prompted, 0) / total:>7.0f}%")

@@ -70,7 +70,8 @@ FLAT_STD = 2.0  # pixel std (0..255) under which a region is flat
 BORDER_FRACTION = 0.08
 BACKGROUND_TOLERANCE = 60.0
 COPY_MIN_NCC = 0.6
-REFERENCE_SURROUND = "white"  # the colour references are letterboxed on (``prepared_references``, the pipeline's)
+REFERENCE_SURROUND = next(name for name, rgb in BACKGROUND_COLOURS.items()
+                          if rgb == WHITE)  # the background named as the references' letterbox fill (references.WHITE)
 FIDELITY_PAD = 3
 PRESENCE_DISTANCE = 48.0
 PRESENCE_MIN = 0.005
